@@ -1,0 +1,136 @@
+//! Builds ggml (only ggml: base, CPU backend, the backend registry) as shared libraries from
+//! the source tree of the pinned crates.io package `llama-cpp-sys-2`, and generates bindings.
+//!
+//! Shared libraries, because the CUDA backend is a module loaded at run time
+//! (`ggml_backend_load`) that links against `libggml-base.so`: our binaries and that module
+//! must share one copy of ggml-base. The libraries are copied next to the binaries
+//! (`target/<profile>/`), which find them through the rpath set in `.cargo/config.toml`.
+//!
+//! Environment:
+//! - `DFLASH_GGML_SRC`: use this ggml source directory instead of the pinned package's.
+//! - `DFLASH_GGML_NATIVE` (default 1): build the CPU backend for this machine's CPU (0: a
+//!   portable x86-64 AVX2/FMA/F16C build, for binaries carried to other machines).
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const LLAMA_SYS_PACKAGE: &str = "llama-cpp-sys-2";
+
+fn ggml_source_dir() -> PathBuf {
+    println!("cargo:rerun-if-env-changed=DFLASH_GGML_SRC");
+    if let Ok(dir) = env::var("DFLASH_GGML_SRC") {
+        return PathBuf::from(dir);
+    }
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
+    let out = Command::new(cargo)
+        .args(["metadata", "--format-version", "1", "--manifest-path"])
+        .arg(manifest_dir.join("Cargo.toml"))
+        .output()
+        .expect("failed to run `cargo metadata` to locate the llama-cpp-sys-2 source");
+    if !out.status.success() {
+        panic!(
+            "`cargo metadata` failed while locating the ggml source:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("`cargo metadata` printed invalid JSON");
+    let packages = meta["packages"].as_array().expect("`cargo metadata` has no packages");
+    let pkg = packages
+        .iter()
+        .find(|p| p["name"] == LLAMA_SYS_PACKAGE)
+        .unwrap_or_else(|| panic!("package {LLAMA_SYS_PACKAGE} not found in `cargo metadata`"));
+    let manifest = pkg["manifest_path"].as_str().expect("manifest_path");
+    Path::new(manifest)
+        .parent()
+        .expect("manifest has a parent")
+        .join("llama.cpp")
+        .join("ggml")
+}
+
+/// `target/<profile>` for this build: OUT_DIR is `target/<profile>/build/<pkg>-<hash>/out`.
+fn profile_dir() -> PathBuf {
+    let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
+    out.ancestors().nth(3).expect("OUT_DIR is three levels below the profile dir").to_path_buf()
+}
+
+fn main() {
+    let ggml_src = ggml_source_dir();
+    let include = ggml_src.join("include");
+    assert!(
+        include.join("ggml.h").exists(),
+        "no ggml.h under {} (set DFLASH_GGML_SRC to a ggml source tree)",
+        include.display()
+    );
+    println!("cargo:rerun-if-env-changed=DFLASH_GGML_NATIVE");
+    let native = env::var("DFLASH_GGML_NATIVE").map(|v| v != "0").unwrap_or(true);
+    let glue = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../vendor/ggml");
+    println!("cargo:rerun-if-changed={}", glue.join("CMakeLists.txt").display());
+
+    let mut cfg = cmake::Config::new(&glue);
+    cfg.define("GGML_SRC_DIR", &ggml_src)
+        .define("BUILD_SHARED_LIBS", "ON")
+        .define("GGML_BACKEND_DL", "OFF")
+        .define("GGML_CPU", "ON")
+        .define("GGML_BUILD_TESTS", "OFF")
+        .define("GGML_BUILD_EXAMPLES", "OFF")
+        .define("GGML_OPENMP", "ON")
+        .define("GGML_CCACHE", "OFF")
+        .define("CMAKE_BUILD_TYPE", "Release")
+        .profile("Release");
+    if native {
+        cfg.define("GGML_NATIVE", "ON");
+    } else {
+        cfg.define("GGML_NATIVE", "OFF")
+            .define("GGML_AVX", "ON")
+            .define("GGML_AVX2", "ON")
+            .define("GGML_FMA", "ON")
+            .define("GGML_F16C", "ON")
+            .define("GGML_BMI2", "ON");
+    }
+    let dst = cfg.build();
+    let libdir = dst.join("lib");
+
+    // Copy the shared libraries next to the binaries so that `$ORIGIN` rpaths find them.
+    let profile = profile_dir();
+    for entry in std::fs::read_dir(&libdir).expect("ggml lib dir") {
+        let path = entry.expect("lib dir entry").path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.contains(".so") {
+            let target = profile.join(&name);
+            let _ = std::fs::remove_file(&target);
+            if path.is_symlink() {
+                let link = std::fs::read_link(&path).expect("read_link");
+                std::os::unix::fs::symlink(link, &target).expect("symlink ggml lib");
+            } else {
+                std::fs::copy(&path, &target).expect("copy ggml lib");
+            }
+        }
+    }
+
+    println!("cargo:rustc-link-search=native={}", libdir.display());
+    println!("cargo:rustc-link-lib=dylib=ggml");
+    println!("cargo:rustc-link-lib=dylib=ggml-base");
+    println!("cargo:rustc-link-lib=dylib=ggml-cpu");
+    println!("cargo:lib_dir={}", libdir.display());
+    println!("cargo:src_dir={}", ggml_src.display());
+    println!("cargo:rerun-if-changed=wrapper.h");
+
+    let bindings = bindgen::Builder::default()
+        .header("wrapper.h")
+        .clang_arg(format!("-I{}", include.display()))
+        .allowlist_function("ggml_.*")
+        .allowlist_function("gguf_.*")
+        .allowlist_type("ggml_.*")
+        .allowlist_type("gguf_.*")
+        .allowlist_var("GGML_.*")
+        .allowlist_var("GGUF_.*")
+        .default_enum_style(bindgen::EnumVariation::ModuleConsts)
+        .derive_default(true)
+        .layout_tests(false)
+        .generate()
+        .expect("bindgen failed on the ggml headers");
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("bindings.rs");
+    bindings.write_to_file(out).expect("write bindings");
+}
