@@ -78,6 +78,8 @@ fn main() {
         .define("GGML_OPENMP", "ON")
         .define("GGML_CCACHE", "OFF")
         .define("CMAKE_BUILD_TYPE", "Release")
+        // libggml.so finds libggml-cpu.so beside itself.
+        .define("CMAKE_INSTALL_RPATH", "$ORIGIN")
         .profile("Release");
     if native {
         cfg.define("GGML_NATIVE", "ON");

@@ -1,1 +1,83 @@
-fn main() {}
+//! `dflash`: the DeepSeek V4 Flash inference daemon.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod bench;
+mod devices;
+mod inspect;
+
+#[derive(Parser)]
+#[command(name = "dflash", version, about = "DeepSeek V4 Flash inference on one GPU plus the CPU")]
+struct Cli {
+    /// Backend modules to load at start (e.g. a libggml-cuda.so built with GGML_BACKEND_DL).
+    /// Without it, a libggml-cuda.so next to the executable is loaded when present.
+    #[arg(long = "backend-module", global = true, env = "DFLASH_BACKEND_MODULE", value_delimiter = ',')]
+    backend_modules: Vec<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a deepseek4 GGUF: config, tensors, bytes per type and per expert, GPU fit.
+    Inspect(inspect::Args),
+    /// List the compute devices ggml sees; optionally check a matmul on each against the CPU.
+    Devices(devices::Args),
+    /// Benchmarks (see BENCHMARKS.md).
+    #[command(subcommand)]
+    Bench(bench::Bench),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DFLASH_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    ggml::log::install();
+}
+
+/// Load the backend modules named on the command line, or a libggml-cuda.so beside the
+/// executable when none is named.
+fn load_backends(named: &[PathBuf]) -> Result<()> {
+    if !named.is_empty() {
+        for path in named {
+            let reg = ggml::load_backend_module(path)?;
+            tracing::info!(module = %path.display(), registry = %reg, "loaded backend module");
+        }
+        return Ok(());
+    }
+    if let Some(dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.to_path_buf())) {
+        let cuda = dir.join("libggml-cuda.so");
+        if cuda.exists() {
+            match ggml::load_backend_module(&cuda) {
+                Ok(reg) => tracing::info!(module = %cuda.display(), registry = %reg, "loaded backend module"),
+                Err(e) => tracing::warn!("{e}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    load_backends(&cli.backend_modules)?;
+    match cli.command {
+        Command::Inspect(a) => inspect::run(a),
+        Command::Devices(a) => devices::run(a),
+        Command::Bench(b) => bench::run(b),
+    }
+}

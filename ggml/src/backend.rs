@@ -1,0 +1,266 @@
+//! Devices, backends and buffers through ggml's generic registry API.
+use std::ffi::{c_void, CStr, CString};
+use std::path::Path;
+
+use ggml_sys as sys;
+
+use crate::{log, Context, GgmlError};
+
+fn cstr(p: *const std::ffi::c_char) -> String {
+    if p.is_null() {
+        return String::new();
+    }
+    // SAFETY: ggml returns NUL-terminated strings owned by the device/registry.
+    unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+}
+
+/// Load a backend module (e.g. `libggml-cuda.so` built with `GGML_BACKEND_DL`) and register
+/// its devices. Returns the registry's name.
+pub fn load_backend_module(path: &Path) -> Result<String, GgmlError> {
+    let display = path.display().to_string();
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| GgmlError::ModuleLoad {
+        path: display.clone(),
+        reason: "path contains a NUL byte".into(),
+    })?;
+    // SAFETY: a valid C string; ggml returns NULL on failure and logs why.
+    let (reg, why) = log::capture_errors(|| unsafe { sys::ggml_backend_load(c.as_ptr()) });
+    if reg.is_null() {
+        return Err(GgmlError::ModuleLoad {
+            path: display,
+            reason: if why.is_empty() { "ggml_backend_load returned nothing".into() } else { why },
+        });
+    }
+    // SAFETY: non-null registry.
+    Ok(cstr(unsafe { sys::ggml_backend_reg_name(reg) }))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Gpu,
+    IntegratedGpu,
+    Accelerator,
+    Other,
+}
+
+/// A device ggml knows about (borrowed from ggml's static registry).
+#[derive(Clone, Copy)]
+pub struct Device {
+    raw: sys::ggml_backend_dev_t,
+}
+
+// SAFETY: device handles are static registry entries, immutable after registration.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+impl Device {
+    pub fn all() -> Vec<Device> {
+        log::install();
+        // SAFETY: indices below ggml_backend_dev_count are valid.
+        let n = unsafe { sys::ggml_backend_dev_count() };
+        (0..n).map(|i| Device { raw: unsafe { sys::ggml_backend_dev_get(i) } }).collect()
+    }
+
+    pub fn by_name(name: &str) -> Result<Device, GgmlError> {
+        Device::all()
+            .into_iter()
+            .find(|d| d.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| GgmlError::NoDevice(name.to_string()))
+    }
+
+    pub fn cpu() -> Result<Device, GgmlError> {
+        Device::all().into_iter().find(|d| d.kind() == DeviceKind::Cpu).ok_or_else(|| GgmlError::NoDevice("CPU".into()))
+    }
+
+    pub fn name(&self) -> String {
+        cstr(unsafe { sys::ggml_backend_dev_name(self.raw) })
+    }
+
+    pub fn description(&self) -> String {
+        cstr(unsafe { sys::ggml_backend_dev_description(self.raw) })
+    }
+
+    pub fn kind(&self) -> DeviceKind {
+        use sys::ggml_backend_dev_type as t;
+        match unsafe { sys::ggml_backend_dev_type(self.raw) } {
+            t::GGML_BACKEND_DEVICE_TYPE_CPU => DeviceKind::Cpu,
+            t::GGML_BACKEND_DEVICE_TYPE_GPU => DeviceKind::Gpu,
+            t::GGML_BACKEND_DEVICE_TYPE_IGPU => DeviceKind::IntegratedGpu,
+            t::GGML_BACKEND_DEVICE_TYPE_ACCEL => DeviceKind::Accelerator,
+            _ => DeviceKind::Other,
+        }
+    }
+
+    /// (free, total) bytes of device memory.
+    pub fn memory(&self) -> (usize, usize) {
+        let (mut free, mut total) = (0usize, 0usize);
+        // SAFETY: out-pointers to locals.
+        unsafe { sys::ggml_backend_dev_memory(self.raw, &mut free, &mut total) };
+        (free, total)
+    }
+
+    pub fn buffer_type(&self) -> BufferType {
+        BufferType(unsafe { sys::ggml_backend_dev_buffer_type(self.raw) })
+    }
+
+    pub fn as_ptr(&self) -> sys::ggml_backend_dev_t {
+        self.raw
+    }
+}
+
+/// A device's buffer type (a static registry entry; only obtainable from a [`Device`]).
+#[derive(Clone, Copy)]
+pub struct BufferType(sys::ggml_backend_buffer_type_t);
+
+// SAFETY: buffer types are immutable registry entries.
+unsafe impl Send for BufferType {}
+unsafe impl Sync for BufferType {}
+
+impl BufferType {
+    pub fn as_ptr(&self) -> sys::ggml_backend_buffer_type_t {
+        self.0
+    }
+
+    pub fn name(&self) -> String {
+        cstr(unsafe { sys::ggml_backend_buft_name(self.0) })
+    }
+}
+
+/// An initialized backend (one stream of work on one device).
+pub struct Backend {
+    raw: sys::ggml_backend_t,
+    device: Device,
+}
+
+// SAFETY: a backend is used by one thread at a time (&mut for compute).
+unsafe impl Send for Backend {}
+
+impl Backend {
+    pub fn new(device: Device) -> Result<Backend, GgmlError> {
+        // SAFETY: valid device; NULL handled.
+        let raw = unsafe { sys::ggml_backend_dev_init(device.raw, std::ptr::null()) };
+        if raw.is_null() {
+            return Err(GgmlError::BackendInit(device.name()));
+        }
+        Ok(Backend { raw, device })
+    }
+
+    /// The CPU backend with `threads` worker threads.
+    pub fn cpu(threads: usize) -> Result<Backend, GgmlError> {
+        let b = Backend::new(Device::cpu()?)?;
+        b.set_threads(threads);
+        Ok(b)
+    }
+
+    /// Set the thread count where the backend has one (through the registry's
+    /// `ggml_backend_set_n_threads` entry, so this also works for loaded modules).
+    pub fn set_threads(&self, threads: usize) {
+        // SAFETY: valid device; the proc address, when present, has this signature.
+        unsafe {
+            let reg = sys::ggml_backend_dev_backend_reg(self.device.raw);
+            let name = c"ggml_backend_set_n_threads";
+            let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+            if !f.is_null() {
+                let f: unsafe extern "C" fn(sys::ggml_backend_t, i32) = std::mem::transmute(f);
+                f(self.raw, threads.max(1) as i32);
+            }
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    pub fn name(&self) -> String {
+        cstr(unsafe { sys::ggml_backend_name(self.raw) })
+    }
+
+    pub fn as_ptr(&self) -> sys::ggml_backend_t {
+        self.raw
+    }
+
+    /// Compute a graph whose tensors live in buffers this backend can use.
+    ///
+    /// # Safety
+    /// `graph` must be a live graph whose tensors are allocated in buffers usable by this
+    /// backend.
+    pub unsafe fn compute(&mut self, graph: *mut sys::ggml_cgraph) -> Result<(), GgmlError> {
+        // SAFETY: the caller built `graph` from tensors allocated for this backend.
+        let status = unsafe { sys::ggml_backend_graph_compute(self.raw, graph) };
+        if status != sys::ggml_status::GGML_STATUS_SUCCESS {
+            return Err(GgmlError::Compute { backend: self.name(), status: status as i32 });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        unsafe { sys::ggml_backend_free(self.raw) };
+    }
+}
+
+/// An owned backend buffer.
+pub struct Buffer {
+    raw: sys::ggml_backend_buffer_t,
+}
+
+// SAFETY: the buffer handle is only freed by its owner.
+unsafe impl Send for Buffer {}
+unsafe impl Sync for Buffer {}
+
+impl Buffer {
+    /// Allocate every tensor of `ctx` in one buffer of type `buft`.
+    pub fn alloc_context_tensors(ctx: &Context, buft: BufferType) -> Result<Buffer, GgmlError> {
+        let buft_ptr = buft.as_ptr();
+        // SAFETY: valid context and buffer type; NULL handled.
+        let raw = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.as_ptr(), buft_ptr) };
+        if raw.is_null() {
+            let name = buft.name();
+            // SAFETY: buft and ctx valid; computes the size the allocation needed.
+            let bytes = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft_size(ctx.as_ptr(), buft_ptr) };
+            return Err(GgmlError::Alloc { buffer_type: name, bytes });
+        }
+        Ok(Buffer { raw })
+    }
+
+    pub fn size(&self) -> usize {
+        unsafe { sys::ggml_backend_buffer_get_size(self.raw) }
+    }
+
+    pub fn is_host(&self) -> bool {
+        unsafe { sys::ggml_backend_buffer_is_host(self.raw) }
+    }
+
+    /// Mark as holding weights (lets schedulers prefer computing where weights live).
+    pub fn set_weights_usage(&self) {
+        unsafe { sys::ggml_backend_buffer_set_usage(self.raw, sys::ggml_backend_buffer_usage::GGML_BACKEND_BUFFER_USAGE_WEIGHTS) };
+    }
+
+    pub fn as_ptr(&self) -> sys::ggml_backend_buffer_t {
+        self.raw
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        unsafe { sys::ggml_backend_buffer_free(self.raw) };
+    }
+}
+
+/// Copy host bytes into (part of) a tensor on any backend.
+///
+/// # Safety
+/// `tensor` must be a live tensor allocated in a backend buffer, and
+/// `offset + data.len()` must not exceed its size.
+pub unsafe fn tensor_set(tensor: *mut sys::ggml_tensor, data: &[u8], offset: usize) {
+    unsafe { sys::ggml_backend_tensor_set(tensor, data.as_ptr() as *const c_void, offset, data.len()) };
+}
+
+/// Copy (part of) a tensor's bytes out to the host.
+///
+/// # Safety
+/// As for [`tensor_set`].
+pub unsafe fn tensor_get(tensor: *const sys::ggml_tensor, out: &mut [u8], offset: usize) {
+    unsafe { sys::ggml_backend_tensor_get(tensor, out.as_mut_ptr() as *mut c_void, offset, out.len()) };
+}

@@ -1,0 +1,288 @@
+//! Tensor bytes from the file into ggml backend buffers: several threads doing large
+//! positioned reads (or copies out of an mmap), straight into host buffers or through a
+//! per-thread staging buffer for device memory. Which tensors, which experts of an expert
+//! tensor, and which buffer type are the caller's choice.
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ggml::{sys, Buffer, Context};
+
+use crate::{LoadError, ModelFile, TensorInfo};
+
+/// One tensor to load; `experts` selects slices along the last dimension of an expert
+/// tensor ({in, out, n_expert}), in the order given (the loaded tensor's slice i holds
+/// expert `experts[i]`).
+#[derive(Clone, Debug)]
+pub struct TensorRequest {
+    pub name: String,
+    pub experts: Option<Vec<u32>>,
+}
+
+impl TensorRequest {
+    pub fn whole(name: impl Into<String>) -> TensorRequest {
+        TensorRequest { name: name.into(), experts: None }
+    }
+
+    pub fn experts(name: impl Into<String>, experts: Vec<u32>) -> TensorRequest {
+        TensorRequest { name: name.into(), experts: Some(experts) }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// Parallel `pread` into the destination.
+    Pread,
+    /// Copy out of a read-only memory map (fallback for files `pread` cannot serve).
+    Mmap,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReadOptions {
+    pub threads: usize,
+    pub chunk_bytes: usize,
+    pub mode: ReadMode,
+    /// Show a progress bar on stderr if loading takes longer than a second.
+    pub progress: bool,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).clamp(2, 8);
+        ReadOptions { threads, chunk_bytes: 8 << 20, mode: ReadMode::Pread, progress: true }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ReadStats {
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+impl ReadStats {
+    pub fn gb_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.bytes as f64 / self.seconds / 1e9
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Tensors allocated in one backend buffer, filled from the file.
+pub struct LoadedTensors {
+    // Field order: the buffer is freed before the context that describes its tensors.
+    buffer: Buffer,
+    _ctx: Context,
+    tensors: HashMap<String, *mut sys::ggml_tensor>,
+    pub stats: ReadStats,
+}
+
+// SAFETY: the tensors are owned by `_ctx` and `buffer`, which move with this value.
+unsafe impl Send for LoadedTensors {}
+
+impl LoadedTensors {
+    pub fn get(&self, name: &str) -> Option<*mut sys::ggml_tensor> {
+        self.tensors.get(name).copied()
+    }
+
+    pub fn buffer(&self) -> &Buffer {
+        &self.buffer
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.tensors.keys()
+    }
+}
+
+/// One contiguous copy: `len` bytes at file offset `src` into `tensor` at `dst_off`.
+#[derive(Clone, Copy)]
+struct Job {
+    src: u64,
+    len: u64,
+    tensor: *mut sys::ggml_tensor,
+    dst_off: u64,
+}
+
+struct Jobs(Vec<Job>);
+// SAFETY: jobs write disjoint byte ranges of tensors that outlive the worker threads.
+unsafe impl Sync for Jobs {}
+
+impl Jobs {
+    fn get(&self, i: usize) -> Option<&Job> {
+        self.0.get(i)
+    }
+}
+
+fn new_tensor(ctx: &Context, info: &TensorInfo, last_dim: Option<u64>) -> *mut sys::ggml_tensor {
+    let mut ne: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
+    if let Some(n) = last_dim {
+        *ne.last_mut().expect("a shape has a dimension") = n as i64;
+    }
+    // SAFETY: the context has room for every requested tensor (sized by the caller), the
+    // type is valid and the shape was validated against the file.
+    unsafe {
+        let t = sys::ggml_new_tensor(ctx.as_ptr(), info.ty.raw(), ne.len() as i32, ne.as_ptr());
+        let name = std::ffi::CString::new(info.name.as_str()).unwrap_or_default();
+        sys::ggml_set_name(t, name.as_ptr());
+        t
+    }
+}
+
+/// Allocate the requested tensors in one buffer of type `buft` and read their bytes.
+pub fn load_tensors(
+    model: &ModelFile,
+    requests: &[TensorRequest],
+    buft: ggml::BufferType,
+    opts: &ReadOptions,
+) -> Result<LoadedTensors, LoadError> {
+    let ctx = Context::new_no_alloc(requests.len().max(1), 0)?;
+    let mut tensors = HashMap::new();
+    let mut plan: Vec<(&TensorInfo, *mut sys::ggml_tensor, Option<&[u32]>)> = Vec::new();
+    for req in requests {
+        let info = model.tensors.expect(&req.name)?;
+        let t = match &req.experts {
+            None => new_tensor(&ctx, info, None),
+            Some(ids) => {
+                let dim = info.shape().len() - 1;
+                let n = info.ne[dim];
+                if dim == 0 {
+                    return Err(LoadError::TensorData { name: req.name.clone(), reason: "an expert subset needs a tensor of 2+ dimensions".into() });
+                }
+                let mut seen = std::collections::HashSet::new();
+                for &e in ids {
+                    if e as u64 >= n || !seen.insert(e) {
+                        return Err(LoadError::TensorData {
+                            name: req.name.clone(),
+                            reason: format!("expert {e} is out of range [0, {n}) or repeated"),
+                        });
+                    }
+                }
+                new_tensor(&ctx, info, Some(ids.len() as u64))
+            }
+        };
+        tensors.insert(req.name.clone(), t);
+        plan.push((info, t, req.experts.as_deref()));
+    }
+    let buffer = Buffer::alloc_context_tensors(&ctx, buft)?;
+    buffer.set_weights_usage();
+
+    let chunk = opts.chunk_bytes.max(1 << 16) as u64;
+    let mut jobs = Vec::new();
+    let mut push = |src: u64, len: u64, tensor, dst_off: u64| {
+        let mut done = 0;
+        while done < len {
+            let n = chunk.min(len - done);
+            jobs.push(Job { src: src + done, len: n, tensor, dst_off: dst_off + done });
+            done += n;
+        }
+    };
+    for (info, t, experts) in &plan {
+        match experts {
+            None => push(info.offset, info.nbytes, *t, 0),
+            Some(ids) => {
+                let slice = info.slice_bytes(info.shape().len() - 1);
+                for (i, &e) in ids.iter().enumerate() {
+                    push(info.offset + e as u64 * slice, slice, *t, i as u64 * slice);
+                }
+            }
+        }
+    }
+    let stats = run_jobs(model, Jobs(jobs), buffer.is_host(), opts)?;
+    Ok(LoadedTensors { buffer, _ctx: ctx, tensors, stats })
+}
+
+fn io_err(model: &ModelFile, source: std::io::Error) -> LoadError {
+    LoadError::Io { path: model.path.display().to_string(), source }
+}
+
+fn run_jobs(model: &ModelFile, jobs: Jobs, host: bool, opts: &ReadOptions) -> Result<ReadStats, LoadError> {
+    let total: u64 = jobs.0.iter().map(|j| j.len).sum();
+    let file = File::open(&model.path).map_err(|e| io_err(model, e))?;
+    // SAFETY: advisory call on an open descriptor.
+    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    let map = match opts.mode {
+        // SAFETY: the file is opened read-only; a concurrent truncation by another process
+        // would fault, as with any mmap-based loader.
+        ReadMode::Mmap => Some(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(model, e))?),
+        ReadMode::Pread => None,
+    };
+    let next = AtomicUsize::new(0);
+    let done_bytes = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let error: Mutex<Option<LoadError>> = Mutex::new(None);
+    let finished = AtomicUsize::new(0);
+    let threads = opts.threads.max(1).min(jobs.0.len().max(1));
+    let start = Instant::now();
+
+    let worker = || {
+        let mut staging = Vec::new();
+        loop {
+            if failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(job) = jobs.get(i) else { break };
+            // SAFETY: for host buffers the destination is the tensor's own memory, and jobs
+            // cover disjoint ranges inside it (built from validated sizes).
+            let dst: &mut [u8] = if host {
+                unsafe {
+                    let base = (*job.tensor).data as *mut u8;
+                    std::slice::from_raw_parts_mut(base.add(job.dst_off as usize), job.len as usize)
+                }
+            } else {
+                staging.resize(job.len as usize, 0u8);
+                &mut staging[..]
+            };
+            let res = match &map {
+                Some(m) => {
+                    dst.copy_from_slice(&m[job.src as usize..(job.src + job.len) as usize]);
+                    Ok(())
+                }
+                None => file.read_exact_at(dst, job.src),
+            };
+            if let Err(e) = res {
+                failed.store(true, Ordering::Relaxed);
+                error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(io_err(model, e));
+                break;
+            }
+            if !host {
+                // SAFETY: the range lies inside the tensor (validated sizes).
+                unsafe { ggml::backend::tensor_set(job.tensor, &staging, job.dst_off as usize) };
+            }
+            done_bytes.fetch_add(job.len, Ordering::Relaxed);
+        }
+        finished.fetch_add(1, Ordering::Relaxed);
+    };
+
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(worker);
+        }
+        let bar = indicatif::ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::hidden());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_message("loading");
+        let mut shown = false;
+        while finished.load(Ordering::Relaxed) < threads {
+            std::thread::sleep(Duration::from_millis(50));
+            if opts.progress && !shown && start.elapsed() > Duration::from_secs(1) {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                shown = true;
+            }
+            bar.set_position(done_bytes.load(Ordering::Relaxed));
+        }
+        bar.finish_and_clear();
+    });
+
+    if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    Ok(ReadStats { bytes: total, seconds: start.elapsed().as_secs_f64() })
+}

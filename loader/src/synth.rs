@@ -1,0 +1,451 @@
+//! Synthetic deepseek4 GGUFs of any size, written with ggml's own GGUF writer: for tests
+//! (bad-input cases edit the key and tensor lists before writing), the load benchmark and
+//! the CPU speed benchmarks. Weights are seeded random values, quantized by ggml when the
+//! type is quantized; they are not a trained model.
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+
+use ggml::{sys, Context, TensorType};
+
+use crate::Value;
+
+/// The shape of a synthetic model.
+#[derive(Clone, Debug)]
+pub struct SynthSpec {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub head_dim: usize,
+    pub n_rot: usize,
+    pub q_lora_rank: usize,
+    pub o_lora_rank: usize,
+    pub o_groups: usize,
+    pub window: usize,
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    pub n_ff_exp: usize,
+    pub n_expert_shared: usize,
+    pub n_hash_layers: usize,
+    pub n_vocab: usize,
+    pub compress_ratios: Vec<usize>,
+    pub indexer_heads: usize,
+    pub indexer_dim: usize,
+    pub indexer_top_k: usize,
+    pub hc_count: usize,
+    pub n_ctx: usize,
+    /// Type of the dense weight matrices (attention, shared expert, embeddings, head).
+    pub matrix_type: TensorType,
+    /// Type of the routed expert tensors.
+    pub expert_type: TensorType,
+}
+
+impl SynthSpec {
+    /// A very small model (fast to write and load; every layer kind present).
+    pub fn tiny() -> SynthSpec {
+        SynthSpec {
+            n_embd: 64,
+            n_layer: 4,
+            n_head: 4,
+            head_dim: 64,
+            n_rot: 16,
+            q_lora_rank: 32,
+            o_lora_rank: 32,
+            o_groups: 2,
+            window: 8,
+            n_expert: 8,
+            n_expert_used: 2,
+            n_ff_exp: 32,
+            n_expert_shared: 1,
+            n_hash_layers: 1,
+            n_vocab: 512,
+            compress_ratios: vec![0, 0, 4, 128],
+            indexer_heads: 4,
+            indexer_dim: 64,
+            indexer_top_k: 4,
+            hc_count: 4,
+            n_ctx: 4096,
+            matrix_type: TensorType::F32,
+            expert_type: TensorType::F32,
+        }
+    }
+
+    /// The medium CPU benchmark model: hidden 1024, 8 layers, 64 experts top-6, Q8_0.
+    pub fn medium() -> SynthSpec {
+        SynthSpec {
+            n_embd: 1024,
+            n_layer: 8,
+            n_head: 16,
+            head_dim: 128,
+            n_rot: 64,
+            q_lora_rank: 256,
+            o_lora_rank: 256,
+            o_groups: 4,
+            window: 128,
+            n_expert: 64,
+            n_expert_used: 6,
+            n_ff_exp: 512,
+            n_expert_shared: 1,
+            n_hash_layers: 2,
+            n_vocab: 32000,
+            compress_ratios: vec![0, 0, 4, 128, 4, 128, 4, 128],
+            indexer_heads: 16,
+            indexer_dim: 64,
+            indexer_top_k: 64,
+            hc_count: 4,
+            n_ctx: 8192,
+            matrix_type: TensorType::Q8_0,
+            expert_type: TensorType::Q8_0,
+        }
+    }
+}
+
+/// One tensor to write.
+#[derive(Clone, Debug)]
+pub struct SynthTensor {
+    pub name: String,
+    pub ty: TensorType,
+    pub shape: Vec<u64>,
+}
+
+/// Metadata and tensors of a synthetic file, editable before writing.
+#[derive(Clone, Debug)]
+pub struct SynthModel {
+    pub metadata: Vec<(String, Value)>,
+    pub tensors: Vec<SynthTensor>,
+    pub seed: u64,
+}
+
+fn int(v: i128, ty: &'static str) -> Value {
+    Value::Int { v, ty }
+}
+
+fn u32v(v: usize) -> Value {
+    int(v as i128, "u32")
+}
+
+fn f32v(v: f64) -> Value {
+    Value::Float { v, ty: "f32" }
+}
+
+impl SynthModel {
+    pub fn new(s: &SynthSpec) -> SynthModel {
+        let k = |n: &str| format!("deepseek4.{n}");
+        let mut md: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::Str("deepseek4".into())),
+            ("general.name".into(), Value::Str("synthetic deepseek4".into())),
+            (k("block_count"), u32v(s.n_layer)),
+            (k("context_length"), u32v(s.n_ctx)),
+            (k("embedding_length"), u32v(s.n_embd)),
+            (k("embedding_length_out"), u32v(s.n_embd * s.hc_count)),
+            (k("attention.head_count"), u32v(s.n_head)),
+            (k("attention.head_count_kv"), u32v(1)),
+            (k("attention.key_length"), u32v(s.head_dim)),
+            (k("attention.value_length"), u32v(s.head_dim)),
+            (k("rope.dimension_count"), u32v(s.n_rot)),
+            (k("attention.q_lora_rank"), u32v(s.q_lora_rank)),
+            (k("attention.output_lora_rank"), u32v(s.o_lora_rank)),
+            (k("attention.output_group_count"), u32v(s.o_groups)),
+            (k("attention.sliding_window"), u32v(s.window)),
+            (k("attention.indexer.head_count"), u32v(s.indexer_heads)),
+            (k("attention.indexer.key_length"), u32v(s.indexer_dim)),
+            (k("attention.indexer.top_k"), u32v(s.indexer_top_k)),
+            (k("attention.compress_ratios"), Value::IntArray { v: s.compress_ratios.iter().map(|&r| r as i128).collect(), ty: "i32" }),
+            (k("attention.compress_rope_freq_base"), f32v(160000.0)),
+            (k("attention.layer_norm_rms_epsilon"), f32v(1e-6)),
+            (k("expert_count"), u32v(s.n_expert)),
+            (k("expert_used_count"), u32v(s.n_expert_used)),
+            (k("expert_feed_forward_length"), u32v(s.n_ff_exp)),
+            (k("expert_shared_count"), u32v(s.n_expert_shared)),
+            (k("expert_weights_scale"), f32v(1.5)),
+            (k("expert_weights_norm"), Value::Bool(true)),
+            (k("expert_gating_func"), u32v(4)),
+            (k("hash_layer_count"), u32v(s.n_hash_layers)),
+            (k("hyper_connection.count"), u32v(s.hc_count)),
+            (k("hyper_connection.sinkhorn_iterations"), u32v(20)),
+            (k("hyper_connection.epsilon"), f32v(1e-6)),
+            (k("swiglu_clamp_exp"), Value::FloatArray { v: vec![10.0; s.n_layer], ty: "f32" }),
+            (k("swiglu_clamp_shexp"), Value::FloatArray { v: vec![10.0; s.n_layer], ty: "f32" }),
+            (k("rope.freq_base"), f32v(10000.0)),
+            (k("rope.scaling.type"), Value::Str("yarn".into())),
+            (k("rope.scaling.factor"), f32v(16.0)),
+            (k("rope.scaling.original_context_length"), u32v(65536)),
+            (k("rope.scaling.yarn_beta_fast"), f32v(32.0)),
+            (k("rope.scaling.yarn_beta_slow"), f32v(1.0)),
+            (k("nextn_predict_layers"), u32v(0)),
+            ("tokenizer.ggml.model".into(), Value::Str("gpt2".into())),
+            ("tokenizer.ggml.tokens".into(), Value::StrArray((0..s.n_vocab).map(|i| format!("<t{i}>")).collect())),
+            ("tokenizer.ggml.bos_token_id".into(), u32v(0)),
+            ("tokenizer.ggml.eos_token_id".into(), u32v(1)),
+        ];
+        md.shrink_to_fit();
+
+        let (e, v, hd) = (s.n_embd as u64, s.n_vocab as u64, s.head_dim as u64);
+        let hc_dim = (s.hc_count * s.n_embd) as u64;
+        let mix = ((2 + s.hc_count) * s.hc_count) as u64;
+        let (mt, et, f32t) = (s.matrix_type, s.expert_type, TensorType::F32);
+        let mut t = Vec::new();
+        let mut add = |name: String, ty: TensorType, shape: &[u64]| t.push(SynthTensor { name, ty, shape: shape.to_vec() });
+        add("token_embd.weight".into(), mt, &[e, v]);
+        for l in 0..s.n_layer {
+            let b = |n: &str| format!("blk.{l}.{n}");
+            let (nh, ql, ol, og) = (s.n_head as u64, s.q_lora_rank as u64, s.o_lora_rank as u64, s.o_groups as u64);
+            add(b("attn_norm.weight"), f32t, &[e]);
+            add(b("attn_sinks.weight"), f32t, &[nh]);
+            add(b("attn_q_a.weight"), mt, &[e, ql]);
+            add(b("attn_q_a_norm.weight"), f32t, &[ql]);
+            add(b("attn_q_b.weight"), mt, &[ql, nh * hd]);
+            add(b("attn_kv.weight"), mt, &[e, hd]);
+            add(b("attn_kv_a_norm.weight"), f32t, &[hd]);
+            add(b("attn_output_a.weight"), mt, &[nh * hd / og, ol * og]);
+            add(b("attn_output_b.weight"), mt, &[og * ol, e]);
+            for part in ["attn", "ffn"] {
+                add(b(&format!("hc_{part}_fn.weight")), f32t, &[hc_dim, mix]);
+                add(b(&format!("hc_{part}_base.weight")), f32t, &[mix]);
+                add(b(&format!("hc_{part}_scale.weight")), f32t, &[3]);
+            }
+            let ratio = s.compress_ratios[l] as u64;
+            if ratio != 0 {
+                let coff = if ratio == 4 { 2 } else { 1 };
+                add(b("attn_compressor_kv.weight"), mt, &[e, coff * hd]);
+                add(b("attn_compressor_gate.weight"), mt, &[e, coff * hd]);
+                add(b("attn_compressor_ape.weight"), f32t, &[coff * hd, ratio]);
+                add(b("attn_compressor_norm.weight"), f32t, &[hd]);
+                if ratio == 4 {
+                    let (ih, id) = (s.indexer_heads as u64, s.indexer_dim as u64);
+                    add(b("indexer.attn_q_b.weight"), mt, &[ql, ih * id]);
+                    add(b("indexer.proj.weight"), mt, &[e, ih]);
+                    add(b("indexer_compressor_kv.weight"), mt, &[e, 2 * id]);
+                    add(b("indexer_compressor_gate.weight"), mt, &[e, 2 * id]);
+                    add(b("indexer_compressor_ape.weight"), f32t, &[2 * id, ratio]);
+                    add(b("indexer_compressor_norm.weight"), f32t, &[id]);
+                }
+            }
+            let (ne, ff, nu) = (s.n_expert as u64, s.n_ff_exp as u64, s.n_expert_used as u64);
+            add(b("ffn_gate_inp.weight"), f32t, &[e, ne]);
+            if l < s.n_hash_layers {
+                add(b("ffn_gate_tid2eid.weight"), TensorType::I32, &[nu, v]);
+            } else {
+                add(b("exp_probs_b.bias"), f32t, &[ne]);
+            }
+            add(b("ffn_norm.weight"), f32t, &[e]);
+            add(b("ffn_gate_exps.weight"), et, &[e, ff, ne]);
+            add(b("ffn_up_exps.weight"), et, &[e, ff, ne]);
+            add(b("ffn_down_exps.weight"), et, &[ff, e, ne]);
+            if s.n_expert_shared > 0 {
+                let sh = ff * s.n_expert_shared as u64;
+                add(b("ffn_gate_shexp.weight"), mt, &[e, sh]);
+                add(b("ffn_up_shexp.weight"), mt, &[e, sh]);
+                add(b("ffn_down_shexp.weight"), mt, &[sh, e]);
+            }
+        }
+        add("output_hc_fn.weight".into(), f32t, &[hc_dim, s.hc_count as u64]);
+        add("output_hc_base.weight".into(), f32t, &[s.hc_count as u64]);
+        add("output_hc_scale.weight".into(), f32t, &[1]);
+        add("output_norm.weight".into(), f32t, &[e]);
+        add("output.weight".into(), mt, &[e, v]);
+        SynthModel { metadata: md, tensors: t, seed: 0x5eed }
+    }
+
+    pub fn set(&mut self, key: &str, value: Value) {
+        match self.metadata.iter_mut().find(|(k, _)| k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.metadata.push((key.to_string(), value)),
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) {
+        self.metadata.retain(|(k, _)| k != key);
+    }
+
+    pub fn tensor_mut(&mut self, name: &str) -> Option<&mut SynthTensor> {
+        self.tensors.iter_mut().find(|t| t.name == name)
+    }
+
+    pub fn remove_tensor(&mut self, name: &str) {
+        self.tensors.retain(|t| t.name != name);
+    }
+
+    /// Write the file. `random` fills weights with seeded random values (quantized as
+    /// needed); otherwise with a cheap byte pattern (for load benchmarks).
+    pub fn write(&self, path: &Path, random: bool) -> std::io::Result<()> {
+        let err = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let ctx = Context::new_no_alloc(self.tensors.len().max(1), 0).map_err(|e| err(e.to_string()))?;
+        // SAFETY: all ggml/gguf calls below get valid pointers; names and strings are kept
+        // alive (CString) for the duration of each call; setters copy their arguments.
+        unsafe {
+            let g = sys::gguf_init_empty();
+            for (key, value) in &self.metadata {
+                let k = CString::new(key.as_str()).map_err(|e| err(e.to_string()))?;
+                set_value(g, &k, value).map_err(|m| err(format!("{key}: {m}")))?;
+            }
+            let mut raw = Vec::with_capacity(self.tensors.len());
+            for t in &self.tensors {
+                let ne: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let tensor = sys::ggml_new_tensor(ctx.as_ptr(), t.ty.raw(), ne.len() as i32, ne.as_ptr());
+                let name = CString::new(t.name.as_str()).map_err(|e| err(e.to_string()))?;
+                sys::ggml_set_name(tensor, name.as_ptr());
+                sys::gguf_add_tensor(g, tensor);
+                raw.push(tensor);
+            }
+            let meta_size = sys::gguf_get_meta_size(g);
+            let mut meta = vec![0u8; meta_size];
+            sys::gguf_get_meta_data(g, meta.as_mut_ptr().cast());
+            let alignment = sys::gguf_get_alignment(g) as u64;
+            sys::gguf_free(g);
+
+            let mut out = BufWriter::with_capacity(8 << 20, File::create(path)?);
+            out.write_all(&meta)?;
+            let mut rng = Rng(self.seed | 1);
+            for (t, &tensor) in self.tensors.iter().zip(&raw) {
+                let nbytes = sys::ggml_nbytes(tensor) as u64;
+                write_data(&mut out, t, nbytes, random, &mut rng, self.n_expert_hint())?;
+                let pad = (alignment - nbytes % alignment) % alignment;
+                out.write_all(&vec![0u8; pad as usize])?;
+            }
+            out.flush()?;
+        }
+        Ok(())
+    }
+
+    fn n_expert_hint(&self) -> usize {
+        match self.metadata.iter().find(|(k, _)| k == "deepseek4.expert_count") {
+            Some((_, Value::Int { v, .. })) => (*v).max(1) as usize,
+            _ => 1,
+        }
+    }
+}
+
+unsafe fn set_value(g: *mut sys::gguf_context, k: &CString, value: &Value) -> Result<(), String> {
+    use sys::gguf_type as gt;
+    let k = k.as_ptr();
+    unsafe {
+        match value {
+            Value::Int { v, ty } => match *ty {
+                "u8" => sys::gguf_set_val_u8(g, k, *v as u8),
+                "i8" => sys::gguf_set_val_i8(g, k, *v as i8),
+                "u16" => sys::gguf_set_val_u16(g, k, *v as u16),
+                "i16" => sys::gguf_set_val_i16(g, k, *v as i16),
+                "u32" => sys::gguf_set_val_u32(g, k, *v as u32),
+                "i32" => sys::gguf_set_val_i32(g, k, *v as i32),
+                "u64" => sys::gguf_set_val_u64(g, k, *v as u64),
+                "i64" => sys::gguf_set_val_i64(g, k, *v as i64),
+                other => return Err(format!("unknown integer type {other}")),
+            },
+            Value::Float { v, ty } => match *ty {
+                "f64" => sys::gguf_set_val_f64(g, k, *v),
+                _ => sys::gguf_set_val_f32(g, k, *v as f32),
+            },
+            Value::Bool(b) => sys::gguf_set_val_bool(g, k, *b),
+            Value::Str(s) => {
+                let c = CString::new(s.as_str()).map_err(|e| e.to_string())?;
+                sys::gguf_set_val_str(g, k, c.as_ptr());
+            }
+            Value::IntArray { v, ty } => {
+                let (t, bytes): (gt::Type, Vec<u8>) = match *ty {
+                    "u32" => (gt::GGUF_TYPE_UINT32, v.iter().flat_map(|&x| (x as u32).to_le_bytes()).collect()),
+                    "i32" => (gt::GGUF_TYPE_INT32, v.iter().flat_map(|&x| (x as i32).to_le_bytes()).collect()),
+                    "u64" => (gt::GGUF_TYPE_UINT64, v.iter().flat_map(|&x| (x as u64).to_le_bytes()).collect()),
+                    "i64" => (gt::GGUF_TYPE_INT64, v.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()),
+                    "u8" => (gt::GGUF_TYPE_UINT8, v.iter().map(|&x| x as u8).collect()),
+                    other => return Err(format!("unsupported integer array type {other}")),
+                };
+                sys::gguf_set_arr_data(g, k, t, bytes.as_ptr().cast(), v.len());
+            }
+            Value::FloatArray { v, .. } => {
+                let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                sys::gguf_set_arr_data(g, k, gt::GGUF_TYPE_FLOAT32, f.as_ptr().cast(), f.len());
+            }
+            Value::BoolArray(v) => {
+                let b: Vec<u8> = v.iter().map(|&x| x as u8).collect();
+                sys::gguf_set_arr_data(g, k, gt::GGUF_TYPE_BOOL, b.as_ptr().cast(), b.len());
+            }
+            Value::StrArray(v) => {
+                let cs: Vec<CString> = v.iter().map(|s| CString::new(s.as_str())).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+                let ptrs: Vec<*const std::ffi::c_char> = cs.iter().map(|c| c.as_ptr()).collect();
+                sys::gguf_set_arr_str(g, k, ptrs.as_ptr() as *mut _, ptrs.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// xorshift64*: fast, seeded, good enough for weights.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 23) as f32) - 1.0
+    }
+}
+
+fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, rng: &mut Rng, n_expert: usize) -> std::io::Result<()> {
+    if !random {
+        // A cheap pattern: the loader benchmark measures bytes, not values.
+        let block = vec![0x3cu8; 1 << 20];
+        let mut left = nbytes;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            out.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+        return Ok(());
+    }
+    let row = t.shape[0] as usize;
+    let rows: u64 = t.shape[1..].iter().product();
+    if t.ty == TensorType::I32 {
+        // Hash routing table {n_used, n_vocab}: distinct valid experts per token.
+        for _ in 0..rows {
+            let mut chosen: Vec<i32> = Vec::with_capacity(row);
+            while chosen.len() < row {
+                let e = (rng.next() % n_expert as u64) as i32;
+                if !chosen.contains(&e) || chosen.len() >= n_expert {
+                    chosen.push(e);
+                }
+            }
+            for e in chosen {
+                out.write_all(&e.to_le_bytes())?;
+            }
+        }
+        return Ok(());
+    }
+    let is_norm = t.shape.len() == 1 && t.name.contains("norm");
+    let scale = if is_norm { 0.0 } else { 1.0 / (row as f32).sqrt() };
+    let rows_per_chunk = ((1usize << 20) / row).max(1);
+    let mut done = 0u64;
+    let imatrix = vec![1.0f32; row];
+    while done < rows {
+        let n = rows_per_chunk.min((rows - done) as usize);
+        let vals: Vec<f32> = (0..n * row).map(|_| if is_norm { 1.0 + 0.1 * rng.unit() } else { rng.unit() * scale }).collect();
+        let bytes: Vec<u8> = if t.ty == TensorType::F32 {
+            vals.iter().flat_map(|v| v.to_le_bytes()).collect()
+        } else {
+            let size = t.ty.row_bytes(row as u64).unwrap_or(0) as usize * n;
+            let mut dst = vec![0u8; size];
+            // SAFETY: `vals` holds n rows of `row` floats and `dst` the n quantized rows.
+            unsafe {
+                if t.ty == TensorType::F16 {
+                    sys::ggml_fp32_to_fp16_row(vals.as_ptr(), dst.as_mut_ptr().cast(), vals.len() as i64);
+                } else if t.ty == TensorType::BF16 {
+                    sys::ggml_fp32_to_bf16_row(vals.as_ptr(), dst.as_mut_ptr().cast(), vals.len() as i64);
+                } else {
+                    let im = if sys::ggml_quantize_requires_imatrix(t.ty.raw()) { imatrix.as_ptr() } else { std::ptr::null() };
+                    sys::ggml_quantize_chunk(t.ty.raw(), vals.as_ptr(), dst.as_mut_ptr().cast(), 0, n as i64, row as i64, im);
+                }
+            }
+            dst
+        };
+        out.write_all(&bytes)?;
+        done += n as u64;
+    }
+    Ok(())
+}

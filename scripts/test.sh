@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test command (README, CI): set up, lint, run every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
