@@ -1,1 +1,96 @@
-//! ipc-proto
+//! The daemon <-> `moe-expert` worker protocol of dflash.
+//!
+//! The daemon keeps hot experts on the GPU; cold experts run in worker processes on the CPU.
+//! A worker listens on a Unix stream socket ([`SocketDir`], [`Listener`]); the daemon connects
+//! ([`WorkerConnection`]). The socket carries small control frames; activations travel through
+//! one shared memory region (a sealed memfd passed once with `SCM_RIGHTS`).
+//!
+//! # Frames
+//!
+//! Every frame is a fixed 24-byte header followed by `payload_len` bytes. All integers are
+//! little-endian; `f32` are IEEE-754 bits, little-endian.
+//!
+//! | offset | size | field                                              |
+//! |-------:|-----:|----------------------------------------------------|
+//! | 0      | 4    | magic `b"DFIP"` (`0x50494644` as u32)              |
+//! | 4      | 2    | protocol version ([`PROTOCOL_VERSION`], 1)         |
+//! | 6      | 2    | frame type ([`FrameType`])                          |
+//! | 8      | 8    | request id                                          |
+//! | 16     | 4    | payload length in bytes                             |
+//! | 20     | 4    | reserved, 0                                         |
+//!
+//! A receiver checks magic, version, type and the reserved field, then whether the type is
+//! allowed in the connection's state, then the length against the bound of the type
+//! ([`FrameType::max_payload`]: fixed sizes, hard caps before the handshake, the agreed
+//! [`Limits`] after) — all before reading or allocating the payload. A decoded payload must be
+//! consumed exactly. Any violation is a [`ProtoError`] naming the bad value (expected vs
+//! found); the receiver sends an `Error` frame saying so and closes the connection.
+//!
+//! # Payloads
+//!
+//! * `Hello` (1, worker → daemon, id 0): `file_size u64, header_hash [u8; 32], n_layer u32,
+//!   n_expert u32, n_embd u32, reserved u32 = 0`, then the expert set: per layer
+//!   `ceil(n_expert / 64)` u64 words, bit `e % 64` of word `e / 64` set when the worker owns
+//!   expert `e` (bits past `n_expert` clear). Caps before limits exist: [`MAX_LAYERS`],
+//!   [`MAX_EXPERTS`], [`MAX_EMBD`]. The header's version is the worker's protocol version.
+//! * `Setup` (2, daemon → worker, id 0, one memfd attached with `SCM_RIGHTS`): `max_tokens u32,
+//!   n_embd u32, max_experts_per_token u32, reserved u32 = 0, shm_len u64, input_offset u64,
+//!   output_offset u64` (40 bytes). The worker checks the limits against its model
+//!   (`n_embd` equal, `max_experts_per_token <= n_expert`), that the layout is the one
+//!   [`ShmLayout::for_limits`] fixes, that the memfd has that size and is sealed against
+//!   shrinking and growing, then maps it.
+//! * `Ready` (3, worker → daemon, id 0): empty.
+//! * `Eval` (4, daemon → worker): `layer u32, n_tokens u32, n_pairs u32, reserved u32 = 0,
+//!   counts [u32; n_tokens], expert ids [u32; n_pairs], weights [f32; n_pairs]`: token `t`
+//!   has the next `counts[t]` pairs. Checked: `n_tokens <= max_tokens`, each count `<=
+//!   max_experts_per_token`, `sum(counts) == n_pairs`, length `== 16 + 4 n_tokens + 8 n_pairs`,
+//!   `layer < n_layer`, each expert owned by the worker and not repeated within a token, each
+//!   weight finite. The inputs are rows `0..n_tokens` of the input area.
+//! * `EvalDone` (5, worker → daemon, id of the eval): `n_tokens u32, reserved u32 = 0,
+//!   compute_us u64`. The worker has written rows `0..n_tokens` of the output area: for each
+//!   token, `sum_i weight_i * expert_i(input row)` over its pairs (zero without pairs).
+//! * `Ping` (6) / `Pong` (7): an opaque payload of at most one activation area
+//!   (`max_tokens * n_embd * 4` bytes) that the worker echoes.
+//! * `StatsRequest` (8): empty. `StatsReply` (9): `evals, tokens, pairs, compute_us, pings`,
+//!   five u64 ([`WorkerStats`]).
+//! * `Shutdown` (10, daemon → worker): empty; the worker closes the connection and exits.
+//! * `Error` (11, either way, id of the request or 0): `code u32` ([`ErrorCode`],
+//!   `message_len u32` (at most [`MAX_ERROR_MESSAGE`]), UTF-8 message. Ends the connection.
+//!
+//! Request ids are chosen by the daemon, strictly increasing on a connection; each reply
+//! carries the id of its request. One request is outstanding at a time.
+//!
+//! # Shared memory
+//!
+//! The region is `2 * round_up(max_tokens * n_embd * 4, 4096)` bytes: the input area at offset
+//! 0, the output area at the page-rounded end of the input area, each `max_tokens` rows of
+//! `n_embd` f32. Ownership follows the protocol: the daemon writes inputs before `Eval` and
+//! reads outputs after `EvalDone`; the worker reads inputs and writes outputs in between. The
+//! typed accessors ([`WorkerConnection::input_mut`], [`WorkerConnection::output`],
+//! [`WorkerServer::eval_io`]) hand out slices only in the owning window.
+//!
+//! # Waiting
+//!
+//! Sockets are non-blocking; waits use `ppoll` with the caller's deadline, after an optional
+//! spin ([`ConnectOptions::spin`]). EOF, reset and timeout are errors for which
+//! [`ProtoError::is_peer_lost`] holds: the daemon's cue to respawn a worker.
+
+mod client;
+mod error;
+pub mod frame;
+mod server;
+mod shm;
+mod sockdir;
+mod stream;
+mod types;
+
+pub use client::{ConnectOptions, EvalReply, RequestId, WorkerConnection};
+pub use error::{ErrorCode, ProtoError, Result};
+pub use frame::{EvalRequest, FrameType, Header, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
+pub use server::{Request, WorkerServer};
+pub use shm::ShmLayout;
+pub use sockdir::{Listener, SocketDir};
+pub use types::{
+    ExpertSet, ExpertSlots, Limits, ModelIdentity, WorkerStats, MAX_EMBD, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS,
+    MAX_SHM_BYTES, MAX_TOKENS,
+};

@@ -1,0 +1,315 @@
+//! Daemon side: one connection to one worker.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::error::{ErrorCode, ProtoError, Result};
+use crate::frame::{self, check_slots, FrameType, SetupMsg};
+use crate::shm::{Area, SharedRegion};
+use crate::stream::Conn;
+use crate::types::{ExpertSet, ExpertSlots, Limits, ModelIdentity, WorkerStats};
+
+/// Identifies one request on a connection (increasing from 1).
+pub type RequestId = u64;
+
+/// Timeouts and the wait policy of a connection (either side).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// Whole handshake (Hello, Setup, Ready).
+    pub handshake_timeout: Duration,
+    /// Sending one frame (only matters when the peer stops reading).
+    pub write_timeout: Duration,
+    /// Before blocking in `poll`, retry a non-blocking receive for this long. Trades a CPU for
+    /// a shorter wake-up; zero blocks at once.
+    pub spin: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions { handshake_timeout: Duration::from_secs(10), write_timeout: Duration::from_secs(10), spin: Duration::ZERO }
+    }
+}
+
+/// The answer to an eval: the outputs are in the output area (see [`WorkerConnection::output`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalReply {
+    pub id: RequestId,
+    pub n_tokens: u32,
+    /// Compute time the worker reported, µs.
+    pub compute_us: u64,
+    /// From `eval_begin` to the reply, measured here.
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingEval {
+    id: RequestId,
+    n_tokens: u32,
+    sent: Instant,
+}
+
+/// A handshaken connection to a worker with its shared activation region.
+///
+/// One eval at a time: write the inputs with [`input_mut`](Self::input_mut), send with
+/// [`eval_begin`](Self::eval_begin), collect with [`eval_end`](Self::eval_end), read the
+/// results with [`output`](Self::output). Any wire error closes the connection; errors for
+/// which [`ProtoError::is_peer_lost`] holds mean the worker should be respawned.
+pub struct WorkerConnection {
+    conn: Conn,
+    limits: Limits,
+    identity: ModelIdentity,
+    experts: ExpertSet,
+    shm: SharedRegion,
+    next_id: RequestId,
+    pending: Option<PendingEval>,
+    last_done: u32,
+    write_timeout: Duration,
+}
+
+impl WorkerConnection {
+    /// Connects to the worker listening at `path` and runs the handshake with default options.
+    pub fn connect(path: &Path, limits: Limits, expected: &ModelIdentity) -> Result<Self> {
+        Self::connect_with(path, limits, expected, &ConnectOptions::default())
+    }
+
+    pub fn connect_with(path: &Path, limits: Limits, expected: &ModelIdentity, opts: &ConnectOptions) -> Result<Self> {
+        let sock = UnixStream::connect(path).map_err(|source| ProtoError::Connect { path: path.to_owned(), source })?;
+        Self::handshake(sock, limits, expected, opts)
+    }
+
+    /// The handshake over an already connected stream: reads the worker's Hello, refuses
+    /// another model or version, creates the shared region, sends Setup with its memfd,
+    /// waits for Ready.
+    pub fn handshake(sock: UnixStream, limits: Limits, expected: &ModelIdentity, opts: &ConnectOptions) -> Result<Self> {
+        limits.validate_for(expected)?;
+        let mut conn = Conn::new(sock, opts.spin)?;
+        let deadline = Some(Instant::now() + opts.handshake_timeout);
+        let hello =
+            conn.read_frame(deadline, "waiting for Hello", None, &|t| t == FrameType::Hello, "Hello").map(|(_, p)| frame::decode_hello(p));
+        let (identity, experts) = match hello {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) | Err(e) => return Err(conn.fail(e)),
+        };
+        if identity != *expected {
+            let e = ProtoError::IdentityMismatch { expected: Box::new(*expected), found: Box::new(identity) };
+            debug_assert_eq!(e.code(), ErrorCode::IDENTITY_MISMATCH);
+            return Err(conn.fail(e));
+        }
+        let (shm, fd) = match SharedRegion::create(&limits) {
+            Ok(v) => v,
+            Err(e) => return Err(conn.fail(e)),
+        };
+        let layout = shm.layout();
+        let setup = SetupMsg { limits, shm_len: layout.len, input_offset: layout.input_offset, output_offset: layout.output_offset };
+        frame::encode_setup(conn.begin_frame(), &setup);
+        conn.send_frame(FrameType::Setup, 0, &[], Some(fd.as_raw_fd()), deadline)?;
+        drop(fd);
+        conn.read_frame(deadline, "waiting for Ready", Some(&limits), &|t| t == FrameType::Ready, "Ready")?;
+        tracing::debug!(%identity, experts = experts.len(), "worker connected");
+        Ok(WorkerConnection {
+            conn,
+            limits,
+            identity,
+            experts,
+            shm,
+            next_id: 1,
+            pending: None,
+            last_done: 0,
+            write_timeout: opts.write_timeout,
+        })
+    }
+
+    pub fn identity(&self) -> &ModelIdentity {
+        &self.identity
+    }
+
+    /// The experts the worker owns, as it reported them.
+    pub fn experts(&self) -> &ExpertSet {
+        &self.experts
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Whether an earlier error closed the connection.
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// Changes the wait policy (see [`ConnectOptions::spin`]).
+    pub fn set_spin(&mut self, spin: Duration) {
+        self.conn.set_spin(spin);
+    }
+
+    fn idle(&self, call: &'static str) -> Result<()> {
+        self.conn.check_open()?;
+        if self.pending.is_some() {
+            return Err(ProtoError::State { expected: "no eval in flight (call eval_end first)", found: call });
+        }
+        Ok(())
+    }
+
+    fn next_id(&mut self) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// The first `n_tokens` rows (`n_tokens * n_embd` f32) of the input area, to fill before
+    /// [`eval_begin`](Self::eval_begin). Only while no eval is in flight.
+    pub fn input_mut(&mut self, n_tokens: usize) -> Result<&mut [f32]> {
+        self.idle("input_mut")?;
+        self.shm.rows_mut(Area::Input, n_tokens)
+    }
+
+    /// The first `n_tokens` rows of the output area as written by the last completed eval
+    /// (every row of that eval is written; rows of tokens without pairs are zero).
+    pub fn output(&self, n_tokens: usize) -> Result<&[f32]> {
+        self.idle("output")?;
+        if n_tokens > self.last_done as usize {
+            return Err(ProtoError::OutOfRange {
+                what: "output rows (tokens of the last completed eval)",
+                max: u64::from(self.last_done),
+                found: n_tokens as u64,
+            });
+        }
+        self.shm.rows(Area::Output, n_tokens)
+    }
+
+    /// Sends an eval of `tokens.len()` tokens (rows `0..tokens.len()` of the input area) at
+    /// `layer`, with each token's pairs owned by this worker. Does not wait.
+    pub fn eval_begin(&mut self, layer: u32, tokens: &[ExpertSlots<'_>]) -> Result<RequestId> {
+        self.idle("eval_begin")?;
+        if layer >= self.identity.n_layer {
+            return Err(ProtoError::LayerOutOfRange { layer, n_layer: self.identity.n_layer });
+        }
+        if tokens.len() > self.limits.max_tokens as usize {
+            return Err(ProtoError::OutOfRange {
+                what: "eval n_tokens",
+                max: u64::from(self.limits.max_tokens),
+                found: tokens.len() as u64,
+            });
+        }
+        for (t, s) in tokens.iter().enumerate() {
+            if s.ids.len() > self.limits.max_experts_per_token as usize {
+                return Err(ProtoError::OutOfRange {
+                    what: "experts per token",
+                    max: u64::from(self.limits.max_experts_per_token),
+                    found: s.ids.len() as u64,
+                });
+            }
+            check_slots(t as u32, layer, *s, &self.experts)?;
+        }
+        let id = self.next_id();
+        frame::encode_eval(self.conn.begin_frame(), layer, tokens);
+        self.conn.send_frame(FrameType::Eval, id, &[], None, Some(Instant::now() + self.write_timeout))?;
+        self.last_done = 0;
+        self.pending = Some(PendingEval { id, n_tokens: tokens.len() as u32, sent: Instant::now() });
+        Ok(id)
+    }
+
+    /// Waits until `deadline` for the reply to eval `id`. EOF and timeout give errors for
+    /// which [`ProtoError::is_peer_lost`] holds.
+    pub fn eval_end(&mut self, id: RequestId, deadline: Instant) -> Result<EvalReply> {
+        self.conn.check_open()?;
+        let p = match self.pending {
+            Some(p) if p.id == id => p,
+            Some(_) => return Err(ProtoError::State { expected: "the id returned by eval_begin", found: "another id" }),
+            None => return Err(ProtoError::State { expected: "an eval in flight", found: "eval_end" }),
+        };
+        let r = self
+            .conn
+            .read_frame(Some(deadline), "waiting for EvalDone", Some(&self.limits), &|t| t == FrameType::EvalDone, "EvalDone")
+            .map(|(h, pl)| (h.request_id, frame::decode_eval_done(pl)));
+        let (rid, n, compute_us) = match r {
+            Ok((rid, Ok((n, us)))) => (rid, n, us),
+            Ok((_, Err(e))) | Err(e) => return Err(self.conn.fail(e)),
+        };
+        if rid != id {
+            return Err(self.conn.fail(ProtoError::RequestIdMismatch { expected: id, found: rid }));
+        }
+        if n != p.n_tokens {
+            let e = ProtoError::Mismatch { what: "EvalDone n_tokens", expected: u64::from(p.n_tokens), found: u64::from(n) };
+            return Err(self.conn.fail(e));
+        }
+        self.pending = None;
+        self.last_done = n;
+        Ok(EvalReply { id, n_tokens: n, compute_us, elapsed: p.sent.elapsed() })
+    }
+
+    /// Ping without payload; returns the round trip.
+    pub fn ping(&mut self, deadline: Instant) -> Result<Duration> {
+        self.ping_with(&[], deadline)
+    }
+
+    /// Ping carrying `payload` (at most one activation area), which the worker echoes back;
+    /// checks the echo and returns the round trip.
+    pub fn ping_with(&mut self, payload: &[u8], deadline: Instant) -> Result<Duration> {
+        self.idle("ping")?;
+        let limit = self.limits.area_bytes();
+        if payload.len() as u64 > limit {
+            return Err(ProtoError::PayloadTooLarge { frame: FrameType::Ping, limit, found: payload.len() as u64 });
+        }
+        let t0 = Instant::now();
+        let id = self.next_id();
+        self.conn.begin_frame();
+        self.conn.send_frame(FrameType::Ping, id, payload, None, Some(deadline))?;
+        let r = self
+            .conn
+            .read_frame(Some(deadline), "waiting for Pong", Some(&self.limits), &|t| t == FrameType::Pong, "Pong")
+            .map(|(h, pl)| {
+                if h.request_id != id {
+                    Err(ProtoError::RequestIdMismatch { expected: id, found: h.request_id })
+                } else if pl.len() != payload.len() {
+                    Err(ProtoError::PayloadLength { frame: FrameType::Pong, expected: payload.len() as u64, found: pl.len() as u64 })
+                } else if let Some(i) = pl.iter().zip(payload).position(|(a, b)| a != b) {
+                    Err(ProtoError::Mismatch { what: "Pong echo (first byte that differs)", expected: payload.len() as u64, found: i as u64 })
+                } else {
+                    Ok(())
+                }
+            });
+        match r {
+            Ok(Ok(())) => Ok(t0.elapsed()),
+            Ok(Err(e)) | Err(e) => Err(self.conn.fail(e)),
+        }
+    }
+
+    /// The worker's counters.
+    pub fn stats(&mut self, deadline: Instant) -> Result<WorkerStats> {
+        self.idle("stats")?;
+        let id = self.next_id();
+        self.conn.begin_frame();
+        self.conn.send_frame(FrameType::StatsRequest, id, &[], None, Some(deadline))?;
+        let r = self
+            .conn
+            .read_frame(Some(deadline), "waiting for StatsReply", Some(&self.limits), &|t| t == FrameType::StatsReply, "StatsReply")
+            .map(|(h, pl)| {
+                if h.request_id != id {
+                    Err(ProtoError::RequestIdMismatch { expected: id, found: h.request_id })
+                } else {
+                    frame::decode_stats(pl)
+                }
+            });
+        match r {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) | Err(e) => Err(self.conn.fail(e)),
+        }
+    }
+
+    /// Asks the worker to exit and waits until it closes the connection (its EOF), at most
+    /// until `deadline` (then `Timeout`: kill it).
+    pub fn shutdown(mut self, deadline: Instant) -> Result<()> {
+        self.conn.check_open()?;
+        let id = self.next_id();
+        self.conn.begin_frame();
+        self.conn.send_frame(FrameType::Shutdown, id, &[], None, Some(deadline))?;
+        match self.conn.read_frame(Some(deadline), "waiting for the worker to exit", Some(&self.limits), &|_| false, "EOF") {
+            Err(ProtoError::PeerClosed { .. }) => Ok(()),
+            Err(e) => Err(e),
+            Ok(_) => Err(ProtoError::State { expected: "EOF after Shutdown", found: "a frame" }),
+        }
+    }
+}

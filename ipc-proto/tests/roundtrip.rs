@@ -1,0 +1,218 @@
+//! Every message over a real socket with the worker in a thread; the shared-memory path;
+//! peer death and timeouts.
+
+mod common;
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ipc_proto::{ErrorCode, ExpertSlots, ProtoError, Request, SocketDir, WorkerConnection, WorkerServer, WorkerStats};
+
+/// Inputs: token t, column j -> a distinct value.
+fn fill_inputs(conn: &mut WorkerConnection, n_tokens: usize) -> Vec<f32> {
+    let input = conn.input_mut(n_tokens).expect("input area");
+    for (i, v) in input.iter_mut().enumerate() {
+        *v = (i as f32) * 0.25 - 3.0;
+    }
+    input.to_vec()
+}
+
+/// The daemon-side reference, computed from the test's own copy of the inputs.
+fn reference(layer: u32, tokens: &[ExpertSlots<'_>], input: &[f32]) -> Vec<f32> {
+    let n = N_EMBD as usize;
+    let mut out = vec![0f32; tokens.len() * n];
+    for (t, s) in tokens.iter().enumerate() {
+        for j in 0..n {
+            out[t * n + j] = s.ids.iter().zip(s.weights).map(|(&e, &w)| w * expert_fn(layer, e, input[t * n + j])).sum();
+        }
+    }
+    out
+}
+
+#[test]
+fn every_message_round_trips_and_shm_carries_activations() {
+    let (mut conn, worker) = pair();
+    assert_eq!(conn.identity(), &identity());
+    assert_eq!(conn.experts(), &even_experts());
+    assert_eq!(conn.experts().experts(2), (0..N_EXPERT).step_by(2).collect::<Vec<_>>());
+
+    // Eval: 3 tokens, the middle one without pairs (its output row must be zero).
+    let input = fill_inputs(&mut conn, 3);
+    let tokens = [
+        ExpertSlots { ids: &[0, 4, 68], weights: &[0.5, 0.25, -1.0] },
+        ExpertSlots { ids: &[], weights: &[] },
+        ExpertSlots { ids: &[10], weights: &[2.0] },
+    ];
+    let id = conn.eval_begin(2, &tokens).expect("eval_begin");
+    let reply = conn.eval_end(id, soon()).expect("eval_end");
+    assert_eq!(reply.id, id);
+    assert_eq!(reply.n_tokens, 3);
+    assert!(reply.compute_us >= 1);
+    let want = reference(2, &tokens, &input);
+    assert_eq!(conn.output(3).expect("output"), &want[..]);
+    assert!(conn.output(3).expect("output")[8..16].iter().all(|&v| v == 0.0));
+    // Rows past the eval's tokens are not readable.
+    assert!(matches!(conn.output(4), Err(ProtoError::OutOfRange { max: 3, found: 4, .. })));
+
+    // A second eval on another layer with one token.
+    let input = fill_inputs(&mut conn, 1);
+    let tokens = [ExpertSlots { ids: &[2, 6, 8, 12, 14, 16], weights: &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0] }];
+    let id2 = conn.eval_begin(3, &tokens).expect("eval_begin");
+    assert!(id2 > id);
+    conn.eval_end(id2, soon()).expect("eval_end");
+    assert_eq!(conn.output(1).expect("output"), &reference(3, &tokens, &input)[..]);
+
+    // Ping, ping with a payload (an activation area's worth), stats.
+    conn.ping(soon()).expect("ping");
+    let payload: Vec<u8> = (0..conn.limits().area_bytes()).map(|i| (i * 7 % 251) as u8).collect();
+    conn.ping_with(&payload, soon()).expect("ping with payload");
+    let stats = conn.stats(soon()).expect("stats");
+    assert_eq!(stats.evals, 2);
+    assert_eq!(stats.tokens, 4);
+    assert_eq!(stats.pairs, 10);
+    assert_eq!(stats.pings, 2);
+    assert!(stats.compute_us >= 2);
+
+    conn.shutdown(soon()).expect("shutdown");
+    assert_eq!(worker.join().expect("worker thread").expect("worker"), 2);
+}
+
+#[test]
+fn over_a_listener_in_a_private_dir() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = SocketDir::create_private(&tmp.path().join("sockets")).expect("private dir");
+    let listener = dir.listen("worker-0").expect("listen");
+    let path = listener.path().to_owned();
+    let worker = std::thread::spawn(move || {
+        let server = listener.accept(&identity(), even_experts(), &opts())?;
+        serve(server)
+    });
+    let mut conn = WorkerConnection::connect(&path, limits(), &identity()).expect("connect");
+    fill_inputs(&mut conn, 4);
+    let t = [ExpertSlots { ids: &[0], weights: &[1.0] }; 4];
+    let id = conn.eval_begin(0, &t).expect("eval_begin");
+    conn.eval_end(id, soon()).expect("eval_end");
+    conn.shutdown(soon()).expect("shutdown");
+    assert_eq!(worker.join().expect("worker thread").expect("worker"), 1);
+    assert!(!path.exists(), "the listener removes its socket on drop");
+}
+
+#[test]
+fn client_side_checks_do_not_close_the_connection() {
+    let (mut conn, worker) = pair();
+    let odd = [ExpertSlots { ids: &[3], weights: &[1.0] }];
+    assert!(matches!(conn.eval_begin(0, &odd), Err(ProtoError::ExpertNotOwned { layer: 0, expert: 3 })));
+    let bad_len = [ExpertSlots { ids: &[2, 4], weights: &[1.0] }];
+    assert!(matches!(conn.eval_begin(0, &bad_len), Err(ProtoError::CountMismatch { expected: 2, found: 1, .. })));
+    let too_many = [ExpertSlots { ids: &[0], weights: &[1.0] }; 5];
+    assert!(matches!(conn.eval_begin(0, &too_many), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
+    assert!(matches!(conn.eval_begin(4, &odd[..0]), Err(ProtoError::LayerOutOfRange { layer: 4, n_layer: 4 })));
+    let nan = [ExpertSlots { ids: &[2], weights: &[f32::NAN] }];
+    assert!(matches!(conn.eval_begin(1, &nan), Err(ProtoError::NonFiniteWeight { token: 0, expert: 2, .. })));
+    // One eval in flight at a time; the input area is not writable meanwhile.
+    let ok = [ExpertSlots { ids: &[2], weights: &[1.0] }];
+    let id = conn.eval_begin(1, &ok).expect("eval_begin");
+    assert!(matches!(conn.eval_begin(1, &ok), Err(ProtoError::State { .. })));
+    assert!(matches!(conn.input_mut(1), Err(ProtoError::State { .. })));
+    assert!(matches!(conn.ping(soon()), Err(ProtoError::State { .. })));
+    conn.eval_end(id, soon()).expect("eval_end");
+    assert!(!conn.is_closed());
+    conn.shutdown(soon()).expect("shutdown");
+    worker.join().expect("worker thread").expect("worker");
+}
+
+#[test]
+fn worker_error_reply_reaches_the_daemon() {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    let worker = std::thread::spawn(move || {
+        let mut server = WorkerServer::handshake(b, &identity(), even_experts(), &opts())?;
+        match server.next_request()? {
+            Request::Eval(req) => server.reply_error(req.id, ErrorCode::INTERNAL, "out of memory in expert 4"),
+            other => panic!("expected an eval, got {other:?}"),
+        }
+    });
+    let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
+    let id = conn.eval_begin(0, &[ExpertSlots { ids: &[4], weights: &[1.0] }]).expect("eval_begin");
+    match conn.eval_end(id, soon()) {
+        Err(ProtoError::Remote { code, message }) => {
+            assert_eq!(code, ErrorCode::INTERNAL);
+            assert_eq!(message, "out of memory in expert 4");
+        }
+        other => panic!("expected a remote error, got {other:?}"),
+    }
+    assert!(conn.is_closed());
+    assert!(matches!(conn.ping(soon()), Err(ProtoError::Closed)));
+    worker.join().expect("worker thread").expect("worker");
+}
+
+#[test]
+fn eof_when_the_worker_dies_mid_eval() {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    let worker = std::thread::spawn(move || {
+        let mut server = WorkerServer::handshake(b, &identity(), even_experts(), &opts()).expect("handshake");
+        let req = server.next_request().expect("request");
+        assert!(matches!(req, Request::Eval(_)));
+        drop(server); // crash: no reply
+    });
+    let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
+    let id = conn.eval_begin(0, &[ExpertSlots { ids: &[4], weights: &[1.0] }]).expect("eval_begin");
+    let t0 = Instant::now();
+    let e = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).expect_err("peer died");
+    assert!(matches!(e, ProtoError::PeerClosed { .. }), "{e}");
+    assert!(e.is_peer_lost());
+    assert!(t0.elapsed() < Duration::from_secs(5), "EOF is seen at once, not at the deadline");
+    worker.join().expect("worker thread");
+}
+
+#[test]
+fn timeout_when_the_worker_hangs() {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let worker = std::thread::spawn(move || {
+        let mut server = WorkerServer::handshake(b, &identity(), even_experts(), &opts()).expect("handshake");
+        let _req = server.next_request().expect("request");
+        let _ = rx.recv(); // hang until the test is done
+    });
+    let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
+    conn.set_spin(Duration::from_micros(50));
+    let id = conn.eval_begin(0, &[ExpertSlots { ids: &[4], weights: &[1.0] }]).expect("eval_begin");
+    let t0 = Instant::now();
+    let e = conn.eval_end(id, Instant::now() + Duration::from_millis(100)).expect_err("hung");
+    let waited = t0.elapsed();
+    assert!(matches!(e, ProtoError::Timeout { .. }), "{e}");
+    assert!(e.is_peer_lost());
+    assert!(waited >= Duration::from_millis(100) && waited < Duration::from_secs(2), "{waited:?}");
+    tx.send(()).expect("release worker");
+    worker.join().expect("worker thread");
+}
+
+#[test]
+fn killed_child_process_is_detected_during_the_handshake() {
+    let (a, b) = UnixStream::pair().expect("socketpair");
+    // The child holds the worker's end as its stdin and never speaks.
+    let mut child = Command::new("sleep").arg("30").stdin(Stdio::from(OwnedFd::from(b))).spawn().expect("spawn sleep");
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        child.kill().expect("kill");
+        child.wait().expect("wait")
+    });
+    let t0 = Instant::now();
+    let opts = ipc_proto::ConnectOptions { handshake_timeout: Duration::from_secs(20), ..opts() };
+    let e = WorkerConnection::handshake(a, limits(), &identity(), &opts).err().expect("child killed");
+    assert!(matches!(e, ProtoError::PeerClosed { .. }), "{e}");
+    assert!(e.is_peer_lost());
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    let status = killer.join().expect("killer");
+    assert!(!status.success());
+}
+
+#[test]
+fn stats_default_and_counters_match() {
+    let (mut conn, worker) = pair();
+    assert_eq!(conn.stats(soon()).expect("stats"), WorkerStats::default());
+    conn.shutdown(soon()).expect("shutdown");
+    worker.join().expect("worker thread").expect("worker");
+}
