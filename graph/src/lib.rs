@@ -1,1 +1,41 @@
-//! graph
+//! `graph` knows the DeepSeek V4 math, not files or processes: it builds the forward pass as
+//! ggml graphs over weights the `loader` placed, and owns per-sequence state.
+//!
+//! One step ([`Model::forward`]) runs a micro-batch of tokens of one [`Sequence`] through
+//! the model, in the order of the math (see `DS4.md`): embedding → per layer
+//! (hyper-connection pre → attention with the raw window, compressed entries and the
+//! lightning indexer → hyper-connection post → hyper-connection pre → MoE → post) → HC head
+//! → norm → logits.
+mod attention;
+mod hc;
+mod model;
+mod moe;
+pub mod ops;
+pub mod plan;
+mod state;
+mod weights;
+
+pub use model::{Logits, Model, ModelOptions, StepTimings};
+pub use state::Sequence;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Ggml(#[from] ggml::GgmlError),
+    #[error("tensor {0} is missing after loading")]
+    MissingTensor(String),
+    #[error("blk.{layer}.ffn_gate_tid2eid: token {token} slot {slot} routes to expert {value}, outside [0, {n_expert})")]
+    BadTid2eid { layer: usize, token: usize, slot: usize, value: i32, n_expert: usize },
+    #[error("token id {id} at index {index} is outside the vocabulary [0, {n_vocab})")]
+    TokenOutOfRange { id: i64, index: usize, n_vocab: usize },
+    #[error("context overflow: {pos} tokens cached + {n} new exceeds the maximum context of {n_ctx}")]
+    ContextOverflow { pos: usize, n: usize, n_ctx: usize },
+    #[error("sequence was created for another model")]
+    ForeignSequence,
+    #[error("the graph allocator could not allocate {what}")]
+    Alloc { what: &'static str },
+    #[error("invalid option: {0}")]
+    Option(String),
+}

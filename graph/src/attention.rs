@@ -1,0 +1,164 @@
+//! Attention of one layer: low-rank queries, one shared K=V head, the raw sliding window,
+//! compressed entries (all visible ones on HCA layers, the lightning indexer's top-k on CSA
+//! layers), per-head sinks, inverse RoPE on the output and the grouped output projection.
+use crate::model::{Builder, CompInputs};
+use crate::ops::{RopeParams, T};
+use crate::state::{CompState, LayerState};
+use crate::weights::{Compressor, LayerWeights};
+
+impl Builder<'_> {
+    pub fn rope_params(&self, il: usize) -> RopeParams {
+        let c = self.c;
+        if c.compress_ratios[il] == 0 {
+            return RopeParams::plain(c.rope_base);
+        }
+        match &c.yarn {
+            Some(y) => RopeParams::yarn(c.compress_rope_base, y),
+            None => RopeParams::plain(c.compress_rope_base),
+        }
+    }
+
+    /// `x`: the attention input [n_embd, n] (already attn_norm'ed).
+    pub fn attention(&mut self, il: usize, x: T, w: &LayerWeights, st: &LayerState) -> T {
+        let (g, c) = (self.g, self.c);
+        let (d, h, n) = (c.head_dim as i64, c.n_head as i64, x.ne(1));
+        let n_rot = c.n_rot as i64;
+        let rope = self.rope_params(il);
+        let eps = c.rms_eps;
+
+        // Queries: q_a → norm → q_b → per-head unweighted RMSNorm → RoPE on the trailing dims.
+        let qr = g.mul(g.rms_norm(g.mm(w.q_a, x), eps), w.q_a_norm);
+        let qr = g.name(qr, &format!("q_lora-{il}"));
+        let q = g.rms_norm(g.reshape(g.mm(w.q_b, qr), &[d, h, n]), eps);
+        let q = g.name(g.rope(q, self.inp.pos, n_rot, d - n_rot, &rope), &format!("q-{il}"));
+
+        // The one K=V head.
+        let kv = g.mul(g.rms_norm(g.mm(w.kv, x), eps), w.kv_norm);
+        let kv = g.rope(g.reshape(kv, &[d, 1, n]), self.inp.pos, n_rot, d - n_rot, &rope);
+        let kv = g.name(g.reshape(kv, &[d, n]), &format!("kv-{il}"));
+
+        // Raw keys: the ring (last `window` positions before the batch) ++ the batch.
+        let raw = g.name(g.concat(st.ring, kv, 1), &format!("raw_kv-{il}"));
+        self.effects.push(g.cpy(g.get_rows(raw, self.inp.ring_keep), st.ring));
+
+        let scale = 1.0 / (d as f32).sqrt();
+        let qp = g.permute(q, [0, 2, 1, 3]); // [d, n, h]
+        let out = match (&w.compressor, &st.comp) {
+            (Some(cw), Some(cs)) if w.indexer.is_some() => {
+                let ci = self.comp_inputs(cs.shape.ratio);
+                let entries = self.compress(il, "csa", x, cw, cs, ci, &rope);
+                let top = self.indexer_top_k(il, x, qr, w, st, ci, &rope);
+                let k_sel = top.ne(0);
+                // Each token's selected entries: [d, k, n], and their visibility.
+                let sel = g.reshape(g.get_rows(entries, g.reshape(top, &[k_sel * n])), &[d, k_sel, n]);
+                let vis = g.reshape(ci.vis_mask, &[1, ci.n_view as i64, n]);
+                let sel_mask = g.reshape(g.get_rows(vis, top), &[k_sel, n]);
+
+                let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
+                let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
+                let kq = g.concat(kq_raw, kq_sel, 0);
+                let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
+                let p = g.soft_max_sinks(kq, mask, scale, w.sinks);
+                let n_raw = raw.ne(1);
+                let p_raw = g.cont(g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0));
+                let p_sel = g.view_3d(p, [k_sel, n, h], p.nb(1), p.nb(2), n_raw as usize * p.elem_size());
+                let p_sel = g.cont(g.permute(p_sel, [0, 2, 1, 3])); // [k, h, n]
+                let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
+                let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
+                let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
+                g.add(out_raw, out_sel)
+            }
+            (Some(cw), Some(cs)) => {
+                let ci = self.comp_inputs(cs.shape.ratio);
+                let entries = self.compress(il, "hca", x, cw, cs, ci, &rope);
+                let keys = g.concat(raw, entries, 1);
+                let mask = g.concat(self.inp.raw_mask, ci.vis_mask, 0);
+                let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, w.sinks);
+                g.mm(g.cont(g.transpose(keys)), p)
+            }
+            _ => {
+                let p = g.soft_max_sinks(g.mm(raw, qp), self.inp.raw_mask, scale, w.sinks);
+                g.mm(g.cont(g.transpose(raw)), p)
+            }
+        };
+        let out = g.cont(g.permute(out, [0, 2, 1, 3])); // [d, h, n]
+        // K = V carried RoPE into the output: rotate its rope dims back by −position.
+        let out = g.rope(out, self.inp.neg_pos, n_rot, d - n_rot, &rope);
+        let out = g.name(out, &format!("attn_heads-{il}"));
+
+        // Grouped low-rank output: each group of heads through its own slice of output_a.
+        let groups = c.o_groups as i64;
+        let k_in = d * h / groups;
+        let o_lora = c.o_lora_rank as i64;
+        let xg = g.cont(g.permute(g.reshape(out, &[k_in, groups, n]), [0, 2, 1, 3])); // [k_in, n, G]
+        let wa = if w.output_a.ne(2) == groups { w.output_a } else { g.reshape(w.output_a, &[k_in, o_lora, groups]) };
+        let yg = g.cont(g.permute(g.mm(wa, xg), [0, 2, 1, 3])); // [o_lora, G, n]
+        let y = g.mm(w.output_b, g.reshape(yg, &[o_lora * groups, n]));
+        g.name(y, &format!("attn_out-{il}"))
+    }
+
+    /// Run a compressor over the batch: pool every window the batch touches (closed windows
+    /// become visible, the open one is rewritten by later batches), write the entries, and
+    /// return the view of entries the attention may address [dim, n_view].
+    #[allow(clippy::too_many_arguments)]
+    fn compress(&mut self, il: usize, what: &str, x: T, cw: &Compressor, cs: &CompState, ci: &CompInputs, rope: &RopeParams) -> T {
+        let (g, c) = (self.g, self.c);
+        let m = cs.shape.ratio as i64;
+        let dim = cs.entries.ne(0);
+        let width = cw.kv.ne(1);
+        let rows = cs.kv.ne(1) - 1; // state rows without the dummy
+        let nw = ci.n_windows as i64;
+
+        let kv = g.mm(cw.kv, x); // [width, n]
+        let score = g.add(g.mm(cw.gate, x), g.get_rows(cw.ape, ci.ape_idx));
+        let all_kv = g.concat(cs.kv, kv, 1);
+        let all_score = g.concat(cs.score, score, 1);
+        // Keep the open windows' rows for the next batch.
+        self.effects.push(g.cpy(g.get_rows(all_kv, ci.keep), g.view_2d(cs.kv, width, rows, 0, 0)));
+        self.effects.push(g.cpy(g.get_rows(all_score, ci.keep), g.view_2d(cs.score, width, rows, 0, 0)));
+
+        let gather = |all: T| -> T {
+            let cur = g.get_rows(all, ci.cur_idx); // [width, m·nw]
+            match ci.prev_idx {
+                // Overlap: the previous window's first half ++ this window's second half.
+                Some(prev_idx) => {
+                    let prev = g.get_rows(all, prev_idx);
+                    let a = g.reshape(g.cont(g.view_2d(prev, dim, m * nw, 0, 0)), &[dim, m, nw]);
+                    let b = g.reshape(g.cont(g.view_2d(cur, dim, m * nw, dim, 0)), &[dim, m, nw]);
+                    g.concat(a, b, 1)
+                }
+                None => g.reshape(cur, &[dim, m, nw]),
+            }
+        };
+        let win_kv = g.cont(g.permute(gather(all_kv), [1, 0, 2, 3])); // [rows_w, dim, nw]
+        let win_score = g.cont(g.permute(gather(all_score), [1, 0, 2, 3]));
+        let pooled = g.sum_rows(g.mul(win_kv, g.soft_max(win_score))); // [1, dim, nw]
+        let pooled = g.mul(g.rms_norm(g.reshape(pooled, &[dim, nw]), c.rms_eps), cw.norm);
+        let n_rot = c.n_rot as i64;
+        let roped = g.rope(g.reshape(pooled, &[dim, 1, nw]), ci.entry_pos, n_rot, dim - n_rot, rope);
+        let roped = g.name(g.reshape(roped, &[dim, nw]), &format!("{what}_entries_new-{il}"));
+        let written = g.set_rows(cs.entries, roped, ci.write_idx);
+        g.name(g.view_2d(written, dim, ci.n_view as i64, 0, 0), &format!("{what}_entries-{il}"))
+    }
+
+    /// Lightning indexer: score(t, j) = Σ_h w_h(t) · ReLU(q_h(t) · k_j) over the indexer's own
+    /// compressed keys, invisible entries masked; returns the top-k entry ids [k, n].
+    #[allow(clippy::too_many_arguments)]
+    fn indexer_top_k(&mut self, il: usize, x: T, qr: T, w: &LayerWeights, st: &LayerState, ci: &CompInputs, rope: &RopeParams) -> T {
+        let (g, c) = (self.g, self.c);
+        let (Some(iw), Some(is)) = (&w.indexer, &st.index) else { unreachable!("CSA layers have an indexer (validated)") };
+        let (di, hi, n) = (c.indexer_dim as i64, c.indexer_heads as i64, x.ne(1));
+        let n_rot = c.n_rot as i64;
+        let keys = self.compress(il, "index", x, &iw.compressor, is, ci, rope); // [di, n_view]
+        let q = g.reshape(g.mm(iw.q_b, qr), &[di, hi, n]);
+        let q = g.rope(q, self.inp.pos, n_rot, di - n_rot, rope);
+        let wts = g.scale(g.mm(iw.proj, x), 1.0 / ((di * hi) as f32).sqrt()); // [hi, n]
+        let s = g.relu(g.mm(keys, g.reshape(q, &[di, hi * n]))); // [n_view, hi·n]
+        let s = g.mul(g.reshape(s, &[ci.n_view as i64, hi, n]), g.reshape(wts, &[1, hi, n]));
+        let s = g.sum_rows(g.cont(g.permute(s, [1, 0, 2, 3]))); // [1, n_view, n]
+        let s = g.add(g.reshape(s, &[ci.n_view as i64, n]), ci.vis_mask);
+        let s = g.name(s, &format!("index_scores-{il}"));
+        let k = (c.indexer_top_k as i64).min(ci.n_view as i64);
+        g.name(g.cont(g.top_k(s, k)), &format!("index_top_k-{il}"))
+    }
+}

@@ -1,0 +1,55 @@
+//! Hyper-connections: the residual is `hc` parallel streams [n_embd, hc, n]; each block
+//! reads a weighted collapse of them (pre) and writes back a mix (post, comb).
+use crate::model::Builder;
+use crate::ops::T;
+use crate::weights::HcWeights;
+
+pub struct HcMix {
+    /// [hc, n]: how the block output is spread over the streams.
+    pub post: T,
+    /// [dst, src, n]: doubly-stochastic stream mixing (Sinkhorn).
+    pub comb: T,
+}
+
+impl Builder<'_> {
+    /// mixes = fn · (flatten(x) / rms(flatten(x))) → [mix, n]
+    fn hc_mixes(&self, x: T, fn_: T) -> T {
+        let g = self.g;
+        let flat = g.reshape(x, &[x.ne(0) * x.ne(1), x.ne(2)]);
+        g.mm(fn_, g.rms_norm(flat, self.c.rms_eps))
+    }
+
+    /// Block input y = Σ_j pre_j · S_j, plus the post/comb weights for `hc_post`.
+    pub fn hc_pre(&self, x: T, w: &HcWeights, il: usize, what: &str) -> (T, HcMix) {
+        let (g, c) = (self.g, self.c);
+        let hc = c.hc_count as i64;
+        let n = x.ne(2);
+        let mixes = g.name(self.hc_mixes(x, w.fn_), &format!("hc_{what}_mixes-{il}"));
+
+        let pre = g.view_2d(mixes, hc, n, 0, 0);
+        let pre = g.add(g.mul(pre, g.view_1d(w.scale, 1, 0)), g.view_1d(w.base, hc, 0));
+        let pre = g.scale_bias(g.sigmoid(pre), 1.0, c.hc_eps);
+
+        let post = g.view_2d(mixes, hc, n, hc, 0);
+        let post = g.add(g.mul(post, g.view_1d(w.scale, 1, 1)), g.view_1d(w.base, hc, hc));
+        let post = g.scale(g.sigmoid(post), 2.0);
+
+        let comb = g.hc_comb(mixes, w.scale, w.base, c.hc_eps, c.hc_sinkhorn_iters as i32);
+        let y = g.name(g.hc_pre(x, pre), &format!("hc_{what}_in-{il}"));
+        (y, HcMix { post, comb })
+    }
+
+    /// S'_k = post_k · f + Σ_j comb[j,k] · S_j
+    pub fn hc_post(&self, f: T, residual: T, mix: &HcMix) -> T {
+        self.g.hc_post(f, residual, mix.post, mix.comb)
+    }
+
+    /// Output head collapse: pre-style weights, no Sinkhorn.
+    pub fn hc_head(&self, x: T, w: &HcWeights) -> T {
+        let (g, c) = (self.g, self.c);
+        let mixes = self.hc_mixes(x, w.fn_);
+        let pre = g.add(g.mul(mixes, w.scale), w.base);
+        let pre = g.scale_bias(g.sigmoid(pre), 1.0, c.hc_eps);
+        g.name(g.hc_pre(x, pre), "hc_head")
+    }
+}

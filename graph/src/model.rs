@@ -1,0 +1,388 @@
+//! The model: weights on one backend, the step graph (built per micro-batch shape, reused
+//! while the shape holds), and `forward`.
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use ggml::{sys, Backend, BufferType, Context, Device};
+use loader::{Ds4Config, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
+
+use crate::ops::{Ctx, T};
+use crate::plan::{self, CompPlan, CompShape, RawPlan};
+use crate::state::Sequence;
+use crate::weights::{validate_tid2eid, Weights};
+use crate::GraphError;
+
+/// How the model runs.
+#[derive(Clone, Debug)]
+pub struct ModelOptions {
+    /// Device name as ggml lists it (`CPU`, `CUDA0`, …); None = CPU.
+    pub device: Option<String>,
+    /// CPU threads.
+    pub threads: usize,
+    /// Largest micro-batch of one graph (prefill is split into these).
+    pub ubatch: usize,
+    pub read: ReadOptions,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default() }
+    }
+}
+
+/// Which logits a forward call returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// One row of n_vocab per token.
+    All,
+    /// Only the last token's row.
+    Last,
+}
+
+/// Time spent in the last `forward`, summed over its micro-batches.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepTimings {
+    pub graphs_built: usize,
+    pub graphs_reused: usize,
+    pub build_s: f64,
+    pub compute_s: f64,
+}
+
+/// Graph inputs of one compressor ratio (shared by every layer of that ratio).
+pub struct CompInputs {
+    pub ratio: usize,
+    pub n_windows: usize,
+    pub n_view: usize,
+    pub ape_idx: T,
+    pub cur_idx: T,
+    pub prev_idx: Option<T>,
+    pub keep: T,
+    pub entry_pos: T,
+    pub write_idx: T,
+    pub vis_mask: T,
+}
+
+pub struct Inputs {
+    pub tokens: T,
+    pub pos: T,
+    pub neg_pos: T,
+    pub raw_mask: T,
+    pub ring_keep: T,
+    pub comp: Vec<CompInputs>,
+}
+
+/// The graph builder of one step: straight-line code in the order of the math.
+pub struct Builder<'a> {
+    pub g: &'a Ctx,
+    pub c: &'a Ds4Config,
+    pub inp: &'a Inputs,
+    /// Writes into per-sequence state, expanded after the outputs so they run last.
+    pub effects: Vec<T>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn comp_inputs(&self, ratio: usize) -> &'a CompInputs {
+        // Every ratio of the config gets inputs when the step is built.
+        self.inp.comp.iter().find(|ci| ci.ratio == ratio).unwrap_or_else(|| unreachable!("inputs for ratio {ratio}"))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct StepKey {
+    seq: u64,
+    n: usize,
+    logits: Logits,
+    comp: Vec<(usize, usize, usize)>,
+}
+
+struct Step {
+    key: StepKey,
+    graph: *mut sys::ggml_cgraph,
+    inputs: Inputs,
+    out: T,
+    galloc: sys::ggml_gallocr_t,
+    _ctx: Context,
+}
+
+impl Drop for Step {
+    fn drop(&mut self) {
+        // SAFETY: we own the allocator; the graph and tensors die with the context.
+        unsafe { sys::ggml_gallocr_free(self.galloc) };
+    }
+}
+
+static NEXT_SEQ_ID: AtomicU64 = AtomicU64::new(1);
+
+pub struct Model {
+    pub config: Ds4Config,
+    pub file: ModelFile,
+    opts: ModelOptions,
+    weights: Weights,
+    backend: Backend,
+    buft: BufferType,
+    step: Option<Step>,
+    model_id: u64,
+    timings: StepTimings,
+    _tensors: LoadedTensors,
+}
+
+// SAFETY: the raw graph/allocator pointers of `step` are only touched through &mut self.
+unsafe impl Send for Model {}
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>, opts: ModelOptions) -> Result<Model, GraphError> {
+        if opts.ubatch == 0 {
+            return Err(GraphError::Option("ubatch must be at least 1".into()));
+        }
+        let file = ModelFile::open(path)?;
+        let device = match &opts.device {
+            Some(name) => Device::by_name(name)?,
+            None => Device::cpu()?,
+        };
+        let backend = Backend::new(device)?;
+        backend.set_threads(opts.threads);
+        let buft = device.buffer_type();
+        let requests: Vec<TensorRequest> = file
+            .tensors
+            .iter()
+            .filter(|t| !file.tensors.unused.contains(&t.name))
+            .map(|t| TensorRequest::whole(t.name.clone()))
+            .collect();
+        let tensors = loader::load_tensors(&file, &requests, buft, &opts.read)?;
+        let config = file.config.clone();
+        let weights = Weights::lookup(&config, &tensors)?;
+        validate_tid2eid(&config, &weights)?;
+        let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Model { config, file, opts, weights, backend, buft, step: None, model_id, timings: StepTimings::default(), _tensors: tensors })
+    }
+
+    /// A new empty sequence able to hold `n_ctx` tokens.
+    pub fn new_sequence(&self, n_ctx: usize) -> Result<Sequence, GraphError> {
+        if n_ctx == 0 {
+            return Err(GraphError::Option("context size must be at least 1".into()));
+        }
+        let mut s = Sequence::new(&self.config, n_ctx, self.buft)?;
+        s.id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
+        s.model_id = self.model_id;
+        Ok(s)
+    }
+
+    pub fn n_vocab(&self) -> usize {
+        self.config.n_vocab
+    }
+
+    pub fn backend_name(&self) -> String {
+        self.backend.name()
+    }
+
+    pub fn set_threads(&mut self, threads: usize) {
+        self.opts.threads = threads;
+        self.backend.set_threads(threads);
+    }
+
+    /// Timings of the last `forward` call.
+    pub fn timings(&self) -> StepTimings {
+        self.timings
+    }
+
+    /// Run `tokens` through the model after what `seq` holds, in micro-batches of at most
+    /// `ubatch` tokens. Returns n_vocab logits per token (`Logits::All`) or for the last one.
+    /// Token ids and the context size are checked before any compute.
+    pub fn forward(&mut self, seq: &mut Sequence, tokens: &[u32], want: Logits) -> Result<Vec<f32>, GraphError> {
+        if seq.model_id != self.model_id {
+            return Err(GraphError::ForeignSequence);
+        }
+        let n_vocab = self.config.n_vocab;
+        if let Some((index, &id)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= n_vocab) {
+            return Err(GraphError::TokenOutOfRange { id: id as i64, index, n_vocab });
+        }
+        if seq.pos() + tokens.len() > seq.n_ctx() {
+            return Err(GraphError::ContextOverflow { pos: seq.pos(), n: tokens.len(), n_ctx: seq.n_ctx() });
+        }
+        self.timings = StepTimings::default();
+        let mut out = Vec::with_capacity(if want == Logits::All { tokens.len() * n_vocab } else { n_vocab });
+        let chunks: Vec<&[u32]> = tokens.chunks(self.opts.ubatch).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let last = i + 1 == chunks.len();
+            let mode = if want == Logits::All || last { want } else { Logits::Last };
+            let logits = self.step(seq, chunk, mode)?;
+            if want == Logits::All || last {
+                out.extend_from_slice(&logits);
+            }
+        }
+        Ok(out)
+    }
+
+    fn step(&mut self, seq: &mut Sequence, tokens: &[u32], want: Logits) -> Result<Vec<f32>, GraphError> {
+        let (p, n) = (seq.pos(), tokens.len());
+        let raw = plan::raw_plan(p, n, self.config.window);
+        let comps: Vec<(CompShape, CompPlan)> = self
+            .comp_shapes(seq)
+            .into_iter()
+            .map(|s| {
+                let cp = plan::comp_plan(p, n, &s);
+                (s, cp)
+            })
+            .collect();
+        let key = StepKey { seq: seq.id, n, logits: want, comp: comps.iter().map(|(s, cp)| (s.ratio, cp.n_windows, cp.n_view)).collect() };
+
+        let t0 = Instant::now();
+        if self.step.as_ref().map(|s| &s.key) != Some(&key) {
+            self.step = None;
+            self.step = Some(self.build(seq, key, &comps)?);
+            self.timings.graphs_built += 1;
+        } else {
+            self.timings.graphs_reused += 1;
+        }
+        let Some(step) = self.step.as_ref() else { unreachable!("step was just built") };
+        set_inputs(&step.inputs, p, tokens, &raw, &comps);
+        let t1 = Instant::now();
+        // SAFETY: the graph's tensors live in the step's allocator buffer, the model's weight
+        // buffer and the sequence's state buffer, all on this backend.
+        unsafe { self.backend.compute(step.graph)? };
+        let rows = if want == Logits::All { n } else { 1 };
+        let mut logits = vec![0f32; rows * self.config.n_vocab];
+        read_f32(step.out, &mut logits);
+        let t2 = Instant::now();
+        self.timings.build_s += (t1 - t0).as_secs_f64();
+        self.timings.compute_s += (t2 - t1).as_secs_f64();
+        seq.advance(n);
+        Ok(logits)
+    }
+
+    /// The distinct compressor shapes of the model, for this sequence's context.
+    fn comp_shapes(&self, seq: &Sequence) -> Vec<CompShape> {
+        let mut ratios: Vec<usize> = self.config.compress_ratios[..self.config.n_layer].iter().copied().filter(|&r| r != 0).collect();
+        ratios.sort_unstable();
+        ratios.dedup();
+        ratios.into_iter().map(|r| CompShape::new(r, seq.n_ctx())).collect()
+    }
+
+    fn build(&self, seq: &Sequence, key: StepKey, comps: &[(CompShape, CompPlan)]) -> Result<Step, GraphError> {
+        let c = &self.config;
+        let n = key.n as i64;
+        let graph_size = 256 + c.n_layer * 512;
+        let ctx = Context::new_no_alloc(graph_size * 2, graph_size)?;
+        let g = Ctx { raw: ctx.as_ptr() };
+
+        let inputs = Inputs {
+            tokens: g.input(g.new_i32(&[n]), "tokens"),
+            pos: g.input(g.new_i32(&[n]), "pos"),
+            neg_pos: g.input(g.new_i32(&[n]), "neg_pos"),
+            raw_mask: g.input(g.new_f32(&[c.window as i64 + n, n]), "raw_mask"),
+            ring_keep: g.input(g.new_i32(&[c.window as i64]), "ring_keep"),
+            comp: comps
+                .iter()
+                .map(|(s, cp)| {
+                    let m = s.ratio;
+                    let nw = cp.n_windows as i64;
+                    CompInputs {
+                        ratio: m,
+                        n_windows: cp.n_windows,
+                        n_view: cp.n_view,
+                        ape_idx: g.input(g.new_i32(&[n]), &format!("ape_idx-{m}")),
+                        cur_idx: g.input(g.new_i32(&[m as i64 * nw]), &format!("cur_idx-{m}")),
+                        prev_idx: s.overlap.then(|| g.input(g.new_i32(&[m as i64 * nw]), &format!("prev_idx-{m}"))),
+                        keep: g.input(g.new_i32(&[s.state_rows() as i64]), &format!("keep-{m}")),
+                        entry_pos: g.input(g.new_i32(&[nw]), &format!("entry_pos-{m}")),
+                        write_idx: g.input(g.new_i32(&[nw]), &format!("write_idx-{m}")),
+                        vis_mask: g.input(g.new_f32(&[cp.n_view as i64, n]), &format!("vis_mask-{m}")),
+                    }
+                })
+                .collect(),
+        };
+
+        let mut b = Builder { g: &g, c, inp: &inputs, effects: Vec::new() };
+        let w = &self.weights;
+        let hc = c.hc_count as i64;
+        let e = c.n_embd as i64;
+
+        // Embedding, copied into every stream.
+        let emb = g.name(g.get_rows(w.token_embd, inputs.tokens), "embd");
+        // SAFETY: emb belongs to g.
+        let mut x = T(unsafe { sys::ggml_repeat_4d(g.raw, g.reshape(emb, &[e, 1, n]).0, e, hc, n, 1) });
+        for (il, lw) in w.layers.iter().enumerate() {
+            let st = &seq.layers[il];
+            let (y, mix) = b.hc_pre(x, &lw.hc_attn, il, "attn");
+            let a = b.attention(il, g.mul(g.rms_norm(y, c.rms_eps), lw.attn_norm), lw, st);
+            x = b.hc_post(a, x, &mix);
+            let (y, mix) = b.hc_pre(x, &lw.hc_ffn, il, "ffn");
+            let f = b.moe(il, g.mul(g.rms_norm(y, c.rms_eps), lw.ffn_norm), lw);
+            x = g.name(b.hc_post(f, x, &mix), &format!("streams-{il}"));
+        }
+        let mut h = g.mul(g.rms_norm(b.hc_head(x, &w.hc_head), c.rms_eps), w.output_norm);
+        if key.logits == Logits::Last {
+            h = g.view_2d(h, e, 1, 0, n - 1);
+        }
+        let h = g.name(h, "hidden_final");
+        let out = g.name(g.mm(w.output, h), "logits");
+
+        // SAFETY: the context has room for a graph of graph_size nodes.
+        let graph = unsafe { sys::ggml_new_graph_custom(g.raw, graph_size, false) };
+        // SAFETY: out and the effects belong to g; effects go last (they overwrite state the
+        // step reads).
+        unsafe {
+            sys::ggml_set_output(out.0);
+            sys::ggml_build_forward_expand(graph, out.0);
+            for eff in &b.effects {
+                sys::ggml_build_forward_expand(graph, eff.0);
+            }
+        }
+        // SAFETY: a fresh allocator for this backend's buffer type.
+        let galloc = unsafe { sys::ggml_gallocr_new(self.buft.as_ptr()) };
+        if galloc.is_null() {
+            return Err(GraphError::Alloc { what: "a graph allocator" });
+        }
+        let step = Step { key, graph, inputs, out, galloc, _ctx: ctx };
+        // SAFETY: graph and allocator are live.
+        if !unsafe { sys::ggml_gallocr_alloc_graph(step.galloc, step.graph) } {
+            return Err(GraphError::Alloc { what: "the compute buffer" });
+        }
+        Ok(step)
+    }
+}
+
+fn set_inputs(inp: &Inputs, p: usize, tokens: &[u32], raw: &RawPlan, comps: &[(CompShape, CompPlan)]) {
+    let pos: Vec<i32> = (0..tokens.len()).map(|i| (p + i) as i32).collect();
+    let neg: Vec<i32> = pos.iter().map(|&q| -q).collect();
+    let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    write_i32(inp.tokens, &toks);
+    write_i32(inp.pos, &pos);
+    write_i32(inp.neg_pos, &neg);
+    write_f32(inp.raw_mask, &raw.mask);
+    write_i32(inp.ring_keep, &raw.keep);
+    for (ci, (_, cp)) in inp.comp.iter().zip(comps) {
+        write_i32(ci.ape_idx, &cp.ape_idx);
+        write_i32(ci.cur_idx, &cp.cur_idx);
+        if let Some(t) = ci.prev_idx {
+            write_i32(t, &cp.prev_idx);
+        }
+        write_i32(ci.keep, &cp.keep);
+        write_i32(ci.entry_pos, &cp.entry_pos);
+        write_i32(ci.write_idx, &cp.write_idx);
+        write_f32(ci.vis_mask, &cp.vis_mask);
+    }
+}
+
+fn write_i32(t: T, v: &[i32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    // SAFETY: t is an allocated input of exactly v.len() i32 (built from the same plan).
+    unsafe { ggml::backend::tensor_set(t.0, &bytes, 0) };
+}
+
+fn write_f32(t: T, v: &[f32]) {
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    // SAFETY: as above, f32.
+    unsafe { ggml::backend::tensor_set(t.0, &bytes, 0) };
+}
+
+fn read_f32(t: T, out: &mut [f32]) {
+    let mut bytes = vec![0u8; out.len() * 4];
+    // SAFETY: t is the allocated output of exactly out.len() f32.
+    unsafe { ggml::backend::tensor_get(t.0, &mut bytes, 0) };
+    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}

@@ -1,0 +1,237 @@
+//! A small safe façade over the ggml graph-building calls the DS4 builder uses.
+//!
+//! Every tensor handle here belongs to one `Ctx` (a `no_alloc` ggml context that lives as
+//! long as the graph). Shapes handed to these calls come from a validated `Ds4Config`, so a
+//! shape mismatch here is a bug in the builder, not bad input.
+use std::ffi::CString;
+
+use ggml::sys;
+
+/// A tensor of the graph being built (or a weight / state tensor it references).
+#[derive(Clone, Copy, Debug)]
+pub struct T(pub *mut sys::ggml_tensor);
+
+impl T {
+    pub fn ne(self, i: usize) -> i64 {
+        // SAFETY: the pointer is a live tensor of the current context (see module docs).
+        unsafe { (*self.0).ne[i] }
+    }
+    pub fn nb(self, i: usize) -> usize {
+        // SAFETY: as above.
+        unsafe { (*self.0).nb[i] }
+    }
+    pub fn elem_size(self) -> usize {
+        // SAFETY: as above.
+        unsafe { sys::ggml_element_size(self.0) }
+    }
+}
+
+/// Graph-building context.
+pub struct Ctx {
+    pub raw: *mut sys::ggml_context,
+}
+
+macro_rules! unary {
+    ($($name:ident => $f:ident),* $(,)?) => {
+        $(pub fn $name(&self, a: T) -> T {
+            // SAFETY: `a` belongs to this context (module docs).
+            T(unsafe { sys::$f(self.raw, a.0) })
+        })*
+    };
+}
+macro_rules! binary {
+    ($($name:ident => $f:ident),* $(,)?) => {
+        $(pub fn $name(&self, a: T, b: T) -> T {
+            // SAFETY: `a` and `b` belong to this context (module docs).
+            T(unsafe { sys::$f(self.raw, a.0, b.0) })
+        })*
+    };
+}
+
+impl Ctx {
+    unary! {
+        cont => ggml_cont, transpose => ggml_transpose, sigmoid => ggml_sigmoid, silu => ggml_silu,
+        relu => ggml_relu, sqrt => ggml_sqrt, softplus => ggml_softplus, sum_rows => ggml_sum_rows,
+    }
+    binary! {
+        add => ggml_add, mul => ggml_mul, div => ggml_div, get_rows => ggml_get_rows, cpy => ggml_cpy,
+    }
+
+    pub fn name(&self, t: T, name: &str) -> T {
+        if let Ok(c) = CString::new(name) {
+            // SAFETY: ggml copies the name into the tensor (truncating to its buffer).
+            unsafe { sys::ggml_set_name(t.0, c.as_ptr()) };
+        }
+        t
+    }
+
+    pub fn new_f32(&self, ne: &[i64]) -> T {
+        self.new_tensor(sys::ggml_type::GGML_TYPE_F32, ne)
+    }
+    pub fn new_i32(&self, ne: &[i64]) -> T {
+        self.new_tensor(sys::ggml_type::GGML_TYPE_I32, ne)
+    }
+    fn new_tensor(&self, ty: sys::ggml_type::Type, ne: &[i64]) -> T {
+        // SAFETY: 1..=4 dimensions, positive sizes (builder invariant).
+        T(unsafe {
+            match ne.len() {
+                1 => sys::ggml_new_tensor_1d(self.raw, ty, ne[0]),
+                2 => sys::ggml_new_tensor_2d(self.raw, ty, ne[0], ne[1]),
+                3 => sys::ggml_new_tensor_3d(self.raw, ty, ne[0], ne[1], ne[2]),
+                _ => sys::ggml_new_tensor_4d(self.raw, ty, ne[0], ne[1], ne[2], ne[3]),
+            }
+        })
+    }
+    /// A graph input: allocated by the graph allocator, filled by the host before compute.
+    pub fn input(&self, t: T, name: &str) -> T {
+        // SAFETY: t belongs to this context.
+        unsafe { sys::ggml_set_input(t.0) };
+        self.name(t, name)
+    }
+
+    /// Matrix product with F32 accumulation on every backend: `w` [k, m, ...] × `x` [k, n, ...]
+    /// → [m, n, ...].
+    pub fn mm(&self, w: T, x: T) -> T {
+        // SAFETY: both belong to this context.
+        let r = unsafe { sys::ggml_mul_mat(self.raw, w.0, x.0) };
+        // SAFETY: r is a mul_mat node.
+        unsafe { sys::ggml_prec_set_acc(r, sys::ggml_prec::GGML_PREC_F32) };
+        T(r)
+    }
+    pub fn mm_id(&self, w: T, x: T, ids: T) -> T {
+        // SAFETY: all belong to this context.
+        T(unsafe { sys::ggml_mul_mat_id(self.raw, w.0, x.0, ids.0) })
+    }
+    pub fn rms_norm(&self, a: T, eps: f32) -> T {
+        // SAFETY: a belongs to this context.
+        T(unsafe { sys::ggml_rms_norm(self.raw, a.0, eps) })
+    }
+    pub fn scale(&self, a: T, s: f32) -> T {
+        // SAFETY: a belongs to this context.
+        T(unsafe { sys::ggml_scale(self.raw, a.0, s) })
+    }
+    pub fn scale_bias(&self, a: T, s: f32, b: f32) -> T {
+        // SAFETY: a belongs to this context.
+        T(unsafe { sys::ggml_scale_bias(self.raw, a.0, s, b) })
+    }
+    pub fn clamp(&self, a: T, min: f32, max: f32) -> T {
+        // SAFETY: a belongs to this context.
+        T(unsafe { sys::ggml_clamp(self.raw, a.0, min, max) })
+    }
+    pub fn concat(&self, a: T, b: T, dim: i32) -> T {
+        // SAFETY: both belong to this context.
+        T(unsafe { sys::ggml_concat(self.raw, a.0, b.0, dim) })
+    }
+    pub fn reshape(&self, a: T, ne: &[i64]) -> T {
+        // SAFETY: a is contiguous and the element count matches (builder invariant).
+        T(unsafe {
+            match ne.len() {
+                1 => sys::ggml_reshape_1d(self.raw, a.0, ne[0]),
+                2 => sys::ggml_reshape_2d(self.raw, a.0, ne[0], ne[1]),
+                3 => sys::ggml_reshape_3d(self.raw, a.0, ne[0], ne[1], ne[2]),
+                _ => sys::ggml_reshape_4d(self.raw, a.0, ne[0], ne[1], ne[2], ne[3]),
+            }
+        })
+    }
+    pub fn permute(&self, a: T, p: [i32; 4]) -> T {
+        // SAFETY: a belongs to this context; p is a permutation.
+        T(unsafe { sys::ggml_permute(self.raw, a.0, p[0], p[1], p[2], p[3]) })
+    }
+    /// `ne0` elements of `a` starting at element `i0`.
+    pub fn view_1d(&self, a: T, ne0: i64, i0: i64) -> T {
+        // SAFETY: the range lies inside `a` (builder invariant).
+        T(unsafe { sys::ggml_view_1d(self.raw, a.0, ne0, i0 as usize * a.elem_size()) })
+    }
+    /// `ne0 × ne1` elements of `a` (rows of `a`'s stride) starting at row-element `i0`,
+    /// row `i1`.
+    pub fn view_2d(&self, a: T, ne0: i64, ne1: i64, i0: i64, i1: i64) -> T {
+        let off = i0 as usize * a.elem_size() + i1 as usize * a.nb(1);
+        // SAFETY: the range lies inside `a` (builder invariant).
+        T(unsafe { sys::ggml_view_2d(self.raw, a.0, ne0, ne1, a.nb(1), off) })
+    }
+    pub fn view_3d(&self, a: T, ne: [i64; 3], nb1: usize, nb2: usize, offset: usize) -> T {
+        // SAFETY: the range lies inside `a` (builder invariant).
+        T(unsafe { sys::ggml_view_3d(self.raw, a.0, ne[0], ne[1], ne[2], nb1, nb2, offset) })
+    }
+    pub fn soft_max(&self, a: T) -> T {
+        // SAFETY: a belongs to this context.
+        T(unsafe { sys::ggml_soft_max(self.raw, a.0) })
+    }
+    /// softmax(a·scale + mask) with one extra per-head logit `sinks` [a.ne2].
+    pub fn soft_max_sinks(&self, a: T, mask: T, scale: f32, sinks: T) -> T {
+        // SAFETY: all belong to this context.
+        let r = unsafe { sys::ggml_soft_max_ext(self.raw, a.0, mask.0, scale, 0.0) };
+        // SAFETY: r is a soft_max node.
+        unsafe { sys::ggml_soft_max_add_sinks(r, sinks.0) };
+        T(r)
+    }
+    pub fn top_k(&self, a: T, k: i64) -> T {
+        // SAFETY: a belongs to this context; 0 < k <= a.ne0.
+        T(unsafe { sys::ggml_top_k(self.raw, a.0, k as i32) })
+    }
+    pub fn set_rows(&self, dst: T, src: T, idx: T) -> T {
+        // SAFETY: all belong to this context.
+        T(unsafe { sys::ggml_set_rows(self.raw, dst.0, src.0, idx.0) })
+    }
+    pub fn repeat(&self, a: T, like: T) -> T {
+        // SAFETY: both belong to this context.
+        T(unsafe { sys::ggml_repeat(self.raw, a.0, like.0) })
+    }
+    /// RoPE in ggml's normal (consecutive pair) mode on `n_rot` dims starting at dim
+    /// `offset` of each row; `a` [d, heads, n], `pos` I32 [n].
+    pub fn rope(&self, a: T, pos: T, n_rot: i64, offset: i64, p: &RopeParams) -> T {
+        // SAFETY: a and pos belong to this context; rope mode 0 is the normal mode.
+        let r = unsafe {
+            sys::ggml_rope_ext(
+                self.raw, a.0, pos.0, std::ptr::null_mut(), n_rot as i32, 0, p.n_ctx_orig,
+                p.freq_base, p.freq_scale, p.ext_factor, p.attn_factor, p.beta_fast, p.beta_slow,
+            )
+        };
+        // SAFETY: r is a rope node.
+        T(unsafe { sys::ggml_rope_set_offset(r, offset as i32) })
+    }
+    pub fn hc_comb(&self, mixes: T, scale: T, base: T, eps: f32, iters: i32) -> T {
+        // SAFETY: all belong to this context.
+        T(unsafe { sys::ggml_dsv4_hc_comb(self.raw, mixes.0, scale.0, base.0, eps, iters) })
+    }
+    pub fn hc_pre(&self, x: T, w: T) -> T {
+        // SAFETY: both belong to this context.
+        T(unsafe { sys::ggml_dsv4_hc_pre(self.raw, x.0, w.0) })
+    }
+    pub fn hc_post(&self, x: T, residual: T, post: T, comb: T) -> T {
+        // SAFETY: all belong to this context.
+        T(unsafe { sys::ggml_dsv4_hc_post(self.raw, x.0, residual.0, post.0, comb.0) })
+    }
+}
+
+/// RoPE parameters of one layer kind, in ggml's terms.
+#[derive(Clone, Copy, Debug)]
+pub struct RopeParams {
+    pub n_ctx_orig: i32,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+    pub ext_factor: f32,
+    pub attn_factor: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+}
+
+impl RopeParams {
+    pub fn plain(base: f32) -> RopeParams {
+        RopeParams { n_ctx_orig: 0, freq_base: base, freq_scale: 1.0, ext_factor: 0.0, attn_factor: 1.0, beta_fast: 0.0, beta_slow: 0.0 }
+    }
+    /// YaRN frequencies without YaRN's magnitude scaling: ggml multiplies cos/sin by
+    /// `1 + 0.1·ln(factor)` whenever ext_factor ≠ 0, so attn_factor cancels it.
+    pub fn yarn(base: f32, y: &loader::RopeYarn) -> RopeParams {
+        let freq_scale = 1.0 / y.factor;
+        RopeParams {
+            n_ctx_orig: y.original_context.min(i32::MAX as u64) as i32,
+            freq_base: base,
+            freq_scale,
+            ext_factor: 1.0,
+            attn_factor: 1.0 / (1.0 + 0.1 * (1.0 / freq_scale).ln()),
+            beta_fast: y.beta_fast,
+            beta_slow: y.beta_slow,
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! Host-side bookkeeping of one micro-batch: which rows the graph gathers, which it keeps,
+//! and the attention masks. Everything is a function of the batch's first position `p`,
+//! its length `n` and the layer shapes, so the per-sequence state on the device needs no
+//! bookkeeping beyond the position.
+//!
+//! Row layouts the graph builds:
+//! - raw keys: `[ring slot 0..window) ++ [the batch's n new keys)`; ring slot `s` holds the
+//!   latest position `q < p` with `q ≡ s (mod window)`.
+//! - compressor rows: `[state slot 0..cap) ++ [dummy] ++ [the batch's n new rows)`; state slot
+//!   `s` holds the position `q ≡ s (mod cap)` of the window(s) still open; the dummy row has
+//!   kv 0 and score −∞ (softmax weight 0).
+
+/// Masked-out attention logit.
+pub const MASKED: f32 = f32::NEG_INFINITY;
+/// Compressed-entry views are padded to a multiple of this many entries, so decode graphs
+/// keep their shape (and are reused) for `PAD × ratio` tokens.
+pub const PAD: usize = 32;
+
+pub struct RawPlan {
+    /// [window + n keys, n queries] (ggml order: key index fastest).
+    pub mask: Vec<f32>,
+    /// Source row (in the raw key layout) of each ring slot after the batch.
+    pub keep: Vec<i32>,
+}
+
+pub fn raw_plan(p: usize, n: usize, window: usize) -> RawPlan {
+    let (p, n, w) = (p as i64, n as i64, window as i64);
+    let slot_pos = |base_p: i64, s: i64| -> i64 {
+        let base = base_p - w;
+        base + (s - base).rem_euclid(w)
+    };
+    let nk = w + n;
+    let mut mask = vec![MASKED; (nk * n) as usize];
+    for i in 0..n {
+        let t = p + i;
+        let row = &mut mask[(i * nk) as usize..((i + 1) * nk) as usize];
+        for s in 0..w {
+            let q = slot_pos(p, s);
+            if q >= 0 && t - q < w {
+                row[s as usize] = 0.0;
+            }
+        }
+        for j in 0..n {
+            let q = p + j;
+            if q <= t && t - q < w {
+                row[(w + j) as usize] = 0.0;
+            }
+        }
+    }
+    let p2 = p + n;
+    let keep = (0..w)
+        .map(|s| {
+            let q = slot_pos(p2, s);
+            if q < 0 {
+                0
+            } else if q >= p {
+                (w + q - p) as i32
+            } else {
+                q.rem_euclid(w) as i32
+            }
+        })
+        .collect();
+    RawPlan { mask, keep }
+}
+
+/// The shape of one compressor: ratio `m`, overlapping (ratio 4) or not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompShape {
+    pub ratio: usize,
+    pub overlap: bool,
+    /// Capacity of compressed entries (a multiple of PAD).
+    pub cap_entries: usize,
+}
+
+impl CompShape {
+    pub fn new(ratio: usize, n_ctx: usize) -> CompShape {
+        let cap = (n_ctx / ratio + 1).div_ceil(PAD) * PAD;
+        CompShape { ratio, overlap: ratio == 4, cap_entries: cap }
+    }
+    /// Rows of open-window state: the current window, and the previous one when windows
+    /// overlap.
+    pub fn state_rows(&self) -> usize {
+        if self.overlap {
+            2 * self.ratio
+        } else {
+            self.ratio
+        }
+    }
+    /// Entries visible to the last token after a batch ending before position `end`.
+    pub fn view_len(&self, end: usize) -> usize {
+        (end / self.ratio).div_ceil(PAD).max(1).saturating_mul(PAD).min(self.cap_entries)
+    }
+}
+
+pub struct CompPlan {
+    /// Windows the batch touches (closed or still open).
+    pub n_windows: usize,
+    /// pos mod ratio per token (row of the position bias).
+    pub ape_idx: Vec<i32>,
+    /// [ratio × n_windows]: rows of each window's own tokens.
+    pub cur_idx: Vec<i32>,
+    /// [ratio × n_windows]: rows of the previous window's tokens (overlap only).
+    pub prev_idx: Vec<i32>,
+    /// [state_rows]: source row of each state slot after the batch.
+    pub keep: Vec<i32>,
+    /// RoPE position of each touched window's entry (its first token's position).
+    pub entry_pos: Vec<i32>,
+    /// Entry index each touched window writes.
+    pub write_idx: Vec<i32>,
+    /// Entries in the attention view.
+    pub n_view: usize,
+    /// [n_view, n]: 0 where entry j is visible to token i (j < (t+1)/ratio), −∞ elsewhere.
+    pub vis_mask: Vec<f32>,
+}
+
+pub fn comp_plan(p: usize, n: usize, s: &CompShape) -> CompPlan {
+    let m = s.ratio as i64;
+    let cap = s.state_rows() as i64;
+    let dummy = cap as i32;
+    let (p, n) = (p as i64, n as i64);
+    let keep_start = |p: i64| -> i64 {
+        let w = p / m;
+        if s.overlap {
+            ((w - 1) * m).max(0)
+        } else {
+            w * m
+        }
+    };
+    let ks = keep_start(p);
+    let row_of = |q: i64| -> i32 {
+        if q >= p {
+            (cap + 1 + q - p) as i32
+        } else if q >= ks && q >= 0 {
+            q.rem_euclid(cap) as i32
+        } else {
+            dummy
+        }
+    };
+    let (j0, j1) = (p / m, (p + n - 1) / m);
+    let nw = (j1 - j0 + 1) as usize;
+    let mut cur_idx = Vec::with_capacity(nw * m as usize);
+    let mut prev_idx = Vec::with_capacity(if s.overlap { nw * m as usize } else { 0 });
+    for j in j0..=j1 {
+        for r in 0..m {
+            let q = j * m + r;
+            cur_idx.push(if q < p + n { row_of(q) } else { dummy });
+            if s.overlap {
+                prev_idx.push(if j == 0 { dummy } else { row_of((j - 1) * m + r) });
+            }
+        }
+    }
+    let p2 = p + n;
+    let ks2 = keep_start(p2);
+    let keep = (0..cap)
+        .map(|slot| {
+            let q = ks2 + (slot - ks2).rem_euclid(cap);
+            if q < p2 {
+                row_of(q)
+            } else {
+                dummy
+            }
+        })
+        .collect();
+    let n_view = s.view_len(p2 as usize);
+    let mut vis_mask = vec![MASKED; n_view * n as usize];
+    for i in 0..n {
+        let visible = ((p + i + 1) / m) as usize;
+        let row = &mut vis_mask[i as usize * n_view..(i as usize + 1) * n_view];
+        for v in row.iter_mut().take(visible.min(n_view)) {
+            *v = 0.0;
+        }
+    }
+    CompPlan {
+        n_windows: nw,
+        ape_idx: (p..p + n).map(|q| (q % m) as i32).collect(),
+        cur_idx,
+        prev_idx,
+        keep,
+        entry_pos: (j0..=j1).map(|j| (j * m) as i32).collect(),
+        write_idx: (j0..=j1).map(|j| j as i32).collect(),
+        n_view,
+        vis_mask,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replays plans over a split of a sequence and checks that every gathered row holds the
+    /// position the window needs: a host-side model of the device state.
+    fn replay(split: &[usize], ratio: usize) {
+        let s = CompShape::new(ratio, 4096);
+        let cap = s.state_rows();
+        // Device model: the position each state slot holds (None = dummy-like garbage).
+        let mut state: Vec<Option<i64>> = vec![None; cap];
+        let mut p = 0usize;
+        for &n in split {
+            let plan = comp_plan(p, n, &s);
+            let rows: Vec<Option<i64>> = state
+                .iter()
+                .cloned()
+                .chain(std::iter::once(None))
+                .chain((p..p + n).map(|q| Some(q as i64)))
+                .collect();
+            for (w, j) in (p / ratio..=(p + n - 1) / ratio).enumerate() {
+                for r in 0..ratio {
+                    let want = (j * ratio + r) as i64;
+                    let got = rows[plan.cur_idx[w * ratio + r] as usize];
+                    if want < (p + n) as i64 {
+                        assert_eq!(got, Some(want), "cur row, batch at {p}+{n}, window {j}");
+                    } else {
+                        assert_eq!(plan.cur_idx[w * ratio + r] as usize, cap);
+                    }
+                    if s.overlap {
+                        let got = plan.prev_idx[w * ratio + r] as usize;
+                        if j == 0 {
+                            assert_eq!(got, cap);
+                        } else {
+                            assert_eq!(rows[got], Some(((j - 1) * ratio + r) as i64));
+                        }
+                    }
+                }
+            }
+            state = plan.keep.iter().map(|&k| rows[k as usize]).collect();
+            p += n;
+        }
+    }
+
+    #[test]
+    fn compressor_rows_follow_positions_across_uneven_batches() {
+        for ratio in [4, 8, 128] {
+            replay(&[37, 50, 1, 128, 1, 1, 1, 3, 200], ratio);
+            replay(&[1; 300], ratio);
+            replay(&[330], ratio);
+        }
+    }
+
+    #[test]
+    fn raw_window_sees_exactly_the_last_window_positions() {
+        let w = 8usize;
+        let mut ring: Vec<Option<i64>> = vec![None; w];
+        let mut p = 0usize;
+        for n in [5usize, 1, 1, 20, 3, 1] {
+            let plan = raw_plan(p, n, w);
+            let keys: Vec<Option<i64>> = ring.iter().cloned().chain((p..p + n).map(|q| Some(q as i64))).collect();
+            for i in 0..n {
+                let t = (p + i) as i64;
+                let mut seen: Vec<i64> = (0..w + n)
+                    .filter(|&k| plan.mask[i * (w + n) + k] == 0.0)
+                    .map(|k| keys[k].expect("visible key holds a position"))
+                    .collect();
+                seen.sort();
+                let want: Vec<i64> = ((t - w as i64 + 1).max(0)..=t).collect();
+                assert_eq!(seen, want, "query {t}");
+            }
+            ring = plan.keep.iter().map(|&k| keys[k as usize]).collect();
+            p += n;
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! Per-sequence state on the model's backend: the raw key ring, and for compressed layers
+//! the compressor's open-window rows and the compressed entries (plus the indexer's own).
+//! The host keeps only the position; see `plan` for how rows are addressed.
+use ggml::{sys, Buffer, Context};
+use loader::Ds4Config;
+
+use crate::ops::T;
+use crate::plan::CompShape;
+use crate::GraphError;
+
+pub struct CompState {
+    pub shape: CompShape,
+    /// [width, state_rows + 1]: open-window kv rows; the last column is the dummy row (0).
+    pub kv: T,
+    /// [width, state_rows + 1]: open-window scores (gate + position bias); dummy row −∞.
+    pub score: T,
+    /// [entry_dim, cap_entries]: compressed entries.
+    pub entries: T,
+}
+
+pub struct LayerState {
+    /// [head_dim, window]: raw keys (= values) of the last `window` positions.
+    pub ring: T,
+    pub comp: Option<CompState>,
+    pub index: Option<CompState>,
+}
+
+/// One sequence's caches. Created for a maximum context; `reset` makes it empty again.
+pub struct Sequence {
+    pub(crate) layers: Vec<LayerState>,
+    pub(crate) id: u64,
+    pub(crate) model_id: u64,
+    pos: usize,
+    n_ctx: usize,
+    _buffer: Buffer,
+    _ctx: Context,
+}
+
+impl Sequence {
+    pub(crate) fn new(c: &Ds4Config, n_ctx: usize, buft: ggml::BufferType) -> Result<Sequence, GraphError> {
+        let ctx = Context::new_no_alloc(c.n_layer * 8 + 8, 0)?;
+        let g = crate::ops::Ctx { raw: ctx.as_ptr() };
+        let (d, di) = (c.head_dim as i64, c.indexer_dim as i64);
+        let comp = |ratio: usize, width: i64, entry_dim: i64| -> CompState {
+            let shape = CompShape::new(ratio, n_ctx);
+            let rows = shape.state_rows() as i64 + 1;
+            CompState {
+                shape,
+                kv: g.new_f32(&[width, rows]),
+                score: g.new_f32(&[width, rows]),
+                entries: g.new_f32(&[entry_dim, shape.cap_entries as i64]),
+            }
+        };
+        let layers: Vec<LayerState> = (0..c.n_layer)
+            .map(|l| {
+                let ratio = c.compress_ratios[l];
+                let mult = if ratio == 4 { 2 } else { 1 };
+                LayerState {
+                    ring: g.new_f32(&[d, c.window as i64]),
+                    comp: (ratio != 0).then(|| comp(ratio, mult * d, d)),
+                    index: (ratio == 4).then(|| comp(ratio, 2 * di, di)),
+                }
+            })
+            .collect();
+        let buffer = Buffer::alloc_context_tensors(&ctx, buft)?;
+        // SAFETY: the buffer holds every tensor of ctx.
+        unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
+        for cs in layers.iter().flat_map(|l| l.comp.iter().chain(l.index.iter())) {
+            let width = cs.score.ne(0) as usize;
+            let dummy_col = cs.shape.state_rows();
+            let neg: Vec<u8> = f32::NEG_INFINITY.to_le_bytes().repeat(width);
+            // SAFETY: the column lies inside the allocated score tensor.
+            unsafe { ggml::backend::tensor_set(cs.score.0, &neg, dummy_col * cs.score.nb(1)) };
+        }
+        Ok(Sequence { layers, id: 0, model_id: 0, pos: 0, n_ctx, _buffer: buffer, _ctx: ctx })
+    }
+
+    /// Tokens processed so far (the next token's position).
+    pub fn pos(&self) -> usize {
+        self.pos
+    }
+
+    pub fn n_ctx(&self) -> usize {
+        self.n_ctx
+    }
+
+    /// Forget everything: every cached row is addressed by position, so stale rows are
+    /// never visible again.
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    pub(crate) fn advance(&mut self, n: usize) {
+        self.pos += n;
+    }
+}

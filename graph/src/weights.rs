@@ -1,0 +1,177 @@
+//! The model's ggml tensors, looked up once by name after loading. The loader validated
+//! every name, shape and type, so a missing tensor here is reported, never assumed.
+use ggml::sys;
+use loader::{Ds4Config, LoadedTensors};
+
+use crate::ops::T;
+use crate::GraphError;
+
+pub struct Compressor {
+    pub kv: T,
+    pub gate: T,
+    pub ape: T,
+    pub norm: T,
+}
+
+pub struct Indexer {
+    pub q_b: T,
+    pub proj: T,
+    pub compressor: Compressor,
+}
+
+pub struct HcWeights {
+    pub fn_: T,
+    pub base: T,
+    pub scale: T,
+}
+
+pub enum Router {
+    /// Learned top-k selection with a selection-only bias.
+    TopK { bias: T },
+    /// Fixed token → experts table (I32 [n_expert_used, n_vocab]).
+    Hash { tid2eid: T },
+}
+
+pub enum ExpertUpGate {
+    Separate { gate: T, up: T },
+    /// [n_embd, 2·ff, n_expert]: gate rows first, then up rows.
+    Fused(T),
+}
+
+pub struct LayerWeights {
+    pub hc_attn: HcWeights,
+    pub hc_ffn: HcWeights,
+    pub attn_norm: T,
+    pub q_a: T,
+    pub q_a_norm: T,
+    pub q_b: T,
+    pub kv: T,
+    pub kv_norm: T,
+    pub sinks: T,
+    /// [head_dim·n_head/groups, o_lora_rank, groups] (reshaped if the file stores 2-D).
+    pub output_a: T,
+    pub output_b: T,
+    pub compressor: Option<Compressor>,
+    pub indexer: Option<Indexer>,
+    pub ffn_norm: T,
+    pub gate_inp: T,
+    pub router: Router,
+    pub up_gate_exps: ExpertUpGate,
+    pub down_exps: T,
+    pub shared: Option<(T, T, T)>,
+}
+
+pub struct Weights {
+    pub token_embd: T,
+    pub output_norm: T,
+    pub output: T,
+    pub hc_head: HcWeights,
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Weights {
+    pub fn lookup(c: &Ds4Config, t: &LoadedTensors) -> Result<Weights, GraphError> {
+        let get = |name: &str| -> Result<T, GraphError> {
+            t.get(name).map(T).ok_or_else(|| GraphError::MissingTensor(name.to_string()))
+        };
+        let hc = |prefix: &str| -> Result<HcWeights, GraphError> {
+            Ok(HcWeights {
+                fn_: get(&format!("{prefix}_fn.weight"))?,
+                base: get(&format!("{prefix}_base.weight"))?,
+                scale: get(&format!("{prefix}_scale.weight"))?,
+            })
+        };
+        let mut layers = Vec::with_capacity(c.n_layer);
+        for l in 0..c.n_layer {
+            let b = |n: &str| get(&format!("blk.{l}.{n}"));
+            let ratio = c.compress_ratios[l];
+            let compressor = if ratio != 0 {
+                Some(Compressor {
+                    kv: b("attn_compressor_kv.weight")?,
+                    gate: b("attn_compressor_gate.weight")?,
+                    ape: b("attn_compressor_ape.weight")?,
+                    norm: b("attn_compressor_norm.weight")?,
+                })
+            } else {
+                None
+            };
+            let indexer = if ratio == 4 {
+                Some(Indexer {
+                    q_b: b("indexer.attn_q_b.weight")?,
+                    proj: b("indexer.proj.weight")?,
+                    compressor: Compressor {
+                        kv: b("indexer_compressor_kv.weight")?,
+                        gate: b("indexer_compressor_gate.weight")?,
+                        ape: b("indexer_compressor_ape.weight")?,
+                        norm: b("indexer_compressor_norm.weight")?,
+                    },
+                })
+            } else {
+                None
+            };
+            let router = if c.is_hash_layer(l) {
+                Router::Hash { tid2eid: b("ffn_gate_tid2eid.weight")? }
+            } else {
+                Router::TopK { bias: b("exp_probs_b.bias")? }
+            };
+            let up_gate_exps = match t.get(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
+                Some(f) => ExpertUpGate::Fused(T(f)),
+                None => ExpertUpGate::Separate { gate: b("ffn_gate_exps.weight")?, up: b("ffn_up_exps.weight")? },
+            };
+            let shared = if c.n_expert_shared > 0 {
+                Some((b("ffn_gate_shexp.weight")?, b("ffn_up_shexp.weight")?, b("ffn_down_shexp.weight")?))
+            } else {
+                None
+            };
+            layers.push(LayerWeights {
+                hc_attn: hc(&format!("blk.{l}.hc_attn"))?,
+                hc_ffn: hc(&format!("blk.{l}.hc_ffn"))?,
+                attn_norm: b("attn_norm.weight")?,
+                q_a: b("attn_q_a.weight")?,
+                q_a_norm: b("attn_q_a_norm.weight")?,
+                q_b: b("attn_q_b.weight")?,
+                kv: b("attn_kv.weight")?,
+                kv_norm: b("attn_kv_a_norm.weight")?,
+                sinks: b("attn_sinks.weight")?,
+                output_a: b("attn_output_a.weight")?,
+                output_b: b("attn_output_b.weight")?,
+                compressor,
+                indexer,
+                ffn_norm: b("ffn_norm.weight")?,
+                gate_inp: b("ffn_gate_inp.weight")?,
+                router,
+                up_gate_exps,
+                down_exps: b("ffn_down_exps.weight")?,
+                shared,
+            });
+        }
+        Ok(Weights {
+            token_embd: get("token_embd.weight")?,
+            output_norm: get("output_norm.weight")?,
+            output: get("output.weight")?,
+            hc_head: hc("output_hc")?,
+            layers,
+        })
+    }
+}
+
+/// Check every `tid2eid` entry of the hash layers lies in [0, n_expert): a bad entry would
+/// index past the expert tensors inside ggml.
+pub fn validate_tid2eid(c: &Ds4Config, w: &Weights) -> Result<(), GraphError> {
+    for (l, layer) in w.layers.iter().enumerate() {
+        let Router::Hash { tid2eid } = layer.router else { continue };
+        // SAFETY: tid2eid is a loaded I32 tensor of validated shape; we read all of it.
+        let n = unsafe { sys::ggml_nelements(tid2eid.0) } as usize;
+        let mut bytes = vec![0u8; n * 4];
+        // SAFETY: the tensor is allocated and holds exactly n i32 values.
+        unsafe { ggml::backend::tensor_get(tid2eid.0, &mut bytes, 0) };
+        for (i, v) in bytes.chunks_exact(4).enumerate() {
+            let e = i32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+            if e < 0 || e as usize >= c.n_expert {
+                let (slot, token) = (i % c.n_expert_used, i / c.n_expert_used);
+                return Err(GraphError::BadTid2eid { layer: l, token, slot, value: e, n_expert: c.n_expert });
+            }
+        }
+    }
+    Ok(())
+}
