@@ -87,6 +87,86 @@ fn full_prefill(name: &str, gguf: &str) {
     check(&r, &logits, m.n_vocab(), 0, &format!("{gguf} full prefill"));
 }
 
+/// A prefill of `p` tokens, then the rest one token at a time (the decode graph).
+fn decode_after_prefill(name: &str, gguf: &str, p: usize) {
+    let r = reference(name);
+    let mut m = load(gguf, 64);
+    let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
+    let logits = m.forward(&mut seq, &r.tokens[..p], Logits::Last).expect("prefill");
+    check(&r, &logits, m.n_vocab(), p - 1, &format!("{gguf} prefill {p}"));
+    let mut all = Vec::new();
+    let mut reused = 0;
+    for &t in &r.tokens[p..] {
+        all.extend(m.forward(&mut seq, &[t], Logits::Last).expect("decode step"));
+        reused += m.timings().graphs_reused;
+    }
+    check(&r, &all, m.n_vocab(), p, &format!("{gguf} decode after {p}"));
+    // The decode graph is rebuilt only when the compressed views grow.
+    assert!(reused * 10 >= (r.tokens.len() - p) * 9, "decode graphs reused only {reused} times");
+}
+
+/// Uneven chunks, each its own forward call (state carried across calls).
+fn chunked_prefill(name: &str, gguf: &str, chunks: &[usize]) {
+    let r = reference(name);
+    let mut m = load(gguf, 512);
+    let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
+    let mut p = 0;
+    for &n in chunks.iter().cycle() {
+        let n = n.min(r.tokens.len() - p);
+        if n == 0 {
+            break;
+        }
+        let logits = m.forward(&mut seq, &r.tokens[p..p + n], Logits::All).expect("chunk");
+        check(&r, &logits, m.n_vocab(), p, &format!("{gguf} chunk {p}+{n}"));
+        p += n;
+    }
+}
+
+/// Greedy continuation of the whole reference sequence: the same 64 tokens.
+fn greedy(name: &str, gguf: &str) {
+    let r = reference(name);
+    let mut m = load(gguf, 128);
+    let mut seq = m.new_sequence(r.tokens.len() + r.greedy.len()).expect("sequence");
+    let mut logits = m.forward(&mut seq, &r.tokens, Logits::Last).expect("prefill");
+    let mut got = Vec::new();
+    for _ in 0..r.greedy.len() {
+        let next = logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+        got.push(next);
+        logits = m.forward(&mut seq, &[next], Logits::Last).expect("decode");
+    }
+    assert_eq!(got, r.greedy, "{gguf}: greedy continuation differs from the reference");
+}
+
+#[test]
+fn a_f32_decode_after_prefill() {
+    decode_after_prefill("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 150);
+}
+
+#[test]
+fn b_f32_decode_after_prefill() {
+    decode_after_prefill("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 97);
+}
+
+#[test]
+fn a_f32_chunked_prefill() {
+    chunked_prefill("ds4-tiny-a", "ds4-tiny-a.f32.gguf", &[37, 50, 1, 128, 3, 1, 1, 60]);
+}
+
+#[test]
+fn b_f32_chunked_prefill() {
+    chunked_prefill("ds4-tiny-b", "ds4-tiny-b.f32.gguf", &[5, 1, 1, 17, 64, 2, 33]);
+}
+
+#[test]
+fn a_f32_greedy_64() {
+    greedy("ds4-tiny-a", "ds4-tiny-a.f32.gguf");
+}
+
+#[test]
+fn b_f32_greedy_64() {
+    greedy("ds4-tiny-b", "ds4-tiny-b.f32.gguf");
+}
+
 #[test]
 fn a_f32_full_prefill() {
     full_prefill("ds4-tiny-a", "ds4-tiny-a.f32.gguf");
