@@ -1,0 +1,155 @@
+//! Random and mutated bytes into the decoders and over a real socket: errors, never panics.
+
+mod common;
+
+use std::os::unix::net::UnixStream;
+
+use common::*;
+use ipc_proto::frame::{self, Header};
+use ipc_proto::{ExpertSlots, FrameType, Request, WorkerConnection, WorkerServer, HEADER_LEN};
+
+/// xorshift64*: a seeded generator, so that failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn bytes(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.next() as u8).collect()
+    }
+}
+
+fn valid_eval() -> Vec<u8> {
+    let mut p = Vec::new();
+    let t = [ExpertSlots { ids: &[0, 2, 4], weights: &[0.5, 0.25, 0.25] }, ExpertSlots { ids: &[6], weights: &[1.0] }];
+    frame::encode_eval(&mut p, 1, &t);
+    p
+}
+
+/// Every decoder on one byte string.
+fn decode_all(rng_bytes: &[u8]) {
+    let l = limits();
+    let experts = even_experts();
+    let _ = frame::decode_hello(rng_bytes);
+    let _ = frame::decode_setup(rng_bytes);
+    if let Ok(r) = frame::decode_eval(1, rng_bytes, &l) {
+        let _ = frame::validate_eval(&r, &experts);
+        let n: usize = r.tokens().map(|s| s.ids.len()).sum();
+        assert_eq!(n, r.ids.len());
+    }
+    let _ = frame::decode_eval_done(rng_bytes);
+    let _ = frame::decode_stats(rng_bytes);
+    let _ = frame::decode_error(rng_bytes);
+    if rng_bytes.len() >= HEADER_LEN {
+        let mut h = [0u8; HEADER_LEN];
+        h.copy_from_slice(&rng_bytes[..HEADER_LEN]);
+        if let Ok(h) = Header::decode(&h) {
+            let _ = h.check_len(Some(&l));
+            let _ = h.check_len(None);
+        }
+    }
+}
+
+#[test]
+fn random_and_mutated_payloads_never_panic() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let seeds = [valid_eval(), {
+        let mut p = Vec::new();
+        frame::encode_hello(&mut p, &identity(), &even_experts());
+        p
+    }];
+    let mut decoded_evals = 0;
+    for i in 0..20_000 {
+        let bytes = if i % 2 == 0 {
+            let n = rng.below(160) as usize;
+            rng.bytes(n)
+        } else {
+            // Flip, overwrite or cut a valid payload.
+            let mut b = seeds[rng.below(2) as usize].clone();
+            for _ in 0..1 + rng.below(3) {
+                let pos = rng.below(b.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => b[pos] ^= 1 << rng.below(8),
+                    1 => b[pos] = rng.next() as u8,
+                    _ => b.truncate(pos),
+                }
+                if b.is_empty() {
+                    break;
+                }
+            }
+            b
+        };
+        decode_all(&bytes);
+        if frame::decode_eval(1, &bytes, &limits()).is_ok() {
+            decoded_evals += 1;
+        }
+    }
+    // The mutations leave some evals decodable (e.g. a changed weight): the decoder was reached.
+    assert!(decoded_evals > 0);
+}
+
+#[test]
+fn random_bytes_on_the_socket_never_panic_the_worker() {
+    let mut rng = Rng(42);
+    for i in 0..200 {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let mut raw = a.try_clone().expect("clone");
+        let worker = std::thread::spawn(move || {
+            let mut server = WorkerServer::handshake(b, &identity(), even_experts(), &opts()).expect("handshake");
+            let mut served = 0u32;
+            loop {
+                match server.next_request() {
+                    // Replies may fail: the daemon end is gone by then.
+                    Ok(Request::Eval(r)) => {
+                        served += 1;
+                        if server.reply_eval(r.id, 0).is_err() {
+                            return served;
+                        }
+                    }
+                    Ok(Request::Ping { id, payload }) => {
+                        if server.reply_pong(id, &payload).is_err() {
+                            return served;
+                        }
+                    }
+                    Ok(Request::Stats { id }) => {
+                        if server.reply_stats(id, &Default::default()).is_err() {
+                            return served;
+                        }
+                    }
+                    Ok(Request::Shutdown { .. }) | Err(_) => return served,
+                }
+            }
+        });
+        let conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
+        // A valid header with a random type/length and random payload, or pure noise.
+        let mut bytes = if i % 2 == 0 {
+            let ty = 1 + rng.below(12) as u16;
+            let n = rng.below(200) as usize;
+            let mut f = frame(ty, 1 + rng.below(3), &rng.bytes(n));
+            if rng.below(2) == 0 {
+                let cut = rng.below(f.len() as u64) as usize;
+                f.truncate(cut);
+            }
+            f
+        } else {
+            let n = rng.below(300) as usize;
+            rng.bytes(n)
+        };
+        if i % 5 == 0 {
+            bytes = frame(FrameType::Eval as u16, 1, &valid_eval());
+            let pos = HEADER_LEN + rng.below(valid_eval().len() as u64) as usize;
+            bytes[pos] ^= 1 << rng.below(8);
+        }
+        write_raw(&mut raw, &bytes);
+        drop(raw);
+        drop(conn); // EOF after the bytes
+        worker.join().expect("the worker must not panic");
+    }
+}
