@@ -98,9 +98,9 @@ def numpy_prose(budget):
         for name in sorted(dir(mod)):
             obj = getattr(mod, name, None)
             doc = inspect.getdoc(obj) if obj is not None else None
-            if not doc or id(doc) in seen or len(doc) < 400:
+            if not doc or doc in seen or len(doc) < 400:
                 continue
-            seen.add(id(doc))
+            seen.add(doc)
             parts.append(f"{modname}.{name}\n{'=' * (len(modname) + len(name) + 1)}\n\n{doc}\n\n")
     rng = random.Random(SEED + 1)
     rng.shuffle(parts)
@@ -378,6 +378,21 @@ def snippet_docs(rng, count):
     return docs
 
 
+# hand-written cases the Rust tests look up by name (case-000, ...): keep the order
+CASES = [
+    "Hello <｜User｜>world<｜end▁of▁sentence｜> <think>x</think>",
+    "<｜begin▁of▁sentence｜><｜User｜>Say <｜Assistant｜> please<｜Assistant｜><think>",
+    "",
+    " ",
+    "é",
+    "日本語のテキスト",
+    "👨‍👩‍👧‍👦",
+    "12345678",
+    "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{\"city\": \"北京\"}<｜tool▁call▁end｜>",
+    "｜DSML｜<dsml:invoke name=\"x\"></dsml:invoke><｜/table>｜<｜table｜>",
+]
+
+
 # ---------------------------------------------------------------- references
 
 def load_gguf(path):
@@ -440,6 +455,7 @@ def main():
         "whitespace": whitespace_docs(rng, 25),
         "unicode-odd": odd_unicode_docs(rng, 40),
         "special": special_docs(rng, [a["content"] for a in tj["added_tokens"]], prose, 40),
+        "case": CASES,
     }
 
     cctx = zstandard.ZstdCompressor(level=19)
