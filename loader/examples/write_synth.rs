@@ -1,23 +1,131 @@
-//! Write a synthetic deepseek4 GGUF: `cargo run -p loader --example write_synth -- OUT.gguf
-//! [tiny|medium] [VOCAB]` (used to make the fuzz seed corpus).
-fn main() -> std::io::Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let Some(out) = args.get(1) else {
-        eprintln!("usage: write_synth OUT.gguf [tiny|medium] [VOCAB]");
-        std::process::exit(2);
-    };
-    let mut spec = match args.get(2).map(String::as_str) {
-        Some("medium") => loader::synth::SynthSpec::medium(),
-        _ => loader::synth::SynthSpec::tiny(),
-    };
-    if let Some(v) = args.get(3) {
-        spec.n_vocab = v.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("VOCAB: {e}")))?;
+//! Write a synthetic deepseek4 GGUF (seeded random weights, quantized by ggml).
+//!
+//! ```text
+//! write_synth [--spec tiny|medium] [--type TYPE] [--expert-type TYPE] [--vocab N]
+//!             [--tokenizer-from GGUF] [--seed N] OUT.gguf
+//! write_synth --extract-tokenizer SRC.gguf OUT.gguf
+//! write_synth OUT.gguf [tiny|medium] [VOCAB]            (older positional form)
+//! ```
+//!
+//! `--type` sets the dense matrices and, unless `--expert-type` is given, the routed experts
+//! (f32, f16, bf16, q8_0, mxfp4, ... any ggml type name). `--tokenizer-from` copies every
+//! `tokenizer.*` key of another GGUF (e.g. models/tiny-ds4.gguf, the real DeepSeek V4
+//! vocabulary) and sizes the vocabulary to it; llama.cpp needs such a real BPE tokenizer.
+//! `--extract-tokenizer` writes a tensor-less GGUF holding only those keys (4 MB instead of
+//! the 66 MB tiny model) for machines that must write the model themselves.
+//!
+//! The CPU benchmark model: `write_synth --spec medium --type q8_0 --tokenizer-from
+//! models/tiny-ds4.gguf bench-data/medium-q8_0.gguf`.
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use ggml::TensorType;
+use loader::synth::{tokenizer_keys, SynthModel, SynthSpec};
+
+const USAGE: &str = "usage: write_synth [--spec tiny|medium] [--type TYPE] [--expert-type TYPE] [--vocab N] \
+[--tokenizer-from GGUF] [--seed N] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf";
+
+fn tensor_type(name: &str) -> Result<TensorType, String> {
+    (0..ggml::sys::ggml_type::GGML_TYPE_COUNT)
+        .filter_map(TensorType::from_raw)
+        .find(|t| t.name().eq_ignore_ascii_case(name))
+        .ok_or_else(|| format!("unknown tensor type '{name}' (expected a ggml type name such as f32, f16, q8_0)"))
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse().map_err(|e| format!("{flag} '{v}': {e}"))
+}
+
+fn spec_named(name: &str) -> Result<SynthSpec, String> {
+    match name {
+        "tiny" => Ok(SynthSpec::tiny()),
+        "medium" => Ok(SynthSpec::medium()),
+        other => Err(format!("unknown spec '{other}' (expected tiny or medium)")),
     }
-    let path = std::path::Path::new(out);
-    loader::synth::SynthModel::new(&spec).write(path, true)?;
-    match loader::Gguf::open(path) {
-        Ok(g) => println!("tensor data starts at byte {}", g.data_offset()),
-        Err(e) => eprintln!("{e}"),
+}
+
+fn run() -> Result<(), String> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut spec = SynthSpec::tiny();
+    let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract) = (None, None, None, None, None, None);
+    let mut positional = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{a} needs a value\n{USAGE}"));
+        match a.as_str() {
+            "--spec" => spec = spec_named(value()?)?,
+            "--type" => matrix = Some(tensor_type(value()?)?),
+            "--expert-type" => expert = Some(tensor_type(value()?)?),
+            "--vocab" => vocab = Some(number::<usize>(a, value()?)?),
+            "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
+            "--seed" => seed = Some(number::<u64>(a, value()?)?),
+            "--extract-tokenizer" => extract = Some(PathBuf::from(value()?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            flag if flag.starts_with("--") => return Err(format!("unknown option {flag}\n{USAGE}")),
+            _ => positional.push(a.clone()),
+        }
+    }
+    let Some(out) = positional.first().map(PathBuf::from) else {
+        return Err(USAGE.to_string());
+    };
+    // Older positional form: OUT [tiny|medium] [VOCAB].
+    if let Some(name) = positional.get(1) {
+        spec = spec_named(name)?;
+    }
+    if let Some(v) = positional.get(2) {
+        vocab = Some(number::<usize>("VOCAB", v)?);
+    }
+    if let Some(src) = extract {
+        let keys = tokenizer_keys(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let n = keys.len();
+        SynthModel { metadata: keys, tensors: Vec::new(), seed: 0 }.write(&out, false).map_err(|e| format!("{}: {e}", out.display()))?;
+        println!("wrote {} ({n} tokenizer keys from {})", out.display(), src.display());
+        return Ok(());
+    }
+    if let Some(t) = matrix {
+        spec.matrix_type = t;
+        spec.expert_type = t;
+    }
+    if let Some(t) = expert {
+        spec.expert_type = t;
+    }
+    if let Some(v) = vocab {
+        spec.n_vocab = v;
+    }
+    let mut model = match &tokenizer {
+        Some(path) => {
+            let keys = tokenizer_keys(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            SynthModel::with_tokenizer(&spec, &keys).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => SynthModel::new(&spec),
+    };
+    if let Some(s) = seed {
+        model.seed = s;
+    }
+    let t0 = Instant::now();
+    model.write(&out, true).map_err(|e| format!("{}: {e}", out.display()))?;
+    let bytes = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+    println!("wrote {} ({:.3} GB, {} tensors, matrices {}, experts {}) in {:.1} s", out.display(), bytes as f64 / 1e9, model.tensors.len(), spec.matrix_type, spec.expert_type, t0.elapsed().as_secs_f64());
+    match loader::ModelFile::open(&out) {
+        Ok(m) => println!("validated: {} layers, n_embd {}, n_vocab {}, {} experts (top {})", m.config.n_layer, m.config.n_embd, m.config.n_vocab, m.config.n_expert, m.config.n_expert_used),
+        Err(e) => return Err(format!("{}: written but does not validate: {e}", out.display())),
     }
     Ok(())
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("write_synth: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use ggml::{sys, Context, TensorType};
 
-use crate::Value;
+use crate::{Gguf, LoadError, Metadata, Value};
 
 /// The shape of a synthetic model.
 #[derive(Clone, Debug)]
@@ -71,13 +71,19 @@ impl SynthSpec {
         }
     }
 
-    /// The medium CPU benchmark model: hidden 1024, 8 layers, 64 experts top-6, Q8_0.
+    /// The medium CPU benchmark model: hidden 1024, 8 layers, 64 experts top-6, Q8_0. Its
+    /// shapes are ones llama.cpp's `deepseek4` loader accepts (compression ratios 0/4/128,
+    /// 4 hyper-connections, one shared expert, indexer keys of 128 with a 64-dim rope part as
+    /// in DeepSeek V4). The head size must differ from the indexer key length: the pinned
+    /// llama.cpp divides by zero (SIGFPE) creating its KV caches when they are equal. For
+    /// llama.cpp, write it with a real tokenizer ([`SynthModel::with_tokenizer`]), which sets
+    /// the vocabulary size.
     pub fn medium() -> SynthSpec {
         SynthSpec {
             n_embd: 1024,
             n_layer: 8,
             n_head: 16,
-            head_dim: 128,
+            head_dim: 256,
             n_rot: 64,
             q_lora_rank: 256,
             o_lora_rank: 256,
@@ -91,7 +97,7 @@ impl SynthSpec {
             n_vocab: 32000,
             compress_ratios: vec![0, 0, 4, 128, 4, 128, 4, 128],
             indexer_heads: 16,
-            indexer_dim: 64,
+            indexer_dim: 128,
             indexer_top_k: 64,
             hc_count: 4,
             n_ctx: 8192,
@@ -179,6 +185,14 @@ impl SynthModel {
             ("tokenizer.ggml.bos_token_id".into(), u32v(0)),
             ("tokenizer.ggml.eos_token_id".into(), u32v(1)),
         ];
+        // llama.cpp's file type (llama_ftype) for the uniform cases, shown by its tools.
+        let ftype = [(TensorType::F32, 0), (TensorType::F16, 1), (TensorType::Q8_0, 7), (TensorType::BF16, 32)]
+            .iter()
+            .find(|(t, _)| *t == s.matrix_type && *t == s.expert_type)
+            .map(|&(_, f)| f);
+        if let Some(f) = ftype {
+            md.push(("general.file_type".into(), u32v(f)));
+        }
         md.shrink_to_fit();
 
         let (e, v, hd) = (s.n_embd as u64, s.n_vocab as u64, s.head_dim as u64);
@@ -248,6 +262,25 @@ impl SynthModel {
         SynthModel { metadata: md, tensors: t, seed: 0x5eed }
     }
 
+    /// [`SynthModel::new`] with the `tokenizer.*` keys replaced by `tokenizer` (see
+    /// [`tokenizer_keys`]); the vocabulary size (embedding, output and hash-routing rows)
+    /// becomes the number of tokens it defines.
+    pub fn with_tokenizer(spec: &SynthSpec, tokenizer: &[(String, Value)]) -> Result<SynthModel, LoadError> {
+        let key = "tokenizer.ggml.tokens";
+        let n_vocab = match tokenizer.iter().find(|(k, _)| k == key) {
+            Some((_, Value::StrArray(tokens))) if !tokens.is_empty() => tokens.len(),
+            Some((_, Value::StrArray(_))) => {
+                return Err(LoadError::KeyValue { key: key.into(), expected: "at least one token".into(), found: "0 tokens".into() })
+            }
+            Some((_, v)) => return Err(LoadError::KeyType { key: key.into(), expected: "array of string", found: v.type_name() }),
+            None => return Err(LoadError::MissingKey { key: key.into() }),
+        };
+        let mut model = SynthModel::new(&SynthSpec { n_vocab, ..spec.clone() });
+        model.metadata.retain(|(k, _)| !k.starts_with("tokenizer."));
+        model.metadata.extend(tokenizer.iter().filter(|(k, _)| k.starts_with("tokenizer.")).cloned());
+        Ok(model)
+    }
+
     pub fn set(&mut self, key: &str, value: Value) {
         match self.metadata.iter_mut().find(|(k, _)| k == key) {
             Some(slot) => slot.1 = value,
@@ -315,6 +348,15 @@ impl SynthModel {
             _ => 1,
         }
     }
+}
+
+/// Every `tokenizer.*` key of the GGUF at `path` (only its header is read), to give a
+/// synthetic model a real vocabulary: llama.cpp's BPE vocabulary needs merges, token types
+/// and a pre-tokenizer name, which the synthetic `<tN>` token list does not have.
+pub fn tokenizer_keys(path: &Path) -> Result<Vec<(String, Value)>, LoadError> {
+    let md = Metadata::read(&Gguf::open(path)?)?;
+    md.str_array("tokenizer.ggml.tokens")?;
+    Ok(md.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect())
 }
 
 unsafe fn set_value(g: *mut sys::gguf_context, k: &CString, value: &Value) -> Result<(), String> {

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# CPU prefill/decode speed of dflash vs llama.cpp's llama-bench, on the same synthetic
+# deepseek4 model (hidden 1024, 8 layers, 64 experts top-6, Q8_0, real DeepSeek V4 vocabulary)
+# in the same run on the same machine.
+#
+# Usage: scripts/bench/cpu-vs-llama.sh [DFLASH_DIR [LLAMA_SRC [THREADS]]]
+#   DFLASH_DIR  directory with the dflash binary (and write_synth, if cargo is absent);
+#               default target/release
+#   LLAMA_SRC   llama.cpp source: a full llama.cpp tree, a tree staged by
+#               scripts/bench/stage-llama-src.sh (.device/llama-src on the GPU host), or the
+#               pinned llama-cpp-sys-2 crate's llama.cpp (which lacks the tools' sources: they
+#               are taken from LLAMA_TOOLS_SRC, see below); default: the pinned crate's tree
+#   THREADS     CPU threads for both programs; default: all cores (nproc)
+# Environment:
+#   MODEL            model file (default bench-data/medium-q8_0.gguf; written if missing)
+#   TOKENIZER        GGUF whose tokenizer.* keys the model gets (default: models/tiny-ds4.gguf,
+#                    else DFLASH_DIR/ds4-tokenizer.gguf)
+#   LLAMA_BUILD      llama.cpp build dir (default bench-data/llama.cpp-build); llama-bench is
+#                    built there if missing (cmake, Release, CPU only, -j nproc)
+#   LLAMA_TOOLS_SRC  full llama.cpp tree for tools/llama-bench when LLAMA_SRC lacks it
+#                    (default: vendor/llama.cpp of PyPI llama-cpp-python==0.3.36, fetched
+#                    with pip download into bench-data/ if missing)
+#   GGML_NATIVE      1 (default): llama.cpp's ggml built for this CPU, like a default dflash
+#                    build; 0: portable AVX2/FMA/F16C, like DFLASH_GGML_NATIVE=0 (the binaries
+#                    prepare.sh stages), so that both sides run the same kernels
+#   PROMPT, GEN      prefill and decode lengths (default 512 and 128)
+#   REPS             llama-bench repetitions (default 5)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+root=$PWD
+dflash_dir=$(realpath "${1:-target/release}")
+pinned=/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/llama-cpp-sys-2-0.1.161/llama.cpp
+llama_src=${2:-$pinned}
+threads=${3:-$(nproc)}
+model=${MODEL:-bench-data/medium-q8_0.gguf}
+build=${LLAMA_BUILD:-bench-data/llama.cpp-build}
+native=${GGML_NATIVE:-1}
+prompt=${PROMPT:-512}
+gen=${GEN:-128}
+reps=${REPS:-5}
+jobs=$(nproc)
+die() { echo "cpu-vs-llama: $*" >&2; exit 1; }
+mkdir -p bench-data
+
+# 1. llama-bench, built from the pinned source if missing.
+llama_bench=$build/bin/llama-bench
+if [ ! -x "$llama_bench" ]; then
+  command -v cmake >/dev/null || die "cmake not found (needed to build llama-bench)"
+  [ -f "$llama_src/src/llama.cpp" ] || die "no llama.cpp source at $llama_src"
+  src=$llama_src
+  if [ ! -f "$llama_src/tools/llama-bench/llama-bench.cpp" ]; then
+    tools=${LLAMA_TOOLS_SRC:-bench-data/llama_cpp_python-0.3.36/vendor/llama.cpp}
+    if [ ! -f "$tools/tools/llama-bench/llama-bench.cpp" ] && [ -z "${LLAMA_TOOLS_SRC:-}" ]; then
+      echo "fetching the llama-bench sources (PyPI llama-cpp-python==0.3.36 sdist)"
+      python3 -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d bench-data -q \
+        && tar xzf bench-data/llama_cpp_python-0.3.36.tar.gz -C bench-data || die "could not fetch llama-cpp-python"
+    fi
+    bash scripts/bench/stage-llama-src.sh "$llama_src" "$tools" bench-data/llama-src || die "staging failed"
+    src=bench-data/llama-src
+  fi
+  gen_args=()
+  command -v ninja >/dev/null && gen_args=(-G Ninja)
+  if [ "$native" = 0 ]; then
+    isa=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON)
+  else
+    isa=(-DGGML_NATIVE=ON)
+  fi
+  t0=$(date +%s)
+  cmake -S "$src" -B "$build" "${gen_args[@]}" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_CUDA=OFF -DGGML_OPENMP=ON "${isa[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+    >"$build.configure.log" 2>&1 || { tail -30 "$build.configure.log"; die "cmake configure failed"; }
+  cmake --build "$build" --target llama-bench -j "$jobs" >"$build.build.log" 2>&1 \
+    || { tail -30 "$build.build.log"; die "building llama-bench failed"; }
+  echo "built $llama_bench in $(( $(date +%s) - t0 )) s (GGML_NATIVE=$native)"
+fi
+
+# 2. The model, written if missing.
+if [ ! -f "$model" ]; then
+  tok=${TOKENIZER:-}
+  if [ -z "$tok" ]; then
+    for c in models/tiny-ds4.gguf "$dflash_dir/ds4-tokenizer.gguf"; do [ -f "$c" ] && { tok=$c; break; }; done
+  fi
+  [ -n "$tok" ] || die "no tokenizer GGUF (run scripts/setup.sh for models/tiny-ds4.gguf, or set TOKENIZER)"
+  args=(--spec medium --type q8_0 --tokenizer-from "$tok" "$model")
+  if [ -x "$dflash_dir/write_synth" ]; then
+    "$dflash_dir/write_synth" "${args[@]}" || die "write_synth failed"
+  elif command -v cargo >/dev/null; then
+    cargo run --release -q -p loader --example write_synth -- "${args[@]}" || die "write_synth failed"
+  else
+    die "no $dflash_dir/write_synth and no cargo to build it"
+  fi
+fi
+
+# 3. Both benchmarks, one after the other.
+echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores; threads $threads"
+echo "== model: $model ($(du -h "$model" | cut -f1)); dflash $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
+status=0
+echo "== llama.cpp: llama-bench -m $model -p $prompt -n $gen -t $threads -r $reps"
+"$llama_bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -r "$reps" || { echo "llama-bench failed ($?)"; status=1; }
+echo "== dflash: bench decode -m $model -t $threads"
+"$dflash_dir/dflash" bench decode -m "$model" -t "$threads" || { echo "dflash bench decode failed ($?)"; status=1; }
+echo "== dflash: bench prefill -m $model -t $threads --tokens $prompt"
+"$dflash_dir/dflash" bench prefill -m "$model" -t "$threads" --tokens "$prompt" || { echo "dflash bench prefill failed ($?)"; status=1; }
+exit $status
