@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod devices;
 mod inspect;
+mod logits;
+mod model_args;
 
 #[derive(Parser)]
 #[command(name = "dflash", version, about = "DeepSeek V4 Flash inference on one GPU plus the CPU")]
@@ -34,6 +36,8 @@ enum Command {
     Inspect(inspect::Args),
     /// List the compute devices ggml sees; optionally check a matmul on each against the CPU.
     Devices(devices::Args),
+    /// Write the logits of every position of a token sequence as .npy.
+    Logits(logits::Args),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -78,6 +82,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Devices(a) => devices::run(a),
+        Command::Logits(a) => logits::run(a),
         Command::Bench(b) => bench::run(b),
     }
 }
