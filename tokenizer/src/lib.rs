@@ -488,6 +488,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Tokenizer>();
+        send_sync::<StreamDecoder>();
+    }
+
+    #[test]
     fn byte_alphabet_is_gpt2s() {
         let t = byte_chars();
         assert_eq!(t[b' ' as usize], 'Ġ');
