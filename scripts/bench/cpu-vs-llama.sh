@@ -22,9 +22,12 @@
 #                    with pip download into bench-data/ if missing)
 #   GGML_NATIVE      1 (default): llama.cpp's ggml built for this CPU, like a default dflash
 #                    build; 0: portable AVX2/FMA/F16C, like DFLASH_GGML_NATIVE=0 (the binaries
-#                    prepare.sh stages), so that both sides run the same kernels
+#                    prepare.sh stages): use 0 with .device/bin so both sides run the same
+#                    kernels. A build dir keeps its first setting: use one LLAMA_BUILD per value.
 #   PROMPT, GEN      prefill and decode lengths (default 512 and 128)
 #   REPS             llama-bench repetitions (default 5)
+#   LLAMA_BENCH_ARGS extra llama-bench arguments; default: "--repack 0" for a native build on
+#                    a CPU with AMX (llama.cpp aborts otherwise, see BENCHMARKS.md), else none
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 root=$PWD
@@ -96,8 +99,16 @@ fi
 echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores; threads $threads"
 echo "== model: $model ($(du -h "$model" | cut -f1)); dflash $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
 status=0
-echo "== llama.cpp: llama-bench -m $model -p $prompt -n $gen -t $threads -r $reps"
-"$llama_bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -r "$reps" || { echo "llama-bench failed ($?)"; status=1; }
+read -r -a extra <<< "${LLAMA_BENCH_ARGS:-}"
+# A native build on a CPU with AMX puts some Q8_0 matrices into ggml's AMX buffer, and the
+# scheduler then finds no backend for an op that reads them (GGML_ASSERT(*cur_backend_id != -1)
+# in ggml-backend.cpp); without the extra buffer types it runs.
+if [ -z "${LLAMA_BENCH_ARGS:-}" ] && [ "$native" != 0 ] && grep -qw amx_int8 /proc/cpuinfo; then
+  echo "(CPU has AMX and llama.cpp is a native build: passing --repack 0)"
+  extra=(--repack 0)
+fi
+echo "== llama.cpp: llama-bench -m $model -p $prompt -n $gen -t $threads -r $reps ${extra[*]}"
+"$llama_bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -r "$reps" "${extra[@]}" || { echo "llama-bench failed ($?)"; status=1; }
 echo "== dflash: bench decode -m $model -t $threads"
 "$dflash_dir/dflash" bench decode -m "$model" -t "$threads" || { echo "dflash bench decode failed ($?)"; status=1; }
 echo "== dflash: bench prefill -m $model -t $threads --tokens $prompt"

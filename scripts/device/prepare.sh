@@ -5,14 +5,22 @@
 #   .device/bin/       dflash + libggml*.so
 #   .device/ggml-src/  the pinned ggml source (from the llama-cpp-sys-2 crate), CUDA and CPU
 #                      backends only, for scripts/device/build-cuda.sh
+#   .device/bin/write_synth, .device/bin/ds4-tokenizer.gguf
+#                      the synthetic-model writer and the DeepSeek V4 tokenizer keys it copies
+#   .device/llama-src/ the pinned llama.cpp subset that builds llama-bench (CPU only), for
+#                      scripts/bench/cpu-vs-llama.sh .device/bin .device/llama-src
 # Then run a scripts/device/*.sh step there with carry [".device"].
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DFLASH_GGML_NATIVE=0 cargo build --release -p daemon --target-dir target/portable
+DFLASH_GGML_NATIVE=0 cargo build --release -p loader --example write_synth --target-dir target/portable
 rm -rf .device/bin && mkdir -p .device/bin
 cp target/portable/release/dflash .device/bin/
 cp -P target/portable/release/libggml*.so* .device/bin/
-strip --strip-debug .device/bin/dflash .device/bin/libggml*.so.0.* || true
+cp target/portable/release/examples/write_synth .device/bin/
+strip --strip-debug .device/bin/dflash .device/bin/write_synth .device/bin/libggml*.so.0.* || true
+[ -f models/tiny-ds4.gguf ] || ./scripts/setup.sh
+.device/bin/write_synth --extract-tokenizer models/tiny-ds4.gguf .device/bin/ds4-tokenizer.gguf
 src=$(cargo metadata --format-version 1 --manifest-path ggml-sys/Cargo.toml \
   | python3 -c 'import json,sys; m=json.load(sys.stdin); print([p["manifest_path"] for p in m["packages"] if p["name"]=="llama-cpp-sys-2"][0])')
 src=$(dirname "$src")/llama.cpp/ggml
@@ -22,4 +30,13 @@ cp -r "$src"/cmake "$src"/include .device/ggml-src/
 find "$src"/src -maxdepth 1 -type f -exec cp {} .device/ggml-src/src/ \;
 cp -r "$src"/src/ggml-cuda "$src"/src/ggml-cpu .device/ggml-src/src/
 # ggml's CMakeLists adds every backend directory it is asked for; the others stay off.
-du -sh .device/bin .device/ggml-src
+# llama-bench: the crate's llama.cpp lacks the tools' sources; they come from the full tree in
+# PyPI's llama-cpp-python==0.3.36 sdist (same public llama.h API), fetched once.
+tools=${LLAMA_TOOLS_SRC:-bench-data/llama_cpp_python-0.3.36/vendor/llama.cpp}
+if [ ! -f "$tools/tools/llama-bench/llama-bench.cpp" ]; then
+  mkdir -p bench-data
+  python3 -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d bench-data -q
+  tar xzf bench-data/llama_cpp_python-0.3.36.tar.gz -C bench-data
+fi
+bash scripts/bench/stage-llama-src.sh "$(dirname "$src")" "$tools" .device/llama-src
+du -sh .device/bin .device/ggml-src .device/llama-src .device
