@@ -5,6 +5,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
+mod bench_model;
 mod devices;
 mod inspect;
 mod logits;
@@ -40,7 +41,7 @@ enum Command {
     Logits(logits::Args),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
-    Bench(bench::Bench),
+    Bench(bench_model::BenchCmd),
 }
 
 fn init_logging(format: LogFormat) {
@@ -83,6 +84,6 @@ fn main() -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Devices(a) => devices::run(a),
         Command::Logits(a) => logits::run(a),
-        Command::Bench(b) => bench::run(b),
+        Command::Bench(b) => bench_model::run(b),
     }
 }

@@ -1,0 +1,121 @@
+//! `dflash bench prefill|decode`: model throughput in the shape of llama-bench's pp/tg tests
+//! (prefill N tokens into an empty sequence; generate N tokens one at a time from an empty
+//! sequence), medians over repetitions.
+use std::time::Instant;
+
+use anyhow::Result;
+use graph::{Logits, Model};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: crate::model_args::ModelArgs,
+    /// Tokens per repetition.
+    #[arg(short = 'n', long, default_value_t = 128)]
+    tokens: usize,
+    /// Repetitions (the median is reported).
+    #[arg(short = 'r', long, default_value_t = 3)]
+    reps: usize,
+    /// Print the graph build / compute split.
+    #[arg(long)]
+    timings: bool,
+}
+
+/// Deterministic token ids in [0, n).
+fn tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s % n_vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, compute_s: f64) {
+    let threads = a.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
+    let (lo, hi) = rates.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
+    println!(
+        "{} | {} | threads {threads} | ubatch {} | {test} | {:.2} t/s (min {lo:.2}, max {hi:.2}, {} reps)",
+        a.model.model.display(),
+        model.backend_name(),
+        a.model.ubatch,
+        median(rates.clone()),
+        rates.len()
+    );
+    if a.timings {
+        println!("  graph build {build_s:.3} s, compute {compute_s:.3} s (all reps)");
+    }
+}
+
+pub fn prefill(a: Args) -> Result<()> {
+    let mut model = a.model.load()?;
+    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1);
+    let mut rates = Vec::new();
+    let (mut build, mut compute) = (0.0, 0.0);
+    for rep in 0..a.reps.max(1) + 1 {
+        let mut seq = model.new_sequence(a.tokens)?;
+        let t0 = Instant::now();
+        model.forward(&mut seq, &toks, Logits::Last)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if rep > 0 {
+            // rep 0 warms up (first-touch of weights, allocator sizing)
+            rates.push(a.tokens as f64 / dt);
+            build += model.timings().build_s;
+            compute += model.timings().compute_s;
+        }
+    }
+    report(&model, &a, &format!("pp{}", a.tokens), rates, build, compute);
+    Ok(())
+}
+
+pub fn decode(a: Args) -> Result<()> {
+    let mut model = a.model.load()?;
+    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 2);
+    let mut rates = Vec::new();
+    let (mut build, mut compute) = (0.0, 0.0);
+    for rep in 0..a.reps.max(1) + 1 {
+        let mut seq = model.new_sequence(a.tokens)?;
+        let (mut b, mut c) = (0.0, 0.0);
+        let t0 = Instant::now();
+        for &t in &toks {
+            model.forward(&mut seq, &[t], Logits::Last)?;
+            b += model.timings().build_s;
+            c += model.timings().compute_s;
+        }
+        let dt = t0.elapsed().as_secs_f64();
+        if rep > 0 {
+            rates.push(a.tokens as f64 / dt);
+            build += b;
+            compute += c;
+        }
+    }
+    report(&model, &a, &format!("tg{}", a.tokens), rates, build, compute);
+    Ok(())
+}
+
+/// `dflash bench …`
+#[derive(clap::Subcommand)]
+pub enum BenchCmd {
+    /// Prefill throughput: N tokens into an empty sequence in micro-batches (llama-bench's ppN).
+    Prefill(Args),
+    /// Decode throughput: N tokens one at a time from an empty sequence (llama-bench's tgN).
+    Decode(Args),
+    #[command(flatten)]
+    Other(crate::bench::Bench),
+}
+
+pub fn run(b: BenchCmd) -> Result<()> {
+    match b {
+        BenchCmd::Prefill(a) => prefill(a),
+        BenchCmd::Decode(a) => decode(a),
+        BenchCmd::Other(b) => crate::bench::run(b),
+    }
+}
