@@ -35,8 +35,13 @@ impl TensorRequest {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReadMode {
-    /// Parallel `pread` into the destination.
+    /// Parallel buffered `pread` straight into host destinations (the default).
     Pread,
+    /// Parallel `O_DIRECT` reads into aligned per-thread staging buffers, copied into the
+    /// destination: the page cache is bypassed, so the weights are not held twice in memory
+    /// (for models near the size of RAM). Falls back to [`ReadMode::Pread`] where the file
+    /// system refuses `O_DIRECT` (tmpfs, some network file systems).
+    Direct,
     /// Copy out of a read-only memory map (fallback for files `pread` cannot serve).
     Mmap,
 }
@@ -51,9 +56,12 @@ pub struct ReadOptions {
 }
 
 impl Default for ReadOptions {
+    /// Buffered reads of 8 MiB chunks by twice as many threads as cores (at least 4, at
+    /// most 16): the threads spend much of their time blocked on the device or on faults
+    /// into fresh memory, so more of them than cores keeps both busy (BENCHMARKS.md, "Load").
     fn default() -> Self {
-        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).clamp(2, 8);
-        ReadOptions { threads, chunk_bytes: 8 << 20, mode: ReadMode::Pread, progress: true }
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
+        ReadOptions { threads: (2 * cores).clamp(4, 16), chunk_bytes: 8 << 20, mode: ReadMode::Pread, progress: true }
     }
 }
 
@@ -200,7 +208,160 @@ fn io_err(model: &ModelFile, source: std::io::Error) -> LoadError {
     LoadError::Io { path: model.path.display().to_string(), source }
 }
 
-fn run_jobs(model: &ModelFile, jobs: Jobs, host: bool, opts: &ReadOptions) -> Result<ReadStats, LoadError> {
+/// O_DIRECT transfers use this alignment for file offsets, lengths and memory (the largest
+/// logical block size in common use; 512-byte devices accept it too).
+const DIRECT_ALIGN: usize = 4096;
+
+/// `madvise(MADV_POPULATE_WRITE)` (Linux 5.14), not yet in the `libc` crate.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
+
+/// Fault in `[ptr, ptr + len)` writable in one call, ahead of the copy into it. Freshly
+/// allocated buffer memory is otherwise faulted page by page from inside the kernel's or
+/// `memcpy`'s copy loop, which costs more than the copy itself. The range is widened to
+/// whole pages; populating changes no byte, so the neighbours of the range are safe.
+/// Returns false when the kernel or the mapping does not support it.
+fn populate_write(ptr: *mut u8, len: usize) -> bool {
+    let page = 4096usize;
+    let start = ptr as usize & !(page - 1);
+    let end = (ptr as usize).saturating_add(len);
+    // SAFETY: advisory call over pages of a live mapping that this process owns (the range
+    // holds `ptr..ptr+len`, part of a buffer we are about to overwrite); no byte changes.
+    unsafe { libc::madvise(start as *mut libc::c_void, end - start, MADV_POPULATE_WRITE) == 0 }
+}
+
+/// A zeroed heap buffer aligned for O_DIRECT.
+struct AlignedBuf {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Option<AlignedBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(DIRECT_ALIGN), DIRECT_ALIGN).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        (!ptr.is_null()).then_some(AlignedBuf { ptr, layout })
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `layout.size()` initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+/// Read file bytes `[src, src + len)` with O_DIRECT into `buf` (aligned, at least
+/// `len + 2 * DIRECT_ALIGN` bytes); returns where in `buf` the requested bytes start.
+fn read_direct(file: &File, buf: &mut [u8], src: u64, len: usize) -> std::io::Result<usize> {
+    let align = DIRECT_ALIGN as u64;
+    let first = src & !(align - 1);
+    let skip = (src - first) as usize;
+    let want = (skip + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    if want > buf.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("staging {} bytes < {want}", buf.len())));
+    }
+    let mut got = 0usize;
+    while got < skip + len {
+        match file.read_at(&mut buf[got..want], first + got as u64) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("file ends at byte {} inside [{src}, {})", first + got as u64, src + len as u64),
+                ))
+            }
+            // A short read not on a block boundary (only at end of file) cannot be continued
+            // with O_DIRECT; the loop then ends or the next read reports the error.
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(skip)
+}
+
+fn open_direct(path: &std::path::Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok()
+}
+
+/// Where the bytes come from, shared by the reading threads.
+struct Source<'a> {
+    file: &'a File,
+    map: Option<&'a [u8]>,
+    direct: Option<&'a File>,
+    /// Cleared (for every thread) when an O_DIRECT read is refused.
+    direct_ok: &'a AtomicBool,
+    /// Cleared when `MADV_POPULATE_WRITE` is refused.
+    populate_ok: &'a AtomicBool,
+}
+
+/// One thread's staging buffers: `aligned` for O_DIRECT, `plain` for device buffers.
+struct Staging {
+    plain: Vec<u8>,
+    aligned: Option<AlignedBuf>,
+}
+
+impl Source<'_> {
+    /// Copy one job's bytes into its tensor.
+    fn load_job(&self, job: &Job, host: bool, staging: &mut Staging) -> std::io::Result<()> {
+        let len = job.len as usize;
+        // SAFETY: for host buffers the destination is the tensor's own memory, and jobs
+        // cover disjoint ranges inside it (built from validated sizes); each job is handled
+        // by one thread, which holds this slice only within this call.
+        let host_dst = || unsafe {
+            let base = (*job.tensor).data as *mut u8;
+            std::slice::from_raw_parts_mut(base.add(job.dst_off as usize), len)
+        };
+        if host && self.populate_ok.load(Ordering::Relaxed) && !populate_write(host_dst().as_mut_ptr(), len) {
+            tracing::debug!("MADV_POPULATE_WRITE refused; pages fault during the copy");
+            self.populate_ok.store(false, Ordering::Relaxed);
+        }
+        let bytes: &[u8] = match (self.direct, staging.aligned.as_mut()) {
+            (Some(f), Some(buf)) if self.direct_ok.load(Ordering::Relaxed) => match read_direct(f, buf.as_mut_slice(), job.src, len) {
+                Ok(skip) => &buf.as_mut_slice()[skip..skip + len],
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!("O_DIRECT read refused ({e}); buffered reads");
+                    self.direct_ok.store(false, Ordering::Relaxed);
+                    return self.load_job(job, host, staging);
+                }
+                Err(e) => return Err(e),
+            },
+            _ => {
+                let dst: &mut [u8] = if host {
+                    host_dst()
+                } else {
+                    staging.plain.resize(len, 0u8);
+                    &mut staging.plain[..]
+                };
+                match self.map {
+                    Some(m) => dst.copy_from_slice(&m[job.src as usize..(job.src + job.len) as usize]),
+                    None => self.file.read_exact_at(dst, job.src)?,
+                }
+                if host {
+                    return Ok(());
+                }
+                &staging.plain[..]
+            }
+        };
+        if host {
+            host_dst().copy_from_slice(bytes);
+        } else {
+            // SAFETY: the range lies inside the tensor (validated sizes).
+            unsafe { ggml::backend::tensor_set(job.tensor, bytes, job.dst_off as usize) };
+        }
+        Ok(())
+    }
+}
+
+fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -> Result<ReadStats, LoadError> {
+    // File order: one sequential sweep whatever order the tensors were requested in.
+    jobs.0.sort_by_key(|j| j.src);
     let total: u64 = jobs.0.iter().map(|j| j.len).sum();
     let file = File::open(&model.path).map_err(|e| io_err(model, e))?;
     // SAFETY: advisory call on an open descriptor.
@@ -209,8 +370,22 @@ fn run_jobs(model: &ModelFile, jobs: Jobs, host: bool, opts: &ReadOptions) -> Re
         // SAFETY: the file is opened read-only; a concurrent truncation by another process
         // would fault, as with any mmap-based loader.
         ReadMode::Mmap => Some(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(model, e))?),
-        ReadMode::Pread => None,
+        ReadMode::Pread | ReadMode::Direct => None,
     };
+    // O_DIRECT where the file system supports it; buffered `pread` otherwise.
+    let direct = match opts.mode {
+        ReadMode::Direct => {
+            let f = open_direct(&model.path);
+            if f.is_none() {
+                tracing::debug!(path = %model.path.display(), "O_DIRECT refused; buffered reads");
+            }
+            f
+        }
+        _ => None,
+    };
+    let direct_ok = AtomicBool::new(direct.is_some());
+    let populate_ok = AtomicBool::new(host);
+    let max_job = jobs.0.iter().map(|j| j.len).max().unwrap_or(0) as usize;
     let next = AtomicUsize::new(0);
     let done_bytes = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -219,40 +394,22 @@ fn run_jobs(model: &ModelFile, jobs: Jobs, host: bool, opts: &ReadOptions) -> Re
     let threads = opts.threads.max(1).min(jobs.0.len().max(1));
     let start = Instant::now();
 
+    let src = Source { file: &file, map: map.as_deref(), direct: direct.as_ref(), direct_ok: &direct_ok, populate_ok: &populate_ok };
     let worker = || {
-        let mut staging = Vec::new();
+        let mut staging = Staging { plain: Vec::new(), aligned: None };
+        if direct.is_some() {
+            staging.aligned = AlignedBuf::new(max_job + 2 * DIRECT_ALIGN);
+        }
         loop {
             if failed.load(Ordering::Relaxed) {
                 break;
             }
             let i = next.fetch_add(1, Ordering::Relaxed);
             let Some(job) = jobs.get(i) else { break };
-            // SAFETY: for host buffers the destination is the tensor's own memory, and jobs
-            // cover disjoint ranges inside it (built from validated sizes).
-            let dst: &mut [u8] = if host {
-                unsafe {
-                    let base = (*job.tensor).data as *mut u8;
-                    std::slice::from_raw_parts_mut(base.add(job.dst_off as usize), job.len as usize)
-                }
-            } else {
-                staging.resize(job.len as usize, 0u8);
-                &mut staging[..]
-            };
-            let res = match &map {
-                Some(m) => {
-                    dst.copy_from_slice(&m[job.src as usize..(job.src + job.len) as usize]);
-                    Ok(())
-                }
-                None => file.read_exact_at(dst, job.src),
-            };
-            if let Err(e) = res {
+            if let Err(e) = src.load_job(job, host, &mut staging) {
                 failed.store(true, Ordering::Relaxed);
                 error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(io_err(model, e));
                 break;
-            }
-            if !host {
-                // SAFETY: the range lies inside the tensor (validated sizes).
-                unsafe { ggml::backend::tensor_set(job.tensor, &staging, job.dst_off as usize) };
             }
             done_bytes.fetch_add(job.len, Ordering::Relaxed);
         }
