@@ -406,6 +406,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gguf", default=str(ROOT / "models" / "tiny-ds4.gguf"))
     ap.add_argument("--out", default=str(ROOT / "tokenizer" / "tests" / "data" / "corpus.jsonl.zst"))
+    ap.add_argument("--stress", type=int, metavar="SEED",
+                    help="write a large random corpus instead (not committed; for tokenizer/examples/check_corpus.rs): "
+                         "random-code-point, emoji, digit, whitespace and special-token documents from SEED, plus "
+                         "1 MB pathological documents (runs of one character class)")
     args = ap.parse_args()
     check_versions()
 
@@ -434,6 +438,10 @@ def main():
     hf_plain.encode_special_tokens = True
     hf_ctl = Tokenizer.from_str(json.dumps(tj_ctl))  # for decode(skip_special_tokens=True)
 
+    if args.stress is not None:
+        write(stress_groups(args.stress, [a["content"] for a in tj["added_tokens"]]), args.out, hf_all, hf_plain,
+              hf_ctl, control)
+        return
     rng = random.Random(SEED)
     prose = numpy_prose(330_000)
     ja, zh_cn, zh_tw, ko = (po_strings(x) for x in ["ja", "zh_CN", "zh_TW", "ko"])
@@ -457,7 +465,26 @@ def main():
         "special": special_docs(rng, [a["content"] for a in tj["added_tokens"]], prose, 40),
         "case": CASES,
     }
+    write(groups, args.out, hf_all, hf_plain, hf_ctl, control)
 
+
+def stress_groups(seed, added):
+    rng = random.Random(seed)
+    prose = [sentence(rng, 200) for _ in range(50)]
+    big = 1_000_000
+    return {
+        "s-unicode-odd": odd_unicode_docs(rng, 1500),
+        "s-emoji": emoji_docs(rng, 300),
+        "s-digits": digit_docs(rng, 300),
+        "s-whitespace": whitespace_docs(rng, 300),
+        "s-special": special_docs(rng, added, prose, 300),
+        "s-long": [" " * big, "\n" * big, " \n" * (big // 2), "\t " * (big // 2), "a" * big, "7" * big,
+                   "中" * (big // 3), "👨‍👩‍👧‍👦" * (big // 25), "<｜User｜>" * (big // 20), "!" * big,
+                   " " * big + "x", ("a" * 100 + " " * 100) * (big // 200), "é" * (big // 2), "\u0301" * (big // 2)],
+    }
+
+
+def write(groups, out_path, hf_all, hf_plain, hf_ctl, control):
     cctx = zstandard.ZstdCompressor(level=19)
     total_bytes = total_ids = n_plain = 0
     lines = []
@@ -478,7 +505,7 @@ def main():
             total_ids += len(ids)
         print(f"{group:14} {len(docs):4} docs {sum(len(d.encode()) for d in docs):8} bytes")
     data = ("\n".join(lines) + "\n").encode()
-    out = pathlib.Path(args.out)
+    out = pathlib.Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(cctx.compress(data))
     print(f"{len(lines)} documents, {total_bytes} bytes of text, {total_ids} tokens, {n_plain} with ids_plain != ids; "
