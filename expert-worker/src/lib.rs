@@ -1,1 +1,40 @@
-//! expert-worker
+//! The `moe-expert` worker of dflash and expert placement.
+//!
+//! # What the daemon sends, what comes back
+//!
+//! A worker owns, per layer, a set of routed experts ([`ExpertMap`], reported in the
+//! handshake). For one MoE layer and a micro-batch the daemon
+//!
+//! 1. writes the tokens' MoE inputs (the ffn-normed activations, `n_embd` f32 per token) as
+//!    rows `0..n_tokens` of the shared input area ([`ipc_proto::WorkerConnection::input_mut`]);
+//! 2. sends `eval_begin(layer, tokens)` where `tokens[t]` holds only the (expert id, router
+//!    weight) pairs of token `t` that this worker owns (global expert ids; empty is fine);
+//! 3. later `eval_end`, then reads row `t` of the output area
+//!    ([`ipc_proto::WorkerConnection::output`]): `Σ weight · expert(input row t)` over those
+//!    pairs, where `expert(x) = down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` and
+//!    `c = swiglu_clamp_exp[layer]` — exactly the in-process seam `graph::routed_experts`
+//!    restricted to the pairs; the daemon adds it to its hot part.
+//!
+//! The handshake identity is [`model_identity`]; compute it on the daemon side from the same
+//! [`loader::ModelFile`] to pass as `expected`.
+//!
+//! # Modules
+//!
+//! * [`compute`]: [`ExpertWorker`] — load a subset of experts, compute with ggml's CPU backend;
+//! * [`serve`]: [`serve()`], [`run_worker`], [`model_identity`];
+//! * [`cli`]: `dflash --backend-ipc-mode=moe-expert ...` ([`cli_main`]);
+//! * [`experts`]: [`ExpertMap`], its JSON form and the `--experts` spec;
+//! * [`placement`]: hot/cold placement policies and the split of cold experts over workers.
+
+pub mod cli;
+pub mod compute;
+mod error;
+pub mod experts;
+pub mod placement;
+pub mod serve;
+
+pub use cli::{cli_main, is_worker_invocation, WorkerArgs};
+pub use compute::{expert_bytes_per_layer, EvalTimings, ExpertWorker};
+pub use error::{Result, WorkerError};
+pub use experts::ExpertMap;
+pub use serve::{model_identity, run_worker, run_worker_on, serve};

@@ -1,0 +1,387 @@
+//! [`ExpertWorker`]: a subset of the routed experts in CPU memory and their weighted sum
+//! computed with ggml's CPU backend.
+//!
+//! Per layer the worker holds only its experts' slices of `blk.L.ffn_{gate,up,down}_exps`
+//! (or of the fused `blk.L.ffn_gate_up_exps`), slice `i` being the layer's `i`-th owned
+//! expert in ascending id order. An eval flattens the (token, expert) pairs of the batch
+//! into `P` rows: row `p` is the input of its token, its id the expert's local index; one
+//! small graph per (layer, bucket of `P`) computes
+//! `down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` with `mul_mat_id` for every row
+//! (`c` = `swiglu_clamp_exp[layer]`, no clamp when `c <= 0`), and the host adds
+//! `weight · row` into its token's output. Graphs are built on first use and kept; `P` is
+//! rounded up to a power of two (extra rows: zero input, local expert 0, ignored).
+//!
+//! Memory: a graph is allocated once, when built, by the allocator of its shape (FFN width,
+//! fused or not, rows); graphs of one shape (the same bucket in different layers) share that
+//! compute buffer, which is safe because evals run one at a time and equal shapes get equal
+//! plans. ggml's allocator does not notice that an already allocated graph went stale when
+//! its buffer was re-planned for a graph of another shape, hence one allocator per shape.
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::time::Instant;
+
+use ggml::{sys, Backend, Context, Device};
+use ipc_proto::ExpertSlots;
+use loader::{LoadedTensors, ModelFile, ReadOptions, TensorRequest};
+
+use crate::error::{Result, WorkerError};
+use crate::experts::ExpertMap;
+
+/// Gate and up projections of one layer's loaded experts.
+#[derive(Clone, Copy)]
+enum UpGate {
+    Separate { gate: *mut sys::ggml_tensor, up: *mut sys::ggml_tensor },
+    Fused(*mut sys::ggml_tensor),
+}
+
+struct LayerExperts {
+    /// Global id -> local slice index, `u32::MAX` when not owned.
+    local: Vec<u32>,
+    n_ff: i64,
+    clamp: f32,
+    /// `None` when the worker owns no expert of this layer.
+    weights: Option<(UpGate, *mut sys::ggml_tensor)>,
+}
+
+/// One reusable graph: inputs `x` [n_embd, 1, rows] F32 and `ids` [1, rows] I32, output
+/// [n_embd, 1, rows].
+struct CachedGraph {
+    graph: *mut sys::ggml_cgraph,
+    shape: ShapeKey,
+    x: *mut sys::ggml_tensor,
+    ids: *mut sys::ggml_tensor,
+    out: *mut sys::ggml_tensor,
+    _ctx: Context,
+}
+
+/// What fixes a graph's tensor sizes: (FFN width, fused gate/up, rows).
+type ShapeKey = (i64, bool, usize);
+
+/// A graph allocator and the size of its buffer after the last allocation.
+struct Allocator {
+    galloc: sys::ggml_gallocr_t,
+    bytes: usize,
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        // SAFETY: we own the allocator; its graphs are dropped or re-allocated before use.
+        unsafe { sys::ggml_gallocr_free(self.galloc) };
+    }
+}
+
+/// Time spent in one [`ExpertWorker::eval`].
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalTimings {
+    /// Rows computed (pairs rounded up to the bucket).
+    pub rows: usize,
+    /// Graph build (first use of a (layer, bucket) only), seconds.
+    pub build_s: f64,
+    /// Gathering inputs, ggml compute and the weighted sum, seconds.
+    pub compute_s: f64,
+}
+
+/// A moe-expert worker's experts and compute state. Not `Sync`: one eval at a time.
+pub struct ExpertWorker {
+    n_embd: usize,
+    n_expert: u32,
+    layers: Vec<LayerExperts>,
+    experts: ExpertMap,
+    backend: Backend,
+    buft: ggml::BufferType,
+    graphs: HashMap<(u32, usize), CachedGraph>,
+    allocators: HashMap<ShapeKey, Allocator>,
+    x_host: Vec<f32>,
+    ids_host: Vec<i32>,
+    y_host: Vec<f32>,
+    weight_bytes: u64,
+    // Dropped last: the graphs reference its tensors.
+    _tensors: Option<LoadedTensors>,
+}
+
+// SAFETY: every raw pointer (tensors, graphs, allocator) is owned by this value and only used
+// through `&mut self`; ggml keeps no thread affinity for them.
+unsafe impl Send for ExpertWorker {}
+
+
+/// The expert tensor names of a layer: `(fused gate_up, gate, up, down)`.
+fn names(l: u32) -> (String, String, String, String) {
+    (
+        format!("blk.{l}.ffn_gate_up_exps.weight"),
+        format!("blk.{l}.ffn_gate_exps.weight"),
+        format!("blk.{l}.ffn_up_exps.weight"),
+        format!("blk.{l}.ffn_down_exps.weight"),
+    )
+}
+
+/// Bytes of one expert of each layer (gate + up + down slices, or fused gate_up + down).
+pub fn expert_bytes_per_layer(model: &ModelFile) -> Result<Vec<u64>> {
+    (0..model.config.n_layer as u32)
+        .map(|l| {
+            let (fused, gate, up, down) = names(l);
+            let slice = |n: &str| -> Result<u64> {
+                let t = model.tensors.expect(n)?;
+                Ok(t.slice_bytes(t.shape().len() - 1))
+            };
+            let gu = match model.tensors.get(&fused) {
+                Some(_) => slice(&fused)?,
+                None => slice(&gate)? + slice(&up)?,
+            };
+            Ok(gu + slice(&down)?)
+        })
+        .collect()
+}
+
+impl ExpertWorker {
+    /// Loads the experts of `experts` (per layer the owned ids) from `model` into CPU
+    /// memory with positioned reads of just those slices, and starts a CPU backend with
+    /// `threads` threads.
+    pub fn load(model: &ModelFile, experts: &ExpertMap, threads: usize) -> Result<Self> {
+        let c = &model.config;
+        let (n_layer, n_expert) = (c.n_layer as u32, c.n_expert as u32);
+        if experts.n_layer() != n_layer || experts.n_expert() != n_expert {
+            return Err(WorkerError::Mismatch {
+                what: "expert map layers x experts (model)",
+                expected: u64::from(n_layer) * u64::from(n_expert),
+                found: u64::from(experts.n_layer()) * u64::from(experts.n_expert()),
+            });
+        }
+        let mut requests = Vec::new();
+        for l in 0..n_layer {
+            let ids = experts.layer(l).to_vec();
+            if ids.is_empty() {
+                continue;
+            }
+            let (fused, gate, up, down) = names(l);
+            if model.tensors.get(&fused).is_some() {
+                requests.push(TensorRequest::experts(fused, ids.clone()));
+            } else {
+                requests.push(TensorRequest::experts(gate, ids.clone()));
+                requests.push(TensorRequest::experts(up, ids.clone()));
+            }
+            requests.push(TensorRequest::experts(down, ids));
+        }
+        let device = Device::cpu()?;
+        let t0 = Instant::now();
+        let tensors = if requests.is_empty() {
+            None
+        } else {
+            let opts = ReadOptions { threads: threads.clamp(1, 8), progress: false, mode: loader::ReadMode::Pread, ..ReadOptions::default() };
+            Some(loader::load_tensors(model, &requests, device.buffer_type(), &opts)?)
+        };
+        let weight_bytes = tensors.as_ref().map(|t| t.buffer().size() as u64).unwrap_or(0);
+        tracing::info!(experts = experts.len(), bytes = weight_bytes, seconds = t0.elapsed().as_secs_f64(), "experts loaded");
+
+        let mut layers = Vec::with_capacity(n_layer as usize);
+        for l in 0..n_layer {
+            let mut local = vec![u32::MAX; n_expert as usize];
+            for (i, &e) in experts.layer(l).iter().enumerate() {
+                local[e as usize] = i as u32;
+            }
+            let (fused, gate, up, down) = names(l);
+            let get = |n: &str| tensors.as_ref().and_then(|t| t.get(n));
+            let weights = match (get(&fused), get(&gate), get(&up), get(&down)) {
+                (Some(gu), _, _, Some(d)) => Some((UpGate::Fused(gu), d)),
+                (None, Some(g), Some(u), Some(d)) => Some((UpGate::Separate { gate: g, up: u }, d)),
+                _ => None,
+            };
+            layers.push(LayerExperts { local, n_ff: c.n_ff_exp[l as usize] as i64, clamp: c.swiglu_clamp_exp[l as usize], weights });
+        }
+        let backend = Backend::cpu(threads.max(1))?;
+        Ok(ExpertWorker {
+            n_embd: c.n_embd,
+            n_expert,
+            layers,
+            experts: experts.clone(),
+            backend,
+            buft: device.buffer_type(),
+            graphs: HashMap::new(),
+            allocators: HashMap::new(),
+            x_host: Vec::new(),
+            ids_host: Vec::new(),
+            y_host: Vec::new(),
+            weight_bytes,
+            _tensors: tensors,
+        })
+    }
+
+    pub fn n_embd(&self) -> usize {
+        self.n_embd
+    }
+
+    pub fn n_layer(&self) -> u32 {
+        self.layers.len() as u32
+    }
+
+    pub fn n_expert(&self) -> u32 {
+        self.n_expert
+    }
+
+    /// The experts this worker owns.
+    pub fn experts(&self) -> &ExpertMap {
+        &self.experts
+    }
+
+    /// Bytes of expert weights held in memory.
+    pub fn weight_bytes(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    /// Graphs built so far (one per (layer, row bucket) used).
+    pub fn cached_graphs(&self) -> usize {
+        self.graphs.len()
+    }
+
+    /// For each token `t` (row `t` of `input`, `n_embd` f32), writes row `t` of `output`:
+    /// `Σ_i tokens[t].weights[i] · expert_{tokens[t].ids[i]}(input row)` over the token's
+    /// pairs (global expert ids, all owned by this worker); zero without pairs.
+    pub fn eval(&mut self, layer: u32, input: &[f32], tokens: &[ExpertSlots<'_>], output: &mut [f32]) -> Result<EvalTimings> {
+        let n_embd = self.n_embd;
+        let n_tokens = tokens.len();
+        for (what, buf) in [("input rows", input.len()), ("output rows", output.len())] {
+            if buf != n_tokens * n_embd {
+                return Err(WorkerError::BufferLength { what, expected: n_tokens * n_embd, found: buf });
+            }
+        }
+        let n_layer = self.n_layer();
+        let le = self.layers.get(layer as usize).ok_or(WorkerError::LayerOutOfRange { layer, n_layer })?;
+        let mut n_pairs = 0usize;
+        for (t, s) in tokens.iter().enumerate() {
+            if s.ids.len() != s.weights.len() {
+                return Err(WorkerError::SlotLengths { token: t, ids: s.ids.len(), weights: s.weights.len() });
+            }
+            for (&e, &w) in s.ids.iter().zip(s.weights) {
+                if e >= self.n_expert {
+                    return Err(WorkerError::ExpertOutOfRange { layer, expert: e, n_expert: self.n_expert });
+                }
+                if le.local[e as usize] == u32::MAX {
+                    return Err(WorkerError::NotOwned { layer, expert: e });
+                }
+                if !w.is_finite() {
+                    return Err(WorkerError::NonFiniteWeight { token: t, expert: e, value: w });
+                }
+            }
+            n_pairs += s.ids.len();
+        }
+        output.fill(0.0);
+        if n_pairs == 0 {
+            return Ok(EvalTimings::default());
+        }
+        let rows = n_pairs.next_power_of_two();
+        let t0 = Instant::now();
+        if !self.graphs.contains_key(&(layer, rows)) {
+            self.build(layer, rows)?;
+        }
+        let t1 = Instant::now();
+        let le = &self.layers[layer as usize];
+        self.x_host.clear();
+        self.x_host.resize(rows * n_embd, 0.0);
+        self.ids_host.clear();
+        self.ids_host.resize(rows, 0);
+        let mut p = 0;
+        for (t, s) in tokens.iter().enumerate() {
+            for &e in s.ids {
+                self.x_host[p * n_embd..(p + 1) * n_embd].copy_from_slice(&input[t * n_embd..(t + 1) * n_embd]);
+                self.ids_host[p] = le.local[e as usize] as i32;
+                p += 1;
+            }
+        }
+        let g = self.graphs.get(&(layer, rows)).ok_or(WorkerError::GraphAlloc { what: "find the cached graph" })?;
+        // SAFETY: x and ids were allocated (at build) with exactly rows * n_embd f32 and rows i32;
+        // the host vectors have those lengths.
+        unsafe {
+            sys::ggml_backend_tensor_set(g.x, self.x_host.as_ptr() as *const c_void, 0, self.x_host.len() * 4);
+            sys::ggml_backend_tensor_set(g.ids, self.ids_host.as_ptr() as *const c_void, 0, self.ids_host.len() * 4);
+        }
+        // SAFETY: every tensor of the graph lives in CPU buffers (weights, compute buffer).
+        unsafe { self.backend.compute(g.graph)? };
+        self.y_host.resize(rows * n_embd, 0.0);
+        // SAFETY: out holds rows * n_embd f32.
+        unsafe { sys::ggml_backend_tensor_get(g.out, self.y_host.as_mut_ptr() as *mut c_void, 0, n_pairs * n_embd * 4) };
+        let mut p = 0;
+        for (t, s) in tokens.iter().enumerate() {
+            let o = &mut output[t * n_embd..(t + 1) * n_embd];
+            for &w in s.weights {
+                let y = &self.y_host[p * n_embd..(p + 1) * n_embd];
+                for (o, &y) in o.iter_mut().zip(y) {
+                    *o += w * y;
+                }
+                p += 1;
+            }
+        }
+        Ok(EvalTimings { rows, build_s: (t1 - t0).as_secs_f64(), compute_s: t1.elapsed().as_secs_f64() })
+    }
+
+    /// Builds the graph of (layer, rows), allocates it with its shape's allocator and caches
+    /// it. Should the allocator's buffer have changed, the other graphs of that shape are
+    /// dropped (rebuilt on next use).
+    fn build(&mut self, layer: u32, rows: usize) -> Result<()> {
+        let g = self.build_graph(layer, rows)?;
+        let buft = self.buft;
+        let a = match self.allocators.entry(g.shape) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                // SAFETY: a fresh allocator for the CPU buffer type; NULL handled.
+                let galloc = unsafe { sys::ggml_gallocr_new(buft.as_ptr()) };
+                if galloc.is_null() {
+                    return Err(WorkerError::GraphAlloc { what: "create a graph allocator" });
+                }
+                v.insert(Allocator { galloc, bytes: 0 })
+            }
+        };
+        // SAFETY: graph and allocator are live.
+        if !unsafe { sys::ggml_gallocr_alloc_graph(a.galloc, g.graph) } {
+            return Err(WorkerError::GraphAlloc { what: "allocate the compute buffer" });
+        }
+        // SAFETY: buffer 0 exists after a successful allocation.
+        let bytes = unsafe { sys::ggml_gallocr_get_buffer_size(a.galloc, 0) };
+        if bytes != a.bytes {
+            a.bytes = bytes;
+            let shape = g.shape;
+            self.graphs.retain(|_, other| other.shape != shape);
+        }
+        self.graphs.insert((layer, rows), g);
+        Ok(())
+    }
+
+    fn build_graph(&self, layer: u32, rows: usize) -> Result<CachedGraph> {
+        let le = &self.layers[layer as usize];
+        let (upgate, down) = le.weights.ok_or(WorkerError::GraphAlloc { what: "build a graph for a layer without experts" })?;
+        let ctx = Context::new_no_alloc(24, 32)?;
+        let c = ctx.as_ptr();
+        let (e, r, ff) = (self.n_embd as i64, rows as i64, le.n_ff);
+        // SAFETY: every tensor below belongs to `c` (or is a loaded weight whose shape was
+        // validated against the model: [n_embd, ff | 2ff, m], [ff, n_embd, m]); shapes agree
+        // by construction; the context has room for the nodes and the graph.
+        unsafe {
+            let x = sys::ggml_new_tensor_3d(c, sys::ggml_type::GGML_TYPE_F32, e, 1, r);
+            sys::ggml_set_input(x);
+            let ids = sys::ggml_new_tensor_2d(c, sys::ggml_type::GGML_TYPE_I32, 1, r);
+            sys::ggml_set_input(ids);
+            let (gate, up) = match upgate {
+                UpGate::Separate { gate, up } => (sys::ggml_mul_mat_id(c, gate, x, ids), sys::ggml_mul_mat_id(c, up, x, ids)),
+                UpGate::Fused(gu) => {
+                    let both = sys::ggml_mul_mat_id(c, gu, x, ids); // [2ff, 1, r]
+                    let half = |i: usize| {
+                        let v = sys::ggml_view_3d(c, both, ff, 1, r, (*both).nb[1], (*both).nb[2], i * ff as usize * 4);
+                        sys::ggml_cont(c, v)
+                    };
+                    (half(0), half(1))
+                }
+            };
+            let h = if le.clamp > 0.0 {
+                let g = sys::ggml_silu(c, sys::ggml_clamp(c, gate, f32::NEG_INFINITY, le.clamp));
+                sys::ggml_mul(c, g, sys::ggml_clamp(c, up, -le.clamp, le.clamp))
+            } else {
+                sys::ggml_mul(c, sys::ggml_silu(c, gate), up)
+            };
+            let out = sys::ggml_mul_mat_id(c, down, h, ids); // [n_embd, 1, r]
+            sys::ggml_set_output(out);
+            let graph = sys::ggml_new_graph_custom(c, 32, false);
+            sys::ggml_build_forward_expand(graph, out);
+            let shape = (ff, matches!(upgate, UpGate::Fused(_)), rows);
+            Ok(CachedGraph { graph, shape, x, ids, out, _ctx: ctx })
+        }
+    }
+}

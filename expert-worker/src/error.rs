@@ -1,0 +1,46 @@
+//! The error type of the crate.
+
+use std::path::PathBuf;
+
+/// Everything the worker, the spec parser and the placement can refuse. Each variant names
+/// the bad value (expected vs found).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Ggml(#[from] ggml::GgmlError),
+    #[error(transparent)]
+    Proto(#[from] ipc_proto::ProtoError),
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("layer {layer} out of range: the model has {n_layer} layers")]
+    LayerOutOfRange { layer: u32, n_layer: u32 },
+    #[error("expert {expert} of layer {layer} out of range: the model has {n_expert} experts")]
+    ExpertOutOfRange { layer: u32, expert: u32, n_expert: u32 },
+    #[error("expert {expert} of layer {layer} is not loaded by this worker")]
+    NotOwned { layer: u32, expert: u32 },
+    #[error("token {token}: {ids} expert ids but {weights} weights")]
+    SlotLengths { token: usize, ids: usize, weights: usize },
+    #[error("token {token}: weight of expert {expert} is not finite: {value}")]
+    NonFiniteWeight { token: usize, expert: u32, value: f32 },
+    #[error("{what}: expected {expected} f32, found {found}")]
+    BufferLength { what: &'static str, expected: usize, found: usize },
+    #[error("ggml could not {what}")]
+    GraphAlloc { what: &'static str },
+    #[error("expert spec {spec:?}: {reason}")]
+    Spec { spec: String, reason: String },
+    #[error("{what}: {reason}")]
+    Json { what: String, reason: String },
+    #[error("placement policy {policy:?}: {reason}")]
+    Policy { policy: String, reason: String },
+    #[error("{what}: expected {expected}, found {found}")]
+    Mismatch { what: &'static str, expected: u64, found: u64 },
+}
+
+pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

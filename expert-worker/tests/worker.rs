@@ -1,0 +1,271 @@
+//! The worker's expert compute against an independent reference (plain Rust loops over the
+//! raw F32 expert weights read from the GGUF), in process and through a real socket.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use expert_worker::{model_identity, serve, ExpertMap, ExpertWorker, WorkerError};
+use ipc_proto::{ConnectOptions, ExpertSlots, Limits, ProtoError, WorkerConnection, WorkerServer};
+use loader::ModelFile;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+const A: &str = "ds4-tiny-a.f32.gguf";
+const B: &str = "ds4-tiny-b.f32.gguf";
+
+/// SplitMix64: a small deterministic generator for test data.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Uniform in [-1, 1).
+    fn f32(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+}
+
+/// The raw F32 values of expert `e` of an expert tensor {in, out, n_expert}, read from the
+/// file at the table's offset: `out` rows of `in` values.
+fn raw_expert(mf: &ModelFile, name: &str, e: u32) -> (Vec<f32>, usize, usize) {
+    let t = mf.tensors.get(name).unwrap();
+    assert_eq!(t.ty, ggml::TensorType::F32, "{name}");
+    let (nin, nout) = (t.ne[0] as usize, t.ne[1] as usize);
+    let mut bytes = vec![0u8; nin * nout * 4];
+    let f = File::open(&mf.path).unwrap();
+    f.read_exact_at(&mut bytes, t.offset + e as u64 * (nin * nout * 4) as u64).unwrap();
+    (bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(), nin, nout)
+}
+
+fn matvec(w: &[f32], nin: usize, nout: usize, x: &[f32]) -> Vec<f32> {
+    (0..nout).map(|j| (0..nin).map(|i| f64::from(w[j * nin + i]) * f64::from(x[i])).sum::<f64>() as f32).collect()
+}
+
+/// Σ weight · down(silu(min(gate x, c)) · clamp(up x, −c, c)), in f64 where it matters.
+fn reference(mf: &ModelFile, layer: u32, x: &[f32], ids: &[u32], weights: &[f32]) -> Vec<f32> {
+    let c = mf.config.swiglu_clamp_exp[layer as usize];
+    let mut out = vec![0f64; x.len()];
+    for (&e, &w) in ids.iter().zip(weights) {
+        let (g, nin, ff) = raw_expert(mf, &format!("blk.{layer}.ffn_gate_exps.weight"), e);
+        let (u, _, _) = raw_expert(mf, &format!("blk.{layer}.ffn_up_exps.weight"), e);
+        let (d, dff, nout) = raw_expert(mf, &format!("blk.{layer}.ffn_down_exps.weight"), e);
+        assert_eq!((dff, nout), (ff, nin));
+        let (g, u) = (matvec(&g, nin, ff, x), matvec(&u, nin, ff, x));
+        let h: Vec<f32> = g
+            .iter()
+            .zip(&u)
+            .map(|(&g, &u)| {
+                let (g, u) = if c > 0.0 { (g.min(c), u.clamp(-c, c)) } else { (g, u) };
+                let g = f64::from(g);
+                (g / (1.0 + (-g).exp()) * f64::from(u)) as f32
+            })
+            .collect();
+        for (o, y) in out.iter_mut().zip(matvec(&d, ff, nout, &h)) {
+            *o += f64::from(w) * f64::from(y);
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+/// max |a − b| / max |b| over one token's row.
+fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
+    let num = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let den = b.iter().map(|y| y.abs()).fold(0f32, f32::max);
+    if den == 0.0 {
+        num
+    } else {
+        num / den
+    }
+}
+
+/// A random owned subset per layer (at least 2 experts each).
+fn random_map(rng: &mut Rng, n_layer: u32, n_expert: u32) -> ExpertMap {
+    let layers = (0..n_layer)
+        .map(|_| {
+            let mut ids: Vec<u32> = (0..n_expert).filter(|_| rng.below(2) == 0).collect();
+            for e in [rng.below(n_expert as u64) as u32, rng.below(n_expert as u64) as u32] {
+                if !ids.contains(&e) {
+                    ids.push(e);
+                }
+            }
+            ids
+        })
+        .collect();
+    ExpertMap::from_layers(n_expert, layers).unwrap()
+}
+
+struct Batch {
+    x: Vec<f32>,
+    ids: Vec<Vec<u32>>,
+    weights: Vec<Vec<f32>>,
+}
+
+impl Batch {
+    fn slots(&self) -> Vec<ExpertSlots<'_>> {
+        self.ids.iter().zip(&self.weights).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect()
+    }
+}
+
+/// `n` tokens; token 1 has no pairs, the others 1..=k distinct owned experts. Token 0's
+/// inputs are large enough (±300) for the SwiGLU clamp to act.
+fn random_batch(rng: &mut Rng, owned: &[u32], n: usize, k: usize, n_embd: usize) -> Batch {
+    let x = (0..n * n_embd).map(|i| if i < n_embd { 300.0 } else { 2.0 } * rng.f32()).collect();
+    let mut ids = Vec::new();
+    let mut weights = Vec::new();
+    for t in 0..n {
+        let want = if t == 1 { 0 } else { 1 + rng.below(k.min(owned.len()) as u64) as usize };
+        let mut pool = owned.to_vec();
+        let mut ti = Vec::new();
+        for _ in 0..want {
+            ti.push(pool.swap_remove(rng.below(pool.len() as u64) as usize));
+        }
+        weights.push(ti.iter().map(|_| 0.05 + rng.f32().abs()).collect());
+        ids.push(ti);
+    }
+    Batch { x, ids, weights }
+}
+
+fn check_batch(mf: &ModelFile, layer: u32, b: &Batch, got: &[f32]) {
+    let e = mf.config.n_embd;
+    for t in 0..b.ids.len() {
+        let want = reference(mf, layer, &b.x[t * e..(t + 1) * e], &b.ids[t], &b.weights[t]);
+        let row = &got[t * e..(t + 1) * e];
+        if b.ids[t].is_empty() {
+            assert!(row.iter().all(|&v| v == 0.0), "token {t} without pairs must be zero");
+            continue;
+        }
+        let d = rel_diff(row, &want);
+        assert!(d <= 1e-5, "layer {layer} token {t} experts {:?}: max relative difference {d}", b.ids[t]);
+        assert!(want.iter().any(|&v| v != 0.0));
+    }
+}
+
+#[test]
+fn eval_matches_reference_on_both_fixtures() {
+    for (name, seed) in [(A, 1u64), (B, 2)] {
+        let mf = ModelFile::open(fixture(name)).unwrap();
+        let c = &mf.config;
+        let mut rng = Rng(seed);
+        let map = random_map(&mut rng, c.n_layer as u32, c.n_expert as u32);
+        let mut w = ExpertWorker::load(&mf, &map, 2).unwrap();
+        let mut per_expert = 0;
+        for l in 0..c.n_layer as u32 {
+            let t = mf.tensors.get(&format!("blk.{l}.ffn_down_exps.weight")).unwrap();
+            per_expert += map.layer(l).len() as u64 * 3 * t.slice_bytes(2);
+        }
+        assert_eq!(w.weight_bytes(), per_expert, "{name}: only the owned slices are loaded");
+        for l in 0..c.n_layer as u32 {
+            for (n, k) in [(1usize, 1usize), (5, c.n_expert_used), (3, 6)] {
+                let b = random_batch(&mut rng, map.layer(l), n, k, c.n_embd);
+                let mut out = vec![f32::NAN; n * c.n_embd];
+                w.eval(l, &b.x, &b.slots(), &mut out).unwrap();
+                check_batch(&mf, l, &b, &out);
+            }
+        }
+        // The same shapes again reuse the cached graphs.
+        let built = w.cached_graphs();
+        let b = random_batch(&mut rng, map.layer(0), 1, 1, c.n_embd);
+        let mut out = vec![0.0; c.n_embd];
+        w.eval(0, &b.x, &b.slots(), &mut out).unwrap();
+        check_batch(&mf, 0, &b, &out);
+        assert_eq!(w.cached_graphs(), built);
+    }
+}
+
+#[test]
+fn eval_refuses_bad_requests() {
+    let mf = ModelFile::open(fixture(A)).unwrap();
+    let map = ExpertMap::parse_spec("0:1,2;5:3", 6, 16).unwrap();
+    let mut w = ExpertWorker::load(&mf, &map, 1).unwrap();
+    let x = vec![0.5; 64];
+    let mut out = vec![0.0; 64];
+    let one = |ids: &'static [u32], weights: &'static [f32]| [ExpertSlots { ids, weights }];
+    let e = w.eval(0, &x, &one(&[3], &[1.0]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::NotOwned { layer: 0, expert: 3 }), "{e}");
+    let e = w.eval(1, &x, &one(&[1], &[1.0]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::NotOwned { layer: 1, expert: 1 }), "{e}");
+    let e = w.eval(6, &x, &one(&[1], &[1.0]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::LayerOutOfRange { layer: 6, n_layer: 6 }), "{e}");
+    let e = w.eval(0, &x, &one(&[16], &[1.0]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::ExpertOutOfRange { expert: 16, .. }), "{e}");
+    let e = w.eval(0, &x, &one(&[1], &[f32::NAN]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::NonFiniteWeight { .. }), "{e}");
+    let e = w.eval(0, &x[..63], &one(&[1], &[1.0]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::BufferLength { expected: 64, found: 63, .. }), "{e}");
+    w.eval(5, &x, &one(&[3], &[1.0]), &mut out).unwrap();
+    assert!(out.iter().any(|&v| v != 0.0));
+}
+
+#[test]
+fn identity_tells_the_fixtures_apart() {
+    let a = ModelFile::open(fixture(A)).unwrap();
+    let b = ModelFile::open(fixture(B)).unwrap();
+    let (ia, ib) = (model_identity(&a).unwrap(), model_identity(&b).unwrap());
+    assert_eq!(ia, model_identity(&a).unwrap());
+    assert_ne!(ia.header_hash, ib.header_hash);
+    assert_eq!(ia.file_size, std::fs::metadata(fixture(A)).unwrap().len());
+    assert_eq!((ia.n_layer, ia.n_expert, ia.n_embd), (6, 16, 64));
+}
+
+fn limits(mf: &ModelFile) -> Limits {
+    Limits { max_tokens: 8, n_embd: mf.config.n_embd as u32, max_experts_per_token: mf.config.n_expert_used as u32 }
+}
+
+#[test]
+fn serves_evals_over_a_socket_pair() {
+    let mf = ModelFile::open(fixture(A)).unwrap();
+    let identity = model_identity(&mf).unwrap();
+    let map = ExpertMap::parse_spec("0-7", 6, 16).unwrap();
+    let (daemon_sock, worker_sock) = UnixStream::pair().unwrap();
+    let worker_map = map.clone();
+    let worker = std::thread::spawn(move || -> Result<(), WorkerError> {
+        let mf = ModelFile::open(fixture(A)).unwrap();
+        let mut w = ExpertWorker::load(&mf, &worker_map, 1)?;
+        let mut server = WorkerServer::handshake(worker_sock, &identity, worker_map.to_expert_set()?, &ConnectOptions::default())?;
+        serve(&mut server, &mut w)
+    });
+    let mut conn = WorkerConnection::handshake(daemon_sock, limits(&mf), &identity, &ConnectOptions::default()).unwrap();
+    assert_eq!(conn.experts().experts(3), (0..8).collect::<Vec<_>>());
+    let mut rng = Rng(7);
+    for (l, n) in [(0u32, 1usize), (3, 4), (5, 8)] {
+        let b = random_batch(&mut rng, map.layer(l), n, 4, 64);
+        conn.input_mut(n).unwrap().copy_from_slice(&b.x);
+        let id = conn.eval_begin(l, &b.slots()).unwrap();
+        let r = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).unwrap();
+        assert_eq!(r.n_tokens as usize, n);
+        check_batch(&mf, l, &b, conn.output(n).unwrap());
+    }
+    let stats = conn.stats(Instant::now() + Duration::from_secs(5)).unwrap();
+    assert_eq!(stats.evals, 3);
+    assert_eq!(stats.tokens, 13);
+    conn.shutdown(Instant::now() + Duration::from_secs(5)).unwrap();
+    worker.join().unwrap().unwrap();
+}
+
+#[test]
+fn worker_of_another_model_is_refused_at_handshake() {
+    let a = ModelFile::open(fixture(A)).unwrap();
+    let b = ModelFile::open(fixture(B)).unwrap();
+    let (ia, ib) = (model_identity(&a).unwrap(), model_identity(&b).unwrap());
+    let (daemon_sock, worker_sock) = UnixStream::pair().unwrap();
+    let set = ExpertMap::full(b.config.n_layer as u32, b.config.n_expert as u32).to_expert_set().unwrap();
+    let worker = std::thread::spawn(move || WorkerServer::handshake(worker_sock, &ib, set, &ConnectOptions::default()).map(|_| ()));
+    let e = WorkerConnection::handshake(daemon_sock, limits(&a), &ia, &ConnectOptions::default()).err().unwrap();
+    assert!(matches!(e, ProtoError::IdentityMismatch { .. }), "{e}");
+    assert!(e.to_string().contains("worker serves another model"), "{e}");
+    let we = worker.join().unwrap().unwrap_err();
+    assert!(we.to_string().contains("identity mismatch"), "worker side: {we}");
+}
