@@ -83,7 +83,7 @@ fn run() -> Result<(), String> {
         vocab = Some(number::<usize>("VOCAB", v)?);
     }
     if let Some(src) = extract {
-        let keys = tokenizer_keys(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let keys = tokenizer_keys(&src).map_err(|e| e.to_string())?;
         let n = keys.len();
         SynthModel { metadata: keys, tensors: Vec::new(), seed: 0 }.write(&out, false).map_err(|e| format!("{}: {e}", out.display()))?;
         println!("wrote {} ({n} tokenizer keys from {})", out.display(), src.display());
@@ -101,7 +101,7 @@ fn run() -> Result<(), String> {
     }
     let mut model = match &tokenizer {
         Some(path) => {
-            let keys = tokenizer_keys(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let keys = tokenizer_keys(path).map_err(|e| e.to_string())?;
             SynthModel::with_tokenizer(&spec, &keys).map_err(|e| format!("{}: {e}", path.display()))?
         }
         None => SynthModel::new(&spec),
