@@ -7,9 +7,14 @@ use clap::{Parser, Subcommand, ValueEnum};
 mod bench;
 mod bench_model;
 mod devices;
+mod engine;
 mod inspect;
 mod logits;
 mod model_args;
+mod prompt;
+mod run;
+mod sampler;
+mod serve;
 
 #[derive(Parser)]
 #[command(name = "dflash", version, about = "DeepSeek V4 Flash inference on one GPU plus the CPU")]
@@ -39,6 +44,10 @@ enum Command {
     Devices(devices::Args),
     /// Write the logits of every position of a token sequence as .npy.
     Logits(logits::Args),
+    /// Generate a reply to one prompt, streamed to stdout (timings to stderr).
+    Run(run::Args),
+    /// Serve an OpenAI-compatible HTTP API.
+    Serve(serve::Args),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
     Bench(bench_model::BenchCmd),
@@ -84,6 +93,8 @@ fn main() -> Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Devices(a) => devices::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Bench(b) => bench_model::run(b),
     }
 }
