@@ -86,6 +86,11 @@ fn load_backends(named: &[PathBuf]) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // `--backend-ipc-mode=moe-expert ...`: this process is an expert worker, not a daemon.
+    if expert_worker::is_worker_invocation(std::env::args_os().skip(1)) {
+        init_logging(LogFormat::Text);
+        return Ok(expert_worker::cli_main(std::env::args_os())?);
+    }
     let cli = Cli::parse();
     init_logging(cli.log_format);
     load_backends(&cli.backend_modules)?;

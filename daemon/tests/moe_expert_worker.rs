@@ -1,0 +1,159 @@
+//! `dflash --backend-ipc-mode=moe-expert` as a real process: evals over its socket equal the
+//! in-process worker (itself checked against a plain-Rust reference in expert-worker's
+//! tests), a worker of another model is refused at the handshake, a SIGKILLed worker is seen
+//! as lost, a bad spec fails with a message naming it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use expert_worker::{model_identity, ExpertMap, ExpertWorker};
+use ipc_proto::{ExpertSlots, Limits, ModelIdentity, ProtoError, SocketDir, WorkerConnection};
+use loader::ModelFile;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+const A: &str = "ds4-tiny-a.f32.gguf";
+const B: &str = "ds4-tiny-b.f32.gguf";
+
+fn spawn(model: &Path, socket: &Path, experts: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .arg("--backend-ipc-mode=moe-expert")
+        .arg("--model")
+        .arg(model)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--experts", experts, "--threads", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Connects once the worker listens (it binds after loading), within 60 s.
+fn connect(child: &mut Child, socket: &Path, limits: Limits, id: &ModelIdentity) -> Result<WorkerConnection, ProtoError> {
+    let t0 = Instant::now();
+    loop {
+        match WorkerConnection::connect(socket, limits, id) {
+            Err(ProtoError::Connect { .. }) if t0.elapsed() < Duration::from_secs(60) => {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("worker exited before listening: {status}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn stderr_of(child: Child) -> (std::process::ExitStatus, String) {
+    let out = child.wait_with_output().unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn limits() -> Limits {
+    Limits { max_tokens: 4, n_embd: 64, max_experts_per_token: 4 }
+}
+
+fn inputs(n: usize) -> Vec<f32> {
+    (0..n * 64).map(|i| ((i * 37 % 101) as f32 / 50.0 - 1.0) * if i < 64 { 100.0 } else { 1.0 }).collect()
+}
+
+#[test]
+fn worker_process_matches_in_process_compute() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = SocketDir::create_private(&dir.path().join("s")).unwrap();
+    let socket = sockets.socket_path("w0");
+    let spec = "0-2:1,3,5,7;3-5:0-15";
+    let mut child = spawn(&fixture(A), &socket, spec);
+    let mf = ModelFile::open(fixture(A)).unwrap();
+    let id = model_identity(&mf).unwrap();
+    let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
+    let map = ExpertMap::parse_spec(spec, 6, 16).unwrap();
+    assert_eq!(conn.experts(), &map.to_expert_set().unwrap());
+    let mut local = ExpertWorker::load(&mf, &map, 1).unwrap();
+
+    let ids: [&[u32]; 4] = [&[1, 7], &[], &[3, 5, 1, 7], &[5]];
+    let wts: [&[f32]; 4] = [&[0.6, 0.4], &[], &[0.1, 0.2, 0.3, 0.4], &[1.5]];
+    let tokens: Vec<ExpertSlots> = ids.iter().zip(wts).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
+    let x = inputs(4);
+    for layer in [0u32, 2, 4] {
+        conn.input_mut(4).unwrap().copy_from_slice(&x);
+        let rid = conn.eval_begin(layer, &tokens).unwrap();
+        let reply = conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
+        assert_eq!(reply.n_tokens, 4);
+        let mut want = vec![0.0; 4 * 64];
+        local.eval(layer, &x, &tokens, &mut want).unwrap();
+        let got = conn.output(4).unwrap();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(scale > 0.0 && diff <= 1e-6 * scale, "layer {layer}: max difference {diff} (scale {scale})");
+        assert!(got[64..128].iter().all(|&v| v == 0.0), "token without pairs");
+    }
+    // An expert the worker does not own is refused on the daemon side before sending.
+    let e = conn.eval_begin(0, &[ExpertSlots { ids: &[2], weights: &[1.0] }]).unwrap_err();
+    assert!(matches!(e, ProtoError::ExpertNotOwned { layer: 0, expert: 2 }), "{e}");
+    let stats = conn.stats(Instant::now() + Duration::from_secs(5)).unwrap();
+    assert_eq!((stats.evals, stats.tokens, stats.pairs), (3, 12, 21));
+    conn.shutdown(Instant::now() + Duration::from_secs(10)).unwrap();
+    let (status, err) = stderr_of(child);
+    assert!(status.success(), "worker exit {status}: {err}");
+}
+
+#[test]
+fn worker_of_another_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = SocketDir::create_private(&dir.path().join("s")).unwrap();
+    let socket = sockets.socket_path("w0");
+    let mut child = spawn(&fixture(B), &socket, "all");
+    let expected = model_identity(&ModelFile::open(fixture(A)).unwrap()).unwrap();
+    let e = connect(&mut child, &socket, limits(), &expected).err().unwrap();
+    match &e {
+        ProtoError::IdentityMismatch { expected: want, found } => {
+            assert_eq!(**want, expected);
+            assert_eq!((found.n_layer, found.n_expert, found.n_embd), (5, 32, 32));
+        }
+        other => panic!("expected an identity mismatch, found {other}"),
+    }
+    let (status, err) = stderr_of(child);
+    assert!(!status.success());
+    assert!(err.contains("model identity mismatch"), "worker stderr: {err}");
+}
+
+#[test]
+fn sigkill_of_the_worker_is_seen_as_peer_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = SocketDir::create_private(&dir.path().join("s")).unwrap();
+    let socket = sockets.socket_path("w0");
+    let mut child = spawn(&fixture(A), &socket, "0-15");
+    let id = model_identity(&ModelFile::open(fixture(A)).unwrap()).unwrap();
+    let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
+    let one = [ExpertSlots { ids: &[3], weights: &[1.0] }];
+    conn.input_mut(1).unwrap().copy_from_slice(&inputs(1));
+    let rid = conn.eval_begin(1, &one).unwrap();
+    conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
+
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    let t0 = Instant::now();
+    let e = conn
+        .eval_begin(1, &one)
+        .and_then(|rid| conn.eval_end(rid, Instant::now() + Duration::from_secs(30)))
+        .unwrap_err();
+    assert!(e.is_peer_lost(), "expected EOF/reset, found {e}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "detected by EOF, not by the deadline");
+}
+
+#[test]
+fn bad_expert_spec_fails_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("w.sock");
+    let child = spawn(&fixture(A), &socket, "0-16");
+    let (status, err) = stderr_of(child);
+    assert!(!status.success());
+    assert!(err.contains("expert spec \"0-16\"") && err.contains("expert 16 out of range"), "stderr: {err}");
+    assert!(!socket.exists());
+}
