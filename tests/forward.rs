@@ -254,3 +254,68 @@ fn tid2eid_outside_the_experts_is_rejected_at_load() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(msg.contains("blk.1.ffn_gate_tid2eid") && msg.contains("token 3 slot 2") && msg.contains(&format!("expert {n_expert}")), "{msg}");
 }
+
+/// Every weight type ggml multiplies runs the graph: a synthetic model written once in F32
+/// and once per type (the same seeded values, quantized by ggml), compared on 40 tokens of
+/// prefill + 8 of decode. The bound per type is the quantization error it is known for.
+#[test]
+fn every_weight_type_runs_and_stays_close_to_f32() {
+    use loader::synth::{SynthModel, SynthSpec};
+    use ggml::TensorType;
+    let dir = std::env::temp_dir().join(format!("dflash-types-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let mut spec = SynthSpec::tiny();
+    // K-quants and IQ2_XXS need rows of 256: give the routed experts such rows.
+    spec.n_embd = 256;
+    spec.n_ff_exp = 256;
+    let run = |matrix: TensorType, expert: TensorType| -> Vec<f32> {
+        let mut s = spec.clone();
+        s.matrix_type = matrix;
+        s.expert_type = expert;
+        let path = dir.join(format!("{}-{}.gguf", matrix.name(), expert.name()));
+        SynthModel::new(&s).write(&path, true).expect("write synthetic model");
+        let mut opts = ModelOptions { ubatch: 16, ..ModelOptions::default() };
+        opts.read.progress = false;
+        let mut m = Model::load(&path, opts).expect("load");
+        let mut seq = m.new_sequence(64).expect("sequence");
+        let toks: Vec<u32> = (0..48u32).map(|i| (i * 37 + 11) % s.n_vocab as u32).collect();
+        let mut out = m.forward(&mut seq, &toks[..40], Logits::All).expect("prefill");
+        for &t in &toks[40..] {
+            out.extend(m.forward(&mut seq, &[t], Logits::All).expect("decode"));
+        }
+        std::fs::remove_file(&path).ok();
+        assert!(out.iter().all(|v| v.is_finite()), "{matrix}/{expert}: non-finite logits");
+        out
+    };
+    let base = run(TensorType::F32, TensorType::F32);
+    let rel = |v: &[f32]| -> f64 {
+        let num: f64 = v.iter().zip(&base).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = base.iter().map(|b| (*b as f64).powi(2)).sum();
+        (num / den).sqrt()
+    };
+    let ty = |n: &str| TensorType::from_raw(
+        (0..ggml::sys::ggml_type::GGML_TYPE_COUNT)
+            .find(|&t| TensorType::from_raw(t).is_some_and(|x| x.name() == n))
+            .expect("known type"),
+    ).expect("type");
+    // (dense matrices, routed experts, bound on the relative L2 of all logits). Measured on
+    // this random 4-layer model (errors compound through routing flips): f16 1.4e-3, bf16
+    // 3.4e-2, q8_0 6.0e-2, q4_K experts 0.20, mxfp4 0.32, q2_K 0.41, iq2_xxs 0.56. The bounds
+    // leave ~2x margin; a wrong kernel or layout gives non-finite values or errors ≥ 1.
+    let cases = [
+        ("f16", "f16", 5e-3),
+        ("bf16", "bf16", 8e-2),
+        ("q8_0", "q8_0", 1.2e-1),
+        ("q8_0", "q4_K", 0.4),
+        ("q8_0", "mxfp4", 0.6),
+        ("q8_0", "q2_K", 0.75),
+        ("q8_0", "iq2_xxs", 0.9),
+    ];
+    for (matrix, expert, bound) in cases {
+        let r = rel(&run(ty(matrix), ty(expert)));
+        eprintln!("matrices {matrix}, experts {expert}: relative L2 of the logits vs F32 {r:.2e}");
+        assert!(r < bound, "matrices {matrix}, experts {expert}: relative L2 {r:.2e} ≥ {bound:.0e}");
+        assert!(r > 0.0, "{matrix}/{expert}: identical to F32, the type was not applied");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
