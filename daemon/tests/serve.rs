@@ -1,0 +1,299 @@
+//! `dflash run` and `dflash serve` on the shipped tiny model (models/tiny-ds4.gguf, unpacked by
+//! scripts/setup.sh), driven as a user would: the binary, and HTTP over a plain TCP socket.
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn model() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-ds4.gguf");
+    assert!(p.exists(), "{} is missing: run ./scripts/setup.sh", p.display());
+    p
+}
+
+const KEY: &str = "test-key";
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dflash"))
+            .args(["serve", "-m"])
+            .arg(model())
+            .args(["--port", "0", "--api-key", KEY, "-t", "2"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dflash serve");
+        let stderr = child.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let addr = loop {
+            let line = lines.next().expect("server exited before listening").expect("read stderr");
+            if let Some(a) = line.split("listening on http://").nth(1) {
+                break a.trim().to_string();
+            }
+        };
+        // keep draining stderr so the server never blocks on it
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr }
+    }
+
+    /// One request with `Connection: close`; returns (status, body).
+    fn request(&self, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
+        let mut s = TcpStream::connect(&self.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        // the server may answer (413) before reading a large body: ignore a reset on write
+        let _ = s.write_all(body);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response {text:?}"));
+        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+        (status, body)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, text) = self.request("POST", path, Some(KEY), body.to_string().as_bytes());
+        (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}")))
+    }
+
+    /// A streamed request: the `data:` payloads in order.
+    fn stream(&self, path: &str, body: &Value) -> Vec<String> {
+        let (status, text) = self.request("POST", path, Some(KEY), body.to_string().as_bytes());
+        assert_eq!(status, 200, "{text}");
+        text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect()
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        let (status, text) = self.request("GET", "/metrics", Some(KEY), b"");
+        assert_eq!(status, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).and_then(|v| v.parse().ok()))
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain kill(2) on our child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                return s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "server did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(len.trim(), 16) else { break };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": "tiny-ds4", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0})
+}
+
+fn stream_text(events: &[String]) -> (String, String, Value) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let (mut content, mut reasoning, mut finish) = (String::new(), String::new(), Value::Null);
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).expect("chunk json");
+        assert_eq!(v["object"], "chat.completion.chunk");
+        if let Some(c) = v["choices"].get(0) {
+            content.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+            reasoning.push_str(c["delta"]["reasoning_content"].as_str().unwrap_or(""));
+            if !c["finish_reason"].is_null() {
+                finish = c["finish_reason"].clone();
+            }
+        }
+    }
+    (content, reasoning, finish)
+}
+
+#[test]
+fn run_and_serve_agree_and_requests_are_checked() {
+    // dflash run: greedy text on stdout, timings on stderr, deterministic
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_dflash"))
+            .args(["run", "-t", "2", "-m"])
+            .arg(model())
+            .args(["-p", "Hello", "-n", "6"])
+            .output()
+            .expect("dflash run");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).expect("utf-8 stdout"), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (text, err) = run();
+    assert!(err.contains("prompt: ") && err.contains("tok/s") && err.contains("time to first token"), "{err}");
+    assert!(err.contains("decode: 6 tokens") || err.contains("finish: stop"), "{err}");
+    let text = text.strip_suffix('\n').expect("a final newline").to_string();
+    assert!(!text.is_empty());
+
+    let srv = Server::start(&["--parallel", "2", "--ctx-size", "256", "--max-body-bytes", "65536", "--max-tokens-limit", "64"]);
+    // auth: /health is open, the rest needs the key
+    assert_eq!(srv.request("GET", "/health", None, b"").0, 200);
+    let (st, body) = srv.request("GET", "/v1/models", None, b"");
+    assert_eq!(st, 401, "{body}");
+    assert!(body.contains("invalid_api_key"));
+    assert_eq!(srv.request("GET", "/v1/models", Some("wrong"), b"").0, 401);
+    let (st, body) = srv.request("GET", "/v1/models", Some(KEY), b"");
+    assert_eq!(st, 200);
+    let models: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(models["data"][0]["id"], "tiny-ds4");
+
+    // the same greedy reply through run, chat non-stream and chat stream
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 6));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(text.as_str()), "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], v["timings"]["prompt_n"]);
+    if v["choices"][0]["finish_reason"] == "length" {
+        assert_eq!(v["usage"]["completion_tokens"], 6);
+    }
+    let mut req = chat("Hello", 6);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let events = srv.stream("/v1/chat/completions", &req);
+    let (content, reasoning, finish) = stream_text(&events);
+    assert_eq!((content.as_str(), reasoning.as_str()), (text.as_str(), ""));
+    assert_eq!(finish, v["choices"][0]["finish_reason"]);
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).expect("usage chunk");
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], v["usage"]);
+
+    // thinking on: the reply starts as reasoning
+    let mut req = chat("Hello", 4);
+    req["thinking"] = json!({"type": "enabled"});
+    req["stream"] = json!(true);
+    let (content, reasoning, _) = stream_text(&srv.stream("/v1/chat/completions", &req));
+    assert!(!reasoning.is_empty() || content.is_empty(), "reasoning {reasoning:?} content {content:?}");
+
+    // a stop string taken from inside the greedy reply cuts it there
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() >= 4 {
+        let stop: String = chars[2..4].iter().collect();
+        let cut = &text[..text.find(&stop).expect("stop in text")];
+        let mut req = chat("Hello", 6);
+        req["stop"] = json!([stop]);
+        let (st, v) = srv.post("/v1/chat/completions", &req);
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(cut));
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    }
+
+    // seeded sampling repeats
+    let mut req = chat("Hello", 5);
+    req["temperature"] = json!(1.0);
+    req["seed"] = json!(1234);
+    let a = srv.post("/v1/chat/completions", &req).1["choices"][0]["message"]["content"].clone();
+    let b = srv.post("/v1/chat/completions", &req).1["choices"][0]["message"]["content"].clone();
+    assert_eq!(a, b);
+
+    // completions with a token-array prompt, tokenize / detokenize
+    let (st, t) = srv.post("/tokenize", &json!({"content": "Hello world"}));
+    assert_eq!(st, 200);
+    let ids = t["tokens"].clone();
+    let (_, d) = srv.post("/detokenize", &json!({"tokens": ids}));
+    assert_eq!(d["content"], "Hello world");
+    let (st, c) = srv.post("/v1/completions", &json!({"prompt": ids, "max_tokens": 3, "temperature": 0}));
+    assert_eq!(st, 200, "{c}");
+    assert_eq!(c["object"], "text_completion");
+    let (_, c2) = srv.post("/v1/completions", &json!({"prompt": "Hello world", "max_tokens": 3, "temperature": 0}));
+    assert_eq!(c["choices"][0]["text"], c2["choices"][0]["text"]);
+
+    // errors: OpenAI objects with 4xx statuses naming the bad value
+    let n_vocab = 129280;
+    let cases: Vec<(Value, u16, &str)> = vec![
+        ({ let mut r = chat("x", 2); r["n"] = json!(2); r }, 400, "n must be 1"),
+        ({ let mut r = chat("x", 2); r["model"] = json!("gpt-4"); r }, 404, "model_not_found"),
+        ({ let mut r = chat("x", 2); r["logit_bias"] = json!({"999999": 1}); r }, 400, "token id 999999"),
+        ({ let mut r = chat("x", 2); r["max_tokens"] = json!(65); r }, 400, "max_tokens 65 exceeds the limit of 64"),
+        ({ let mut r = chat("x", 2); r["temperature"] = json!(-1); r }, 400, "temperature"),
+        (chat(&"hello ".repeat(400), 2), 400, "context_length_exceeded"),
+    ];
+    for (req, want_status, want_text) in cases {
+        let (st, v) = srv.post("/v1/chat/completions", &req);
+        assert_eq!(st, want_status, "{v}");
+        assert!(v["error"]["message"].is_string() && v["error"]["type"].is_string(), "{v}");
+        assert!(v.to_string().contains(want_text), "{want_text}: {v}");
+    }
+    let (st, v) = srv.post("/v1/completions", &json!({"prompt": [1, 2, n_vocab], "max_tokens": 2}));
+    assert_eq!(st, 400);
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains(&format!("token id {n_vocab} (index 2)")), "{v}");
+    let (st, v) = srv.post("/v1/completions", &json!({"prompt": [-5], "max_tokens": 2}));
+    assert_eq!(st, 400, "{v}");
+    let (st, v) = srv.post("/detokenize", &json!({"tokens": [n_vocab + 7]}));
+    assert_eq!(st, 400);
+    assert!(v.to_string().contains(&format!("token id {}", n_vocab + 7)), "{v}");
+    let (st, body) = srv.request("POST", "/v1/chat/completions", Some(KEY), b"{not json");
+    assert_eq!(st, 400);
+    assert!(body.contains("invalid JSON"), "{body}");
+    let big = format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"{}\"}}]}}", "a".repeat(100_000));
+    let (st, body) = srv.request("POST", "/v1/chat/completions", Some(KEY), big.as_bytes());
+    assert_eq!(st, 413, "{body}");
+
+    // a client that goes away mid-stream is cancelled; the server keeps serving
+    let cancelled0 = srv.metric("dflash_requests_cancelled_total");
+    {
+        let mut s = TcpStream::connect(&srv.addr).expect("connect");
+        let mut r = chat("Tell me a story", 60);
+        r["stream"] = json!(true);
+        let body = r.to_string();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).expect("write");
+        let mut reader = BufReader::new(s);
+        let mut seen = 0;
+        let mut line = String::new();
+        while seen < 2 && reader.read_line(&mut line).expect("read") > 0 {
+            if line.contains("data: ") {
+                seen += 1;
+            }
+            line.clear();
+        }
+    }
+    let t0 = Instant::now();
+    while srv.metric("dflash_requests_cancelled_total") <= cancelled0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the dropped stream was not cancelled");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 6));
+    assert_eq!((st, v["choices"][0]["message"]["content"].as_str()), (200, Some(text.as_str())));
+    assert!(srv.metric("dflash_completion_tokens_total") > 0.0);
+    assert_eq!(srv.metric("dflash_queue_depth"), 0.0);
+
+    let status = srv.terminate();
+    assert!(status.success(), "{status:?}");
+}
