@@ -29,8 +29,8 @@ use crate::error::{Result, WorkerError};
 /// layers of `n_expert` experts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertMap {
-    n_expert: u32,
-    layers: Vec<Vec<u32>>,
+    pub(crate) n_expert: u32,
+    pub(crate) layers: Vec<Vec<u32>>,
 }
 
 impl ExpertMap {

@@ -37,4 +37,5 @@ pub use cli::{cli_main, is_worker_invocation, WorkerArgs};
 pub use compute::{expert_bytes_per_layer, EvalTimings, ExpertWorker};
 pub use error::{Result, WorkerError};
 pub use experts::ExpertMap;
+pub use placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs, PlacementOptions, Policy, RouteStats};
 pub use serve::{model_identity, run_worker, run_worker_on, serve};

@@ -269,3 +269,29 @@ fn worker_of_another_model_is_refused_at_handshake() {
     let we = worker.join().unwrap().unwrap_err();
     assert!(we.to_string().contains("identity mismatch"), "worker side: {we}");
 }
+
+#[test]
+fn model_shape_and_cold_split_of_a_fixture() {
+    let mf = ModelFile::open(fixture(A)).unwrap();
+    let shape = expert_worker::ModelShape::from_model(&mf).unwrap();
+    // gate + up [64, 32] and down [32, 64] of F32 per expert.
+    assert_eq!(shape.expert_bytes, vec![3 * 64 * 32 * 4; 6]);
+    let p = expert_worker::ExpertPlacement::uniform(&shape, 8).unwrap();
+    let parts = expert_worker::split_cold(&p.cold(), &shape, 2).unwrap();
+    assert_eq!(parts[0].layer(0), &[8, 10, 12, 14]);
+    assert_eq!(parts[1].layer(5), &[9, 11, 13, 15]);
+    // Two workers holding the two halves of the cold experts give, added, one worker's sum.
+    let mut whole = ExpertWorker::load(&mf, &p.cold(), 1).unwrap();
+    let mut w0 = ExpertWorker::load(&mf, &parts[0], 1).unwrap();
+    let mut w1 = ExpertWorker::load(&mf, &parts[1], 1).unwrap();
+    let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
+    let (all, a, b) = ([8u32, 9, 14], [8u32, 14], [9u32]);
+    let (wa, wb) = ([0.5f32, 0.2], [0.3f32]);
+    let mut o = vec![0.0; 64];
+    whole.eval(3, &x, &[ExpertSlots { ids: &all, weights: &[0.5, 0.3, 0.2] }], &mut o).unwrap();
+    let (mut o0, mut o1) = (vec![0.0; 64], vec![0.0; 64]);
+    w0.eval(3, &x, &[ExpertSlots { ids: &a, weights: &wa }], &mut o0).unwrap();
+    w1.eval(3, &x, &[ExpertSlots { ids: &b, weights: &wb }], &mut o1).unwrap();
+    let sum: Vec<f32> = o0.iter().zip(&o1).map(|(a, b)| a + b).collect();
+    assert!(rel_diff(&sum, &o) <= 1e-6, "{}", rel_diff(&sum, &o));
+}
