@@ -153,10 +153,12 @@ fn load(a: LoadArgs) -> Result<()> {
     if let Some(t) = a.threads {
         opts.threads = t;
     }
-    let modes: Vec<ReadMode> = if a.mode.is_empty() { vec![ReadOptions::default().mode] } else { a.mode.iter().map(|&m| read_mode(m)).collect() };
+    let modes: Vec<ReadMode> =
+        if a.mode.is_empty() { vec![ReadOptions::default().mode] } else { a.mode.iter().map(|&m| read_mode(m)).collect() };
     let cpu = ggml::Device::cpu()?;
     println!(
-        "file {} ({:.3} GB); loader threads {}, chunk {} MiB, modes {modes:?}; baseline: read() into a reused {} MiB buffer; prime {}",
+        "file {} ({:.3} GB); loader threads {}, chunk {} MiB, modes {modes:?}; \
+         baseline: read() into a reused {} MiB buffer; prime {}",
         a.model.display(),
         std::fs::metadata(&a.model)?.len() as f64 / 1e9,
         opts.threads,

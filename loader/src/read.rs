@@ -1,7 +1,9 @@
 //! Tensor bytes from the file into ggml backend buffers: several threads doing large
-//! positioned reads (or copies out of an mmap), straight into host buffers or through a
-//! per-thread staging buffer for device memory. Which tensors, which experts of an expert
-//! tensor, and which buffer type are the caller's choice.
+//! positioned reads in file order (buffered, `O_DIRECT`, or copies out of an mmap), straight
+//! into host buffers or through a per-thread staging buffer for device memory. Host
+//! destinations are faulted in a chunk at a time just before each read (fresh buffer memory
+//! is otherwise faulted page by page inside the copy). Which tensors, which experts of an
+//! expert tensor, and which buffer type are the caller's choice.
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -61,7 +63,8 @@ impl Default for ReadOptions {
     /// into fresh memory, so more of them than cores keeps both busy (BENCHMARKS.md, "Load").
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
-        ReadOptions { threads: (2 * cores).clamp(4, 16), chunk_bytes: 8 << 20, mode: ReadMode::Pread, progress: true }
+        let threads = (2 * cores).clamp(4, 16);
+        ReadOptions { threads, chunk_bytes: 8 << 20, mode: ReadMode::Pread, progress: true }
     }
 }
 
@@ -264,7 +267,8 @@ fn read_direct(file: &File, buf: &mut [u8], src: u64, len: usize) -> std::io::Re
     let skip = (src - first) as usize;
     let want = (skip + len).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
     if want > buf.len() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("staging {} bytes < {want}", buf.len())));
+        let msg = format!("staging buffer of {} bytes, expected at least {want}", buf.len());
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, msg));
     }
     let mut got = 0usize;
     while got < skip + len {
@@ -322,8 +326,9 @@ impl Source<'_> {
             tracing::debug!("MADV_POPULATE_WRITE refused; pages fault during the copy");
             self.populate_ok.store(false, Ordering::Relaxed);
         }
+        let direct_ok = self.direct_ok.load(Ordering::Relaxed);
         let bytes: &[u8] = match (self.direct, staging.aligned.as_mut()) {
-            (Some(f), Some(buf)) if self.direct_ok.load(Ordering::Relaxed) => match read_direct(f, buf.as_mut_slice(), job.src, len) {
+            (Some(f), Some(buf)) if direct_ok => match read_direct(f, buf.as_mut_slice(), job.src, len) {
                 Ok(skip) => &buf.as_mut_slice()[skip..skip + len],
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!("O_DIRECT read refused ({e}); buffered reads");
@@ -394,7 +399,8 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -
     let threads = opts.threads.max(1).min(jobs.0.len().max(1));
     let start = Instant::now();
 
-    let src = Source { file: &file, map: map.as_deref(), direct: direct.as_ref(), direct_ok: &direct_ok, populate_ok: &populate_ok };
+    let src =
+        Source { file: &file, map: map.as_deref(), direct: direct.as_ref(), direct_ok: &direct_ok, populate_ok: &populate_ok };
     let worker = || {
         let mut staging = Staging { plain: Vec::new(), aligned: None };
         if direct.is_some() {
