@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The official `openai` Python client against a real `dflash serve` on the shipped tiny model
+# (tests/python/test_openai.py). Needs PyPI once, for the venv (default /tmp/dflash-openai-venv,
+# override with DFLASH_OPENAI_VENV); without it the test is skipped with a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${DFLASH_OPENAI_VENV:-/tmp/dflash-openai-venv}"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
+    if ! { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "openai>=1.40"; }; then
+        echo "test_openai.sh: SKIPPED (could not create a venv with the openai package; no network?)" >&2
+        exit 0
+    fi
+fi
+[ -f models/tiny-ds4.gguf ] || ./scripts/setup.sh
+cargo build -q ${DFLASH_PROFILE:+--profile "$DFLASH_PROFILE"} -p daemon
+BIN="target/${DFLASH_PROFILE:-debug}/dflash"
+LOG="$(mktemp)"
+"$BIN" serve -m models/tiny-ds4.gguf --port 0 --api-key test-key --parallel 4 --ctx-size 512 \
+    --max-body-bytes 200000 2>"$LOG" &
+PID=$!
+trap 'kill $PID 2>/dev/null; rm -f "$LOG"' EXIT
+for _ in $(seq 1 600); do
+    ADDR="$(sed -n 's/.*listening on \(http:\/\/[^ ]*\).*/\1/p' "$LOG")"
+    [ -n "$ADDR" ] && break
+    kill -0 $PID 2>/dev/null || { cat "$LOG" >&2; exit 1; }
+    sleep 0.1
+done
+[ -n "$ADDR" ] || { echo "server did not start" >&2; cat "$LOG" >&2; exit 1; }
+DFLASH_URL="$ADDR" DFLASH_KEY=test-key "$VENV/bin/python" tests/python/test_openai.py -v
+kill -TERM $PID
+wait $PID
