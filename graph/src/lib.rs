@@ -7,6 +7,7 @@
 //! lightning indexer → hyper-connection post → hyper-connection pre → MoE → post) → HC head
 //! → norm → logits.
 mod attention;
+mod cold;
 mod hc;
 mod model;
 mod moe;
@@ -15,6 +16,7 @@ pub mod plan;
 mod state;
 mod weights;
 
+pub use cold::{ColdExperts, HotExperts};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use state::Sequence;
 
@@ -36,6 +38,8 @@ pub enum GraphError {
     ForeignSequence,
     #[error("the graph allocator could not allocate {what}")]
     Alloc { what: &'static str },
+    #[error("{0}")]
+    Cold(String),
     #[error("invalid option: {0}")]
     Option(String),
 }

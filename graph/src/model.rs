@@ -7,6 +7,9 @@ use std::time::Instant;
 use ggml::{sys, Backend, BufferType, Context, Device};
 use loader::{Ds4Config, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
+use std::sync::Mutex;
+
+use crate::cold::{ColdCall, ColdExperts, ColdState, HotExperts};
 use crate::ops::{Ctx, T};
 use crate::plan::{self, CompPlan, CompShape, RawPlan};
 use crate::state::Sequence;
@@ -23,12 +26,15 @@ pub struct ModelOptions {
     /// Largest micro-batch of one graph (prefill is split into these).
     pub ubatch: usize,
     pub read: ReadOptions,
+    /// Routed experts this backend holds, per layer; None = all. The others need a cold
+    /// executor ([`Model::set_cold_experts`]).
+    pub hot: Option<HotExperts>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default() }
+        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default(), hot: None }
     }
 }
 
@@ -80,6 +86,8 @@ pub struct Builder<'a> {
     pub inp: &'a Inputs,
     /// Writes into per-sequence state, expanded after the outputs so they run last.
     pub effects: Vec<T>,
+    pub cold: Option<*const Mutex<ColdState>>,
+    pub cold_calls: Vec<Box<ColdCall>>,
 }
 
 impl<'a> Builder<'a> {
@@ -103,6 +111,7 @@ struct Step {
     inputs: Inputs,
     out: T,
     galloc: sys::ggml_gallocr_t,
+    _cold_calls: Vec<Box<ColdCall>>,
     _ctx: Context,
 }
 
@@ -125,6 +134,9 @@ pub struct Model {
     step: Option<Step>,
     model_id: u64,
     timings: StepTimings,
+    hot: HotExperts,
+    cold: Option<Box<Mutex<ColdState>>>,
+    _tables: Option<(Context, ggml::Buffer)>,
     _tensors: LoadedTensors,
 }
 
@@ -144,18 +156,81 @@ impl Model {
         let backend = Backend::new(device)?;
         backend.set_threads(opts.threads);
         let buft = device.buffer_type();
-        let requests: Vec<TensorRequest> = file
-            .tensors
-            .iter()
-            .filter(|t| !file.tensors.unused.contains(&t.name))
-            .map(|t| TensorRequest::whole(t.name.clone()))
-            .collect();
-        let tensors = loader::load_tensors(&file, &requests, buft, &opts.read)?;
         let config = file.config.clone();
-        let weights = Weights::lookup(&config, &tensors)?;
+        let hot = match opts.hot.clone() {
+            Some(h) => {
+                check_hot(&config, &h)?;
+                h
+            }
+            None => HotExperts::all(config.n_layer, config.n_expert),
+        };
+        let partial = |name: &str| -> Option<usize> {
+            let l: usize = name.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
+            let routed = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"].iter().any(|p| name.contains(p));
+            (routed && l < config.n_layer && !hot.is_all_hot(l, config.n_expert)).then_some(l)
+        };
+        let mut requests = Vec::new();
+        for t in file.tensors.iter().filter(|t| !file.tensors.unused.contains(&t.name)) {
+            match partial(&t.name) {
+                None => requests.push(TensorRequest::whole(t.name.clone())),
+                Some(l) if hot.layers[l].is_empty() => {}
+                Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layers[l].clone())),
+            }
+        }
+        let tensors = loader::load_tensors(&file, &requests, buft, &opts.read)?;
+        let (tables, subsets) = subset_tables(&config, &hot, buft)?;
+        let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
         let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Model { config, file, opts, weights, backend, buft, step: None, model_id, timings: StepTimings::default(), _tensors: tensors })
+        Ok(Model {
+            config,
+            file,
+            opts,
+            weights,
+            backend,
+            buft,
+            step: None,
+            model_id,
+            timings: StepTimings::default(),
+            hot,
+            cold: None,
+            _tables: tables,
+            _tensors: tensors,
+        })
+    }
+
+    /// The experts this backend holds.
+    pub fn hot_experts(&self) -> &HotExperts {
+        &self.hot
+    }
+
+    /// Whether some routed expert is not held by this backend.
+    pub fn has_cold_experts(&self) -> bool {
+        (0..self.config.n_layer).any(|l| !self.hot.is_all_hot(l, self.config.n_expert))
+    }
+
+    /// Hand the cold experts to `exec`. Needs the CPU device (the hand-over runs as CPU custom
+    /// ops).
+    pub fn set_cold_experts(&mut self, exec: Box<dyn ColdExperts>) -> Result<(), GraphError> {
+        if self.backend.device().kind() != ggml::DeviceKind::Cpu {
+            return Err(GraphError::Option(format!("cold experts need the CPU device, the model runs on {}", self.backend.name())));
+        }
+        let n_expert = self.config.n_expert;
+        let hot = self
+            .hot
+            .layers
+            .iter()
+            .map(|ids| {
+                let mut v = vec![false; n_expert];
+                for &e in ids {
+                    v[e as usize] = true;
+                }
+                v
+            })
+            .collect();
+        self.step = None;
+        self.cold = Some(Box::new(Mutex::new(ColdState { exec, hot, error: None, pairs: Vec::new() })));
+        Ok(())
     }
 
     /// A new empty sequence able to hold `n_ctx` tokens.
@@ -197,6 +272,9 @@ impl Model {
         let n_vocab = self.config.n_vocab;
         if let Some((index, &id)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= n_vocab) {
             return Err(GraphError::TokenOutOfRange { id: id as i64, index, n_vocab });
+        }
+        if self.cold.is_none() && self.has_cold_experts() {
+            return Err(GraphError::Option("some routed experts are cold but no cold executor is set".into()));
         }
         if seq.pos() + tokens.len() > seq.n_ctx() {
             return Err(GraphError::ContextOverflow { pos: seq.pos(), n: tokens.len(), n_ctx: seq.n_ctx() });
@@ -242,6 +320,13 @@ impl Model {
         // SAFETY: the graph's tensors live in the step's allocator buffer, the model's weight
         // buffer and the sequence's state buffer, all on this backend.
         unsafe { self.backend.compute(step.graph)? };
+        if let Some(cold) = &self.cold {
+            let mut st = cold.lock().map_err(|_| GraphError::Cold("the cold expert state is poisoned".into()))?;
+            if let Some(e) = st.error.take() {
+                // The step's state writes ran: the sequence no longer matches its position.
+                return Err(GraphError::Cold(format!("{e}; the sequence must be reset")));
+            }
+        }
         let rows = if want == Logits::All { n } else { 1 };
         let mut logits = vec![0f32; rows * self.config.n_vocab];
         read_f32(step.out, &mut logits);
@@ -294,7 +379,8 @@ impl Model {
                 .collect(),
         };
 
-        let mut b = Builder { g: &g, c, inp: &inputs, effects: Vec::new() };
+        let cold = self.cold.as_deref().map(|m| m as *const Mutex<ColdState>);
+        let mut b = Builder { g: &g, c, inp: &inputs, effects: Vec::new(), cold, cold_calls: Vec::new() };
         let w = &self.weights;
         let hc = c.hc_count as i64;
         let e = c.n_embd as i64;
@@ -319,6 +405,9 @@ impl Model {
         let h = g.name(h, "hidden_final");
         let out = g.name(g.mm(w.output, h), "logits");
 
+        let effects = std::mem::take(&mut b.effects);
+        let cold_calls = std::mem::take(&mut b.cold_calls);
+        drop(b);
         // SAFETY: the context has room for a graph of graph_size nodes.
         let graph = unsafe { sys::ggml_new_graph_custom(g.raw, graph_size, false) };
         // SAFETY: out and the effects belong to g; effects go last (they overwrite state the
@@ -326,7 +415,7 @@ impl Model {
         unsafe {
             sys::ggml_set_output(out.0);
             sys::ggml_build_forward_expand(graph, out.0);
-            for eff in &b.effects {
+            for eff in &effects {
                 sys::ggml_build_forward_expand(graph, eff.0);
             }
         }
@@ -335,7 +424,7 @@ impl Model {
         if galloc.is_null() {
             return Err(GraphError::Alloc { what: "a graph allocator" });
         }
-        let step = Step { key, graph, inputs, out, galloc, _ctx: ctx };
+        let step = Step { key, graph, inputs, out, galloc, _cold_calls: cold_calls, _ctx: ctx };
         // SAFETY: graph and allocator are live.
         if !unsafe { sys::ggml_gallocr_alloc_graph(step.galloc, step.graph) } {
             return Err(GraphError::Alloc { what: "the compute buffer" });
@@ -385,4 +474,45 @@ fn read_f32(t: T, out: &mut [f32]) {
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
         *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
+}
+
+fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
+    if h.layers.len() != c.n_layer {
+        return Err(GraphError::Option(format!("hot expert placement has {} layers, the model {}", h.layers.len(), c.n_layer)));
+    }
+    for (l, ids) in h.layers.iter().enumerate() {
+        if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e as usize >= c.n_expert) {
+            return Err(GraphError::Option(format!("hot experts of layer {l} must be sorted, distinct and below {}: {ids:?}", c.n_expert)));
+        }
+    }
+    Ok(())
+}
+
+/// Per layer: None when every expert is held; Some(None) when none is; otherwise the
+/// remap (global → local index, cold → 0) and held-mask tables, in one small buffer.
+#[allow(clippy::type_complexity)]
+fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<(T, T)>>>), GraphError> {
+    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_all_hot(l, c.n_expert) && !h.layers[l].is_empty()).collect();
+    let mut out: Vec<Option<Option<(T, T)>>> = (0..c.n_layer)
+        .map(|l| if h.is_all_hot(l, c.n_expert) { None } else { Some(None) })
+        .collect();
+    if partial.is_empty() {
+        return Ok((None, out));
+    }
+    let ctx = Context::new_no_alloc(2 * partial.len(), 0)?;
+    let g = Ctx { raw: ctx.as_ptr() };
+    let made: Vec<(usize, T, T)> = partial.iter().map(|&l| (l, g.new_i32(&[c.n_expert as i64]), g.new_f32(&[c.n_expert as i64]))).collect();
+    let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
+    for &(l, remap, mask) in &made {
+        let mut r = vec![0i32; c.n_expert];
+        let mut m = vec![0f32; c.n_expert];
+        for (i, &e) in h.layers[l].iter().enumerate() {
+            r[e as usize] = i as i32;
+            m[e as usize] = 1.0;
+        }
+        write_i32(remap, &r);
+        write_f32(mask, &m);
+        out[l] = Some(Some((remap, mask)));
+    }
+    Ok((Some((ctx, buf)), out))
 }

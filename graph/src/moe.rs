@@ -5,7 +5,7 @@ use loader::GatingFunc;
 
 use crate::model::Builder;
 use crate::ops::T;
-use crate::weights::{ExpertUpGate, LayerWeights, Router};
+use crate::weights::{ExpertUpGate, LayerWeights, Router, RoutedWeights};
 
 impl Builder<'_> {
     /// `z`: the MoE input [n_embd, n] (already ffn_norm'ed).
@@ -50,15 +50,49 @@ impl Builder<'_> {
     }
 
     /// The routed-expert seam: activations `z` [n_embd, n], selected expert ids [k, n] (I32)
-    /// and their weights [k, n] in; Σ_k weight · expert(z) [n_embd, n] out. Everything that
-    /// decides where experts run (hot on this backend, cold in worker processes) plugs in
-    /// here.
+    /// and their weights [k, n] in; Σ_k weight · expert(z) [n_embd, n] out. Experts this
+    /// backend holds are computed here; the others go to the cold executor (`cold.rs`) around
+    /// the hot compute, so both overlap.
     pub fn routed_experts(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights) -> T {
+        let g = self.g;
+        let (k, n) = (ids.ne(0), z.ne(1));
+        let all_hot = w.experts.as_ref().is_some_and(|r| r.subset.is_none());
+        if all_hot || self.cold.is_none() {
+            return match &w.experts {
+                Some(r) => self.hot_experts(il, z, ids, wts, r),
+                None => unreachable!("layers without held experts need a cold executor (checked at load)"),
+            };
+        }
+        let begin = self.cold_op(il, [1, 1], &[z, ids, wts], crate::cold::cold_begin);
+        let hot = w.experts.as_ref().map(|r| {
+            let Some((remap, mask)) = r.subset else { unreachable!("subset tables exist for a partly held layer") };
+            let flat = g.reshape(ids, &[k * n]);
+            let local = g.reshape(g.get_rows(g.reshape(remap, &[1, remap.ne(0)]), flat), &[k, n]);
+            let held = g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), flat), &[k, n]);
+            g.cont(self.hot_experts(il, z, local, g.mul(wts, held), r))
+        });
+        let mut args = vec![begin];
+        args.extend(hot);
+        let out = self.cold_op(il, [z.ne(0), n], &args, crate::cold::cold_end);
+        g.name(out, &format!("routed_out-{il}"))
+    }
+
+    fn cold_op(&mut self, il: usize, ne: [i64; 2], args: &[T], fun: unsafe extern "C" fn(*mut ggml::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void)) -> T {
+        let Some(state) = self.cold else { unreachable!("checked by the caller") };
+        let call = Box::new(crate::cold::ColdCall { state, layer: il });
+        let ptr = &*call as *const crate::cold::ColdCall as *mut std::ffi::c_void;
+        self.cold_calls.push(call);
+        self.g.custom(ne, args, Some(fun), ptr)
+    }
+
+    /// Σ_k weight · expert(z) over experts held by this backend (`ids` are indices into the
+    /// held tensors).
+    fn hot_experts(&mut self, il: usize, z: T, ids: T, wts: T, r: &RoutedWeights) -> T {
         let (g, c) = (self.g, self.c);
         let (e, k, n) = (z.ne(0), ids.ne(0), z.ne(1));
         let ff = c.n_ff_exp[il] as i64;
         let zz = g.reshape(z, &[e, 1, n]);
-        let (gate, up) = match w.up_gate_exps {
+        let (gate, up) = match r.up_gate {
             ExpertUpGate::Separate { gate, up } => (g.mm_id(gate, zz, ids), g.mm_id(up, zz, ids)),
             ExpertUpGate::Fused(gu) => {
                 let both = g.mm_id(gu, zz, ids); // [2ff, k, n]
@@ -67,13 +101,16 @@ impl Builder<'_> {
             }
         };
         let h = self.swiglu(gate, up, c.swiglu_clamp_exp[il]); // [ff, k, n]
-        let down = g.mm_id(w.down_exps, h, ids); // [e, k, n]
+        let down = g.mm_id(r.down, h, ids); // [e, k, n]
         let down = g.mul(down, g.reshape(wts, &[1, k, n]));
         let slot = |i: i64| g.view_3d(down, [e, n, 1], down.nb(2), down.nb(2) * n as usize, i as usize * down.nb(1));
         let mut acc = slot(0);
         for i in 1..k {
             acc = g.add(acc, slot(i));
         }
-        g.name(acc, &format!("routed_out-{il}"))
+        if k == 1 {
+            acc = g.cont(acc);
+        }
+        g.name(acc, &format!("hot_out-{il}"))
     }
 }

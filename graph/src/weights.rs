@@ -38,6 +38,14 @@ pub enum ExpertUpGate {
     Fused(T),
 }
 
+pub struct RoutedWeights {
+    pub up_gate: ExpertUpGate,
+    pub down: T,
+    /// When only some experts are held: global id → local index (cold ids → 0) as I32
+    /// [n_expert], and 1/0 per expert (held / cold) as F32 [n_expert].
+    pub subset: Option<(T, T)>,
+}
+
 pub struct LayerWeights {
     pub hc_attn: HcWeights,
     pub hc_ffn: HcWeights,
@@ -56,8 +64,8 @@ pub struct LayerWeights {
     pub ffn_norm: T,
     pub gate_inp: T,
     pub router: Router,
-    pub up_gate_exps: ExpertUpGate,
-    pub down_exps: T,
+    /// The routed experts this backend holds (None when every expert of the layer is cold).
+    pub experts: Option<RoutedWeights>,
     pub shared: Option<(T, T, T)>,
 }
 
@@ -70,7 +78,9 @@ pub struct Weights {
 }
 
 impl Weights {
-    pub fn lookup(c: &Ds4Config, t: &LoadedTensors) -> Result<Weights, GraphError> {
+    /// `subsets[l]`: None = every expert of layer l held; Some(None) = none held; Some(Some(
+    /// (remap, mask))) = some held, with their tables.
+    pub fn lookup(c: &Ds4Config, t: &LoadedTensors, subsets: &[Option<Option<(T, T)>>]) -> Result<Weights, GraphError> {
         let get = |name: &str| -> Result<T, GraphError> {
             t.get(name).map(T).ok_or_else(|| GraphError::MissingTensor(name.to_string()))
         };
@@ -114,9 +124,14 @@ impl Weights {
             } else {
                 Router::TopK { bias: b("exp_probs_b.bias")? }
             };
-            let up_gate_exps = match t.get(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
-                Some(f) => ExpertUpGate::Fused(T(f)),
-                None => ExpertUpGate::Separate { gate: b("ffn_gate_exps.weight")?, up: b("ffn_up_exps.weight")? },
+            let experts = if matches!(subsets.get(l), Some(Some(None))) {
+                None
+            } else {
+                let up_gate = match t.get(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
+                    Some(f) => ExpertUpGate::Fused(T(f)),
+                    None => ExpertUpGate::Separate { gate: b("ffn_gate_exps.weight")?, up: b("ffn_up_exps.weight")? },
+                };
+                Some(RoutedWeights { up_gate, down: b("ffn_down_exps.weight")?, subset: subsets.get(l).copied().flatten().flatten() })
             };
             let shared = if c.n_expert_shared > 0 {
                 Some((b("ffn_gate_shexp.weight")?, b("ffn_up_shexp.weight")?, b("ffn_down_shexp.weight")?))
@@ -140,8 +155,7 @@ impl Weights {
                 ffn_norm: b("ffn_norm.weight")?,
                 gate_inp: b("ffn_gate_inp.weight")?,
                 router,
-                up_gate_exps,
-                down_exps: b("ffn_down_exps.weight")?,
+                experts,
                 shared,
             });
         }
