@@ -518,7 +518,7 @@ impl TextFilter {
             let think = if self.reasoning { self.buf.find(chat::THINK_END) } else { None };
             let stop = self.stops.iter().filter_map(|s| self.buf.find(s.as_str())).min();
             match (think, stop) {
-                (Some(t), s) if s.map_or(true, |s| t < s) => {
+                (Some(t), s) if !matches!(s, Some(s) if s <= t) => {
                     Self::emit(&mut out, true, &self.buf[..t]);
                     self.buf.drain(..t + chat::THINK_END.len());
                     self.reasoning = false;
