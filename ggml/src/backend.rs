@@ -117,6 +117,12 @@ unsafe impl Send for BufferType {}
 unsafe impl Sync for BufferType {}
 
 impl BufferType {
+    /// Wrap a buffer type ggml handed out (buffer types live as long as their backend
+    /// registry, i.e. the process).
+    pub fn from_raw(raw: sys::ggml_backend_buffer_type_t) -> BufferType {
+        BufferType(raw)
+    }
+
     pub fn as_ptr(&self) -> sys::ggml_backend_buffer_type_t {
         self.0
     }

@@ -29,12 +29,15 @@ pub struct ModelOptions {
     /// Routed experts this backend holds, per layer; None = all. The others need a cold
     /// executor ([`Model::set_cold_experts`]).
     pub hot: Option<HotExperts>,
+    /// On the CPU, keep matrices in ggml's repacked (interleaved) layout where the CPU
+    /// backend has one for their type and shape (llama.cpp's default as well).
+    pub repack: bool,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default(), hot: None }
+        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default(), hot: None, repack: true }
     }
 }
 
@@ -137,7 +140,7 @@ pub struct Model {
     hot: HotExperts,
     cold: Option<Box<Mutex<ColdState>>>,
     _tables: Option<(Context, ggml::Buffer)>,
-    _tensors: LoadedTensors,
+    _tensors: TensorSet,
 }
 
 // SAFETY: the raw graph/allocator pointers of `step` are only touched through &mut self.
@@ -177,7 +180,17 @@ impl Model {
                 Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layers[l].clone())),
             }
         }
-        let tensors = loader::load_tensors(&file, &requests, buft, &opts.read)?;
+        let repack = if opts.repack && device.kind() == ggml::DeviceKind::Cpu { repack_buffer_type(device) } else { None };
+        let (requests, packed): (Vec<TensorRequest>, Vec<TensorRequest>) = match repack {
+            Some(rb) => requests.into_iter().partition(|r| !(r.experts.is_none() && repackable(&file, &r.name, device, rb))),
+            None => (requests, Vec::new()),
+        };
+        let mut tensors = vec![loader::load_tensors(&file, &requests, buft, &opts.read)?];
+        if let (Some(rb), false) = (repack, packed.is_empty()) {
+            tracing::debug!(tensors = packed.len(), "matrices in the CPU_REPACK buffer");
+            tensors.push(loader::load_tensors_whole(&file, &packed, rb, &opts.read)?);
+        }
+        let tensors = TensorSet(tensors);
         let (tables, subsets) = subset_tables(&config, &hot, buft)?;
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
@@ -515,4 +528,81 @@ fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Opt
         out[l] = Some(Some((remap, mask)));
     }
     Ok((Some((ctx, buf)), out))
+}
+
+/// The model's tensors, possibly in several buffers.
+pub struct TensorSet(Vec<LoadedTensors>);
+
+impl TensorSet {
+    pub fn get(&self, name: &str) -> Option<*mut sys::ggml_tensor> {
+        self.0.iter().find_map(|t| t.get(name))
+    }
+}
+
+/// The CPU device's repacking buffer type, if this ggml build has one.
+fn repack_buffer_type(device: Device) -> Option<BufferType> {
+    type GetExtra = unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
+    // SAFETY: registry lookups on a valid device; the entry point, when present, has the
+    // signature above and returns a NULL-terminated array.
+    unsafe {
+        let reg = sys::ggml_backend_dev_backend_reg(device.as_ptr());
+        let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: GetExtra = std::mem::transmute(f);
+        let mut p = f(device.as_ptr());
+        while !p.is_null() && !(*p).is_null() {
+            let name = std::ffi::CStr::from_ptr(sys::ggml_backend_buft_name(*p)).to_string_lossy().into_owned();
+            if name == "CPU_REPACK" {
+                return Some(BufferType::from_raw(*p));
+            }
+            p = p.add(1);
+        }
+        None
+    }
+}
+
+/// Whether `name` is only ever the weight of a matrix product in the graph (repacked
+/// tensors cannot be read back or gathered) and the CPU backend repacks its type and shape:
+/// asked through a probe op on a zero-size buffer of that type, as llama.cpp does.
+fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> bool {
+    const MATMUL_2D: [&str; 14] = [
+        "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_b.weight",
+        "attn_compressor_kv.weight", "attn_compressor_gate.weight", "indexer.attn_q_b.weight", "indexer.proj.weight",
+        "indexer_compressor_kv.weight", "indexer_compressor_gate.weight", "ffn_gate_inp.weight",
+        "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight",
+    ];
+    const MATMUL_3D: [&str; 4] = ["ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight"];
+    let suffix = name.split_once('.').and_then(|(_, r)| r.split_once('.')).map(|(_, r)| r).unwrap_or("");
+    let id = MATMUL_3D.contains(&suffix);
+    if !(name == "output.weight" || MATMUL_2D.contains(&suffix) || id) {
+        return false;
+    }
+    let Some(info) = file.tensors.get(name) else { return false };
+    let Ok(ctx) = Context::new_no_alloc(4, 0) else { return false };
+    let g = Ctx { raw: ctx.as_ptr() };
+    let ne: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
+    // SAFETY: probe tensors in a metadata-only context; the zero-size buffer is freed below
+    // and only its type is consulted.
+    unsafe {
+        let w = sys::ggml_new_tensor(g.raw, info.ty.raw(), ne.len() as i32, ne.as_ptr());
+        let buf = sys::ggml_backend_buft_alloc_buffer(rb.as_ptr(), 0);
+        if buf.is_null() {
+            return false;
+        }
+        (*w).buffer = buf;
+        let op = if id {
+            let x = sys::ggml_new_tensor_3d(g.raw, sys::ggml_type::GGML_TYPE_F32, ne[0], 2, 1);
+            let ids = sys::ggml_new_tensor_2d(g.raw, sys::ggml_type::GGML_TYPE_I32, 2, 1);
+            sys::ggml_mul_mat_id(g.raw, w, x, ids)
+        } else {
+            let x = sys::ggml_new_tensor_2d(g.raw, sys::ggml_type::GGML_TYPE_F32, ne[0], 1);
+            sys::ggml_mul_mat(g.raw, w, x)
+        };
+        let ok = ne.len() == if id { 3 } else { 2 } && sys::ggml_backend_dev_supports_op(device.as_ptr(), op);
+        (*w).buffer = std::ptr::null_mut();
+        sys::ggml_backend_buffer_free(buf);
+        ok
+    }
 }

@@ -1,7 +1,9 @@
 //! The model's ggml tensors, looked up once by name after loading. The loader validated
 //! every name, shape and type, so a missing tensor here is reported, never assumed.
 use ggml::sys;
-use loader::{Ds4Config, LoadedTensors};
+use loader::Ds4Config;
+
+use crate::model::TensorSet;
 
 use crate::ops::T;
 use crate::GraphError;
@@ -80,7 +82,7 @@ pub struct Weights {
 impl Weights {
     /// `subsets[l]`: None = every expert of layer l held; Some(None) = none held; Some(Some(
     /// (remap, mask))) = some held, with their tables.
-    pub fn lookup(c: &Ds4Config, t: &LoadedTensors, subsets: &[Option<Option<(T, T)>>]) -> Result<Weights, GraphError> {
+    pub fn lookup(c: &Ds4Config, t: &TensorSet, subsets: &[Option<Option<(T, T)>>]) -> Result<Weights, GraphError> {
         let get = |name: &str| -> Result<T, GraphError> {
             t.get(name).map(T).ok_or_else(|| GraphError::MissingTensor(name.to_string()))
         };

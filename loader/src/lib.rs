@@ -22,7 +22,7 @@ pub use config::{Ds4Config, GatingFunc, RopeYarn};
 pub use error::LoadError;
 pub use gguf::Gguf;
 pub use metadata::{Metadata, Value};
-pub use read::{load_tensors, LoadedTensors, ReadMode, ReadOptions, ReadStats, TensorRequest};
+pub use read::{load_tensors, load_tensors_whole, LoadedTensors, ReadMode, ReadOptions, ReadStats, TensorRequest};
 pub use tensors::{TensorInfo, TensorInfos, TensorRole, TensorTable};
 
 use std::path::{Path, PathBuf};

@@ -151,6 +151,31 @@ pub fn load_tensors(
     buft: ggml::BufferType,
     opts: &ReadOptions,
 ) -> Result<LoadedTensors, LoadError> {
+    load_impl(model, requests, buft, opts, false)
+}
+
+/// Like [`load_tensors`], for buffer types that only accept a whole tensor per write (ggml's
+/// CPU_REPACK buffer re-lays each tensor out as it is set): each tensor is read into a
+/// staging buffer and set at once. Expert subsets are not supported here.
+pub fn load_tensors_whole(
+    model: &ModelFile,
+    requests: &[TensorRequest],
+    buft: ggml::BufferType,
+    opts: &ReadOptions,
+) -> Result<LoadedTensors, LoadError> {
+    load_impl(model, requests, buft, opts, true)
+}
+
+fn load_impl(
+    model: &ModelFile,
+    requests: &[TensorRequest],
+    buft: ggml::BufferType,
+    opts: &ReadOptions,
+    whole: bool,
+) -> Result<LoadedTensors, LoadError> {
+    if let Some(r) = requests.iter().find(|r| whole && r.experts.is_some()) {
+        return Err(LoadError::TensorData { name: r.name.clone(), reason: "expert subsets cannot be loaded into a whole-tensor buffer".into() });
+    }
     let ctx = Context::new_no_alloc(requests.len().max(1), 0)?;
     let mut tensors = HashMap::new();
     let mut plan: Vec<(&TensorInfo, *mut sys::ggml_tensor, Option<&[u32]>)> = Vec::new();
@@ -182,7 +207,7 @@ pub fn load_tensors(
     let buffer = Buffer::alloc_context_tensors(&ctx, buft)?;
     buffer.set_weights_usage();
 
-    let chunk = opts.chunk_bytes.max(1 << 16) as u64;
+    let chunk = if whole { u64::MAX } else { opts.chunk_bytes.max(1 << 16) as u64 };
     let mut jobs = Vec::new();
     let mut push = |src: u64, len: u64, tensor, dst_off: u64| {
         let mut done = 0;
@@ -203,7 +228,7 @@ pub fn load_tensors(
             }
         }
     }
-    let stats = run_jobs(model, Jobs(jobs), buffer.is_host(), opts)?;
+    let stats = run_jobs(model, Jobs(jobs), buffer.is_host() && !whole, opts)?;
     Ok(LoadedTensors { buffer, _ctx: ctx, tensors, stats })
 }
 
