@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod bench_model;
+mod cold;
 mod devices;
 mod engine;
 mod inspect;

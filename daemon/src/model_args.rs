@@ -1,8 +1,10 @@
-//! Model flags shared by every subcommand that runs the model.
+//! Model flags shared by every subcommand that runs the model, including where routed
+//! experts run (hot on the model's device, cold in `moe-expert` workers).
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use graph::{Model, ModelOptions};
+use expert_worker::placement::{split_cold, ExpertPlacement, ModelShape, PlacementArgs};
+use graph::{HotExperts, Model, ModelOptions};
 
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
@@ -21,14 +23,38 @@ pub struct ModelArgs {
     /// Maximum context per sequence (default: what the command needs).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
+    #[command(flatten)]
+    pub placement: PlacementArgs,
+    /// Worker processes that compute the cold experts (0: in this process).
+    #[arg(long = "expert-workers", default_value_t = 1)]
+    pub expert_workers: usize,
+    /// CPU threads of each expert worker.
+    #[arg(long = "worker-threads", default_value_t = 1)]
+    pub worker_threads: usize,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
-        let mut opts = ModelOptions { device: Some(self.device.clone()), ubatch: self.ubatch, ..ModelOptions::default() };
+        let file = loader::ModelFile::open(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
+        let shape = ModelShape::from_model(&file)?;
+        let placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, None)?;
+        let hot = HotExperts { layers: placement.hot().layers().to_vec() };
+        let mut opts = ModelOptions { device: Some(self.device.clone()), ubatch: self.ubatch, hot: Some(hot), ..ModelOptions::default() };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
-        Model::load(&self.model, opts).with_context(|| format!("loading {}", self.model.display()))
+        let mut model = Model::load(&self.model, opts).with_context(|| format!("loading {}", self.model.display()))?;
+        let cold = placement.cold();
+        if !cold.is_empty() {
+            if self.expert_workers == 0 {
+                model.set_cold_experts(Box::new(crate::cold::InProcess::new(&file, &cold, self.worker_threads)?))?;
+            } else {
+                let shares = split_cold(&cold, &shape, self.expert_workers)?;
+                let pool = crate::cold::WorkerPool::spawn(&file, shares, self.worker_threads, self.ubatch)?;
+                tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
+                model.set_cold_experts(Box::new(pool))?;
+            }
+        }
+        Ok(model)
     }
 }

@@ -90,6 +90,8 @@ pub struct Builder<'a> {
     /// Writes into per-sequence state, expanded after the outputs so they run last.
     pub effects: Vec<T>,
     pub cold: Option<*const Mutex<ColdState>>,
+    /// Boxed: the custom ops hold pointers to them, which must not move as the Vec grows.
+    #[allow(clippy::vec_box)]
     pub cold_calls: Vec<Box<ColdCall>>,
 }
 
@@ -114,6 +116,7 @@ struct Step {
     inputs: Inputs,
     out: T,
     galloc: sys::ggml_gallocr_t,
+    #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
     _ctx: Context,
 }

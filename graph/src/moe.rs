@@ -82,7 +82,9 @@ impl Builder<'_> {
         let call = Box::new(crate::cold::ColdCall { state, layer: il });
         let ptr = &*call as *const crate::cold::ColdCall as *mut std::ffi::c_void;
         self.cold_calls.push(call);
-        self.g.custom(ne, args, Some(fun), ptr)
+        // SAFETY: `call` is boxed and kept with the step graph (cold_calls), so `ptr` lives as
+        // long as the graph; `fun` reads a ColdCall.
+        unsafe { self.g.custom(ne, args, Some(fun), ptr) }
     }
 
     /// Σ_k weight · expert(z) over experts held by this backend (`ids` are indices into the

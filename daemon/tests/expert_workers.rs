@@ -1,0 +1,130 @@
+//! Hot/cold placement end to end through `dflash logits`: cold experts computed by spawned
+//! `moe-expert` worker processes (0 = in process, 1, 2, 4 workers) under several placements
+//! give the all-hot logits (max |Δ| ≤ 1e-5 · max |logit|), through prefill and decode; a
+//! worker killed with SIGKILL mid-run is respawned and the run completes with the same logits.
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+}
+
+/// `name` in a directory of its own per test (tests run in parallel and clean up).
+fn tmp(name: &str) -> PathBuf {
+    let test = std::thread::current().name().unwrap_or("main").replace("::", "-");
+    let dir = std::env::temp_dir().join(format!("dflash-expert-workers-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp dir");
+    dir.join(name)
+}
+
+fn read_npy(path: &Path) -> Vec<f32> {
+    npyz::NpyFile::new(&std::fs::read(path).expect("output")[..]).expect("npy").into_vec().expect("f32")
+}
+
+fn tokens(n: usize) -> PathBuf {
+    let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-b.ref.npz")).expect("reference");
+    let t: Vec<i32> = npz.by_name("tokens").expect("npz").expect("tokens").into_vec().expect("i32");
+    let path = tmp(&format!("tokens-{n}.txt"));
+    std::fs::write(&path, t[..n].iter().map(|t| format!("{t}\n")).collect::<String>()).expect("write");
+    path
+}
+
+fn logits(toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
+    let out = tmp(out);
+    let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .args(["logits", "-m"])
+        .arg(fixture("ds4-tiny-b.f32.gguf"))
+        .arg("--tokens")
+        .arg(toks)
+        .arg("--out")
+        .arg(&out)
+        .args(["--decode-from", &decode_from.to_string(), "-t", "2", "-u", "32"])
+        .args(extra)
+        .output()
+        .expect("run dflash");
+    assert!(o.status.success(), "dflash logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    read_npy(&out)
+}
+
+fn assert_close(a: &[f32], b: &[f32], what: &str) {
+    let max = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
+    let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-5 * max, "{what}: max |Δ| {d:.3e} > 1e-5 · {max}");
+}
+
+#[test]
+fn placements_and_worker_counts_equal_all_hot() {
+    let toks = tokens(72);
+    let base = logits(&toks, 64, "hot.npy", &[]);
+    // Route stats for a profile placement: a skewed made-up count per (layer, expert).
+    let stats = tmp("stats.json");
+    let body: Vec<String> = (0..5).map(|l| format!("\"{l}\": [{}]", (0..32).map(|e| ((e * 7 + l * 5) % 32).to_string()).collect::<Vec<_>>().join(","))).collect();
+    std::fs::write(&stats, format!("{{{}}}", body.join(","))).expect("stats");
+    let profile = format!("profile:{}", stats.display());
+    let cases: Vec<(&str, Vec<&str>)> = vec![
+        ("all cold, in process", vec!["--experts-hot", "none", "--expert-workers", "0"]),
+        ("all cold, 1 worker", vec!["--experts-hot", "none", "--expert-workers", "1"]),
+        ("all cold, 2 workers", vec!["--experts-hot", "none", "--expert-workers", "2"]),
+        ("all cold, 4 workers", vec!["--experts-hot", "none", "--expert-workers", "4"]),
+        ("uniform 50%, 2 workers", vec!["--experts-hot", "uniform:16", "--expert-workers", "2"]),
+        ("profile, 2 workers", vec!["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "2"]),
+        ("first 2 layers cold, 1 worker", vec!["--n-cpu-moe", "2"]),
+    ];
+    for (i, (what, args)) in cases.iter().enumerate() {
+        let got = logits(&toks, 64, &format!("case-{i}.npy"), args);
+        assert_close(&got, &base, what);
+    }
+    std::fs::remove_dir_all(tmp("x").parent().expect("dir")).ok();
+}
+
+/// The children of `pid` (from /proc).
+fn children(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        // pid (comm) state ppid ...
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        if rest.split_whitespace().nth(1).and_then(|v| v.parse::<u32>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_killed_worker_is_respawned_and_the_run_completes_identically() {
+    let toks = tokens(160);
+    let base = logits(&toks, 8, "kill-base.npy", &[]);
+    let out = tmp("kill.npy");
+    let child = Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .args(["logits", "-m"])
+        .arg(fixture("ds4-tiny-b.f32.gguf"))
+        .arg("--tokens")
+        .arg(&toks)
+        .arg("--out")
+        .arg(&out)
+        .args(["--decode-from", "8", "-t", "2", "-u", "32", "--experts-hot", "none", "--expert-workers", "2"])
+        .env("DFLASH_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run dflash");
+    // Wait until both workers run and decoding is under way, then kill one.
+    let t0 = Instant::now();
+    let victim = loop {
+        let kids = children(child.id());
+        if kids.len() == 2 && t0.elapsed() > Duration::from_millis(800) {
+            break kids[0];
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "workers did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).expect("kill worker");
+    let o = child.wait_with_output().expect("dflash finishes");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("respawning"), "the loss was not noticed: {err}");
+    assert_close(&read_npy(&out), &base, "after a SIGKILL");
+    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
+}
