@@ -98,9 +98,13 @@ impl Ctx {
         unsafe { sys::ggml_prec_set_acc(r, sys::ggml_prec::GGML_PREC_F32) };
         T(r)
     }
+    /// Expert matrix product (`ids` select each token's experts), F32 accumulation.
     pub fn mm_id(&self, w: T, x: T, ids: T) -> T {
         // SAFETY: all belong to this context.
-        T(unsafe { sys::ggml_mul_mat_id(self.raw, w.0, x.0, ids.0) })
+        let r = unsafe { sys::ggml_mul_mat_id(self.raw, w.0, x.0, ids.0) };
+        // SAFETY: r is a mul_mat_id node.
+        unsafe { sys::ggml_prec_set_acc(r, sys::ggml_prec::GGML_PREC_F32) };
+        T(r)
     }
     pub fn rms_norm(&self, a: T, eps: f32) -> T {
         // SAFETY: a belongs to this context.

@@ -7,11 +7,13 @@
 set -euo pipefail
 mode=${1:-cpu}
 bin=.device/bin
-unzst() {  # decompress a committed fixture (zstd CLI, else python zstandard)
-  local f=$1
+unzst() {  # decompress a committed fixture: zstd CLI, else python zstandard, else an xz copy
+  local f=$1           # staged by prepare.sh under .device/fixtures (the GPU host has xz only)
   [ -f "$f" ] && return 0
   if command -v zstd >/dev/null; then zstd -q -d "$f.zst" -o "$f"
-  else python3 -c "import sys,zstandard; zstandard.ZstdDecompressor().copy_stream(open(sys.argv[1],'rb'), open(sys.argv[2],'wb'))" "$f.zst" "$f"; fi
+  elif python3 -c "import zstandard" 2>/dev/null; then
+    python3 -c "import sys,zstandard; zstandard.ZstdDecompressor().copy_stream(open(sys.argv[1],'rb'), open(sys.argv[2],'wb'))" "$f.zst" "$f"
+  else xz -d -c ".device/fixtures/$(basename "$f").xz" > "$f"; fi
 }
 medium() {
   MODEL=bench-data/medium-q8_0.gguf

@@ -39,4 +39,10 @@ if [ ! -f "$tools/tools/llama-bench/llama-bench.cpp" ]; then
   tar xzf bench-data/llama_cpp_python-0.3.36.tar.gz -C bench-data
 fi
 bash scripts/bench/stage-llama-src.sh "$(dirname "$src")" "$tools" .device/llama-src
-du -sh .device/bin .device/ggml-src .device/llama-src .device
+# The GPU host has no zstd: xz copies of the fixtures for scripts/device/forward.sh gpu.
+mkdir -p .device/fixtures
+for f in ds4-tiny-a.f32 ds4-tiny-a.mxfp4 ds4-tiny-b.f32; do
+  [ -f tests/fixtures/$f.gguf ] || ./scripts/setup.sh
+  xz -T0 -6 -c tests/fixtures/$f.gguf > .device/fixtures/$f.gguf.xz
+done
+du -sh .device/fixtures .device/bin .device/ggml-src .device/llama-src .device
