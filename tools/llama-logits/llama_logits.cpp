@@ -44,6 +44,7 @@ int main(int argc, char ** argv) {
     cp.type_k = GGML_TYPE_F32;
     cp.type_v = GGML_TYPE_F32;
     cp.kv_unified = true;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     if (argc > 4) {
         cp.n_threads = cp.n_threads_batch = atoi(argv[4]);
     }
