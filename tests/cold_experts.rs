@@ -10,6 +10,8 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
+type Pairs = Vec<Vec<(u32, f32)>>;
+
 /// Experts evaluated in f64 from the file: gate/up [n_embd, ff, n_expert], down [ff, n_embd,
 /// n_expert] (ggml order), SwiGLU with the layer's clamp.
 struct RustExperts {
@@ -19,7 +21,8 @@ struct RustExperts {
     gate: Vec<Vec<f32>>,
     up: Vec<Vec<f32>>,
     down: Vec<Vec<f32>>,
-    pending: Option<(usize, Vec<f32>, Vec<Vec<(u32, f32)>>)>,
+    /// Layer, activations and per-token cold pairs of the request in flight.
+    pending: Option<(usize, Vec<f32>, Pairs)>,
     calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 

@@ -55,6 +55,14 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
     }
 }
 
+/// Per-layer expert telemetry (`--timings` with cold experts).
+pub fn print_expert_stats(stats: &[graph::ExpertLayerStats]) {
+    eprintln!("layer  hit rate  routed slots  hot compute s  cold wait s  cold compute s (worker-reported)");
+    for (l, s) in stats.iter().enumerate() {
+        eprintln!("{l:5}  {:7.1}%  {:12}  {:13.4}  {:11.4}  {:14.4}", 100.0 * s.hit_rate(), s.routed, s.hot_s, s.wait_s, s.cold_reported_s);
+    }
+}
+
 pub fn prefill(a: Args) -> Result<()> {
     let mut model = a.model.load()?;
     let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1);
@@ -98,6 +106,9 @@ pub fn decode(a: Args) -> Result<()> {
         }
     }
     report(&model, &a, &format!("tg{}", a.tokens), rates, build, compute);
+    if let (true, Some(stats)) = (a.timings, model.take_expert_stats()) {
+        print_expert_stats(&stats);
+    }
     Ok(())
 }
 

@@ -91,6 +91,8 @@ pub struct WorkerPool {
     workers: Vec<Worker>,
     /// The current layer's activations (kept for a replay).
     x: Vec<f32>,
+    /// Worker-reported compute of the last `end`, summed over workers (µs).
+    reported_us: u64,
     pub respawns: usize,
 }
 
@@ -134,7 +136,7 @@ impl WorkerPool {
         let c = &model.config;
         let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
         let dir = tempdir::PrivateDir::create().context("creating the private socket directory")?;
-        let mut pool = WorkerPool { exe, model: model.path.clone(), threads, limits, identity, dir, workers: Vec::new(), x: Vec::new(), respawns: 0 };
+        let mut pool = WorkerPool { exe, model: model.path.clone(), threads, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
         for (index, experts) in shares.into_iter().enumerate() {
             let socket = pool.dir.path().join(format!("worker-{index}.sock"));
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
@@ -244,7 +246,12 @@ impl ColdExperts for WorkerPool {
         Ok(())
     }
 
+    fn reported_compute_s(&self) -> f64 {
+        self.reported_us as f64 * 1e-6
+    }
+
     fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String> {
+        self.reported_us = 0;
         for i in 0..self.workers.len() {
             let Some(InFlight { id, n, ids, ws }) = self.workers[i].pending.take() else { continue };
             let mut result = self.workers[i].conn.eval_end(id, Instant::now() + EVAL_DEADLINE);
@@ -255,7 +262,8 @@ impl ColdExperts for WorkerPool {
                 self.x = x;
                 result = self.workers[i].conn.eval_end(id?, Instant::now() + EVAL_DEADLINE);
             }
-            result.map_err(|e| format!("expert worker {i}: {e}"))?;
+            let reply = result.map_err(|e| format!("expert worker {i}: {e}"))?;
+            self.reported_us += reply.compute_us;
             let o = self.workers[i].conn.output(n).map_err(|e| format!("expert worker {i}: {e}"))?;
             for (a, b) in out.iter_mut().zip(o) {
                 *a += b;

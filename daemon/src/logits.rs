@@ -71,6 +71,9 @@ pub fn run(a: Args) -> Result<()> {
             total.build_s,
             total.compute_s
         );
+        if let Some(stats) = model.take_expert_stats() {
+            crate::bench_model::print_expert_stats(&stats);
+        }
     }
     Ok(())
 }

@@ -17,6 +17,35 @@ pub trait ColdExperts: Send {
     /// Wait for layer `layer` and add Σ weight · expert(x) of each token's cold pairs into
     /// `out` (n rows of n_embd).
     fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String>;
+    /// Compute time the executor's workers reported for the last `end`, in seconds (0 when
+    /// it does not know).
+    fn reported_compute_s(&self) -> f64 {
+        0.0
+    }
+}
+
+/// Per-layer expert telemetry since the last reset (`Model::expert_stats`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ExpertLayerStats {
+    /// Routed (token, expert) slots, and how many of them were cold.
+    pub routed: u64,
+    pub cold: u64,
+    /// From the hand-over of the cold pairs to the wait for them: the hot experts' compute.
+    pub hot_s: f64,
+    /// Time spent waiting for the cold experts after the hot ones were done.
+    pub wait_s: f64,
+    /// Compute time the workers reported.
+    pub cold_reported_s: f64,
+}
+
+impl ExpertLayerStats {
+    /// Fraction of routed slots served by the hot experts.
+    pub fn hit_rate(&self) -> f64 {
+        if self.routed == 0 {
+            return 1.0;
+        }
+        1.0 - self.cold as f64 / self.routed as f64
+    }
 }
 
 /// Which experts of each layer this backend holds.
@@ -41,6 +70,8 @@ pub(crate) struct ColdState {
     pub hot: Vec<Vec<bool>>,
     pub error: Option<String>,
     pub pairs: Vec<Vec<(u32, f32)>>,
+    pub stats: Vec<ExpertLayerStats>,
+    pub began: Option<std::time::Instant>,
 }
 
 /// What one layer's custom ops point at (owned by the step graph, so the pointer lives as
@@ -83,11 +114,17 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
             }
         }
     }
+    let cold: usize = st.pairs[..n].iter().map(Vec::len).sum();
+    if let Some(ls) = st.stats.get_mut(call.layer) {
+        ls.routed += (k * n) as u64;
+        ls.cold += cold as u64;
+    }
     if st.error.is_none() {
         if let Err(e) = st.exec.begin(call.layer, n_embd, x, &st.pairs[..n]) {
             st.error = Some(format!("cold experts of layer {}: {e}", call.layer));
         }
     }
+    st.began = Some(std::time::Instant::now());
 }
 
 pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
@@ -105,9 +142,18 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _
         out.copy_from_slice(std::slice::from_raw_parts((*d.src[1]).data as *const f32, n_embd * n));
     }
     let Ok(mut st) = (*call.state).lock() else { return };
+    let t0 = std::time::Instant::now();
+    let hot_s = st.began.take().map(|b| (t0 - b).as_secs_f64()).unwrap_or(0.0);
     if st.error.is_none() {
         if let Err(e) = st.exec.end(call.layer, out) {
             st.error = Some(format!("cold experts of layer {}: {e}", call.layer));
         }
+    }
+    let wait_s = t0.elapsed().as_secs_f64();
+    let reported = st.exec.reported_compute_s();
+    if let Some(ls) = st.stats.get_mut(call.layer) {
+        ls.hot_s += hot_s;
+        ls.wait_s += wait_s;
+        ls.cold_reported_s += reported;
     }
 }

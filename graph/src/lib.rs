@@ -16,7 +16,7 @@ pub mod plan;
 mod state;
 mod weights;
 
-pub use cold::{ColdExperts, HotExperts};
+pub use cold::{ColdExperts, ExpertLayerStats, HotExperts};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use state::Sequence;
 

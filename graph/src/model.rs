@@ -215,6 +215,15 @@ impl Model {
         })
     }
 
+    /// Per-layer expert telemetry (hit rate, hot compute, cold wait, worker-reported cold
+    /// compute) since the last call, when some experts are cold; resets the counters.
+    pub fn take_expert_stats(&mut self) -> Option<Vec<crate::cold::ExpertLayerStats>> {
+        let cold = self.cold.as_ref()?;
+        let mut st = cold.lock().ok()?;
+        let n = st.stats.len();
+        Some(std::mem::replace(&mut st.stats, vec![Default::default(); n]))
+    }
+
     /// The experts this backend holds.
     pub fn hot_experts(&self) -> &HotExperts {
         &self.hot
@@ -245,7 +254,8 @@ impl Model {
             })
             .collect();
         self.step = None;
-        self.cold = Some(Box::new(Mutex::new(ColdState { exec, hot, error: None, pairs: Vec::new() })));
+        let stats = vec![Default::default(); self.config.n_layer];
+        self.cold = Some(Box::new(Mutex::new(ColdState { exec, hot, error: None, pairs: Vec::new(), stats, began: None })));
         Ok(())
     }
 
