@@ -9,6 +9,8 @@ command -v cmake >/dev/null || need+=(cmake)
 command -v zstd >/dev/null || need+=(zstd)
 command -v c++ >/dev/null || need+=(g++)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+# The openai-client test makes a venv (Debian ships venv/ensurepip separately).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 # bindgen needs libclang.so itself (libclang-cpp.so, which other packages bring, is not it).
 ls /usr/lib/llvm-*/lib/libclang.so /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 || need+=(libclang-dev)
 if [ ${#need[@]} -gt 0 ]; then

@@ -5,3 +5,5 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# The official openai client against a real `dflash serve` on the shipped model.
+./scripts/test_openai.sh
