@@ -360,3 +360,27 @@ fn repacked_matrices_give_the_plain_layout_logits() {
     assert!(close * 4 >= per_pos.len() * 3, "only {close} of {} positions agree", per_pos.len());
     assert!(d <= 2e-2 * max, "repacked vs plain: max |Δ| {d:.3e}");
 }
+
+/// Two sequences decoded in turn (as `serve --parallel` does): each keeps its own state and
+/// its own cached decode graph, and both match the reference.
+#[test]
+fn two_sequences_in_turn_keep_their_state_and_graphs() {
+    let r = reference("ds4-tiny-b");
+    let mut m = load("ds4-tiny-b.f32.gguf", 64);
+    let (p, n) = (60, 100);
+    let mut a = m.new_sequence(n).expect("sequence");
+    let mut b = m.new_sequence(n).expect("sequence");
+    m.forward(&mut a, &r.tokens[..p], Logits::Last).expect("prefill a");
+    m.forward(&mut b, &r.tokens[..p - 20], Logits::Last).expect("prefill b");
+    m.forward(&mut b, &r.tokens[p - 20..p], Logits::Last).expect("prefill b, rest");
+    let (mut la, mut lb, mut reused) = (Vec::new(), Vec::new(), 0);
+    for &t in &r.tokens[p..n] {
+        la.extend(m.forward(&mut a, &[t], Logits::Last).expect("decode a"));
+        reused += m.timings().graphs_reused;
+        lb.extend(m.forward(&mut b, &[t], Logits::Last).expect("decode b"));
+        reused += m.timings().graphs_reused;
+    }
+    check(&r, &la, m.n_vocab(), p, "sequence a");
+    check(&r, &lb, m.n_vocab(), p, "sequence b");
+    assert!(reused * 10 >= 2 * (n - p) * 9, "decode graphs reused only {reused} of {} times", 2 * (n - p));
+}

@@ -130,6 +130,10 @@ impl Drop for Step {
 
 static NEXT_SEQ_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Step graphs kept (each with its compute buffer): enough for a few sequences' decode graphs
+/// plus a prefill shape.
+const MAX_CACHED_STEPS: usize = 8;
+
 pub struct Model {
     pub config: Ds4Config,
     pub file: ModelFile,
@@ -137,7 +141,7 @@ pub struct Model {
     weights: Weights,
     backend: Backend,
     buft: BufferType,
-    step: Option<Step>,
+    steps: Vec<Step>,
     model_id: u64,
     timings: StepTimings,
     hot: HotExperts,
@@ -146,7 +150,7 @@ pub struct Model {
     _tensors: TensorSet,
 }
 
-// SAFETY: the raw graph/allocator pointers of `step` are only touched through &mut self.
+// SAFETY: the raw graph/allocator pointers of `steps` are only touched through &mut self.
 unsafe impl Send for Model {}
 
 impl Model {
@@ -205,7 +209,7 @@ impl Model {
             weights,
             backend,
             buft,
-            step: None,
+            steps: Vec::new(),
             model_id,
             timings: StepTimings::default(),
             hot,
@@ -253,7 +257,7 @@ impl Model {
                 v
             })
             .collect();
-        self.step = None;
+        self.steps.clear();
         let stats = vec![Default::default(); self.config.n_layer];
         self.cold = Some(Box::new(Mutex::new(ColdState { exec, hot, error: None, pairs: Vec::new(), stats, began: None })));
         Ok(())
@@ -333,14 +337,24 @@ impl Model {
         let key = StepKey { seq: seq.id, n, logits: want, comp: comps.iter().map(|(s, cp)| (s.ratio, cp.n_windows, cp.n_view)).collect() };
 
         let t0 = Instant::now();
-        if self.step.as_ref().map(|s| &s.key) != Some(&key) {
-            self.step = None;
-            self.step = Some(self.build(seq, key, &comps)?);
-            self.timings.graphs_built += 1;
-        } else {
-            self.timings.graphs_reused += 1;
+        // Step graphs are cached per shape key (which includes the sequence), most recent
+        // last, so sequences served in turn keep their decode graphs.
+        match self.steps.iter().position(|s| s.key == key) {
+            Some(i) => {
+                let s = self.steps.remove(i);
+                self.steps.push(s);
+                self.timings.graphs_reused += 1;
+            }
+            None => {
+                if self.steps.len() >= MAX_CACHED_STEPS {
+                    self.steps.remove(0);
+                }
+                let s = self.build(seq, key, &comps)?;
+                self.steps.push(s);
+                self.timings.graphs_built += 1;
+            }
         }
-        let Some(step) = self.step.as_ref() else { unreachable!("step was just built") };
+        let Some(step) = self.steps.last() else { unreachable!("a step was just cached") };
         set_inputs(&step.inputs, p, tokens, &raw, &comps);
         let t1 = Instant::now();
         // SAFETY: the graph's tensors live in the step's allocator buffer, the model's weight
