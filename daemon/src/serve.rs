@@ -120,6 +120,8 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 async fn serve(state: St, host: &str, port: u16, grace: Duration) -> Result<()> {
+    // Handlers first: a SIGTERM that arrives once "listening" is printed must find them.
+    let signals = signal_streams()?;
     let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
     let addr: SocketAddr = listener.local_addr()?;
     eprintln!(
@@ -129,7 +131,7 @@ async fn serve(state: St, host: &str, port: u16, grace: Duration) -> Result<()> 
     let app = router(state.clone());
     let st = state.clone();
     let shutdown = async move {
-        wait_for_signal().await;
+        wait_for_signal(signals).await;
         eprintln!("dflash serve: shutting down (in-flight requests get {} s)", grace.as_secs());
         let st2 = st.clone();
         tokio::spawn(async move {
@@ -141,12 +143,16 @@ async fn serve(state: St, host: &str, port: u16, grace: Duration) -> Result<()> 
     Ok(())
 }
 
-async fn wait_for_signal() {
+type Signals = (tokio::signal::unix::Signal, tokio::signal::unix::Signal);
+
+fn signal_streams() -> Result<Signals> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers");
-        return std::future::pending().await;
-    };
+    let term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok((term, int))
+}
+
+async fn wait_for_signal((mut term, mut int): Signals) {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
