@@ -18,7 +18,7 @@ LOG="$(mktemp)"
 "$BIN" serve -m models/tiny-ds4.gguf --port 0 --api-key test-key --parallel 4 --ctx-size 512 \
     --max-body-bytes 200000 2>"$LOG" &
 PID=$!
-trap 'kill $PID 2>/dev/null; rm -f "$LOG"' EXIT
+trap 'kill $PID 2>/dev/null || true; rm -f "$LOG"' EXIT
 for _ in $(seq 1 600); do
     ADDR="$(sed -n 's/.*listening on \(http:\/\/[^ ]*\).*/\1/p' "$LOG")"
     [ -n "$ADDR" ] && break
