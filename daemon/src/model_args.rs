@@ -28,6 +28,10 @@ pub struct ModelArgs {
     /// Worker processes that compute the cold experts (0: in this process).
     #[arg(long = "expert-workers", default_value_t = 1)]
     pub expert_workers: usize,
+    /// Write routed-token counts per layer and expert (JSON, the input of
+    /// `--experts-hot profile:FILE`) to FILE when the model is released (CPU device).
+    #[arg(long = "route-stats-out")]
+    pub route_stats_out: Option<PathBuf>,
     /// CPU threads of each expert worker.
     #[arg(long = "worker-threads", default_value_t = 1)]
     pub worker_threads: usize,
@@ -39,7 +43,13 @@ impl ModelArgs {
         let shape = ModelShape::from_model(&file)?;
         let placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, None)?;
         let hot = HotExperts { layers: placement.hot().layers().to_vec() };
-        let mut opts = ModelOptions { device: Some(self.device.clone()), ubatch: self.ubatch, hot: Some(hot), ..ModelOptions::default() };
+        let mut opts = ModelOptions {
+            device: Some(self.device.clone()),
+            ubatch: self.ubatch,
+            hot: Some(hot),
+            route_stats_out: self.route_stats_out.clone(),
+            ..ModelOptions::default()
+        };
         if let Some(t) = self.threads {
             opts.threads = t;
         }

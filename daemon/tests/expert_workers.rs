@@ -128,3 +128,40 @@ fn a_killed_worker_is_respawned_and_the_run_completes_identically() {
     assert_close(&read_npy(&out), &base, "after a SIGKILL");
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
+
+/// `--route-stats-out` counts every routed (token, expert) slot: on hash layers exactly the
+/// tid2eid table's choices for the tokens fed, read here from the GGUF; and the file feeds
+/// `--experts-hot profile:FILE`, which gives the all-hot logits.
+#[test]
+fn route_stats_count_the_routing_and_feed_a_profile() {
+    let n = 40;
+    let toks = tokens(n);
+    let stats = tmp("route-stats.json");
+    let base = logits(&toks, 30, "route-base.npy", &["--route-stats-out", stats.to_str().expect("utf-8 path")]);
+    let text = std::fs::read_to_string(&stats).expect("stats written");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    let file = loader::ModelFile::open(fixture("ds4-tiny-b.f32.gguf")).expect("fixture");
+    let c = &file.config;
+    let bytes = std::fs::read(fixture("ds4-tiny-b.f32.gguf")).expect("read");
+    let ids: Vec<i32> = std::fs::read_to_string(&toks).expect("tokens").lines().map(|l| l.parse().expect("id")).collect();
+    for l in 0..c.n_layer {
+        let counts: Vec<u64> = v[l.to_string()].as_array().expect("layer").iter().map(|x| x.as_u64().expect("count")).collect();
+        assert_eq!(counts.len(), c.n_expert);
+        assert_eq!(counts.iter().sum::<u64>(), (n * c.n_expert_used) as u64, "layer {l}");
+        if c.is_hash_layer(l) {
+            let t = file.tensors.get(&format!("blk.{l}.ffn_gate_tid2eid.weight")).expect("tid2eid");
+            let mut want = vec![0u64; c.n_expert];
+            for &tok in &ids {
+                for s in 0..c.n_expert_used {
+                    let at = t.offset as usize + (tok as usize * c.n_expert_used + s) * 4;
+                    want[i32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize] += 1;
+                }
+            }
+            assert_eq!(counts, want, "hash layer {l}");
+        }
+    }
+    let profile = format!("profile:{}", stats.display());
+    let got = logits(&toks, 30, "route-profile.npy", &["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "1"]);
+    assert_close(&got, &base, "profile from route stats");
+    std::fs::remove_dir_all(stats.parent().expect("dir")).ok();
+}

@@ -157,3 +157,27 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _
         ls.cold_reported_s += reported;
     }
 }
+
+/// Routed-token counts per layer and expert (`--route-stats-out`), fed by a CPU custom op.
+pub(crate) struct RouteCall {
+    pub counts: *const Mutex<Vec<Vec<u64>>>,
+    pub layer: usize,
+}
+
+pub(crate) unsafe extern "C" fn route_count(dst: *mut sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
+    if ith != 0 {
+        return;
+    }
+    let call = &*(userdata as *const RouteCall);
+    let ids = (*dst).src[0];
+    let (k, n, idp) = rows::<i32>(ids);
+    let ids = std::slice::from_raw_parts(idp, k * n);
+    let Ok(mut counts) = (*call.counts).lock() else { return };
+    if let Some(layer) = counts.get_mut(call.layer) {
+        for &e in ids {
+            if let Some(c) = layer.get_mut(e as usize) {
+                *c += 1;
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ use loader::{Ds4Config, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use std::sync::Mutex;
 
-use crate::cold::{ColdCall, ColdExperts, ColdState, HotExperts};
+use crate::cold::{ColdCall, ColdExperts, ColdState, HotExperts, RouteCall};
 use crate::ops::{Ctx, T};
 use crate::plan::{self, CompPlan, CompShape, RawPlan};
 use crate::state::Sequence;
@@ -29,6 +29,9 @@ pub struct ModelOptions {
     /// Routed experts this backend holds, per layer; None = all. The others need a cold
     /// executor ([`Model::set_cold_experts`]).
     pub hot: Option<HotExperts>,
+    /// Count routed tokens per layer and expert and write them as JSON (layer → counts, the
+    /// `profile:FILE` placement input) when the model is dropped. CPU device only.
+    pub route_stats_out: Option<std::path::PathBuf>,
     /// On the CPU, keep matrices in ggml's repacked (interleaved) layout where the CPU
     /// backend has one for their type and shape (llama.cpp's default as well).
     pub repack: bool,
@@ -37,7 +40,7 @@ pub struct ModelOptions {
 impl Default for ModelOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default(), hot: None, repack: true }
+        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default(), hot: None, route_stats_out: None, repack: true }
     }
 }
 
@@ -93,6 +96,9 @@ pub struct Builder<'a> {
     /// Boxed: the custom ops hold pointers to them, which must not move as the Vec grows.
     #[allow(clippy::vec_box)]
     pub cold_calls: Vec<Box<ColdCall>>,
+    pub route_counts: Option<*const Mutex<Vec<Vec<u64>>>>,
+    #[allow(clippy::vec_box)]
+    pub route_calls: Vec<Box<RouteCall>>,
 }
 
 impl<'a> Builder<'a> {
@@ -118,6 +124,8 @@ struct Step {
     galloc: sys::ggml_gallocr_t,
     #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
+    #[allow(clippy::vec_box)]
+    _route_calls: Vec<Box<RouteCall>>,
     _ctx: Context,
 }
 
@@ -146,6 +154,7 @@ pub struct Model {
     timings: StepTimings,
     hot: HotExperts,
     cold: Option<Box<Mutex<ColdState>>>,
+    route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,
     _tables: Option<(Context, ggml::Buffer)>,
     _tensors: TensorSet,
 }
@@ -202,6 +211,13 @@ impl Model {
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
         let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
+        let route_counts = match &opts.route_stats_out {
+            Some(_) if device.kind() != ggml::DeviceKind::Cpu => {
+                return Err(GraphError::Option("routing statistics need the CPU device".into()));
+            }
+            Some(_) => Some(Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer]))),
+            None => None,
+        };
         Ok(Model {
             config,
             file,
@@ -214,6 +230,7 @@ impl Model {
             timings: StepTimings::default(),
             hot,
             cold: None,
+            route_counts,
             _tables: tables,
             _tensors: tensors,
         })
@@ -226,6 +243,22 @@ impl Model {
         let mut st = cold.lock().ok()?;
         let n = st.stats.len();
         Some(std::mem::replace(&mut st.stats, vec![Default::default(); n]))
+    }
+
+    /// Routed tokens per layer and expert so far (with `route_stats_out`).
+    pub fn route_counts(&self) -> Option<Vec<Vec<u64>>> {
+        self.route_counts.as_ref().and_then(|m| m.lock().ok()).map(|c| c.clone())
+    }
+
+    /// Write the routed-token counts as JSON (layer → counts per expert).
+    pub fn write_route_stats(&self) -> std::io::Result<()> {
+        let (Some(path), Some(counts)) = (&self.opts.route_stats_out, self.route_counts()) else { return Ok(()) };
+        let body: Vec<String> = counts
+            .iter()
+            .enumerate()
+            .map(|(l, c)| format!("\"{l}\": [{}]", c.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")))
+            .collect();
+        std::fs::write(path, format!("{{\n{}\n}}\n", body.join(",\n")))
     }
 
     /// The experts this backend holds.
@@ -420,7 +453,8 @@ impl Model {
         };
 
         let cold = self.cold.as_deref().map(|m| m as *const Mutex<ColdState>);
-        let mut b = Builder { g: &g, c, inp: &inputs, effects: Vec::new(), cold, cold_calls: Vec::new() };
+        let route_counts = self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>);
+        let mut b = Builder { g: &g, c, inp: &inputs, effects: Vec::new(), cold, cold_calls: Vec::new(), route_counts, route_calls: Vec::new() };
         let w = &self.weights;
         let hc = c.hc_count as i64;
         let e = c.n_embd as i64;
@@ -447,6 +481,7 @@ impl Model {
 
         let effects = std::mem::take(&mut b.effects);
         let cold_calls = std::mem::take(&mut b.cold_calls);
+        let route_calls = std::mem::take(&mut b.route_calls);
         drop(b);
         // SAFETY: the context has room for a graph of graph_size nodes.
         let graph = unsafe { sys::ggml_new_graph_custom(g.raw, graph_size, false) };
@@ -464,7 +499,7 @@ impl Model {
         if galloc.is_null() {
             return Err(GraphError::Alloc { what: "a graph allocator" });
         }
-        let step = Step { key, graph, inputs, out, galloc, _cold_calls: cold_calls, _ctx: ctx };
+        let step = Step { key, graph, inputs, out, galloc, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx };
         // SAFETY: graph and allocator are live.
         if !unsafe { sys::ggml_gallocr_alloc_graph(step.galloc, step.graph) } {
             return Err(GraphError::Alloc { what: "the compute buffer" });
@@ -631,5 +666,13 @@ fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> b
         (*w).buffer = std::ptr::null_mut();
         sys::ggml_backend_buffer_free(buf);
         ok
+    }
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        if let Err(e) = self.write_route_stats() {
+            tracing::error!(path = ?self.opts.route_stats_out, "could not write the routing statistics: {e}");
+        }
     }
 }

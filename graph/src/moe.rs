@@ -22,6 +22,14 @@ impl Builder<'_> {
             Router::TopK { bias } => g.cont(g.top_k(g.add(probs, bias), k)),
         };
         let ids = g.name(ids, &format!("router_ids-{il}"));
+        if let Some(counts) = self.route_counts {
+            let call = Box::new(crate::cold::RouteCall { counts, layer: il });
+            let ptr = &*call as *const crate::cold::RouteCall as *mut std::ffi::c_void;
+            self.route_calls.push(call);
+            // SAFETY: `call` is boxed and kept with the step graph; route_count reads a RouteCall.
+            let op = unsafe { g.custom([1, 1], &[ids], Some(crate::cold::route_count), ptr) };
+            self.effects.push(op);
+        }
         let mut wts = g.reshape(g.get_rows(g.reshape(probs, &[1, n_exp, n]), ids), &[k, n]);
         if c.expert_weights_norm {
             wts = g.div(wts, g.sum_rows(wts));
