@@ -53,14 +53,15 @@ impl ModelArgs {
         if let Some(t) = self.threads {
             opts.threads = t;
         }
-        let mut model = Model::load(&self.model, opts).with_context(|| format!("loading {}", self.model.display()))?;
+        let mut model = Model::from_file(file, opts).with_context(|| format!("loading {}", self.model.display()))?;
         let cold = placement.cold();
         if !cold.is_empty() {
             if self.expert_workers == 0 {
-                model.set_cold_experts(Box::new(crate::cold::InProcess::new(&file, &cold, self.worker_threads)?))?;
+                let exec = crate::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
+                model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
-                let pool = crate::cold::WorkerPool::spawn(&file, shares, self.worker_threads, self.ubatch)?;
+                let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }

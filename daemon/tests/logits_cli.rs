@@ -1,6 +1,6 @@
 //! `dflash logits` end to end: tokens in (text and .npy), float32 .npy out, equal to the
 //! transformers reference of the tiny fixture B, through prefill and decode.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn fixture(name: &str) -> PathBuf {
@@ -17,6 +17,20 @@ fn arr<T: npyz::Deserialize>(npz: &mut npyz::npz::NpzArchive<std::io::BufReader<
     npz.by_name(k).expect("npz").expect("key").into_vec().expect("dtype")
 }
 
+/// `dflash logits -m fixture-B --tokens TOKENS --out OUT EXTRA…`
+fn dflash_logits(tokens: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .args(["logits", "-m"])
+        .arg(fixture("ds4-tiny-b.f32.gguf"))
+        .arg("--tokens")
+        .arg(tokens)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .output()
+        .expect("run dflash")
+}
+
 #[test]
 fn logits_npy_matches_reference_through_prefill_and_decode() {
     let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-b.ref.npz")).expect("reference");
@@ -29,17 +43,8 @@ fn logits_npy_matches_reference_through_prefill_and_decode() {
     let text: String = tokens[..n].iter().map(|t| format!("{t}\n")).collect();
     std::fs::write(&tok_file, text).expect("write tokens");
     let out = tmp("logits.npy");
-    let status = Command::new(env!("CARGO_BIN_EXE_dflash"))
-        .args(["logits", "-m"])
-        .arg(fixture("ds4-tiny-b.f32.gguf"))
-        .arg("--tokens")
-        .arg(&tok_file)
-        .arg("--out")
-        .arg(&out)
-        .args(["--decode-from", "100", "--ubatch", "37", "--threads", "2", "--timings"])
-        .status()
-        .expect("run dflash");
-    assert!(status.success());
+    let o = dflash_logits(&tok_file, &out, &["--decode-from", "100", "--ubatch", "37", "--threads", "2", "--timings"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let bytes = std::fs::read(&out).expect("output");
     let npy = npyz::NpyFile::new(&bytes[..]).expect("a .npy");
     let shape = npy.shape().to_vec();
@@ -66,30 +71,14 @@ fn logits_npy_matches_reference_through_prefill_and_decode() {
     bytes.extend(tokens[..n].iter().flat_map(|t| t.to_le_bytes()));
     std::fs::write(&npy_tokens, bytes).expect("write tokens.npy");
     let out2 = tmp("logits2.npy");
-    let status = Command::new(env!("CARGO_BIN_EXE_dflash"))
-        .args(["logits", "-m"])
-        .arg(fixture("ds4-tiny-b.f32.gguf"))
-        .arg("--tokens")
-        .arg(&npy_tokens)
-        .arg("--out")
-        .arg(&out2)
-        .status()
-        .expect("run dflash");
-    assert!(status.success());
+    let o = dflash_logits(&npy_tokens, &out2, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let again: Vec<f32> = npyz::NpyFile::new(&std::fs::read(&out2).expect("out")[..]).expect("npy").into_vec().expect("f32");
     let worst = logits.iter().zip(&again).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     assert!(worst < 1e-3, "prefill-only vs prefill+decode differ by {worst}");
 
     std::fs::write(&tok_file, "0\n-5\n").expect("write");
-    let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
-        .args(["logits", "-m"])
-        .arg(fixture("ds4-tiny-b.f32.gguf"))
-        .arg("--tokens")
-        .arg(&tok_file)
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .expect("run dflash");
+    let o = dflash_logits(&tok_file, &out, &[]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("token -5 (index 1)"), "{err}");

@@ -164,10 +164,14 @@ unsafe impl Send for Model {}
 
 impl Model {
     pub fn load(path: impl AsRef<Path>, opts: ModelOptions) -> Result<Model, GraphError> {
+        Model::from_file(ModelFile::open(path)?, opts)
+    }
+
+    /// Load the weights of an already opened (validated) file.
+    pub fn from_file(file: ModelFile, opts: ModelOptions) -> Result<Model, GraphError> {
         if opts.ubatch == 0 {
             return Err(GraphError::Option("ubatch must be at least 1".into()));
         }
-        let file = ModelFile::open(path)?;
         let device = match &opts.device {
             Some(name) => Device::by_name(name)?,
             None => Device::cpu()?,
@@ -543,12 +547,11 @@ fn write_f32(t: T, v: &[f32]) {
 }
 
 fn read_f32(t: T, out: &mut [f32]) {
-    let mut bytes = vec![0u8; out.len() * 4];
-    // SAFETY: t is the allocated output of exactly out.len() f32.
-    unsafe { ggml::backend::tensor_get(t.0, &mut bytes, 0) };
-    for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-        *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    }
+    // SAFETY: any byte pattern is a valid f32; the view covers exactly `out`, and t is the
+    // allocated F32 output of exactly out.len() values (ggml tensors are native-endian).
+    let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(out)) };
+    // SAFETY: as above.
+    unsafe { ggml::backend::tensor_get(t.0, bytes, 0) };
 }
 
 fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
