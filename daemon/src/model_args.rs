@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
-use expert_worker::placement::{split_cold, ExpertPlacement, ModelShape, PlacementArgs};
+use expert_worker::placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs};
 use graph::{HotExperts, Model, ModelOptions};
 
 #[derive(clap::Args, Clone)]
@@ -29,19 +29,23 @@ pub struct ModelArgs {
     #[arg(long = "expert-workers", default_value_t = 1)]
     pub expert_workers: usize,
     /// Write routed-token counts per layer and expert (JSON, the input of
-    /// `--experts-hot profile:FILE`) to FILE when the model is released (CPU device).
+    /// `--experts-hot profile:FILE`) to FILE when the model is released.
     #[arg(long = "route-stats-out")]
     pub route_stats_out: Option<PathBuf>,
     /// CPU threads of each expert worker.
     #[arg(long = "worker-threads", default_value_t = 1)]
     pub worker_threads: usize,
+    /// Device memory (MiB) kept free for the KV caches and compute buffers when
+    /// `--experts-hot budget|profile:FILE` takes its budget from a GPU's free memory.
+    #[arg(long = "device-reserve-mb", default_value_t = 2048)]
+    pub device_reserve_mb: u64,
 }
 
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let file = loader::ModelFile::open(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
         let shape = ModelShape::from_model(&file)?;
-        let placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, None)?;
+        let placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file)?)?;
         let hot = HotExperts { layers: placement.hot().layers().to_vec() };
         let mut opts = ModelOptions {
             device: Some(self.device.clone()),
@@ -67,5 +71,21 @@ impl ModelArgs {
             }
         }
         Ok(model)
+    }
+
+    /// On a GPU: its free memory minus the weights that are not routed experts and the
+    /// reserve, the budget `budget` and `profile` placements fill. None on the CPU (those
+    /// policies then need `--expert-budget-mb`).
+    fn device_budget(&self, file: &loader::ModelFile) -> Result<Option<u64>> {
+        let device = ggml::Device::by_name(&self.device)?;
+        if device.kind() == ggml::DeviceKind::Cpu {
+            return Ok(None);
+        }
+        let experts: u64 = expert_worker::compute::expert_bytes_per_layer(file)?.iter().sum::<u64>() * file.config.n_expert as u64;
+        let other = file.tensors.total_bytes().saturating_sub(experts);
+        let free = device.memory().0 as u64;
+        let budget = budget_from_device(free, other, 0, 0, self.device_reserve_mb.saturating_mul(1 << 20));
+        tracing::info!(device = %self.device, free, other_weights = other, budget, "hot-expert budget from the device");
+        Ok(Some(budget))
     }
 }

@@ -6,10 +6,12 @@
 pub mod backend;
 pub mod context;
 pub mod log;
+pub mod sched;
 pub mod types;
 
 pub use backend::{load_backend_module, Backend, Buffer, BufferType, Device, DeviceKind};
 pub use context::Context;
+pub use sched::Scheduler;
 pub use ggml_sys as sys;
 pub use types::TensorType;
 
@@ -25,6 +27,8 @@ pub enum GgmlError {
     Alloc { buffer_type: String, bytes: usize },
     #[error("ggml could not create a context of {0} bytes of metadata")]
     ContextInit(usize),
+    #[error("ggml scheduler: {0}")]
+    Sched(String),
     #[error("ggml graph computation failed on {backend}: status {status}")]
     Compute { backend: String, status: i32 },
 }

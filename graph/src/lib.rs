@@ -36,8 +36,6 @@ pub enum GraphError {
     ContextOverflow { pos: usize, n: usize, n_ctx: usize },
     #[error("sequence was created for another model")]
     ForeignSequence,
-    #[error("the graph allocator could not allocate {what}")]
-    Alloc { what: &'static str },
     #[error("{0}")]
     Cold(String),
     #[error("invalid option: {0}")]

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use ggml::{sys, Backend, BufferType, Context, Device};
+use ggml::{sys, Backend, BufferType, Context, Device, Scheduler};
 use loader::{Ds4Config, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use std::sync::Mutex;
@@ -99,6 +99,8 @@ pub struct Builder<'a> {
     pub route_counts: Option<*const Mutex<Vec<Vec<u64>>>>,
     #[allow(clippy::vec_box)]
     pub route_calls: Vec<Box<RouteCall>>,
+    /// Nodes that must run on the CPU backend (custom ops), whatever device runs the rest.
+    pub cpu_nodes: Vec<T>,
 }
 
 impl<'a> Builder<'a> {
@@ -121,19 +123,14 @@ struct Step {
     graph: *mut sys::ggml_cgraph,
     inputs: Inputs,
     out: T,
-    galloc: sys::ggml_gallocr_t,
+    /// Splits the graph between the model's device and the CPU (custom ops, inputs) and
+    /// holds its compute buffers.
+    sched: Scheduler,
     #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
     #[allow(clippy::vec_box)]
     _route_calls: Vec<Box<RouteCall>>,
     _ctx: Context,
-}
-
-impl Drop for Step {
-    fn drop(&mut self) {
-        // SAFETY: we own the allocator; the graph and tensors die with the context.
-        unsafe { sys::ggml_gallocr_free(self.galloc) };
-    }
 }
 
 static NEXT_SEQ_ID: AtomicU64 = AtomicU64::new(1);
@@ -147,9 +144,14 @@ pub struct Model {
     pub file: ModelFile,
     opts: ModelOptions,
     weights: Weights,
-    backend: Backend,
-    buft: BufferType,
+    /// Step graphs, each with its scheduler (which points at the backends below: dropped
+    /// first, see `Drop`).
     steps: Vec<Step>,
+    backend: Backend,
+    /// The CPU backend beside a non-CPU `backend`: graph inputs, custom ops (the cold-expert
+    /// hand-over, routing statistics) and the copies between them and the device.
+    cpu: Option<Backend>,
+    buft: BufferType,
     model_id: u64,
     timings: StepTimings,
     hot: HotExperts,
@@ -178,6 +180,10 @@ impl Model {
         };
         let backend = Backend::new(device)?;
         backend.set_threads(opts.threads);
+        let cpu = match device.kind() {
+            ggml::DeviceKind::Cpu => None,
+            _ => Some(Backend::cpu(opts.threads)?),
+        };
         let buft = device.buffer_type();
         let config = file.config.clone();
         let hot = match opts.hot.clone() {
@@ -215,21 +221,16 @@ impl Model {
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
         let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
-        let route_counts = match &opts.route_stats_out {
-            Some(_) if device.kind() != ggml::DeviceKind::Cpu => {
-                return Err(GraphError::Option("routing statistics need the CPU device".into()));
-            }
-            Some(_) => Some(Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer]))),
-            None => None,
-        };
+        let route_counts = opts.route_stats_out.as_ref().map(|_| Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer])));
         Ok(Model {
             config,
             file,
             opts,
             weights,
-            backend,
-            buft,
             steps: Vec::new(),
+            backend,
+            cpu,
+            buft,
             model_id,
             timings: StepTimings::default(),
             hot,
@@ -275,12 +276,9 @@ impl Model {
         (0..self.config.n_layer).any(|l| !self.hot.is_all_hot(l, self.config.n_expert))
     }
 
-    /// Hand the cold experts to `exec`. Needs the CPU device (the hand-over runs as CPU custom
-    /// ops).
+    /// Hand the cold experts to `exec`. The hand-over runs as CPU custom ops; on another
+    /// device the scheduler copies the activations and routes to the CPU and the sums back.
     pub fn set_cold_experts(&mut self, exec: Box<dyn ColdExperts>) -> Result<(), GraphError> {
-        if self.backend.device().kind() != ggml::DeviceKind::Cpu {
-            return Err(GraphError::Option(format!("cold experts need the CPU device, the model runs on {}", self.backend.name())));
-        }
         let n_expert = self.config.n_expert;
         let hot = self
             .hot
@@ -322,6 +320,15 @@ impl Model {
     pub fn set_threads(&mut self, threads: usize) {
         self.opts.threads = threads;
         self.backend.set_threads(threads);
+        if let Some(cpu) = &self.cpu {
+            cpu.set_threads(threads);
+        }
+    }
+
+    /// Into how many per-backend runs the last step's graph was split (1: one backend ran
+    /// it all; more when custom ops ran on the CPU beside a GPU).
+    pub fn last_step_splits(&self) -> usize {
+        self.steps.last().map_or(0, |s| s.sched.n_splits())
     }
 
     /// Timings of the last `forward` call.
@@ -391,12 +398,12 @@ impl Model {
                 self.timings.graphs_built += 1;
             }
         }
-        let Some(step) = self.steps.last() else { unreachable!("a step was just cached") };
+        let Some(step) = self.steps.last_mut() else { unreachable!("a step was just cached") };
         set_inputs(&step.inputs, p, tokens, &raw, &comps);
         let t1 = Instant::now();
-        // SAFETY: the graph's tensors live in the step's allocator buffer, the model's weight
-        // buffer and the sequence's state buffer, all on this backend.
-        unsafe { self.backend.compute(step.graph)? };
+        // SAFETY: the step's graph is the one its scheduler allocated; its other tensors live
+        // in the model's weight buffers and the sequence's state buffer, on these backends.
+        unsafe { step.sched.compute(step.graph)? };
         if let Some(cold) = &self.cold {
             let mut st = cold.lock().map_err(|_| GraphError::Cold("the cold expert state is poisoned".into()))?;
             if let Some(e) = st.error.take() {
@@ -458,7 +465,17 @@ impl Model {
 
         let cold = self.cold.as_deref().map(|m| m as *const Mutex<ColdState>);
         let route_counts = self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>);
-        let mut b = Builder { g: &g, c, inp: &inputs, effects: Vec::new(), cold, cold_calls: Vec::new(), route_counts, route_calls: Vec::new() };
+        let mut b = Builder {
+            g: &g,
+            c,
+            inp: &inputs,
+            effects: Vec::new(),
+            cold,
+            cold_calls: Vec::new(),
+            route_counts,
+            route_calls: Vec::new(),
+            cpu_nodes: Vec::new(),
+        };
         let w = &self.weights;
         let hc = c.hc_count as i64;
         let e = c.n_embd as i64;
@@ -486,6 +503,7 @@ impl Model {
         let effects = std::mem::take(&mut b.effects);
         let cold_calls = std::mem::take(&mut b.cold_calls);
         let route_calls = std::mem::take(&mut b.route_calls);
+        let cpu_nodes = std::mem::take(&mut b.cpu_nodes);
         drop(b);
         // SAFETY: the context has room for a graph of graph_size nodes.
         let graph = unsafe { sys::ggml_new_graph_custom(g.raw, graph_size, false) };
@@ -498,17 +516,43 @@ impl Model {
                 sys::ggml_build_forward_expand(graph, eff.0);
             }
         }
-        // SAFETY: a fresh allocator for this backend's buffer type.
-        let galloc = unsafe { sys::ggml_gallocr_new(self.buft.as_ptr()) };
-        if galloc.is_null() {
-            return Err(GraphError::Alloc { what: "a graph allocator" });
+        let cpu = self.cpu.as_ref().unwrap_or(&self.backend);
+        let backends: Vec<&Backend> = match &self.cpu {
+            Some(cpu) => vec![&self.backend, cpu],
+            None => vec![&self.backend],
+        };
+        // SAFETY: the model owns the backends and drops its steps first.
+        let mut sched = unsafe { Scheduler::new(&backends, graph_tensor_count(graph) + 64)? };
+        // SAFETY: the nodes belong to this graph; `cpu` is one of the scheduler's backends.
+        for node in &cpu_nodes {
+            unsafe { sched.pin(node.0, cpu) };
         }
-        let step = Step { key, graph, inputs, out, galloc, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx };
-        // SAFETY: graph and allocator are live.
-        if !unsafe { sys::ggml_gallocr_alloc_graph(step.galloc, step.graph) } {
-            return Err(GraphError::Alloc { what: "the compute buffer" });
+        // SAFETY: the graph is live; weights, tables and state are in these backends' buffers.
+        unsafe { sched.alloc_graph(graph)? };
+        tracing::debug!(splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
+        Ok(Step { key, graph, inputs, out, sched, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
+    }
+}
+
+/// Nodes plus distinct leafs (inputs, weights, state) of a built graph: the size of the
+/// scheduler's tensor table.
+fn graph_tensor_count(graph: *mut sys::ggml_cgraph) -> usize {
+    // SAFETY: a live graph; nodes and their sources are live tensors.
+    unsafe {
+        let n = sys::ggml_graph_n_nodes(graph).max(0) as usize;
+        let nodes: std::collections::HashSet<*mut sys::ggml_tensor> = (0..n).map(|i| sys::ggml_graph_node(graph, i as i32)).collect();
+        let mut leafs = std::collections::HashSet::new();
+        for &t in &nodes {
+            for &src in (*t).src.iter().filter(|s| !s.is_null()) {
+                if !nodes.contains(&src) {
+                    leafs.insert(src);
+                }
+                if !(*src).view_src.is_null() && !nodes.contains(&(*src).view_src) {
+                    leafs.insert((*src).view_src);
+                }
+            }
         }
-        Ok(step)
+        n + leafs.len()
     }
 }
 
@@ -674,6 +718,7 @@ fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> b
 
 impl Drop for Model {
     fn drop(&mut self) {
+        self.steps.clear();
         if let Err(e) = self.write_route_stats() {
             tracing::error!(path = ?self.opts.route_stats_out, "could not write the routing statistics: {e}");
         }

@@ -29,6 +29,7 @@ impl Builder<'_> {
             // SAFETY: `call` is boxed and kept with the step graph; route_count reads a RouteCall.
             let op = unsafe { g.custom([1, 1], &[ids], Some(crate::cold::route_count), ptr) };
             self.effects.push(op);
+            self.cpu_nodes.push(op);
         }
         let mut wts = g.reshape(g.get_rows(g.reshape(probs, &[1, n_exp, n]), ids), &[k, n]);
         if c.expert_weights_norm {
@@ -36,15 +37,12 @@ impl Builder<'_> {
         }
         let wts = g.name(g.scale(wts, c.expert_weights_scale), &format!("router_weights-{il}"));
 
-        let routed = self.routed_experts(il, z, ids, wts, w);
-        match w.shared {
-            Some((gate, up, down)) => {
-                let clamp = c.swiglu_clamp_shexp[il];
-                let h = self.swiglu(g.mm(gate, z), g.mm(up, z), clamp);
-                g.add(routed, g.mm(down, h))
-            }
-            None => routed,
-        }
+        // The shared expert goes first, so that it is computed while cold experts are.
+        let shared = w.shared.map(|(gate, up, down)| {
+            let h = self.swiglu(g.mm(gate, z), g.mm(up, z), c.swiglu_clamp_shexp[il]);
+            g.name(g.mm(down, h), &format!("shared_out-{il}"))
+        });
+        self.routed_experts(il, z, ids, wts, w, shared)
     }
 
     /// silu(min(gate, clamp)) · clamp(up, −clamp, clamp); no clamp when `clamp` ≤ 0.
@@ -58,27 +56,39 @@ impl Builder<'_> {
     }
 
     /// The routed-expert seam: activations `z` [n_embd, n], selected expert ids [k, n] (I32)
-    /// and their weights [k, n] in; Σ_k weight · expert(z) [n_embd, n] out. Experts this
-    /// backend holds are computed here; the others go to the cold executor (`cold.rs`) around
-    /// the hot compute, so both overlap.
-    pub fn routed_experts(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights) -> T {
+    /// and their weights [k, n] in; `base` + Σ_k weight · expert(z) [n_embd, n] out (`base`:
+    /// the shared expert's output, computed on the device while the cold experts run).
+    /// Experts this backend holds are computed here; the others go to the cold executor
+    /// (`cold.rs`) around the hot compute, so both overlap.
+    pub fn routed_experts(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights, base: Option<T>) -> T {
         let g = self.g;
         let (k, n) = (ids.ne(0), z.ne(1));
+        let plus_base = |t: T| match base {
+            Some(b) => g.add(t, b),
+            None => t,
+        };
         let all_hot = w.experts.as_ref().is_some_and(|r| r.subset.is_none());
         if all_hot || self.cold.is_none() {
             return match &w.experts {
-                Some(r) => self.hot_experts(il, z, ids, wts, r),
+                Some(r) => {
+                    let hot = self.hot_experts(il, z, ids, wts, r);
+                    plus_base(hot)
+                }
                 None => unreachable!("layers without held experts need a cold executor (checked at load)"),
             };
         }
         let begin = self.cold_op(il, [1, 1], &[z, ids, wts], crate::cold::cold_begin);
-        let hot = w.experts.as_ref().map(|r| {
-            let Some((remap, mask)) = r.subset else { unreachable!("subset tables exist for a partly held layer") };
-            let flat = g.reshape(ids, &[k * n]);
-            let local = g.reshape(g.get_rows(g.reshape(remap, &[1, remap.ne(0)]), flat), &[k, n]);
-            let held = g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), flat), &[k, n]);
-            g.cont(self.hot_experts(il, z, local, g.mul(wts, held), r))
-        });
+        let hot = match &w.experts {
+            Some(r) => {
+                let Some((remap, mask)) = r.subset else { unreachable!("subset tables exist for a partly held layer") };
+                let flat = g.reshape(ids, &[k * n]);
+                let local = g.reshape(g.get_rows(g.reshape(remap, &[1, remap.ne(0)]), flat), &[k, n]);
+                let held = g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), flat), &[k, n]);
+                let hot = self.hot_experts(il, z, local, g.mul(wts, held), r);
+                Some(g.cont(plus_base(hot)))
+            }
+            None => base.map(|b| g.cont(b)),
+        };
         let mut args = vec![begin];
         args.extend(hot);
         let out = self.cold_op(il, [z.ne(0), n], &args, crate::cold::cold_end);
@@ -92,7 +102,9 @@ impl Builder<'_> {
         self.cold_calls.push(call);
         // SAFETY: `call` is boxed and kept with the step graph (cold_calls), so `ptr` lives as
         // long as the graph; `fun` reads a ColdCall.
-        unsafe { self.g.custom(ne, args, Some(fun), ptr) }
+        let op = unsafe { self.g.custom(ne, args, Some(fun), ptr) };
+        self.cpu_nodes.push(op);
+        op
     }
 
     /// Σ_k weight · expert(z) over experts held by this backend (`ids` are indices into the
