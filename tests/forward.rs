@@ -29,6 +29,8 @@ fn npz_array<T: npyz::Deserialize>(npz: &mut npyz::npz::NpzArchive<std::io::BufR
 fn reference(name: &str) -> Reference {
     let mut npz = npyz::npz::NpzArchive::open(fixture(&format!("{name}.ref.npz"))).expect("reference npz (run ./scripts/setup.sh)");
     let ints = |npz: &mut _, k: &str| -> Vec<i32> { npz_array::<i32>(npz, k) };
+    // the Q8_0-emulated reference has no greedy continuation
+    let has_greedy = npz.array_names().any(|n| n == "greedy_tokens");
     Reference {
         tokens: ints(&mut npz, "tokens").into_iter().map(|t| t as u32).collect(),
         cols: ints(&mut npz, "logits_cols").into_iter().map(|t| t as usize).collect(),
@@ -36,7 +38,7 @@ fn reference(name: &str) -> Reference {
         max_abs: npz_array(&mut npz, "logits_max_abs"),
         argmax: ints(&mut npz, "logits_argmax").into_iter().map(|t| t as usize).collect(),
         logsumexp: npz_array(&mut npz, "logits_logsumexp"),
-        greedy: ints(&mut npz, "greedy_tokens").into_iter().map(|t| t as u32).collect(),
+        greedy: if has_greedy { ints(&mut npz, "greedy_tokens").into_iter().map(|t| t as u32).collect() } else { Vec::new() },
     }
 }
 
@@ -177,19 +179,12 @@ fn b_f32_full_prefill() {
     full_prefill("ds4-tiny-b", "ds4-tiny-b.f32.gguf");
 }
 
-/// MXFP4 experts: ggml rounds the activations to Q8_0 blocks for quantized weights, so the
-/// float32 reference is only approximated. Reports median relative L2 over the reference's
-/// logit columns and top-1 agreement with the reference argmax.
-#[test]
-fn a_mxfp4_close_to_float_reference() {
-    let r = reference("ds4-tiny-a");
-    let mut m = load("ds4-tiny-a.mxfp4.gguf", 512);
-    let mut seq = m.new_sequence(1024).expect("sequence");
-    let logits = m.forward(&mut seq, &r.tokens, Logits::All).expect("forward");
-    let (v, k) = (m.n_vocab(), r.cols.len());
+/// Median relative L2 over the reference's logit columns and top-1 agreement with its argmax.
+fn rel_l2_and_top1(r: &Reference, logits: &[f32], n_vocab: usize) -> (f64, f64) {
+    let k = r.cols.len();
     let mut rel = Vec::new();
     let mut top1 = 0;
-    for (t, row) in logits.chunks_exact(v).enumerate() {
+    for (t, row) in logits.chunks_exact(n_vocab).enumerate() {
         let sub = &r.sub[t * k..(t + 1) * k];
         let (mut num, mut den) = (0f64, 0f64);
         for (j, &col) in r.cols.iter().enumerate() {
@@ -201,13 +196,77 @@ fn a_mxfp4_close_to_float_reference() {
         top1 += usize::from(argmax == r.argmax[t]);
     }
     rel.sort_by(|a, b| a.total_cmp(b));
-    let median = rel[rel.len() / 2];
-    let agree = top1 as f64 / r.tokens.len() as f64;
-    eprintln!("mxfp4 vs float32 reference: median relative L2 {median:.2e}, max {:.2e}, top-1 agreement {:.1}%", rel[rel.len() - 1], 100.0 * agree);
-    // A broken quantized path is far off (relative L2 ~1, agreement ~0); Q8_0 rounding of the
-    // activations plus router/indexer flips it causes measure 3.3e-2 / 83% here.
-    assert!(median < 0.1, "median relative L2 {median:.2e}");
-    assert!(agree >= 0.75, "top-1 agreement {agree}");
+    (rel[rel.len() / 2], top1 as f64 / rel.len() as f64)
+}
+
+/// MXFP4 experts: for quantized weights ggml's CPU backend rounds the activation operand of
+/// each matmul to Q8_0 blocks (32 values, fp16 scale, int8), here the routed experts' gate/up
+/// input and down input. `ds4-tiny-a.mxfp4-q8.ref.npz` is the transformers float32 forward
+/// with exactly that rounding emulated (tools/make_fixtures.py, `q8_0_round`). dflash must
+/// match it to 1e-3 · max|logit| except at a few positions where a rounding tie or a
+/// router/indexer near-tie resolves differently ("flips", which may carry on through
+/// attention). Also reports the distance to the exact float32 reference.
+#[test]
+fn a_mxfp4_close_to_float_reference() {
+    let exact = reference("ds4-tiny-a");
+    let q8 = reference("ds4-tiny-a.mxfp4-q8");
+    assert_eq!(q8.tokens, exact.tokens);
+    // its columns are a subset of the exact reference's (1024 of 4566, to keep the file small)
+    assert!(q8.cols.iter().all(|c| exact.cols.binary_search(c).is_ok()), "columns line up");
+    let mut m = load("ds4-tiny-a.mxfp4.gguf", 512);
+    let mut seq = m.new_sequence(1024).expect("sequence");
+    let logits = m.forward(&mut seq, &q8.tokens, Logits::All).expect("forward");
+    let (v, k) = (m.n_vocab(), q8.cols.len());
+
+    // per position: max |Δlogit| over the columns and the full-vocab max |logit| and
+    // logsumexp (as `check`), relative to the reference's max |logit|
+    let mut rel = Vec::new();
+    let mut flips = Vec::new();
+    let mut top1_off = Vec::new();
+    for (t, row) in logits.chunks_exact(v).enumerate() {
+        let sub = &q8.sub[t * k..(t + 1) * k];
+        let mut d = q8.cols.iter().zip(sub).map(|(&c, &want)| (row[c] - want).abs()).fold(0f32, f32::max);
+        assert!(d.is_finite(), "non-finite logits at position {t}");
+        let max_abs = row.iter().map(|v| v.abs()).fold(0f32, f32::max);
+        d = d.max((max_abs - q8.max_abs[t]).abs()).max((logsumexp(row) - q8.logsumexp[t]).abs());
+        let r = d / q8.max_abs[t];
+        if r > 1e-3 {
+            eprintln!("flip at position {t}: max |Δlogit| {d:.3e} = {r:.2e} · max|logit|");
+            flips.push(t);
+        } else {
+            let top = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            if top - row[q8.argmax[t]] > 1e-3 * q8.max_abs[t] {
+                top1_off.push(t);
+            }
+        }
+        rel.push(r);
+    }
+    let mut sorted = rel.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = sorted[sorted.len() / 2];
+    let worst_kept = rel.iter().enumerate().filter(|(t, _)| !flips.contains(t)).map(|(_, &r)| r).fold(0f32, f32::max);
+    let (q8_l2, q8_top1) = rel_l2_and_top1(&q8, &logits, v);
+    eprintln!(
+        "mxfp4 vs Q8_0-emulated reference: {} of {} positions above 1e-3 · max|logit| (flips) at {flips:?}; \
+         elsewhere worst {worst_kept:.2e}; median over all {median:.2e}; median relative L2 {q8_l2:.2e}, top-1 {:.1}%",
+        flips.len(),
+        rel.len(),
+        100.0 * q8_top1
+    );
+    let (l2, agree) = rel_l2_and_top1(&exact, &logits, v);
+    eprintln!("mxfp4 vs float32 reference: median relative L2 {l2:.2e}, top-1 agreement {:.1}%", 100.0 * agree);
+
+    // Measured (x86 AVX-512, CPU backend, 330 positions): 1 flip (position 58, 3.3e-3: there
+    // one element of the last layer's expert input, scaled by 127/amax, is 5.7e-6 from a
+    // half-integer), elsewhere at most 8.4e-7 (median 3.0e-7, median relative L2 2.8e-7, top-1 100%).
+    // Against the exact float32 reference every one of the 330 positions is above 1e-3
+    // (median relative L2 3.3e-2, top-1 82.7%), so without the emulation this fails.
+    assert!(flips.len() <= 8, "{} flip positions {flips:?}", flips.len());
+    assert!(top1_off.is_empty(), "argmax differs from the Q8_0 reference at positions {top1_off:?}");
+    assert!(median <= 1e-5, "median relative |Δlogit| {median:.2e}: more than float noise");
+    // A broken quantized path is far off (relative L2 ~1, agreement ~0).
+    assert!(l2 < 0.1, "median relative L2 to the float reference {l2:.2e}");
+    assert!(agree >= 0.75, "top-1 agreement with the float reference {agree}");
 }
 
 #[test]

@@ -1058,6 +1058,146 @@ def count_clamp_hits(model, ids: np.ndarray) -> dict:
 
 
 # --------------------------------------------------------------------------------------
+# Reference with ggml's Q8_0 activation rounding (quantized routed experts)
+# --------------------------------------------------------------------------------------
+
+Q8_REF_COLS = 1024  # logit columns of <name>.mxfp4-q8.ref.npz (330 x 1024 f32 = 1.35 MB)
+
+
+def q8_0_round(x: torch.Tensor) -> torch.Tensor:
+    """What ggml's CPU backend multiplies a quantized weight with: the activation rows in
+    Q8_0 blocks (32 consecutive values along the input dim), as `quantize_row_q8_0` of
+    ggml-cpu/arch/x86/quants.c (AVX/AVX2 path) computes them, dequantized back to float32:
+    amax = max |x|, d = fp16(amax / 127), q = round-half-even(x · (127 / amax)) (int8),
+    value = d · q. (The scalar `quantize_row_q8_0_ref` uses id = 1/d and roundf, half away
+    from zero; the x86 build does not use it. CPU_REPACK's `ggml_quantize_mat_q8_0_4x8`
+    (block_q8_0x4, MXFP4 8x8 on AVX2) computes d and q the same way as the AVX path.)
+    The dot product ggml then forms, Σ_blocks d_w · d_x · Σ q_w · q_x with the integer sum
+    exact, equals the float32 product of the weights with these values up to float32
+    summation order (the MXFP4 weights are exact floats)."""
+    assert x.dtype == torch.float32 and x.shape[-1] % 32 == 0, (x.dtype, x.shape)
+    b = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    d = (amax / 127.0).half().float()  # GGML_CPU_FP32_TO_FP16: F16C, round to nearest even
+    inv = torch.where(amax != 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(b * inv).clamp(-127, 127)  # torch.round: half to even (_MM_ROUND_NEAREST)
+    return (q * d).reshape(x.shape)
+
+
+def _q8_experts_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                        top_k_weights: torch.Tensor) -> torch.Tensor:
+    """DeepseekV4Experts.forward (transformers 5.23.0, the eager per-expert loop) with the
+    inputs of both expert matmuls rounded as ggml does for quantized weights: the gate/up
+    input (ffn_norm output) and the down input (SwiGLU output)."""
+    F = torch.nn.functional
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    x_q = q8_0_round(hidden_states)
+    for expert_idx in hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(mask[expert_idx])
+        current = self._apply_gate(F.linear(x_q[token_idx], self.gate_up_proj[expert_idx]))
+        current = F.linear(q8_0_round(current), self.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, current.to(final.dtype))
+    return final
+
+
+class Q8RoutedExperts:
+    """Context manager: every layer's routed experts (only those: the shared expert and all
+    other matrices stay float32, as in the MXFP4 GGUF) run `_q8_experts_forward`."""
+
+    def __init__(self, model):
+        self.experts = [layer.mlp.experts for layer in model.model.layers]
+
+    def __enter__(self):
+        import inspect
+        from transformers.models.deepseek_v4 import modeling_deepseek_v4 as mdv4
+
+        # the patched loop is a copy of this exact source; refuse to run against another one
+        src = inspect.getsource(mdv4.DeepseekV4Experts.forward)
+        assert "self._apply_gate(F.linear(hidden_states[token_idx], self.gate_up_proj[expert_idx]))" in src, src
+        assert "F.linear(current, self.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]" in src, src
+        for e in self.experts:
+            e.forward = _q8_experts_forward.__get__(e)
+        return self
+
+    def __exit__(self, *exc):
+        for e in self.experts:
+            del e.forward
+        return False
+
+
+def rel_l2_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.linalg.norm(a.astype(np.float64) - b, axis=1) / np.linalg.norm(b.astype(np.float64), axis=1)
+
+
+@torch.no_grad()
+def compute_q8_reference(model, cfg: FixtureConfig, ids: np.ndarray, exact: dict) -> tuple[dict, dict]:
+    """Reference for the MXFP4 GGUF as ggml's CPU backend computes it: the float32 forward
+    with the routed experts' activations rounded to Q8_0 (`Q8RoutedExperts`). Same keys as
+    the exact reference where they apply; the logit columns are the exact reference's
+    (`exact`: tokens, logits_cols, logits_sub, logits_argmax, router/indexer picks)."""
+    assert np.array_equal(exact["tokens"], ids.astype(np.int32))
+    with Q8RoutedExperts(model):
+        hidden, logits, rec = full_forward(model, ids, record=True)
+    # Columns: a subset of the exact reference's logits_cols (so they line up; the index
+    # into them is stored too) that keeps the file under 2 MB: every position's top-2 of
+    # both models, topped up with a seeded sample of the exact reference's columns.
+    exact_cols = exact["logits_cols"]
+    exact_logits = torch.from_numpy(exact["logits_sub"])
+    keep = set(int(c) for c in torch.topk(exact_logits, 2, dim=-1).indices.numpy().ravel())
+    q8_top = torch.topk(logits[:, torch.from_numpy(exact_cols.astype(np.int64))], 2, dim=-1).indices
+    keep |= set(int(c) for c in q8_top.numpy().ravel())
+    rng = np.random.default_rng([cfg.seed, 8])
+    rest = np.setdiff1d(np.arange(len(exact_cols)), np.fromiter(keep, int))
+    keep |= set(int(c) for c in rng.choice(rest, Q8_REF_COLS - len(keep), replace=False))
+    idx = np.asarray(sorted(keep), dtype=np.int32)
+    cols = exact_cols[idx]
+    ref = {
+        "tokens": ids.astype(np.int32),
+        "hidden_final": hidden.numpy().astype(np.float32),
+        "logits_cols": cols,
+        "logits_cols_index": idx,
+        "logits_sub": logits[:, torch.from_numpy(cols.astype(np.int64))].numpy().astype(np.float32),
+        "logits_max_abs": logits.abs().max(-1).values.numpy().astype(np.float32),
+        "logits_argmax": torch.argmax(logits, -1).numpy().astype(np.int32),
+        "logits_logsumexp": torch.logsumexp(logits, -1).numpy().astype(np.float32),
+    }
+    for i, sel in sorted(rec.indexer.items()):
+        ref[f"indexer_topk_l{i}"] = np.sort(sel[0].numpy(), axis=-1).astype(np.int32)
+    for i, (w, idx) in sorted(rec.router.items()):
+        order = torch.argsort(idx, dim=-1)
+        ref[f"router_experts_l{i}"] = torch.gather(idx, -1, order).numpy().astype(np.int32)
+        ref[f"router_weights_l{i}"] = torch.gather(w, -1, order).numpy().astype(np.float32)
+
+    # how far the rounding alone moves the model away from the exact float32 reference
+    full_sub = logits[:, torch.from_numpy(exact_cols.astype(np.int64))].numpy()
+    rel = rel_l2_rows(full_sub, exact["logits_sub"])
+    max_rel = np.abs(full_sub - exact["logits_sub"]).max(1) / exact["logits_max_abs"]
+    T = len(ids)
+    # first position at which a router / indexer selection differs from the exact model
+    first = [int(np.flatnonzero((ref[k] != exact[k]).any(-1))[0]) for k in ref
+             if k.startswith(("router_experts_l", "indexer_topk_l")) and k in exact
+             and (ref[k] != exact[k]).any()]
+    stats = {
+        "vs_exact_median_rel_l2": float(np.median(rel)),
+        "vs_exact_max_rel_l2": float(rel.max()),
+        "vs_exact_top1_agreement": float((ref["logits_argmax"] == exact["logits_argmax"]).mean()),
+        "vs_exact_positions_max_rel_dlogit_le_1e-3": int((max_rel <= 1e-3).sum()),
+        "positions": T,
+        "selections_differing_from_exact": {
+            k: int((ref[k] != exact[k]).any(-1).sum()) for k in ref
+            if k.startswith(("router_experts_l", "indexer_topk_l")) and k in exact},
+        "first_position_with_a_different_selection": min(first, default=None),
+    }
+    return ref, stats
+
+
+# --------------------------------------------------------------------------------------
 # Output files
 # --------------------------------------------------------------------------------------
 
@@ -1090,6 +1230,33 @@ def print_stats(name: str, stats: dict) -> None:
 # Driver
 # --------------------------------------------------------------------------------------
 
+def write_q8_reference(model, cfg: FixtureConfig, ids: np.ndarray, exact: dict, fixtures: Path) -> dict:
+    ref, stats = compute_q8_reference(model, cfg, ids, exact)
+    log.info("%s Q8_0-emulated reference vs exact:\n%s", cfg.name, json.dumps(stats, indent=2))
+    path = fixtures / f"{cfg.name}.mxfp4-q8.ref.npz"
+    write_reference(path, ref)
+    return {"file": path.name, "sha256": sha256(path), "stats": stats}
+
+
+def make_q8_reference_only(cfg: FixtureConfig, args, gguf, tok) -> None:
+    """--mxfp4-q8-ref-only: rebuild the model, check that it computes the committed exact
+    reference's logits bit for bit, write only the Q8_0 reference and its entry in
+    <name>.json (GGUFs and the exact reference are left alone)."""
+    fixtures = args.out_dir
+    model, _, _ = build_model(cfg, gguf)
+    ids = reference_tokens(tok, cfg.seq_len)
+    with np.load(fixtures / f"{cfg.name}.ref.npz") as z:
+        exact = {k: z[k] for k in z.files}
+    # the committed exact reference must be what this model computes (logits bit for bit)
+    _, logits, _ = full_forward(model, ids)
+    sub = logits[:, torch.from_numpy(exact["logits_cols"].astype(np.int64))].numpy()
+    assert np.array_equal(sub, exact["logits_sub"]), "model differs from the committed reference"
+    meta_path = fixtures / f"{cfg.name}.json"
+    meta = json.loads(meta_path.read_text())
+    meta["reference_mxfp4_q8"] = write_q8_reference(model, cfg, ids, exact, fixtures)
+    meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
 def make_fixture(cfg: FixtureConfig, args, gguf, deepseek, tok) -> dict:
     log.info("=== %s ===", cfg.name)
     model, values, mx = build_model(cfg, gguf)
@@ -1115,15 +1282,19 @@ def make_fixture(cfg: FixtureConfig, args, gguf, deepseek, tok) -> dict:
         meta["gguf"][variant] = {"file": f"{cfg.name}.{variant}.gguf.zst", "sha256_uncompressed": sha256(out),
                                  "bytes_uncompressed": out.stat().st_size}
 
+    q8_meta = None
     if not args.skip_reference:
         ref, stats = compute_reference(model, cfg, ids)
         print_stats(cfg.name, stats)
         write_reference(fixtures / f"{cfg.name}.ref.npz", ref)
         meta["reference"] = {"file": f"{cfg.name}.ref.npz", "stats": stats,
                              "greedy_text": tok.decode(ref["greedy_tokens"].tolist())}
+        q8_meta = write_q8_reference(model, cfg, ids, ref, fixtures) if "mxfp4" in cfg.variants else None
     meta["text_tokens"] = int(len(ids))
     meta["text"] = tok.decode(ids.tolist())
     meta["text_tail"] = tok.decode(ids[-20:].tolist())
+    if q8_meta is not None:
+        meta["reference_mxfp4_q8"] = q8_meta  # last, as --mxfp4-q8-ref-only appends it
 
     for variant, out in ggufs.items():
         dst = fixtures / f"{cfg.name}.{variant}.gguf.zst"
@@ -1147,6 +1318,9 @@ def main() -> None:
     ap.add_argument("--keep-work", action="store_true")
     ap.add_argument("--skip-reference", action="store_true")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 = reproducible reductions)")
+    ap.add_argument("--mxfp4-q8-ref-only", action="store_true",
+                    help="write only <name>.mxfp4-q8.ref.npz (configs with an MXFP4 variant), "
+                         "checking the model against the committed <name>.ref.npz")
     args = ap.parse_args()
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -1158,6 +1332,11 @@ def main() -> None:
     tok = load_hf_tokenizer()
 
     names = args.only or list(CONFIGS)
+    if args.mxfp4_q8_ref_only:
+        for name in names:
+            if "mxfp4" in CONFIGS[name].variants:
+                make_q8_reference_only(CONFIGS[name], args, gguf, tok)
+        return
     for name in names:
         meta = make_fixture(CONFIGS[name], args, gguf, deepseek, tok)
         if CONFIGS[name].llama_cpp_compatible and "f32" in CONFIGS[name].variants and args.model_out:
