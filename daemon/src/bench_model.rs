@@ -51,7 +51,7 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
         rates.len()
     );
     if a.timings {
-        println!("  graph build {build_s:.3} s, compute {compute_s:.3} s (all reps)");
+        println!("  graph build {build_s:.3} s, compute {compute_s:.3} s (all reps); last graph split into {} backend runs", model.last_step_splits());
     }
 }
 

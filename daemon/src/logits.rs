@@ -61,7 +61,7 @@ pub fn run(a: Args) -> Result<()> {
     out.finish()?;
     if a.timings {
         eprintln!(
-            "{} tokens ({} prefill, {} decode) on {}: graphs built {}, reused {}; build {:.3} s, compute {:.3} s",
+            "{} tokens ({} prefill, {} decode) on {}: graphs built {}, reused {}; build {:.3} s, compute {:.3} s; last graph split into {} backend runs",
             tokens.len(),
             split,
             tokens.len() - split,
@@ -69,7 +69,8 @@ pub fn run(a: Args) -> Result<()> {
             total.graphs_built,
             total.graphs_reused,
             total.build_s,
-            total.compute_s
+            total.compute_s,
+            model.last_step_splits()
         );
         if let Some(stats) = model.take_expert_stats() {
             crate::bench_model::print_expert_stats(&stats);

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# GPU-machine step of the hot/cold issue: the model on CUDA0 with cold experts on the CPU
+# (in process and in moe-expert workers), checked against the transformers references and the
+# all-hot runs, then decode speed on the medium model. Also: how much of CUDA's distance from
+# the CPU on the F32 fixtures is cuBLAS's TF32 (NVIDIA_TF32_OVERRIDE=0 turns it off).
+# Usage (GPU machine, repo root, after scripts/device/prepare.sh here), carrying
+# .device/bin, .device/fixtures and .device/ggml-src (the CUDA module is built there: with the
+# tree, a built module does not fit the 64 MiB a run can carry):
+#   bash scripts/device/gpu-experts.sh
+set -euo pipefail
+bin=.device/bin
+log=${OUT:-/tmp}/gpu-experts.log
+exec > >(tee "$log") 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+lscpu | grep -E "Model name|^CPU\(s\)"
+bash scripts/device/build-cuda.sh
+for f in ds4-tiny-a.f32 ds4-tiny-b.f32; do
+  [ -f tests/fixtures/$f.gguf ] || xz -d -c .device/fixtures/$f.gguf.xz > tests/fixtures/$f.gguf
+done
+python3 - <<'PY'
+import numpy as np
+for n in ["a", "b"]:
+    d = np.load(f"tests/fixtures/ds4-tiny-{n}.ref.npz")
+    open(f"/tmp/{n}.tokens", "w").write("\n".join(map(str, d["tokens"])))
+PY
+L() { $bin/dflash logits --tokens /tmp/$1.tokens -u 512 --timings "${@:3}" --out /tmp/$2.npy; }
+
+echo "== 1. F32 fixtures: CPU, CUDA0, CUDA0 without TF32"
+for n in a b; do
+  m=tests/fixtures/ds4-tiny-$n.f32.gguf
+  L $n cpu-$n -m $m --device CPU
+  L $n cuda-$n -m $m --device CUDA0
+  NVIDIA_TF32_OVERRIDE=0 L $n cuda-notf32-$n -m $m --device CUDA0
+  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-$n.ref.npz cpu=/tmp/cpu-$n.npy cuda=/tmp/cuda-$n.npy cuda-notf32=/tmp/cuda-notf32-$n.npy
+done
+
+echo "== 2. Fixture A on CUDA0 with cold experts (no TF32), vs all-hot CUDA0 and the reference"
+export NVIDIA_TF32_OVERRIDE=0
+m=tests/fixtures/ds4-tiny-a.f32.gguf
+L a cold-none-w0 -m $m --device CUDA0 --experts-hot none --expert-workers 0
+L a cold-none-w1-dec -m $m --device CUDA0 --experts-hot none --expert-workers 1 --decode-from 100
+L a cold-u8-w2 -m $m --device CUDA0 --experts-hot uniform:8 --expert-workers 2
+L a cold-ncpu3-w4 -m $m --device CUDA0 --n-cpu-moe 3 --expert-workers 4 --route-stats-out /tmp/route.json
+L a cold-profile-w2 -m $m --device CUDA0 --experts-hot profile:/tmp/route.json --expert-budget-mb 1 --expert-workers 2
+python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz hot=/tmp/cuda-notf32-a.npy \
+  none-w0=/tmp/cold-none-w0.npy none-w1-dec=/tmp/cold-none-w1-dec.npy u8-w2=/tmp/cold-u8-w2.npy \
+  ncpu3-w4=/tmp/cold-ncpu3-w4.npy profile-w2=/tmp/cold-profile-w2.npy
+unset NVIDIA_TF32_OVERRIDE
+
+echo "== 3. Medium model decode: CUDA0 all hot, half and all cold (in process, workers), CPU only"
+MODEL=bench-data/medium-q8_0.gguf
+mkdir -p bench-data
+[ -f $MODEL ] || $bin/write_synth --spec medium --type q8_0 --tokenizer-from $bin/ds4-tokenizer.gguf $MODEL >/dev/null
+B() { $bin/dflash bench decode -m $MODEL -n 64 -r 3 --timings "$@"; }
+B --device CUDA0
+B --device CUDA0 --experts-hot uniform:32 --expert-workers 0 --worker-threads 8 -t 8
+B --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4
+B --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8
+B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4
+B --device CUDA0 --cpu-moe --expert-workers 4 --worker-threads 3 -t 2
+B --device CPU -t 16
+$bin/dflash bench prefill -m $MODEL -n 512 -u 512 --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 6
