@@ -154,7 +154,8 @@ fn cold_experts_without_an_executor_is_an_error() {
     let mut opts = ModelOptions::default();
     opts.read.progress = false;
     let file = loader::ModelFile::open(fixture("ds4-tiny-b.f32.gguf")).expect("fixture");
-    opts.hot = Some(HotExperts { layers: vec![vec![0, 1]; file.config.n_layer] });
+    let k = file.config.n_expert_used as u32;
+    opts.hot = Some(HotExperts { layers: vec![(0..k).collect(); file.config.n_layer] });
     let mut m = Model::load(fixture("ds4-tiny-b.f32.gguf"), opts).expect("load");
     let mut seq = m.new_sequence(8).expect("sequence");
     let err = m.forward(&mut seq, &[0, 1], Logits::Last).expect_err("no executor");
@@ -164,4 +165,9 @@ fn cold_experts_without_an_executor_is_an_error() {
     bad.hot = Some(HotExperts { layers: vec![vec![3, 1]; file.config.n_layer] });
     let err = Model::load(fixture("ds4-tiny-b.f32.gguf"), bad).err().expect("unsorted ids refused");
     assert!(err.to_string().contains("sorted"), "{err}");
+    let mut few = ModelOptions::default();
+    few.read.progress = false;
+    few.hot = Some(HotExperts { layers: vec![(0..k - 1).collect(); file.config.n_layer] });
+    let err = Model::load(fixture("ds4-tiny-b.f32.gguf"), few).err().expect("fewer held experts than k refused");
+    assert!(err.to_string().contains(&format!("holds {} experts", k - 1)), "{err}");
 }

@@ -45,7 +45,11 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let file = loader::ModelFile::open(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
         let shape = ModelShape::from_model(&file)?;
-        let placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file)?)?;
+        let mut placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file)?)?;
+        let small = placement.drop_layers_below(file.config.n_expert_used);
+        if !small.is_empty() {
+            tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
+        }
         let hot = HotExperts { layers: placement.hot().layers().to_vec() };
         let mut opts = ModelOptions {
             device: Some(self.device.clone()),

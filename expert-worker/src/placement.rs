@@ -315,6 +315,16 @@ impl ExpertPlacement {
         }
     }
 
+    /// Make cold every layer that holds some but fewer than `min` experts (a partly held
+    /// layer must hold at least as many experts as a token uses); returns those layers.
+    pub fn drop_layers_below(&mut self, min: usize) -> Vec<u32> {
+        let small: Vec<u32> = (0..self.hot.n_layer()).filter(|&l| (1..min).contains(&self.hot.layer(l).len())).collect();
+        for &l in &small {
+            self.hot.clear_layer(l);
+        }
+        small
+    }
+
     pub fn hot(&self) -> &ExpertMap {
         &self.hot
     }
@@ -419,6 +429,18 @@ mod tests {
         assert_eq!(ExpertPlacement::budget(&shape(), 1 << 40), ExpertPlacement::all(&shape()));
         assert_eq!(budget_from_device(10_000, 3000, 1000, 500, 1000), 4500);
         assert_eq!(budget_from_device(1000, 3000, 1000, 500, 1000), 0);
+    }
+
+    #[test]
+    fn layers_holding_fewer_than_k_experts_go_cold() {
+        // 1000 -> [0, 1, 2], [0, 1, 2], [0, 1]; with k = 3 the last layer goes cold.
+        let mut p = ExpertPlacement::budget(&shape(), 1000);
+        assert_eq!(p.drop_layers_below(3), vec![2]);
+        assert_eq!(layers(&p), vec![vec![0, 1, 2], vec![0, 1, 2], vec![]]);
+        // Full and empty layers stay as they are.
+        let mut all = ExpertPlacement::all(&shape());
+        assert!(all.drop_layers_below(4).is_empty());
+        assert_eq!(all, ExpertPlacement::all(&shape()));
     }
 
     #[test]

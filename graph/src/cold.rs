@@ -1,9 +1,10 @@
 //! Cold experts: routed experts this model's backend does not hold, computed elsewhere (the
 //! daemon's `moe-expert` worker processes). The graph calls out through two custom ops per
 //! MoE layer: `cold_begin` right after routing (hands the cold (token, expert, weight) pairs
-//! and the activations over and returns at once) and `cold_end` after the hot experts (waits
-//! and adds the cold sum), so the hot compute overlaps the cold one. Custom ops run on the CPU
-//! backend: cold experts need a model on the CPU device for now.
+//! and the activations over, returns at once, and writes the held experts' local ids for the
+//! hot product) and `cold_end` after the hot experts (waits and adds the cold sum), so the hot
+//! compute overlaps the cold one. Custom ops run on the CPU backend; with the model on a GPU
+//! the scheduler copies their inputs and outputs across.
 use std::ffi::c_void;
 use std::sync::Mutex;
 
@@ -67,7 +68,8 @@ impl HotExperts {
 /// The executor and the first error a custom op met (ops cannot return errors).
 pub(crate) struct ColdState {
     pub exec: Box<dyn ColdExperts>,
-    pub hot: Vec<Vec<bool>>,
+    /// Per layer, global expert id → index among the held experts (−1: cold).
+    pub local: Vec<Vec<i32>>,
     pub error: Option<String>,
     pub pairs: Vec<Vec<(u32, f32)>>,
     pub stats: Vec<ExpertLayerStats>,
@@ -88,6 +90,10 @@ unsafe fn rows<E: Copy>(t: *const sys::ggml_tensor) -> (usize, usize, *const E) 
     (t.ne[0] as usize, t.ne[1] as usize, t.data as *const E)
 }
 
+/// Writes [k, n] I32 into `dst`: each slot's index among the held experts; a cold slot gets
+/// a held expert that token does not use (its weight is 0 in the hot product), so every
+/// token's ids are distinct, as GPU expert kernels require (the model checks at load that a
+/// partly held layer holds at least k experts). Layers holding none leave `dst` unused.
 pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
     if ith != 0 {
         return;
@@ -102,17 +108,16 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
     let x = std::slice::from_raw_parts(zp, n_embd * n);
     let ids = std::slice::from_raw_parts(idp, k * n);
     let w = std::slice::from_raw_parts(wp, k * n);
+    let local_out = std::slice::from_raw_parts_mut(d.data as *mut i32, k * n);
     let st = &mut *st;
     st.pairs.resize(n, Vec::new());
-    let hot = &st.hot[call.layer];
+    let local = &st.local[call.layer];
+    let n_held = local.iter().filter(|&&i| i >= 0).count() as i32;
     for t in 0..n {
+        let (ids, w) = (&ids[t * k..(t + 1) * k], &w[t * k..(t + 1) * k]);
         st.pairs[t].clear();
-        for s in 0..k {
-            let e = ids[t * k + s];
-            if e >= 0 && !hot.get(e as usize).copied().unwrap_or(false) {
-                st.pairs[t].push((e as u32, w[t * k + s]));
-            }
-        }
+        st.pairs[t].extend(ids.iter().zip(w).filter(|(&e, _)| local.get(e as usize).is_some_and(|&i| i < 0)).map(|(&e, &w)| (e as u32, w)));
+        held_slots(local, n_held, ids, &mut local_out[t * k..(t + 1) * k]);
     }
     let cold: usize = st.pairs[..n].iter().map(Vec::len).sum();
     if let Some(ls) = st.stats.get_mut(call.layer) {
@@ -158,6 +163,24 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _
     }
 }
 
+/// One token's ids for the hot product: held experts by their local index, cold slots filled
+/// with the lowest local indices this token does not use (distinct as long as `n_held` ≥ the
+/// slot count, which the model checks at load; layers holding none get 0s, unused).
+pub(crate) fn held_slots(local: &[i32], n_held: i32, ids: &[i32], out: &mut [i32]) {
+    for (o, &e) in out.iter_mut().zip(ids) {
+        *o = local.get(e as usize).copied().unwrap_or(-1);
+    }
+    let mut filler = 0;
+    for s in 0..out.len() {
+        if out[s] < 0 {
+            while filler < n_held - 1 && out.contains(&filler) {
+                filler += 1;
+            }
+            out[s] = filler.max(0);
+        }
+    }
+}
+
 /// Routed-token counts per layer and expert (`--route-stats-out`), fed by a CPU custom op.
 pub(crate) struct RouteCall {
     pub counts: *const Mutex<Vec<Vec<u64>>>,
@@ -178,6 +201,36 @@ pub(crate) unsafe extern "C" fn route_count(dst: *mut sys::ggml_tensor, ith: i32
             if let Some(c) = layer.get_mut(e as usize) {
                 *c += 1;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_slots;
+
+    #[test]
+    fn held_slots_are_distinct_per_token_and_keep_held_experts() {
+        // 8 experts, held: 1, 4, 5, 6 (local 0..3); k = 4.
+        let mut local = vec![-1; 8];
+        for (i, e) in [1, 4, 5, 6].into_iter().enumerate() {
+            local[e] = i as i32;
+        }
+        // All held, all cold, and mixed (held kept, cold filled around them).
+        let cases: [[i32; 4]; 4] = [[1, 4, 5, 6], [0, 2, 3, 7], [5, 0, 1, 3], [3, 6, 2, 4]];
+        for ids in &cases {
+            let mut out = [0; 4];
+            held_slots(&local, 4, ids, &mut out);
+            for (s, &e) in ids.iter().enumerate() {
+                if local[e as usize] >= 0 {
+                    assert_eq!(out[s], local[e as usize], "{ids:?}: held slot {s} keeps its expert");
+                }
+            }
+            let mut sorted = out.to_vec();
+            sorted.sort_unstable();
+            sorted.dedup();
+            assert_eq!(sorted.len(), 4, "{ids:?} -> {out:?}: ids not distinct");
+            assert!(out.iter().all(|&i| (0..4).contains(&i)), "{out:?}");
         }
     }
 }

@@ -280,21 +280,21 @@ impl Model {
     /// device the scheduler copies the activations and routes to the CPU and the sums back.
     pub fn set_cold_experts(&mut self, exec: Box<dyn ColdExperts>) -> Result<(), GraphError> {
         let n_expert = self.config.n_expert;
-        let hot = self
+        let local = self
             .hot
             .layers
             .iter()
             .map(|ids| {
-                let mut v = vec![false; n_expert];
-                for &e in ids {
-                    v[e as usize] = true;
+                let mut v = vec![-1i32; n_expert];
+                for (i, &e) in ids.iter().enumerate() {
+                    v[e as usize] = i as i32;
                 }
                 v
             })
             .collect();
         self.steps.clear();
         let stats = vec![Default::default(); self.config.n_layer];
-        self.cold = Some(Box::new(Mutex::new(ColdState { exec, hot, error: None, pairs: Vec::new(), stats, began: None })));
+        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: Vec::new(), stats, began: None })));
         Ok(())
     }
 
@@ -606,35 +606,40 @@ fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
         if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e as usize >= c.n_expert) {
             return Err(GraphError::Option(format!("hot experts of layer {l} must be sorted, distinct and below {}: {ids:?}", c.n_expert)));
         }
+        // Each token's hot product needs k distinct held experts (cold slots are filled with
+        // held experts the token does not use, at weight 0): GPU expert kernels compute one
+        // slot per (token, expert) and leave duplicate slots unwritten.
+        if !ids.is_empty() && ids.len() < c.n_expert_used {
+            return Err(GraphError::Option(format!(
+                "layer {l} holds {} experts; a partly held layer needs at least as many as a token uses ({})",
+                ids.len(),
+                c.n_expert_used
+            )));
+        }
     }
     Ok(())
 }
 
 /// Per layer: None when every expert is held; Some(None) when none is; otherwise the
-/// remap (global → local index, cold → 0) and held-mask tables, in one small buffer.
+/// held mask (1/0 per global expert id), in one small buffer.
 #[allow(clippy::type_complexity)]
-fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<(T, T)>>>), GraphError> {
+fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
     let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_all_hot(l, c.n_expert) && !h.layers[l].is_empty()).collect();
-    let mut out: Vec<Option<Option<(T, T)>>> = (0..c.n_layer)
-        .map(|l| if h.is_all_hot(l, c.n_expert) { None } else { Some(None) })
-        .collect();
+    let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_all_hot(l, c.n_expert) { None } else { Some(None) }).collect();
     if partial.is_empty() {
         return Ok((None, out));
     }
-    let ctx = Context::new_no_alloc(2 * partial.len(), 0)?;
+    let ctx = Context::new_no_alloc(partial.len(), 0)?;
     let g = Ctx { raw: ctx.as_ptr() };
-    let made: Vec<(usize, T, T)> = partial.iter().map(|&l| (l, g.new_i32(&[c.n_expert as i64]), g.new_f32(&[c.n_expert as i64]))).collect();
+    let made: Vec<(usize, T)> = partial.iter().map(|&l| (l, g.new_f32(&[c.n_expert as i64]))).collect();
     let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
-    for &(l, remap, mask) in &made {
-        let mut r = vec![0i32; c.n_expert];
+    for &(l, mask) in &made {
         let mut m = vec![0f32; c.n_expert];
-        for (i, &e) in h.layers[l].iter().enumerate() {
-            r[e as usize] = i as i32;
+        for &e in &h.layers[l] {
             m[e as usize] = 1.0;
         }
-        write_i32(remap, &r);
         write_f32(mask, &m);
-        out[l] = Some(Some((remap, mask)));
+        out[l] = Some(Some(mask));
     }
     Ok((Some((ctx, buf)), out))
 }

@@ -7,6 +7,10 @@ use crate::model::Builder;
 use crate::ops::T;
 use crate::weights::{ExpertUpGate, LayerWeights, Router, RoutedWeights};
 
+use ggml::sys::ggml_type::{GGML_TYPE_F32 as F32, GGML_TYPE_I32 as I32};
+
+type ColdFn = unsafe extern "C" fn(*mut ggml::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void);
+
 impl Builder<'_> {
     /// `z`: the MoE input [n_embd, n] (already ffn_norm'ed).
     pub fn moe(&mut self, il: usize, z: T, w: &LayerWeights) -> T {
@@ -27,7 +31,7 @@ impl Builder<'_> {
             let ptr = &*call as *const crate::cold::RouteCall as *mut std::ffi::c_void;
             self.route_calls.push(call);
             // SAFETY: `call` is boxed and kept with the step graph; route_count reads a RouteCall.
-            let op = unsafe { g.custom([1, 1], &[ids], Some(crate::cold::route_count), ptr) };
+            let op = unsafe { g.custom(F32, [1, 1], &[ids], Some(crate::cold::route_count), ptr) };
             self.effects.push(op);
             self.cpu_nodes.push(op);
         }
@@ -67,7 +71,7 @@ impl Builder<'_> {
             Some(b) => g.add(t, b),
             None => t,
         };
-        let all_hot = w.experts.as_ref().is_some_and(|r| r.subset.is_none());
+        let all_hot = w.experts.as_ref().is_some_and(|r| r.held_mask.is_none());
         if all_hot || self.cold.is_none() {
             return match &w.experts {
                 Some(r) => {
@@ -77,13 +81,13 @@ impl Builder<'_> {
                 None => unreachable!("layers without held experts need a cold executor (checked at load)"),
             };
         }
-        let begin = self.cold_op(il, [1, 1], &[z, ids, wts], crate::cold::cold_begin);
+        // [k, n] I32: the held experts' local ids, distinct per token (cold slots filled).
+        let local = self.cold_op(il, I32, [k, n], &[z, ids, wts], crate::cold::cold_begin);
+        let begin = g.name(local, &format!("cold_begin-{il}"));
         let hot = match &w.experts {
             Some(r) => {
-                let Some((remap, mask)) = r.subset else { unreachable!("subset tables exist for a partly held layer") };
-                let flat = g.reshape(ids, &[k * n]);
-                let local = g.reshape(g.get_rows(g.reshape(remap, &[1, remap.ne(0)]), flat), &[k, n]);
-                let held = g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), flat), &[k, n]);
+                let Some(mask) = r.held_mask else { unreachable!("a partly held layer has a held mask") };
+                let held = g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), g.reshape(ids, &[k * n])), &[k, n]);
                 let hot = self.hot_experts(il, z, local, g.mul(wts, held), r);
                 Some(g.cont(plus_base(hot)))
             }
@@ -91,18 +95,18 @@ impl Builder<'_> {
         };
         let mut args = vec![begin];
         args.extend(hot);
-        let out = self.cold_op(il, [z.ne(0), n], &args, crate::cold::cold_end);
+        let out = self.cold_op(il, F32, [z.ne(0), n], &args, crate::cold::cold_end);
         g.name(out, &format!("routed_out-{il}"))
     }
 
-    fn cold_op(&mut self, il: usize, ne: [i64; 2], args: &[T], fun: unsafe extern "C" fn(*mut ggml::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void)) -> T {
+    fn cold_op(&mut self, il: usize, ty: ggml::sys::ggml_type::Type, ne: [i64; 2], args: &[T], fun: ColdFn) -> T {
         let Some(state) = self.cold else { unreachable!("checked by the caller") };
         let call = Box::new(crate::cold::ColdCall { state, layer: il });
         let ptr = &*call as *const crate::cold::ColdCall as *mut std::ffi::c_void;
         self.cold_calls.push(call);
         // SAFETY: `call` is boxed and kept with the step graph (cold_calls), so `ptr` lives as
         // long as the graph; `fun` reads a ColdCall.
-        let op = unsafe { self.g.custom(ne, args, Some(fun), ptr) };
+        let op = unsafe { self.g.custom(ty, ne, args, Some(fun), ptr) };
         self.cpu_nodes.push(op);
         op
     }

@@ -209,16 +209,15 @@ impl Ctx {
 }
 
 impl Ctx {
-    /// A custom op computed on the CPU backend by `fun` (one task), reading `args`.
+    /// A custom op computed on the CPU backend by `fun` (one task), reading `args`, with an
+    /// output of type `ty` and shape `ne`.
     ///
     /// # Safety
     /// `userdata` must stay valid, and be what `fun` expects, for as long as the graph runs.
-    pub unsafe fn custom(&self, ne: [i64; 2], args: &[T], fun: sys::ggml_custom_op_t, userdata: *mut std::ffi::c_void) -> T {
+    pub unsafe fn custom(&self, ty: sys::ggml_type::Type, ne: [i64; 2], args: &[T], fun: sys::ggml_custom_op_t, userdata: *mut std::ffi::c_void) -> T {
         let mut a: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.0).collect();
         // SAFETY: args belong to this context; userdata: the caller's contract.
-        T(unsafe {
-            sys::ggml_custom_4d(self.raw, sys::ggml_type::GGML_TYPE_F32, ne[0], ne[1], 1, 1, a.as_mut_ptr(), a.len() as i32, fun, 1, userdata)
-        })
+        T(unsafe { sys::ggml_custom_4d(self.raw, ty, ne[0], ne[1], 1, 1, a.as_mut_ptr(), a.len() as i32, fun, 1, userdata) })
     }
 }
 

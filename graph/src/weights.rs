@@ -43,9 +43,9 @@ pub enum ExpertUpGate {
 pub struct RoutedWeights {
     pub up_gate: ExpertUpGate,
     pub down: T,
-    /// When only some experts are held: global id → local index (cold ids → 0) as I32
-    /// [n_expert], and 1/0 per expert (held / cold) as F32 [n_expert].
-    pub subset: Option<(T, T)>,
+    /// When only some experts are held: 1/0 per global expert id (held / cold), F32
+    /// [n_expert]. (Held experts' local indices come from `cold_begin`.)
+    pub held_mask: Option<T>,
 }
 
 pub struct LayerWeights {
@@ -81,8 +81,8 @@ pub struct Weights {
 
 impl Weights {
     /// `subsets[l]`: None = every expert of layer l held; Some(None) = none held; Some(Some(
-    /// (remap, mask))) = some held, with their tables.
-    pub fn lookup(c: &Ds4Config, t: &TensorSet, subsets: &[Option<Option<(T, T)>>]) -> Result<Weights, GraphError> {
+    /// mask)) = some held, with their held mask.
+    pub fn lookup(c: &Ds4Config, t: &TensorSet, subsets: &[Option<Option<T>>]) -> Result<Weights, GraphError> {
         let get = |name: &str| -> Result<T, GraphError> {
             t.get(name).map(T).ok_or_else(|| GraphError::MissingTensor(name.to_string()))
         };
@@ -133,7 +133,7 @@ impl Weights {
                     Some(f) => ExpertUpGate::Fused(T(f)),
                     None => ExpertUpGate::Separate { gate: b("ffn_gate_exps.weight")?, up: b("ffn_up_exps.weight")? },
                 };
-                Some(RoutedWeights { up_gate, down: b("ffn_down_exps.weight")?, subset: subsets.get(l).copied().flatten().flatten() })
+                Some(RoutedWeights { up_gate, down: b("ffn_down_exps.weight")?, held_mask: subsets.get(l).copied().flatten().flatten() })
             };
             let shared = if c.n_expert_shared > 0 {
                 Some((b("ffn_gate_shexp.weight")?, b("ffn_up_shexp.weight")?, b("ffn_down_shexp.weight")?))
