@@ -6,7 +6,7 @@
 # Usage (GPU machine, repo root, after scripts/device/prepare.sh here), carrying
 # .device/bin, .device/fixtures and .device/ggml-src (the CUDA module is built there: with the
 # tree, a built module does not fit the 64 MiB a run can carry):
-#   bash scripts/device/gpu-experts.sh
+#   bash scripts/device/gpu-experts.sh [exact] [cold] [speed]     (default: all three)
 set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/gpu-experts.log
@@ -23,8 +23,11 @@ for n in ["a", "b"]:
     d = np.load(f"tests/fixtures/ds4-tiny-{n}.ref.npz")
     open(f"/tmp/{n}.tokens", "w").write("\n".join(map(str, d["tokens"])))
 PY
+steps=${*:-exact cold speed}
+on() { [[ " $steps " == *" $1 "* ]]; }
 L() { $bin/dflash logits --tokens /tmp/$1.tokens -u 512 --timings "${@:3}" --out /tmp/$2.npy; }
 
+if on exact; then
 echo "== 1. F32 fixtures: CPU, CUDA0, CUDA0 without TF32"
 for n in a b; do
   m=tests/fixtures/ds4-tiny-$n.f32.gguf
@@ -33,20 +36,26 @@ for n in a b; do
   NVIDIA_TF32_OVERRIDE=0 L $n cuda-notf32-$n -m $m --device CUDA0
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-$n.ref.npz cpu=/tmp/cpu-$n.npy cuda=/tmp/cuda-$n.npy cuda-notf32=/tmp/cuda-notf32-$n.npy
 done
+fi
 
+if on cold; then
 echo "== 2. Fixture A on CUDA0 with cold experts (no TF32), vs all-hot CUDA0 and the reference"
 export NVIDIA_TF32_OVERRIDE=0
 m=tests/fixtures/ds4-tiny-a.f32.gguf
+L a cpu-a -m $m --device CPU
+L a cuda-notf32-a -m $m --device CUDA0
 L a cold-none-w0 -m $m --device CUDA0 --experts-hot none --expert-workers 0
 L a cold-none-w1-dec -m $m --device CUDA0 --experts-hot none --expert-workers 1 --decode-from 100
 L a cold-u8-w2 -m $m --device CUDA0 --experts-hot uniform:8 --expert-workers 2
 L a cold-ncpu3-w4 -m $m --device CUDA0 --n-cpu-moe 3 --expert-workers 4 --route-stats-out /tmp/route.json
 L a cold-profile-w2 -m $m --device CUDA0 --experts-hot profile:/tmp/route.json --expert-budget-mb 1 --expert-workers 2
-python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz hot=/tmp/cuda-notf32-a.npy \
+python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz cpu=/tmp/cpu-a.npy hot=/tmp/cuda-notf32-a.npy \
   none-w0=/tmp/cold-none-w0.npy none-w1-dec=/tmp/cold-none-w1-dec.npy u8-w2=/tmp/cold-u8-w2.npy \
   ncpu3-w4=/tmp/cold-ncpu3-w4.npy profile-w2=/tmp/cold-profile-w2.npy
 unset NVIDIA_TF32_OVERRIDE
+fi
 
+if on speed; then
 echo "== 3. Medium model decode: CUDA0 all hot, half and all cold (in process, workers), CPU only"
 MODEL=bench-data/medium-q8_0.gguf
 mkdir -p bench-data
@@ -60,3 +69,4 @@ B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4
 B --device CUDA0 --cpu-moe --expert-workers 4 --worker-threads 3 -t 2
 B --device CPU -t 16
 $bin/dflash bench prefill -m $MODEL -n 512 -u 512 --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 6
+fi
