@@ -85,6 +85,17 @@ pub struct Inputs {
     pub comp: Vec<CompInputs>,
 }
 
+impl Inputs {
+    fn all(&self) -> Vec<T> {
+        let mut v = vec![self.tokens, self.pos, self.neg_pos, self.raw_mask, self.ring_keep];
+        for ci in &self.comp {
+            v.extend([ci.ape_idx, ci.cur_idx, ci.keep, ci.entry_pos, ci.write_idx, ci.vis_mask]);
+            v.extend(ci.prev_idx);
+        }
+        v
+    }
+}
+
 /// The graph builder of one step: straight-line code in the order of the math.
 pub struct Builder<'a> {
     pub g: &'a Ctx,
@@ -523,7 +534,12 @@ impl Model {
         };
         // SAFETY: the model owns the backends and drops its steps first.
         let mut sched = unsafe { Scheduler::new(&backends, graph_tensor_count(graph) + 64)? };
-        // SAFETY: the nodes belong to this graph; `cpu` is one of the scheduler's backends.
+        // SAFETY: the nodes belong to this graph; both backends are the scheduler's. Inputs
+        // live on the model's device (set once per step, no copies per split); custom ops run
+        // on the CPU.
+        for t in inputs.all() {
+            unsafe { sched.pin(t.0, &self.backend) };
+        }
         for node in &cpu_nodes {
             unsafe { sched.pin(node.0, cpu) };
         }

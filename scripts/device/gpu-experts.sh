@@ -6,7 +6,12 @@
 # Usage (GPU machine, repo root, after scripts/device/prepare.sh here), carrying
 # .device/bin, .device/fixtures and .device/ggml-src (the CUDA module is built there: with the
 # tree, a built module does not fit the 64 MiB a run can carry):
-#   bash scripts/device/gpu-experts.sh [exact] [cold] [speed]     (default: all three)
+#   bash scripts/device/gpu-experts.sh [exact] [cold] [speed] [ab] [serve]
+#                                   (default: exact cold speed)
+# ab: the medium model with OLD=<an older dflash binary> (xz allowed) against this one, runs
+#     interleaved in the same minutes: CUDA0 and CPU decode and prefill, CUDA0 prefill with TF32.
+# serve: `dflash serve` on CUDA0 with cold experts in workers, one streamed and one plain
+#     completion through the HTTP API.
 set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/gpu-experts.log
@@ -55,11 +60,15 @@ python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz cpu=/tmp/cpu-a
 unset NVIDIA_TF32_OVERRIDE
 fi
 
+medium() {
+  MODEL=bench-data/medium-q8_0.gguf
+  mkdir -p bench-data
+  [ -f $MODEL ] || $bin/write_synth --spec medium --type q8_0 --tokenizer-from $bin/ds4-tokenizer.gguf $MODEL >/dev/null
+}
+
 if on speed; then
 echo "== 3. Medium model decode: CUDA0 all hot, half and all cold (in process, workers), CPU only"
-MODEL=bench-data/medium-q8_0.gguf
-mkdir -p bench-data
-[ -f $MODEL ] || $bin/write_synth --spec medium --type q8_0 --tokenizer-from $bin/ds4-tokenizer.gguf $MODEL >/dev/null
+medium
 B() { $bin/dflash bench decode -m $MODEL -n 64 -r 3 --timings "$@"; }
 B --device CUDA0
 B --device CUDA0 --experts-hot uniform:32 --expert-workers 0 --worker-threads 8 -t 8
@@ -69,4 +78,40 @@ B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4
 B --device CUDA0 --cpu-moe --expert-workers 4 --worker-threads 3 -t 2
 B --device CPU -t 16
 $bin/dflash bench prefill -m $MODEL -n 512 -u 512 --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 6
+fi
+
+if on ab; then
+echo "== 4. Medium model, OLD=${OLD:?} vs this build, interleaved"
+medium
+old=$bin/dflash-old
+case $OLD in *.xz) xz -d -c "$OLD" > $old ;; *) cp "$OLD" $old ;; esac
+chmod +x $old
+for rep in 1 2; do
+  for b in $old $bin/dflash; do
+    echo "-- $b (round $rep)"
+    $b bench decode -m $MODEL -n 64 -r 3 --device CUDA0
+    $b bench prefill -m $MODEL -n 512 -u 512 -r 3 --device CUDA0
+    $b bench decode -m $MODEL -n 64 -r 3 --device CPU -t 16
+    $b bench prefill -m $MODEL -n 512 -r 3 --device CPU -t 16
+  done
+done
+echo "-- $bin/dflash --cuda-tf32"
+$bin/dflash --cuda-tf32 bench prefill -m $MODEL -n 512 -u 512 -r 3 --device CUDA0
+fi
+
+if on serve; then
+echo "== 5. dflash serve on CUDA0, experts of the first 4 layers cold in 2 workers"
+medium
+$bin/dflash serve -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 --worker-threads 4 --port 8091 &
+srv=$!
+for i in $(seq 60); do curl -sf localhost:8091/health >/dev/null && break; sleep 1; done
+curl -sf localhost:8091/v1/completions -H 'content-type: application/json' \
+  -d '{"prompt":"The capital of France is","max_tokens":16,"temperature":0}' | python3 -m json.tool
+curl -sfN localhost:8091/v1/chat/completions -H 'content-type: application/json' \
+  -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":8,"stream":true}' | head -c 1500
+echo
+curl -sf localhost:8091/metrics | grep -v '^#' | head -20
+kill -TERM $srv; wait $srv || true
+$bin/dflash run -m $MODEL --device CUDA0 -p "The capital of France is" -n 16
+$bin/dflash run -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 -p "The capital of France is" -n 16
 fi
