@@ -85,6 +85,7 @@ pub struct WorkerPool {
     exe: PathBuf,
     model: PathBuf,
     threads: usize,
+    spin: Duration,
     limits: Limits,
     identity: ModelIdentity,
     dir: tempdir::PrivateDir,
@@ -130,13 +131,15 @@ mod tempdir {
 
 impl WorkerPool {
     /// Spawn one worker per share and connect to each (handshake checks the model).
-    pub fn spawn(model: &ModelFile, shares: Vec<ExpertMap>, threads: usize, max_tokens: usize) -> Result<WorkerPool> {
+    /// `spin`: how long both sides of each connection spin before blocking on the socket.
+    pub fn spawn(model: &ModelFile, shares: Vec<ExpertMap>, threads: usize, max_tokens: usize, spin: Duration) -> Result<WorkerPool> {
         let exe = std::env::current_exe().context("locating the dflash executable")?;
         let identity = expert_worker::model_identity(model)?;
         let c = &model.config;
         let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
         let dir = tempdir::PrivateDir::create().context("creating the private socket directory")?;
-        let mut pool = WorkerPool { exe, model: model.path.clone(), threads, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
+        let mut pool =
+            WorkerPool { exe, model: model.path.clone(), threads, spin, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
         for (index, experts) in shares.into_iter().enumerate() {
             let socket = pool.dir.path().join(format!("worker-{index}.sock"));
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
@@ -158,6 +161,8 @@ impl WorkerPool {
             .arg(spec)
             .arg("--threads")
             .arg(self.threads.to_string())
+            .arg("--spin-us")
+            .arg(self.spin.as_micros().to_string())
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting expert worker {index} ({})", self.exe.display()))?;
@@ -167,7 +172,8 @@ impl WorkerPool {
                 bail!("expert worker {index} exited during start-up ({status})");
             }
             if socket.exists() {
-                match WorkerConnection::connect(socket, self.limits, &self.identity) {
+                let opts = ipc_proto::ConnectOptions { spin: self.spin, ..ipc_proto::ConnectOptions::default() };
+                match WorkerConnection::connect_with(socket, self.limits, &self.identity, &opts) {
                     Ok(conn) => return Ok((child, conn)),
                     Err(e) if t0.elapsed() > START_DEADLINE => {
                         child.kill().ok();

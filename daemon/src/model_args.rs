@@ -35,6 +35,10 @@ pub struct ModelArgs {
     /// CPU threads of each expert worker.
     #[arg(long = "worker-threads", default_value_t = 1)]
     pub worker_threads: usize,
+    /// Microseconds the daemon and each worker spin on their socket before blocking: lower
+    /// round-trip latency when every worker connection has a spare core (0: block at once).
+    #[arg(long = "worker-spin-us", default_value_t = 0)]
+    pub worker_spin_us: u64,
     /// Device memory (MiB) kept free for the KV caches and compute buffers when
     /// `--experts-hot budget|profile:FILE` takes its budget from a GPU's free memory.
     #[arg(long = "device-reserve-mb", default_value_t = 2048)]
@@ -69,7 +73,8 @@ impl ModelArgs {
                 model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
-                let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch)?;
+                let spin = std::time::Duration::from_micros(self.worker_spin_us);
+                let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }

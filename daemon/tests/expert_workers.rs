@@ -66,6 +66,7 @@ fn placements_and_worker_counts_equal_all_hot() {
         ("all cold, in process", vec!["--experts-hot", "none", "--expert-workers", "0"]),
         ("all cold, 1 worker", vec!["--experts-hot", "none", "--expert-workers", "1"]),
         ("all cold, 2 workers", vec!["--experts-hot", "none", "--expert-workers", "2"]),
+        ("all cold, 2 spinning workers", vec!["--experts-hot", "none", "--expert-workers", "2", "--worker-spin-us", "50"]),
         ("all cold, 4 workers", vec!["--experts-hot", "none", "--expert-workers", "4"]),
         ("uniform 50%, 2 workers", vec!["--experts-hot", "uniform:16", "--expert-workers", "2"]),
         ("profile, 2 workers", vec!["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "2"]),

@@ -37,6 +37,10 @@ pub struct WorkerArgs {
     /// CPU threads for the expert compute (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Spin this many microseconds on the socket before blocking while waiting for the next
+    /// request (lower latency when the worker has a core to itself).
+    #[arg(long = "spin-us", default_value_t = 0)]
+    pub spin_us: u64,
 }
 
 /// Whether the command line asks for a worker (`--backend-ipc-mode` anywhere).
@@ -63,5 +67,5 @@ where
     let mf = loader::ModelFile::open(&a.model)?;
     let experts = ExpertMap::parse_spec(&a.experts, mf.config.n_layer as u32, mf.config.n_expert as u32)?;
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    crate::serve::run_worker_on(&a.socket, &mf, &experts, threads)
+    crate::serve::run_worker_on(&a.socket, &mf, &experts, threads, std::time::Duration::from_micros(a.spin_us))
 }

@@ -91,16 +91,17 @@ pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()>
 /// then serves it until Shutdown or EOF. A daemon that refuses the handshake (another
 /// model) makes this return its error.
 pub fn run_worker(socket: &Path, model: &Path, experts: &ExpertMap, threads: usize) -> Result<()> {
-    run_worker_on(socket, &ModelFile::open(model)?, experts, threads)
+    run_worker_on(socket, &ModelFile::open(model)?, experts, threads, std::time::Duration::ZERO)
 }
 
-/// [`run_worker`] with the model already opened.
-pub fn run_worker_on(socket: &Path, mf: &ModelFile, experts: &ExpertMap, threads: usize) -> Result<()> {
+/// [`run_worker`] with the model already opened, waiting for requests by spinning `spin`
+/// before blocking (see `ipc_proto::ConnectOptions::spin`).
+pub fn run_worker_on(socket: &Path, mf: &ModelFile, experts: &ExpertMap, threads: usize, spin: std::time::Duration) -> Result<()> {
     let identity = model_identity(mf)?;
     let mut worker = ExpertWorker::load(mf, experts, threads)?;
     let set = experts.to_expert_set()?;
     let listener = Listener::bind(socket)?;
     tracing::info!(socket = %socket.display(), %identity, experts = experts.len(), "worker listening");
-    let mut server = listener.accept(&identity, set, &ConnectOptions::default())?;
+    let mut server = listener.accept(&identity, set, &ConnectOptions { spin, ..ConnectOptions::default() })?;
     serve(&mut server, &mut worker)
 }
