@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use expert_worker::pinning::Pin;
 use expert_worker::{ExpertMap, ExpertWorker};
 use graph::ColdExperts;
 use ipc_proto::{ExpertSlots, Limits, ModelIdentity, RequestId, WorkerConnection};
@@ -86,6 +87,7 @@ pub struct WorkerPool {
     model: PathBuf,
     threads: usize,
     spin: Duration,
+    pins: Vec<Pin>,
     limits: Limits,
     identity: ModelIdentity,
     dir: tempdir::PrivateDir,
@@ -132,14 +134,15 @@ mod tempdir {
 impl WorkerPool {
     /// Spawn one worker per share and connect to each (handshake checks the model).
     /// `spin`: how long both sides of each connection spin before blocking on the socket.
-    pub fn spawn(model: &ModelFile, shares: Vec<ExpertMap>, threads: usize, max_tokens: usize, spin: Duration) -> Result<WorkerPool> {
+    /// `pins`: where each worker runs (empty: anywhere).
+    pub fn spawn(model: &ModelFile, shares: Vec<ExpertMap>, threads: usize, max_tokens: usize, spin: Duration, pins: Vec<Pin>) -> Result<WorkerPool> {
         let exe = std::env::current_exe().context("locating the dflash executable")?;
         let identity = expert_worker::model_identity(model)?;
         let c = &model.config;
         let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
         let dir = tempdir::PrivateDir::create().context("creating the private socket directory")?;
         let mut pool =
-            WorkerPool { exe, model: model.path.clone(), threads, spin, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
+            WorkerPool { exe, model: model.path.clone(), threads, spin, pins, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
         for (index, experts) in shares.into_iter().enumerate() {
             let socket = pool.dir.path().join(format!("worker-{index}.sock"));
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
@@ -163,6 +166,7 @@ impl WorkerPool {
             .arg(self.threads.to_string())
             .arg("--spin-us")
             .arg(self.spin.as_micros().to_string())
+            .args(self.pins.get(index).map(Pin::to_args).into_iter().flatten())
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting expert worker {index} ({})", self.exe.display()))?;

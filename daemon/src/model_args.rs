@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
+use expert_worker::pinning::Pin;
 use expert_worker::placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs};
 use graph::{HotExperts, Model, ModelOptions};
 
@@ -35,6 +36,10 @@ pub struct ModelArgs {
     /// CPU threads of each expert worker.
     #[arg(long = "worker-threads", default_value_t = 1)]
     pub worker_threads: usize,
+    /// Pin the expert workers: `numa` (worker i on NUMA node i mod nodes, its experts in that
+    /// node's memory) or one CPU list per worker separated by `/` (`0-7/8-15`).
+    #[arg(long = "worker-cpus")]
+    pub worker_cpus: Option<String>,
     /// Microseconds the daemon and each worker spin on their socket before blocking: lower
     /// round-trip latency when every worker connection has a spare core (0: block at once).
     #[arg(long = "worker-spin-us", default_value_t = 0)]
@@ -73,8 +78,12 @@ impl ModelArgs {
                 model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
+                let pins = match &self.worker_cpus {
+                    Some(spec) => Pin::parse_per_worker(spec, shares.len()).context("--worker-cpus")?,
+                    None => Vec::new(),
+                };
                 let spin = std::time::Duration::from_micros(self.worker_spin_us);
-                let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin)?;
+                let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }

@@ -67,6 +67,7 @@ fn placements_and_worker_counts_equal_all_hot() {
         ("all cold, 1 worker", vec!["--experts-hot", "none", "--expert-workers", "1"]),
         ("all cold, 2 workers", vec!["--experts-hot", "none", "--expert-workers", "2"]),
         ("all cold, 2 spinning workers", vec!["--experts-hot", "none", "--expert-workers", "2", "--worker-spin-us", "50"]),
+        ("all cold, 2 workers pinned to CPUs 0 and 1", vec!["--experts-hot", "none", "--expert-workers", "2", "--worker-cpus", "0/1"]),
         ("all cold, 4 workers", vec!["--experts-hot", "none", "--expert-workers", "4"]),
         ("uniform 50%, 2 workers", vec!["--experts-hot", "uniform:16", "--expert-workers", "2"]),
         ("profile, 2 workers", vec!["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "2"]),
@@ -165,4 +166,25 @@ fn route_stats_count_the_routing_and_feed_a_profile() {
     let got = logits(&toks, 30, "route-profile.npy", &["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "1"]);
     assert_close(&got, &base, "profile from route stats");
     std::fs::remove_dir_all(stats.parent().expect("dir")).ok();
+}
+
+/// `--worker-cpus` needs one CPU list per worker; a wrong count is refused before any worker
+/// starts, naming the flag.
+#[test]
+fn worker_cpus_need_one_list_per_worker() {
+    let toks = tokens(8);
+    let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .args(["logits", "-m"])
+        .arg(fixture("ds4-tiny-b.f32.gguf"))
+        .arg("--tokens")
+        .arg(&toks)
+        .arg("--out")
+        .arg(tmp("never.npy"))
+        .args(["--experts-hot", "none", "--expert-workers", "2", "--worker-cpus", "0-1"])
+        .output()
+        .expect("run dflash");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("--worker-cpus") && err.contains("1 CPU lists for 2 workers"), "{err}");
+    assert!(!tmp("never.npy").exists());
 }

@@ -157,3 +157,56 @@ fn bad_expert_spec_fails_with_a_clear_error() {
     assert!(err.contains("expert spec \"0-16\"") && err.contains("expert 16 out of range"), "stderr: {err}");
     assert!(!socket.exists());
 }
+
+/// `--cpus` pins the worker process (its threads inherit it) before it loads; a bad list is
+/// refused with a message naming it.
+#[test]
+fn a_worker_is_pinned_to_its_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = SocketDir::create_private(&dir.path().join("s")).unwrap();
+    let socket = sockets.socket_path("pinned");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .arg("--backend-ipc-mode=moe-expert")
+        .arg("--model")
+        .arg(fixture(A))
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--experts", "all", "--threads", "2", "--cpus", "0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let id = model_identity(&ModelFile::open(fixture(A)).unwrap()).unwrap();
+    // After one eval its compute threads exist too: every thread of the process is on CPU 0.
+    let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
+    conn.input_mut(1).unwrap().copy_from_slice(&inputs(1));
+    let rid = conn.eval_begin(0, &[ExpertSlots { ids: &[1, 2], weights: &[0.5, 0.5] }]).unwrap();
+    conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap();
+        let allowed = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).map(str::trim).unwrap_or("");
+        assert_eq!(allowed, "0", "thread {:?}", t.file_name());
+        n += 1;
+    }
+    assert!(n >= 1, "no threads listed");
+    drop(conn);
+    child.kill().ok();
+    child.wait().ok();
+
+    let child = Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .arg("--backend-ipc-mode=moe-expert")
+        .arg("--model")
+        .arg(fixture(A))
+        .arg("--socket")
+        .arg(dir.path().join("bad.sock"))
+        .args(["--experts", "all", "--cpus", "3-1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (status, err) = stderr_of(child);
+    assert!(!status.success());
+    assert!(err.contains("CPU pinning \"3-1\"") && err.contains("backwards"), "stderr: {err}");
+}

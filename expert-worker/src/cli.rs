@@ -37,6 +37,13 @@ pub struct WorkerArgs {
     /// CPU threads for the expert compute (default: available cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Pin the worker (its compute threads included) to these CPUs (`0-3,8`), before it
+    /// loads its experts (which are then allocated on those CPUs' NUMA node).
+    #[arg(long, conflicts_with = "numa_node")]
+    pub cpus: Option<String>,
+    /// Pin the worker to the CPUs of this NUMA node (and so its memory to that node).
+    #[arg(long = "numa-node")]
+    pub numa_node: Option<usize>,
     /// Spin this many microseconds on the socket before blocking while waiting for the next
     /// request (lower latency when the worker has a core to itself).
     #[arg(long = "spin-us", default_value_t = 0)]
@@ -64,6 +71,15 @@ where
     T: Into<OsString> + Clone,
 {
     let a = WorkerArgs::parse_from(args);
+    // Before anything starts a thread or touches the expert memory.
+    let pin = match (&a.cpus, a.numa_node) {
+        (Some(list), _) => Some(crate::pinning::parse_cpu_list(list)?),
+        (None, Some(node)) => Some(crate::pinning::numa_node_cpus(node)?),
+        (None, None) => None,
+    };
+    if let Some(cpus) = pin {
+        crate::pinning::pin_to_cpus(&cpus)?;
+    }
     let mf = loader::ModelFile::open(&a.model)?;
     let experts = ExpertMap::parse_spec(&a.experts, mf.config.n_layer as u32, mf.config.n_expert as u32)?;
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));

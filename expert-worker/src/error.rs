@@ -39,6 +39,8 @@ pub enum WorkerError {
     Json { what: String, reason: String },
     #[error("placement policy {policy:?}: {reason}")]
     Policy { policy: String, reason: String },
+    #[error("CPU pinning {spec:?}: {reason}")]
+    Pinning { spec: String, reason: String },
     #[error("{what}: expected {expected}, found {found}")]
     Mismatch { what: &'static str, expected: u64, found: u64 },
 }

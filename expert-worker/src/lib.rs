@@ -24,12 +24,14 @@
 //! * [`serve`]: [`serve()`], [`run_worker`], [`model_identity`];
 //! * [`cli`]: `dflash --backend-ipc-mode=moe-expert ...` ([`cli_main`]);
 //! * [`experts`]: [`ExpertMap`], its JSON form and the `--experts` spec;
-//! * [`placement`]: hot/cold placement policies and the split of cold experts over workers.
+//! * [`placement`]: hot/cold placement policies and the split of cold experts over workers;
+//! * [`pinning`]: CPU lists, NUMA nodes' CPUs, and pinning a worker to them.
 
 pub mod cli;
 pub mod compute;
 mod error;
 pub mod experts;
+pub mod pinning;
 pub mod placement;
 pub mod serve;
 

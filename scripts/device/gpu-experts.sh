@@ -77,6 +77,7 @@ B --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8
 B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4
 B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
 B --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
+B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50 --worker-cpus 8-11/12-15
 B --device CUDA0 --cpu-moe --expert-workers 4 --worker-threads 3 -t 2
 B --device CPU -t 16
 $bin/dflash bench prefill -m $MODEL -n 512 -u 512 --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 6
