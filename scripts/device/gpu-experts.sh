@@ -89,7 +89,7 @@ medium
 old=$bin/dflash-old
 case $OLD in *.xz) xz -d -c "$OLD" > $old ;; *) cp "$OLD" $old ;; esac
 chmod +x $old
-for rep in 1 2; do
+for rep in ${AB_ROUNDS:-1}; do
   for b in $old $bin/dflash; do
     echo "-- $b (round $rep)"
     $b bench decode -m $MODEL -n 64 -r 3 --device CUDA0
