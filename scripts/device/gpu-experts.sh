@@ -111,9 +111,10 @@ for i in $(seq 60); do curl -sf localhost:8091/health >/dev/null && break; sleep
 curl -sf localhost:8091/v1/completions -H 'content-type: application/json' \
   -d '{"prompt":"The capital of France is","max_tokens":16,"temperature":0}' | python3 -m json.tool
 curl -sfN localhost:8091/v1/chat/completions -H 'content-type: application/json' \
-  -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":8,"stream":true}' | head -c 1500
+  -d '{"messages":[{"role":"user","content":"Hello"}],"max_tokens":8,"stream":true}' > /tmp/stream.txt
+grep -c '^data: {' /tmp/stream.txt; tail -c 300 /tmp/stream.txt
 echo
-curl -sf localhost:8091/metrics | grep -v '^#' | head -20
+curl -sf localhost:8091/metrics > /tmp/metrics.txt; grep -v '^#' /tmp/metrics.txt | head -20
 kill -TERM $srv; wait $srv || true
 $bin/dflash run -m $MODEL --device CUDA0 -p "The capital of France is" -n 16
 $bin/dflash run -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 -p "The capital of France is" -n 16
