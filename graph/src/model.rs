@@ -30,7 +30,7 @@ pub struct ModelOptions {
     /// executor ([`Model::set_cold_experts`]).
     pub hot: Option<HotExperts>,
     /// Count routed tokens per layer and expert and write them as JSON (layer → counts, the
-    /// `profile:FILE` placement input) when the model is dropped. CPU device only.
+    /// `profile:FILE` placement input) when the model is dropped.
     pub route_stats_out: Option<std::path::PathBuf>,
     /// On the CPU, keep matrices in ggml's repacked (interleaved) layout where the CPU
     /// backend has one for their type and shape (llama.cpp's default as well).
@@ -134,8 +134,8 @@ struct Step {
     graph: *mut sys::ggml_cgraph,
     inputs: Inputs,
     out: T,
-    /// Splits the graph between the model's device and the CPU (custom ops, inputs) and
-    /// holds its compute buffers.
+    /// Splits the graph between the model's device and the CPU (custom ops) and holds its
+    /// compute buffers.
     sched: Scheduler,
     #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
@@ -159,8 +159,8 @@ pub struct Model {
     /// first, see `Drop`).
     steps: Vec<Step>,
     backend: Backend,
-    /// The CPU backend beside a non-CPU `backend`: graph inputs, custom ops (the cold-expert
-    /// hand-over, routing statistics) and the copies between them and the device.
+    /// The CPU backend beside a non-CPU `backend`: it runs the custom ops (the cold-expert
+    /// hand-over, routing statistics); the scheduler copies their operands across.
     cpu: Option<Backend>,
     buft: BufferType,
     model_id: u64,

@@ -83,7 +83,7 @@ impl Builder<'_> {
         }
         // [k, n] I32: the held experts' local ids, distinct per token (cold slots filled).
         let local = self.cold_op(il, I32, [k, n], &[z, ids, wts], crate::cold::cold_begin);
-        let begin = g.name(local, &format!("cold_begin-{il}"));
+        let local = g.name(local, &format!("cold_begin-{il}"));
         let hot = match &w.experts {
             Some(r) => {
                 let Some(mask) = r.held_mask else { unreachable!("a partly held layer has a held mask") };
@@ -93,7 +93,7 @@ impl Builder<'_> {
             }
             None => base.map(|b| g.cont(b)),
         };
-        let mut args = vec![begin];
+        let mut args = vec![local];
         args.extend(hot);
         let out = self.cold_op(il, F32, [z.ne(0), n], &args, crate::cold::cold_end);
         g.name(out, &format!("routed_out-{il}"))
