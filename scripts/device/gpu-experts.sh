@@ -10,6 +10,7 @@
 #                                   (default: exact cold speed)
 # ab: the medium model with OLD=<an older dflash binary> (xz allowed) against this one, runs
 #     interleaved in the same minutes: CUDA0 and CPU decode and prefill, CUDA0 prefill with TF32.
+# graphs: decode with CUDA graphs replayed vs GGML_CUDA_DISABLE_GRAPHS=1, same minutes.
 # serve: `dflash serve` on CUDA0 with cold experts in workers, one streamed and one plain
 #     completion through the HTTP API.
 set -euo pipefail
@@ -100,6 +101,21 @@ for rep in ${AB_ROUNDS:-1}; do
 done
 echo "-- $bin/dflash --cuda-tf32"
 $bin/dflash --cuda-tf32 bench prefill -m $MODEL -n 512 -u 512 -r 3 --device CUDA0
+fi
+
+if on graphs; then
+echo "== 6. CUDA graphs on vs off (GGML_CUDA_DISABLE_GRAPHS=1), medium model, interleaved"
+medium
+for rep in 1 2; do
+  for off in "" 1; do
+    echo "-- GGML_CUDA_DISABLE_GRAPHS=${off:-unset} (round $rep)"
+    G() { if [ -n "$off" ]; then GGML_CUDA_DISABLE_GRAPHS=1 "$@"; else "$@"; fi; }
+    G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0
+    G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
+    G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8
+  done
+done
+$bin/dflash bench prefill -m $MODEL -n 512 -u 512 -r 3 --device CUDA0
 fi
 
 if on serve; then
