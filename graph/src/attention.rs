@@ -106,33 +106,34 @@ impl Builder<'_> {
         let m = cs.shape.ratio as i64;
         let dim = cs.entries.ne(0);
         let width = cw.kv.ne(1);
-        let rows = cs.kv.ne(1) - 1; // state rows without the dummy
+        let rows = cs.kv_score.ne(1) - 1; // state rows without the dummy
         let nw = ci.n_windows as i64;
 
         let kv = g.mm(cw.kv, x); // [width, n]
         let score = g.add(g.mm(cw.gate, x), g.get_rows(cw.ape, ci.ape_idx));
-        let all_kv = g.concat(cs.kv, kv, 1);
-        let all_score = g.concat(cs.score, score, 1);
+        // Each row: kv ++ score [2·width]; the state's rows (and the dummy) before the batch's.
+        let all = g.concat(cs.kv_score, g.concat(kv, score, 0), 1);
         // Keep the open windows' rows for the next batch.
-        self.effects.push(g.cpy(g.get_rows(all_kv, ci.keep), g.view_2d(cs.kv, width, rows, 0, 0)));
-        self.effects.push(g.cpy(g.get_rows(all_score, ci.keep), g.view_2d(cs.score, width, rows, 0, 0)));
+        self.effects.push(g.cpy(g.get_rows(all, ci.keep), g.view_2d(cs.kv_score, 2 * width, rows, 0, 0)));
 
-        let gather = |all: T| -> T {
-            let cur = g.get_rows(all, ci.cur_idx); // [width, m·nw]
-            match ci.prev_idx {
-                // Overlap: the previous window's first half ++ this window's second half.
-                Some(prev_idx) => {
-                    let prev = g.get_rows(all, prev_idx);
-                    let a = g.reshape(g.cont(g.view_2d(prev, dim, m * nw, 0, 0)), &[dim, m, nw]);
-                    let b = g.reshape(g.cont(g.view_2d(cur, dim, m * nw, dim, 0)), &[dim, m, nw]);
-                    g.concat(a, b, 1)
-                }
-                None => g.reshape(cur, &[dim, m, nw]),
+        // Every window's rows as [dim, kv|score, rows_w, nw].
+        let cur = g.get_rows(all, ci.cur_idx); // [2·width, m·nw]
+        let es = cur.elem_size();
+        let win = match ci.prev_idx {
+            // Overlap (width = 2·dim, a row is kv_a kv_b score_a score_b): the previous
+            // window's first halves (a) ++ this window's second halves (b).
+            Some(prev_idx) => {
+                let prev = g.get_rows(all, prev_idx);
+                let half = |t: T, i0: usize| g.view_4d(t, [dim, 2, m, nw], 2 * dim as usize * es, t.nb(1), m as usize * t.nb(1), i0 * es);
+                g.concat(half(prev, 0), half(cur, dim as usize), 2)
             }
+            None => g.reshape(cur, &[dim, 2, m, nw]),
         };
-        let win_kv = g.cont(g.permute(gather(all_kv), [1, 0, 2, 3])); // [rows_w, dim, nw]
-        let win_score = g.cont(g.permute(gather(all_score), [1, 0, 2, 3]));
-        let pooled = g.sum_rows(g.mul(win_kv, g.soft_max(win_score))); // [1, dim, nw]
+        let win = g.cont(g.permute(win, [1, 3, 0, 2])); // [rows_w, dim, nw, kv|score]
+        let win = g.name(win, &format!("{what}_windows-{il}"));
+        let rows_w = win.ne(0);
+        let plane = |i: usize| g.view_3d(win, [rows_w, dim, nw], win.nb(1), win.nb(2), i * win.nb(3));
+        let pooled = g.sum_rows(g.mul(plane(0), g.soft_max(plane(1)))); // [1, dim, nw]
         let pooled = g.mul(g.rms_norm(g.reshape(pooled, &[dim, nw]), c.rms_eps), cw.norm);
         let n_rot = c.n_rot as i64;
         let roped = g.rope(g.reshape(pooled, &[dim, 1, nw]), ci.entry_pos, n_rot, dim - n_rot, rope);

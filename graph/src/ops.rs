@@ -157,6 +157,10 @@ impl Ctx {
         // SAFETY: the range lies inside `a` (builder invariant).
         T(unsafe { sys::ggml_view_3d(self.raw, a.0, ne[0], ne[1], ne[2], nb1, nb2, offset) })
     }
+    pub fn view_4d(&self, a: T, ne: [i64; 4], nb1: usize, nb2: usize, nb3: usize, offset: usize) -> T {
+        // SAFETY: the range lies inside `a` (builder invariant).
+        T(unsafe { sys::ggml_view_4d(self.raw, a.0, ne[0], ne[1], ne[2], ne[3], nb1, nb2, nb3, offset) })
+    }
     pub fn soft_max(&self, a: T) -> T {
         // SAFETY: a belongs to this context.
         T(unsafe { sys::ggml_soft_max(self.raw, a.0) })
