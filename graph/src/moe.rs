@@ -128,15 +128,9 @@ impl Builder<'_> {
         };
         let h = self.swiglu(gate, up, c.swiglu_clamp_exp[il]); // [ff, k, n]
         let down = g.mm_id(r.down, h, ids); // [e, k, n]
-        let down = g.mul(down, g.reshape(wts, &[1, k, n]));
-        let slot = |i: i64| g.view_3d(down, [e, n, 1], down.nb(2), down.nb(2) * n as usize, i as usize * down.nb(1));
-        let mut acc = slot(0);
-        for i in 1..k {
-            acc = g.add(acc, slot(i));
-        }
-        if k == 1 {
-            acc = g.cont(acc);
-        }
-        g.name(acc, &format!("hot_out-{il}"))
+        // Per token the weighted sum over its k slots, one product: [k, e] · [k, 1] → [e, 1].
+        let down_t = g.cont(g.permute(down, [1, 0, 2, 3])); // [k, e, n]
+        let acc = g.mm(down_t, g.reshape(wts, &[k, 1, n])); // [e, 1, n]
+        g.name(g.reshape(acc, &[e, n]), &format!("hot_out-{il}"))
     }
 }
