@@ -55,17 +55,18 @@ impl Builder<'_> {
                 let sel_mask = g.reshape(g.get_rows(vis, top), &[k_sel, n]);
 
                 let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
-                let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
+                let kq_sel = g.permute(g.mm(sel, q), [0, 2, 1, 3]); // [k, n, h] (concat reads strided)
                 let kq = g.concat(kq_raw, kq_sel, 0);
                 let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
                 let p = g.soft_max_sinks(kq, mask, scale, w.sinks);
                 let n_raw = raw.ne(1);
-                let p_raw = g.cont(g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0));
+                // Strided views of p: mul_mat reads its second operand by row strides.
+                let p_raw = g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0);
                 let p_sel = g.view_3d(p, [k_sel, n, h], p.nb(1), p.nb(2), n_raw as usize * p.elem_size());
-                let p_sel = g.cont(g.permute(p_sel, [0, 2, 1, 3])); // [k, h, n]
+                let p_sel = g.permute(p_sel, [0, 2, 1, 3]); // [k, h, n]
                 let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
                 let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
-                let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
+                let out_sel = g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3]); // [d, n, h] (add reads strided)
                 g.add(out_raw, out_sel)
             }
             (Some(cw), Some(cs)) => {
@@ -81,7 +82,7 @@ impl Builder<'_> {
                 g.mm(g.cont(g.transpose(raw)), p)
             }
         };
-        let out = g.cont(g.permute(out, [0, 2, 1, 3])); // [d, h, n]
+        let out = g.contiguous(g.permute(out, [0, 2, 1, 3])); // [d, h, n] (no copy when n = 1)
         // K = V carried RoPE into the output: rotate its rope dims back by −position.
         let out = g.rope(out, self.inp.neg_pos, n_rot, d - n_rot, &rope);
         let out = g.name(out, &format!("attn_heads-{il}"));
@@ -90,9 +91,9 @@ impl Builder<'_> {
         let groups = c.o_groups as i64;
         let k_in = d * h / groups;
         let o_lora = c.o_lora_rank as i64;
-        let xg = g.cont(g.permute(g.reshape(out, &[k_in, groups, n]), [0, 2, 1, 3])); // [k_in, n, G]
+        let xg = g.contiguous(g.permute(g.reshape(out, &[k_in, groups, n]), [0, 2, 1, 3])); // [k_in, n, G]
         let wa = if w.output_a.ne(2) == groups { w.output_a } else { g.reshape(w.output_a, &[k_in, o_lora, groups]) };
-        let yg = g.cont(g.permute(g.mm(wa, xg), [0, 2, 1, 3])); // [o_lora, G, n]
+        let yg = g.contiguous(g.permute(g.mm(wa, xg), [0, 2, 1, 3])); // [o_lora, G, n]
         let y = g.mm(w.output_b, g.reshape(yg, &[o_lora * groups, n]));
         g.name(y, &format!("attn_out-{il}"))
     }
@@ -160,6 +161,6 @@ impl Builder<'_> {
         let s = g.add(g.reshape(s, &[ci.n_view as i64, n]), ci.vis_mask);
         let s = g.name(s, &format!("index_scores-{il}"));
         let k = (c.indexer_top_k as i64).min(ci.n_view as i64);
-        g.name(g.cont(g.top_k(s, k)), &format!("index_top_k-{il}"))
+        g.name(g.contiguous(g.top_k(s, k)), &format!("index_top_k-{il}"))
     }
 }

@@ -23,7 +23,7 @@ impl Builder<'_> {
         let probs = g.name(probs, &format!("router_probs-{il}"));
         let ids = match w.router {
             Router::Hash { tid2eid } => g.get_rows(tid2eid, self.inp.tokens),
-            Router::TopK { bias } => g.cont(g.top_k(g.add(probs, bias), k)),
+            Router::TopK { bias } => g.contiguous(g.top_k(g.add(probs, bias), k)),
         };
         let ids = g.name(ids, &format!("router_ids-{il}"));
         if let Some(counts) = self.route_counts {

@@ -57,6 +57,17 @@ impl Ctx {
         add => ggml_add, mul => ggml_mul, div => ggml_div, get_rows => ggml_get_rows, cpy => ggml_cpy,
     }
 
+    /// `a` itself when its layout already is contiguous (e.g. a permutation that only moves
+    /// a dimension of size 1, or an op's fresh output), else a contiguous copy (`cont`).
+    pub fn contiguous(&self, a: T) -> T {
+        // SAFETY: a belongs to this context.
+        if unsafe { sys::ggml_is_contiguous(a.0) } {
+            a
+        } else {
+            self.cont(a)
+        }
+    }
+
     pub fn name(&self, t: T, name: &str) -> T {
         if let Ok(c) = CString::new(name) {
             // SAFETY: ggml copies the name into the tensor (truncating to its buffer).
