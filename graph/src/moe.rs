@@ -53,9 +53,9 @@ impl Builder<'_> {
     fn swiglu(&self, gate: T, up: T, clamp: f32) -> T {
         let g = self.g;
         if clamp > 0.0 {
-            g.mul(g.silu(g.clamp(gate, f32::NEG_INFINITY, clamp)), g.clamp(up, -clamp, clamp))
+            g.swiglu(g.clamp(gate, f32::NEG_INFINITY, clamp), g.clamp(up, -clamp, clamp))
         } else {
-            g.mul(g.silu(gate), up)
+            g.swiglu(gate, up)
         }
     }
 

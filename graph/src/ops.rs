@@ -117,6 +117,11 @@ impl Ctx {
         unsafe { sys::ggml_prec_set_acc(r, sys::ggml_prec::GGML_PREC_F32) };
         T(r)
     }
+    /// silu(gate) · up in one op.
+    pub fn swiglu(&self, gate: T, up: T) -> T {
+        // SAFETY: both belong to this context and have the same shape (builder invariant).
+        T(unsafe { sys::ggml_swiglu_split(self.raw, gate.0, up.0) })
+    }
     pub fn rms_norm(&self, a: T, eps: f32) -> T {
         // SAFETY: a belongs to this context.
         T(unsafe { sys::ggml_rms_norm(self.raw, a.0, eps) })
