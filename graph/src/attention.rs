@@ -82,9 +82,9 @@ impl Builder<'_> {
                 g.mm(g.cont(g.transpose(raw)), p)
             }
         };
-        let out = g.contiguous(g.permute(out, [0, 2, 1, 3])); // [d, h, n] (no copy when n = 1)
-        // K = V carried RoPE into the output: rotate its rope dims back by −position.
-        let out = g.rope(out, self.inp.neg_pos, n_rot, d - n_rot, &rope);
+        // K = V carried RoPE into the output: rotate its rope dims back by −position (rope
+        // reads the permuted rows in place and writes [d, h, n]).
+        let out = g.rope(g.permute(out, [0, 2, 1, 3]), self.inp.neg_pos, n_rot, d - n_rot, &rope);
         let out = g.name(out, &format!("attn_heads-{il}"));
 
         // Grouped low-rank output: each group of heads through its own slice of output_a.
