@@ -55,17 +55,18 @@ impl Builder<'_> {
                 let sel_mask = g.reshape(g.get_rows(vis, top), &[k_sel, n]);
 
                 let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
-                let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
+                let kq_sel = g.permute(g.mm(sel, q), [0, 2, 1, 3]); // [k, n, h] (concat reads strided)
                 let kq = g.concat(kq_raw, kq_sel, 0);
                 let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
                 let p = g.soft_max_sinks(kq, mask, scale, w.sinks);
                 let n_raw = raw.ne(1);
-                let p_raw = g.cont(g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0));
+                // Strided views of p: mul_mat reads its second operand by row strides.
+                let p_raw = g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0);
                 let p_sel = g.view_3d(p, [k_sel, n, h], p.nb(1), p.nb(2), n_raw as usize * p.elem_size());
-                let p_sel = g.cont(g.permute(p_sel, [0, 2, 1, 3])); // [k, h, n]
+                let p_sel = g.permute(p_sel, [0, 2, 1, 3]); // [k, h, n]
                 let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
                 let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
-                let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
+                let out_sel = g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3]); // [d, n, h] (add reads strided)
                 g.add(out_raw, out_sel)
             }
             (Some(cw), Some(cs)) => {
@@ -81,18 +82,18 @@ impl Builder<'_> {
                 g.mm(g.cont(g.transpose(raw)), p)
             }
         };
-        let out = g.cont(g.permute(out, [0, 2, 1, 3])); // [d, h, n]
-        // K = V carried RoPE into the output: rotate its rope dims back by −position.
-        let out = g.rope(out, self.inp.neg_pos, n_rot, d - n_rot, &rope);
+        // K = V carried RoPE into the output: rotate its rope dims back by −position (rope
+        // reads the permuted rows in place and writes [d, h, n]).
+        let out = g.rope(g.permute(out, [0, 2, 1, 3]), self.inp.neg_pos, n_rot, d - n_rot, &rope);
         let out = g.name(out, &format!("attn_heads-{il}"));
 
         // Grouped low-rank output: each group of heads through its own slice of output_a.
         let groups = c.o_groups as i64;
         let k_in = d * h / groups;
         let o_lora = c.o_lora_rank as i64;
-        let xg = g.cont(g.permute(g.reshape(out, &[k_in, groups, n]), [0, 2, 1, 3])); // [k_in, n, G]
+        let xg = g.contiguous(g.permute(g.reshape(out, &[k_in, groups, n]), [0, 2, 1, 3])); // [k_in, n, G]
         let wa = if w.output_a.ne(2) == groups { w.output_a } else { g.reshape(w.output_a, &[k_in, o_lora, groups]) };
-        let yg = g.cont(g.permute(g.mm(wa, xg), [0, 2, 1, 3])); // [o_lora, G, n]
+        let yg = g.contiguous(g.permute(g.mm(wa, xg), [0, 2, 1, 3])); // [o_lora, G, n]
         let y = g.mm(w.output_b, g.reshape(yg, &[o_lora * groups, n]));
         g.name(y, &format!("attn_out-{il}"))
     }
@@ -106,33 +107,34 @@ impl Builder<'_> {
         let m = cs.shape.ratio as i64;
         let dim = cs.entries.ne(0);
         let width = cw.kv.ne(1);
-        let rows = cs.kv.ne(1) - 1; // state rows without the dummy
+        let rows = cs.kv_score.ne(1) - 1; // state rows without the dummy
         let nw = ci.n_windows as i64;
 
         let kv = g.mm(cw.kv, x); // [width, n]
         let score = g.add(g.mm(cw.gate, x), g.get_rows(cw.ape, ci.ape_idx));
-        let all_kv = g.concat(cs.kv, kv, 1);
-        let all_score = g.concat(cs.score, score, 1);
+        // Each row: kv ++ score [2·width]; the state's rows (and the dummy) before the batch's.
+        let all = g.concat(cs.kv_score, g.concat(kv, score, 0), 1);
         // Keep the open windows' rows for the next batch.
-        self.effects.push(g.cpy(g.get_rows(all_kv, ci.keep), g.view_2d(cs.kv, width, rows, 0, 0)));
-        self.effects.push(g.cpy(g.get_rows(all_score, ci.keep), g.view_2d(cs.score, width, rows, 0, 0)));
+        self.effects.push(g.cpy(g.get_rows(all, ci.keep), g.view_2d(cs.kv_score, 2 * width, rows, 0, 0)));
 
-        let gather = |all: T| -> T {
-            let cur = g.get_rows(all, ci.cur_idx); // [width, m·nw]
-            match ci.prev_idx {
-                // Overlap: the previous window's first half ++ this window's second half.
-                Some(prev_idx) => {
-                    let prev = g.get_rows(all, prev_idx);
-                    let a = g.reshape(g.cont(g.view_2d(prev, dim, m * nw, 0, 0)), &[dim, m, nw]);
-                    let b = g.reshape(g.cont(g.view_2d(cur, dim, m * nw, dim, 0)), &[dim, m, nw]);
-                    g.concat(a, b, 1)
-                }
-                None => g.reshape(cur, &[dim, m, nw]),
+        // Every window's rows as [dim, kv|score, rows_w, nw].
+        let cur = g.get_rows(all, ci.cur_idx); // [2·width, m·nw]
+        let es = cur.elem_size();
+        let win = match ci.prev_idx {
+            // Overlap (width = 2·dim, a row is kv_a kv_b score_a score_b): the previous
+            // window's first halves (a) ++ this window's second halves (b).
+            Some(prev_idx) => {
+                let prev = g.get_rows(all, prev_idx);
+                let half = |t: T, i0: usize| g.view_4d(t, [dim, 2, m, nw], 2 * dim as usize * es, t.nb(1), m as usize * t.nb(1), i0 * es);
+                g.concat(half(prev, 0), half(cur, dim as usize), 2)
             }
+            None => g.reshape(cur, &[dim, 2, m, nw]),
         };
-        let win_kv = g.cont(g.permute(gather(all_kv), [1, 0, 2, 3])); // [rows_w, dim, nw]
-        let win_score = g.cont(g.permute(gather(all_score), [1, 0, 2, 3]));
-        let pooled = g.sum_rows(g.mul(win_kv, g.soft_max(win_score))); // [1, dim, nw]
+        let win = g.cont(g.permute(win, [1, 3, 0, 2])); // [rows_w, dim, nw, kv|score]
+        let win = g.name(win, &format!("{what}_windows-{il}"));
+        let rows_w = win.ne(0);
+        let plane = |i: usize| g.view_3d(win, [rows_w, dim, nw], win.nb(1), win.nb(2), i * win.nb(3));
+        let pooled = g.sum_rows(g.mul(plane(0), g.soft_max(plane(1)))); // [1, dim, nw]
         let pooled = g.mul(g.rms_norm(g.reshape(pooled, &[dim, nw]), c.rms_eps), cw.norm);
         let n_rot = c.n_rot as i64;
         let roped = g.rope(g.reshape(pooled, &[dim, 1, nw]), ci.entry_pos, n_rot, dim - n_rot, rope);
@@ -159,6 +161,6 @@ impl Builder<'_> {
         let s = g.add(g.reshape(s, &[ci.n_view as i64, n]), ci.vis_mask);
         let s = g.name(s, &format!("index_scores-{il}"));
         let k = (c.indexer_top_k as i64).min(ci.n_view as i64);
-        g.name(g.cont(g.top_k(s, k)), &format!("index_top_k-{il}"))
+        g.name(g.contiguous(g.top_k(s, k)), &format!("index_top_k-{il}"))
     }
 }

@@ -26,13 +26,16 @@ impl Builder<'_> {
         let n = x.ne(2);
         let mixes = g.name(self.hc_mixes(x, w.fn_), &format!("hc_{what}_mixes-{il}"));
 
-        let pre = g.view_2d(mixes, hc, n, 0, 0);
-        let pre = g.add(g.mul(pre, g.view_1d(w.scale, 1, 0)), g.view_1d(w.base, hc, 0));
-        let pre = g.scale_bias(g.sigmoid(pre), 1.0, c.hc_eps);
-
-        let post = g.view_2d(mixes, hc, n, hc, 0);
-        let post = g.add(g.mul(post, g.view_1d(w.scale, 1, 1)), g.view_1d(w.base, hc, hc));
-        let post = g.scale(g.sigmoid(post), 2.0);
+        // pre and post together: mixes[0..hc] and mixes[hc..2hc] as the planes of [hc, n, 2],
+        // each with its scale (scale[0], scale[1]) and bias (base[0..hc], base[hc..2hc]).
+        let es = mixes.elem_size();
+        let both = g.view_3d(mixes, [hc, n, 2], mixes.nb(1), hc as usize * es, 0);
+        let both_scale = g.reshape(g.view_1d(w.scale, 2, 0), &[1, 1, 2]);
+        let both_base = g.reshape(g.view_1d(w.base, 2 * hc, 0), &[hc, 1, 2]);
+        let both = g.sigmoid(g.add(g.mul(both, both_scale), both_base));
+        let plane = |i: usize| g.view_2d(both, hc, n, 0, i as i64 * n);
+        let pre = g.scale_bias(plane(0), 1.0, c.hc_eps);
+        let post = g.scale(plane(1), 2.0);
 
         let comb = g.hc_comb(mixes, w.scale, w.base, c.hc_eps, c.hc_sinkhorn_iters as i32);
         let y = g.name(g.hc_pre(x, pre), &format!("hc_{what}_in-{il}"));

@@ -545,7 +545,8 @@ impl Model {
         }
         // SAFETY: the graph is live; weights, tables and state are in these backends' buffers.
         unsafe { sched.alloc_graph(graph)? };
-        tracing::debug!(splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
+        let (nodes, compute_nodes) = graph_node_counts(graph);
+        tracing::debug!(n = key.n, nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
         Ok(Step { key, graph, inputs, out, sched, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
     }
 }
@@ -569,6 +570,19 @@ fn graph_tensor_count(graph: *mut sys::ggml_cgraph) -> usize {
             }
         }
         n + leafs.len()
+    }
+}
+
+/// Nodes of a built graph, and those of them that compute (not a view, reshape, permute or
+/// transpose): on the CPU each computing node ends with a barrier of all threads.
+fn graph_node_counts(graph: *mut sys::ggml_cgraph) -> (usize, usize) {
+    use sys::ggml_op::{GGML_OP_NONE, GGML_OP_PERMUTE, GGML_OP_RESHAPE, GGML_OP_TRANSPOSE, GGML_OP_VIEW};
+    // SAFETY: a live graph; its nodes are live tensors.
+    unsafe {
+        let n = sys::ggml_graph_n_nodes(graph).max(0);
+        let empty = [GGML_OP_NONE, GGML_OP_RESHAPE, GGML_OP_TRANSPOSE, GGML_OP_VIEW, GGML_OP_PERMUTE];
+        let compute = (0..n).filter(|&i| !empty.contains(&(*sys::ggml_graph_node(graph, i)).op)).count();
+        (n as usize, compute)
     }
 }
 

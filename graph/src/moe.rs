@@ -23,7 +23,7 @@ impl Builder<'_> {
         let probs = g.name(probs, &format!("router_probs-{il}"));
         let ids = match w.router {
             Router::Hash { tid2eid } => g.get_rows(tid2eid, self.inp.tokens),
-            Router::TopK { bias } => g.cont(g.top_k(g.add(probs, bias), k)),
+            Router::TopK { bias } => g.contiguous(g.top_k(g.add(probs, bias), k)),
         };
         let ids = g.name(ids, &format!("router_ids-{il}"));
         if let Some(counts) = self.route_counts {
@@ -53,9 +53,9 @@ impl Builder<'_> {
     fn swiglu(&self, gate: T, up: T, clamp: f32) -> T {
         let g = self.g;
         if clamp > 0.0 {
-            g.mul(g.silu(g.clamp(gate, f32::NEG_INFINITY, clamp)), g.clamp(up, -clamp, clamp))
+            g.swiglu(g.clamp(gate, f32::NEG_INFINITY, clamp), g.clamp(up, -clamp, clamp))
         } else {
-            g.mul(g.silu(gate), up)
+            g.swiglu(gate, up)
         }
     }
 
@@ -128,15 +128,9 @@ impl Builder<'_> {
         };
         let h = self.swiglu(gate, up, c.swiglu_clamp_exp[il]); // [ff, k, n]
         let down = g.mm_id(r.down, h, ids); // [e, k, n]
-        let down = g.mul(down, g.reshape(wts, &[1, k, n]));
-        let slot = |i: i64| g.view_3d(down, [e, n, 1], down.nb(2), down.nb(2) * n as usize, i as usize * down.nb(1));
-        let mut acc = slot(0);
-        for i in 1..k {
-            acc = g.add(acc, slot(i));
-        }
-        if k == 1 {
-            acc = g.cont(acc);
-        }
-        g.name(acc, &format!("hot_out-{il}"))
+        // Per token the weighted sum over its k slots, one product: [k, e] · [k, 1] → [e, 1].
+        let down_t = g.cont(g.permute(down, [1, 0, 2, 3])); // [k, e, n]
+        let acc = g.mm(down_t, g.reshape(wts, &[k, 1, n])); // [e, 1, n]
+        g.name(g.reshape(acc, &[e, n]), &format!("hot_out-{il}"))
     }
 }

@@ -57,6 +57,17 @@ impl Ctx {
         add => ggml_add, mul => ggml_mul, div => ggml_div, get_rows => ggml_get_rows, cpy => ggml_cpy,
     }
 
+    /// `a` itself when its layout already is contiguous (e.g. a permutation that only moves
+    /// a dimension of size 1, or an op's fresh output), else a contiguous copy (`cont`).
+    pub fn contiguous(&self, a: T) -> T {
+        // SAFETY: a belongs to this context.
+        if unsafe { sys::ggml_is_contiguous(a.0) } {
+            a
+        } else {
+            self.cont(a)
+        }
+    }
+
     pub fn name(&self, t: T, name: &str) -> T {
         if let Ok(c) = CString::new(name) {
             // SAFETY: ggml copies the name into the tensor (truncating to its buffer).
@@ -105,6 +116,11 @@ impl Ctx {
         // SAFETY: r is a mul_mat_id node.
         unsafe { sys::ggml_prec_set_acc(r, sys::ggml_prec::GGML_PREC_F32) };
         T(r)
+    }
+    /// silu(gate) · up in one op.
+    pub fn swiglu(&self, gate: T, up: T) -> T {
+        // SAFETY: both belong to this context and have the same shape (builder invariant).
+        T(unsafe { sys::ggml_swiglu_split(self.raw, gate.0, up.0) })
     }
     pub fn rms_norm(&self, a: T, eps: f32) -> T {
         // SAFETY: a belongs to this context.
@@ -156,6 +172,10 @@ impl Ctx {
     pub fn view_3d(&self, a: T, ne: [i64; 3], nb1: usize, nb2: usize, offset: usize) -> T {
         // SAFETY: the range lies inside `a` (builder invariant).
         T(unsafe { sys::ggml_view_3d(self.raw, a.0, ne[0], ne[1], ne[2], nb1, nb2, offset) })
+    }
+    pub fn view_4d(&self, a: T, ne: [i64; 4], nb1: usize, nb2: usize, nb3: usize, offset: usize) -> T {
+        // SAFETY: the range lies inside `a` (builder invariant).
+        T(unsafe { sys::ggml_view_4d(self.raw, a.0, ne[0], ne[1], ne[2], ne[3], nb1, nb2, nb3, offset) })
     }
     pub fn soft_max(&self, a: T) -> T {
         // SAFETY: a belongs to this context.

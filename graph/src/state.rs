@@ -10,10 +10,10 @@ use crate::GraphError;
 
 pub struct CompState {
     pub shape: CompShape,
-    /// [width, state_rows + 1]: open-window kv rows; the last column is the dummy row (0).
-    pub kv: T,
-    /// [width, state_rows + 1]: open-window scores (gate + position bias); dummy row −∞.
-    pub score: T,
+    /// [2·width, state_rows + 1]: the open windows' rows, each its kv (`width` values) and
+    /// then its score (gate + position bias, `width` values) side by side; the last column is
+    /// the dummy row (kv 0, score −∞).
+    pub kv_score: T,
     /// [entry_dim, cap_entries]: compressed entries.
     pub entries: T,
 }
@@ -46,8 +46,7 @@ impl Sequence {
             let rows = shape.state_rows() as i64 + 1;
             CompState {
                 shape,
-                kv: g.new_f32(&[width, rows]),
-                score: g.new_f32(&[width, rows]),
+                kv_score: g.new_f32(&[2 * width, rows]),
                 entries: g.new_f32(&[entry_dim, shape.cap_entries as i64]),
             }
         };
@@ -66,11 +65,12 @@ impl Sequence {
         // SAFETY: the buffer holds every tensor of ctx.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
         for cs in layers.iter().flat_map(|l| l.comp.iter().chain(l.index.iter())) {
-            let width = cs.score.ne(0) as usize;
+            let width = cs.kv_score.ne(0) as usize / 2;
             let dummy_col = cs.shape.state_rows();
             let neg: Vec<u8> = f32::NEG_INFINITY.to_le_bytes().repeat(width);
-            // SAFETY: the column lies inside the allocated score tensor.
-            unsafe { ggml::backend::tensor_set(cs.score.0, &neg, dummy_col * cs.score.nb(1)) };
+            let at = dummy_col * cs.kv_score.nb(1) + width * cs.kv_score.elem_size();
+            // SAFETY: the score half of the dummy column lies inside the allocated tensor.
+            unsafe { ggml::backend::tensor_set(cs.kv_score.0, &neg, at) };
         }
         Ok(Sequence { layers, id: 0, model_id: 0, pos: 0, n_ctx, _buffer: buffer, _ctx: ctx })
     }
