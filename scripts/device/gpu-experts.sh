@@ -10,6 +10,7 @@
 #                                   (default: exact cold speed)
 # ab: the medium model with OLD=<an older dflash binary> (xz allowed) against this one, runs
 #     interleaved in the same minutes: CUDA0 and CPU decode and prefill, CUDA0 prefill with TF32.
+# quick: medium-model decode on CUDA0 all hot and half cold, and on the CPU.
 # graphs: decode with CUDA graphs replayed vs GGML_CUDA_DISABLE_GRAPHS=1, same minutes.
 # serve: `dflash serve` on CUDA0 with cold experts in workers, one streamed and one plain
 #     completion through the HTTP API.
@@ -101,6 +102,14 @@ for rep in ${AB_ROUNDS:-1}; do
 done
 echo "-- $bin/dflash --cuda-tf32"
 $bin/dflash --cuda-tf32 bench prefill -m $MODEL -n 512 -u 512 -r 3 --device CUDA0
+fi
+
+if on quick; then
+echo "== 7. Medium model decode, all hot and half cold in 2 spinning workers"
+medium
+$bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0
+$bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
+$bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CPU -t 16
 fi
 
 if on graphs; then
