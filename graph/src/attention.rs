@@ -55,18 +55,19 @@ impl Builder<'_> {
                 let sel_mask = g.reshape(g.get_rows(vis, top), &[k_sel, n]);
 
                 let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
-                let kq_sel = g.permute(g.mm(sel, q), [0, 2, 1, 3]); // [k, n, h] (concat reads strided)
+                let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
                 let kq = g.concat(kq_raw, kq_sel, 0);
                 let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
                 let p = g.soft_max_sinks(kq, mask, scale, w.sinks);
                 let n_raw = raw.ne(1);
-                // Strided views of p: mul_mat reads its second operand by row strides.
-                let p_raw = g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0);
+                // Contiguous copies: GPU matmul kernels need even row strides in floats, which
+                // views into p's rows of n_raw + k entries do not always have.
+                let p_raw = g.cont(g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0));
                 let p_sel = g.view_3d(p, [k_sel, n, h], p.nb(1), p.nb(2), n_raw as usize * p.elem_size());
-                let p_sel = g.permute(p_sel, [0, 2, 1, 3]); // [k, h, n]
+                let p_sel = g.cont(g.permute(p_sel, [0, 2, 1, 3])); // [k, h, n]
                 let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
                 let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
-                let out_sel = g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3]); // [d, n, h] (add reads strided)
+                let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
                 g.add(out_raw, out_sel)
             }
             (Some(cw), Some(cs)) => {

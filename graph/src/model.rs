@@ -527,6 +527,8 @@ impl Model {
                 sys::ggml_build_forward_expand(graph, eff.0);
             }
         }
+        #[cfg(debug_assertions)]
+        check_matmul_layouts(graph);
         let cpu = self.cpu.as_ref().unwrap_or(&self.backend);
         let backends: Vec<&Backend> = match &self.cpu {
             Some(cpu) => vec![&self.backend, cpu],
@@ -548,6 +550,35 @@ impl Model {
         let (nodes, compute_nodes) = graph_node_counts(graph);
         tracing::debug!(n = key.n, nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
         Ok(Step { key, graph, inputs, out, sched, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
+    }
+}
+
+/// A builder invariant (checked in debug builds, so by the tests): the float operands of
+/// every matrix product have packed rows or an even row stride. ggml's CUDA kernels for float
+/// products (`mmf`) assert even strides; the CPU accepts anything, so only this check sees a
+/// strided view that would abort on a GPU.
+#[cfg(debug_assertions)]
+fn check_matmul_layouts(graph: *mut sys::ggml_cgraph) {
+    use sys::ggml_op::{GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID};
+    // SAFETY: a live graph whose nodes and sources are live tensors.
+    unsafe {
+        for i in 0..sys::ggml_graph_n_nodes(graph) {
+            let t = sys::ggml_graph_node(graph, i);
+            if !matches!((*t).op, GGML_OP_MUL_MAT | GGML_OP_MUL_MAT_ID) {
+                continue;
+            }
+            let node = &*t;
+            for &src in &node.src[..2] {
+                let s = &*src;
+                if sys::ggml_is_quantized(s.type_) || s.ne[1] <= 1 {
+                    continue;
+                }
+                let ts = sys::ggml_type_size(s.type_);
+                let packed = s.nb[1] == s.ne[0] as usize * ts;
+                let name = std::ffi::CStr::from_ptr((*t).name.as_ptr()).to_string_lossy();
+                assert!(packed || (s.nb[1] / ts) % 2 == 0, "matmul {name}: operand {:?} has row stride {} elements", s.ne, s.nb[1] / ts);
+            }
+        }
     }
 }
 
