@@ -576,7 +576,7 @@ fn check_matmul_layouts(graph: *mut sys::ggml_cgraph) {
                 let ts = sys::ggml_type_size(s.type_);
                 let packed = s.nb[1] == s.ne[0] as usize * ts;
                 let name = std::ffi::CStr::from_ptr((*t).name.as_ptr()).to_string_lossy();
-                assert!(packed || (s.nb[1] / ts) % 2 == 0, "matmul {name}: operand {:?} has row stride {} elements", s.ne, s.nb[1] / ts);
+                assert!(packed || (s.nb[1] / ts).is_multiple_of(2), "matmul {name}: operand {:?} has row stride {} elements", s.ne, s.nb[1] / ts);
             }
         }
     }
