@@ -54,7 +54,13 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let file = loader::ModelFile::open(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
         let shape = ModelShape::from_model(&file)?;
-        let mut placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file)?)?;
+        // Checked before the weights load: one CPU list per worker.
+        let pins = match (&self.worker_cpus, self.expert_workers) {
+            (Some(_), 0) => anyhow::bail!("--worker-cpus pins expert workers, but --expert-workers is 0 (cold experts in process)"),
+            (Some(spec), n) => Pin::parse_per_worker(spec, n).context("--worker-cpus")?,
+            (None, _) => Vec::new(),
+        };
+        let mut placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file, &shape)?)?;
         let small = placement.drop_layers_below(file.config.n_expert_used);
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
@@ -78,10 +84,6 @@ impl ModelArgs {
                 model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
-                let pins = match &self.worker_cpus {
-                    Some(spec) => Pin::parse_per_worker(spec, shares.len()).context("--worker-cpus")?,
-                    None => Vec::new(),
-                };
                 let spin = std::time::Duration::from_micros(self.worker_spin_us);
                 let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
@@ -94,12 +96,12 @@ impl ModelArgs {
     /// On a GPU: its free memory minus the weights that are not routed experts and the
     /// reserve, the budget `budget` and `profile` placements fill. None on the CPU (those
     /// policies then need `--expert-budget-mb`).
-    fn device_budget(&self, file: &loader::ModelFile) -> Result<Option<u64>> {
+    fn device_budget(&self, file: &loader::ModelFile, shape: &ModelShape) -> Result<Option<u64>> {
         let device = ggml::Device::by_name(&self.device)?;
         if device.kind() == ggml::DeviceKind::Cpu {
             return Ok(None);
         }
-        let experts: u64 = expert_worker::compute::expert_bytes_per_layer(file)?.iter().sum::<u64>() * file.config.n_expert as u64;
+        let experts: u64 = shape.expert_bytes.iter().sum::<u64>() * u64::from(shape.n_expert);
         let other = file.tensors.total_bytes().saturating_sub(experts);
         let free = device.memory().0 as u64;
         let budget = budget_from_device(free, other, 0, 0, self.device_reserve_mb.saturating_mul(1 << 20));
