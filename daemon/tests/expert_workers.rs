@@ -30,19 +30,24 @@ fn tokens(n: usize) -> PathBuf {
     path
 }
 
-fn logits(toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
-    let out = tmp(out);
-    let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
+/// `dflash logits` on fixture B, writing `out`.
+fn run_logits(toks: &Path, decode_from: usize, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dflash"))
         .args(["logits", "-m"])
         .arg(fixture("ds4-tiny-b.f32.gguf"))
         .arg("--tokens")
         .arg(toks)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .args(["--decode-from", &decode_from.to_string(), "-t", "2", "-u", "32"])
         .args(extra)
         .output()
-        .expect("run dflash");
+        .expect("run dflash")
+}
+
+fn logits(toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
+    let out = tmp(out);
+    let o = run_logits(toks, decode_from, &out, extra);
     assert!(o.status.success(), "dflash logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
     read_npy(&out)
 }
@@ -173,18 +178,13 @@ fn route_stats_count_the_routing_and_feed_a_profile() {
 #[test]
 fn worker_cpus_need_one_list_per_worker() {
     let toks = tokens(8);
-    let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
-        .args(["logits", "-m"])
-        .arg(fixture("ds4-tiny-b.f32.gguf"))
-        .arg("--tokens")
-        .arg(&toks)
-        .arg("--out")
-        .arg(tmp("never.npy"))
-        .args(["--experts-hot", "none", "--expert-workers", "2", "--worker-cpus", "0-1"])
-        .output()
-        .expect("run dflash");
+    let o = run_logits(&toks, 8, &tmp("never.npy"), &["--experts-hot", "none", "--expert-workers", "2", "--worker-cpus", "0-1"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success());
     assert!(err.contains("--worker-cpus") && err.contains("1 CPU lists for 2 workers"), "{err}");
+    assert!(!tmp("never.npy").exists());
+    let o = run_logits(&toks, 8, &tmp("never.npy"), &["--experts-hot", "none", "--expert-workers", "0", "--worker-cpus", "0"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--expert-workers is 0"), "{err}");
     assert!(!tmp("never.npy").exists());
 }
