@@ -43,7 +43,10 @@ fn reference(name: &str) -> Reference {
 }
 
 fn load(gguf: &str, ubatch: usize) -> Model {
-    let mut opts = ModelOptions { ubatch, ..ModelOptions::default() };
+    load_with(gguf, ModelOptions { ubatch, ..ModelOptions::default() })
+}
+
+fn load_with(gguf: &str, mut opts: ModelOptions) -> Model {
     opts.read.progress = false;
     Model::load(fixture(gguf), opts).expect("fixture model loads")
 }
@@ -167,6 +170,29 @@ fn a_f32_greedy_64() {
 #[test]
 fn b_f32_greedy_64() {
     greedy("ds4-tiny-b", "ds4-tiny-b.f32.gguf");
+}
+
+/// Each way the attention can be computed gives the reference logits: matmul + softmax
+/// (other devices' path), flash attention with CSA's entries gathered per token, and flash
+/// attention with CSA dense over every entry, masked to the top-k. Prefill in micro-batches
+/// of 48 (the hyper-connection mix as outer products) then decode (ggml's hc_post op).
+#[test]
+fn every_attention_path_matches_the_reference() {
+    for (name, gguf, p) in [("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 230), ("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 250)] {
+        let r = reference(name);
+        for (flash, dense, what) in [(false, None, "matmul"), (true, Some(0), "flash, CSA gathered"), (true, Some(usize::MAX), "flash, CSA dense")] {
+            let opts = ModelOptions { ubatch: 48, flash_attn: Some(flash), csa_dense_max_view: dense, ..ModelOptions::default() };
+            let mut m = load_with(gguf, opts);
+            let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
+            let logits = m.forward(&mut seq, &r.tokens[..p], Logits::All).expect("prefill");
+            check(&r, &logits, m.n_vocab(), 0, &format!("{gguf} {what}: prefill {p}"));
+            let mut all = Vec::new();
+            for &t in &r.tokens[p..] {
+                all.extend(m.forward(&mut seq, &[t], Logits::Last).expect("decode step"));
+            }
+            check(&r, &all, m.n_vocab(), p, &format!("{gguf} {what}: decode after {p}"));
+        }
+    }
 }
 
 #[test]
@@ -442,4 +468,37 @@ fn two_sequences_in_turn_keep_their_state_and_graphs() {
     check(&r, &la, m.n_vocab(), p, "sequence a");
     check(&r, &lb, m.n_vocab(), p, "sequence b");
     assert!(reused * 10 >= 2 * (n - p) * 9, "decode graphs reused only {reused} of {} times", 2 * (n - p));
+}
+
+/// `--op-profile`: every computed node is timed once per step and grouped by op and
+/// layer-less name; profiling off gives no profile and the same logits.
+#[test]
+fn op_profile_times_every_node_by_op_and_name() {
+    let r = reference("ds4-tiny-b");
+    let mut m = load("ds4-tiny-b.f32.gguf", 64);
+    assert!(m.take_op_profile().is_none(), "no profile before it is switched on");
+    let toks = &r.tokens[..40];
+    let mut seq = m.new_sequence(64).expect("sequence");
+    let plain = m.forward(&mut seq, toks, Logits::Last).expect("forward");
+    m.set_op_profile(true);
+    let mut seq = m.new_sequence(64).expect("sequence");
+    let profiled = m.forward(&mut seq, toks, Logits::Last).expect("profiled forward");
+    assert_eq!(plain, profiled, "profiling changes no logit");
+    let rows = m.take_op_profile().expect("profile rows");
+    let calls = |op: &str, name: &str| rows.iter().filter(|r| r.op == op && r.name.contains(name)).map(|r| r.calls).sum::<u64>();
+    let n_layer = m.config.n_layer as u64;
+    // One expert product per layer for each of gate, up and down; one lm_head product.
+    assert_eq!(calls("MUL_MAT_ID", "blk.ffn_gate_exps"), n_layer);
+    assert_eq!(calls("MUL_MAT_ID", "blk.ffn_down_exps"), n_layer);
+    assert_eq!(calls("MUL_MAT", "logits"), 1);
+    let layered = |name: &str| {
+        let weight_layer = name.split("blk.").skip(1).any(|rest| rest.starts_with(|c: char| c.is_ascii_digit()));
+        let node_layer = name.rsplit_once('-').is_some_and(|(_, l)| !l.is_empty() && l.chars().all(|c| c.is_ascii_digit()));
+        weight_layer || node_layer
+    };
+    assert!(rows.iter().all(|r| !layered(&r.name)), "layer numbers are stripped: {rows:?}");
+    assert!(rows.windows(2).all(|w| w[0].seconds >= w[1].seconds), "most expensive first");
+    assert!(m.take_op_profile().expect("still on").is_empty(), "taking the profile clears it");
+    m.set_op_profile(false);
+    assert!(m.take_op_profile().is_none());
 }

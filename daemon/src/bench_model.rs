@@ -19,6 +19,11 @@ pub struct Args {
     /// Print the graph build / compute split.
     #[arg(long)]
     timings: bool,
+    /// After the timed repetitions, run one more with every graph node timed on its own and
+    /// print the N most expensive ops (op, node name without its layer; the shares count,
+    /// the profiled run itself is slower).
+    #[arg(long, value_name = "N")]
+    op_profile: Option<usize>,
 }
 
 /// Deterministic token ids in [0, n).
@@ -55,6 +60,22 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
     }
 }
 
+/// One more repetition (`run`) with per-node timing, and its top `n` rows.
+fn op_profile(model: &mut Model, n: usize, run: impl FnOnce(&mut Model) -> Result<()>) -> Result<()> {
+    model.set_op_profile(true);
+    run(model)?;
+    let rows = model.take_op_profile().unwrap_or_default();
+    model.set_op_profile(false);
+    let total: f64 = rows.iter().map(|r| r.seconds).sum();
+    println!("  op profile (one repetition, nodes timed one by one: {:.3} s in {} nodes)", total, rows.iter().map(|r| r.calls).sum::<u64>());
+    println!("  {:>6}  {:>9}  {:>7}  {:>9}  op / node", "share", "ms", "calls", "us/call");
+    for r in rows.iter().take(n) {
+        let name = if r.name.is_empty() { String::new() } else { format!(" / {}", r.name) };
+        println!("  {:5.1}%  {:9.2}  {:7}  {:9.1}  {}{name}", 100.0 * r.seconds / total.max(1e-12), 1e3 * r.seconds, r.calls, 1e6 * r.seconds / r.calls.max(1) as f64, r.op);
+    }
+    Ok(())
+}
+
 /// Per-layer expert telemetry (`--timings` with cold experts).
 pub fn print_expert_stats(stats: &[graph::ExpertLayerStats]) {
     eprintln!("layer  hit rate  routed slots  hot compute s  cold wait s  cold compute s (worker-reported)");
@@ -81,6 +102,13 @@ pub fn prefill(a: Args) -> Result<()> {
         }
     }
     report(&model, &a, &format!("pp{}", a.tokens), rates, build, compute);
+    if let Some(n) = a.op_profile {
+        op_profile(&mut model, n, |m| {
+            let mut seq = m.new_sequence(a.tokens)?;
+            m.forward(&mut seq, &toks, Logits::Last)?;
+            Ok(())
+        })?;
+    }
     Ok(())
 }
 
@@ -106,6 +134,15 @@ pub fn decode(a: Args) -> Result<()> {
         }
     }
     report(&model, &a, &format!("tg{}", a.tokens), rates, build, compute);
+    if let Some(n) = a.op_profile {
+        op_profile(&mut model, n, |m| {
+            let mut seq = m.new_sequence(a.tokens)?;
+            for &t in &toks {
+                m.forward(&mut seq, &[t], Logits::Last)?;
+            }
+            Ok(())
+        })?;
+    }
     if let (true, Some(stats)) = (a.timings, model.take_expert_stats()) {
         print_expert_stats(&stats);
     }

@@ -7,6 +7,13 @@ use expert_worker::pinning::Pin;
 use expert_worker::placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs};
 use graph::{HotExperts, Model, ModelOptions};
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashAttn {
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(clap::Args, Clone)]
 pub struct ModelArgs {
     /// The deepseek4 GGUF.
@@ -19,8 +26,13 @@ pub struct ModelArgs {
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Largest micro-batch of one graph; prefill is split into micro-batches of this size.
-    #[arg(short = 'u', long, default_value_t = 128)]
+    #[arg(short = 'u', long, default_value_t = 512)]
     pub ubatch: usize,
+    /// Attention through ggml's flash-attention op: `auto` uses it on the CPU (F32 keys and
+    /// accumulation, exact); `on` forces it on other devices too (their kernels may round
+    /// keys to F16); `off` uses matmul, softmax, matmul.
+    #[arg(long = "flash-attn", value_enum, default_value_t = FlashAttn::Auto)]
+    pub flash_attn: FlashAttn,
     /// Maximum context per sequence (default: what the command needs).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
@@ -71,6 +83,11 @@ impl ModelArgs {
             ubatch: self.ubatch,
             hot: Some(hot),
             route_stats_out: self.route_stats_out.clone(),
+            flash_attn: match self.flash_attn {
+                FlashAttn::Auto => None,
+                FlashAttn::On => Some(true),
+                FlashAttn::Off => Some(false),
+            },
             ..ModelOptions::default()
         };
         if let Some(t) = self.threads {

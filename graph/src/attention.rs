@@ -6,6 +6,16 @@ use crate::ops::{RopeParams, T};
 use crate::state::{CompState, LayerState};
 use crate::weights::{Compressor, LayerWeights};
 
+/// Which mask a layer's keys take.
+enum Mask {
+    /// The raw window's (ratio-0 layers).
+    Raw,
+    /// Raw ++ the visible entries of this ratio (HCA layers).
+    Hca(usize),
+    /// A mask built in the layer (CSA's selection).
+    Layer(T),
+}
+
 impl Builder<'_> {
     pub fn rope_params(&self, il: usize) -> RopeParams {
         let c = self.c;
@@ -43,49 +53,99 @@ impl Builder<'_> {
 
         let scale = 1.0 / (d as f32).sqrt();
         let qp = g.permute(q, [0, 2, 1, 3]); // [d, n, h]
-        let out = match (&w.compressor, &st.comp) {
+        // Every key a token may attend to, with its mask: the raw keys, then (compressed
+        // layers) every entry, masked to the visible ones (HCA) or to the indexer's top-k
+        // (CSA, dense form); or, for CSA over many entries, each token's own gathered
+        // entries (`heads` computed directly).
+        let (keys, mask): (T, Mask) = match (&w.compressor, &st.comp) {
             (Some(cw), Some(cs)) if w.indexer.is_some() => {
                 let ci = self.comp_inputs(cs.shape.ratio);
                 let entries = self.compress(il, "csa", x, cw, cs, ci, &rope);
                 let top = self.indexer_top_k(il, x, qr, w, st, ci, &rope);
-                let k_sel = top.ne(0);
-                // Each token's selected entries: [d, k, n], and their visibility.
-                let sel = g.reshape(g.get_rows(entries, g.reshape(top, &[k_sel * n])), &[d, k_sel, n]);
                 let vis = g.reshape(ci.vis_mask, &[1, ci.n_view as i64, n]);
-                let sel_mask = g.reshape(g.get_rows(vis, top), &[k_sel, n]);
-
-                let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
-                let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
-                let kq = g.concat(kq_raw, kq_sel, 0);
-                let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
-                let p = g.soft_max_sinks(kq, mask, scale, w.sinks);
-                let n_raw = raw.ne(1);
-                // Contiguous copies: GPU matmul kernels need even row strides in floats, which
-                // views into p's rows of n_raw + k entries do not always have.
-                let p_raw = g.cont(g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0));
-                let p_sel = g.view_3d(p, [k_sel, n, h], p.nb(1), p.nb(2), n_raw as usize * p.elem_size());
-                let p_sel = g.cont(g.permute(p_sel, [0, 2, 1, 3])); // [k, h, n]
-                let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
-                let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
-                let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
-                g.add(out_raw, out_sel)
+                // Each selected entry's visibility (an entry is selected among invisible
+                // ones only when fewer than k are visible): [1, k, n].
+                let sel_vis = g.get_rows(vis, top);
+                if self.flash && ci.n_view <= self.csa_dense_max_view {
+                    // −inf everywhere but at each token's selected entries.
+                    let sel_mask = g.reshape(g.set_rows(g.fill(vis, f32::NEG_INFINITY), sel_vis, top), &[ci.n_view as i64, n]);
+                    (g.concat(raw, entries, 1), Mask::Layer(g.concat(self.inp.raw_mask, sel_mask, 0)))
+                } else {
+                    let heads = self.attend_selected(q, qp, raw, entries, top, sel_vis, scale, w.sinks);
+                    return self.attention_out(il, heads, w, &rope);
+                }
             }
             (Some(cw), Some(cs)) => {
                 let ci = self.comp_inputs(cs.shape.ratio);
                 let entries = self.compress(il, "hca", x, cw, cs, ci, &rope);
-                let keys = g.concat(raw, entries, 1);
-                let mask = g.concat(self.inp.raw_mask, ci.vis_mask, 0);
-                let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, w.sinks);
-                g.mm(g.cont(g.transpose(keys)), p)
+                (g.concat(raw, entries, 1), Mask::Hca(ci.ratio))
             }
-            _ => {
-                let p = g.soft_max_sinks(g.mm(raw, qp), self.inp.raw_mask, scale, w.sinks);
-                g.mm(g.cont(g.transpose(raw)), p)
-            }
+            _ => (raw, Mask::Raw),
         };
+        let heads = if self.flash {
+            let mask = self.mask_f16(mask);
+            g.flash_attn_sinks(qp, keys, mask, scale, w.sinks) // [d, h, n]
+        } else {
+            let mask = match mask {
+                Mask::Raw => self.inp.raw_mask,
+                Mask::Hca(ratio) => g.concat(self.inp.raw_mask, self.comp_inputs(ratio).vis_mask, 0),
+                Mask::Layer(m) => m,
+            };
+            let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, w.sinks);
+            g.permute(g.mm(g.cont(g.transpose(keys)), p), [0, 2, 1, 3])
+        };
+        self.attention_out(il, heads, w, &rope)
+    }
+
+    /// The attention mask of a layer as F16 (flash attention's type); the raw and the
+    /// per-ratio HCA masks are converted once per step and shared by the layers.
+    fn mask_f16(&mut self, mask: Mask) -> T {
+        let g = self.g;
+        match mask {
+            Mask::Raw => *self.mask16.entry(0).or_insert_with(|| g.to_f16(self.inp.raw_mask)),
+            Mask::Hca(ratio) => {
+                let vis = self.comp_inputs(ratio).vis_mask;
+                *self.mask16.entry(ratio).or_insert_with(|| g.to_f16(g.concat(self.inp.raw_mask, vis, 0)))
+            }
+            Mask::Layer(m) => g.to_f16(m),
+        }
+    }
+
+    /// CSA over each token's own selected entries: scores against the raw keys and the
+    /// gathered entries, one softmax over both, and the two weighted sums → [d, h, n] (a view).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_selected(&self, q: T, qp: T, raw: T, entries: T, top: T, sel_vis: T, scale: f32, sinks: T) -> T {
+        let g = self.g;
+        let (d, n, h) = (q.ne(0), q.ne(2), q.ne(1));
+        let k_sel = top.ne(0);
+        // Each token's selected entries: [d, k, n], and their mask [k, n].
+        let sel = g.reshape(g.get_rows(entries, g.reshape(top, &[k_sel * n])), &[d, k_sel, n]);
+        let sel_mask = g.reshape(sel_vis, &[k_sel, n]);
+        let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
+        let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
+        let kq = g.concat(kq_raw, kq_sel, 0);
+        let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
+        let p = g.soft_max_sinks(kq, mask, scale, sinks);
+        let n_raw = raw.ne(1);
+        // Contiguous copies: GPU matmul kernels need even row strides in floats, which
+        // views into p's rows of n_raw + k entries do not always have.
+        let p_raw = g.cont(g.view_3d(p, [n_raw, n, h], p.nb(1), p.nb(2), 0));
+        let p_sel = g.view_3d(p, [k_sel, n, h], p.nb(1), p.nb(2), n_raw as usize * p.elem_size());
+        let p_sel = g.cont(g.permute(p_sel, [0, 2, 1, 3])); // [k, h, n]
+        let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
+        let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
+        let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
+        g.permute(g.add(out_raw, out_sel), [0, 2, 1, 3])
+    }
+
+    /// Inverse RoPE on the heads [d, h, n] and the grouped low-rank output projection.
+    fn attention_out(&self, il: usize, heads: T, w: &LayerWeights, rope: &RopeParams) -> T {
+        let (g, c) = (self.g, self.c);
+        let (d, h, n) = (c.head_dim as i64, c.n_head as i64, heads.ne(2));
+        let n_rot = c.n_rot as i64;
         // K = V carried RoPE into the output: rotate its rope dims back by −position (rope
-        // reads the permuted rows in place and writes [d, h, n]).
-        let out = g.rope(g.permute(out, [0, 2, 1, 3]), self.inp.neg_pos, n_rot, d - n_rot, &rope);
+        // reads permuted rows in place and writes [d, h, n]).
+        let out = g.rope(heads, self.inp.neg_pos, n_rot, d - n_rot, rope);
         let out = g.name(out, &format!("attn_heads-{il}"));
 
         // Grouped low-rank output: each group of heads through its own slice of output_a.

@@ -42,9 +42,20 @@ impl Builder<'_> {
         (y, HcMix { post, comb })
     }
 
-    /// S'_k = post_k · f + Σ_j comb[j,k] · S_j
+    /// S'_k = post_k · f + Σ_j comb[k,j] · S_j
     pub fn hc_post(&self, f: T, residual: T, mix: &HcMix) -> T {
-        self.g.hc_post(f, residual, mix.post, mix.comb)
+        let g = self.g;
+        // On the CPU and a batch of tokens, as one outer product per token (vectorized over
+        // n_embd, where ggml's hc_post op is a scalar loop): [f, S_0..S_hc-1] ⊗
+        // [post, comb[·,0..hc-1]] summed over the hc+1 terms. A few tokens take ggml's op
+        // (one node instead of three).
+        if !self.on_cpu || residual.ne(2) < 32 {
+            return g.hc_post(f, residual, mix.post, mix.comb);
+        }
+        let (e, hc, n) = (residual.ne(0), residual.ne(1), residual.ne(2));
+        let lhs = g.concat(g.reshape(f, &[e, 1, n]), residual, 1); // [e, 1+hc, n]
+        let rhs = g.concat(g.reshape(mix.post, &[hc, 1, n]), mix.comb, 1); // [hc, 1+hc, n]
+        g.out_prod(lhs, rhs) // [e, hc, n]
     }
 
     /// Output head collapse: pre-style weights, no Sinkhorn.

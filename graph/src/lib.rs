@@ -13,11 +13,13 @@ mod model;
 mod moe;
 pub mod ops;
 pub mod plan;
+pub mod profile;
 mod state;
 mod weights;
 
 pub use cold::{ColdExperts, ExpertLayerStats, HotExperts};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
+pub use profile::OpRow;
 pub use state::Sequence;
 
 #[derive(Debug, thiserror::Error)]

@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use crate::cold::{ColdCall, ColdExperts, ColdState, HotExperts, RouteCall};
 use crate::ops::{Ctx, T};
 use crate::plan::{self, CompPlan, CompShape, RawPlan};
+use crate::profile::{self, OpProfile, OpRow};
 use crate::state::Sequence;
 use crate::weights::{validate_tid2eid, Weights};
 use crate::GraphError;
@@ -35,12 +36,29 @@ pub struct ModelOptions {
     /// On the CPU, keep matrices in ggml's repacked (interleaved) layout where the CPU
     /// backend has one for their type and shape (llama.cpp's default as well).
     pub repack: bool,
+    /// Attention through ggml's flash-attention op (F32 keys, F32 accumulation); None: on
+    /// the CPU only (other backends' kernels round keys to F16).
+    pub flash_attn: Option<bool>,
+    /// CSA layers attend densely, every entry masked to the indexer's top-k, while at most
+    /// this many entries exist (flash attention only; beyond it each token's entries are
+    /// gathered). None: 4 × the indexer's k.
+    pub csa_dense_max_view: Option<usize>,
 }
 
 impl Default for ModelOptions {
     fn default() -> Self {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        ModelOptions { device: None, threads, ubatch: 128, read: ReadOptions::default(), hot: None, route_stats_out: None, repack: true }
+        ModelOptions {
+            device: None,
+            threads,
+            ubatch: 128,
+            read: ReadOptions::default(),
+            hot: None,
+            route_stats_out: None,
+            repack: true,
+            flash_attn: None,
+            csa_dense_max_view: None,
+        }
     }
 }
 
@@ -112,6 +130,15 @@ pub struct Builder<'a> {
     pub route_calls: Vec<Box<RouteCall>>,
     /// Nodes that must run on the CPU backend (custom ops), whatever device runs the rest.
     pub cpu_nodes: Vec<T>,
+    /// The graph runs on the CPU backend (some ops have a faster formulation there).
+    pub on_cpu: bool,
+    /// Attention through the flash-attention op (else matmul, softmax, matmul).
+    pub flash: bool,
+    /// See [`ModelOptions::csa_dense_max_view`].
+    pub csa_dense_max_view: usize,
+    /// F16 masks for flash attention, made once per step: 0 → the raw mask, ratio → the
+    /// raw mask ++ that ratio's visibility.
+    pub mask16: std::collections::HashMap<usize, T>,
 }
 
 impl<'a> Builder<'a> {
@@ -168,6 +195,9 @@ pub struct Model {
     hot: HotExperts,
     cold: Option<Box<Mutex<ColdState>>>,
     route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,
+    /// Per-op timing of every step when on (`set_op_profile`); boxed: the scheduler's
+    /// callback points at it.
+    op_profile: Option<Box<OpProfile>>,
     _tables: Option<(Context, ggml::Buffer)>,
     _tensors: TensorSet,
 }
@@ -247,6 +277,7 @@ impl Model {
             hot,
             cold: None,
             route_counts,
+            op_profile: None,
             _tables: tables,
             _tensors: tensors,
         })
@@ -347,6 +378,21 @@ impl Model {
         self.timings
     }
 
+    /// Time every node of the step graphs from now on (on) or stop (off); see
+    /// [`crate::profile`]: profiled steps are slower, the shares are what counts.
+    pub fn set_op_profile(&mut self, on: bool) {
+        self.op_profile = on.then(Box::default);
+    }
+
+    /// The per-op times since profiling started or the last call (most expensive first),
+    /// and clears them; None when profiling is off.
+    pub fn take_op_profile(&mut self) -> Option<Vec<OpRow>> {
+        let p = self.op_profile.as_mut()?;
+        let rows = p.rows();
+        p.clear();
+        Some(rows)
+    }
+
     /// Run `tokens` through the model after what `seq` holds, in micro-batches of at most
     /// `ubatch` tokens. Returns n_vocab logits per token (`Logits::All`) or for the last one.
     /// Token ids and the context size are checked before any compute.
@@ -411,6 +457,13 @@ impl Model {
         }
         let Some(step) = self.steps.last_mut() else { unreachable!("a step was just cached") };
         set_inputs(&step.inputs, p, tokens, &raw, &comps);
+        match self.op_profile.as_mut() {
+            // SAFETY: the profile is boxed and owned by the model, which outlives the compute
+            // below and touches the profile only through &mut self.
+            Some(p) => unsafe { step.sched.set_eval_callback(Some(profile::eval_callback), std::ptr::from_mut::<OpProfile>(p).cast()) },
+            // SAFETY: no callback, no user data.
+            None => unsafe { step.sched.set_eval_callback(None, std::ptr::null_mut()) },
+        }
         let t1 = Instant::now();
         // SAFETY: the step's graph is the one its scheduler allocated; its other tensors live
         // in the model's weight buffers and the sequence's state buffer, on these backends.
@@ -486,6 +539,10 @@ impl Model {
             route_counts,
             route_calls: Vec::new(),
             cpu_nodes: Vec::new(),
+            on_cpu: self.backend.device().kind() == ggml::DeviceKind::Cpu,
+            flash: self.opts.flash_attn.unwrap_or(self.backend.device().kind() == ggml::DeviceKind::Cpu),
+            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(4 * c.indexer_top_k),
+            mask16: Default::default(),
         };
         let w = &self.weights;
         let hc = c.hc_count as i64;

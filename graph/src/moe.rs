@@ -128,9 +128,15 @@ impl Builder<'_> {
         };
         let h = self.swiglu(gate, up, c.swiglu_clamp_exp[il]); // [ff, k, n]
         let down = g.mm_id(r.down, h, ids); // [e, k, n]
-        // Per token the weighted sum over its k slots, one product: [k, e] · [k, 1] → [e, 1].
-        let down_t = g.cont(g.permute(down, [1, 0, 2, 3])); // [k, e, n]
-        let acc = g.mm(down_t, g.reshape(wts, &[k, 1, n])); // [e, 1, n]
+        // Per token the weighted sum over its k slots, one product: on the CPU an outer
+        // product summed over the slots, Σ_k down[·, k] ⊗ wts[k] (vectorized over n_embd);
+        // elsewhere [k, e] · [k, 1] → [e, 1].
+        let acc = if self.on_cpu {
+            g.out_prod(down, g.reshape(wts, &[1, k, n])) // [e, 1, n]
+        } else {
+            let down_t = g.cont(g.permute(down, [1, 0, 2, 3])); // [k, e, n]
+            g.mm(down_t, g.reshape(wts, &[k, 1, n])) // [e, 1, n]
+        };
         g.name(g.reshape(acc, &[e, n]), &format!("hot_out-{il}"))
     }
 }

@@ -54,7 +54,7 @@ impl Ctx {
         relu => ggml_relu, sqrt => ggml_sqrt, softplus => ggml_softplus, sum_rows => ggml_sum_rows,
     }
     binary! {
-        add => ggml_add, mul => ggml_mul, div => ggml_div, get_rows => ggml_get_rows, cpy => ggml_cpy,
+        out_prod => ggml_out_prod, add => ggml_add, mul => ggml_mul, div => ggml_div, get_rows => ggml_get_rows, cpy => ggml_cpy,
     }
 
     /// `a` itself when its layout already is contiguous (e.g. a permutation that only moves
@@ -138,7 +138,19 @@ impl Ctx {
         // SAFETY: a belongs to this context.
         T(unsafe { sys::ggml_clamp(self.raw, a.0, min, max) })
     }
+    /// `a` ++ `b` along `dim`. ggml's CPU concat splits its work over dimension 2 only, so
+    /// matrices (two dimensions, contiguous) are concatenated as [ne0, 1, ne1] tensors, over
+    /// the rows (dim 1 → 2) or per row (dim 0), which the threads share.
     pub fn concat(&self, a: T, b: T, dim: i32) -> T {
+        // SAFETY: t belongs to this context.
+        let matrix = |t: T| t.ne(2) == 1 && t.ne(3) == 1 && unsafe { sys::ggml_is_contiguous(t.0) };
+        if dim <= 1 && matrix(a) && matrix(b) {
+            let (a3, b3) = (self.reshape(a, &[a.ne(0), 1, a.ne(1)]), self.reshape(b, &[b.ne(0), 1, b.ne(1)]));
+            let along = if dim == 1 { 2 } else { 0 };
+            // SAFETY: both belong to this context.
+            let r = T(unsafe { sys::ggml_concat(self.raw, a3.0, b3.0, along) });
+            return self.reshape(r, &[r.ne(0), r.ne(2)]);
+        }
         // SAFETY: both belong to this context.
         T(unsafe { sys::ggml_concat(self.raw, a.0, b.0, dim) })
     }
@@ -188,6 +200,28 @@ impl Ctx {
         // SAFETY: r is a soft_max node.
         unsafe { sys::ggml_soft_max_add_sinks(r, sinks.0) };
         T(r)
+    }
+    /// Attention in one op (ggml's flash attention, F32 accumulation): `q` [d, n, h], `kv` the
+    /// one K=V head [d, n_kv], `mask` F16 [n_kv, n], per-head `sinks` [h] → [d, h, n].
+    pub fn flash_attn_sinks(&self, q: T, kv: T, mask: T, scale: f32, sinks: T) -> T {
+        // SAFETY: all belong to this context; K and V are the same tensor.
+        let r = unsafe { sys::ggml_flash_attn_ext(self.raw, q.0, kv.0, kv.0, mask.0, scale, 0.0, 0.0) };
+        // SAFETY: r is a flash-attention node.
+        unsafe {
+            sys::ggml_flash_attn_ext_set_prec(r, sys::ggml_prec::GGML_PREC_F32);
+            sys::ggml_flash_attn_ext_add_sinks(r, sinks.0);
+        }
+        T(r)
+    }
+    /// A tensor of `like`'s shape (and type) with every element `v`.
+    pub fn fill(&self, like: T, v: f32) -> T {
+        // SAFETY: like belongs to this context.
+        T(unsafe { sys::ggml_fill(self.raw, like.0, v) })
+    }
+    /// `a` converted to F16 (a copy).
+    pub fn to_f16(&self, a: T) -> T {
+        // SAFETY: a belongs to this context.
+        T(unsafe { sys::ggml_cast(self.raw, a.0, sys::ggml_type::GGML_TYPE_F16) })
     }
     pub fn top_k(&self, a: T, k: i64) -> T {
         // SAFETY: a belongs to this context; 0 < k <= a.ne0.

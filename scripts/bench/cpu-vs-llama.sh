@@ -26,6 +26,8 @@
 #                    kernels. A build dir keeps its first setting: use one LLAMA_BUILD per value.
 #   PROMPT, GEN      prefill and decode lengths (default 512 and 128)
 #   REPS             llama-bench repetitions (default 5)
+#   ROUNDS           rounds of both benchmarks, interleaved (default 1); prints each round's
+#                    dflash / llama.cpp ratios and their medians
 #   LLAMA_BENCH_ARGS extra llama-bench arguments; default: "--repack 0" for a native build on
 #                    a CPU with AMX (llama.cpp aborts otherwise, see BENCHMARKS.md), else none
 set -uo pipefail
@@ -95,7 +97,9 @@ if [ ! -f "$model" ]; then
   fi
 fi
 
-# 3. Both benchmarks, one after the other.
+# 3. Both benchmarks, one after the other, ROUNDS times (interleaved: the host's speed
+#    drifts between minutes, so each round's ratio is the comparison, and their median).
+rounds=${ROUNDS:-1}
 echo "== machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//'), $(nproc) cores; threads $threads"
 echo "== model: $model ($(du -h "$model" | cut -f1)); dflash $(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo '?')"
 status=0
@@ -107,10 +111,42 @@ if [ -z "${LLAMA_BENCH_ARGS:-}" ] && [ "$native" != 0 ] && grep -qw amx_int8 /pr
   echo "(CPU has AMX and llama.cpp is a native build: passing --repack 0)"
   extra=(--repack 0)
 fi
-echo "== llama.cpp: llama-bench -m $model -p $prompt -n $gen -t $threads -r $reps ${extra[*]}"
-"$llama_bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -r "$reps" "${extra[@]}" || { echo "llama-bench failed ($?)"; status=1; }
-echo "== dflash: bench decode -m $model -t $threads"
-"$dflash_dir/dflash" bench decode -m "$model" -t "$threads" || { echo "dflash bench decode failed ($?)"; status=1; }
-echo "== dflash: bench prefill -m $model -t $threads --tokens $prompt"
-"$dflash_dir/dflash" bench prefill -m "$model" -t "$threads" --tokens "$prompt" || { echo "dflash bench prefill failed ($?)"; status=1; }
+table=$(mktemp)
+# llama-bench's markdown table: the t/s mean of the row whose `test` column is $1 (columns
+# found by their header, since non-default parameters add columns).
+llama_rate() {
+  awk -F'|' -v t="$1" '
+    /\| *test *\|/ { for (i = 1; i <= NF; i++) { h = $i; gsub(/ /, "", h); if (h == "test") ct = i; if (h == "t/s") cr = i } next }
+    ct && cr { x = $ct; gsub(/ /, "", x); if (x == t) { split($cr, a, "±"); gsub(/ /, "", a[1]); print a[1] } }'
+}
+rate() { sed -n 's/.* | \([0-9.]*\) t\/s .*/\1/p' | tail -1; }
+for r in $(seq 1 "$rounds"); do
+  echo "== round $r/$rounds: llama.cpp: llama-bench -m $model -p $prompt -n $gen -t $threads -r $reps ${extra[*]}"
+  out=$("$llama_bench" -m "$model" -p "$prompt" -n "$gen" -t "$threads" -r "$reps" "${extra[@]}") || { echo "llama-bench failed ($?)"; status=1; }
+  echo "$out"
+  l_pp=$(echo "$out" | llama_rate "pp$prompt")
+  l_tg=$(echo "$out" | llama_rate "tg$gen")
+  echo "== round $r/$rounds: dflash: bench decode -m $model -t $threads -n $gen; bench prefill -n $prompt"
+  out=$("$dflash_dir/dflash" bench decode -m "$model" -t "$threads" -n "$gen") || { echo "dflash bench decode failed"; status=1; }
+  echo "$out"
+  d_tg=$(echo "$out" | rate)
+  out=$("$dflash_dir/dflash" bench prefill -m "$model" -t "$threads" -n "$prompt") || { echo "dflash bench prefill failed"; status=1; }
+  echo "$out"
+  d_pp=$(echo "$out" | rate)
+  echo "$r ${l_pp:-0} ${d_pp:-0} ${l_tg:-0} ${d_tg:-0}" >> "$table"
+done
+python3 - "$table" "$prompt" "$gen" <<'PY'
+import statistics, sys
+rows = [list(map(float, l.split()[1:])) for l in open(sys.argv[1]) if l.strip()]
+p, g = sys.argv[2], sys.argv[3]
+print(f"| round | llama.cpp pp{p} | dflash pp{p} | ratio | llama.cpp tg{g} | dflash tg{g} | ratio |")
+print("|---:|---:|---:|---:|---:|---:|---:|")
+rp, rt = [], []
+for i, (lp, dp, lt, dt) in enumerate(rows, 1):
+    a, b = (dp / lp if lp else 0), (dt / lt if lt else 0)
+    rp.append(a); rt.append(b)
+    print(f"| {i} | {lp:.2f} | {dp:.2f} | {a:.3f} | {lt:.2f} | {dt:.2f} | {b:.3f} |")
+print(f"| median | | | {statistics.median(rp):.3f} | | | {statistics.median(rt):.3f} |")
+PY
+rm -f "$table"
 exit $status

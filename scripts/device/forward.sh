@@ -24,11 +24,13 @@ case $mode in
 cpu)
   lscpu | grep -E "Model name|^CPU\(s\)"
   medium
-  MODEL=bench-data/medium-q8_0.gguf GGML_NATIVE=0 REPS=3 bash scripts/bench/cpu-vs-llama.sh $bin .device/llama-src "$(nproc)"
-  for t in 8; do
-    $bin/dflash bench decode -m bench-data/medium-q8_0.gguf -t $t -n 128 --timings
-    $bin/dflash bench prefill -m bench-data/medium-q8_0.gguf -t $t -n 512 --timings
-  done
+  MODEL=bench-data/medium-q8_0.gguf GGML_NATIVE=0 REPS=3 ROUNDS=${ROUNDS:-3} bash scripts/bench/cpu-vs-llama.sh $bin .device/llama-src "$(nproc)"
+  t=$(nproc)
+  # Where the time goes on all cores (one extra repetition, nodes timed one by one), and the
+  # micro-batch of 128.
+  $bin/dflash bench decode -m bench-data/medium-q8_0.gguf -t $t -n 128 -r 1 --timings --op-profile 40
+  $bin/dflash bench prefill -m bench-data/medium-q8_0.gguf -t $t -n 512 -r 1 --timings --op-profile 40
+  $bin/dflash bench prefill -m bench-data/medium-q8_0.gguf -t $t -n 512 -u 128 --timings
   ;;
 gpu)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
