@@ -159,9 +159,10 @@ impl Builder<'_> {
         g.name(y, &format!("attn_out-{il}"))
     }
 
-    /// Run a compressor over the batch: pool every window the batch touches (closed windows
-    /// become visible, the open one is rewritten by later batches), write the entries, and
-    /// return the view of entries the attention may address [dim, n_view].
+    /// Run a compressor over the batch: keep the rows of the windows still open for later
+    /// batches, pool every window that closes in this batch (an open window's entry is
+    /// visible to no token yet), write those entries, and return the view of entries the
+    /// attention may address [dim, n_view].
     #[allow(clippy::too_many_arguments)]
     fn compress(&mut self, il: usize, what: &str, x: T, cw: &Compressor, cs: &CompState, ci: &CompInputs, rope: &RopeParams) -> T {
         let (g, c) = (self.g, self.c);
@@ -177,11 +178,15 @@ impl Builder<'_> {
         let all = g.concat(cs.kv_score, g.concat(kv, score, 0), 1);
         // Keep the open windows' rows for the next batch.
         self.effects.push(g.cpy(g.get_rows(all, ci.keep), g.view_2d(cs.kv_score, 2 * width, rows, 0, 0)));
+        let Some(wi) = &ci.windows else {
+            // No window closes (most decode steps): the entries are as the last batch left them.
+            return g.name(g.view_2d(cs.entries, dim, ci.n_view as i64, 0, 0), &format!("{what}_entries-{il}"));
+        };
 
-        // Every window's rows as [dim, kv|score, rows_w, nw].
-        let cur = g.get_rows(all, ci.cur_idx); // [2·width, m·nw]
+        // Every closing window's rows as [dim, kv|score, rows_w, nw].
+        let cur = g.get_rows(all, wi.cur_idx); // [2·width, m·nw]
         let es = cur.elem_size();
-        let win = match ci.prev_idx {
+        let win = match wi.prev_idx {
             // Overlap (width = 2·dim, a row is kv_a kv_b score_a score_b): the previous
             // window's first halves (a) ++ this window's second halves (b).
             Some(prev_idx) => {
@@ -198,9 +203,9 @@ impl Builder<'_> {
         let pooled = g.sum_rows(g.mul(plane(0), g.soft_max(plane(1)))); // [1, dim, nw]
         let pooled = g.mul(g.rms_norm(g.reshape(pooled, &[dim, nw]), c.rms_eps), cw.norm);
         let n_rot = c.n_rot as i64;
-        let roped = g.rope(g.reshape(pooled, &[dim, 1, nw]), ci.entry_pos, n_rot, dim - n_rot, rope);
+        let roped = g.rope(g.reshape(pooled, &[dim, 1, nw]), wi.entry_pos, n_rot, dim - n_rot, rope);
         let roped = g.name(g.reshape(roped, &[dim, nw]), &format!("{what}_entries_new-{il}"));
-        let written = g.set_rows(cs.entries, roped, ci.write_idx);
+        let written = g.set_rows(cs.entries, roped, wi.write_idx);
         g.name(g.view_2d(written, dim, ci.n_view as i64, 0, 0), &format!("{what}_entries-{il}"))
     }
 

@@ -86,12 +86,18 @@ pub struct CompInputs {
     pub n_windows: usize,
     pub n_view: usize,
     pub ape_idx: T,
+    pub keep: T,
+    pub vis_mask: T,
+    /// The windows that close in this batch; None when none does (decode between closes).
+    pub windows: Option<WindowInputs>,
+}
+
+/// Row indices and entry slots of the windows a batch closes (`plan::CompPlan`).
+pub struct WindowInputs {
     pub cur_idx: T,
     pub prev_idx: Option<T>,
-    pub keep: T,
     pub entry_pos: T,
     pub write_idx: T,
-    pub vis_mask: T,
 }
 
 pub struct Inputs {
@@ -107,8 +113,11 @@ impl Inputs {
     fn all(&self) -> Vec<T> {
         let mut v = vec![self.tokens, self.pos, self.neg_pos, self.raw_mask, self.ring_keep];
         for ci in &self.comp {
-            v.extend([ci.ape_idx, ci.cur_idx, ci.keep, ci.entry_pos, ci.write_idx, ci.vis_mask]);
-            v.extend(ci.prev_idx);
+            v.extend([ci.ape_idx, ci.keep, ci.vis_mask]);
+            if let Some(w) = &ci.windows {
+                v.extend([w.cur_idx, w.entry_pos, w.write_idx]);
+                v.extend(w.prev_idx);
+            }
         }
         v
     }
@@ -516,12 +525,14 @@ impl Model {
                         n_windows: cp.n_windows,
                         n_view: cp.n_view,
                         ape_idx: g.input(g.new_i32(&[n]), &format!("ape_idx-{m}")),
-                        cur_idx: g.input(g.new_i32(&[m as i64 * nw]), &format!("cur_idx-{m}")),
-                        prev_idx: s.overlap.then(|| g.input(g.new_i32(&[m as i64 * nw]), &format!("prev_idx-{m}"))),
                         keep: g.input(g.new_i32(&[s.state_rows() as i64]), &format!("keep-{m}")),
-                        entry_pos: g.input(g.new_i32(&[nw]), &format!("entry_pos-{m}")),
-                        write_idx: g.input(g.new_i32(&[nw]), &format!("write_idx-{m}")),
                         vis_mask: g.input(g.new_f32(&[cp.n_view as i64, n]), &format!("vis_mask-{m}")),
+                        windows: (nw > 0).then(|| WindowInputs {
+                            cur_idx: g.input(g.new_i32(&[m as i64 * nw]), &format!("cur_idx-{m}")),
+                            prev_idx: s.overlap.then(|| g.input(g.new_i32(&[m as i64 * nw]), &format!("prev_idx-{m}"))),
+                            entry_pos: g.input(g.new_i32(&[nw]), &format!("entry_pos-{m}")),
+                            write_idx: g.input(g.new_i32(&[nw]), &format!("write_idx-{m}")),
+                        }),
                     }
                 })
                 .collect(),
@@ -685,13 +696,15 @@ fn set_inputs(inp: &Inputs, p: usize, tokens: &[u32], raw: &RawPlan, comps: &[(C
     write_i32(inp.ring_keep, &raw.keep);
     for (ci, (_, cp)) in inp.comp.iter().zip(comps) {
         write_i32(ci.ape_idx, &cp.ape_idx);
-        write_i32(ci.cur_idx, &cp.cur_idx);
-        if let Some(t) = ci.prev_idx {
-            write_i32(t, &cp.prev_idx);
+        if let Some(w) = &ci.windows {
+            write_i32(w.cur_idx, &cp.cur_idx);
+            if let Some(t) = w.prev_idx {
+                write_i32(t, &cp.prev_idx);
+            }
+            write_i32(w.entry_pos, &cp.entry_pos);
+            write_i32(w.write_idx, &cp.write_idx);
         }
         write_i32(ci.keep, &cp.keep);
-        write_i32(ci.entry_pos, &cp.entry_pos);
-        write_i32(ci.write_idx, &cp.write_idx);
         write_f32(ci.vis_mask, &cp.vis_mask);
     }
 }

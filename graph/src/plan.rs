@@ -93,7 +93,8 @@ impl CompShape {
 }
 
 pub struct CompPlan {
-    /// Windows the batch touches (closed or still open).
+    /// Windows that close in this batch (their last position is in it); a window still open
+    /// after the batch is visible to none of its tokens, so it is pooled when it closes.
     pub n_windows: usize,
     /// pos mod ratio per token (row of the position bias).
     pub ape_idx: Vec<i32>,
@@ -136,14 +137,15 @@ pub fn comp_plan(p: usize, n: usize, s: &CompShape) -> CompPlan {
             dummy
         }
     };
-    let (j0, j1) = (p / m, (p + n - 1) / m);
-    let nw = (j1 - j0 + 1) as usize;
+    // Windows j0..j_end close in this batch: window j ends at (j+1)·m − 1 ∈ [p, p+n).
+    let (j0, j_end) = (p / m, (p + n) / m);
+    let nw = (j_end - j0).max(0) as usize;
     let mut cur_idx = Vec::with_capacity(nw * m as usize);
     let mut prev_idx = Vec::with_capacity(if s.overlap { nw * m as usize } else { 0 });
-    for j in j0..=j1 {
+    for j in j0..j_end {
         for r in 0..m {
             let q = j * m + r;
-            cur_idx.push(if q < p + n { row_of(q) } else { dummy });
+            cur_idx.push(row_of(q));
             if s.overlap {
                 prev_idx.push(if j == 0 { dummy } else { row_of((j - 1) * m + r) });
             }
@@ -176,8 +178,8 @@ pub fn comp_plan(p: usize, n: usize, s: &CompShape) -> CompPlan {
         cur_idx,
         prev_idx,
         keep,
-        entry_pos: (j0..=j1).map(|j| (j * m) as i32).collect(),
-        write_idx: (j0..=j1).map(|j| j as i32).collect(),
+        entry_pos: (j0..j_end).map(|j| (j * m) as i32).collect(),
+        write_idx: (j0..j_end).map(|j| j as i32).collect(),
         n_view,
         vis_mask,
     }
@@ -203,15 +205,16 @@ mod tests {
                 .chain(std::iter::once(None))
                 .chain((p..p + n).map(|q| Some(q as i64)))
                 .collect();
-            for (w, j) in (p / ratio..=(p + n - 1) / ratio).enumerate() {
+            // Exactly the windows whose last position is in the batch are pooled.
+            let closing: Vec<usize> = (0..(p + n) / ratio).filter(|j| (j + 1) * ratio > p).collect();
+            assert_eq!(plan.n_windows, closing.len(), "batch at {p}+{n}");
+            assert_eq!(plan.write_idx, closing.iter().map(|&j| j as i32).collect::<Vec<_>>());
+            assert_eq!(plan.entry_pos, closing.iter().map(|&j| (j * ratio) as i32).collect::<Vec<_>>());
+            for (w, &j) in closing.iter().enumerate() {
                 for r in 0..ratio {
                     let want = (j * ratio + r) as i64;
                     let got = rows[plan.cur_idx[w * ratio + r] as usize];
-                    if want < (p + n) as i64 {
-                        assert_eq!(got, Some(want), "cur row, batch at {p}+{n}, window {j}");
-                    } else {
-                        assert_eq!(plan.cur_idx[w * ratio + r] as usize, cap);
-                    }
+                    assert_eq!(got, Some(want), "cur row, batch at {p}+{n}, window {j}");
                     if s.overlap {
                         let got = plan.prev_idx[w * ratio + r] as usize;
                         if j == 0 {
