@@ -173,15 +173,21 @@ fn b_f32_greedy_64() {
 }
 
 /// Each way the attention can be computed gives the reference logits: matmul + softmax
-/// (other devices' path), flash attention with CSA's entries gathered per token, and flash
-/// attention with CSA dense over every entry, masked to the top-k. Prefill in micro-batches
+/// (other devices' path) or flash attention, each with CSA's entries gathered per token or
+/// CSA dense over every entry, masked to the top-k. Prefill in micro-batches
 /// of 48 (the hyper-connection mix as outer products) then decode (ggml's hc_post op).
 #[test]
 fn every_attention_path_matches_the_reference() {
     for (name, gguf, p) in [("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 230), ("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 250)] {
         let r = reference(name);
-        for (flash, dense, what) in [(false, None, "matmul"), (true, Some(0), "flash, CSA gathered"), (true, Some(usize::MAX), "flash, CSA dense")] {
-            let opts = ModelOptions { ubatch: 48, flash_attn: Some(flash), csa_dense_max_view: dense, ..ModelOptions::default() };
+        let paths = [
+            (false, 0, "matmul, CSA gathered"),
+            (false, usize::MAX, "matmul, CSA dense"),
+            (true, 0, "flash, CSA gathered"),
+            (true, usize::MAX, "flash, CSA dense"),
+        ];
+        for (flash, dense, what) in paths {
+            let opts = ModelOptions { ubatch: 48, flash_attn: Some(flash), csa_dense_max_view: Some(dense), ..ModelOptions::default() };
             let mut m = load_with(gguf, opts);
             let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
             let logits = m.forward(&mut seq, &r.tokens[..p], Logits::All).expect("prefill");

@@ -66,7 +66,7 @@ impl Builder<'_> {
                 // Each selected entry's visibility (an entry is selected among invisible
                 // ones only when fewer than k are visible): [1, k, n].
                 let sel_vis = g.get_rows(vis, top);
-                if self.flash && ci.n_view <= self.csa_dense_max_view {
+                if ci.n_view <= self.csa_dense_max_view {
                     // −inf everywhere but at each token's selected entries.
                     let sel_mask = g.reshape(g.set_rows(g.fill(vis, f32::NEG_INFINITY), sel_vis, top), &[ci.n_view as i64, n]);
                     (g.concat(raw, entries, 1), Mask::Layer(g.concat(self.inp.raw_mask, sel_mask, 0)))

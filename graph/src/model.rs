@@ -40,8 +40,8 @@ pub struct ModelOptions {
     /// the CPU only (other backends' kernels round keys to F16).
     pub flash_attn: Option<bool>,
     /// CSA layers attend densely, every entry masked to the indexer's top-k, while at most
-    /// this many entries exist (flash attention only; beyond it each token's entries are
-    /// gathered). None: 4 × the indexer's k.
+    /// this many entries exist (beyond it each token's entries are gathered). None: 4 × the
+    /// indexer's k.
     pub csa_dense_max_view: Option<usize>,
 }
 

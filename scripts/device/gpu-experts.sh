@@ -41,7 +41,8 @@ for n in a b; do
   L $n cpu-$n -m $m --device CPU
   L $n cuda-$n -m $m --device CUDA0
   NVIDIA_TF32_OVERRIDE=0 L $n cuda-notf32-$n -m $m --device CUDA0
-  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-$n.ref.npz cpu=/tmp/cpu-$n.npy cuda=/tmp/cuda-$n.npy cuda-notf32=/tmp/cuda-notf32-$n.npy
+  L $n cuda-fa-$n -m $m --device CUDA0 --flash-attn on
+  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-$n.ref.npz cpu=/tmp/cpu-$n.npy cuda=/tmp/cuda-$n.npy cuda-notf32=/tmp/cuda-notf32-$n.npy cuda-fa=/tmp/cuda-fa-$n.npy
 done
 fi
 
