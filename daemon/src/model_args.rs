@@ -33,6 +33,10 @@ pub struct ModelArgs {
     /// keys to F16); `off` uses matmul, softmax, matmul.
     #[arg(long = "flash-attn", value_enum, default_value_t = FlashAttn::Auto)]
     pub flash_attn: FlashAttn,
+    /// CSA layers attend to every compressed entry under a top-k mask while at most N
+    /// entries exist, and gather each token's k entries beyond (default: 16 × the indexer's k).
+    #[arg(long = "csa-dense-max-view", value_name = "N")]
+    pub csa_dense_max_view: Option<usize>,
     /// Maximum context per sequence (default: what the command needs).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
@@ -88,6 +92,7 @@ impl ModelArgs {
                 FlashAttn::On => Some(true),
                 FlashAttn::Off => Some(false),
             },
+            csa_dense_max_view: self.csa_dense_max_view,
             ..ModelOptions::default()
         };
         if let Some(t) = self.threads {

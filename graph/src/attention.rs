@@ -222,8 +222,14 @@ impl Builder<'_> {
         let q = g.rope(q, self.inp.pos, n_rot, di - n_rot, rope);
         let wts = g.scale(g.mm(iw.proj, x), 1.0 / ((di * hi) as f32).sqrt()); // [hi, n]
         let s = g.relu(g.mm(keys, g.reshape(q, &[di, hi * n]))); // [n_view, hi·n]
-        let s = g.mul(g.reshape(s, &[ci.n_view as i64, hi, n]), g.reshape(wts, &[1, hi, n]));
-        let s = g.sum_rows(g.cont(g.permute(s, [1, 0, 2, 3]))); // [1, n_view, n]
+        let s = g.reshape(s, &[ci.n_view as i64, hi, n]);
+        // Σ_h w_h · s_h per token: on the CPU one outer product summed over the heads
+        // (vectorized over the entries); elsewhere a product, a transposed copy, row sums.
+        let s = if self.on_cpu {
+            g.out_prod(s, g.reshape(wts, &[1, hi, n])) // [n_view, 1, n]
+        } else {
+            g.sum_rows(g.cont(g.permute(g.mul(s, g.reshape(wts, &[1, hi, n])), [1, 0, 2, 3]))) // [1, n_view, n]
+        };
         let s = g.add(g.reshape(s, &[ci.n_view as i64, n]), ci.vis_mask);
         let s = g.name(s, &format!("index_scores-{il}"));
         let k = (c.indexer_top_k as i64).min(ci.n_view as i64);

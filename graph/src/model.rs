@@ -40,8 +40,9 @@ pub struct ModelOptions {
     /// the CPU only (other backends' kernels round keys to F16).
     pub flash_attn: Option<bool>,
     /// CSA layers attend densely, every entry masked to the indexer's top-k, while at most
-    /// this many entries exist (beyond it each token's entries are gathered). None: 4 × the
-    /// indexer's k.
+    /// this many entries exist (beyond it each token's entries are gathered). None: 16 × the
+    /// indexer's k (on the medium synthetic model dense prefill was still the faster one at
+    /// 32 × k; BENCHMARKS.md).
     pub csa_dense_max_view: Option<usize>,
 }
 
@@ -552,7 +553,7 @@ impl Model {
             cpu_nodes: Vec::new(),
             on_cpu: self.backend.device().kind() == ggml::DeviceKind::Cpu,
             flash: self.opts.flash_attn.unwrap_or(self.backend.device().kind() == ggml::DeviceKind::Cpu),
-            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(4 * c.indexer_top_k),
+            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(16 * c.indexer_top_k),
             mask16: Default::default(),
         };
         let w = &self.weights;
