@@ -34,7 +34,8 @@ pub struct ModelArgs {
     #[arg(long = "flash-attn", value_enum, default_value_t = FlashAttn::Auto)]
     pub flash_attn: FlashAttn,
     /// CSA layers attend to every compressed entry under a top-k mask while at most N
-    /// entries exist, and gather each token's k entries beyond (default: 16 × the indexer's k).
+    /// entries exist, and gather each token's k entries beyond (default: 16 × the indexer's k
+    /// with flash attention, 4 × without).
     #[arg(long = "csa-dense-max-view", value_name = "N")]
     pub csa_dense_max_view: Option<usize>,
     /// Maximum context per sequence (default: what the command needs).

@@ -41,8 +41,9 @@ pub struct ModelOptions {
     pub flash_attn: Option<bool>,
     /// CSA layers attend densely, every entry masked to the indexer's top-k, while at most
     /// this many entries exist (beyond it each token's entries are gathered). None: 16 × the
-    /// indexer's k (on the medium synthetic model dense prefill was still the faster one at
-    /// 32 × k; BENCHMARKS.md).
+    /// indexer's k with flash attention (which streams the keys; on the medium synthetic
+    /// model dense prefill was still the faster one at 32 × k, BENCHMARKS.md), 4 × k without
+    /// (matmul + softmax hold all scores of a micro-batch: [keys, n, heads]).
     pub csa_dense_max_view: Option<usize>,
 }
 
@@ -541,6 +542,8 @@ impl Model {
 
         let cold = self.cold.as_deref().map(|m| m as *const Mutex<ColdState>);
         let route_counts = self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>);
+        let on_cpu = self.backend.device().kind() == ggml::DeviceKind::Cpu;
+        let flash = self.opts.flash_attn.unwrap_or(on_cpu);
         let mut b = Builder {
             g: &g,
             c,
@@ -551,9 +554,9 @@ impl Model {
             route_counts,
             route_calls: Vec::new(),
             cpu_nodes: Vec::new(),
-            on_cpu: self.backend.device().kind() == ggml::DeviceKind::Cpu,
-            flash: self.opts.flash_attn.unwrap_or(self.backend.device().kind() == ggml::DeviceKind::Cpu),
-            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(16 * c.indexer_top_k),
+            on_cpu,
+            flash,
+            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(if flash { 16 } else { 4 } * c.indexer_top_k),
             mask16: Default::default(),
         };
         let w = &self.weights;
