@@ -24,6 +24,7 @@
 use std::path::Path;
 
 use crate::error::{Result, WorkerError};
+use crate::ranges::RangeError;
 
 /// Per layer, the ascending, duplicate-free list of expert ids of a model with `n_layer`
 /// layers of `n_expert` experts.
@@ -228,25 +229,13 @@ pub(crate) fn parse_layer_key(k: &str, n_layer: u32) -> Result<u32, String> {
 
 /// `a,b-c,...` (inclusive ranges) of values below `bound`.
 fn parse_list(s: &str, bound: u32, what: &str) -> Result<Vec<u32>, String> {
-    let mut out = Vec::new();
-    for item in s.split(',').map(str::trim) {
-        let num = |t: &str| t.trim().parse::<u32>().map_err(|_| format!("expected a {what} id or range, found {item:?}"));
-        let (lo, hi) = match item.split_once('-') {
-            Some((a, b)) => (num(a)?, num(b)?),
-            None => {
-                let v = num(item)?;
-                (v, v)
-            }
-        };
-        if lo > hi {
-            return Err(format!("{what} range {item:?} is empty (start after end)"));
-        }
-        if hi >= bound {
-            return Err(format!("{what} {hi} out of range: the model has {bound}"));
-        }
-        out.extend(lo..=hi);
-    }
-    Ok(out)
+    let values = crate::ranges::parse_ranges(s, bound as usize).map_err(|e| match e {
+        RangeError::NotANumber(t) => format!("expected a {what} id or range, found {t:?}"),
+        RangeError::Backwards(r) => format!("{what} range {r:?} is empty (start after end)"),
+        RangeError::TooLarge(v) => format!("{what} {v} out of range: the model has {bound}"),
+    })?;
+    // Below `bound`, a u32.
+    Ok(values.into_iter().map(|v| v as u32).collect())
 }
 
 #[cfg(test)]

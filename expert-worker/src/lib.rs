@@ -33,6 +33,7 @@ mod error;
 pub mod experts;
 pub mod pinning;
 pub mod placement;
+mod ranges;
 pub mod serve;
 
 pub use cli::{cli_main, is_worker_invocation, WorkerArgs};

@@ -4,6 +4,7 @@
 //! by the kernel's first-touch policy.
 use std::path::Path;
 
+use crate::ranges::{parse_ranges, RangeError};
 use crate::{Result, WorkerError};
 
 fn bad(spec: &str, reason: impl Into<String>) -> WorkerError {
@@ -13,25 +14,12 @@ fn bad(spec: &str, reason: impl Into<String>) -> WorkerError {
 /// Parses a Linux CPU list (`0-3,8,10-11`, as in `/sys/.../cpulist` and `taskset -c`):
 /// sorted, distinct CPU numbers.
 pub fn parse_cpu_list(spec: &str) -> Result<Vec<usize>> {
-    let mut cpus = Vec::new();
-    for part in spec.trim().split(',') {
-        let part = part.trim();
-        let num = |s: &str| s.trim().parse::<usize>().map_err(|_| bad(spec, format!("{s:?} is not a CPU number")));
-        let (lo, hi) = match part.split_once('-') {
-            Some((a, b)) => (num(a)?, num(b)?),
-            None => {
-                let n = num(part)?;
-                (n, n)
-            }
-        };
-        if lo > hi {
-            return Err(bad(spec, format!("range {part:?} runs backwards")));
-        }
-        if hi >= libc::CPU_SETSIZE as usize {
-            return Err(bad(spec, format!("CPU {hi} is beyond the {} this system call can name", libc::CPU_SETSIZE)));
-        }
-        cpus.extend(lo..=hi);
-    }
+    let set = libc::CPU_SETSIZE as usize;
+    let mut cpus = parse_ranges(spec, set).map_err(|e| match e {
+        RangeError::NotANumber(t) => bad(spec, format!("{t:?} is not a CPU number")),
+        RangeError::Backwards(r) => bad(spec, format!("range {r:?} runs backwards")),
+        RangeError::TooLarge(c) => bad(spec, format!("CPU {c} is beyond the {set} this system call can name")),
+    })?;
     cpus.sort_unstable();
     cpus.dedup();
     Ok(cpus)
