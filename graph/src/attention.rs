@@ -82,32 +82,28 @@ impl Builder<'_> {
             }
             _ => (raw, Mask::Raw),
         };
+        let mask = self.layer_mask(mask);
         let heads = if self.flash {
-            let mask = self.mask_f16(mask);
             g.flash_attn_sinks(qp, keys, mask, scale, w.sinks) // [d, h, n]
         } else {
-            let mask = match mask {
-                Mask::Raw => self.inp.raw_mask,
-                Mask::Hca(ratio) => g.concat(self.inp.raw_mask, self.comp_inputs(ratio).vis_mask, 0),
-                Mask::Layer(m) => m,
-            };
             let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, w.sinks);
             g.permute(g.mm(g.cont(g.transpose(keys)), p), [0, 2, 1, 3])
         };
         self.attention_out(il, heads, w, &rope)
     }
 
-    /// The attention mask of a layer as F16 (flash attention's type); the raw and the
-    /// per-ratio HCA masks are converted once per step and shared by the layers.
-    fn mask_f16(&mut self, mask: Mask) -> T {
+    /// The attention mask of a layer, F16 for flash attention; the raw and the per-ratio HCA
+    /// masks are made once per step and shared by the layers.
+    fn layer_mask(&mut self, mask: Mask) -> T {
         let g = self.g;
+        let typed = |m: T| if self.flash { g.to_f16(m) } else { m };
         match mask {
-            Mask::Raw => *self.mask16.entry(0).or_insert_with(|| g.to_f16(self.inp.raw_mask)),
+            Mask::Raw => *self.masks.entry(0).or_insert_with(|| typed(self.inp.raw_mask)),
             Mask::Hca(ratio) => {
                 let vis = self.comp_inputs(ratio).vis_mask;
-                *self.mask16.entry(ratio).or_insert_with(|| g.to_f16(g.concat(self.inp.raw_mask, vis, 0)))
+                *self.masks.entry(ratio).or_insert_with(|| typed(g.concat(self.inp.raw_mask, vis, 0)))
             }
-            Mask::Layer(m) => g.to_f16(m),
+            Mask::Layer(m) => typed(m),
         }
     }
 

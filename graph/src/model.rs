@@ -147,9 +147,9 @@ pub struct Builder<'a> {
     pub flash: bool,
     /// See [`ModelOptions::csa_dense_max_view`].
     pub csa_dense_max_view: usize,
-    /// F16 masks for flash attention, made once per step: 0 → the raw mask, ratio → the
-    /// raw mask ++ that ratio's visibility.
-    pub mask16: std::collections::HashMap<usize, T>,
+    /// Attention masks shared by layers, made once per step (F16 for flash attention):
+    /// 0 → the raw mask, ratio → the raw mask ++ that ratio's visibility.
+    pub masks: std::collections::HashMap<usize, T>,
 }
 
 impl<'a> Builder<'a> {
@@ -557,7 +557,7 @@ impl Model {
             on_cpu,
             flash,
             csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(if flash { 16 } else { 4 } * c.indexer_top_k),
-            mask16: Default::default(),
+            masks: Default::default(),
         };
         let w = &self.weights;
         let hc = c.hc_count as i64;
