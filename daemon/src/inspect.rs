@@ -67,8 +67,8 @@ pub fn run(args: Args) -> Result<()> {
     let mut per_layer = Vec::with_capacity(c.n_layer);
     for l in 0..c.n_layer {
         let mut bytes = 0u64;
-        for part in ["gate", "up", "down", "gate_up"] {
-            if let Some(t) = m.tensors.get(&format!("blk.{l}.ffn_{part}_exps.weight")) {
+        for part in loader::ExpertPart::ALL {
+            if let Some(t) = m.tensors.get(&part.name(l)) {
                 bytes += t.slice_bytes(2);
             }
         }

@@ -7,7 +7,8 @@
 //! into `P` rows: row `p` is the input of its token, its id the expert's local index; one
 //! small graph per (layer, bucket of `P`) computes
 //! `down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` with `mul_mat_id` for every row
-//! (`c` = `swiglu_clamp_exp[layer]`, no clamp when `c <= 0`), and the host adds
+//! (`c` = `swiglu_clamp_exp[layer]`, no clamp when `c <= 0`) — built by
+//! [`graph::expert_ffn`], the builder of the model's own experts — and the host adds
 //! `weight · row` into its token's output. Graphs are built on first use and kept; `P` is
 //! rounded up to a power of two (extra rows: zero input, local expert 0, ignored).
 //!
@@ -18,40 +19,32 @@
 //! its buffer was re-planned for a graph of another shape, hence one allocator per shape.
 
 use std::collections::HashMap;
-use std::ffi::c_void;
 use std::time::Instant;
 
-use ggml::{sys, Backend, Context, Device};
+use ggml::{Backend, Context, Device, GraphAllocator};
+use graph::expert_ffn::{ExpertFfn, UpGate};
+use graph::ops::{Ctx, Graph, T};
 use ipc_proto::ExpertSlots;
-use loader::{LoadedTensors, ModelFile, ReadOptions, TensorRequest};
+use loader::{ExpertPart, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use crate::error::{Result, WorkerError};
 use crate::experts::ExpertMap;
 
-/// Gate and up projections of one layer's loaded experts.
-#[derive(Clone, Copy)]
-enum UpGate {
-    Separate { gate: *mut sys::ggml_tensor, up: *mut sys::ggml_tensor },
-    Fused(*mut sys::ggml_tensor),
-}
-
 struct LayerExperts {
     /// Global id -> local slice index, `u32::MAX` when not owned.
     local: Vec<u32>,
-    n_ff: i64,
-    clamp: f32,
     /// `None` when the worker owns no expert of this layer.
-    weights: Option<(UpGate, *mut sys::ggml_tensor)>,
+    ffn: Option<ExpertFfn>,
 }
 
 /// One reusable graph: inputs `x` [n_embd, 1, rows] F32 and `ids` [1, rows] I32, output
 /// [n_embd, 1, rows].
 struct CachedGraph {
-    graph: *mut sys::ggml_cgraph,
+    graph: Graph,
     shape: ShapeKey,
-    x: *mut sys::ggml_tensor,
-    ids: *mut sys::ggml_tensor,
-    out: *mut sys::ggml_tensor,
+    x: T,
+    ids: T,
+    out: T,
     _ctx: Context,
 }
 
@@ -60,15 +53,8 @@ type ShapeKey = (i64, bool, usize);
 
 /// A graph allocator and the size of its buffer after the last allocation.
 struct Allocator {
-    galloc: sys::ggml_gallocr_t,
+    galloc: GraphAllocator,
     bytes: usize,
-}
-
-impl Drop for Allocator {
-    fn drop(&mut self) {
-        // SAFETY: we own the allocator; its graphs are dropped or re-allocated before use.
-        unsafe { sys::ggml_gallocr_free(self.galloc) };
-    }
 }
 
 /// Time spent in one [`ExpertWorker::eval`].
@@ -105,30 +91,19 @@ pub struct ExpertWorker {
 unsafe impl Send for ExpertWorker {}
 
 
-/// The expert tensor names of a layer: `(fused gate_up, gate, up, down)`.
-fn names(l: u32) -> (String, String, String, String) {
-    (
-        format!("blk.{l}.ffn_gate_up_exps.weight"),
-        format!("blk.{l}.ffn_gate_exps.weight"),
-        format!("blk.{l}.ffn_up_exps.weight"),
-        format!("blk.{l}.ffn_down_exps.weight"),
-    )
-}
-
 /// Bytes of one expert of each layer (gate + up + down slices, or fused gate_up + down).
 pub fn expert_bytes_per_layer(model: &ModelFile) -> Result<Vec<u64>> {
     (0..model.config.n_layer as u32)
         .map(|l| {
-            let (fused, gate, up, down) = names(l);
-            let slice = |n: &str| -> Result<u64> {
-                let t = model.tensors.expect(n)?;
+            let slice = |p: ExpertPart| -> Result<u64> {
+                let t = model.tensors.expect(&p.name(l as usize))?;
                 Ok(t.slice_bytes(t.shape().len() - 1))
             };
-            let gu = match model.tensors.get(&fused) {
-                Some(_) => slice(&fused)?,
-                None => slice(&gate)? + slice(&up)?,
+            let gu = match model.tensors.get(&ExpertPart::GateUp.name(l as usize)) {
+                Some(_) => slice(ExpertPart::GateUp)?,
+                None => slice(ExpertPart::Gate)? + slice(ExpertPart::Up)?,
             };
-            Ok(gu + slice(&down)?)
+            Ok(gu + slice(ExpertPart::Down)?)
         })
         .collect()
 }
@@ -153,14 +128,11 @@ impl ExpertWorker {
             if ids.is_empty() {
                 continue;
             }
-            let (fused, gate, up, down) = names(l);
-            if model.tensors.get(&fused).is_some() {
-                requests.push(TensorRequest::experts(fused, ids.clone()));
-            } else {
-                requests.push(TensorRequest::experts(gate, ids.clone()));
-                requests.push(TensorRequest::experts(up, ids.clone()));
+            let fused = ExpertPart::GateUp.name(l as usize);
+            let parts = if model.tensors.get(&fused).is_some() { [ExpertPart::GateUp].as_slice() } else { &[ExpertPart::Gate, ExpertPart::Up] };
+            for p in parts.iter().chain([&ExpertPart::Down]) {
+                requests.push(TensorRequest::experts(p.name(l as usize), ids.clone()));
             }
-            requests.push(TensorRequest::experts(down, ids));
         }
         let device = Device::cpu()?;
         let t0 = Instant::now();
@@ -179,14 +151,15 @@ impl ExpertWorker {
             for (i, &e) in experts.layer(l).iter().enumerate() {
                 local[e as usize] = i as u32;
             }
-            let (fused, gate, up, down) = names(l);
-            let get = |n: &str| tensors.as_ref().and_then(|t| t.get(n));
-            let weights = match (get(&fused), get(&gate), get(&up), get(&down)) {
-                (Some(gu), _, _, Some(d)) => Some((UpGate::Fused(gu), d)),
-                (None, Some(g), Some(u), Some(d)) => Some((UpGate::Separate { gate: g, up: u }, d)),
-                _ => None,
+            let get = |n: &str| tensors.as_ref().and_then(|t| t.get(n)).map(T);
+            // Layers without owned experts have none of their tensors loaded.
+            let ffn = if experts.layer(l).is_empty() {
+                None
+            } else {
+                let (l, ff, clamp) = (l as usize, c.n_ff_exp[l as usize], c.swiglu_clamp_exp[l as usize]);
+                Some(ExpertFfn::lookup(l, ff, clamp, get).map_err(|m| loader::LoadError::MissingTensor { name: m.0 })?)
             };
-            layers.push(LayerExperts { local, n_ff: c.n_ff_exp[l as usize] as i64, clamp: c.swiglu_clamp_exp[l as usize], weights });
+            layers.push(LayerExperts { local, ffn });
         }
         let backend = Backend::cpu(threads.max(1))?;
         Ok(ExpertWorker {
@@ -288,17 +261,13 @@ impl ExpertWorker {
             }
         }
         let g = self.graphs.get(&(layer, rows)).ok_or(WorkerError::GraphAlloc { what: "find the cached graph" })?;
-        // SAFETY: x and ids were allocated (at build) with exactly rows * n_embd f32 and rows i32;
-        // the host vectors have those lengths.
-        unsafe {
-            sys::ggml_backend_tensor_set(g.x, self.x_host.as_ptr() as *const c_void, 0, self.x_host.len() * 4);
-            sys::ggml_backend_tensor_set(g.ids, self.ids_host.as_ptr() as *const c_void, 0, self.ids_host.len() * 4);
-        }
+        // x and ids were allocated (at build) with exactly rows * n_embd f32 and rows i32.
+        g.x.write_f32(&self.x_host);
+        g.ids.write_i32(&self.ids_host);
         // SAFETY: every tensor of the graph lives in CPU buffers (weights, compute buffer).
-        unsafe { self.backend.compute(g.graph)? };
+        unsafe { self.backend.compute(g.graph.as_ptr())? };
         self.y_host.resize(rows * n_embd, 0.0);
-        // SAFETY: out holds rows * n_embd f32.
-        unsafe { sys::ggml_backend_tensor_get(g.out, self.y_host.as_mut_ptr() as *mut c_void, 0, n_pairs * n_embd * 4) };
+        g.out.read_f32(&mut self.y_host[..n_pairs * n_embd]);
         let mut p = 0;
         for (t, s) in tokens.iter().enumerate() {
             let o = &mut output[t * n_embd..(t + 1) * n_embd];
@@ -322,20 +291,15 @@ impl ExpertWorker {
         let a = match self.allocators.entry(g.shape) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                // SAFETY: a fresh allocator for the CPU buffer type; NULL handled.
-                let galloc = unsafe { sys::ggml_gallocr_new(buft.as_ptr()) };
-                if galloc.is_null() {
-                    return Err(WorkerError::GraphAlloc { what: "create a graph allocator" });
-                }
+                let galloc = GraphAllocator::new(buft).map_err(|_| WorkerError::GraphAlloc { what: "create a graph allocator" })?;
                 v.insert(Allocator { galloc, bytes: 0 })
             }
         };
-        // SAFETY: graph and allocator are live.
-        if !unsafe { sys::ggml_gallocr_alloc_graph(a.galloc, g.graph) } {
+        // SAFETY: the graph is live; its weights are in CPU buffers.
+        if unsafe { a.galloc.alloc_graph(g.graph.as_ptr()) }.is_err() {
             return Err(WorkerError::GraphAlloc { what: "allocate the compute buffer" });
         }
-        // SAFETY: buffer 0 exists after a successful allocation.
-        let bytes = unsafe { sys::ggml_gallocr_get_buffer_size(a.galloc, 0) };
+        let bytes = a.galloc.buffer_size();
         if bytes != a.bytes {
             a.bytes = bytes;
             let shape = g.shape;
@@ -347,41 +311,16 @@ impl ExpertWorker {
 
     fn build_graph(&self, layer: u32, rows: usize) -> Result<CachedGraph> {
         let le = &self.layers[layer as usize];
-        let (upgate, down) = le.weights.ok_or(WorkerError::GraphAlloc { what: "build a graph for a layer without experts" })?;
+        let ffn = le.ffn.ok_or(WorkerError::GraphAlloc { what: "build a graph for a layer without experts" })?;
         let ctx = Context::new_no_alloc(24, 32)?;
-        let c = ctx.as_ptr();
-        let (e, r, ff) = (self.n_embd as i64, rows as i64, le.n_ff);
-        // SAFETY: every tensor below belongs to `c` (or is a loaded weight whose shape was
-        // validated against the model: [n_embd, ff | 2ff, m], [ff, n_embd, m]); shapes agree
-        // by construction; the context has room for the nodes and the graph.
-        unsafe {
-            let x = sys::ggml_new_tensor_3d(c, sys::ggml_type::GGML_TYPE_F32, e, 1, r);
-            sys::ggml_set_input(x);
-            let ids = sys::ggml_new_tensor_2d(c, sys::ggml_type::GGML_TYPE_I32, 1, r);
-            sys::ggml_set_input(ids);
-            let (gate, up) = match upgate {
-                UpGate::Separate { gate, up } => (sys::ggml_mul_mat_id(c, gate, x, ids), sys::ggml_mul_mat_id(c, up, x, ids)),
-                UpGate::Fused(gu) => {
-                    let both = sys::ggml_mul_mat_id(c, gu, x, ids); // [2ff, 1, r]
-                    let half = |i: usize| {
-                        let v = sys::ggml_view_3d(c, both, ff, 1, r, (*both).nb[1], (*both).nb[2], i * ff as usize * 4);
-                        sys::ggml_cont(c, v)
-                    };
-                    (half(0), half(1))
-                }
-            };
-            let h = if le.clamp > 0.0 {
-                let g = sys::ggml_silu(c, sys::ggml_clamp(c, gate, f32::NEG_INFINITY, le.clamp));
-                sys::ggml_mul(c, g, sys::ggml_clamp(c, up, -le.clamp, le.clamp))
-            } else {
-                sys::ggml_mul(c, sys::ggml_silu(c, gate), up)
-            };
-            let out = sys::ggml_mul_mat_id(c, down, h, ids); // [n_embd, 1, r]
-            sys::ggml_set_output(out);
-            let graph = sys::ggml_new_graph_custom(c, 32, false);
-            sys::ggml_build_forward_expand(graph, out);
-            let shape = (ff, matches!(upgate, UpGate::Fused(_)), rows);
-            Ok(CachedGraph { graph, shape, x, ids, out, _ctx: ctx })
-        }
+        let g = Ctx { raw: ctx.as_ptr() };
+        let (e, r) = (self.n_embd as i64, rows as i64);
+        let x = g.input(g.new_f32(&[e, 1, r]), "x");
+        let ids = g.input(g.new_i32(&[1, r]), "ids");
+        let out = g.output(ffn.forward(&g, x, ids)); // [n_embd, 1, r]
+        let graph = g.new_graph(32);
+        graph.expand(out);
+        let shape = (ffn.n_ff, matches!(ffn.up_gate, UpGate::Fused(_)), rows);
+        Ok(CachedGraph { graph, shape, x, ids, out, _ctx: ctx })
     }
 }

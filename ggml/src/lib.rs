@@ -3,12 +3,14 @@
 //! loaded through ggml's generic registry API, so a CUDA backend built as a loadable module
 //! (`libggml-cuda.so`) plugs in without linking against it.
 
+pub mod alloc;
 pub mod backend;
 pub mod context;
 pub mod log;
 pub mod sched;
 pub mod types;
 
+pub use alloc::GraphAllocator;
 pub use backend::{load_backend_module, Backend, Buffer, BufferType, Device, DeviceKind};
 pub use context::Context;
 pub use sched::Scheduler;

@@ -9,6 +9,7 @@
 mod attention;
 mod builder;
 mod cold;
+pub mod expert_ffn;
 mod forward;
 mod hc;
 mod load;

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use ggml::{Backend, BufferType, Context, Device};
-use loader::{Ds4Config, ModelFile, TensorRequest};
+use loader::{Ds4Config, ExpertPart, ModelFile, TensorRequest};
 
 use crate::cold::HotExperts;
 use crate::model::{Model, ModelOptions, StepTimings, NEXT_SEQ_ID};
@@ -44,10 +44,10 @@ impl Model {
             }
             None => HotExperts::all(config.n_layer, config.n_expert),
         };
+        // The layer of a routed-expert tensor of which this backend holds only some experts.
         let partial = |name: &str| -> Option<usize> {
-            let l: usize = name.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
-            let routed = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"].iter().any(|p| name.contains(p));
-            (routed && l < config.n_layer && !hot.is_all_hot(l, config.n_expert)).then_some(l)
+            let (l, _) = ExpertPart::parse(name)?;
+            (l < config.n_layer && !hot.is_all_hot(l, config.n_expert)).then_some(l)
         };
         let mut requests = Vec::new();
         for t in file.tensors.iter().filter(|t| !file.tensors.unused.contains(&t.name)) {
@@ -149,9 +149,8 @@ fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> b
         "indexer_compressor_kv.weight", "indexer_compressor_gate.weight", "ffn_gate_inp.weight",
         "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight",
     ];
-    const MATMUL_3D: [&str; 4] = ["ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight"];
     let suffix = name.split_once('.').and_then(|(_, r)| r.split_once('.')).map(|(_, r)| r).unwrap_or("");
-    let id = MATMUL_3D.contains(&suffix);
+    let id = ExpertPart::parse(name).is_some();
     if !(name == "output.weight" || MATMUL_2D.contains(&suffix) || id) {
         return false;
     }

@@ -4,8 +4,9 @@
 use loader::GatingFunc;
 
 use crate::builder::Builder;
+use crate::expert_ffn::swiglu_clamped;
 use crate::ops::{CustomOp, T};
-use crate::weights::{ExpertUpGate, LayerWeights, Router, RoutedWeights};
+use crate::weights::{LayerWeights, Router, RoutedWeights};
 
 use ggml::TensorType;
 
@@ -41,20 +42,10 @@ impl Builder<'_> {
 
         // The shared expert goes first, so that it is computed while cold experts are.
         let shared = w.shared.map(|(gate, up, down)| {
-            let h = self.swiglu(g.mm(gate, z), g.mm(up, z), c.swiglu_clamp_shexp[il]);
+            let h = swiglu_clamped(g, g.mm(gate, z), g.mm(up, z), c.swiglu_clamp_shexp[il]);
             g.name(g.mm(down, h), &format!("shared_out-{il}"))
         });
         self.routed_experts(il, z, ids, wts, w, shared)
-    }
-
-    /// silu(min(gate, clamp)) · clamp(up, −clamp, clamp); no clamp when `clamp` ≤ 0.
-    fn swiglu(&self, gate: T, up: T, clamp: f32) -> T {
-        let g = self.g;
-        if clamp > 0.0 {
-            g.swiglu(g.clamp(gate, f32::NEG_INFINITY, clamp), g.clamp(up, -clamp, clamp))
-        } else {
-            g.swiglu(gate, up)
-        }
     }
 
     /// The routed-expert seam: activations `z` [n_embd, n], selected expert ids [k, n] (I32)
@@ -112,20 +103,9 @@ impl Builder<'_> {
     /// Σ_k weight · expert(z) over experts held by this backend (`ids` are indices into the
     /// held tensors).
     fn hot_experts(&mut self, il: usize, z: T, ids: T, wts: T, r: &RoutedWeights) -> T {
-        let (g, c) = (self.g, self.c);
+        let g = self.g;
         let (e, k, n) = (z.ne(0), ids.ne(0), z.ne(1));
-        let ff = c.n_ff_exp[il] as i64;
-        let zz = g.reshape(z, &[e, 1, n]);
-        let (gate, up) = match r.up_gate {
-            ExpertUpGate::Separate { gate, up } => (g.mm_id(gate, zz, ids), g.mm_id(up, zz, ids)),
-            ExpertUpGate::Fused(gu) => {
-                let both = g.mm_id(gu, zz, ids); // [2ff, k, n]
-                let half = |i0: usize| g.cont(g.view_3d(both, [ff, k, n], both.nb(1), both.nb(2), i0 * ff as usize * both.elem_size()));
-                (half(0), half(1))
-            }
-        };
-        let h = self.swiglu(gate, up, c.swiglu_clamp_exp[il]); // [ff, k, n]
-        let down = g.mm_id(r.down, h, ids); // [e, k, n]
+        let down = r.ffn.forward(g, g.reshape(z, &[e, 1, n]), ids); // [e, k, n]
         // Per token the weighted sum over its k slots, one product: on the CPU an outer
         // product summed over the slots, Σ_k down[·, k] ⊗ wts[k] (vectorized over n_embd);
         // elsewhere [k, e] · [k, 1] → [e, 1].

@@ -2,6 +2,7 @@
 //! every name, shape and type, so a missing tensor here is reported, never assumed.
 use loader::{Ds4Config, LoadedTensors};
 
+use crate::expert_ffn::ExpertFfn;
 use crate::ops::T;
 use crate::GraphError;
 
@@ -45,15 +46,9 @@ pub enum Router {
     Hash { tid2eid: T },
 }
 
-pub enum ExpertUpGate {
-    Separate { gate: T, up: T },
-    /// [n_embd, 2·ff, n_expert]: gate rows first, then up rows.
-    Fused(T),
-}
-
 pub struct RoutedWeights {
-    pub up_gate: ExpertUpGate,
-    pub down: T,
+    /// The held experts (all of the layer's, or the hot subset).
+    pub ffn: ExpertFfn,
     /// When only some experts are held: 1/0 per global expert id (held / cold), F32
     /// [n_expert]. (Held experts' local indices come from `cold_begin`.)
     pub held_mask: Option<T>,
@@ -140,11 +135,9 @@ impl Weights {
             let experts = if matches!(subsets.get(l), Some(Some(None))) {
                 None
             } else {
-                let up_gate = match t.get(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
-                    Some(f) => ExpertUpGate::Fused(f),
-                    None => ExpertUpGate::Separate { gate: b("ffn_gate_exps.weight")?, up: b("ffn_up_exps.weight")? },
-                };
-                Some(RoutedWeights { up_gate, down: b("ffn_down_exps.weight")?, held_mask: subsets.get(l).copied().flatten().flatten() })
+                let ffn = ExpertFfn::lookup(l, c.n_ff_exp[l], c.swiglu_clamp_exp[l], |name| t.get(name))
+                    .map_err(|m| GraphError::MissingTensor(m.0))?;
+                Some(RoutedWeights { ffn, held_mask: subsets.get(l).copied().flatten().flatten() })
             };
             let shared = if c.n_expert_shared > 0 {
                 Some((b("ffn_gate_shexp.weight")?, b("ffn_up_shexp.weight")?, b("ffn_down_shexp.weight")?))

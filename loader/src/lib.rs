@@ -12,6 +12,7 @@
 
 mod config;
 mod error;
+mod experts;
 mod gguf;
 mod metadata;
 mod read;
@@ -20,6 +21,7 @@ mod tensors;
 
 pub use config::{Ds4Config, GatingFunc, RopeYarn};
 pub use error::LoadError;
+pub use experts::ExpertPart;
 pub use gguf::Gguf;
 pub use metadata::{Metadata, Value};
 pub use read::{load_tensors, load_tensors_whole, LoadedTensors, ReadMode, ReadOptions, ReadStats, TensorRequest};

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use ggml::{sys, TensorType};
 
-use crate::{Ds4Config, Gguf, LoadError};
+use crate::{Ds4Config, ExpertPart, Gguf, LoadError};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorInfo {
@@ -212,7 +212,7 @@ fn expected(c: &Ds4Config) -> Vec<Spec> {
             s.push(spec(b("exp_probs_b.bias"), &[c.n_expert], F32));
         }
         s.push(spec(b("ffn_norm.weight"), &[e], F32));
-        s.push(spec(b("ffn_down_exps.weight"), &[ff, e, c.n_expert], Matrix));
+        s.push(spec(ExpertPart::Down.name(l), &[ff, e, c.n_expert], Matrix));
         if c.n_expert_shared > 0 {
             let sh = ff * c.n_expert_shared;
             s.extend([
@@ -253,13 +253,13 @@ impl TensorTable {
         // Routed expert gate/up: separate tensors, or one fused tensor.
         for l in 0..c.n_layer {
             let (e, ff, n) = (c.n_embd as u64, c.n_ff_exp[l] as u64, c.n_expert as u64);
-            let fused = format!("blk.{l}.ffn_gate_up_exps.weight");
+            let fused = ExpertPart::GateUp.name(l);
             if infos.get(&fused).is_some() {
                 check(&fused, &[vec![e, 2 * ff, n]], TensorRole::Matrix)?;
                 used.insert(fused);
             } else {
-                for part in ["gate", "up"] {
-                    let name = format!("blk.{l}.ffn_{part}_exps.weight");
+                for part in [ExpertPart::Gate, ExpertPart::Up] {
+                    let name = part.name(l);
                     check(&name, &[vec![e, ff, n]], TensorRole::Matrix)?;
                     used.insert(name);
                 }
