@@ -20,7 +20,8 @@
 //!
 //! # Modules
 //!
-//! * [`compute`]: [`ExpertWorker`] — load a subset of experts, compute with ggml's CPU backend;
+//! * [`compute`]: [`ExpertWorker`] — load a subset of experts, compute them with the model's
+//!   own expert builder ([`graph::expert_ffn`]) on ggml's CPU backend;
 //! * [`serve`]: [`serve()`], [`run_worker`], [`model_identity`];
 //! * [`cli`]: `dflash --backend-ipc-mode=moe-expert ...` ([`cli_main`]);
 //! * [`experts`]: [`ExpertMap`], its JSON form and the `--experts` spec;
