@@ -21,12 +21,11 @@ use std::collections::HashMap;
 use std::ffi::c_void;
 use std::time::Instant;
 
+use experts::{ExpertSet, ExpertSlots};
 use ggml::{sys, Backend, Context, Device};
-use ipc_proto::ExpertSlots;
 use loader::{LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use crate::error::{Result, WorkerError};
-use crate::experts::ExpertMap;
 
 /// Gate and up projections of one layer's loaded experts.
 #[derive(Clone, Copy)]
@@ -87,7 +86,7 @@ pub struct ExpertWorker {
     n_embd: usize,
     n_expert: u32,
     layers: Vec<LayerExperts>,
-    experts: ExpertMap,
+    experts: ExpertSet,
     backend: Backend,
     buft: ggml::BufferType,
     graphs: HashMap<(u32, usize), CachedGraph>,
@@ -137,7 +136,7 @@ impl ExpertWorker {
     /// Loads the experts of `experts` (per layer the owned ids) from `model` into CPU
     /// memory with positioned reads of just those slices, and starts a CPU backend with
     /// `threads` threads.
-    pub fn load(model: &ModelFile, experts: &ExpertMap, threads: usize) -> Result<Self> {
+    pub fn load(model: &ModelFile, experts: &ExpertSet, threads: usize) -> Result<Self> {
         let c = &model.config;
         let (n_layer, n_expert) = (c.n_layer as u32, c.n_expert as u32);
         if experts.n_layer() != n_layer || experts.n_expert() != n_expert {
@@ -219,7 +218,7 @@ impl ExpertWorker {
     }
 
     /// The experts this worker owns.
-    pub fn experts(&self) -> &ExpertMap {
+    pub fn experts(&self) -> &ExpertSet {
         &self.experts
     }
 

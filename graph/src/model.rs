@@ -4,12 +4,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use experts::{ExpertPairs, ExpertSet};
 use ggml::{sys, Backend, BufferType, Context, Device, Scheduler};
 use loader::{Ds4Config, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use std::sync::Mutex;
 
-use crate::cold::{ColdCall, ColdExperts, ColdState, HotExperts, RouteCall};
+use crate::cold::{ColdCall, ColdExperts, ColdState, RouteCall};
 use crate::ops::{Ctx, T};
 use crate::plan::{self, CompPlan, CompShape, RawPlan};
 use crate::profile::{self, OpProfile, OpRow};
@@ -29,7 +30,7 @@ pub struct ModelOptions {
     pub read: ReadOptions,
     /// Routed experts this backend holds, per layer; None = all. The others need a cold
     /// executor ([`Model::set_cold_experts`]).
-    pub hot: Option<HotExperts>,
+    pub hot: Option<ExpertSet>,
     /// Count routed tokens per layer and expert and write them as JSON (layer → counts, the
     /// `profile:FILE` placement input) when the model is dropped.
     pub route_stats_out: Option<std::path::PathBuf>,
@@ -203,7 +204,7 @@ pub struct Model {
     buft: BufferType,
     model_id: u64,
     timings: StepTimings,
-    hot: HotExperts,
+    hot: ExpertSet,
     cold: Option<Box<Mutex<ColdState>>>,
     route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,
     /// Per-op timing of every step when on (`set_op_profile`); boxed: the scheduler's
@@ -243,19 +244,19 @@ impl Model {
                 check_hot(&config, &h)?;
                 h
             }
-            None => HotExperts::all(config.n_layer, config.n_expert),
+            None => ExpertSet::full(config.n_layer as u32, config.n_expert as u32),
         };
         let partial = |name: &str| -> Option<usize> {
             let l: usize = name.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
             let routed = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"].iter().any(|p| name.contains(p));
-            (routed && l < config.n_layer && !hot.is_all_hot(l, config.n_expert)).then_some(l)
+            (routed && l < config.n_layer && !hot.is_full_layer(l as u32)).then_some(l)
         };
         let mut requests = Vec::new();
         for t in file.tensors.iter().filter(|t| !file.tensors.unused.contains(&t.name)) {
             match partial(&t.name) {
                 None => requests.push(TensorRequest::whole(t.name.clone())),
-                Some(l) if hot.layers[l].is_empty() => {}
-                Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layers[l].clone())),
+                Some(l) if hot.layer(l as u32).is_empty() => {}
+                Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layer(l as u32).to_vec())),
             }
         }
         let repack = if opts.repack && device.kind() == ggml::DeviceKind::Cpu { repack_buffer_type(device) } else { None };
@@ -320,13 +321,13 @@ impl Model {
     }
 
     /// The experts this backend holds.
-    pub fn hot_experts(&self) -> &HotExperts {
+    pub fn hot_experts(&self) -> &ExpertSet {
         &self.hot
     }
 
     /// Whether some routed expert is not held by this backend.
     pub fn has_cold_experts(&self) -> bool {
-        (0..self.config.n_layer).any(|l| !self.hot.is_all_hot(l, self.config.n_expert))
+        (0..self.config.n_layer).any(|l| !self.hot.is_full_layer(l as u32))
     }
 
     /// Hand the cold experts to `exec`. The hand-over runs as CPU custom ops; on another
@@ -335,7 +336,7 @@ impl Model {
         let n_expert = self.config.n_expert;
         let local = self
             .hot
-            .layers
+            .layers()
             .iter()
             .map(|ids| {
                 let mut v = vec![-1i32; n_expert];
@@ -347,7 +348,7 @@ impl Model {
             .collect();
         self.steps.clear();
         let stats = vec![Default::default(); self.config.n_layer];
-        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: Vec::new(), stats, began: None })));
+        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: ExpertPairs::new(), stats, began: None })));
         Ok(())
     }
 
@@ -480,10 +481,10 @@ impl Model {
         // in the model's weight buffers and the sequence's state buffer, on these backends.
         unsafe { step.sched.compute(step.graph)? };
         if let Some(cold) = &self.cold {
-            let mut st = cold.lock().map_err(|_| GraphError::Cold("the cold expert state is poisoned".into()))?;
-            if let Some(e) = st.error.take() {
+            let mut st = cold.lock().map_err(|_| GraphError::ColdStatePoisoned)?;
+            if let Some((layer, source)) = st.error.take() {
                 // The step's state writes ran: the sequence no longer matches its position.
-                return Err(GraphError::Cold(format!("{e}; the sequence must be reset")));
+                return Err(GraphError::Cold { layer, source });
             }
         }
         let rows = if want == Logits::All { n } else { 1 };
@@ -733,14 +734,14 @@ fn read_f32(t: T, out: &mut [f32]) {
     unsafe { ggml::backend::tensor_get(t.0, bytes, 0) };
 }
 
-fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
-    if h.layers.len() != c.n_layer {
-        return Err(GraphError::Option(format!("hot expert placement has {} layers, the model {}", h.layers.len(), c.n_layer)));
+fn check_hot(c: &Ds4Config, h: &ExpertSet) -> Result<(), GraphError> {
+    if h.n_layer() as usize != c.n_layer {
+        return Err(GraphError::Option(format!("hot expert placement has {} layers, the model {}", h.n_layer(), c.n_layer)));
     }
-    for (l, ids) in h.layers.iter().enumerate() {
-        if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e as usize >= c.n_expert) {
-            return Err(GraphError::Option(format!("hot experts of layer {l} must be sorted, distinct and below {}: {ids:?}", c.n_expert)));
-        }
+    if h.n_expert() as usize != c.n_expert {
+        return Err(GraphError::Option(format!("hot expert placement is for {} experts per layer, the model has {}", h.n_expert(), c.n_expert)));
+    }
+    for (l, ids) in h.layers().iter().enumerate() {
         // Each token's hot product needs k distinct held experts (cold slots are filled with
         // held experts the token does not use, at weight 0): GPU expert kernels compute one
         // slot per (token, expert) and leave duplicate slots unwritten.
@@ -758,9 +759,9 @@ fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
 /// Per layer: None when every expert is held; Some(None) when none is; otherwise the
 /// held mask (1/0 per global expert id), in one small buffer.
 #[allow(clippy::type_complexity)]
-fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
-    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_all_hot(l, c.n_expert) && !h.layers[l].is_empty()).collect();
-    let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_all_hot(l, c.n_expert) { None } else { Some(None) }).collect();
+fn subset_tables(c: &Ds4Config, h: &ExpertSet, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
+    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_full_layer(l as u32) && !h.layer(l as u32).is_empty()).collect();
+    let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_full_layer(l as u32) { None } else { Some(None) }).collect();
     if partial.is_empty() {
         return Ok((None, out));
     }
@@ -770,7 +771,7 @@ fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Opt
     let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
     for &(l, mask) in &made {
         let mut m = vec![0f32; c.n_expert];
-        for &e in &h.layers[l] {
+        for &e in h.layer(l as u32) {
             m[e as usize] = 1.0;
         }
         write_f32(mask, &m);
