@@ -199,6 +199,6 @@ mod tests {
         let e = ExpertSet::from_json(r#"{"0":[-1]}"#, 3, 8, "t").unwrap_err().to_string();
         assert!(e.contains("-1"), "{e}");
         let e = ExpertSet::from_json(r#"{"x":[1]}"#, 3, 8, "t").unwrap_err().to_string();
-        assert!(e.contains("\"x\"") || e.contains("x"), "{e}");
+        assert!(e.starts_with("t: ") && e.contains("expected key to be a number"), "{e}");
     }
 }

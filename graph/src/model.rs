@@ -310,14 +310,9 @@ impl Model {
     }
 
     /// Write the routed-token counts as JSON (layer → counts per expert).
-    pub fn write_route_stats(&self) -> std::io::Result<()> {
+    pub fn write_route_stats(&self) -> Result<(), experts::ExpertsError> {
         let (Some(path), Some(counts)) = (&self.opts.route_stats_out, self.route_counts()) else { return Ok(()) };
-        let body: Vec<String> = counts
-            .iter()
-            .enumerate()
-            .map(|(l, c)| format!("\"{l}\": [{}]", c.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")))
-            .collect();
-        std::fs::write(path, format!("{{\n{}\n}}\n", body.join(",\n")))
+        experts::RouteStats::from_counts(counts).write_json(path)
     }
 
     /// The experts this backend holds.

@@ -11,9 +11,9 @@
 //!   everything else: [`budget_from_device`]): `K = budget / Σ_layers bytes_per_expert` experts
 //!   `0..K` in every layer, then one more expert per layer, layer 0 first, while the remainder
 //!   holds it;
-//! * `profile:FILE`: from a route-stats file ([`RouteStats`]): the (layer, expert) pairs by
-//!   routed tokens per byte, most first (ties: lower layer, then lower id), each taken when it
-//!   still fits in the budget;
+//! * `profile:FILE`: from a route-stats file ([`RouteStats`], the `experts` crate's): the
+//!   (layer, expert) pairs by routed tokens per byte, most first (ties: lower layer, then lower
+//!   id), each taken when it still fits in the budget;
 //! * `adaptive:RATIO`: `round(RATIO · n_expert)` experts per layer: the most routed ones when
 //!   stats are given (ties: lower id), else `0..K`.
 //!
@@ -22,10 +22,10 @@
 //!
 //! The daemon decides the placement; the graph loads the hot side, the workers the cold one.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use experts::ExpertSet;
+pub use experts::RouteStats;
 
 /// A policy, a budget, route stats or a placement file that cannot be used; each names the
 /// bad value.
@@ -33,15 +33,6 @@ use experts::ExpertSet;
 pub enum PlacementError {
     #[error("placement policy {policy:?}: {reason}")]
     Policy { policy: String, reason: String },
-    #[error("{what}: {reason}")]
-    RouteStats { what: String, reason: String },
-    #[error("{what} {}: {source}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Experts(#[from] experts::ExpertsError),
     #[error("expert workers: expected at least 1, found 0")]
@@ -100,67 +91,6 @@ impl std::str::FromStr for Policy {
             },
             _ => Err(bad("expected all, none, uniform:K, budget, profile:FILE or adaptive:RATIO")),
         }
-    }
-}
-
-/// Per layer, per expert, the number of tokens routed to it (`--route-stats-out`).
-/// JSON: an object from layer index to the array of `n_expert` counts, e.g.
-/// `{"0": [12, 0, 3, 9], "1": [1, 1, 0, 7]}`; absent layers count zero.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteStats {
-    counts: Vec<Vec<u64>>,
-}
-
-/// The JSON form of [`RouteStats`].
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-struct RouteStatsJson(BTreeMap<u32, Vec<u64>>);
-
-impl RouteStats {
-    pub fn new(n_layer: u32, n_expert: u32) -> Self {
-        RouteStats { counts: vec![vec![0; n_expert as usize]; n_layer as usize] }
-    }
-
-    pub fn from_counts(counts: Vec<Vec<u64>>) -> Self {
-        RouteStats { counts }
-    }
-
-    /// Adds `n` routed tokens to (layer, expert); ignored when out of range.
-    pub fn add(&mut self, layer: u32, expert: u32, n: u64) {
-        if let Some(c) = self.counts.get_mut(layer as usize).and_then(|l| l.get_mut(expert as usize)) {
-            *c += n;
-        }
-    }
-
-    pub fn count(&self, layer: u32, expert: u32) -> u64 {
-        self.counts.get(layer as usize).and_then(|l| l.get(expert as usize)).copied().unwrap_or(0)
-    }
-
-    pub fn to_json(&self) -> String {
-        let map = self.counts.iter().enumerate().map(|(l, c)| (l as u32, c.clone())).collect();
-        // A map of integers to integer lists always serializes.
-        serde_json::to_string(&RouteStatsJson(map)).unwrap_or_default()
-    }
-
-    pub fn from_json(text: &str, n_layer: u32, n_expert: u32, what: &str) -> Result<Self> {
-        let bad = |reason: String| PlacementError::RouteStats { what: what.to_string(), reason };
-        let RouteStatsJson(map) = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let mut s = RouteStats::new(n_layer, n_expert);
-        for (layer, counts) in map {
-            if layer >= n_layer {
-                return Err(bad(format!("layer {layer} out of range: the model has {n_layer} layers")));
-            }
-            if counts.len() != n_expert as usize {
-                return Err(bad(format!("layer {layer}: expected {n_expert} counts (one per expert), found {}", counts.len())));
-            }
-            s.counts[layer as usize] = counts;
-        }
-        Ok(s)
-    }
-
-    pub fn read_json(path: &Path, n_layer: u32, n_expert: u32) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| PlacementError::Io { what: "read", path: path.to_owned(), source })?;
-        Self::from_json(&text, n_layer, n_expert, &path.display().to_string())
     }
 }
 
