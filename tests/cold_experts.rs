@@ -4,13 +4,12 @@
 //! give the all-hot logits (max |Δ| ≤ 1e-5 · max |logit|), in prefill and decode.
 use std::path::PathBuf;
 
-use graph::{ColdExperts, HotExperts, Logits, Model, ModelOptions};
+use experts::{ExpertPairs, ExpertSet};
+use graph::{ColdError, ColdExperts, GraphError, Logits, Model, ModelOptions};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
-
-type Pairs = Vec<Vec<(u32, f32)>>;
 
 /// Experts evaluated in f64 from the file: gate/up [n_embd, ff, n_expert], down [ff, n_embd,
 /// n_expert] (ggml order), SwiGLU with the layer's clamp.
@@ -22,7 +21,7 @@ struct RustExperts {
     up: Vec<Vec<f32>>,
     down: Vec<Vec<f32>>,
     /// Layer, activations and per-token cold pairs of the request in flight.
-    pending: Option<(usize, Vec<f32>, Pairs)>,
+    pending: Option<(usize, Vec<f32>, ExpertPairs)>,
     calls: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -51,24 +50,24 @@ impl RustExperts {
 }
 
 impl ColdExperts for RustExperts {
-    fn begin(&mut self, layer: usize, n_embd: usize, x: &[f32], pairs: &[Vec<(u32, f32)>]) -> Result<(), String> {
+    fn begin(&mut self, layer: usize, n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
         if n_embd != self.n_embd || self.pending.is_some() {
-            return Err("unexpected begin".into());
+            return Err(ColdError::Compute { source: "unexpected begin".into() });
         }
-        self.pending = Some((layer, x.to_vec(), pairs.to_vec()));
+        self.pending = Some((layer, x.to_vec(), pairs.clone()));
         Ok(())
     }
 
-    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String> {
-        let (l, x, pairs) = self.pending.take().ok_or("end without begin")?;
+    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError> {
+        let (l, x, pairs) = self.pending.take().ok_or(ColdError::OutOfOrder { layer, begun: None })?;
         if l != layer {
-            return Err(format!("end of layer {layer}, begun {l}"));
+            return Err(ColdError::OutOfOrder { layer, begun: Some(l) });
         }
         self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (e, ff, c) = (self.n_embd, self.ff[l], self.clamp[l] as f64);
-        for (t, pairs) in pairs.iter().enumerate() {
+        for (t, pairs) in pairs.tokens().enumerate() {
             let xt = &x[t * e..(t + 1) * e];
-            for &(ex, w) in pairs {
+            for (&ex, &w) in pairs.ids.iter().zip(pairs.weights) {
                 let base = ex as usize * ff * e;
                 let mut h = vec![0f64; ff];
                 for (f, hf) in h.iter_mut().enumerate() {
@@ -90,7 +89,7 @@ impl ColdExperts for RustExperts {
     }
 }
 
-fn logits(gguf: &str, hot: Option<HotExperts>, tokens: &[u32], prefill: usize) -> (Vec<f32>, usize) {
+fn logits(gguf: &str, hot: Option<ExpertSet>, tokens: &[u32], prefill: usize) -> (Vec<f32>, usize) {
     let path = fixture(gguf);
     let mut opts = ModelOptions { ubatch: 48, hot, ..ModelOptions::default() };
     opts.read.progress = false;
@@ -107,9 +106,9 @@ fn logits(gguf: &str, hot: Option<HotExperts>, tokens: &[u32], prefill: usize) -
     (out, calls.load(std::sync::atomic::Ordering::Relaxed))
 }
 
-fn placements(n_layer: usize, n_expert: usize) -> Vec<(&'static str, HotExperts)> {
+fn placements(n_layer: usize, n_expert: usize) -> Vec<(&'static str, ExpertSet)> {
     let n = n_expert as u32;
-    let pick = |f: &dyn Fn(usize, u32) -> bool| HotExperts { layers: (0..n_layer).map(|l| (0..n).filter(|&e| f(l, e)).collect()).collect() };
+    let pick = |f: &dyn Fn(usize, u32) -> bool| ExpertSet::from_fn(n_layer as u32, n, |l, e| f(l as usize, e));
     vec![
         ("all cold", pick(&|_, _| false)),
         ("uniform 50%", pick(&|_, e| e < n / 2)),
@@ -155,19 +154,57 @@ fn cold_experts_without_an_executor_is_an_error() {
     opts.read.progress = false;
     let file = loader::ModelFile::open(fixture("ds4-tiny-b.f32.gguf")).expect("fixture");
     let k = file.config.n_expert_used as u32;
-    opts.hot = Some(HotExperts { layers: vec![(0..k).collect(); file.config.n_layer] });
+    let (n_layer, n_expert) = (file.config.n_layer as u32, file.config.n_expert as u32);
+    opts.hot = Some(ExpertSet::from_fn(n_layer, n_expert, |_, e| e < k));
     let mut m = Model::load(fixture("ds4-tiny-b.f32.gguf"), opts).expect("load");
     let mut seq = m.new_sequence(8).expect("sequence");
     let err = m.forward(&mut seq, &[0, 1], Logits::Last).expect_err("no executor");
     assert!(err.to_string().contains("cold"), "{err}");
     let mut bad = ModelOptions::default();
     bad.read.progress = false;
-    bad.hot = Some(HotExperts { layers: vec![vec![3, 1]; file.config.n_layer] });
-    let err = Model::load(fixture("ds4-tiny-b.f32.gguf"), bad).err().expect("unsorted ids refused");
-    assert!(err.to_string().contains("sorted"), "{err}");
+    bad.hot = Some(ExpertSet::full(n_layer, n_expert + 1));
+    let err = Model::load(fixture("ds4-tiny-b.f32.gguf"), bad).err().expect("a set for another expert count refused");
+    assert!(err.to_string().contains(&format!("for {} experts per layer, the model has {n_expert}", n_expert + 1)), "{err}");
+    let mut bad = ModelOptions::default();
+    bad.read.progress = false;
+    bad.hot = Some(ExpertSet::full(n_layer + 1, n_expert));
+    let err = Model::load(fixture("ds4-tiny-b.f32.gguf"), bad).err().expect("a set for another layer count refused");
+    assert!(err.to_string().contains(&format!("has {} layers, the model {n_layer}", n_layer + 1)), "{err}");
     let mut few = ModelOptions::default();
     few.read.progress = false;
-    few.hot = Some(HotExperts { layers: vec![(0..k - 1).collect(); file.config.n_layer] });
+    few.hot = Some(ExpertSet::from_fn(n_layer, n_expert, |_, e| e < k - 1));
     let err = Model::load(fixture("ds4-tiny-b.f32.gguf"), few).err().expect("fewer held experts than k refused");
     assert!(err.to_string().contains(&format!("holds {} experts", k - 1)), "{err}");
+}
+
+/// An executor whose workers fail: `begin` accepts, `end` reports a remote error.
+struct FailingExperts;
+
+impl ColdExperts for FailingExperts {
+    fn begin(&mut self, _layer: usize, _n_embd: usize, _x: &[f32], _pairs: &ExpertPairs) -> Result<(), ColdError> {
+        Ok(())
+    }
+
+    fn end(&mut self, _layer: usize, _out: &mut [f32]) -> Result<(), ColdError> {
+        Err(ColdError::Remote { worker: 3, source: "expert 7 of layer 2 is not owned by this worker".into() })
+    }
+}
+
+#[test]
+fn executor_errors_cross_the_seam_typed() {
+    let file = loader::ModelFile::open(fixture("ds4-tiny-b.f32.gguf")).expect("fixture");
+    let (n_layer, n_expert) = (file.config.n_layer as u32, file.config.n_expert as u32);
+    let mut opts = ModelOptions::default();
+    opts.read.progress = false;
+    // Layer 0 all hot, the others all cold: the first cold layer is 1.
+    opts.hot = Some(ExpertSet::from_fn(n_layer, n_expert, |l, _| l == 0));
+    let mut m = Model::load(fixture("ds4-tiny-b.f32.gguf"), opts).expect("load");
+    m.set_cold_experts(Box::new(FailingExperts)).expect("cold executor");
+    let mut seq = m.new_sequence(8).expect("sequence");
+    let err = m.forward(&mut seq, &[0, 1], Logits::Last).expect_err("the executor fails");
+    assert_eq!(
+        err.to_string(),
+        "cold experts of layer 1: expert worker 3 reported an error: expert 7 of layer 2 is not owned by this worker; the sequence must be reset"
+    );
+    assert!(matches!(err, GraphError::Cold { layer: 1, source: ColdError::Remote { worker: 3, .. } }), "{err:?}");
 }

@@ -10,60 +10,56 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use expert_worker::pinning::Pin;
-use expert_worker::{ExpertMap, ExpertWorker};
-use graph::ColdExperts;
-use ipc_proto::{ExpertSlots, Limits, ModelIdentity, RequestId, WorkerConnection};
+use expert_worker::ExpertWorker;
+use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use graph::{ColdError, ColdExperts};
+use ipc_proto::{Limits, ModelIdentity, ProtoError, RequestId, WorkerConnection};
 use loader::ModelFile;
 
 /// How long one layer may take in a worker before it counts as hung.
 const EVAL_DEADLINE: Duration = Duration::from_secs(60);
 const START_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Per token, the (expert, weight) pairs of one layer's cold slots.
-type Pairs = Vec<Vec<(u32, f32)>>;
-
-/// A request in flight: its id, its token count, and the slots sent (kept for a replay).
-struct InFlight {
-    id: RequestId,
-    n: usize,
-    ids: Vec<Vec<u32>>,
-    ws: Vec<Vec<f32>>,
-}
-
-fn slots(pairs: &[Vec<(u32, f32)>], owns: &ExpertMap, layer: u32) -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
-    pairs
-        .iter()
-        .map(|p| p.iter().filter(|(e, _)| owns.contains(layer, *e)).map(|&(e, w)| (e, w)).unzip::<u32, f32, Vec<u32>, Vec<f32>>())
-        .unzip()
+/// A wire error of worker `worker` across the `ColdExperts` seam: what the worker reported
+/// (an `Error` frame), or a protocol failure on our side of the connection.
+fn wire_error(worker: usize, e: ProtoError) -> ColdError {
+    match e {
+        ProtoError::Remote { .. } => ColdError::Remote { worker, source: e.into() },
+        e => ColdError::Protocol { worker, source: e.into() },
+    }
 }
 
 /// `--expert-workers 0`: the cold experts computed in this process, on the CPU.
 pub struct InProcess {
     worker: ExpertWorker,
-    pending: Option<(u32, Vec<f32>, Pairs)>,
+    /// The layer begun, its activations and cold pairs.
+    pending: Option<(u32, Vec<f32>, ExpertPairs)>,
+    /// The pairs of the worker's experts (all of them: it holds every cold expert).
+    share: ExpertPairs,
 }
 
 impl InProcess {
-    pub fn new(model: &ModelFile, cold: &ExpertMap, threads: usize) -> Result<InProcess> {
-        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None })
+    pub fn new(model: &ModelFile, cold: &ExpertSet, threads: usize) -> Result<InProcess> {
+        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None, share: ExpertPairs::new() })
     }
 }
 
 impl ColdExperts for InProcess {
-    fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &[Vec<(u32, f32)>]) -> Result<(), String> {
-        self.pending = Some((layer as u32, x.to_vec(), pairs.to_vec()));
+    fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
+        self.pending = Some((layer as u32, x.to_vec(), pairs.clone()));
         Ok(())
     }
 
-    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String> {
-        let Some((l, x, pairs)) = self.pending.take() else { return Err("end without begin".into()) };
+    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError> {
+        let Some((l, x, pairs)) = self.pending.take() else { return Err(ColdError::OutOfOrder { layer, begun: None }) };
         if l as usize != layer {
-            return Err(format!("end of layer {layer} after begin of layer {l}"));
+            return Err(ColdError::OutOfOrder { layer, begun: Some(l as usize) });
         }
-        let (ids, ws) = slots(&pairs, self.worker.experts(), l);
-        let tokens: Vec<ExpertSlots> = ids.iter().zip(&ws).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
+        let owns = self.worker.experts();
+        pairs.select(|e| owns.contains(l, e), &mut self.share);
+        let tokens: Vec<ExpertSlots> = self.share.tokens().collect();
         let mut buf = vec![0f32; out.len()];
-        self.worker.eval(l, &x, &tokens, &mut buf).map_err(|e| e.to_string())?;
+        self.worker.eval(l, &x, &tokens, &mut buf).map_err(|e| ColdError::Compute { source: e.into() })?;
         for (o, b) in out.iter_mut().zip(&buf) {
             *o += b;
         }
@@ -73,12 +69,15 @@ impl ColdExperts for InProcess {
 
 struct Worker {
     index: usize,
-    experts: ExpertMap,
+    experts: ExpertSet,
     socket: PathBuf,
     spec: PathBuf,
     child: Child,
     conn: WorkerConnection,
-    pending: Option<InFlight>,
+    /// The pairs of the current layer this worker owns (kept for a replay).
+    share: ExpertPairs,
+    /// The request in flight.
+    pending: Option<RequestId>,
 }
 
 /// Spawned `moe-expert` workers.
@@ -135,7 +134,7 @@ impl WorkerPool {
     /// Spawn one worker per share and connect to each (handshake checks the model).
     /// `spin`: how long both sides of each connection spin before blocking on the socket.
     /// `pins`: where each worker runs (empty: anywhere).
-    pub fn spawn(model: &ModelFile, shares: Vec<ExpertMap>, threads: usize, max_tokens: usize, spin: Duration, pins: Vec<Pin>) -> Result<WorkerPool> {
+    pub fn spawn(model: &ModelFile, shares: Vec<ExpertSet>, threads: usize, max_tokens: usize, spin: Duration, pins: Vec<Pin>) -> Result<WorkerPool> {
         let exe = std::env::current_exe().context("locating the dflash executable")?;
         let identity = expert_worker::model_identity(model)?;
         let c = &model.config;
@@ -148,7 +147,7 @@ impl WorkerPool {
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
             experts.write_json(&spec)?;
             let (child, conn) = pool.start(index, &socket, &spec)?;
-            pool.workers.push(Worker { index, experts, socket, spec, child, conn, pending: None });
+            pool.workers.push(Worker { index, experts, socket, spec, child, conn, share: ExpertPairs::new(), pending: None });
         }
         Ok(pool)
     }
@@ -207,10 +206,10 @@ impl WorkerPool {
         self.workers.iter().map(|w| w.child.id()).collect()
     }
 
-    fn send(w: &mut Worker, layer: u32, x: &[f32], n: usize, ids: &[Vec<u32>], ws: &[Vec<f32>]) -> Result<RequestId, ipc_proto::ProtoError> {
-        w.conn.input_mut(n)?.copy_from_slice(x);
-        let tokens: Vec<ExpertSlots> = ids.iter().zip(ws).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
-        w.conn.eval_begin(layer, &tokens)
+    /// Sends `w`'s share of the layer: the activations `x` of all its tokens, its pairs.
+    fn send(w: &mut Worker, layer: u32, x: &[f32]) -> Result<RequestId, ProtoError> {
+        w.conn.input_mut(w.share.n_tokens())?.copy_from_slice(x);
+        w.conn.eval_begin(layer, &w.share)
     }
 
     fn respawn(&mut self, i: usize) -> Result<()> {
@@ -232,26 +231,26 @@ impl WorkerPool {
 }
 
 impl ColdExperts for WorkerPool {
-    fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &[Vec<(u32, f32)>]) -> Result<(), String> {
-        let n = pairs.len();
+    fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
         self.x.clear();
         self.x.extend_from_slice(x);
         for i in 0..self.workers.len() {
-            let (ids, ws) = slots(pairs, &self.workers[i].experts, layer as u32);
-            if ids.iter().all(|s| s.is_empty()) {
-                self.workers[i].pending = None;
+            let w = &mut self.workers[i];
+            let owns = &w.experts;
+            pairs.select(|e| owns.contains(layer as u32, e), &mut w.share);
+            if w.share.n_pairs() == 0 {
+                w.pending = None;
                 continue;
             }
-            let sent = Self::send(&mut self.workers[i], layer as u32, x, n, &ids, &ws);
-            let id = match sent {
+            let id = match Self::send(w, layer as u32, &self.x) {
                 Ok(id) => id,
                 Err(e) if e.is_peer_lost() => {
-                    self.respawn(i).map_err(|e| e.to_string())?;
-                    Self::send(&mut self.workers[i], layer as u32, x, n, &ids, &ws).map_err(|e| e.to_string())?
+                    self.respawn(i).map_err(|e| ColdError::WorkerStart { worker: i, source: e.into() })?;
+                    Self::send(&mut self.workers[i], layer as u32, &self.x).map_err(|e| ColdError::Replay { worker: i, source: e.into() })?
                 }
-                Err(e) => return Err(format!("expert worker {i}: {e}")),
+                Err(e) => return Err(wire_error(i, e)),
             };
-            self.workers[i].pending = Some(InFlight { id, n, ids, ws });
+            self.workers[i].pending = Some(id);
         }
         Ok(())
     }
@@ -260,21 +259,20 @@ impl ColdExperts for WorkerPool {
         self.reported_us as f64 * 1e-6
     }
 
-    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String> {
+    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError> {
         self.reported_us = 0;
         for i in 0..self.workers.len() {
-            let Some(InFlight { id, n, ids, ws }) = self.workers[i].pending.take() else { continue };
+            let Some(id) = self.workers[i].pending.take() else { continue };
             let mut result = self.workers[i].conn.eval_end(id, Instant::now() + EVAL_DEADLINE);
             if matches!(&result, Err(e) if e.is_peer_lost()) {
-                self.respawn(i).map_err(|e| e.to_string())?;
-                let x = std::mem::take(&mut self.x);
-                let id = Self::send(&mut self.workers[i], layer as u32, &x, n, &ids, &ws).map_err(|e| format!("expert worker {i} (replay): {e}"));
-                self.x = x;
-                result = self.workers[i].conn.eval_end(id?, Instant::now() + EVAL_DEADLINE);
+                self.respawn(i).map_err(|e| ColdError::WorkerStart { worker: i, source: e.into() })?;
+                let id = Self::send(&mut self.workers[i], layer as u32, &self.x).map_err(|e| ColdError::Replay { worker: i, source: e.into() })?;
+                result = self.workers[i].conn.eval_end(id, Instant::now() + EVAL_DEADLINE);
             }
-            let reply = result.map_err(|e| format!("expert worker {i}: {e}"))?;
+            let reply = result.map_err(|e| wire_error(i, e))?;
             self.reported_us += reply.compute_us;
-            let o = self.workers[i].conn.output(n).map_err(|e| format!("expert worker {i}: {e}"))?;
+            let w = &self.workers[i];
+            let o = w.conn.output(w.share.n_tokens()).map_err(|e| wire_error(i, e))?;
             for (a, b) in out.iter_mut().zip(o) {
                 *a += b;
             }

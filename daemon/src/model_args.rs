@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use expert_worker::pinning::Pin;
-use expert_worker::placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs};
-use graph::{HotExperts, Model, ModelOptions};
+use graph::{Model, ModelOptions};
+use placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashAttn {
@@ -70,7 +70,7 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         let file = loader::ModelFile::open(&self.model).with_context(|| format!("opening {}", self.model.display()))?;
-        let shape = ModelShape::from_model(&file)?;
+        let shape = ModelShape { n_expert: file.config.n_expert as u32, expert_bytes: expert_worker::expert_bytes_per_layer(&file)? };
         // Checked before the weights load: one CPU list per worker.
         let pins = match (&self.worker_cpus, self.expert_workers) {
             (Some(_), 0) => anyhow::bail!("--worker-cpus pins expert workers, but --expert-workers is 0 (cold experts in process)"),
@@ -82,11 +82,10 @@ impl ModelArgs {
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
         }
-        let hot = HotExperts { layers: placement.hot().layers().to_vec() };
         let mut opts = ModelOptions {
             device: Some(self.device.clone()),
             ubatch: self.ubatch,
-            hot: Some(hot),
+            hot: Some(placement.hot().clone()),
             route_stats_out: self.route_stats_out.clone(),
             flash_attn: match self.flash_attn {
                 FlashAttn::Auto => None,

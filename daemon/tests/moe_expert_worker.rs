@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use expert_worker::{model_identity, ExpertMap, ExpertWorker};
-use ipc_proto::{ExpertSlots, Limits, ModelIdentity, ProtoError, SocketDir, WorkerConnection};
+use expert_worker::{model_identity, ExpertWorker};
+use experts::{ExpertPairs, ExpertSlots};
+use ipc_proto::{Limits, ModelIdentity, ProtoError, SocketDir, WorkerConnection};
 use loader::ModelFile;
 
 fn fixture(name: &str) -> PathBuf {
@@ -71,8 +72,8 @@ fn worker_process_matches_in_process_compute() {
     let mf = ModelFile::open(fixture(A)).unwrap();
     let id = model_identity(&mf).unwrap();
     let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
-    let map = ExpertMap::parse_spec(spec, 6, 16).unwrap();
-    assert_eq!(conn.experts(), &map.to_expert_set().unwrap());
+    let map = expert_worker::experts::parse_spec(spec, 6, 16).unwrap();
+    assert_eq!(conn.experts(), &map);
     let mut local = ExpertWorker::load(&mf, &map, 1).unwrap();
 
     let ids: [&[u32]; 4] = [&[1, 7], &[], &[3, 5, 1, 7], &[5]];
@@ -81,7 +82,7 @@ fn worker_process_matches_in_process_compute() {
     let x = inputs(4);
     for layer in [0u32, 2, 4] {
         conn.input_mut(4).unwrap().copy_from_slice(&x);
-        let rid = conn.eval_begin(layer, &tokens).unwrap();
+        let rid = conn.eval_begin(layer, &ExpertPairs::from_tokens(&tokens).unwrap()).unwrap();
         let reply = conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
         assert_eq!(reply.n_tokens, 4);
         let mut want = vec![0.0; 4 * 64];
@@ -93,7 +94,7 @@ fn worker_process_matches_in_process_compute() {
         assert!(got[64..128].iter().all(|&v| v == 0.0), "token without pairs");
     }
     // An expert the worker does not own is refused on the daemon side before sending.
-    let e = conn.eval_begin(0, &[ExpertSlots { ids: &[2], weights: &[1.0] }]).unwrap_err();
+    let e = conn.eval_begin(0, &ExpertPairs::from_tokens(&[ExpertSlots { ids: &[2], weights: &[1.0] }]).unwrap()).unwrap_err();
     assert!(matches!(e, ProtoError::ExpertNotOwned { layer: 0, expert: 2 }), "{e}");
     let stats = conn.stats(Instant::now() + Duration::from_secs(5)).unwrap();
     assert_eq!((stats.evals, stats.tokens, stats.pairs), (3, 12, 21));
@@ -130,7 +131,7 @@ fn sigkill_of_the_worker_is_seen_as_peer_lost() {
     let mut child = spawn(&fixture(A), &socket, "0-15");
     let id = model_identity(&ModelFile::open(fixture(A)).unwrap()).unwrap();
     let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
-    let one = [ExpertSlots { ids: &[3], weights: &[1.0] }];
+    let one = ExpertPairs::from_tokens(&[ExpertSlots { ids: &[3], weights: &[1.0] }]).unwrap();
     conn.input_mut(1).unwrap().copy_from_slice(&inputs(1));
     let rid = conn.eval_begin(1, &one).unwrap();
     conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
@@ -180,7 +181,7 @@ fn a_worker_is_pinned_to_its_cpus() {
     // After one eval its compute threads exist too: every thread of the process is on CPU 0.
     let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
     conn.input_mut(1).unwrap().copy_from_slice(&inputs(1));
-    let rid = conn.eval_begin(0, &[ExpertSlots { ids: &[1, 2], weights: &[0.5, 0.5] }]).unwrap();
+    let rid = conn.eval_begin(0, &ExpertPairs::from_tokens(&[ExpertSlots { ids: &[1, 2], weights: &[0.5, 0.5] }]).unwrap()).unwrap();
     conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
     let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
     let mut n = 0;

@@ -8,8 +8,9 @@
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use expert_worker::{model_identity, serve, ExpertMap, ExpertWorker};
-use ipc_proto::{ConnectOptions, ExpertSlots, Limits, WorkerConnection, WorkerServer};
+use expert_worker::{model_identity, serve, ExpertWorker};
+use experts::{ExpertPairs, ExpertSlots};
+use ipc_proto::{ConnectOptions, Limits, WorkerConnection, WorkerServer};
 use loader::ModelFile;
 
 fn arg(args: &[String], name: &str) -> Option<String> {
@@ -32,7 +33,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mf = ModelFile::open(&model)?;
     let c = &mf.config;
     let (n_layer, n_expert, k, e) = (c.n_layer as u32, c.n_expert as u32, c.n_expert_used, c.n_embd);
-    let map = ExpertMap::parse_spec(&spec, n_layer, n_expert)?;
+    let map = expert_worker::experts::parse_spec(&spec, n_layer, n_expert)?;
     let mut worker = ExpertWorker::load(&mf, &map, threads)?;
     println!(
         "model {model}: n_embd {e}, n_ff {}, {n_expert} experts top-{k}, expert type {}; worker holds {} experts ({:.1} MiB), {threads} threads, {n_tokens} token(s) x {k} experts",
@@ -87,7 +88,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Through ipc-proto: the same worker in a thread behind a socket pair.
     let identity = model_identity(&mf)?;
     let (dsock, wsock) = UnixStream::pair()?;
-    let set = map.to_expert_set()?;
+    let set = map.clone();
     let server = std::thread::spawn(move || -> Result<(), expert_worker::WorkerError> {
         let mut s = WorkerServer::handshake(wsock, &identity, set, &ConnectOptions::default())?;
         serve(&mut s, &mut worker)
@@ -103,7 +104,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let slots: Vec<ExpertSlots> = ids.iter().zip(&w).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
             let t0 = Instant::now();
             conn.input_mut(n_tokens)?.copy_from_slice(&x);
-            let rid = conn.eval_begin(l, &slots)?;
+            let rid = conn.eval_begin(l, &ExpertPairs::from_tokens(&slots)?)?;
             let r = conn.eval_end(rid, Instant::now() + Duration::from_secs(30))?;
             out.copy_from_slice(conn.output(n_tokens)?);
             let us = t0.elapsed().as_secs_f64() * 1e6;

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use clap::{Parser, ValueEnum};
 
 use crate::error::Result;
-use crate::experts::ExpertMap;
 
 /// The flag that turns the `dflash` binary into a worker.
 pub const MODE_FLAG: &str = "--backend-ipc-mode";
@@ -81,7 +80,7 @@ where
         crate::pinning::pin_to_cpus(&cpus)?;
     }
     let mf = loader::ModelFile::open(&a.model)?;
-    let experts = ExpertMap::parse_spec(&a.experts, mf.config.n_layer as u32, mf.config.n_expert as u32)?;
+    let experts = crate::experts::parse_spec(&a.experts, mf.config.n_layer as u32, mf.config.n_expert as u32)?;
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     crate::serve::run_worker_on(&a.socket, &mf, &experts, threads, std::time::Duration::from_micros(a.spin_us))
 }

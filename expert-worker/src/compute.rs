@@ -21,14 +21,13 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use experts::{ExpertSet, ExpertSlots};
 use ggml::{Backend, Context, Device, GraphAllocator};
 use graph::expert_ffn::{ExpertFfn, UpGate};
 use graph::ops::{Ctx, Graph, T};
-use ipc_proto::ExpertSlots;
 use loader::{ExpertPart, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use crate::error::{Result, WorkerError};
-use crate::experts::ExpertMap;
 
 struct LayerExperts {
     /// Global id -> local slice index, `u32::MAX` when not owned.
@@ -73,7 +72,7 @@ pub struct ExpertWorker {
     n_embd: usize,
     n_expert: u32,
     layers: Vec<LayerExperts>,
-    experts: ExpertMap,
+    experts: ExpertSet,
     backend: Backend,
     buft: ggml::BufferType,
     graphs: HashMap<(u32, usize), CachedGraph>,
@@ -112,7 +111,7 @@ impl ExpertWorker {
     /// Loads the experts of `experts` (per layer the owned ids) from `model` into CPU
     /// memory with positioned reads of just those slices, and starts a CPU backend with
     /// `threads` threads.
-    pub fn load(model: &ModelFile, experts: &ExpertMap, threads: usize) -> Result<Self> {
+    pub fn load(model: &ModelFile, experts: &ExpertSet, threads: usize) -> Result<Self> {
         let c = &model.config;
         let (n_layer, n_expert) = (c.n_layer as u32, c.n_expert as u32);
         if experts.n_layer() != n_layer || experts.n_expert() != n_expert {
@@ -192,7 +191,7 @@ impl ExpertWorker {
     }
 
     /// The experts this worker owns.
-    pub fn experts(&self) -> &ExpertMap {
+    pub fn experts(&self) -> &ExpertSet {
         &self.experts
     }
 

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-/// Everything the worker, the spec parser and the placement can refuse. Each variant names
+/// Everything the worker and its `--experts` spec parser can refuse. Each variant names
 /// the bad value (expected vs found).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -12,6 +12,8 @@ pub enum WorkerError {
     Ggml(#[from] ggml::GgmlError),
     #[error(transparent)]
     Proto(#[from] ipc_proto::ProtoError),
+    #[error(transparent)]
+    Experts(#[from] experts::ExpertsError),
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -35,10 +37,6 @@ pub enum WorkerError {
     GraphAlloc { what: &'static str },
     #[error("expert spec {spec:?}: {reason}")]
     Spec { spec: String, reason: String },
-    #[error("{what}: {reason}")]
-    Json { what: String, reason: String },
-    #[error("placement policy {policy:?}: {reason}")]
-    Policy { policy: String, reason: String },
     #[error("CPU pinning {spec:?}: {reason}")]
     Pinning { spec: String, reason: String },
     #[error("{what}: expected {expected}, found {found}")]

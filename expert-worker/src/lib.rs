@@ -1,14 +1,14 @@
-//! The `moe-expert` worker of dflash and expert placement.
+//! The `moe-expert` worker of dflash.
 //!
 //! # What the daemon sends, what comes back
 //!
-//! A worker owns, per layer, a set of routed experts ([`ExpertMap`], reported in the
+//! A worker owns, per layer, a set of routed experts ([`experts::ExpertSet`], reported in the
 //! handshake). For one MoE layer and a micro-batch the daemon
 //!
 //! 1. writes the tokens' MoE inputs (the ffn-normed activations, `n_embd` f32 per token) as
 //!    rows `0..n_tokens` of the shared input area ([`ipc_proto::WorkerConnection::input_mut`]);
-//! 2. sends `eval_begin(layer, tokens)` where `tokens[t]` holds only the (expert id, router
-//!    weight) pairs of token `t` that this worker owns (global expert ids; empty is fine);
+//! 2. sends `eval_begin(layer, pairs)` where token `t` of `pairs` ([`experts::ExpertPairs`])
+//!    holds only the (expert id, router weight) pairs of token `t` that this worker owns (global expert ids; empty is fine);
 //! 3. later `eval_end`, then reads row `t` of the output area
 //!    ([`ipc_proto::WorkerConnection::output`]): `Σ weight · expert(input row t)` over those
 //!    pairs, where `expert(x) = down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` and
@@ -24,8 +24,7 @@
 //!   own expert builder ([`graph::expert_ffn`]) on ggml's CPU backend;
 //! * [`serve`]: [`serve()`], [`run_worker`], [`model_identity`];
 //! * [`cli`]: `dflash --backend-ipc-mode=moe-expert ...` ([`cli_main`]);
-//! * [`experts`]: [`ExpertMap`], its JSON form and the `--experts` spec;
-//! * [`placement`]: hot/cold placement policies and the split of cold experts over workers;
+//! * [`experts`]: the `--experts` spec ([`experts::parse_spec`]);
 //! * [`pinning`]: CPU lists, NUMA nodes' CPUs, and pinning a worker to them.
 
 pub mod cli;
@@ -33,13 +32,10 @@ pub mod compute;
 mod error;
 pub mod experts;
 pub mod pinning;
-pub mod placement;
 mod ranges;
 pub mod serve;
 
 pub use cli::{cli_main, is_worker_invocation, WorkerArgs};
 pub use compute::{expert_bytes_per_layer, EvalTimings, ExpertWorker};
 pub use error::{Result, WorkerError};
-pub use experts::ExpertMap;
-pub use placement::{budget_from_device, split_cold, ExpertPlacement, ModelShape, PlacementArgs, PlacementOptions, Policy, RouteStats};
 pub use serve::{model_identity, run_worker, run_worker_on, serve};

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::compute::ExpertWorker;
 use crate::error::{Result, WorkerError};
-use crate::experts::ExpertMap;
+use experts::ExpertSet;
 
 /// The identity both sides compare at the handshake: the file size, SHA-256 of the file's
 /// bytes before the tensor data (GGUF header, metadata and tensor table), and the layer,
@@ -61,7 +61,7 @@ pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()>
         match req {
             Request::Eval(req) => {
                 let t0 = Instant::now();
-                let tokens: Vec<_> = req.tokens().collect();
+                let tokens: Vec<_> = req.pairs.tokens().collect();
                 let (input, output) = server.eval_io()?;
                 debug_assert_eq!(input.len(), tokens.len() * n_embd);
                 if let Err(e) = worker.eval(req.layer, input, &tokens, output) {
@@ -90,18 +90,17 @@ pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()>
 /// accepts one daemon connection, handshakes with the model identity and the expert set,
 /// then serves it until Shutdown or EOF. A daemon that refuses the handshake (another
 /// model) makes this return its error.
-pub fn run_worker(socket: &Path, model: &Path, experts: &ExpertMap, threads: usize) -> Result<()> {
+pub fn run_worker(socket: &Path, model: &Path, experts: &ExpertSet, threads: usize) -> Result<()> {
     run_worker_on(socket, &ModelFile::open(model)?, experts, threads, std::time::Duration::ZERO)
 }
 
 /// [`run_worker`] with the model already opened, waiting for requests by spinning `spin`
 /// before blocking (see `ipc_proto::ConnectOptions::spin`).
-pub fn run_worker_on(socket: &Path, mf: &ModelFile, experts: &ExpertMap, threads: usize, spin: std::time::Duration) -> Result<()> {
+pub fn run_worker_on(socket: &Path, mf: &ModelFile, experts: &ExpertSet, threads: usize, spin: std::time::Duration) -> Result<()> {
     let identity = model_identity(mf)?;
     let mut worker = ExpertWorker::load(mf, experts, threads)?;
-    let set = experts.to_expert_set()?;
     let listener = Listener::bind(socket)?;
     tracing::info!(socket = %socket.display(), %identity, experts = experts.len(), "worker listening");
-    let mut server = listener.accept(&identity, set, &ConnectOptions { spin, ..ConnectOptions::default() })?;
+    let mut server = listener.accept(&identity, experts.clone(), &ConnectOptions { spin, ..ConnectOptions::default() })?;
     serve(&mut server, &mut worker)
 }

@@ -7,8 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use expert_worker::{model_identity, serve, ExpertMap, ExpertWorker, WorkerError};
-use ipc_proto::{ConnectOptions, ExpertSlots, Limits, ProtoError, WorkerConnection, WorkerServer};
+use expert_worker::experts::parse_spec;
+use expert_worker::{model_identity, serve, ExpertWorker, WorkerError};
+use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use ipc_proto::{ConnectOptions, Limits, ProtoError, WorkerConnection, WorkerServer};
 use loader::ModelFile;
 
 fn fixture(name: &str) -> PathBuf {
@@ -92,7 +94,7 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// A random owned subset per layer (at least 2 experts each).
-fn random_map(rng: &mut Rng, n_layer: u32, n_expert: u32) -> ExpertMap {
+fn random_map(rng: &mut Rng, n_layer: u32, n_expert: u32) -> ExpertSet {
     let layers = (0..n_layer)
         .map(|_| {
             let mut ids: Vec<u32> = (0..n_expert).filter(|_| rng.below(2) == 0).collect();
@@ -104,7 +106,7 @@ fn random_map(rng: &mut Rng, n_layer: u32, n_expert: u32) -> ExpertMap {
             ids
         })
         .collect();
-    ExpertMap::from_layers(n_expert, layers).unwrap()
+    ExpertSet::from_layers(n_expert, layers).unwrap()
 }
 
 struct Batch {
@@ -116,6 +118,10 @@ struct Batch {
 impl Batch {
     fn slots(&self) -> Vec<ExpertSlots<'_>> {
         self.ids.iter().zip(&self.weights).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect()
+    }
+
+    fn pairs(&self) -> ExpertPairs {
+        ExpertPairs::from_tokens(&self.slots()).unwrap()
     }
 }
 
@@ -188,7 +194,7 @@ fn eval_matches_reference_on_both_fixtures() {
 #[test]
 fn eval_refuses_bad_requests() {
     let mf = ModelFile::open(fixture(A)).unwrap();
-    let map = ExpertMap::parse_spec("0:1,2;5:3", 6, 16).unwrap();
+    let map = parse_spec("0:1,2;5:3", 6, 16).unwrap();
     let mut w = ExpertWorker::load(&mf, &map, 1).unwrap();
     let x = vec![0.5; 64];
     let mut out = vec![0.0; 64];
@@ -228,22 +234,22 @@ fn limits(mf: &ModelFile) -> Limits {
 fn serves_evals_over_a_socket_pair() {
     let mf = ModelFile::open(fixture(A)).unwrap();
     let identity = model_identity(&mf).unwrap();
-    let map = ExpertMap::parse_spec("0-7", 6, 16).unwrap();
+    let map = parse_spec("0-7", 6, 16).unwrap();
     let (daemon_sock, worker_sock) = UnixStream::pair().unwrap();
     let worker_map = map.clone();
     let worker = std::thread::spawn(move || -> Result<(), WorkerError> {
         let mf = ModelFile::open(fixture(A)).unwrap();
         let mut w = ExpertWorker::load(&mf, &worker_map, 1)?;
-        let mut server = WorkerServer::handshake(worker_sock, &identity, worker_map.to_expert_set()?, &ConnectOptions::default())?;
+        let mut server = WorkerServer::handshake(worker_sock, &identity, worker_map.clone(), &ConnectOptions::default())?;
         serve(&mut server, &mut w)
     });
     let mut conn = WorkerConnection::handshake(daemon_sock, limits(&mf), &identity, &ConnectOptions::default()).unwrap();
-    assert_eq!(conn.experts().experts(3), (0..8).collect::<Vec<_>>());
+    assert_eq!(conn.experts().layer(3), (0..8).collect::<Vec<_>>());
     let mut rng = Rng(7);
     for (l, n) in [(0u32, 1usize), (3, 4), (5, 8)] {
         let b = random_batch(&mut rng, map.layer(l), n, 4, 64);
         conn.input_mut(n).unwrap().copy_from_slice(&b.x);
-        let id = conn.eval_begin(l, &b.slots()).unwrap();
+        let id = conn.eval_begin(l, &b.pairs()).unwrap();
         let r = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).unwrap();
         assert_eq!(r.n_tokens as usize, n);
         check_batch(&mf, l, &b, conn.output(n).unwrap());
@@ -261,7 +267,7 @@ fn worker_of_another_model_is_refused_at_handshake() {
     let b = ModelFile::open(fixture(B)).unwrap();
     let (ia, ib) = (model_identity(&a).unwrap(), model_identity(&b).unwrap());
     let (daemon_sock, worker_sock) = UnixStream::pair().unwrap();
-    let set = ExpertMap::full(b.config.n_layer as u32, b.config.n_expert as u32).to_expert_set().unwrap();
+    let set = ExpertSet::full(b.config.n_layer as u32, b.config.n_expert as u32);
     let worker = std::thread::spawn(move || WorkerServer::handshake(worker_sock, &ib, set, &ConnectOptions::default()).map(|_| ()));
     let e = WorkerConnection::handshake(daemon_sock, limits(&a), &ia, &ConnectOptions::default()).err().unwrap();
     assert!(matches!(e, ProtoError::IdentityMismatch { .. }), "{e}");
@@ -273,11 +279,11 @@ fn worker_of_another_model_is_refused_at_handshake() {
 #[test]
 fn model_shape_and_cold_split_of_a_fixture() {
     let mf = ModelFile::open(fixture(A)).unwrap();
-    let shape = expert_worker::ModelShape::from_model(&mf).unwrap();
+    let shape = placement::ModelShape { n_expert: 16, expert_bytes: expert_worker::expert_bytes_per_layer(&mf).unwrap() };
     // gate + up [64, 32] and down [32, 64] of F32 per expert.
     assert_eq!(shape.expert_bytes, vec![3 * 64 * 32 * 4; 6]);
-    let p = expert_worker::ExpertPlacement::uniform(&shape, 8).unwrap();
-    let parts = expert_worker::split_cold(&p.cold(), &shape, 2).unwrap();
+    let p = placement::ExpertPlacement::uniform(&shape, 8).unwrap();
+    let parts = placement::split_cold(&p.cold(), &shape, 2).unwrap();
     assert_eq!(parts[0].layer(0), &[8, 10, 12, 14]);
     assert_eq!(parts[1].layer(5), &[9, 11, 13, 15]);
     // Two workers holding the two halves of the cold experts give, added, one worker's sum.

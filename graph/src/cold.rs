@@ -8,16 +8,44 @@
 use std::ffi::c_void;
 use std::sync::Mutex;
 
+use experts::ExpertPairs;
 use ggml::sys;
+
+/// A failure below the seam (a worker's protocol or process error, a compute error), kept
+/// as the executor's own error type.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an executor could not compute a layer's cold experts.
+#[derive(Debug, thiserror::Error)]
+pub enum ColdError {
+    /// A worker process could not be (re)started.
+    #[error("expert worker {worker}: could not start it: {source}")]
+    WorkerStart { worker: usize, source: BoxError },
+    /// The connection to a worker failed: a frame it sent or we could not send, a lost peer.
+    #[error("expert worker {worker}: {source}")]
+    Protocol { worker: usize, source: BoxError },
+    /// The request replayed to a respawned worker failed too.
+    #[error("expert worker {worker} (replay after a respawn): {source}")]
+    Replay { worker: usize, source: BoxError },
+    /// A worker refused the request or failed while computing, and said why.
+    #[error("expert worker {worker} reported an error: {source}")]
+    Remote { worker: usize, source: BoxError },
+    /// The in-process computation failed.
+    #[error("{source}")]
+    Compute { source: BoxError },
+    /// `end` of a layer that was not the one begun (or none was).
+    #[error("end of layer {layer} after begin of layer {begun:?}")]
+    OutOfOrder { layer: usize, begun: Option<usize> },
+}
 
 /// Computes routed experts outside the model's backend.
 pub trait ColdExperts: Send {
     /// Start layer `layer` for `n` tokens: `x` holds n rows of n_embd activations (the MoE
-    /// input), `pairs[t]` token t's cold (expert id, router weight) pairs (may be empty).
-    fn begin(&mut self, layer: usize, n_embd: usize, x: &[f32], pairs: &[Vec<(u32, f32)>]) -> Result<(), String>;
+    /// input), token t of `pairs` its cold (expert id, router weight) pairs (may be none).
+    fn begin(&mut self, layer: usize, n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError>;
     /// Wait for layer `layer` and add Σ weight · expert(x) of each token's cold pairs into
     /// `out` (n rows of n_embd).
-    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), String>;
+    fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError>;
     /// Compute time the executor's workers reported for the last `end`, in seconds (0 when
     /// it does not know).
     fn reported_compute_s(&self) -> f64 {
@@ -49,29 +77,14 @@ impl ExpertLayerStats {
     }
 }
 
-/// Which experts of each layer this backend holds.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HotExperts {
-    /// Per layer, sorted expert ids held by the model's backend.
-    pub layers: Vec<Vec<u32>>,
-}
-
-impl HotExperts {
-    pub fn all(n_layer: usize, n_expert: usize) -> HotExperts {
-        HotExperts { layers: vec![(0..n_expert as u32).collect(); n_layer] }
-    }
-    pub fn is_all_hot(&self, layer: usize, n_expert: usize) -> bool {
-        self.layers[layer].len() == n_expert
-    }
-}
-
 /// The executor and the first error a custom op met (ops cannot return errors).
 pub(crate) struct ColdState {
     pub exec: Box<dyn ColdExperts>,
     /// Per layer, global expert id → index among the held experts (−1: cold).
     pub local: Vec<Vec<i32>>,
-    pub error: Option<String>,
-    pub pairs: Vec<Vec<(u32, f32)>>,
+    /// The layer and error of the first failure.
+    pub error: Option<(usize, ColdError)>,
+    pub pairs: ExpertPairs,
     pub stats: Vec<ExpertLayerStats>,
     pub began: Option<std::time::Instant>,
 }
@@ -110,23 +123,27 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
     let w = std::slice::from_raw_parts(wp, k * n);
     let local_out = std::slice::from_raw_parts_mut(d.data as *mut i32, k * n);
     let st = &mut *st;
-    st.pairs.resize(n, Vec::new());
+    st.pairs.clear();
     let local = &st.local[call.layer];
     let n_held = local.iter().filter(|&&i| i >= 0).count() as i32;
     for t in 0..n {
         let (ids, w) = (&ids[t * k..(t + 1) * k], &w[t * k..(t + 1) * k]);
-        st.pairs[t].clear();
-        st.pairs[t].extend(ids.iter().zip(w).filter(|(&e, _)| local.get(e as usize).is_some_and(|&i| i < 0)).map(|(&e, &w)| (e as u32, w)));
+        for (&e, &w) in ids.iter().zip(w) {
+            if local.get(e as usize).is_some_and(|&i| i < 0) {
+                st.pairs.push(e as u32, w);
+            }
+        }
+        st.pairs.end_token();
         held_slots(local, n_held, ids, &mut local_out[t * k..(t + 1) * k]);
     }
-    let cold: usize = st.pairs[..n].iter().map(Vec::len).sum();
+    let cold = st.pairs.n_pairs();
     if let Some(ls) = st.stats.get_mut(call.layer) {
         ls.routed += (k * n) as u64;
         ls.cold += cold as u64;
     }
     if st.error.is_none() {
-        if let Err(e) = st.exec.begin(call.layer, n_embd, x, &st.pairs[..n]) {
-            st.error = Some(format!("cold experts of layer {}: {e}", call.layer));
+        if let Err(e) = st.exec.begin(call.layer, n_embd, x, &st.pairs) {
+            st.error = Some((call.layer, e));
         }
     }
     st.began = Some(std::time::Instant::now());
@@ -151,7 +168,7 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _
     let hot_s = st.began.take().map(|b| (t0 - b).as_secs_f64()).unwrap_or(0.0);
     if st.error.is_none() {
         if let Err(e) = st.exec.end(call.layer, out) {
-            st.error = Some(format!("cold experts of layer {}: {e}", call.layer));
+            st.error = Some((call.layer, e));
         }
     }
     let wait_s = t0.elapsed().as_secs_f64();

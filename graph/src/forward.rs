@@ -79,10 +79,10 @@ impl Model {
         // in the model's weight buffers and the sequence's state buffer, on these backends.
         unsafe { step.sched.compute(step.graph.as_ptr())? };
         if let Some(cold) = &self.cold {
-            let mut st = cold.lock().map_err(|_| GraphError::Cold("the cold expert state is poisoned".into()))?;
-            if let Some(e) = st.error.take() {
+            let mut st = cold.lock().map_err(|_| GraphError::ColdStatePoisoned)?;
+            if let Some((layer, source)) = st.error.take() {
                 // The step's state writes ran: the sequence no longer matches its position.
-                return Err(GraphError::Cold(format!("{e}; the sequence must be reset")));
+                return Err(GraphError::Cold { layer, source });
             }
         }
         let rows = if want == Logits::All { n } else { 1 };

@@ -22,7 +22,7 @@ mod state;
 mod steps;
 mod weights;
 
-pub use cold::{ColdExperts, ExpertLayerStats, HotExperts};
+pub use cold::{BoxError, ColdError, ColdExperts, ExpertLayerStats};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use profile::OpRow;
 pub use state::Sequence;
@@ -43,8 +43,10 @@ pub enum GraphError {
     ContextOverflow { pos: usize, n: usize, n_ctx: usize },
     #[error("sequence was created for another model")]
     ForeignSequence,
-    #[error("{0}")]
-    Cold(String),
+    #[error("cold experts of layer {layer}: {source}; the sequence must be reset")]
+    Cold { layer: usize, source: ColdError },
+    #[error("the cold expert state is poisoned (a thread panicked while holding it)")]
+    ColdStatePoisoned,
     #[error("invalid option: {0}")]
     Option(String),
 }

@@ -5,10 +5,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
+use experts::ExpertSet;
 use ggml::{Backend, BufferType, Context, Device};
 use loader::{Ds4Config, ExpertPart, ModelFile, TensorRequest};
 
-use crate::cold::HotExperts;
 use crate::model::{Model, ModelOptions, StepTimings, NEXT_SEQ_ID};
 use crate::ops::{self, Ctx, T};
 use crate::steps::StepCache;
@@ -42,19 +42,19 @@ impl Model {
                 check_hot(&config, &h)?;
                 h
             }
-            None => HotExperts::all(config.n_layer, config.n_expert),
+            None => ExpertSet::full(config.n_layer as u32, config.n_expert as u32),
         };
         // The layer of a routed-expert tensor of which this backend holds only some experts.
         let partial = |name: &str| -> Option<usize> {
             let (l, _) = ExpertPart::parse(name)?;
-            (l < config.n_layer && !hot.is_all_hot(l, config.n_expert)).then_some(l)
+            (l < config.n_layer && !hot.is_full_layer(l as u32)).then_some(l)
         };
         let mut requests = Vec::new();
         for t in file.tensors.iter().filter(|t| !file.tensors.unused.contains(&t.name)) {
             match partial(&t.name) {
                 None => requests.push(TensorRequest::whole(t.name.clone())),
-                Some(l) if hot.layers[l].is_empty() => {}
-                Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layers[l].clone())),
+                Some(l) if hot.layer(l as u32).is_empty() => {}
+                Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layer(l as u32).to_vec())),
             }
         }
         let repack = if opts.repack && device.kind() == ggml::DeviceKind::Cpu { device.extra_buffer_type("CPU_REPACK") } else { None };
@@ -94,14 +94,14 @@ impl Model {
     }
 }
 
-fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
-    if h.layers.len() != c.n_layer {
-        return Err(GraphError::Option(format!("hot expert placement has {} layers, the model {}", h.layers.len(), c.n_layer)));
+fn check_hot(c: &Ds4Config, h: &ExpertSet) -> Result<(), GraphError> {
+    if h.n_layer() as usize != c.n_layer {
+        return Err(GraphError::Option(format!("hot expert placement has {} layers, the model {}", h.n_layer(), c.n_layer)));
     }
-    for (l, ids) in h.layers.iter().enumerate() {
-        if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e as usize >= c.n_expert) {
-            return Err(GraphError::Option(format!("hot experts of layer {l} must be sorted, distinct and below {}: {ids:?}", c.n_expert)));
-        }
+    if h.n_expert() as usize != c.n_expert {
+        return Err(GraphError::Option(format!("hot expert placement is for {} experts per layer, the model has {}", h.n_expert(), c.n_expert)));
+    }
+    for (l, ids) in h.layers().iter().enumerate() {
         // Each token's hot product needs k distinct held experts (cold slots are filled with
         // held experts the token does not use, at weight 0): GPU expert kernels compute one
         // slot per (token, expert) and leave duplicate slots unwritten.
@@ -119,9 +119,9 @@ fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
 /// Per layer: None when every expert is held; Some(None) when none is; otherwise the
 /// held mask (1/0 per global expert id), in one small buffer.
 #[allow(clippy::type_complexity)]
-fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
-    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_all_hot(l, c.n_expert) && !h.layers[l].is_empty()).collect();
-    let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_all_hot(l, c.n_expert) { None } else { Some(None) }).collect();
+fn subset_tables(c: &Ds4Config, h: &ExpertSet, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
+    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_full_layer(l as u32) && !h.layer(l as u32).is_empty()).collect();
+    let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_full_layer(l as u32) { None } else { Some(None) }).collect();
     if partial.is_empty() {
         return Ok((None, out));
     }
@@ -131,7 +131,7 @@ fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Opt
     let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
     for &(l, mask) in &made {
         let mut m = vec![0f32; c.n_expert];
-        for &e in &h.layers[l] {
+        for &e in h.layer(l as u32) {
             m[e as usize] = 1.0;
         }
         mask.write_f32(&m);

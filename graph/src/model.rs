@@ -4,10 +4,11 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use experts::{ExpertPairs, ExpertSet};
 use ggml::{Backend, BufferType, Context};
 use loader::{Ds4Config, ModelFile, ReadOptions};
 
-use crate::cold::{ColdExperts, ColdState, HotExperts};
+use crate::cold::{ColdExperts, ColdState};
 use crate::profile::{OpProfile, OpRow};
 use crate::state::Sequence;
 use crate::steps::StepCache;
@@ -26,7 +27,7 @@ pub struct ModelOptions {
     pub read: ReadOptions,
     /// Routed experts this backend holds, per layer; None = all. The others need a cold
     /// executor ([`Model::set_cold_experts`]).
-    pub hot: Option<HotExperts>,
+    pub hot: Option<ExpertSet>,
     /// Count routed tokens per layer and expert and write them as JSON (layer → counts, the
     /// `profile:FILE` placement input) when the model is dropped.
     pub route_stats_out: Option<std::path::PathBuf>,
@@ -96,7 +97,7 @@ pub struct Model {
     pub(crate) buft: BufferType,
     pub(crate) model_id: u64,
     pub(crate) timings: StepTimings,
-    pub(crate) hot: HotExperts,
+    pub(crate) hot: ExpertSet,
     pub(crate) cold: Option<Box<Mutex<ColdState>>>,
     pub(crate) route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,
     /// Per-op timing of every step when on (`set_op_profile`); boxed: the scheduler's
@@ -125,24 +126,19 @@ impl Model {
     }
 
     /// Write the routed-token counts as JSON (layer → counts per expert).
-    pub fn write_route_stats(&self) -> std::io::Result<()> {
+    pub fn write_route_stats(&self) -> Result<(), experts::ExpertsError> {
         let (Some(path), Some(counts)) = (&self.opts.route_stats_out, self.route_counts()) else { return Ok(()) };
-        let body: Vec<String> = counts
-            .iter()
-            .enumerate()
-            .map(|(l, c)| format!("\"{l}\": [{}]", c.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")))
-            .collect();
-        std::fs::write(path, format!("{{\n{}\n}}\n", body.join(",\n")))
+        experts::RouteStats::from_counts(counts).write_json(path)
     }
 
     /// The experts this backend holds.
-    pub fn hot_experts(&self) -> &HotExperts {
+    pub fn hot_experts(&self) -> &ExpertSet {
         &self.hot
     }
 
     /// Whether some routed expert is not held by this backend.
     pub fn has_cold_experts(&self) -> bool {
-        (0..self.config.n_layer).any(|l| !self.hot.is_all_hot(l, self.config.n_expert))
+        (0..self.config.n_layer).any(|l| !self.hot.is_full_layer(l as u32))
     }
 
     /// Hand the cold experts to `exec`. The hand-over runs as CPU custom ops; on another
@@ -151,7 +147,7 @@ impl Model {
         let n_expert = self.config.n_expert;
         let local = self
             .hot
-            .layers
+            .layers()
             .iter()
             .map(|ids| {
                 let mut v = vec![-1i32; n_expert];
@@ -163,7 +159,7 @@ impl Model {
             .collect();
         self.steps.clear();
         let stats = vec![Default::default(); self.config.n_layer];
-        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: Vec::new(), stats, began: None })));
+        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: ExpertPairs::new(), stats, began: None })));
         Ok(())
     }
 

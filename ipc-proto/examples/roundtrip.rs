@@ -12,8 +12,9 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use experts::{ExpertPairs, ExpertSet, ExpertSlots};
 use ipc_proto::{
-    ConnectOptions, ExpertSet, ExpertSlots, Limits, ModelIdentity, Request, WorkerConnection, WorkerServer,
+    ConnectOptions, Limits, ModelIdentity, Request, WorkerConnection, WorkerServer,
 };
 
 const N_EMBD: u32 = 4096;
@@ -34,12 +35,12 @@ fn opts(spin: Duration) -> ConnectOptions {
 
 /// The worker: output = (sum of weights) * input for evals, echo for pings.
 fn serve(sock: UnixStream, spin: Duration) -> anyhow::Result<()> {
-    let experts = ExpertSet::full(43, 256)?;
+    let experts = ExpertSet::full(43, 256);
     let mut server = WorkerServer::handshake(sock, &identity(), experts, &opts(spin))?;
     loop {
         match server.next_request()? {
             Request::Eval(req) => {
-                let scale: f32 = req.weights.iter().sum();
+                let scale: f32 = req.pairs.weights().iter().sum();
                 let (input, output) = server.eval_io()?;
                 for (o, i) in output.iter_mut().zip(input) {
                     *o = i * scale;
@@ -86,7 +87,7 @@ fn bench_socket(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Sum
 }
 
 fn bench_shm(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Summary> {
-    let slots = [ExpertSlots { ids: &IDS, weights: &WEIGHTS }];
+    let pairs = ExpertPairs::from_tokens(&[ExpertSlots { ids: &IDS, weights: &WEIGHTS }])?;
     let scale: f32 = WEIGHTS.iter().sum();
     let mut times = Vec::with_capacity(iters);
     for it in 0..iters + 1000 {
@@ -94,7 +95,7 @@ fn bench_shm(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Summar
         for (j, v) in conn.input_mut(1)?.iter_mut().enumerate() {
             *v = (it + j) as f32;
         }
-        let id = conn.eval_begin(7, &slots)?;
+        let id = conn.eval_begin(7, &pairs)?;
         conn.eval_end(id, Instant::now() + Duration::from_secs(5))?;
         let out = conn.output(1)?;
         let want = it as f32 * scale;

@@ -6,10 +6,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::{ErrorCode, ProtoError, Result};
-use crate::frame::{self, check_slots, FrameType, SetupMsg};
+use experts::{ExpertPairs, ExpertSet};
+
+use crate::frame::{self, check_slots};
 use crate::shm::{Area, SharedRegion};
 use crate::stream::Conn;
-use crate::types::{ExpertSet, ExpertSlots, Limits, ModelIdentity, WorkerStats};
+use crate::types::{FrameType, Limits, ModelIdentity, SetupMsg, WorkerStats};
 
 /// Identifies one request on a connection (increasing from 1).
 pub type RequestId = u64;
@@ -181,19 +183,19 @@ impl WorkerConnection {
 
     /// Sends an eval of `tokens.len()` tokens (rows `0..tokens.len()` of the input area) at
     /// `layer`, with each token's pairs owned by this worker. Does not wait.
-    pub fn eval_begin(&mut self, layer: u32, tokens: &[ExpertSlots<'_>]) -> Result<RequestId> {
+    pub fn eval_begin(&mut self, layer: u32, pairs: &ExpertPairs) -> Result<RequestId> {
         self.idle("eval_begin")?;
         if layer >= self.identity.n_layer {
             return Err(ProtoError::LayerOutOfRange { layer, n_layer: self.identity.n_layer });
         }
-        if tokens.len() > self.limits.max_tokens as usize {
+        if pairs.n_tokens() > self.limits.max_tokens as usize {
             return Err(ProtoError::OutOfRange {
                 what: "eval n_tokens",
                 max: u64::from(self.limits.max_tokens),
-                found: tokens.len() as u64,
+                found: pairs.n_tokens() as u64,
             });
         }
-        for (t, s) in tokens.iter().enumerate() {
+        for (t, s) in pairs.tokens().enumerate() {
             if s.ids.len() > self.limits.max_experts_per_token as usize {
                 return Err(ProtoError::OutOfRange {
                     what: "experts per token",
@@ -201,13 +203,13 @@ impl WorkerConnection {
                     found: s.ids.len() as u64,
                 });
             }
-            check_slots(t as u32, layer, *s, &self.experts)?;
+            check_slots(t as u32, layer, s, &self.experts)?;
         }
         let id = self.next_id();
-        frame::encode_eval(self.conn.begin_frame(), layer, tokens);
+        frame::encode_eval(self.conn.begin_frame(), layer, pairs);
         self.conn.send_frame(FrameType::Eval, id, &[], None, Some(Instant::now() + self.write_timeout))?;
         self.last_done = 0;
-        self.pending = Some(PendingEval { id, n_tokens: tokens.len() as u32, sent: Instant::now() });
+        self.pending = Some(PendingEval { id, n_tokens: pairs.n_tokens() as u32, sent: Instant::now() });
         Ok(id)
     }
 

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::frame::FrameType;
-use crate::types::ModelIdentity;
+use crate::types::{FrameType, ModelIdentity};
 
 /// Numeric code of an `Error` frame (the peer's reason for giving up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,8 +1,11 @@
 //! Frame header and payload codecs: pure functions over byte slices (no I/O).
 //! The layouts are documented in the crate docs.
 
+use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+
 use crate::error::{ErrorCode, ProtoError, Result};
-use crate::types::{ExpertSet, Limits, ModelIdentity, WorkerStats, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS};
+pub use crate::types::{FrameType, SetupMsg};
+use crate::types::{Limits, ModelIdentity, WorkerStats, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS};
 
 /// `b"DFIP"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DFIP");
@@ -10,23 +13,6 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"DFIP");
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 24;
-
-/// Frame types. The number is the wire value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum FrameType {
-    Hello = 1,
-    Setup = 2,
-    Ready = 3,
-    Eval = 4,
-    EvalDone = 5,
-    Ping = 6,
-    Pong = 7,
-    StatsRequest = 8,
-    StatsReply = 9,
-    Shutdown = 10,
-    Error = 11,
-}
 
 impl FrameType {
     pub fn from_wire(v: u16) -> Result<Self> {
@@ -59,12 +45,6 @@ impl FrameType {
             FrameType::StatsReply => STATS_LEN as u64,
             FrameType::Error => 8 + u64::from(MAX_ERROR_MESSAGE),
         }
-    }
-}
-
-impl std::fmt::Display for FrameType {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self)
     }
 }
 
@@ -210,9 +190,21 @@ pub fn encode_hello(out: &mut Vec<u8>, identity: &ModelIdentity, experts: &Exper
     out.extend_from_slice(&identity.n_expert.to_le_bytes());
     out.extend_from_slice(&identity.n_embd.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    for w in experts.words() {
-        out.extend_from_slice(&w.to_le_bytes());
+    let words_per_layer = words_per_layer(experts.n_expert());
+    for ids in experts.layers() {
+        let mut words = vec![0u64; words_per_layer];
+        for &e in ids {
+            words[e as usize / 64] |= 1u64 << (e % 64);
+        }
+        for w in words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
     }
+}
+
+/// u64 words of one layer's expert bitset.
+fn words_per_layer(n_expert: u32) -> usize {
+    n_expert.div_ceil(64) as usize
 }
 
 pub fn decode_hello(p: &[u8]) -> Result<(ModelIdentity, ExpertSet)> {
@@ -226,26 +218,28 @@ pub fn decode_hello(p: &[u8]) -> Result<(ModelIdentity, ExpertSet)> {
     r.zero_u32("Hello reserved field")?;
     let identity = ModelIdentity { file_size, header_hash, n_layer, n_expert, n_embd };
     identity.validate()?;
-    let n_words = n_layer as usize * ExpertSet::words_per_layer_for(n_expert);
-    expect_len(FrameType::Hello, p, HELLO_FIXED + n_words * 8)?;
-    let mut words = Vec::with_capacity(n_words);
-    for _ in 0..n_words {
-        words.push(r.u64()?);
+    let wpl = words_per_layer(n_expert);
+    expect_len(FrameType::Hello, p, HELLO_FIXED + n_layer as usize * wpl * 8)?;
+    let mut experts = ExpertSet::empty(n_layer, n_expert);
+    for layer in 0..n_layer {
+        for w in 0..wpl {
+            let mut word = r.u64()?;
+            while word != 0 {
+                let expert = w as u32 * 64 + word.trailing_zeros();
+                // Bits past n_expert must be clear.
+                if expert >= n_expert {
+                    return Err(ProtoError::ExpertOutOfRange { layer, expert, n_expert });
+                }
+                experts.insert(layer, expert).map_err(|_| ProtoError::ExpertOutOfRange { layer, expert, n_expert })?;
+                word &= word - 1;
+            }
+        }
     }
     r.finish()?;
-    Ok((identity, ExpertSet::from_words(n_layer, n_expert, words)?))
+    Ok((identity, experts))
 }
 
 // ---- Setup ----
-
-/// Where the two activation areas lie in the shared region (fixed by the limits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SetupMsg {
-    pub limits: Limits,
-    pub shm_len: u64,
-    pub input_offset: u64,
-    pub output_offset: u64,
-}
 
 pub fn encode_setup(out: &mut Vec<u8>, s: &SetupMsg) {
     out.extend_from_slice(&s.limits.max_tokens.to_le_bytes());
@@ -269,52 +263,35 @@ pub fn decode_setup(p: &[u8]) -> Result<SetupMsg> {
 
 // ---- Eval ----
 
-/// A decoded eval request: per token a run of (expert, weight) pairs, stored flat.
+/// A decoded eval request: per token a run of (expert, weight) pairs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalRequest {
     pub id: u64,
     pub layer: u32,
-    /// Pairs per token; `counts.len()` is the number of tokens.
-    pub counts: Vec<u32>,
-    pub ids: Vec<u32>,
-    pub weights: Vec<f32>,
+    pub pairs: ExpertPairs,
 }
 
 impl EvalRequest {
     pub fn n_tokens(&self) -> usize {
-        self.counts.len()
-    }
-
-    /// The pairs of every token, in order.
-    pub fn tokens(&self) -> impl Iterator<Item = crate::types::ExpertSlots<'_>> + '_ {
-        let mut start = 0usize;
-        self.counts.iter().map(move |&c| {
-            let r = start..start + c as usize;
-            start += c as usize;
-            crate::types::ExpertSlots { ids: &self.ids[r.clone()], weights: &self.weights[r] }
-        })
+        self.pairs.n_tokens()
     }
 }
 
-/// Encodes an eval payload. The caller has validated the slots (equal lengths, limits).
-pub fn encode_eval(out: &mut Vec<u8>, layer: u32, tokens: &[crate::types::ExpertSlots<'_>]) {
-    let n_pairs: usize = tokens.iter().map(|t| t.ids.len()).sum();
+/// Encodes an eval payload: the counts, ids and weights of `pairs` as they lie. The caller
+/// has checked them against the limits.
+pub fn encode_eval(out: &mut Vec<u8>, layer: u32, pairs: &ExpertPairs) {
     out.extend_from_slice(&layer.to_le_bytes());
-    out.extend_from_slice(&(tokens.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(n_pairs as u32).to_le_bytes());
+    out.extend_from_slice(&(pairs.n_tokens() as u32).to_le_bytes());
+    out.extend_from_slice(&(pairs.n_pairs() as u32).to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
-    for t in tokens {
-        out.extend_from_slice(&(t.ids.len() as u32).to_le_bytes());
+    for c in pairs.counts() {
+        out.extend_from_slice(&c.to_le_bytes());
     }
-    for t in tokens {
-        for id in t.ids {
-            out.extend_from_slice(&id.to_le_bytes());
-        }
+    for id in pairs.ids() {
+        out.extend_from_slice(&id.to_le_bytes());
     }
-    for t in tokens {
-        for w in t.weights {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
+    for w in pairs.weights() {
+        out.extend_from_slice(&w.to_le_bytes());
     }
 }
 
@@ -368,7 +345,9 @@ pub fn decode_eval(id: u64, p: &[u8], limits: &Limits) -> Result<EvalRequest> {
         weights.push(f32::from_bits(r.u32()?));
     }
     r.finish()?;
-    Ok(EvalRequest { id, layer, counts, ids, weights })
+    let pairs = ExpertPairs::from_counts(&counts, ids, weights)
+        .map_err(|_| ProtoError::CountMismatch { what: "eval pair count (sum of per-token counts)", expected: u64::from(n_pairs), found: sum })?;
+    Ok(EvalRequest { id, layer, pairs })
 }
 
 /// Checks an eval against the worker's model and expert set: layer in range, every expert
@@ -377,13 +356,13 @@ pub fn validate_eval(req: &EvalRequest, experts: &ExpertSet) -> Result<()> {
     if req.layer >= experts.n_layer() {
         return Err(ProtoError::LayerOutOfRange { layer: req.layer, n_layer: experts.n_layer() });
     }
-    for (t, slots) in req.tokens().enumerate() {
+    for (t, slots) in req.pairs.tokens().enumerate() {
         check_slots(t as u32, req.layer, slots, experts)?;
     }
     Ok(())
 }
 
-pub(crate) fn check_slots(token: u32, layer: u32, s: crate::types::ExpertSlots<'_>, experts: &ExpertSet) -> Result<()> {
+pub(crate) fn check_slots(token: u32, layer: u32, s: ExpertSlots<'_>, experts: &ExpertSet) -> Result<()> {
     if s.ids.len() != s.weights.len() {
         return Err(ProtoError::CountMismatch {
             what: "weights of a token (one per expert id)",

@@ -5,6 +5,10 @@
 //! ([`WorkerConnection`]). The socket carries small control frames; activations travel through
 //! one shared memory region (a sealed memfd passed once with `SCM_RIGHTS`).
 //!
+//! The expert set of the handshake and the per-token (expert, weight) pairs of an eval are
+//! the `experts` crate's [`experts::ExpertSet`] and [`experts::ExpertPairs`]; this crate
+//! defines only their wire encodings.
+//!
 //! # Frames
 //!
 //! Every frame is a fixed 24-byte header followed by `payload_len` bytes. All integers are
@@ -75,6 +79,10 @@
 //! spin ([`ConnectOptions::spin`]). EOF, reset and timeout are errors for which
 //! [`ProtoError::is_peer_lost`] holds: the daemon's cue to respawn a worker.
 
+// Modules, each importing only those before it in this order: `types` (plain values) →
+// `error` → `shm` → `checks` (the values against the caps) → `frame` (codecs) → `stream` →
+// `client` → `server` → `sockdir`.
+mod checks;
 mod client;
 mod error;
 pub mod frame;
@@ -86,11 +94,11 @@ mod types;
 
 pub use client::{ConnectOptions, EvalReply, RequestId, WorkerConnection};
 pub use error::{ErrorCode, ProtoError, Result};
-pub use frame::{EvalRequest, FrameType, Header, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
+pub use frame::{EvalRequest, Header, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
 pub use server::{Request, WorkerServer};
 pub use shm::ShmLayout;
 pub use sockdir::{Listener, SocketDir};
 pub use types::{
-    ExpertSet, ExpertSlots, Limits, ModelIdentity, WorkerStats, MAX_EMBD, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS,
-    MAX_SHM_BYTES, MAX_TOKENS,
+    FrameType, Limits, ModelIdentity, SetupMsg, WorkerStats, MAX_EMBD, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS, MAX_SHM_BYTES,
+    MAX_TOKENS,
 };

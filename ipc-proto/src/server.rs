@@ -5,10 +5,12 @@ use std::time::Instant;
 
 use crate::client::{ConnectOptions, RequestId};
 use crate::error::{ErrorCode, ProtoError, Result};
-use crate::frame::{self, EvalRequest, FrameType};
+use experts::ExpertSet;
+
+use crate::frame::{self, EvalRequest};
 use crate::shm::SharedRegion;
 use crate::stream::Conn;
-use crate::types::{ExpertSet, Limits, ModelIdentity, WorkerStats};
+use crate::types::{FrameType, Limits, ModelIdentity, WorkerStats};
 
 /// A request from the daemon. Every request but `Shutdown` must be answered with the matching
 /// `reply_*` call before the next [`WorkerServer::next_request`].
@@ -152,7 +154,7 @@ impl WorkerServer {
                 self.last_id = e.id;
                 self.stats.evals += 1;
                 self.stats.tokens += e.n_tokens() as u64;
-                self.stats.pairs += e.ids.len() as u64;
+                self.stats.pairs += e.pairs.n_pairs() as u64;
                 self.pending = Some(Pending::Eval { id: e.id, n_tokens: e.n_tokens() as u32 });
             }
             Request::Ping { id, .. } => {

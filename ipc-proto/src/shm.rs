@@ -9,8 +9,7 @@ use nix::sys::memfd::{memfd_create, MFdFlags};
 use nix::sys::mman::{mmap, munmap, MapFlags, ProtFlags};
 
 use crate::error::{ProtoError, Result};
-use crate::frame::SetupMsg;
-use crate::types::{Limits, MAX_SHM_BYTES};
+use crate::types::{Limits, SetupMsg, MAX_SHM_BYTES};
 
 const PAGE: u64 = 4096;
 

@@ -7,12 +7,13 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt}
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
+use experts::ExpertSet;
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::client::ConnectOptions;
 use crate::error::{ProtoError, Result};
 use crate::server::WorkerServer;
-use crate::types::{ExpertSet, ModelIdentity};
+use crate::types::ModelIdentity;
 
 /// A directory only the current user can enter (mode 0700, owned by the effective uid).
 #[derive(Debug, Clone)]

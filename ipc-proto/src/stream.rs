@@ -12,8 +12,8 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 use nix::sys::time::TimeSpec;
 
 use crate::error::{ProtoError, Result};
-use crate::frame::{decode_error, FrameType, Header, HEADER_LEN};
-use crate::types::Limits;
+use crate::frame::{decode_error, Header, HEADER_LEN};
+use crate::types::{FrameType, Limits};
 
 const INITIAL_BUF: usize = 64 * 1024;
 

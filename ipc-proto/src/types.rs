@@ -1,6 +1,6 @@
-//! The values exchanged at the handshake and in requests.
-
-use crate::error::{ProtoError, Result};
+//! The values exchanged at the handshake and in requests: plain data, the bottom of the
+//! crate (it imports no other module). Their checks against the caps are in `checks`, the
+//! codecs in `frame`. The expert set and the per-token pairs are the `experts` crate's.
 
 /// Hard caps that bound the handshake frames, before any limit has been agreed.
 pub const MAX_LAYERS: u32 = 512;
@@ -36,25 +36,6 @@ impl std::fmt::Display for ModelIdentity {
     }
 }
 
-impl ModelIdentity {
-    /// Checks the shape fields against the hard caps (a worker's own identity, or a Hello).
-    pub fn validate(&self) -> Result<()> {
-        check_range("n_layer", self.n_layer, 1, MAX_LAYERS)?;
-        check_range("n_expert", self.n_expert, 1, MAX_EXPERTS)?;
-        check_range("n_embd", self.n_embd, 1, MAX_EMBD)
-    }
-}
-
-fn check_range(what: &'static str, v: u32, min: u32, max: u32) -> Result<()> {
-    if v < min {
-        return Err(ProtoError::Mismatch { what, expected: u64::from(min), found: u64::from(v) });
-    }
-    if v > max {
-        return Err(ProtoError::OutOfRange { what, max: u64::from(max), found: u64::from(v) });
-    }
-    Ok(())
-}
-
 /// Sent by the daemon at the handshake; bounds every later frame and fixes the shared-memory
 /// layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,28 +49,6 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Checks the limits on their own (caps, overflow of the shared region size).
-    pub fn validate(&self) -> Result<()> {
-        check_range("max_tokens", self.max_tokens, 1, MAX_TOKENS)?;
-        check_range("n_embd", self.n_embd, 1, MAX_EMBD)?;
-        check_range("max_experts_per_token", self.max_experts_per_token, 1, MAX_EXPERTS)?;
-        crate::shm::ShmLayout::for_limits(self).map(|_| ())
-    }
-
-    /// Checks the limits against the worker's model: same `n_embd`, `max_experts_per_token`
-    /// at most `n_expert`.
-    pub fn validate_for(&self, identity: &ModelIdentity) -> Result<()> {
-        self.validate()?;
-        if self.n_embd != identity.n_embd {
-            return Err(ProtoError::Mismatch {
-                what: "limits n_embd (model n_embd)",
-                expected: u64::from(identity.n_embd),
-                found: u64::from(self.n_embd),
-            });
-        }
-        check_range("max_experts_per_token", self.max_experts_per_token, 1, identity.n_expert)
-    }
-
     /// Bytes of one activation area (`max_tokens * n_embd` f32).
     pub fn area_bytes(&self) -> u64 {
         u64::from(self.max_tokens) * u64::from(self.n_embd) * 4
@@ -102,128 +61,37 @@ impl Limits {
     }
 }
 
-/// Per layer, the set of experts a worker owns (a bitset of `n_expert` bits per layer).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExpertSet {
-    n_layer: u32,
-    n_expert: u32,
-    words: Vec<u64>,
+/// Where the two activation areas lie in the shared region (fixed by the limits), as the
+/// `Setup` frame carries them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SetupMsg {
+    pub limits: Limits,
+    pub shm_len: u64,
+    pub input_offset: u64,
+    pub output_offset: u64,
 }
 
-impl ExpertSet {
-    /// An empty set for a model of `n_layer` layers of `n_expert` experts.
-    pub fn new(n_layer: u32, n_expert: u32) -> Result<Self> {
-        check_range("n_layer", n_layer, 1, MAX_LAYERS)?;
-        check_range("n_expert", n_expert, 1, MAX_EXPERTS)?;
-        let words = vec![0; n_layer as usize * Self::words_per_layer_for(n_expert)];
-        Ok(ExpertSet { n_layer, n_expert, words })
-    }
-
-    /// Every expert of every layer.
-    pub fn full(n_layer: u32, n_expert: u32) -> Result<Self> {
-        let mut s = Self::new(n_layer, n_expert)?;
-        for layer in 0..n_layer {
-            for e in 0..n_expert {
-                s.insert(layer, e)?;
-            }
-        }
-        Ok(s)
-    }
-
-    pub(crate) fn words_per_layer_for(n_expert: u32) -> usize {
-        n_expert.div_ceil(64) as usize
-    }
-
-    pub fn n_layer(&self) -> u32 {
-        self.n_layer
-    }
-
-    pub fn n_expert(&self) -> u32 {
-        self.n_expert
-    }
-
-    fn check(&self, layer: u32, expert: u32) -> Result<()> {
-        if layer >= self.n_layer {
-            return Err(ProtoError::LayerOutOfRange { layer, n_layer: self.n_layer });
-        }
-        if expert >= self.n_expert {
-            return Err(ProtoError::ExpertOutOfRange { layer, expert, n_expert: self.n_expert });
-        }
-        Ok(())
-    }
-
-    fn index(&self, layer: u32, expert: u32) -> (usize, u64) {
-        let w = layer as usize * Self::words_per_layer_for(self.n_expert) + expert as usize / 64;
-        (w, 1u64 << (expert % 64))
-    }
-
-    /// Adds `expert` of `layer`; errors name the out-of-range value.
-    pub fn insert(&mut self, layer: u32, expert: u32) -> Result<()> {
-        self.check(layer, expert)?;
-        let (w, bit) = self.index(layer, expert);
-        self.words[w] |= bit;
-        Ok(())
-    }
-
-    /// Whether the set holds `expert` of `layer` (false when out of range).
-    pub fn contains(&self, layer: u32, expert: u32) -> bool {
-        if self.check(layer, expert).is_err() {
-            return false;
-        }
-        let (w, bit) = self.index(layer, expert);
-        self.words[w] & bit != 0
-    }
-
-    /// The experts of `layer`, ascending (empty when `layer` is out of range).
-    pub fn experts(&self, layer: u32) -> Vec<u32> {
-        (0..self.n_expert).filter(|&e| self.contains(layer, e)).collect()
-    }
-
-    /// Number of (layer, expert) pairs in the set.
-    pub fn len(&self) -> usize {
-        self.words.iter().map(|w| w.count_ones() as usize).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub(crate) fn words(&self) -> &[u64] {
-        &self.words
-    }
-
-    /// Rebuilds a set from its wire words; bits past `n_expert` must be clear.
-    pub(crate) fn from_words(n_layer: u32, n_expert: u32, words: Vec<u64>) -> Result<Self> {
-        let s = ExpertSet::new(n_layer, n_expert)?;
-        if words.len() != s.words.len() {
-            return Err(ProtoError::CountMismatch {
-                what: "expert set words",
-                expected: s.words.len() as u64,
-                found: words.len() as u64,
-            });
-        }
-        let wpl = Self::words_per_layer_for(n_expert);
-        let tail_bits = n_expert % 64;
-        if tail_bits != 0 {
-            let mask = !((1u64 << tail_bits) - 1);
-            for layer in 0..n_layer {
-                let last = words[layer as usize * wpl + wpl - 1];
-                if last & mask != 0 {
-                    let expert = (wpl as u32 - 1) * 64 + (last & mask).trailing_zeros();
-                    return Err(ProtoError::ExpertOutOfRange { layer, expert, n_expert });
-                }
-            }
-        }
-        Ok(ExpertSet { n_layer, n_expert, words })
-    }
+/// Frame types. The number is the wire value (`frame` decodes and bounds them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum FrameType {
+    Hello = 1,
+    Setup = 2,
+    Ready = 3,
+    Eval = 4,
+    EvalDone = 5,
+    Ping = 6,
+    Pong = 7,
+    StatsRequest = 8,
+    StatsReply = 9,
+    Shutdown = 10,
+    Error = 11,
 }
 
-/// One token's selected experts and their weights, as sent to a worker (only the pairs the
-/// worker owns). `ids` and `weights` must have the same length.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ExpertSlots<'a> {
-    pub ids: &'a [u32],
-    pub weights: &'a [f32],
+impl std::fmt::Display for FrameType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self)
+    }
 }
 
 /// Counters a worker reports on a stats request.

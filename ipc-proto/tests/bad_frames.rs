@@ -7,9 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 
 use common::*;
+use experts::ExpertSet;
 use ipc_proto::frame::{encode_eval_done, encode_hello, encode_raw_header};
 use ipc_proto::{
-    ErrorCode, ExpertSet, FrameType, ModelIdentity, ProtoError, Request, WorkerConnection, WorkerServer, MAGIC,
+    ErrorCode, FrameType, ModelIdentity, ProtoError, Request, WorkerConnection, WorkerServer, MAGIC,
     PROTOCOL_VERSION,
 };
 
@@ -164,7 +165,7 @@ fn daemon_reply_case(reply: impl FnOnce(u64) -> Vec<u8> + Send + 'static) -> Pro
         let _ = server.next_request();
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
-    let id = conn.eval_begin(1, &[ipc_proto::ExpertSlots { ids: &[2], weights: &[1.0] }]).expect("eval_begin");
+    let id = conn.eval_begin(1, &expert_pairs(&[experts::ExpertSlots { ids: &[2], weights: &[1.0] }])).expect("eval_begin");
     let e = conn.eval_end(id, soon()).expect_err("bad reply");
     assert!(conn.is_closed(), "a bad reply closes the connection");
     drop(conn);

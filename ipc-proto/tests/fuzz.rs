@@ -6,7 +6,8 @@ use std::os::unix::net::UnixStream;
 
 use common::*;
 use ipc_proto::frame::{self, Header};
-use ipc_proto::{ExpertSlots, FrameType, Request, WorkerConnection, WorkerServer, HEADER_LEN};
+use experts::ExpertSlots;
+use ipc_proto::{FrameType, Request, WorkerConnection, WorkerServer, HEADER_LEN};
 
 /// xorshift64*: a seeded generator, so that failures reproduce.
 struct Rng(u64);
@@ -29,7 +30,7 @@ impl Rng {
 fn valid_eval() -> Vec<u8> {
     let mut p = Vec::new();
     let t = [ExpertSlots { ids: &[0, 2, 4], weights: &[0.5, 0.25, 0.25] }, ExpertSlots { ids: &[6], weights: &[1.0] }];
-    frame::encode_eval(&mut p, 1, &t);
+    frame::encode_eval(&mut p, 1, &expert_pairs(&t));
     p
 }
 
@@ -41,8 +42,8 @@ fn decode_all(rng_bytes: &[u8]) {
     let _ = frame::decode_setup(rng_bytes);
     if let Ok(r) = frame::decode_eval(1, rng_bytes, &l) {
         let _ = frame::validate_eval(&r, &experts);
-        let n: usize = r.tokens().map(|s| s.ids.len()).sum();
-        assert_eq!(n, r.ids.len());
+        let n: usize = r.pairs.tokens().map(|s| s.ids.len()).sum();
+        assert_eq!(n, r.pairs.n_pairs());
     }
     let _ = frame::decode_eval_done(rng_bytes);
     let _ = frame::decode_stats(rng_bytes);

@@ -9,7 +9,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ipc_proto::{ErrorCode, ExpertSlots, ProtoError, Request, SocketDir, WorkerConnection, WorkerServer, WorkerStats};
+use experts::{ExpertPairs, ExpertSlots};
+use ipc_proto::{ErrorCode, ProtoError, Request, SocketDir, WorkerConnection, WorkerServer, WorkerStats};
 
 /// Inputs: token t, column j -> a distinct value.
 fn fill_inputs(conn: &mut WorkerConnection, n_tokens: usize) -> Vec<f32> {
@@ -37,7 +38,7 @@ fn every_message_round_trips_and_shm_carries_activations() {
     let (mut conn, worker) = pair();
     assert_eq!(conn.identity(), &identity());
     assert_eq!(conn.experts(), &even_experts());
-    assert_eq!(conn.experts().experts(2), (0..N_EXPERT).step_by(2).collect::<Vec<_>>());
+    assert_eq!(conn.experts().layer(2), (0..N_EXPERT).step_by(2).collect::<Vec<_>>());
 
     // Eval: 3 tokens, the middle one without pairs (its output row must be zero).
     let input = fill_inputs(&mut conn, 3);
@@ -46,7 +47,7 @@ fn every_message_round_trips_and_shm_carries_activations() {
         ExpertSlots { ids: &[], weights: &[] },
         ExpertSlots { ids: &[10], weights: &[2.0] },
     ];
-    let id = conn.eval_begin(2, &tokens).expect("eval_begin");
+    let id = conn.eval_begin(2, &expert_pairs(&tokens)).expect("eval_begin");
     let reply = conn.eval_end(id, soon()).expect("eval_end");
     assert_eq!(reply.id, id);
     assert_eq!(reply.n_tokens, 3);
@@ -60,7 +61,7 @@ fn every_message_round_trips_and_shm_carries_activations() {
     // A second eval on another layer with one token.
     let input = fill_inputs(&mut conn, 1);
     let tokens = [ExpertSlots { ids: &[2, 6, 8, 12, 14, 16], weights: &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0] }];
-    let id2 = conn.eval_begin(3, &tokens).expect("eval_begin");
+    let id2 = conn.eval_begin(3, &expert_pairs(&tokens)).expect("eval_begin");
     assert!(id2 > id);
     conn.eval_end(id2, soon()).expect("eval_end");
     assert_eq!(conn.output(1).expect("output"), &reference(3, &tokens, &input)[..]);
@@ -93,7 +94,7 @@ fn over_a_listener_in_a_private_dir() {
     let mut conn = WorkerConnection::connect(&path, limits(), &identity()).expect("connect");
     fill_inputs(&mut conn, 4);
     let t = [ExpertSlots { ids: &[0], weights: &[1.0] }; 4];
-    let id = conn.eval_begin(0, &t).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&t)).expect("eval_begin");
     conn.eval_end(id, soon()).expect("eval_end");
     conn.shutdown(soon()).expect("shutdown");
     assert_eq!(worker.join().expect("worker thread").expect("worker"), 1);
@@ -104,18 +105,19 @@ fn over_a_listener_in_a_private_dir() {
 fn client_side_checks_do_not_close_the_connection() {
     let (mut conn, worker) = pair();
     let odd = [ExpertSlots { ids: &[3], weights: &[1.0] }];
-    assert!(matches!(conn.eval_begin(0, &odd), Err(ProtoError::ExpertNotOwned { layer: 0, expert: 3 })));
+    assert!(matches!(conn.eval_begin(0, &expert_pairs(&odd)), Err(ProtoError::ExpertNotOwned { layer: 0, expert: 3 })));
+    // A token with more ids than weights cannot be built.
     let bad_len = [ExpertSlots { ids: &[2, 4], weights: &[1.0] }];
-    assert!(matches!(conn.eval_begin(0, &bad_len), Err(ProtoError::CountMismatch { expected: 2, found: 1, .. })));
+    assert!(ExpertPairs::from_tokens(&bad_len).is_err());
     let too_many = [ExpertSlots { ids: &[0], weights: &[1.0] }; 5];
-    assert!(matches!(conn.eval_begin(0, &too_many), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
-    assert!(matches!(conn.eval_begin(4, &odd[..0]), Err(ProtoError::LayerOutOfRange { layer: 4, n_layer: 4 })));
+    assert!(matches!(conn.eval_begin(0, &expert_pairs(&too_many)), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
+    assert!(matches!(conn.eval_begin(4, &expert_pairs(&odd[..0])), Err(ProtoError::LayerOutOfRange { layer: 4, n_layer: 4 })));
     let nan = [ExpertSlots { ids: &[2], weights: &[f32::NAN] }];
-    assert!(matches!(conn.eval_begin(1, &nan), Err(ProtoError::NonFiniteWeight { token: 0, expert: 2, .. })));
+    assert!(matches!(conn.eval_begin(1, &expert_pairs(&nan)), Err(ProtoError::NonFiniteWeight { token: 0, expert: 2, .. })));
     // One eval in flight at a time; the input area is not writable meanwhile.
     let ok = [ExpertSlots { ids: &[2], weights: &[1.0] }];
-    let id = conn.eval_begin(1, &ok).expect("eval_begin");
-    assert!(matches!(conn.eval_begin(1, &ok), Err(ProtoError::State { .. })));
+    let id = conn.eval_begin(1, &expert_pairs(&ok)).expect("eval_begin");
+    assert!(matches!(conn.eval_begin(1, &expert_pairs(&ok)), Err(ProtoError::State { .. })));
     assert!(matches!(conn.input_mut(1), Err(ProtoError::State { .. })));
     assert!(matches!(conn.ping(soon()), Err(ProtoError::State { .. })));
     conn.eval_end(id, soon()).expect("eval_end");
@@ -135,7 +137,7 @@ fn worker_error_reply_reaches_the_daemon() {
         }
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
-    let id = conn.eval_begin(0, &[ExpertSlots { ids: &[4], weights: &[1.0] }]).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&[ExpertSlots { ids: &[4], weights: &[1.0] }])).expect("eval_begin");
     match conn.eval_end(id, soon()) {
         Err(ProtoError::Remote { code, message }) => {
             assert_eq!(code, ErrorCode::INTERNAL);
@@ -158,7 +160,7 @@ fn eof_when_the_worker_dies_mid_eval() {
         drop(server); // crash: no reply
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
-    let id = conn.eval_begin(0, &[ExpertSlots { ids: &[4], weights: &[1.0] }]).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&[ExpertSlots { ids: &[4], weights: &[1.0] }])).expect("eval_begin");
     let t0 = Instant::now();
     let e = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).expect_err("peer died");
     assert!(matches!(e, ProtoError::PeerClosed { .. }), "{e}");
@@ -178,7 +180,7 @@ fn timeout_when_the_worker_hangs() {
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
     conn.set_spin(Duration::from_micros(50));
-    let id = conn.eval_begin(0, &[ExpertSlots { ids: &[4], weights: &[1.0] }]).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&[ExpertSlots { ids: &[4], weights: &[1.0] }])).expect("eval_begin");
     let t0 = Instant::now();
     let e = conn.eval_end(id, Instant::now() + Duration::from_millis(100)).expect_err("hung");
     let waited = t0.elapsed();

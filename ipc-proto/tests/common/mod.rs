@@ -7,9 +7,10 @@ use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use experts::{ExpertPairs, ExpertSet, ExpertSlots};
 use ipc_proto::frame::{encode_raw_header, Header};
 use ipc_proto::{
-    ConnectOptions, ExpertSet, FrameType, Limits, ModelIdentity, Request, Result, WorkerConnection, WorkerServer,
+    ConnectOptions, FrameType, Limits, ModelIdentity, Request, Result, WorkerConnection, WorkerServer,
     HEADER_LEN, MAGIC, PROTOCOL_VERSION,
 };
 
@@ -21,13 +22,18 @@ pub fn identity() -> ModelIdentity {
     ModelIdentity { file_size: 123_456_789, header_hash: [0xab; 32], n_layer: N_LAYER, n_expert: N_EXPERT, n_embd: N_EMBD }
 }
 
+/// Per-token slices as the pairs of an eval.
+pub fn expert_pairs(tokens: &[ExpertSlots<'_>]) -> ExpertPairs {
+    ExpertPairs::from_tokens(tokens).expect("one weight per expert id")
+}
+
 pub fn limits() -> Limits {
     Limits { max_tokens: 4, n_embd: N_EMBD, max_experts_per_token: 6 }
 }
 
 /// The worker owns the even experts of every layer.
 pub fn even_experts() -> ExpertSet {
-    let mut s = ExpertSet::new(N_LAYER, N_EXPERT).expect("valid shape");
+    let mut s = ExpertSet::empty(N_LAYER, N_EXPERT);
     for l in 0..N_LAYER {
         for e in (0..N_EXPERT).step_by(2) {
             s.insert(l, e).expect("in range");
@@ -53,7 +59,7 @@ pub fn serve(mut server: WorkerServer) -> Result<u64> {
                 let n_embd = server.limits().n_embd as usize;
                 let t0 = Instant::now();
                 let (input, output) = server.eval_io()?;
-                for (t, slots) in req.tokens().enumerate() {
+                for (t, slots) in req.pairs.tokens().enumerate() {
                     let row_in = &input[t * n_embd..(t + 1) * n_embd];
                     let row_out = &mut output[t * n_embd..(t + 1) * n_embd];
                     for (j, o) in row_out.iter_mut().enumerate() {

@@ -11,19 +11,35 @@
 //!   everything else: [`budget_from_device`]): `K = budget / Σ_layers bytes_per_expert` experts
 //!   `0..K` in every layer, then one more expert per layer, layer 0 first, while the remainder
 //!   holds it;
-//! * `profile:FILE`: from a route-stats file ([`RouteStats`]): the (layer, expert) pairs by
-//!   routed tokens per byte, most first (ties: lower layer, then lower id), each taken when it
-//!   still fits in the budget;
+//! * `profile:FILE`: from a route-stats file ([`RouteStats`], the `experts` crate's): the
+//!   (layer, expert) pairs by routed tokens per byte, most first (ties: lower layer, then lower
+//!   id), each taken when it still fits in the budget;
 //! * `adaptive:RATIO`: `round(RATIO · n_expert)` experts per layer: the most routed ones when
 //!   stats are given (ties: lower id), else `0..K`.
 //!
 //! Then `--cpu-moe` makes everything cold and `--n-cpu-moe N` the experts of layers `0..N`.
-//! A placement is written and read as the JSON of its hot [`ExpertMap`] (layer → ids).
+//! A placement is written and read as the JSON of its hot [`ExpertSet`] (layer → ids).
+//!
+//! The daemon decides the placement; the graph loads the hot side, the workers the cold one.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use crate::error::{Result, WorkerError};
-use crate::experts::{parse_layer_key, ExpertMap};
+use experts::ExpertSet;
+pub use experts::RouteStats;
+
+/// A policy, a budget, route stats or a placement file that cannot be used; each names the
+/// bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("placement policy {policy:?}: {reason}")]
+    Policy { policy: String, reason: String },
+    #[error(transparent)]
+    Experts(#[from] experts::ExpertsError),
+    #[error("expert workers: expected at least 1, found 0")]
+    NoWorkers,
+}
+
+pub type Result<T, E = PlacementError> = std::result::Result<T, E>;
 
 /// What placement needs to know about a model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,10 +50,6 @@ pub struct ModelShape {
 }
 
 impl ModelShape {
-    pub fn from_model(model: &loader::ModelFile) -> Result<Self> {
-        Ok(ModelShape { n_expert: model.config.n_expert as u32, expert_bytes: crate::compute::expert_bytes_per_layer(model)? })
-    }
-
     pub fn n_layer(&self) -> u32 {
         self.expert_bytes.len() as u32
     }
@@ -59,10 +71,10 @@ pub enum Policy {
 }
 
 impl std::str::FromStr for Policy {
-    type Err = WorkerError;
+    type Err = PlacementError;
 
     fn from_str(s: &str) -> Result<Self> {
-        let bad = |reason: &str| WorkerError::Policy { policy: s.to_string(), reason: reason.to_string() };
+        let bad = |reason: &str| PlacementError::Policy { policy: s.to_string(), reason: reason.to_string() };
         let (name, arg) = match s.split_once(':') {
             Some((n, a)) => (n, Some(a)),
             None => (s, None),
@@ -79,66 +91,6 @@ impl std::str::FromStr for Policy {
             },
             _ => Err(bad("expected all, none, uniform:K, budget, profile:FILE or adaptive:RATIO")),
         }
-    }
-}
-
-/// Per layer, per expert, the number of tokens routed to it (`--route-stats-out`).
-/// JSON: an object from layer index to the array of `n_expert` counts, e.g.
-/// `{"0": [12, 0, 3, 9], "1": [1, 1, 0, 7]}`; absent layers count zero.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteStats {
-    counts: Vec<Vec<u64>>,
-}
-
-impl RouteStats {
-    pub fn new(n_layer: u32, n_expert: u32) -> Self {
-        RouteStats { counts: vec![vec![0; n_expert as usize]; n_layer as usize] }
-    }
-
-    pub fn from_counts(counts: Vec<Vec<u64>>) -> Self {
-        RouteStats { counts }
-    }
-
-    /// Adds `n` routed tokens to (layer, expert); ignored when out of range.
-    pub fn add(&mut self, layer: u32, expert: u32, n: u64) {
-        if let Some(c) = self.counts.get_mut(layer as usize).and_then(|l| l.get_mut(expert as usize)) {
-            *c += n;
-        }
-    }
-
-    pub fn count(&self, layer: u32, expert: u32) -> u64 {
-        self.counts.get(layer as usize).and_then(|l| l.get(expert as usize)).copied().unwrap_or(0)
-    }
-
-    pub fn to_json(&self) -> String {
-        let mut obj = serde_json::Map::new();
-        for (l, c) in self.counts.iter().enumerate() {
-            obj.insert(l.to_string(), serde_json::Value::from(c.clone()));
-        }
-        serde_json::Value::Object(obj).to_string()
-    }
-
-    pub fn from_json(text: &str, n_layer: u32, n_expert: u32, what: &str) -> Result<Self> {
-        let bad = |reason: String| WorkerError::Json { what: what.to_string(), reason };
-        let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
-        let obj = v.as_object().ok_or_else(|| bad("expected an object of layer -> routed-token counts".into()))?;
-        let mut s = RouteStats::new(n_layer, n_expert);
-        for (k, counts) in obj {
-            let layer = parse_layer_key(k, n_layer).map_err(bad)?;
-            let list = counts.as_array().ok_or_else(|| bad(format!("layer {k}: expected an array of counts")))?;
-            if list.len() != n_expert as usize {
-                return Err(bad(format!("layer {k}: expected {n_expert} counts (one per expert), found {}", list.len())));
-            }
-            for (e, c) in list.iter().enumerate() {
-                s.counts[layer as usize][e] = c.as_u64().ok_or_else(|| bad(format!("layer {k} expert {e}: expected a count (integer >= 0), found {c}")))?;
-            }
-        }
-        Ok(s)
-    }
-
-    pub fn read_json(path: &Path, n_layer: u32, n_expert: u32) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| WorkerError::Io { what: "read", path: path.to_owned(), source })?;
-        Self::from_json(&text, n_layer, n_expert, &path.display().to_string())
     }
 }
 
@@ -190,31 +142,31 @@ impl PlacementArgs {
 /// Per layer, the hot experts; the rest are cold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertPlacement {
-    hot: ExpertMap,
+    hot: ExpertSet,
 }
 
 impl ExpertPlacement {
-    pub fn from_hot(hot: ExpertMap) -> Self {
+    pub fn from_hot(hot: ExpertSet) -> Self {
         ExpertPlacement { hot }
     }
 
     pub fn all(shape: &ModelShape) -> Self {
-        Self::from_hot(ExpertMap::full(shape.n_layer(), shape.n_expert))
+        Self::from_hot(ExpertSet::full(shape.n_layer(), shape.n_expert))
     }
 
     pub fn none(shape: &ModelShape) -> Self {
-        Self::from_hot(ExpertMap::empty(shape.n_layer(), shape.n_expert))
+        Self::from_hot(ExpertSet::empty(shape.n_layer(), shape.n_expert))
     }
 
     /// Experts `0..k` of every layer.
     pub fn uniform(shape: &ModelShape, k: u32) -> Result<Self> {
         if k > shape.n_expert {
-            return Err(WorkerError::Policy {
+            return Err(PlacementError::Policy {
                 policy: format!("uniform:{k}"),
                 reason: format!("K must be at most the model's {} experts", shape.n_expert),
             });
         }
-        Ok(Self::from_hot(ExpertMap::from_layers(shape.n_expert, vec![(0..k).collect(); shape.n_layer() as usize])?))
+        Ok(Self::from_hot(ExpertSet::from_fn(shape.n_layer(), shape.n_expert, |_, e| e < k)))
     }
 
     /// `K = budget / Σ bytes` experts per layer, then one more per layer (layer 0 first)
@@ -223,17 +175,17 @@ impl ExpertPlacement {
         let per_layer: u64 = shape.expert_bytes.iter().sum();
         let k = budget.checked_div(per_layer).unwrap_or(u64::MAX).min(u64::from(shape.n_expert)) as u32;
         let mut left = budget - per_layer * u64::from(k);
-        let layers = (0..shape.n_layer())
+        let per_layer_k: Vec<u32> = (0..shape.n_layer())
             .map(|l| {
                 let mut n = k;
                 if n < shape.n_expert && shape.bytes(l) <= left {
                     left -= shape.bytes(l);
                     n += 1;
                 }
-                (0..n).collect()
+                n
             })
             .collect();
-        Self::from_hot(ExpertMap { n_expert: shape.n_expert, layers })
+        Self::from_hot(ExpertSet::from_fn(shape.n_layer(), shape.n_expert, |l, e| e < per_layer_k[l as usize]))
     }
 
     /// Greedy by routed tokens per byte (most first; ties: lower layer, lower id); an item
@@ -248,46 +200,45 @@ impl ExpertPlacement {
             let (x, y) = (u128::from(a.2) * u128::from(b.3), u128::from(b.2) * u128::from(a.3));
             y.cmp(&x).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1))
         });
-        let mut hot = ExpertMap::empty(shape.n_layer(), shape.n_expert);
+        let mut held = vec![vec![false; shape.n_expert as usize]; shape.n_layer() as usize];
         let mut left = budget;
         for (l, e, _, bytes) in items {
             if bytes <= left {
                 left -= bytes;
-                hot.layers[l as usize].push(e);
+                held[l as usize][e as usize] = true;
             }
         }
-        for ids in &mut hot.layers {
-            ids.sort_unstable();
-        }
-        Self::from_hot(hot)
+        Self::from_hot(ExpertSet::from_fn(shape.n_layer(), shape.n_expert, |l, e| held[l as usize][e as usize]))
     }
 
     /// `round(ratio · n_expert)` experts per layer: the most routed (ties: lower id) with
     /// stats, else `0..K`.
     pub fn adaptive(shape: &ModelShape, ratio: f64, stats: Option<&RouteStats>) -> Result<Self> {
         if !(0.0..=1.0).contains(&ratio) {
-            return Err(WorkerError::Policy { policy: format!("adaptive:{ratio}"), reason: "RATIO must be in [0, 1]".into() });
+            return Err(PlacementError::Policy { policy: format!("adaptive:{ratio}"), reason: "RATIO must be in [0, 1]".into() });
         }
         let k = (ratio * f64::from(shape.n_expert)).round() as usize;
-        let layers = (0..shape.n_layer())
+        let held: Vec<Vec<bool>> = (0..shape.n_layer())
             .map(|l| {
                 let mut ids: Vec<u32> = (0..shape.n_expert).collect();
                 if let Some(s) = stats {
                     ids.sort_by(|&a, &b| s.count(l, b).cmp(&s.count(l, a)).then(a.cmp(&b)));
                 }
-                let mut ids = ids[..k].to_vec();
-                ids.sort_unstable();
-                ids
+                let mut held = vec![false; shape.n_expert as usize];
+                for &e in &ids[..k] {
+                    held[e as usize] = true;
+                }
+                held
             })
             .collect();
-        Ok(Self::from_hot(ExpertMap { n_expert: shape.n_expert, layers }))
+        Ok(Self::from_hot(ExpertSet::from_fn(shape.n_layer(), shape.n_expert, |l, e| held[l as usize][e as usize])))
     }
 
     /// The placement the options ask for. `device_budget` (see [`budget_from_device`]) is
     /// used by `budget` and `profile` when no `--expert-budget-mb` is given.
     pub fn resolve(shape: &ModelShape, opts: &PlacementOptions, device_budget: Option<u64>) -> Result<Self> {
         let budget = |what: &str| {
-            opts.budget_bytes.or(device_budget).ok_or_else(|| WorkerError::Policy {
+            opts.budget_bytes.or(device_budget).ok_or_else(|| PlacementError::Policy {
                 policy: what.to_string(),
                 reason: "needs --expert-budget-mb or a device to take the budget from".into(),
             })
@@ -325,11 +276,11 @@ impl ExpertPlacement {
         small
     }
 
-    pub fn hot(&self) -> &ExpertMap {
+    pub fn hot(&self) -> &ExpertSet {
         &self.hot
     }
 
-    pub fn cold(&self) -> ExpertMap {
+    pub fn cold(&self) -> ExpertSet {
         self.hot.complement()
     }
 
@@ -339,7 +290,7 @@ impl ExpertPlacement {
 
     /// Bytes of the hot experts.
     pub fn hot_bytes(&self, shape: &ModelShape) -> u64 {
-        map_bytes(&self.hot, shape)
+        set_bytes(&self.hot, shape)
     }
 
     pub fn to_json(&self) -> String {
@@ -347,31 +298,32 @@ impl ExpertPlacement {
     }
 
     pub fn from_json(text: &str, shape: &ModelShape, what: &str) -> Result<Self> {
-        Ok(Self::from_hot(ExpertMap::from_json(text, shape.n_layer(), shape.n_expert, what)?))
+        Ok(Self::from_hot(ExpertSet::from_json(text, shape.n_layer(), shape.n_expert, what)?))
     }
 }
 
-fn map_bytes(m: &ExpertMap, shape: &ModelShape) -> u64 {
+fn set_bytes(m: &ExpertSet, shape: &ModelShape) -> u64 {
     (0..m.n_layer()).map(|l| m.layer(l).len() as u64 * shape.bytes(l)).sum()
 }
 
 /// Splits `cold` over `workers` workers balanced by bytes: layer by layer, each expert in id
 /// order goes to the worker holding the fewest bytes so far (ties: lower worker index), which
 /// also spreads every layer's experts over the workers.
-pub fn split_cold(cold: &ExpertMap, shape: &ModelShape, workers: usize) -> Result<Vec<ExpertMap>> {
+pub fn split_cold(cold: &ExpertSet, shape: &ModelShape, workers: usize) -> Result<Vec<ExpertSet>> {
     if workers == 0 {
-        return Err(WorkerError::Mismatch { what: "expert workers (at least)", expected: 1, found: 0 });
+        return Err(PlacementError::NoWorkers);
     }
-    let mut out = vec![ExpertMap::empty(cold.n_layer(), cold.n_expert()); workers];
+    // owner[l][e]: the worker that computes cold expert e of layer l.
+    let mut owner = vec![vec![None; cold.n_expert() as usize]; cold.n_layer() as usize];
     let mut bytes = vec![0u64; workers];
     for l in 0..cold.n_layer() {
         for &e in cold.layer(l) {
             let w = (0..workers).min_by_key(|&w| (bytes[w], w)).unwrap_or(0);
             bytes[w] += shape.bytes(l);
-            out[w].layers[l as usize].push(e);
+            owner[l as usize][e as usize] = Some(w);
         }
     }
-    Ok(out)
+    Ok((0..workers).map(|w| ExpertSet::from_fn(cold.n_layer(), cold.n_expert(), |l, e| owner[l as usize][e as usize] == Some(w))).collect())
 }
 
 #[cfg(test)]
@@ -407,7 +359,7 @@ mod tests {
     fn all_and_none() {
         assert_eq!(layers(&ExpertPlacement::all(&shape())), vec![vec![0, 1, 2, 3]; 3]);
         assert!(ExpertPlacement::none(&shape()).hot().is_empty());
-        assert_eq!(ExpertPlacement::none(&shape()).cold(), ExpertMap::full(3, 4));
+        assert_eq!(ExpertPlacement::none(&shape()).cold(), ExpertSet::full(3, 4));
     }
 
     #[test]
@@ -506,14 +458,14 @@ mod tests {
 
     #[test]
     fn split_cold_balances_bytes() {
-        let cold = ExpertMap::from_layers(4, vec![vec![0, 1, 2, 3], vec![1], vec![0, 1]]).unwrap();
+        let cold = ExpertSet::from_layers(4, vec![vec![0, 1, 2, 3], vec![1], vec![0, 1]]).unwrap();
         let w = split_cold(&cold, &shape(), 2).unwrap();
         assert_eq!(w[0].layers(), &[vec![0, 2], vec![1], vec![1]]);
         assert_eq!(w[1].layers(), &[vec![1, 3], vec![], vec![0]]);
-        assert_eq!((map_bytes(&w[0], &shape()), map_bytes(&w[1], &shape())), (500, 400));
+        assert_eq!((set_bytes(&w[0], &shape()), set_bytes(&w[1], &shape())), (500, 400));
         assert_eq!(split_cold(&cold, &shape(), 1).unwrap(), vec![cold.clone()]);
         let w = split_cold(&cold, &shape(), 4).unwrap();
-        assert_eq!(w.iter().map(|m| map_bytes(m, &shape())).collect::<Vec<_>>(), vec![200, 300, 300, 100]);
+        assert_eq!(w.iter().map(|m| set_bytes(m, &shape())).collect::<Vec<_>>(), vec![200, 300, 300, 100]);
         assert!(split_cold(&cold, &shape(), 0).is_err());
     }
 }

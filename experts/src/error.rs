@@ -1,0 +1,28 @@
+//! The error type of the crate.
+
+use std::path::PathBuf;
+
+/// A value outside the model, a malformed JSON form, or a file that could not be read or
+/// written; each names the bad value.
+#[derive(Debug, thiserror::Error)]
+pub enum ExpertsError {
+    #[error("layer {layer} out of range: the model has {n_layer} layers")]
+    LayerOutOfRange { layer: u32, n_layer: u32 },
+    #[error("expert {expert} of layer {layer} out of range: the model has {n_expert} experts")]
+    ExpertOutOfRange { layer: u32, expert: u32, n_expert: u32 },
+    #[error("{what}: {reason}")]
+    Json { what: String, reason: String },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token {token}: {ids} expert ids but {weights} weights")]
+    SlotLengths { token: usize, ids: usize, weights: usize },
+    #[error("expert pairs: the per-token counts sum to {counted}, but there are {ids} expert ids and {weights} weights")]
+    PairCounts { counted: u64, ids: usize, weights: usize },
+}
+
+pub type Result<T, E = ExpertsError> = std::result::Result<T, E>;
