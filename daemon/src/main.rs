@@ -1,21 +1,20 @@
 //! `dflash`: the DeepSeek V4 Flash inference daemon.
+//!
+//! - `cmd/`: the subcommands (`run`, `serve`, `logits`, `bench`, `inspect`, `devices`);
+//! - `engine/`: the model flags and the cold-expert executors (`model_args`, `cold`), the
+//!   generation engine (one compute thread, queued requests), sampling, stop strings and
+//!   the chat prompt;
+//! - `server/`: the OpenAI-compatible HTTP service over the engine.
 use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod bench;
-mod bench_model;
-mod cold;
-mod devices;
+mod cmd;
 mod engine;
-mod inspect;
-mod logits;
-mod model_args;
-mod prompt;
-mod run;
-mod sampler;
-mod serve;
+mod server;
+
+use cmd::{bench, devices, inspect, logits, run, serve};
 
 #[derive(Parser)]
 #[command(name = "dflash", version, about = "DeepSeek V4 Flash inference on one GPU plus the CPU")]
@@ -56,7 +55,7 @@ enum Command {
     Serve(serve::Args),
     /// Benchmarks (see BENCHMARKS.md).
     #[command(subcommand)]
-    Bench(bench_model::BenchCmd),
+    Bench(bench::BenchCmd),
 }
 
 fn init_logging(format: LogFormat) {
@@ -110,6 +109,6 @@ fn main() -> Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Run(a) => run::run(a),
         Command::Serve(a) => serve::run(a),
-        Command::Bench(b) => bench_model::run(b),
+        Command::Bench(b) => bench::run(b),
     }
 }

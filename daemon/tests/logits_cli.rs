@@ -81,6 +81,6 @@ fn logits_npy_matches_reference_through_prefill_and_decode() {
     let o = dflash_logits(&tok_file, &out, &[]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("token -5 (index 1)"), "{err}");
+    assert!(err.contains("token id -5 (index 1)"), "{err}");
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }

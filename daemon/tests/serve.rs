@@ -46,22 +46,7 @@ impl Server {
 
     /// One request with `Connection: close`; returns (status, body).
     fn request(&self, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String) {
-        let mut s = TcpStream::connect(&self.addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
-        let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        );
-        s.write_all(head.as_bytes()).expect("write");
-        // the server may answer (413) before reading a large body: ignore a reset on write
-        let _ = s.write_all(body);
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response {text:?}"));
-        let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+        let (status, _, body) = http(&self.addr, method, path, key, body);
         (status, body)
     }
 
@@ -104,6 +89,28 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// One request with `Connection: close` to `addr`; returns (status, lower-cased head, body).
+fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write");
+    // the server may answer (413) before reading a large body: ignore a reset on write
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("bad response {text:?}"));
+    let head = head.to_ascii_lowercase();
+    let body = if head.contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_string() };
+    (status, head, body)
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -296,4 +303,65 @@ fn run_and_serve_agree_and_requests_are_checked() {
 
     let status = srv.terminate();
     assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn beyond_queue_max_requests_get_503_with_retry_after() {
+    // one request generates, one waits; the others are refused at once
+    let srv = Server::start(&["--parallel", "1", "--queue-max", "1", "--ctx-size", "512"]);
+    // a token pushed up by logit_bias: greedy repeats it, so no request ends early
+    let long = json!({"prompt": "Hello", "max_tokens": 40, "temperature": 0, "logit_bias": {"1000": 100}}).to_string();
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..6)
+        .map(|_| {
+            let (addr, body) = (srv.addr.clone(), long.clone());
+            std::thread::spawn(move || http(&addr, "POST", "/v1/completions", Some(KEY), body.as_bytes()))
+        })
+        .collect();
+    let answers: Vec<(u16, String, String)> = clients.into_iter().map(|c| c.join().expect("client thread")).collect();
+    let elapsed = t0.elapsed();
+    let ok: Vec<_> = answers.iter().filter(|a| a.0 == 200).collect();
+    let busy: Vec<_> = answers.iter().filter(|a| a.0 == 503).collect();
+    assert_eq!(ok.len() + busy.len(), answers.len(), "{answers:?}");
+    assert_eq!(ok.len(), 2, "one running + one waiting are served ({elapsed:?}): {answers:?}");
+    for (_, _, body) in &ok {
+        let v: Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["usage"]["completion_tokens"], 40, "{v}");
+    }
+    for (_, head, body) in &busy {
+        assert!(head.contains("\r\nretry-after: 1"), "{head}");
+        let v: Value = serde_json::from_str(body).expect("json");
+        assert_eq!(v["error"]["code"], "queue_full", "{v}");
+        assert!(v["error"]["message"].as_str().unwrap_or("").contains("--queue-max"), "{v}");
+    }
+    // the queue drains: the next request is served
+    let (st, v) = srv.post("/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2, "temperature": 0}));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(srv.metric("dflash_queue_depth"), 0.0);
+    assert_eq!(srv.metric("dflash_requests_active"), 0.0);
+}
+
+#[test]
+fn health_answers_while_huge_bodies_are_tokenized() {
+    let srv = Server::start(&["--max-body-bytes", "100000000"]);
+    let body = json!({"content": "Hello world, this is a long text. ".repeat(400_000)}).to_string();
+    let tokenize = |addr: String, body: String| std::thread::spawn(move || http(&addr, "POST", "/tokenize", Some(KEY), body.as_bytes()));
+    // one alone: how long tokenizing the body takes
+    let t0 = Instant::now();
+    let (st, _, out) = tokenize(srv.addr.clone(), body.clone()).join().expect("client thread");
+    let alone = t0.elapsed();
+    assert_eq!(st, 200, "{}", &out[..out.len().min(300)]);
+    assert!(alone > Duration::from_millis(800), "the body must take a while to tokenize: {alone:?}");
+    // as many at once as the runtime has threads (2), then /health
+    let busy: Vec<_> = (0..2).map(|_| tokenize(srv.addr.clone(), body.clone())).collect();
+    std::thread::sleep(alone / 3);
+    let t1 = Instant::now();
+    let (st, _, health) = http(&srv.addr, "GET", "/health", None, b"");
+    let waited = t1.elapsed();
+    assert!(busy.iter().all(|b| !b.is_finished()), "the tokenizations ended before /health was asked ({alone:?} alone)");
+    assert_eq!((st, health.as_str()), (200, r#"{"status":"ok"}"#));
+    assert!(waited < alone / 4, "/health took {waited:?} while bodies were tokenized ({alone:?} each alone)");
+    for b in busy {
+        assert_eq!(b.join().expect("client thread").0, 200);
+    }
 }

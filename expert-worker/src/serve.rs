@@ -1,7 +1,7 @@
 //! The worker process: model identity, the request loop over ipc-proto, `run_worker`.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::Read as _;
 use std::path::Path;
 use std::time::Instant;
 
@@ -25,14 +25,9 @@ pub fn model_identity(model: &ModelFile) -> Result<ModelIdentity> {
     let io = |source| WorkerError::Io { what: "read the GGUF header of", path: model.path.clone(), source };
     let file = File::open(&model.path).map_err(io)?;
     let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut reader = file.take(header_len);
-    loop {
-        let n = reader.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+    let hashed = std::io::copy(&mut file.take(header_len), &mut hasher).map_err(io)?;
+    if hashed != header_len {
+        return Err(WorkerError::Mismatch { what: "GGUF header bytes read (the data offset)", expected: header_len, found: hashed });
     }
     let c = &model.config;
     Ok(ModelIdentity {

@@ -12,6 +12,9 @@ use expert_worker::{model_identity, serve, ExpertWorker, WorkerError};
 use experts::{ExpertPairs, ExpertSet, ExpertSlots};
 use ipc_proto::{ConnectOptions, Limits, ProtoError, WorkerConnection, WorkerServer};
 use loader::ModelFile;
+use rand::{Rng as _, SeedableRng as _};
+// SplitMix64: a small deterministic generator for test data.
+use rand_xoshiro::SplitMix64 as Rng;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
@@ -19,26 +22,6 @@ fn fixture(name: &str) -> PathBuf {
 
 const A: &str = "ds4-tiny-a.f32.gguf";
 const B: &str = "ds4-tiny-b.f32.gguf";
-
-/// SplitMix64: a small deterministic generator for test data.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in [-1, 1).
-    fn f32(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-    }
-}
 
 /// The raw F32 values of expert `e` of an expert tensor {in, out, n_expert}, read from the
 /// file at the table's offset: `out` rows of `in` values.
@@ -97,8 +80,8 @@ fn rel_diff(a: &[f32], b: &[f32]) -> f32 {
 fn random_map(rng: &mut Rng, n_layer: u32, n_expert: u32) -> ExpertSet {
     let layers = (0..n_layer)
         .map(|_| {
-            let mut ids: Vec<u32> = (0..n_expert).filter(|_| rng.below(2) == 0).collect();
-            for e in [rng.below(n_expert as u64) as u32, rng.below(n_expert as u64) as u32] {
+            let mut ids: Vec<u32> = (0..n_expert).filter(|_| rng.random_range(0..2) == 0).collect();
+            for e in [rng.random_range(0..n_expert as u64) as u32, rng.random_range(0..n_expert as u64) as u32] {
                 if !ids.contains(&e) {
                     ids.push(e);
                 }
@@ -128,17 +111,17 @@ impl Batch {
 /// `n` tokens; token 1 has no pairs, the others 1..=k distinct owned experts. Token 0's
 /// inputs are large enough (±300) for the SwiGLU clamp to act.
 fn random_batch(rng: &mut Rng, owned: &[u32], n: usize, k: usize, n_embd: usize) -> Batch {
-    let x = (0..n * n_embd).map(|i| if i < n_embd { 300.0 } else { 2.0 } * rng.f32()).collect();
+    let x = (0..n * n_embd).map(|i| if i < n_embd { 300.0 } else { 2.0 } * rng.random_range(-1.0f32..1.0)).collect();
     let mut ids = Vec::new();
     let mut weights = Vec::new();
     for t in 0..n {
-        let want = if t == 1 { 0 } else { 1 + rng.below(k.min(owned.len()) as u64) as usize };
+        let want = if t == 1 { 0 } else { 1 + rng.random_range(0..k.min(owned.len()) as u64) as usize };
         let mut pool = owned.to_vec();
         let mut ti = Vec::new();
         for _ in 0..want {
-            ti.push(pool.swap_remove(rng.below(pool.len() as u64) as usize));
+            ti.push(pool.swap_remove(rng.random_range(0..pool.len() as u64) as usize));
         }
-        weights.push(ti.iter().map(|_| 0.05 + rng.f32().abs()).collect());
+        weights.push(ti.iter().map(|_| 0.05 + rng.random_range(-1.0f32..1.0).abs()).collect());
         ids.push(ti);
     }
     Batch { x, ids, weights }
@@ -164,7 +147,7 @@ fn eval_matches_reference_on_both_fixtures() {
     for (name, seed) in [(A, 1u64), (B, 2)] {
         let mf = ModelFile::open(fixture(name)).unwrap();
         let c = &mf.config;
-        let mut rng = Rng(seed);
+        let mut rng = Rng::seed_from_u64(seed);
         let map = random_map(&mut rng, c.n_layer as u32, c.n_expert as u32);
         let mut w = ExpertWorker::load(&mf, &map, 2).unwrap();
         let mut per_expert = 0;
@@ -245,7 +228,7 @@ fn serves_evals_over_a_socket_pair() {
     });
     let mut conn = WorkerConnection::handshake(daemon_sock, limits(&mf), &identity, &ConnectOptions::default()).unwrap();
     assert_eq!(conn.experts().layer(3), (0..8).collect::<Vec<_>>());
-    let mut rng = Rng(7);
+    let mut rng = Rng::seed_from_u64(7);
     for (l, n) in [(0u32, 1usize), (3, 4), (5, 8)] {
         let b = random_batch(&mut rng, map.layer(l), n, 4, 64);
         conn.input_mut(n).unwrap().copy_from_slice(&b.x);

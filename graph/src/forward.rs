@@ -18,9 +18,7 @@ impl Model {
             return Err(GraphError::ForeignSequence);
         }
         let n_vocab = self.config.n_vocab;
-        if let Some((index, &id)) = tokens.iter().enumerate().find(|(_, &t)| t as usize >= n_vocab) {
-            return Err(GraphError::TokenOutOfRange { id: id as i64, index, n_vocab });
-        }
+        crate::check_token_ids(tokens, n_vocab)?;
         if self.cold.is_none() && self.has_cold_experts() {
             return Err(GraphError::Option("some routed experts are cold but no cold executor is set".into()));
         }

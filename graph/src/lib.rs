@@ -20,12 +20,18 @@ pub mod plan;
 pub mod profile;
 mod state;
 mod steps;
+mod vocab;
 mod weights;
 
 pub use cold::{BoxError, ColdError, ColdExperts, ExpertLayerStats};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use profile::OpRow;
 pub use state::Sequence;
+pub use vocab::{check_token_ids, token_ids, TokenOutOfRange};
+
+/// The micro-batch (`ubatch`) a model runs when none is given: prefill is split into graphs
+/// of at most this many tokens (llama.cpp's default as well).
+pub const DEFAULT_UBATCH: usize = 512;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -37,8 +43,8 @@ pub enum GraphError {
     MissingTensor(String),
     #[error("blk.{layer}.ffn_gate_tid2eid: token {token} slot {slot} routes to expert {value}, outside [0, {n_expert})")]
     BadTid2eid { layer: usize, token: usize, slot: usize, value: i32, n_expert: usize },
-    #[error("token id {id} at index {index} is outside the vocabulary [0, {n_vocab})")]
-    TokenOutOfRange { id: i64, index: usize, n_vocab: usize },
+    #[error(transparent)]
+    TokenOutOfRange(#[from] TokenOutOfRange),
     #[error("context overflow: {pos} tokens cached + {n} new exceeds the maximum context of {n_ctx}")]
     ContextOverflow { pos: usize, n: usize, n_ctx: usize },
     #[error("sequence was created for another model")]

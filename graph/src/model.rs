@@ -51,7 +51,7 @@ impl Default for ModelOptions {
         ModelOptions {
             device: None,
             threads,
-            ubatch: 128,
+            ubatch: crate::DEFAULT_UBATCH,
             read: ReadOptions::default(),
             hot: None,
             route_stats_out: None,

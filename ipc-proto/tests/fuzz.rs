@@ -8,23 +8,16 @@ use common::*;
 use ipc_proto::frame::{self, Header};
 use experts::ExpertSlots;
 use ipc_proto::{FrameType, Request, WorkerConnection, WorkerServer, HEADER_LEN};
+use rand::{Rng as _, SeedableRng as _};
+use rand_xoshiro::Xoshiro256StarStar;
 
-/// xorshift64*: a seeded generator, so that failures reproduce.
-struct Rng(u64);
+/// A seeded generator (xoshiro256**), so that failures reproduce.
+fn seeded(seed: u64) -> Xoshiro256StarStar {
+    Xoshiro256StarStar::seed_from_u64(seed)
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.next() as u8).collect()
-    }
+fn bytes(rng: &mut Xoshiro256StarStar, n: usize) -> Vec<u8> {
+    (0..n).map(|_| rng.random()).collect()
 }
 
 fn valid_eval() -> Vec<u8> {
@@ -60,7 +53,7 @@ fn decode_all(rng_bytes: &[u8]) {
 
 #[test]
 fn random_and_mutated_payloads_never_panic() {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut rng = seeded(1);
     let seeds = [valid_eval(), {
         let mut p = Vec::new();
         frame::encode_hello(&mut p, &identity(), &even_experts());
@@ -69,16 +62,16 @@ fn random_and_mutated_payloads_never_panic() {
     let mut decoded_evals = 0;
     for i in 0..20_000 {
         let bytes = if i % 2 == 0 {
-            let n = rng.below(160) as usize;
-            rng.bytes(n)
+            let n = rng.random_range(0..160) as usize;
+            bytes(&mut rng, n)
         } else {
             // Flip, overwrite or cut a valid payload.
-            let mut b = seeds[rng.below(2) as usize].clone();
-            for _ in 0..1 + rng.below(3) {
-                let pos = rng.below(b.len() as u64) as usize;
-                match rng.below(3) {
-                    0 => b[pos] ^= 1 << rng.below(8),
-                    1 => b[pos] = rng.next() as u8,
+            let mut b = seeds[rng.random_range(0..2) as usize].clone();
+            for _ in 0..1 + rng.random_range(0..3) {
+                let pos = rng.random_range(0..b.len() as u64) as usize;
+                match rng.random_range(0..3) {
+                    0 => b[pos] ^= 1 << rng.random_range(0..8),
+                    1 => b[pos] = rng.random::<u8>(),
                     _ => b.truncate(pos),
                 }
                 if b.is_empty() {
@@ -98,7 +91,7 @@ fn random_and_mutated_payloads_never_panic() {
 
 #[test]
 fn random_bytes_on_the_socket_never_panic_the_worker() {
-    let mut rng = Rng(42);
+    let mut rng = seeded(42);
     for i in 0..200 {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let mut raw = a.try_clone().expect("clone");
@@ -131,22 +124,22 @@ fn random_bytes_on_the_socket_never_panic_the_worker() {
         let conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
         // A valid header with a random type/length and random payload, or pure noise.
         let mut bytes = if i % 2 == 0 {
-            let ty = 1 + rng.below(12) as u16;
-            let n = rng.below(200) as usize;
-            let mut f = frame(ty, 1 + rng.below(3), &rng.bytes(n));
-            if rng.below(2) == 0 {
-                let cut = rng.below(f.len() as u64) as usize;
+            let ty = 1 + rng.random_range(0..12) as u16;
+            let n = rng.random_range(0..200) as usize;
+            let mut f = frame(ty, 1 + rng.random_range(0..3), &bytes(&mut rng, n));
+            if rng.random_range(0..2) == 0 {
+                let cut = rng.random_range(0..f.len() as u64) as usize;
                 f.truncate(cut);
             }
             f
         } else {
-            let n = rng.below(300) as usize;
-            rng.bytes(n)
+            let n = rng.random_range(0..300) as usize;
+            bytes(&mut rng, n)
         };
         if i % 5 == 0 {
             bytes = frame(FrameType::Eval as u16, 1, &valid_eval());
-            let pos = HEADER_LEN + rng.below(valid_eval().len() as u64) as usize;
-            bytes[pos] ^= 1 << rng.below(8);
+            let pos = HEADER_LEN + rng.random_range(0..valid_eval().len() as u64) as usize;
+            bytes[pos] ^= 1 << rng.random_range(0..8);
         }
         write_raw(&mut raw, &bytes);
         drop(raw);

@@ -1,5 +1,6 @@
 //! The generation engine: one compute thread owns the `graph::Model` and `parallel` sequences.
-//! Requests queue while every sequence is busy; active requests advance one token each in turn
+//! Requests queue while every sequence is busy (at most `queue_max` of them; beyond, `submit`
+//! refuses with [`EngineError::QueueFull`]); active requests advance one token each in turn
 //! (each sequence runs its own forward: batching decode across sequences is future work). Text
 //! streams back through an unbounded channel as it is decoded; a dropped receiver (or [`Engine::cancel_all`])
 //! ends the request and frees its sequence.
@@ -9,16 +10,24 @@
 //! boundaries: text that could start a stop string is held back until it is decided), max_tokens
 //! and the end of the context. With thinking on, text before `</think>` is reasoning.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use graph::{Logits, Model, Sequence};
+use prometheus::{Counter, IntCounter};
 use tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::sampler::{Sampler, SamplingError, SamplingParams};
+pub mod cold;
+pub mod model_args;
+pub mod prompt;
+pub mod sampler;
+mod text_filter;
+
+use sampler::{Sampler, SamplingError, SamplingParams};
+pub use text_filter::TextFilter;
 
 /// Vocabulary texts that end an assistant turn besides the GGUF's EOS/EOT/EOM ids: the end of
 /// sentence, and the start of a new user turn.
@@ -36,8 +45,8 @@ pub enum EngineError {
     EmptyPrompt,
     #[error("the prompt has {n} tokens; the context holds {n_ctx} (at most {} prompt tokens)", n_ctx - 1)]
     PromptTooLong { n: usize, n_ctx: usize },
-    #[error("prompt token id {id} (index {index}) is outside the vocabulary [0, {n_vocab})")]
-    TokenOutOfRange { id: i64, index: usize, n_vocab: usize },
+    #[error("prompt {0}")]
+    TokenOutOfRange(#[from] graph::TokenOutOfRange),
     #[error("max_tokens must be at least 1")]
     ZeroMaxTokens,
     #[error("stop strings must not be empty")]
@@ -46,12 +55,24 @@ pub enum EngineError {
     Sampling(#[from] SamplingError),
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the server is busy: {parallel} requests are being generated and {queue_max} are waiting (--queue-max); retry later")]
+    QueueFull { parallel: usize, queue_max: usize },
+    #[error("setting up the engine's metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 impl EngineError {
     /// Whether the request is at fault (HTTP 400) rather than the server.
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, EngineError::VocabMismatch { .. } | EngineError::Parallel(_) | EngineError::Sequence { .. } | EngineError::Stopped)
+        !matches!(
+            self,
+            EngineError::VocabMismatch { .. }
+                | EngineError::Parallel(_)
+                | EngineError::Sequence { .. }
+                | EngineError::Stopped
+                | EngineError::QueueFull { .. }
+                | EngineError::Metrics(_)
+        )
     }
 }
 
@@ -132,17 +153,56 @@ impl Handle {
     }
 }
 
-/// Counters for /metrics.
-#[derive(Default, Debug)]
+/// What the engine counts, for /metrics: Prometheus counters, and the two gauges the engine
+/// also keeps for itself (sampled when scraped).
+#[derive(Debug)]
 pub struct Stats {
-    pub requests_finished: AtomicU64,
-    pub requests_cancelled: AtomicU64,
-    pub prompt_tokens: AtomicU64,
-    pub completion_tokens: AtomicU64,
-    pub prompt_us: AtomicU64,
-    pub decode_us: AtomicU64,
+    pub requests_finished: IntCounter,
+    pub requests_cancelled: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub completion_tokens: IntCounter,
+    pub prompt_seconds: Counter,
+    pub decode_seconds: Counter,
+    /// Requests waiting for a sequence.
     pub queue_depth: AtomicU64,
+    /// Requests being generated.
     pub active: AtomicU64,
+}
+
+impl Stats {
+    fn new() -> Result<Stats, prometheus::Error> {
+        Ok(Stats {
+            requests_finished: IntCounter::new("requests_finished_total", "Generations that finished (stop or length).")?,
+            requests_cancelled: IntCounter::new("requests_cancelled_total", "Generations cancelled (client gone or shutdown).")?,
+            prompt_tokens: IntCounter::new("prompt_tokens_total", "Prompt tokens prefilled.")?,
+            completion_tokens: IntCounter::new("completion_tokens_total", "Tokens generated.")?,
+            prompt_seconds: Counter::new("prompt_seconds_total", "Time spent in prefill.")?,
+            decode_seconds: Counter::new("decode_seconds_total", "Time from first to last token, summed over requests.")?,
+            queue_depth: AtomicU64::new(0),
+            active: AtomicU64::new(0),
+        })
+    }
+
+    /// The integer counters (handles onto the same values), to register with a registry.
+    pub fn counters(&self) -> [IntCounter; 4] {
+        [self.requests_finished.clone(), self.requests_cancelled.clone(), self.prompt_tokens.clone(), self.completion_tokens.clone()]
+    }
+
+    /// The float counters (seconds).
+    pub fn float_counters(&self) -> [Counter; 2] {
+        [self.prompt_seconds.clone(), self.decode_seconds.clone()]
+    }
+}
+
+/// How the engine runs.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    /// Sequences generated at the same time.
+    pub parallel: usize,
+    /// Context of each sequence in tokens.
+    pub n_ctx: usize,
+    /// Requests that may wait for a sequence beyond the `parallel` being generated.
+    pub queue_max: usize,
 }
 
 /// What the engine runs, for clients.
@@ -160,6 +220,9 @@ pub struct Engine {
     pub stats: Arc<Stats>,
     pub info: EngineInfo,
     stop_all: Arc<AtomicBool>,
+    queue_max: usize,
+    /// Requests submitted and not yet done (queued or being generated).
+    admitted: Arc<AtomicUsize>,
 }
 
 struct Job {
@@ -187,7 +250,8 @@ pub fn eog_ids(tok: &Tokenizer) -> Vec<u32> {
 impl Engine {
     /// Starts the compute thread. The tokenizer may have fewer tokens than the model has
     /// embedding/output rows (the rest is padding, never sampled), not more.
-    pub fn start(model: Model, tokenizer: Tokenizer, parallel: usize, n_ctx: usize) -> Result<Engine, EngineError> {
+    pub fn start(model: Model, tokenizer: Tokenizer, opts: EngineOptions) -> Result<Engine, EngineError> {
+        let EngineOptions { parallel, n_ctx, queue_max } = opts;
         if tokenizer.n_vocab() > model.n_vocab() {
             return Err(EngineError::VocabMismatch { tokenizer: tokenizer.n_vocab(), model: model.n_vocab() });
         }
@@ -195,17 +259,18 @@ impl Engine {
             return Err(EngineError::Parallel(parallel));
         }
         let info = EngineInfo { eog: eog_ids(&tokenizer), tokenizer, n_ctx, parallel };
-        let stats = Arc::new(Stats::default());
+        let stats = Arc::new(Stats::new()?);
         let stop_all = Arc::new(AtomicBool::new(false));
+        let admitted = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
-        let worker = Worker { model, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone() };
+        let worker = Worker { model, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone() };
         let thread = std::thread::Builder::new()
             .name("dflash-compute".into())
             .spawn(move || worker.run(rx, ready_tx))
             .map_err(|e| EngineError::Sequence { index: 0, n_ctx, source: graph::GraphError::Option(format!("spawning: {e}")) })?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(Engine { jobs: Some(jobs), thread: Some(thread), stats, info, stop_all }),
+            Ok(Ok(())) => Ok(Engine { jobs: Some(jobs), thread: Some(thread), stats, info, stop_all, queue_max, admitted }),
             Ok(Err(e)) => {
                 let _ = thread.join();
                 Err(e)
@@ -217,7 +282,8 @@ impl Engine {
         }
     }
 
-    /// Checks and queues a request.
+    /// Checks and queues a request; refuses it when `parallel + queue_max` requests are
+    /// already queued or running.
     pub fn submit(&self, req: GenRequest) -> Result<Handle, EngineError> {
         let n_vocab = self.info.tokenizer.n_vocab();
         if req.prompt.is_empty() {
@@ -226,9 +292,7 @@ impl Engine {
         if req.prompt.len() >= self.info.n_ctx {
             return Err(EngineError::PromptTooLong { n: req.prompt.len(), n_ctx: self.info.n_ctx });
         }
-        if let Some((index, &id)) = req.prompt.iter().enumerate().find(|(_, &t)| t as usize >= n_vocab) {
-            return Err(EngineError::TokenOutOfRange { id: id.into(), index, n_vocab });
-        }
+        graph::check_token_ids(&req.prompt, n_vocab)?;
         if req.max_tokens == 0 {
             return Err(EngineError::ZeroMaxTokens);
         }
@@ -236,12 +300,18 @@ impl Engine {
             return Err(EngineError::EmptyStop);
         }
         req.params.validate(n_vocab)?;
+        let (parallel, queue_max) = (self.info.parallel, self.queue_max);
+        let limit = parallel.saturating_add(queue_max);
+        if self.admitted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < limit).then_some(n + 1)).is_err() {
+            return Err(EngineError::QueueFull { parallel, queue_max });
+        }
         let (tx, events) = unbounded_channel();
         let job = Job { req, tx, submitted: Instant::now() };
         self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
         let sent = self.jobs.as_ref().map(|j| j.send(job).is_ok()).unwrap_or(false);
         if !sent {
             self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+            self.admitted.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
         Ok(Handle { events })
@@ -267,6 +337,7 @@ struct Worker {
     info: EngineInfo,
     stats: Arc<Stats>,
     stop_all: Arc<AtomicBool>,
+    admitted: Arc<AtomicUsize>,
 }
 
 struct Active {
@@ -327,6 +398,7 @@ impl Worker {
             queue.retain(|j| {
                 if stop_all || j.gone() {
                     self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
+                    self.admitted.fetch_sub(1, Ordering::AcqRel);
                     finish_unstarted(j, &self.stats);
                     false
                 } else {
@@ -451,24 +523,25 @@ impl Worker {
         };
         let s = &self.stats;
         if finish == FinishReason::Cancelled {
-            s.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+            s.requests_cancelled.inc();
         } else {
-            s.requests_finished.fetch_add(1, Ordering::Relaxed);
+            s.requests_finished.inc();
         }
         if a.first_token.is_some() {
-            s.prompt_tokens.fetch_add(prompt_n as u64, Ordering::Relaxed);
-            s.prompt_us.fetch_add((a.prompt_s * 1e6) as u64, Ordering::Relaxed);
-            s.completion_tokens.fetch_add(a.generated as u64, Ordering::Relaxed);
-            s.decode_us.fetch_add((decode_s * 1e6) as u64, Ordering::Relaxed);
+            s.prompt_tokens.inc_by(prompt_n as u64);
+            s.prompt_seconds.inc_by(a.prompt_s);
+            s.completion_tokens.inc_by(a.generated as u64);
+            s.decode_seconds.inc_by(decode_s);
         }
         tracing::debug!(?finish, prompt_n, generated = a.generated, "request done");
         let summary = Summary { finish, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
+        self.admitted.fetch_sub(1, Ordering::AcqRel);
         let _ = a.job.tx.send(Event::Done(summary));
     }
 }
 
 fn finish_unstarted(j: &Job, stats: &Stats) {
-    stats.requests_cancelled.fetch_add(1, Ordering::Relaxed);
+    stats.requests_cancelled.inc();
     let summary = Summary { finish: FinishReason::Cancelled, prompt_tokens: j.req.prompt.len(), completion_tokens: 0, timings: Timings::default() };
     let _ = j.tx.send(Event::Done(summary));
 }
@@ -478,172 +551,5 @@ fn rate(n: usize, s: f64) -> f64 {
         n as f64 / s
     } else {
         0.0
-    }
-}
-
-/// Splits generated text into reasoning and content at `</think>` and stops at the first stop
-/// string, holding back any tail that could still become a stop string or `</think>`.
-#[derive(Debug)]
-pub struct TextFilter {
-    stops: Vec<String>,
-    reasoning: bool,
-    buf: String,
-    pub stopped: bool,
-}
-
-impl TextFilter {
-    pub fn new(stops: Vec<String>, thinking: bool) -> TextFilter {
-        TextFilter { stops, reasoning: thinking, buf: String::new(), stopped: false }
-    }
-
-    fn emit(out: &mut Vec<Event>, reasoning: bool, text: &str) {
-        if text.is_empty() {
-            return;
-        }
-        match out.last_mut() {
-            Some(Event::Text { reasoning: r, text: t }) if *r == reasoning => t.push_str(text),
-            _ => out.push(Event::Text { reasoning, text: text.to_string() }),
-        }
-    }
-
-    /// Adds decoded text; returns what can be sent now and whether a stop string was found
-    /// (text from the stop string on is dropped).
-    pub fn push(&mut self, text: &str) -> (Vec<Event>, bool) {
-        let mut out = Vec::new();
-        if self.stopped {
-            return (out, true);
-        }
-        self.buf.push_str(text);
-        loop {
-            let think = if self.reasoning { self.buf.find(chat::THINK_END) } else { None };
-            let stop = self.stops.iter().filter_map(|s| self.buf.find(s.as_str())).min();
-            match (think, stop) {
-                (Some(t), s) if !matches!(s, Some(s) if s <= t) => {
-                    Self::emit(&mut out, true, &self.buf[..t]);
-                    self.buf.drain(..t + chat::THINK_END.len());
-                    self.reasoning = false;
-                }
-                (_, Some(s)) => {
-                    Self::emit(&mut out, self.reasoning, &self.buf[..s]);
-                    self.buf.clear();
-                    self.stopped = true;
-                    return (out, true);
-                }
-                _ => break,
-            }
-        }
-        let hold = self.held_len();
-        let cut = self.buf.len() - hold;
-        Self::emit(&mut out, self.reasoning, &self.buf[..cut]);
-        self.buf.drain(..cut);
-        (out, false)
-    }
-
-    /// The longest tail of the buffer that is a proper prefix of a stop string (or of `</think>`
-    /// while reasoning).
-    fn held_len(&self) -> usize {
-        let think = self.reasoning.then_some(chat::THINK_END);
-        let mut hold = 0;
-        for m in self.stops.iter().map(String::as_str).chain(think) {
-            for k in (hold + 1..m.len().min(self.buf.len() + 1)).rev() {
-                let start = self.buf.len() - k;
-                if self.buf.is_char_boundary(start) && m.starts_with(&self.buf[start..]) {
-                    hold = k;
-                    break;
-                }
-            }
-        }
-        hold
-    }
-
-    /// End of generation: whatever was held back is text after all.
-    pub fn flush(&mut self) -> Vec<Event> {
-        let mut out = Vec::new();
-        let buf = std::mem::take(&mut self.buf);
-        Self::emit(&mut out, self.reasoning, &buf);
-        out
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(stops: &[&str], thinking: bool, pieces: &[&str]) -> (Vec<(bool, String)>, bool) {
-        let mut f = TextFilter::new(stops.iter().map(|s| s.to_string()).collect(), thinking);
-        let mut out = Vec::new();
-        let mut stopped = false;
-        for p in pieces {
-            let (ev, s) = f.push(p);
-            out.extend(ev);
-            if s {
-                stopped = true;
-                break;
-            }
-        }
-        if !stopped {
-            out.extend(f.flush());
-        }
-        // merge adjacent pieces of the same kind: the split points are not part of the contract
-        let mut merged: Vec<(bool, String)> = Vec::new();
-        for e in out {
-            let Event::Text { reasoning, text } = e else { panic!("{e:?}") };
-            match merged.last_mut() {
-                Some((r, t)) if *r == reasoning => t.push_str(&text),
-                _ => merged.push((reasoning, text)),
-            }
-        }
-        (merged, stopped)
-    }
-
-    #[test]
-    fn stop_string_across_token_boundaries() {
-        let (out, stopped) = run(&["END"], false, &["abc E", "N", "D more"]);
-        assert_eq!(out, vec![(false, "abc ".to_string())]);
-        assert!(stopped);
-        // a prefix that does not complete is released
-        let (out, stopped) = run(&["END"], false, &["abc E", "N", "X"]);
-        assert_eq!(out, vec![(false, "abc ENX".to_string())]);
-        assert!(!stopped);
-        // held text comes out at the end of generation
-        let (out, _) = run(&["END"], false, &["abc EN"]);
-        assert_eq!(out, vec![(false, "abc EN".to_string())]);
-    }
-
-    #[test]
-    fn held_back_text_is_not_sent_early() {
-        let mut f = TextFilter::new(vec!["\n\nUser:".into()], false);
-        let (ev, _) = f.push("Hi\n");
-        assert_eq!(ev, vec![Event::Text { reasoning: false, text: "Hi".into() }]);
-        let (ev, _) = f.push("\nUs");
-        assert_eq!(ev, vec![]);
-        let (ev, stopped) = f.push("er: x");
-        assert_eq!((ev, stopped), (vec![], true));
-    }
-
-    #[test]
-    fn earliest_of_several_stops_wins() {
-        let (out, stopped) = run(&["zz", "b"], false, &["a", "bzz"]);
-        assert_eq!((out, stopped), (vec![(false, "a".to_string())], true));
-    }
-
-    #[test]
-    fn thinking_splits_at_think_end() {
-        let (out, _) = run(&[], true, &["let me", " see</th", "ink>The answer"]);
-        assert_eq!(out, vec![(true, "let me see".to_string()), (false, "The answer".to_string())]);
-        // without thinking, </think> is ordinary content
-        let (out, _) = run(&[], false, &["a</think>b"]);
-        assert_eq!(out, vec![(false, "a</think>b".to_string())]);
-        // a stop string inside the reasoning stops there
-        let (out, stopped) = run(&["STOP"], true, &["xSTOPy</think>z"]);
-        assert_eq!((out, stopped), (vec![(true, "x".to_string())], true));
-    }
-
-    #[test]
-    fn multibyte_text_is_held_on_char_boundaries() {
-        let (out, stopped) = run(&["日本語"], false, &["こ日", "本", "x"]);
-        assert_eq!((out, stopped), (vec![(false, "こ日本x".to_string())], false));
-        let (out, stopped) = run(&["日本語"], false, &["こ日", "本語"]);
-        assert_eq!((out, stopped), (vec![(false, "こ".to_string())], true));
     }
 }

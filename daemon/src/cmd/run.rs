@@ -4,14 +4,14 @@ use std::io::Write as _;
 use anyhow::{bail, Result};
 use chat::{ChatMessage, MessageContent, TemplateVars};
 
-use crate::engine::{Engine, Event, FinishReason, GenRequest};
-use crate::prompt::ChatFormat;
-use crate::sampler::SamplingParams;
+use crate::engine::{Engine, EngineOptions, Event, FinishReason, GenRequest};
+use crate::engine::prompt::ChatFormat;
+use crate::engine::sampler::SamplingParams;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub model: crate::model_args::ModelArgs,
+    pub model: crate::engine::model_args::ModelArgs,
     /// The user message.
     #[arg(short = 'p', long)]
     prompt: String,
@@ -66,7 +66,7 @@ pub fn run(a: Args) -> Result<()> {
     if prompt.len() >= n_ctx {
         bail!("the prompt has {} tokens; the context of {n_ctx} leaves no room to generate", prompt.len());
     }
-    let engine = Engine::start(model, format.tokenizer.clone(), 1, n_ctx)?;
+    let engine = Engine::start(model, format.tokenizer.clone(), EngineOptions { parallel: 1, n_ctx, queue_max: 0 })?;
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

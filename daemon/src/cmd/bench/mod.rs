@@ -1,15 +1,19 @@
-//! `dflash bench prefill|decode`: model throughput in the shape of llama-bench's pp/tg tests
-//! (prefill N tokens into an empty sequence; generate N tokens one at a time from an empty
-//! sequence), medians over repetitions.
+//! `dflash bench prefill|decode|load`: model throughput in the shape of llama-bench's pp/tg
+//! tests (prefill N tokens into an empty sequence; generate N tokens one at a time from an
+//! empty sequence), medians over repetitions; the loader's throughput (`load.rs`).
+mod load;
+
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use graph::{Logits, Model};
+use rand::{Rng as _, SeedableRng as _};
+use rand_xoshiro::Xoshiro256StarStar;
 
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
-    pub model: crate::model_args::ModelArgs,
+    pub model: crate::engine::model_args::ModelArgs,
     /// Tokens per repetition.
     #[arg(short = 'n', long, default_value_t = 128)]
     tokens: usize,
@@ -26,17 +30,11 @@ pub struct Args {
     op_profile: Option<usize>,
 }
 
-/// Deterministic token ids in [0, n).
-fn tokens(n: usize, n_vocab: usize, seed: u64) -> Vec<u32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s % n_vocab as u64) as u32
-        })
-        .collect()
+/// `n` seeded uniform token ids in [0, n_vocab).
+fn tokens(n: usize, n_vocab: usize, seed: u64) -> Result<Vec<u32>> {
+    let n_vocab = u32::try_from(n_vocab).ok().filter(|&v| v > 0).with_context(|| format!("a vocabulary of {n_vocab} tokens"))?;
+    let mut rng = Xoshiro256StarStar::seed_from_u64(seed);
+    Ok((0..n).map(|_| rng.random_range(0..n_vocab)).collect())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -86,7 +84,7 @@ pub fn print_expert_stats(stats: &[graph::ExpertLayerStats]) {
 
 pub fn prefill(a: Args) -> Result<()> {
     let mut model = a.model.load()?;
-    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1);
+    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
@@ -114,7 +112,7 @@ pub fn prefill(a: Args) -> Result<()> {
 
 pub fn decode(a: Args) -> Result<()> {
     let mut model = a.model.load()?;
-    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 2);
+    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 2)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
@@ -157,13 +155,13 @@ pub enum BenchCmd {
     /// Decode throughput: N tokens one at a time from an empty sequence (llama-bench's tgN).
     Decode(Args),
     #[command(flatten)]
-    Other(crate::bench::Bench),
+    Other(load::Bench),
 }
 
 pub fn run(b: BenchCmd) -> Result<()> {
     match b {
         BenchCmd::Prefill(a) => prefill(a),
         BenchCmd::Decode(a) => decode(a),
-        BenchCmd::Other(b) => crate::bench::run(b),
+        BenchCmd::Other(b) => load::run(b),
     }
 }

@@ -1,4 +1,4 @@
-//! `dflash bench …`: measurements reported in BENCHMARKS.md.
+//! `dflash bench load`: the loader's throughput against a plain read (BENCHMARKS.md).
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::io::AsRawFd;

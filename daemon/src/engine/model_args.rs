@@ -26,7 +26,7 @@ pub struct ModelArgs {
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Largest micro-batch of one graph; prefill is split into micro-batches of this size.
-    #[arg(short = 'u', long, default_value_t = 512)]
+    #[arg(short = 'u', long, default_value_t = graph::DEFAULT_UBATCH)]
     pub ubatch: usize,
     /// Attention through ggml's flash-attention op: `auto` uses it on the CPU (F32 keys and
     /// accumulation, exact); `on` forces it on other devices too (their kernels may round
@@ -102,12 +102,12 @@ impl ModelArgs {
         let cold = placement.cold();
         if !cold.is_empty() {
             if self.expert_workers == 0 {
-                let exec = crate::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
+                let exec = super::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
                 model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
                 let spin = std::time::Duration::from_micros(self.worker_spin_us);
-                let pool = crate::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins)?;
+                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }

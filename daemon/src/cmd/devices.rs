@@ -3,6 +3,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use ggml::{sys, Backend, Buffer, Context, Device};
+use rand::{Rng as _, SeedableRng as _};
+use rand_xoshiro::Xoshiro256StarStar;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -57,14 +59,10 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Seeded uniform values in [-1, 1): A as F16, B as F32.
 fn inputs(n: usize) -> (Vec<u16>, Vec<f32>) {
-    let mut s = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    };
+    let mut rng = Xoshiro256StarStar::seed_from_u64(1);
+    let mut next = move || rng.random_range(-1.0f32..1.0);
     let a32: Vec<f32> = (0..n * n).map(|_| next()).collect();
     let mut a = vec![0u16; n * n];
     // SAFETY: both slices hold n*n elements.

@@ -1,8 +1,11 @@
 //! Token sampling: logit_bias, repetition / frequency / presence penalties, then greedy or
-//! temperature → top-k → top-p → min-p → a draw from a seeded PRNG (the order of HF transformers
-//! and vLLM). Logit rows past the tokenizer's vocabulary (padding rows of the output matrix) are
+//! temperature → top-k → top-p → min-p → a draw from a seeded PRNG (xoshiro256**, seeded
+//! through SplitMix64; the order of HF transformers and vLLM). Logit rows past the tokenizer's vocabulary (padding rows of the output matrix) are
 //! never sampled.
 use std::collections::HashMap;
+
+use rand::{Rng as _, SeedableRng as _};
+use rand_xoshiro::Xoshiro256StarStar;
 
 /// Sampling parameters of one request. Neutral values switch a stage off.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,8 +53,8 @@ impl Default for SamplingParams {
 pub enum SamplingError {
     #[error("invalid {field}: expected {expected}, found {found}")]
     Invalid { field: &'static str, expected: &'static str, found: String },
-    #[error("logit_bias: token id {id} is outside the vocabulary [0, {n_vocab})")]
-    BiasTokenOutOfRange { id: i64, n_vocab: usize },
+    #[error("logit_bias: {0}")]
+    BiasTokenOutOfRange(#[from] graph::TokenOutOfRange),
 }
 
 fn check(field: &'static str, expected: &'static str, v: f32, ok: bool) -> Result<(), SamplingError> {
@@ -73,58 +76,12 @@ impl SamplingParams {
         let pen = |f, v: f32| check(f, "a number in [-2, 2]", v, (-2.0..=2.0).contains(&v));
         pen("frequency_penalty", self.frequency_penalty)?;
         pen("presence_penalty", self.presence_penalty)?;
-        for &(id, bias) in &self.logit_bias {
-            if id as usize >= n_vocab {
-                return Err(SamplingError::BiasTokenOutOfRange { id: id.into(), n_vocab });
-            }
+        let ids: Vec<u32> = self.logit_bias.iter().map(|b| b.0).collect();
+        graph::check_token_ids(&ids, n_vocab)?;
+        for &(_, bias) in &self.logit_bias {
             check("logit_bias value", "a number in [-100, 100]", bias, (-100.0..=100.0).contains(&bias))?;
         }
         Ok(())
-    }
-}
-
-/// xoshiro256** seeded through splitmix64: small, fast and the same on every platform.
-#[derive(Clone, Debug)]
-pub struct Rng {
-    s: [u64; 4],
-}
-
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        let mut x = seed;
-        let mut next = || {
-            x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        };
-        Rng { s: [next(), next(), next(), next()] }
-    }
-
-    /// A seed from the process's hash randomness and the clock (for requests without a seed).
-    pub fn entropy_seed() -> u64 {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-        h.finish()
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
-        let t = self.s[1] << 17;
-        self.s[2] ^= self.s[0];
-        self.s[3] ^= self.s[1];
-        self.s[1] ^= self.s[2];
-        self.s[0] ^= self.s[3];
-        self.s[2] ^= t;
-        self.s[3] = self.s[3].rotate_left(45);
-        r
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
     }
 }
 
@@ -132,15 +89,15 @@ impl Rng {
 pub struct Sampler {
     params: SamplingParams,
     n_valid: usize,
-    rng: Rng,
+    rng: Xoshiro256StarStar,
     history: Vec<u32>,
 }
 
 impl Sampler {
     /// `n_valid`: the tokenizer's vocabulary size; logit rows from `n_valid` on are padding.
     pub fn new(params: SamplingParams, n_valid: usize) -> Sampler {
-        let seed = params.seed.unwrap_or_else(Rng::entropy_seed);
-        Sampler { params, n_valid, rng: Rng::new(seed), history: Vec::new() }
+        let seed = params.seed.unwrap_or_else(rand::random);
+        Sampler { params, n_valid, rng: Xoshiro256StarStar::seed_from_u64(seed), history: Vec::new() }
     }
 
     /// Tokens the penalties should see (the prompt, then every sampled token via `accept`).
@@ -242,7 +199,7 @@ impl Sampler {
         let id = if dist.len() <= 1 {
             dist.first().map(|d| d.0).unwrap_or(0)
         } else {
-            let r = self.rng.next_f64();
+            let r: f64 = self.rng.random();
             let mut cum = 0f64;
             let mut pick = dist[dist.len() - 1].0;
             for &(id, q) in &dist {
@@ -375,10 +332,19 @@ mod tests {
     }
 
     #[test]
-    fn rng_matches_the_reference_xoshiro256starstar() {
+    fn seeded_stream_is_xoshiro256starstar_through_splitmix64() {
+        use rand::RngCore as _;
         // state {1, 2, 3, 4}: first outputs of the reference C implementation
-        let mut r = Rng { s: [1, 2, 3, 4] };
+        let state: Vec<u8> = [1u64, 2, 3, 4].iter().flat_map(|s| s.to_le_bytes()).collect();
+        let mut r = Xoshiro256StarStar::from_seed(state.try_into().expect("32 bytes"));
         assert_eq!([r.next_u64(), r.next_u64(), r.next_u64()], [11520, 0, 1509978240]);
+        // seed 42 through SplitMix64 (the reference C seeding loop), and the draws in [0, 1)
+        // as (u64 >> 11) / 2^53: the stream the sampler had before it used rand_xoshiro
+        let mut r = Xoshiro256StarStar::seed_from_u64(42);
+        assert_eq!([r.next_u64(), r.next_u64(), r.next_u64()], [1546998764402558742, 6990951692964543102, 12544586762248559009]);
+        let mut r = Xoshiro256StarStar::seed_from_u64(42);
+        let draws: [f64; 2] = [r.random(), r.random()];
+        assert_eq!(draws, [0.08386297105988216, 0.3789802506626686]);
     }
 
     #[test]
@@ -386,7 +352,7 @@ mod tests {
         let ok = SamplingParams::default();
         assert_eq!(ok.validate(10), Ok(()));
         let e = SamplingParams { logit_bias: vec![(10, 1.0)], ..ok.clone() }.validate(10).unwrap_err();
-        assert_eq!(e.to_string(), "logit_bias: token id 10 is outside the vocabulary [0, 10)");
+        assert_eq!(e.to_string(), "logit_bias: token id 10 (index 0) is outside the vocabulary [0, 10)");
         let e = SamplingParams { temperature: -1.0, ..ok.clone() }.validate(10).unwrap_err();
         assert!(e.to_string().contains("temperature") && e.to_string().contains("-1"), "{e}");
         assert!(SamplingParams { top_p: 0.0, ..ok.clone() }.validate(10).is_err());

@@ -89,45 +89,14 @@ pub struct WorkerPool {
     pins: Vec<Pin>,
     limits: Limits,
     identity: ModelIdentity,
-    dir: tempdir::PrivateDir,
+    /// Private (0700) directory for the sockets and placement files, removed on drop.
+    dir: tempfile::TempDir,
     workers: Vec<Worker>,
     /// The current layer's activations (kept for a replay).
     x: Vec<f32>,
     /// Worker-reported compute of the last `end`, summed over workers (µs).
     reported_us: u64,
     pub respawns: usize,
-}
-
-mod tempdir {
-    use std::path::{Path, PathBuf};
-
-    /// A private (0700) directory for sockets and placement files, removed on drop.
-    pub struct PrivateDir(PathBuf);
-
-    impl PrivateDir {
-        pub fn create() -> std::io::Result<PrivateDir> {
-            use std::os::unix::fs::DirBuilderExt;
-            let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-            for i in 0..1000u32 {
-                let p = base.join(format!("dflash-{}-{i}", std::process::id()));
-                match std::fs::DirBuilder::new().mode(0o700).create(&p) {
-                    Ok(()) => return Ok(PrivateDir(p)),
-                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-                    Err(e) => return Err(e),
-                }
-            }
-            Err(std::io::Error::other("no free private directory name"))
-        }
-        pub fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-
-    impl Drop for PrivateDir {
-        fn drop(&mut self) {
-            std::fs::remove_dir_all(&self.0).ok();
-        }
-    }
 }
 
 impl WorkerPool {
@@ -139,7 +108,12 @@ impl WorkerPool {
         let identity = expert_worker::model_identity(model)?;
         let c = &model.config;
         let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
-        let dir = tempdir::PrivateDir::create().context("creating the private socket directory")?;
+        let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("dflash-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a private socket directory in {}", base.display()))?;
         let mut pool =
             WorkerPool { exe, model: model.path.clone(), threads, spin, pins, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
         for (index, experts) in shares.into_iter().enumerate() {
