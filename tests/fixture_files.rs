@@ -61,6 +61,9 @@ fn converter_files_open_with_the_transformers_config() {
     let mx = check_config("ds4-tiny-a.mxfp4.gguf", "ds4-tiny-a.json");
     assert_eq!(mx.tensors.get("blk.3.ffn_up_exps.weight").unwrap().ty, ggml::TensorType::MXFP4);
     check_config("ds4-tiny-b.f32.gguf", "ds4-tiny-b.json");
+    // indexer keys longer than the attention head, as transformers and llama.cpp allow
+    let c = check_config("ds4-tiny-c.f32.gguf", "ds4-tiny-c.json");
+    assert_eq!((c.config.head_dim, c.config.indexer_dim), (32, 64));
 }
 
 #[test]

@@ -1,7 +1,9 @@
 //! The DS4 forward pass against the transformers float32 references of the tiny fixtures
 //! (tests/fixtures, made by tools/make_fixtures.py): full prefill, decode after a prefill,
-//! uneven chunked prefill, and greedy continuation. Tolerance with every weight in F32:
-//! max |Δlogit| ≤ 1e-3 · max |logit| at every position.
+//! uneven chunked prefill, and greedy continuation. With every weight in F32 each fixture
+//! has its own bound on max |Δlogit| / max |logit| at every position ([`f32_bound`]): the
+//! worst measured over all its tests with a small margin, so a kernel that is only slightly
+//! wrong fails.
 use std::path::PathBuf;
 
 use graph::{Logits, Model, ModelOptions};
@@ -10,7 +12,21 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
 }
 
+/// The bound every F32 test of a fixture asserts on max |Δlogit| / max |logit| (over the
+/// reference's columns, the full-row max |logit| and logsumexp, and the argmax's logit).
+/// Measured worst (2-core x86-64 VM; the tests print theirs): A 5.2e-6 (matmul attention path),
+/// B 4.6e-6 (chunked prefill), C 6.9e-6 (decode after prefill, position 178). Float noise of
+/// a correct forward; a wrong rope, mask, norm or selection moves whole rows by ≥ 1e-2.
+fn f32_bound(name: &str) -> f32 {
+    match name {
+        "ds4-tiny-a" | "ds4-tiny-b" => 1e-5,
+        "ds4-tiny-c" => 1.5e-5,
+        other => panic!("no F32 bound for {other}"),
+    }
+}
+
 struct Reference {
+    name: String,
     tokens: Vec<u32>,
     cols: Vec<usize>,
     /// [T, cols]
@@ -32,6 +48,7 @@ fn reference(name: &str) -> Reference {
     // the Q8_0-emulated reference has no greedy continuation
     let has_greedy = npz.array_names().any(|n| n == "greedy_tokens");
     Reference {
+        name: name.to_string(),
         tokens: ints(&mut npz, "tokens").into_iter().map(|t| t as u32).collect(),
         cols: ints(&mut npz, "logits_cols").into_iter().map(|t| t as usize).collect(),
         sub: npz_array(&mut npz, "logits_sub"),
@@ -59,10 +76,11 @@ fn logsumexp(row: &[f32]) -> f32 {
 /// Compare rows of logits (one per position, starting at `first`) with the reference.
 fn check(r: &Reference, logits: &[f32], n_vocab: usize, first: usize, what: &str) {
     assert_eq!(logits.len() % n_vocab, 0);
+    let bound = f32_bound(&r.name);
     let mut worst = (0f32, 0usize);
     for (i, row) in logits.chunks_exact(n_vocab).enumerate() {
         let t = first + i;
-        let tol = 1e-3 * r.max_abs[t];
+        let tol = bound * r.max_abs[t];
         let k = r.cols.len();
         let sub = &r.sub[t * k..(t + 1) * k];
         let mut max_d = 0f32;
@@ -76,7 +94,7 @@ fn check(r: &Reference, logits: &[f32], n_vocab: usize, first: usize, what: &str
         max_d = max_d.max((logsumexp(row) - r.logsumexp[t]).abs());
         let top = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
         max_d = max_d.max(top - row[r.argmax[t]]);
-        assert!(max_d <= tol, "{what}: position {t}: max |Δlogit| {max_d:.3e} > {tol:.3e} (1e-3 · max |logit|)");
+        assert!(max_d <= tol, "{what}: position {t}: max |Δlogit| {max_d:.3e} > {tol:.3e} ({bound:.0e} · max |logit|)");
         if max_d / r.max_abs[t] > worst.0 {
             worst = (max_d / r.max_abs[t], t);
         }
@@ -84,12 +102,19 @@ fn check(r: &Reference, logits: &[f32], n_vocab: usize, first: usize, what: &str
     eprintln!("{what}: positions {first}..{}: worst relative |Δlogit| {:.2e} at {}", first + logits.len() / n_vocab, worst.0, worst.1);
 }
 
-fn full_prefill(name: &str, gguf: &str) {
+/// The whole reference in one forward: every position within the fixture's bound, the
+/// median relative L2 over the reference's columns ≤ `median_l2`, and the same argmax at
+/// every position.
+fn full_prefill(name: &str, gguf: &str, median_l2: f64) {
     let r = reference(name);
     let mut m = load(gguf, 512);
     let mut seq = m.new_sequence(1024).expect("sequence");
     let logits = m.forward(&mut seq, &r.tokens, Logits::All).expect("forward");
     check(&r, &logits, m.n_vocab(), 0, &format!("{gguf} full prefill"));
+    let (l2, top1) = rel_l2_and_top1(&r, &logits, m.n_vocab());
+    eprintln!("{gguf} full prefill: median relative L2 {l2:.2e}, top-1 {:.1}%", 100.0 * top1);
+    assert!(l2 <= median_l2, "{gguf}: median relative L2 {l2:.2e} > {median_l2:.0e}");
+    assert_eq!(top1, 1.0, "{gguf}: argmax differs at some position");
 }
 
 /// A prefill of `p` tokens, then the rest one token at a time (the decode graph).
@@ -127,7 +152,7 @@ fn chunked_prefill(name: &str, gguf: &str, chunks: &[usize]) {
     }
 }
 
-/// Greedy continuation of the whole reference sequence: the same 64 tokens.
+/// Greedy continuation of the whole reference sequence: the same tokens (64 for A and B, 32 for C).
 fn greedy(name: &str, gguf: &str) {
     let r = reference(name);
     let mut m = load(gguf, 128);
@@ -178,7 +203,7 @@ fn b_f32_greedy_64() {
 /// of 48 (the hyper-connection mix as outer products) then decode (ggml's hc_post op).
 #[test]
 fn every_attention_path_matches_the_reference() {
-    for (name, gguf, p) in [("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 230), ("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 250)] {
+    for (name, gguf, p) in [("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 230), ("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 250), ("ds4-tiny-c", "ds4-tiny-c.f32.gguf", 150)] {
         let r = reference(name);
         let paths = [
             (false, 0, "matmul, CSA gathered"),
@@ -203,12 +228,33 @@ fn every_attention_path_matches_the_reference() {
 
 #[test]
 fn a_f32_full_prefill() {
-    full_prefill("ds4-tiny-a", "ds4-tiny-a.f32.gguf");
+    full_prefill("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 2e-6);
 }
 
 #[test]
 fn b_f32_full_prefill() {
-    full_prefill("ds4-tiny-b", "ds4-tiny-b.f32.gguf");
+    full_prefill("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 2e-6);
+}
+
+/// Indexer keys (64) longer than the attention head (32).
+#[test]
+fn c_f32_full_prefill() {
+    full_prefill("ds4-tiny-c", "ds4-tiny-c.f32.gguf", 2e-6);
+}
+
+#[test]
+fn c_f32_decode_after_prefill() {
+    decode_after_prefill("ds4-tiny-c", "ds4-tiny-c.f32.gguf", 61);
+}
+
+#[test]
+fn c_f32_chunked_prefill() {
+    chunked_prefill("ds4-tiny-c", "ds4-tiny-c.f32.gguf", &[3, 1, 29, 64, 1, 2, 41]);
+}
+
+#[test]
+fn c_f32_greedy_32() {
+    greedy("ds4-tiny-c", "ds4-tiny-c.f32.gguf");
 }
 
 /// Median relative L2 over the reference's logit columns and top-1 agreement with its argmax.
@@ -288,17 +334,20 @@ fn a_mxfp4_close_to_float_reference() {
     let (l2, agree) = rel_l2_and_top1(&exact, &logits, v);
     eprintln!("mxfp4 vs float32 reference: median relative L2 {l2:.2e}, top-1 agreement {:.1}%", 100.0 * agree);
 
-    // Measured (x86 AVX-512, CPU backend, 330 positions): 1 flip (position 58, 3.3e-3: there
-    // one element of the last layer's expert input, scaled by 127/amax, is 5.7e-6 from a
-    // half-integer), elsewhere at most 8.4e-7 (median 3.0e-7, median relative L2 2.8e-7, top-1 100%).
-    // Against the exact float32 reference every one of the 330 positions is above 1e-3
-    // (median relative L2 3.3e-2, top-1 82.7%), so without the emulation this fails.
-    assert!(flips.len() <= 8, "{} flip positions {flips:?}", flips.len());
+    // Measured (CPU backend, 330 positions): on an x86 AVX-512 host 1 flip (position 58,
+    // 3.3e-3: there one element of the last layer's expert input, scaled by 127/amax, is
+    // 5.7e-6 from a half-integer), median 3.0e-7, median relative L2 2.8e-7; on the 2-core
+    // VM no flip (worst 4.7e-4 at one position), median 5.4e-7, median relative L2 6.2e-7;
+    // top-1 100% on both. Against the exact float32 reference every one of the 330 positions
+    // is above 1e-3 (median relative L2 3.27e-2, top-1 82.7%, the emulated reference's own
+    // distance), so without the emulation this fails.
+    assert!(flips.len() <= 2, "{} flip positions {flips:?}", flips.len());
     assert!(top1_off.is_empty(), "argmax differs from the Q8_0 reference at positions {top1_off:?}");
-    assert!(median <= 1e-5, "median relative |Δlogit| {median:.2e}: more than float noise");
-    // A broken quantized path is far off (relative L2 ~1, agreement ~0).
-    assert!(l2 < 0.1, "median relative L2 to the float reference {l2:.2e}");
-    assert!(agree >= 0.75, "top-1 agreement with the float reference {agree}");
+    assert!(median <= 1.5e-6, "median relative |Δlogit| {median:.2e}: more than float noise");
+    assert!(q8_l2 <= 1.5e-6, "median relative L2 to the Q8_0 reference {q8_l2:.2e}");
+    // The distance to the float reference is the rounding's own (3.26e-2, 82.7%).
+    assert!((3.0e-2..=3.6e-2).contains(&l2), "median relative L2 to the float reference {l2:.2e}");
+    assert!(agree >= 0.8, "top-1 agreement with the float reference {agree}");
 }
 
 #[test]

@@ -110,6 +110,11 @@ class FixtureConfig:
     output_periods: tuple[int, int] = (2048, 2039)
     greedy_tokens: int = 64
     logit_cols: int = 4096
+    # the reference's logit columns: the union of every position's top-`logit_topk`,
+    # topped up with a seeded sample to `logit_cols`
+    logit_topk: int = 16
+    # also written as models/tiny-ds4.gguf.zst (the README's demo model)
+    demo_model: bool = False
 
 
 CONFIGS: dict[str, FixtureConfig] = {
@@ -122,7 +127,7 @@ CONFIGS: dict[str, FixtureConfig] = {
         experts=16, experts_used=4, expert_ff=32, sliding_window=8,
         index_heads=16, index_head_dim=64, index_topk=8,
         seq_len=330, llama_cpp_compatible=True,
-        variants=["f32", "mxfp4"], experts_on_mxfp4_grid=True,
+        variants=["f32", "mxfp4"], experts_on_mxfp4_grid=True, demo_model=True,
     ),
     # dflash-vs-transformers only: second compression ratio 8 (llama.cpp accepts only
     # 0/4/128), other shapes deliberately different from config A.
@@ -136,6 +141,20 @@ CONFIGS: dict[str, FixtureConfig] = {
         variants=["f32"], experts_on_mxfp4_grid=False,
         embed_periods=(1021, 1024), output_periods=(1024, 1021),
         output_std=0.85,
+    ),
+    # Indexer keys twice as long as the attention head (index_head_dim 64, head_dim 32):
+    # transformers and llama.cpp run such files. Small on purpose (200 positions, a few hundred
+    # logit columns, 32 greedy tokens) to keep the reference file small.
+    "ds4-tiny-c": FixtureConfig(
+        name="ds4-tiny-c", seed=20260512,
+        hidden=32, layers=4, compress_ratios=[0, 4, 128, 4], hash_layers=1,
+        heads=4, head_dim=32, rope_dim=8, q_lora_rank=24, o_groups=2, o_lora_rank=16,
+        experts=8, experts_used=2, expert_ff=16, sliding_window=8,
+        index_heads=16, index_head_dim=64, index_topk=4,
+        seq_len=200, llama_cpp_compatible=True,
+        variants=["f32"], experts_on_mxfp4_grid=False,
+        embed_periods=(1021, 1024), output_periods=(1024, 1021),
+        output_std=0.85, greedy_tokens=32, logit_cols=384, logit_topk=2,
     ),
 }
 
@@ -550,7 +569,8 @@ def fetch_llama_cpp_source(cache: Path) -> Path:
     if (root / "conversion" / "deepseek.py").is_file():
         return root
     cache.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    # only the package itself as source (`:all:` would build its build tools from source too)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
                     LLAMA_CPP_PYTHON_SDIST, "-d", str(cache)], check=True)
     with tarfile.open(cache / "llama_cpp_python-0.3.36.tar.gz") as tf:
         tf.extractall(cache, filter="data")
@@ -961,8 +981,8 @@ def compute_reference(model, cfg: FixtureConfig, ids: np.ndarray) -> tuple[dict,
         "logits_argmax": torch.argmax(logits, -1).numpy().astype(np.int32),
         "logits_logsumexp": torch.logsumexp(logits, -1).numpy().astype(np.float32),
     }
-    # column subset: union of every position's top-16 plus a seeded random sample
-    top = torch.topk(logits, 16, dim=-1).indices.numpy().ravel()
+    # column subset: union of every position's top-k plus a seeded random sample
+    top = torch.topk(logits, cfg.logit_topk, dim=-1).indices.numpy().ravel()
     cols = set(int(c) for c in top)
     rng = np.random.default_rng([cfg.seed, 7])
     if len(cols) < cfg.logit_cols:
@@ -1009,7 +1029,7 @@ def compute_reference(model, cfg: FixtureConfig, ids: np.ndarray) -> tuple[dict,
         "max_prob_pct_5_25_50_75_95": np.percentile(probs_max.numpy(), [5, 25, 50, 75, 95]).round(4).tolist(),
         "max_prob_frac_in_0.05_0.9": float(((probs_max > 0.05) & (probs_max < 0.9)).double().mean()),
         "logits_cols": int(len(cols_arr)),
-        "top16_union": int(len(set(int(c) for c in top))),
+        f"top{cfg.logit_topk}_union": int(len(set(int(c) for c in top))),
         "prefill_cache_vs_nocache_max_abs_diff": prefill_cache_diff,
         "greedy_cache_equals_full_recompute": bool(np.array_equal(g_full, g_cache)),
         "greedy_cache_matching_prefix": n_same,
@@ -1339,7 +1359,7 @@ def main() -> None:
         return
     for name in names:
         meta = make_fixture(CONFIGS[name], args, gguf, deepseek, tok)
-        if CONFIGS[name].llama_cpp_compatible and "f32" in CONFIGS[name].variants and args.model_out:
+        if CONFIGS[name].demo_model and "f32" in CONFIGS[name].variants and args.model_out:
             args.model_out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(args.out_dir / meta["gguf"]["f32"]["file"], args.model_out)
             log.info("wrote %s", args.model_out)

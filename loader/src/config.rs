@@ -185,11 +185,6 @@ impl Ds4Config {
 
         // Vocabulary: the tokenizer's token list; the rows of token_embd may add padding.
         let n_tokens = md.str_array("tokenizer.ggml.tokens")?.len();
-        if let Some(v) = md.opt_int_in(&key("vocab_size"), 0, i64::MAX as i128)? {
-            if v as usize != n_tokens {
-                return Err(value_err(&key("vocab_size"), format!("the number of tokenizer.ggml.tokens ({n_tokens})"), v));
-            }
-        }
         let n_vocab = match tensors.get("token_embd.weight") {
             Some(t) => t.ne[1] as usize,
             None => return Err(LoadError::MissingTensor { name: "token_embd.weight".into() }),
@@ -202,35 +197,43 @@ impl Ds4Config {
             });
         }
 
-        // Relations between values.
+        // Relations between values: only those the forward pass needs (a tensor shape or a
+        // view would be wrong, or an index out of range). What transformers' DeepseekV4 and
+        // llama.cpp accept beyond that is accepted here too: `indexer.key_length` may exceed
+        // `key_length`, `hash_layer_count` may exceed the layer count (every layer hashes),
+        // and `head_count` need not be a multiple of `output_group_count`. Keys the model
+        // does not use (`vocab_size`, `embedding_length_out`, both derived by llama.cpp) are
+        // not read.
+        // The graph has one K=V head: `attn_kv` is [n_embd, key_length], shared by every
+        // query head.
         if n_head_kv != 1 {
             return Err(value_err(&key("attention.head_count_kv"), "1 (one shared key/value head)", n_head_kv));
         }
+        // Keys and values are one tensor, so they have one width.
         if value_length != head_dim {
             return Err(value_err(&key("attention.value_length"), format!("key_length ({head_dim}): keys and values are one tensor"), value_length));
         }
+        // RoPE rotates pairs of the trailing `n_rot` dims of each head (offset key_length − n_rot).
         if n_rot > head_dim || n_rot % 2 != 0 {
             return Err(value_err(&key("rope.dimension_count"), format!("an even number ≤ key_length ({head_dim})"), n_rot));
         }
-        if (n_head * head_dim) % o_groups != 0 || n_head % o_groups != 0 {
-            return Err(value_err(&key("attention.output_group_count"), format!("a divisor of head_count ({n_head})"), o_groups));
+        // The grouped output projection splits the n_head · key_length attention output into
+        // `output_group_count` equal slices (transformers: `reshape(..., o_groups, -1)`).
+        if (n_head * head_dim) % o_groups != 0 {
+            return Err(value_err(
+                &key("attention.output_group_count"),
+                format!("a divisor of head_count × key_length ({})", n_head * head_dim),
+                o_groups,
+            ));
         }
+        // Top-k over the experts: k of n.
         if n_expert_used > n_expert {
             return Err(value_err(&key("expert_used_count"), format!("≤ expert_count ({n_expert})"), n_expert_used));
         }
-        if n_hash_layers > n_layer {
-            return Err(value_err(&key("hash_layer_count"), format!("≤ the number of layers ({n_layer})"), n_hash_layers));
-        }
-        if has_csa && indexer_dim > head_dim {
-            return Err(value_err(&key("attention.indexer.key_length"), format!("≤ key_length ({head_dim})"), indexer_dim));
-        }
+        // The indexer's queries and keys carry RoPE on their trailing `n_rot` dims too
+        // (offset indexer.key_length − n_rot).
         if has_csa && n_rot > indexer_dim {
             return Err(value_err(&key("attention.indexer.key_length"), format!("≥ rope.dimension_count ({n_rot})"), indexer_dim));
-        }
-        if let Some(out) = md.opt_int_in(&key("embedding_length_out"), 0, i64::MAX as i128)? {
-            if out as usize != n_embd * hc_count {
-                return Err(value_err(&key("embedding_length_out"), format!("embedding_length × hyper_connection.count = {}", n_embd * hc_count), out));
-            }
         }
 
         Ok(Ds4Config {

@@ -44,7 +44,9 @@ pub enum ReadMode {
     /// (for models near the size of RAM). Falls back to [`ReadMode::Pread`] where the file
     /// system refuses `O_DIRECT` (tmpfs, some network file systems).
     Direct,
-    /// Copy out of a read-only memory map (fallback for files `pread` cannot serve).
+    /// Copy out of a read-only memory map (fallback for files `pread` cannot serve). The
+    /// kernel copies (`process_vm_readv`), so a file truncated while mapped gives an error,
+    /// not SIGBUS.
     Mmap,
 }
 
@@ -319,10 +321,58 @@ fn open_direct(path: &std::path::Path) -> Option<File> {
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok()
 }
 
+fn truncated(src: u64, len: u64, size: u64) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::UnexpectedEof,
+        format!("the file is now {size} bytes and ends inside [{src}, {}): it was truncated after it was opened", src + len),
+    )
+}
+
+/// Copy `dst.len()` bytes at offset `src` of the read-only mapping `map` of `file` into `dst`. The
+/// kernel does the copy (`process_vm_readv` on this process), so a page the file no longer
+/// backs (truncated by another process after the size check) fails the call with EFAULT
+/// instead of raising SIGBUS in this thread; and no Rust reference is ever made over the
+/// mapped bytes, which another process may change.
+fn copy_from_map(map: &memmap2::Mmap, file: &File, src: u64, dst: &mut [u8]) -> std::io::Result<()> {
+    let len = dst.len() as u64;
+    if src.checked_add(len).is_none_or(|end| end > map.len() as u64) {
+        return Err(truncated(src, len, map.len() as u64));
+    }
+    let mut done = 0usize;
+    while done < dst.len() {
+        let rest = dst.len() - done;
+        let local = libc::iovec { iov_base: dst[done..].as_mut_ptr().cast(), iov_len: rest };
+        // SAFETY: only an address computed for the kernel: `src + done + rest` ≤ map.len().
+        let remote = libc::iovec { iov_base: unsafe { map.as_ptr().add(src as usize + done) } as *mut libc::c_void, iov_len: rest };
+        // SAFETY: `local` is `rest` writable bytes of `dst`; the kernel validates `remote`
+        // and reports a bad page as an error.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::EFAULT) => return Err(truncated(src + done as u64, rest as u64, file.metadata()?.len())),
+                Some(libc::EPERM) | Some(libc::ENOSYS) => {
+                    return Err(std::io::Error::new(
+                        e.kind(),
+                        format!("mmap reads copy through process_vm_readv, which this system refuses ({e}); use the pread or direct read mode"),
+                    ))
+                }
+                _ => return Err(e),
+            }
+        }
+        if n == 0 {
+            return Err(truncated(src + done as u64, rest as u64, file.metadata()?.len()));
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
 /// Where the bytes come from, shared by the reading threads.
 struct Source<'a> {
     file: &'a File,
-    map: Option<&'a [u8]>,
+    map: Option<&'a memmap2::Mmap>,
     direct: Option<&'a File>,
     /// Cleared (for every thread) when an O_DIRECT read is refused.
     direct_ok: &'a AtomicBool,
@@ -370,7 +420,14 @@ impl Source<'_> {
                     &mut staging.plain[..]
                 };
                 match self.map {
-                    Some(m) => dst.copy_from_slice(&m[job.src as usize..(job.src + job.len) as usize]),
+                    Some(m) => {
+                        // A file shortened since it was mapped: a clear error, not a fault.
+                        let size = self.file.metadata()?.len();
+                        if job.src + job.len > size {
+                            return Err(truncated(job.src, job.len, size));
+                        }
+                        copy_from_map(m, self.file, job.src, dst)?;
+                    }
                     None => self.file.read_exact_at(dst, job.src)?,
                 }
                 if host {
@@ -397,8 +454,8 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -
     // SAFETY: advisory call on an open descriptor.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     let map = match opts.mode {
-        // SAFETY: the file is opened read-only; a concurrent truncation by another process
-        // would fault, as with any mmap-based loader.
+        // SAFETY: the file is opened read-only, and the mapping is only read through
+        // `copy_from_map` (the kernel copies; a truncated file gives an error, not SIGBUS).
         ReadMode::Mmap => Some(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(model, e))?),
         ReadMode::Pread | ReadMode::Direct => None,
     };
@@ -425,7 +482,7 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -
     let start = Instant::now();
 
     let src =
-        Source { file: &file, map: map.as_deref(), direct: direct.as_ref(), direct_ok: &direct_ok, populate_ok: &populate_ok };
+        Source { file: &file, map: map.as_ref(), direct: direct.as_ref(), direct_ok: &direct_ok, populate_ok: &populate_ok };
     let worker = || {
         let mut staging = Staging { plain: Vec::new(), aligned: None };
         if direct.is_some() {
@@ -473,4 +530,37 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -
         return Err(e);
     }
     Ok(ReadStats { bytes: total, seconds: start.elapsed().as_secs_f64() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mapping whose file is truncated after it was made: copying a page the file no
+    /// longer backs is an error naming the new size, not SIGBUS; pages still inside copy.
+    #[test]
+    fn copy_from_a_truncated_mapping_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.bin");
+        let bytes: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).expect("write");
+        let file = File::open(&path).expect("open");
+        // SAFETY: read only through copy_from_map.
+        let map = unsafe { memmap2::Mmap::map(&file) }.expect("map");
+        let mut dst = vec![0u8; 8192];
+        copy_from_map(&map, &file, 500_000, &mut dst).expect("inside the file");
+        assert_eq!(dst, bytes[500_000..508_192]);
+
+        std::fs::OpenOptions::new().write(true).open(&path).expect("open rw").set_len(65_536).expect("truncate");
+        let err = copy_from_map(&map, &file, 500_000, &mut dst).expect_err("past the new end");
+        assert!(err.to_string().contains("now 65536 bytes") && err.to_string().contains("truncated"), "{err}");
+        // Straddling the new end: the copy stops with an error too.
+        let err = copy_from_map(&map, &file, 60_000, &mut dst).expect_err("straddles the new end");
+        assert!(err.to_string().contains("truncated"), "{err}");
+        copy_from_map(&map, &file, 4096, &mut dst).expect("still inside");
+        assert_eq!(dst, bytes[4096..12_288]);
+        // Past the mapping itself.
+        let err = copy_from_map(&map, &file, (1 << 20) - 100, &mut dst).expect_err("past the mapping");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
 }

@@ -163,16 +163,83 @@ fn key_with_wrong_type() {
     assert!(msg.contains("deepseek4.rope.freq_base") && msg.contains("u32") && msg.contains("float"), "{msg}");
 }
 
+fn open_spec(spec: &SynthSpec) -> ModelFile {
+    let case = write(&SynthModel::new(spec));
+    ModelFile::open(&case.path).unwrap_or_else(|e| panic!("{spec:?}: {e}"))
+}
+
+fn spec_err(spec: &SynthSpec) -> String {
+    open_err(&write(&SynthModel::new(spec))).1
+}
+
+/// Relations transformers and llama.cpp accept (and the graph computes correctly) are not
+/// refused: an indexer key longer than the attention head (64 / 32 and 128 / 64, as the
+/// transformers fixture ds4-tiny-c), more hash layers than layers, a head count that is not
+/// a multiple of the output groups (only head_count × key_length must split evenly).
 #[test]
-fn vocab_size_disagrees_with_token_count() {
+fn valid_relations_are_accepted() {
+    let mut s = SynthSpec::tiny();
+    s.head_dim = 32;
+    s.n_rot = 8;
+    s.indexer_dim = 64;
+    let c = open_spec(&s).config;
+    assert_eq!((c.head_dim, c.indexer_dim), (32, 64));
+    s.head_dim = 64;
+    s.indexer_dim = 128;
+    let c = open_spec(&s).config;
+    assert_eq!((c.head_dim, c.indexer_dim), (64, 128));
+
+    let mut s = SynthSpec::tiny();
+    s.n_hash_layers = s.n_layer + 2;
+    let c = open_spec(&s).config;
+    assert!((0..c.n_layer).all(|l| c.is_hash_layer(l)));
+
+    // 6 heads of 64 in 4 groups of 96 (1.5 heads each).
+    let mut s = SynthSpec::tiny();
+    s.n_head = 6;
+    s.o_groups = 4;
+    let c = open_spec(&s).config;
+    assert_eq!((c.n_head, c.o_groups), (6, 4));
+}
+
+/// Keys the model does not use are not cross-checked: `vocab_size` (llama.cpp reads it only
+/// for files without a tokenizer; the embedding's rows are the vocabulary) and
+/// `embedding_length_out` (llama.cpp derives it as embedding_length × hc).
+#[test]
+fn unused_keys_are_not_cross_checked() {
+    for (k, v) in [("deepseek4.vocab_size", 513), ("deepseek4.vocab_size", 512), ("deepseek4.embedding_length_out", 7)] {
+        let mut m = tiny();
+        m.set(k, Value::Int { v, ty: "u32" });
+        let f = ModelFile::open(&write(&m).path).unwrap_or_else(|e| panic!("{k} = {v}: {e}"));
+        assert_eq!((f.config.n_vocab, f.config.n_tokens), (512, 512));
+    }
+}
+
+/// The relations the math needs are refused with the key, the bound and the value.
+#[test]
+fn relations_the_graph_needs_are_refused() {
+    // The indexer's RoPE covers its trailing n_rot dims.
+    let mut s = SynthSpec::tiny();
+    s.indexer_dim = 8;
+    let msg = spec_err(&s);
+    assert!(msg.contains("deepseek4.attention.indexer.key_length") && msg.contains("≥ rope.dimension_count (16)") && msg.contains('8'), "{msg}");
+    // RoPE rotates pairs of the head's trailing dims.
+    for n_rot in [15, 66] {
+        let mut m = tiny();
+        m.set("deepseek4.rope.dimension_count", Value::Int { v: n_rot, ty: "u32" });
+        let (_, msg) = open_err(&write(&m));
+        assert!(msg.contains("deepseek4.rope.dimension_count") && msg.contains("even number ≤ key_length (64)") && msg.contains(&n_rot.to_string()), "{msg}");
+    }
+    // The output groups split head_count × key_length = 256 evenly.
     let mut m = tiny();
-    m.set("deepseek4.vocab_size", Value::Int { v: 513, ty: "u32" });
+    m.set("deepseek4.attention.output_group_count", Value::Int { v: 3, ty: "u32" });
     let (_, msg) = open_err(&write(&m));
-    assert!(msg.contains("deepseek4.vocab_size") && msg.contains("512") && msg.contains("513"), "{msg}");
-    // Present and equal: accepted.
+    assert!(msg.contains("deepseek4.attention.output_group_count") && msg.contains("256") && msg.contains('3'), "{msg}");
+    // k of n experts.
     let mut m = tiny();
-    m.set("deepseek4.vocab_size", Value::Int { v: 512, ty: "u64" });
-    ModelFile::open(&write(&m).path).unwrap();
+    m.set("deepseek4.expert_used_count", Value::Int { v: 9, ty: "u32" });
+    let (_, msg) = open_err(&write(&m));
+    assert!(msg.contains("deepseek4.expert_used_count") && msg.contains("≤ expert_count (8)") && msg.contains('9'), "{msg}");
 }
 
 #[test]

@@ -86,10 +86,13 @@ fn a_file_shortened_after_open_is_an_error() {
     f.set_len(last.offset + last.nbytes / 2).unwrap();
     drop(f);
     let cpu = ggml::Device::cpu().unwrap();
-    for mode in [ReadMode::Direct, ReadMode::Pread] {
+    for mode in [ReadMode::Direct, ReadMode::Pread, ReadMode::Mmap] {
         let opts = ReadOptions { mode, threads: 2, chunk_bytes: 1 << 16, progress: false };
         let err = loader::load_tensors(&m, &[TensorRequest::whole(&last.name)], cpu.buffer_type(), &opts).err();
         let err = err.unwrap_or_else(|| panic!("{mode:?}: a truncated file loaded"));
         assert!(err.to_string().contains("tiny.gguf"), "{mode:?}: {err}");
+        if mode == ReadMode::Mmap {
+            assert!(err.to_string().contains("truncated after it was opened"), "{err}");
+        }
     }
 }
