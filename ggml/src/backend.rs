@@ -103,6 +103,39 @@ impl Device {
         BufferType(unsafe { sys::ggml_backend_dev_buffer_type(self.raw) })
     }
 
+    /// The device's extra buffer type called `name` (e.g. the CPU's `CPU_REPACK`), if its
+    /// backend has one (asked through the registry's `ggml_backend_dev_get_extra_bufts`).
+    pub fn extra_buffer_type(&self, name: &str) -> Option<BufferType> {
+        type GetExtra = unsafe extern "C" fn(sys::ggml_backend_dev_t) -> *mut sys::ggml_backend_buffer_type_t;
+        // SAFETY: registry lookups on a valid device; the entry point, when present, has the
+        // signature above and returns a NULL-terminated array of static buffer types.
+        unsafe {
+            let reg = sys::ggml_backend_dev_backend_reg(self.raw);
+            let f = sys::ggml_backend_reg_get_proc_address(reg, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+            if f.is_null() {
+                return None;
+            }
+            let f: GetExtra = std::mem::transmute(f);
+            let mut p = f(self.raw);
+            while !p.is_null() && !(*p).is_null() {
+                if cstr(sys::ggml_backend_buft_name(*p)) == name {
+                    return Some(BufferType(*p));
+                }
+                p = p.add(1);
+            }
+            None
+        }
+    }
+
+    /// Whether the device can compute the node `op`.
+    ///
+    /// # Safety
+    /// `op` is a live tensor whose sources are live.
+    pub unsafe fn supports_op(&self, op: *const sys::ggml_tensor) -> bool {
+        // SAFETY: the caller's contract; valid device.
+        unsafe { sys::ggml_backend_dev_supports_op(self.raw, op) }
+    }
+
     pub fn as_ptr(&self) -> sys::ggml_backend_dev_t {
         self.raw
     }
@@ -129,6 +162,16 @@ impl BufferType {
 
     pub fn name(&self) -> String {
         cstr(unsafe { sys::ggml_backend_buft_name(self.0) })
+    }
+
+    /// A buffer of `bytes` bytes (0 gives a buffer that only carries its type).
+    pub fn alloc_buffer(&self, bytes: usize) -> Result<Buffer, GgmlError> {
+        // SAFETY: valid buffer type; NULL handled.
+        let raw = unsafe { sys::ggml_backend_buft_alloc_buffer(self.0, bytes) };
+        if raw.is_null() {
+            return Err(GgmlError::Alloc { buffer_type: self.name(), bytes });
+        }
+        Ok(Buffer { raw })
     }
 }
 
@@ -236,6 +279,12 @@ impl Buffer {
 
     pub fn is_host(&self) -> bool {
         unsafe { sys::ggml_backend_buffer_is_host(self.raw) }
+    }
+
+    /// Set every byte of the buffer to `value`.
+    pub fn clear(&self, value: u8) {
+        // SAFETY: we own the buffer.
+        unsafe { sys::ggml_backend_buffer_clear(self.raw, value) };
     }
 
     /// Mark as holding weights (lets schedulers prefer computing where weights live).

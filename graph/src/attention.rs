@@ -1,7 +1,7 @@
 //! Attention of one layer: low-rank queries, one shared K=V head, the raw sliding window,
 //! compressed entries (all visible ones on HCA layers, the lightning indexer's top-k on CSA
 //! layers), per-head sinks, inverse RoPE on the output and the grouped output projection.
-use crate::model::{Builder, CompInputs};
+use crate::builder::{Builder, CompInputs};
 use crate::ops::{RopeParams, T};
 use crate::state::{CompState, LayerState};
 use crate::weights::{Compressor, LayerWeights};

@@ -1,6 +1,6 @@
 //! Hyper-connections: the residual is `hc` parallel streams [n_embd, hc, n]; each block
 //! reads a weighted collapse of them (pre) and writes back a mix (post, comb).
-use crate::model::Builder;
+use crate::builder::Builder;
 use crate::ops::T;
 use crate::weights::HcWeights;
 

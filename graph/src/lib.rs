@@ -7,14 +7,18 @@
 //! lightning indexer → hyper-connection post → hyper-connection pre → MoE → post) → HC head
 //! → norm → logits.
 mod attention;
+mod builder;
 mod cold;
+mod forward;
 mod hc;
+mod load;
 mod model;
 mod moe;
 pub mod ops;
 pub mod plan;
 pub mod profile;
 mod state;
+mod steps;
 mod weights;
 
 pub use cold::{ColdExperts, ExpertLayerStats, HotExperts};

@@ -3,13 +3,11 @@
 //! expert.
 use loader::GatingFunc;
 
-use crate::model::Builder;
-use crate::ops::T;
+use crate::builder::Builder;
+use crate::ops::{CustomOp, T};
 use crate::weights::{ExpertUpGate, LayerWeights, Router, RoutedWeights};
 
-use ggml::sys::ggml_type::{GGML_TYPE_F32 as F32, GGML_TYPE_I32 as I32};
-
-type ColdFn = unsafe extern "C" fn(*mut ggml::sys::ggml_tensor, i32, i32, *mut std::ffi::c_void);
+use ggml::TensorType;
 
 impl Builder<'_> {
     /// `z`: the MoE input [n_embd, n] (already ffn_norm'ed).
@@ -31,7 +29,7 @@ impl Builder<'_> {
             let ptr = &*call as *const crate::cold::RouteCall as *mut std::ffi::c_void;
             self.route_calls.push(call);
             // SAFETY: `call` is boxed and kept with the step graph; route_count reads a RouteCall.
-            let op = unsafe { g.custom(F32, [1, 1], &[ids], Some(crate::cold::route_count), ptr) };
+            let op = unsafe { g.custom(TensorType::F32, [1, 1], &[ids], crate::cold::route_count, ptr) };
             self.effects.push(op);
             self.cpu_nodes.push(op);
         }
@@ -82,7 +80,7 @@ impl Builder<'_> {
             };
         }
         // [k, n] I32: the held experts' local ids, distinct per token (cold slots filled).
-        let local = self.cold_op(il, I32, [k, n], &[z, ids, wts], crate::cold::cold_begin);
+        let local = self.cold_op(il, TensorType::I32, [k, n], &[z, ids, wts], crate::cold::cold_begin);
         let local = g.name(local, &format!("cold_begin-{il}"));
         let hot = match &w.experts {
             Some(r) => {
@@ -95,18 +93,18 @@ impl Builder<'_> {
         };
         let mut args = vec![local];
         args.extend(hot);
-        let out = self.cold_op(il, F32, [z.ne(0), n], &args, crate::cold::cold_end);
+        let out = self.cold_op(il, TensorType::F32, [z.ne(0), n], &args, crate::cold::cold_end);
         g.name(out, &format!("routed_out-{il}"))
     }
 
-    fn cold_op(&mut self, il: usize, ty: ggml::sys::ggml_type::Type, ne: [i64; 2], args: &[T], fun: ColdFn) -> T {
+    fn cold_op(&mut self, il: usize, ty: TensorType, ne: [i64; 2], args: &[T], fun: CustomOp) -> T {
         let Some(state) = self.cold else { unreachable!("checked by the caller") };
         let call = Box::new(crate::cold::ColdCall { state, layer: il });
         let ptr = &*call as *const crate::cold::ColdCall as *mut std::ffi::c_void;
         self.cold_calls.push(call);
         // SAFETY: `call` is boxed and kept with the step graph (cold_calls), so `ptr` lives as
         // long as the graph; `fun` reads a ColdCall.
-        let op = unsafe { self.g.custom(ty, ne, args, Some(fun), ptr) };
+        let op = unsafe { self.g.custom(ty, ne, args, fun, ptr) };
         self.cpu_nodes.push(op);
         op
     }

@@ -3,7 +3,7 @@
 //! Every tensor handle here belongs to one `Ctx` (a `no_alloc` ggml context that lives as
 //! long as the graph). Shapes handed to these calls come from a validated `Ds4Config`, so a
 //! shape mismatch here is a bug in the builder, not bad input.
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 
 use ggml::sys;
 
@@ -23,6 +23,161 @@ impl T {
     pub fn elem_size(self) -> usize {
         // SAFETY: as above.
         unsafe { sys::ggml_element_size(self.0) }
+    }
+    pub fn n_elements(self) -> usize {
+        // SAFETY: as above.
+        unsafe { sys::ggml_nelements(self.0) }.max(0) as usize
+    }
+    pub fn is_contiguous(self) -> bool {
+        // SAFETY: as above.
+        unsafe { sys::ggml_is_contiguous(self.0) }
+    }
+    /// The tensor's name (empty when it has none).
+    pub fn name(self) -> String {
+        // SAFETY: as above; names are NUL-terminated arrays.
+        unsafe { CStr::from_ptr((*self.0).name.as_ptr()) }.to_string_lossy().into_owned()
+    }
+    /// ggml's description of the op that computes the tensor (`MUL_MAT`, `GLU`, `NONE`, …).
+    pub fn op_desc(self) -> String {
+        // SAFETY: as above; op descriptions are static NUL-terminated strings.
+        unsafe { CStr::from_ptr(sys::ggml_op_desc(self.0)) }.to_string_lossy().into_owned()
+    }
+    /// The `i`-th source of the op (i < 10), if it has one.
+    pub fn src(self, i: usize) -> Option<T> {
+        // SAFETY: as above.
+        let s = unsafe { (*self.0).src[i] };
+        (!s.is_null()).then_some(T(s))
+    }
+
+    /// Host → tensor: `v` into the first `v.len()` elements of an allocated F32 or I32
+    /// tensor (any backend).
+    pub fn write_i32(self, v: &[i32]) {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.write_bytes(sys::ggml_type::GGML_TYPE_I32, &bytes);
+    }
+    pub fn write_f32(self, v: &[f32]) {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        self.write_bytes(sys::ggml_type::GGML_TYPE_F32, &bytes);
+    }
+    /// Tensor → host: the first `out.len()` elements of an allocated F32 tensor.
+    pub fn read_f32(self, out: &mut [f32]) {
+        self.check_access(sys::ggml_type::GGML_TYPE_F32, std::mem::size_of_val(out));
+        // SAFETY: any byte pattern is a valid f32; the view covers exactly `out`.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(out)) };
+        // SAFETY: an allocated tensor of at least that many bytes (checked); ggml tensors
+        // are native-endian.
+        unsafe { ggml::backend::tensor_get(self.0, bytes, 0) };
+    }
+    /// Every element of an allocated I32 tensor.
+    pub fn read_i32(self) -> Vec<i32> {
+        let n = self.n_elements();
+        let mut bytes = vec![0u8; n * 4];
+        self.check_access(sys::ggml_type::GGML_TYPE_I32, bytes.len());
+        // SAFETY: an allocated tensor of exactly that many bytes (checked).
+        unsafe { ggml::backend::tensor_get(self.0, &mut bytes, 0) };
+        bytes.chunks_exact(4).map(|v| i32::from_ne_bytes([v[0], v[1], v[2], v[3]])).collect()
+    }
+    fn write_bytes(self, ty: sys::ggml_type::Type, bytes: &[u8]) {
+        self.check_access(ty, bytes.len());
+        // SAFETY: an allocated tensor of at least that many bytes (checked).
+        unsafe { ggml::backend::tensor_set(self.0, bytes, 0) };
+    }
+    /// Host access to `bytes` bytes of the tensor: a contiguous allocated tensor of `ty`
+    /// with at least that many bytes. A violation is a bug of the caller (the builder
+    /// sizes inputs and outputs from the same plan it fills them from), not bad input.
+    fn check_access(self, ty: sys::ggml_type::Type, bytes: usize) {
+        // SAFETY: a live tensor (module docs).
+        let (t, nbytes) = unsafe { (&*self.0, sys::ggml_nbytes(self.0)) };
+        assert!(
+            t.type_ == ty && !t.buffer.is_null() && self.is_contiguous() && bytes <= nbytes,
+            "host access of {bytes} bytes to tensor {:?} (type {}, {nbytes} bytes, allocated: {})",
+            self.name(),
+            t.type_,
+            !t.buffer.is_null()
+        );
+    }
+}
+
+/// A graph over the nodes of one [`Ctx`] (it lives in, and as long as, that context).
+#[derive(Clone, Copy, Debug)]
+pub struct Graph(*mut sys::ggml_cgraph);
+
+impl Graph {
+    /// Add `t` and everything it depends on that is not in the graph yet (after what is).
+    pub fn expand(self, t: T) {
+        // SAFETY: the graph and t belong to the same live context.
+        unsafe { sys::ggml_build_forward_expand(self.0, t.0) };
+    }
+
+    pub fn as_ptr(self) -> *mut sys::ggml_cgraph {
+        self.0
+    }
+
+    pub fn nodes(self) -> Vec<T> {
+        // SAFETY: a live graph; indices below its node count.
+        unsafe {
+            let n = sys::ggml_graph_n_nodes(self.0).max(0);
+            (0..n).map(|i| T(sys::ggml_graph_node(self.0, i))).collect()
+        }
+    }
+
+    /// Nodes plus distinct leafs (inputs, weights, state) of the graph: the size of a
+    /// scheduler's tensor table.
+    pub fn tensor_count(self) -> usize {
+        let all = self.nodes();
+        let nodes: std::collections::HashSet<*mut sys::ggml_tensor> = all.iter().map(|t| t.0).collect();
+        let mut leafs = std::collections::HashSet::new();
+        for &t in &nodes {
+            for src in (0..sys::GGML_MAX_SRC as usize).filter_map(|i| T(t).src(i)) {
+                if !nodes.contains(&src.0) {
+                    leafs.insert(src.0);
+                }
+                // SAFETY: sources are live tensors.
+                let view_src = unsafe { (*src.0).view_src };
+                if !view_src.is_null() && !nodes.contains(&view_src) {
+                    leafs.insert(view_src);
+                }
+            }
+        }
+        all.len() + leafs.len()
+    }
+
+    /// Nodes of the graph, and those of them that compute (not a view, reshape, permute or
+    /// transpose): on the CPU each computing node ends with a barrier of all threads.
+    pub fn node_counts(self) -> (usize, usize) {
+        use sys::ggml_op::{GGML_OP_NONE, GGML_OP_PERMUTE, GGML_OP_RESHAPE, GGML_OP_TRANSPOSE, GGML_OP_VIEW};
+        let empty = [GGML_OP_NONE, GGML_OP_RESHAPE, GGML_OP_TRANSPOSE, GGML_OP_VIEW, GGML_OP_PERMUTE];
+        let nodes = self.nodes();
+        // SAFETY: nodes are live tensors.
+        let compute = nodes.iter().filter(|t| !empty.contains(&unsafe { (*t.0).op })).count();
+        (nodes.len(), compute)
+    }
+
+    /// A builder invariant (checked in debug builds, so by the tests): the float operands
+    /// of every matrix product have packed rows or an even row stride. ggml's CUDA kernels
+    /// for float products (`mmf`) assert even strides; the CPU accepts anything, so only
+    /// this check sees a strided view that would abort on a GPU.
+    pub fn check_matmul_layouts(self) {
+        use sys::ggml_op::{GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID};
+        for t in self.nodes() {
+            // SAFETY: a live node whose first two sources are live tensors.
+            let node = unsafe { &*t.0 };
+            if !matches!(node.op, GGML_OP_MUL_MAT | GGML_OP_MUL_MAT_ID) {
+                continue;
+            }
+            for &src in &node.src[..2] {
+                // SAFETY: as above.
+                let s = unsafe { &*src };
+                // SAFETY: a valid type of a live tensor.
+                if unsafe { sys::ggml_is_quantized(s.type_) } || s.ne[1] <= 1 {
+                    continue;
+                }
+                // SAFETY: as above.
+                let ts = unsafe { sys::ggml_type_size(s.type_) };
+                let packed = s.nb[1] == s.ne[0] as usize * ts;
+                assert!(packed || (s.nb[1] / ts).is_multiple_of(2), "matmul {}: operand {:?} has row stride {} elements", t.name(), s.ne, s.nb[1] / ts);
+            }
+        }
     }
 }
 
@@ -92,6 +247,22 @@ impl Ctx {
                 _ => sys::ggml_new_tensor_4d(self.raw, ty, ne[0], ne[1], ne[2], ne[3]),
             }
         })
+    }
+    /// A tensor of any type ggml defines, 1 to 4 dimensions.
+    pub fn new_typed(&self, ty: ggml::TensorType, ne: &[i64]) -> T {
+        self.new_tensor(ty.raw(), ne)
+    }
+    /// A graph of at most `size` nodes (the context was made with room for it).
+    pub fn new_graph(&self, size: usize) -> Graph {
+        // SAFETY: the context has room for a graph of `size` nodes (its creator's contract:
+        // `Context::new_no_alloc(_, size)`).
+        Graph(unsafe { sys::ggml_new_graph_custom(self.raw, size, false) })
+    }
+    /// Mark `t` as a graph output (its memory is not reused by later nodes).
+    pub fn output(&self, t: T) -> T {
+        // SAFETY: t belongs to this context.
+        unsafe { sys::ggml_set_output(t.0) };
+        t
     }
     /// A graph input: allocated by the graph allocator, filled by the host before compute.
     pub fn input(&self, t: T, name: &str) -> T {
@@ -231,6 +402,11 @@ impl Ctx {
         // SAFETY: all belong to this context.
         T(unsafe { sys::ggml_set_rows(self.raw, dst.0, src.0, idx.0) })
     }
+    /// `a` repeated (tiled) to the shape `ne`.
+    pub fn repeat_4d(&self, a: T, ne: [i64; 4]) -> T {
+        // SAFETY: a belongs to this context; each of ne is a multiple of a's size there.
+        T(unsafe { sys::ggml_repeat_4d(self.raw, a.0, ne[0], ne[1], ne[2], ne[3]) })
+    }
     pub fn repeat(&self, a: T, like: T) -> T {
         // SAFETY: both belong to this context.
         T(unsafe { sys::ggml_repeat(self.raw, a.0, like.0) })
@@ -268,12 +444,43 @@ impl Ctx {
     ///
     /// # Safety
     /// `userdata` must stay valid, and be what `fun` expects, for as long as the graph runs.
-    pub unsafe fn custom(&self, ty: sys::ggml_type::Type, ne: [i64; 2], args: &[T], fun: sys::ggml_custom_op_t, userdata: *mut std::ffi::c_void) -> T {
+    pub unsafe fn custom(&self, ty: ggml::TensorType, ne: [i64; 2], args: &[T], fun: CustomOp, userdata: *mut std::ffi::c_void) -> T {
         let mut a: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.0).collect();
         // SAFETY: args belong to this context; userdata: the caller's contract.
-        T(unsafe { sys::ggml_custom_4d(self.raw, ty, ne[0], ne[1], 1, 1, a.as_mut_ptr(), a.len() as i32, fun, 1, userdata) })
+        T(unsafe { sys::ggml_custom_4d(self.raw, ty.raw(), ne[0], ne[1], 1, 1, a.as_mut_ptr(), a.len() as i32, Some(fun), 1, userdata) })
     }
 }
+
+/// Whether `device` computes a matrix product (`mul_mat_id` when `id`, else `mul_mat`) with
+/// a weight of type `ty` and shape `ne` held in a buffer of type `buft`: asked through a
+/// probe op on a zero-size buffer of that type, as llama.cpp does.
+pub fn supports_matmul_weight(device: ggml::Device, buft: ggml::BufferType, ty: ggml::TensorType, ne: &[i64], id: bool) -> bool {
+    if ne.len() != if id { 3 } else { 2 } {
+        return false;
+    }
+    let Ok(ctx) = ggml::Context::new_no_alloc(4, 0) else { return false };
+    let Ok(buf) = buft.alloc_buffer(0) else { return false };
+    let g = Ctx { raw: ctx.as_ptr() };
+    let w = g.new_typed(ty, ne);
+    let op = if id {
+        let x = g.new_f32(&[ne[0], 2, 1]);
+        let ids = g.new_i32(&[2, 1]);
+        g.mm_id(w, x, ids)
+    } else {
+        g.mm(w, g.new_f32(&[ne[0], 1]))
+    };
+    // SAFETY: w is a metadata-only probe tensor; it points at the zero-size buffer only for
+    // the question (ggml reads the buffer's type) and is detached before the buffer is freed.
+    unsafe {
+        (*w.0).buffer = buf.as_ptr();
+        let ok = device.supports_op(op.0);
+        (*w.0).buffer = std::ptr::null_mut();
+        ok
+    }
+}
+
+/// The body of a custom op: `(dst, thread index, thread count, userdata)`.
+pub type CustomOp = unsafe extern "C" fn(*mut sys::ggml_tensor, i32, i32, *mut std::ffi::c_void);
 
 /// RoPE parameters of one layer kind, in ggml's terms.
 #[derive(Clone, Copy, Debug)]

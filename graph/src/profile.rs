@@ -4,10 +4,12 @@
 //! (on the CPU: one wake of the thread pool) instead of one barrier, so the total is larger
 //! than an unprofiled step; the shares say where the time goes.
 use std::collections::HashMap;
-use std::ffi::{c_void, CStr};
+use std::ffi::c_void;
 use std::time::Instant;
 
 use ggml::sys;
+
+use crate::ops::T;
 
 /// Accumulated node times, keyed by op and the node's name without its layer suffix.
 #[derive(Default)]
@@ -38,12 +40,11 @@ impl OpProfile {
         self.started = None;
     }
 
-    fn record(&mut self, t: *mut sys::ggml_tensor, seconds: f64) {
-        // SAFETY: the scheduler passes a live node of the graph it computes; ggml's op
-        // descriptions are static NUL-terminated strings.
-        let op = unsafe { CStr::from_ptr(sys::ggml_op_desc(t)) }.to_string_lossy().into_owned();
-        // SAFETY: as above (its sources are live tensors of the graph, or weights).
-        let name = unsafe { node_label(t) };
+    /// `t`: a live node of the graph being computed (its sources live tensors of the
+    /// graph, or weights).
+    fn record(&mut self, t: T, seconds: f64) {
+        let op = t.op_desc();
+        let name = node_label(t);
         let row = self.rows.entry((op.clone(), name.clone())).or_insert_with(|| OpRow { op, name, ..OpRow::default() });
         row.calls += 1;
         row.seconds += seconds;
@@ -52,24 +53,16 @@ impl OpProfile {
 
 /// What to call a node: its own name, else `<- ` and the name of its first named source
 /// (through views, at most a few steps up), layers stripped.
-///
-/// # Safety
-/// `t` is a live tensor whose sources are live.
-unsafe fn node_label(t: *mut sys::ggml_tensor) -> String {
-    // SAFETY: the caller's contract; names are NUL-terminated arrays.
-    let name_of = |t: *mut sys::ggml_tensor| base_name(&unsafe { CStr::from_ptr((*t).name.as_ptr()) }.to_string_lossy());
-    let own = name_of(t);
+fn node_label(t: T) -> String {
+    let own = base_name(&t.name());
     if !own.is_empty() {
         return own;
     }
     let mut src = t;
     for _ in 0..6 {
-        // SAFETY: as above.
-        src = unsafe { (*src).src[0] };
-        if src.is_null() {
-            break;
-        }
-        let n = name_of(src);
+        let Some(s) = src.src(0) else { break };
+        src = s;
+        let n = base_name(&src.name());
         if !n.is_empty() {
             return format!("<- {n}");
         }
@@ -105,7 +98,7 @@ pub unsafe extern "C" fn eval_callback(t: *mut sys::ggml_tensor, ask: bool, user
     if ask {
         p.started = Some(Instant::now());
     } else if let Some(t0) = p.started.take() {
-        p.record(t, t0.elapsed().as_secs_f64());
+        p.record(T(t), t0.elapsed().as_secs_f64());
     }
     true
 }

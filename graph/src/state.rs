@@ -1,7 +1,7 @@
 //! Per-sequence state on the model's backend: the raw key ring, and for compressed layers
 //! the compressor's open-window rows and the compressed entries (plus the indexer's own).
 //! The host keeps only the position; see `plan` for how rows are addressed.
-use ggml::{sys, Buffer, Context};
+use ggml::{Buffer, Context};
 use loader::Ds4Config;
 
 use crate::ops::T;
@@ -62,8 +62,7 @@ impl Sequence {
             })
             .collect();
         let buffer = Buffer::alloc_context_tensors(&ctx, buft)?;
-        // SAFETY: the buffer holds every tensor of ctx.
-        unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
+        buffer.clear(0);
         for cs in layers.iter().flat_map(|l| l.comp.iter().chain(l.index.iter())) {
             let width = cs.kv_score.ne(0) as usize / 2;
             let dummy_col = cs.shape.state_rows();

@@ -1,12 +1,23 @@
 //! The model's ggml tensors, looked up once by name after loading. The loader validated
 //! every name, shape and type, so a missing tensor here is reported, never assumed.
-use ggml::sys;
-use loader::Ds4Config;
-
-use crate::model::TensorSet;
+use loader::{Ds4Config, LoadedTensors};
 
 use crate::ops::T;
 use crate::GraphError;
+
+/// The model's loaded tensors, possibly in several buffers (e.g. the CPU's repacked
+/// matrices beside the rest).
+pub struct TensorSet(Vec<LoadedTensors>);
+
+impl TensorSet {
+    pub fn new(sets: Vec<LoadedTensors>) -> TensorSet {
+        TensorSet(sets)
+    }
+
+    pub fn get(&self, name: &str) -> Option<T> {
+        self.0.iter().find_map(|t| t.get(name)).map(T)
+    }
+}
 
 pub struct Compressor {
     pub kv: T,
@@ -84,7 +95,7 @@ impl Weights {
     /// mask)) = some held, with their held mask.
     pub fn lookup(c: &Ds4Config, t: &TensorSet, subsets: &[Option<Option<T>>]) -> Result<Weights, GraphError> {
         let get = |name: &str| -> Result<T, GraphError> {
-            t.get(name).map(T).ok_or_else(|| GraphError::MissingTensor(name.to_string()))
+            t.get(name).ok_or_else(|| GraphError::MissingTensor(name.to_string()))
         };
         let hc = |prefix: &str| -> Result<HcWeights, GraphError> {
             Ok(HcWeights {
@@ -130,7 +141,7 @@ impl Weights {
                 None
             } else {
                 let up_gate = match t.get(&format!("blk.{l}.ffn_gate_up_exps.weight")) {
-                    Some(f) => ExpertUpGate::Fused(T(f)),
+                    Some(f) => ExpertUpGate::Fused(f),
                     None => ExpertUpGate::Separate { gate: b("ffn_gate_exps.weight")?, up: b("ffn_up_exps.weight")? },
                 };
                 Some(RoutedWeights { up_gate, down: b("ffn_down_exps.weight")?, held_mask: subsets.get(l).copied().flatten().flatten() })
@@ -176,13 +187,7 @@ impl Weights {
 pub fn validate_tid2eid(c: &Ds4Config, w: &Weights) -> Result<(), GraphError> {
     for (l, layer) in w.layers.iter().enumerate() {
         let Router::Hash { tid2eid } = layer.router else { continue };
-        // SAFETY: tid2eid is a loaded I32 tensor of validated shape; we read all of it.
-        let n = unsafe { sys::ggml_nelements(tid2eid.0) } as usize;
-        let mut bytes = vec![0u8; n * 4];
-        // SAFETY: the tensor is allocated and holds exactly n i32 values.
-        unsafe { ggml::backend::tensor_get(tid2eid.0, &mut bytes, 0) };
-        for (i, v) in bytes.chunks_exact(4).enumerate() {
-            let e = i32::from_le_bytes([v[0], v[1], v[2], v[3]]);
+        for (i, e) in tid2eid.read_i32().into_iter().enumerate() {
             if e < 0 || e as usize >= c.n_expert {
                 let (slot, token) = (i % c.n_expert_used, i / c.n_expert_used);
                 return Err(GraphError::BadTid2eid { layer: l, token, slot, value: e, n_expert: c.n_expert });

@@ -1,0 +1,178 @@
+//! The graph builder of one step: its inputs, and the whole model in the order of the math
+//! (embedding → per layer hyper-connection pre, attention, post, pre, MoE, post → HC head →
+//! norm → logits). The stages live beside it: `attention.rs`, `hc.rs`, `moe.rs`.
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use loader::Ds4Config;
+
+use crate::cold::{ColdCall, ColdState, RouteCall};
+use crate::model::Logits;
+use crate::ops::{Ctx, T};
+use crate::plan::{CompPlan, CompShape, RawPlan};
+use crate::state::Sequence;
+use crate::weights::Weights;
+
+/// Graph inputs of one compressor ratio (shared by every layer of that ratio).
+pub struct CompInputs {
+    pub ratio: usize,
+    pub n_windows: usize,
+    pub n_view: usize,
+    pub ape_idx: T,
+    pub keep: T,
+    pub vis_mask: T,
+    /// The windows that close in this batch; None when none does (decode between closes).
+    pub windows: Option<WindowInputs>,
+}
+
+/// Row indices and entry slots of the windows a batch closes (`plan::CompPlan`).
+pub struct WindowInputs {
+    pub cur_idx: T,
+    pub prev_idx: Option<T>,
+    pub entry_pos: T,
+    pub write_idx: T,
+}
+
+pub struct Inputs {
+    pub tokens: T,
+    pub pos: T,
+    pub neg_pos: T,
+    pub raw_mask: T,
+    pub ring_keep: T,
+    pub comp: Vec<CompInputs>,
+}
+
+impl Inputs {
+    /// The inputs of a micro-batch of `n` tokens with these compressor plans.
+    pub fn new(g: &Ctx, c: &Ds4Config, n: usize, comps: &[(CompShape, CompPlan)]) -> Inputs {
+        let n = n as i64;
+        Inputs {
+            tokens: g.input(g.new_i32(&[n]), "tokens"),
+            pos: g.input(g.new_i32(&[n]), "pos"),
+            neg_pos: g.input(g.new_i32(&[n]), "neg_pos"),
+            raw_mask: g.input(g.new_f32(&[c.window as i64 + n, n]), "raw_mask"),
+            ring_keep: g.input(g.new_i32(&[c.window as i64]), "ring_keep"),
+            comp: comps
+                .iter()
+                .map(|(s, cp)| {
+                    let m = s.ratio;
+                    let nw = cp.n_windows as i64;
+                    CompInputs {
+                        ratio: m,
+                        n_windows: cp.n_windows,
+                        n_view: cp.n_view,
+                        ape_idx: g.input(g.new_i32(&[n]), &format!("ape_idx-{m}")),
+                        keep: g.input(g.new_i32(&[s.state_rows() as i64]), &format!("keep-{m}")),
+                        vis_mask: g.input(g.new_f32(&[cp.n_view as i64, n]), &format!("vis_mask-{m}")),
+                        windows: (nw > 0).then(|| WindowInputs {
+                            cur_idx: g.input(g.new_i32(&[m as i64 * nw]), &format!("cur_idx-{m}")),
+                            prev_idx: s.overlap.then(|| g.input(g.new_i32(&[m as i64 * nw]), &format!("prev_idx-{m}"))),
+                            entry_pos: g.input(g.new_i32(&[nw]), &format!("entry_pos-{m}")),
+                            write_idx: g.input(g.new_i32(&[nw]), &format!("write_idx-{m}")),
+                        }),
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// Every input tensor.
+    pub fn all(&self) -> Vec<T> {
+        let mut v = vec![self.tokens, self.pos, self.neg_pos, self.raw_mask, self.ring_keep];
+        for ci in &self.comp {
+            v.extend([ci.ape_idx, ci.keep, ci.vis_mask]);
+            if let Some(w) = &ci.windows {
+                v.extend([w.cur_idx, w.entry_pos, w.write_idx]);
+                v.extend(w.prev_idx);
+            }
+        }
+        v
+    }
+
+    /// Fill the inputs for `tokens` at position `p` (the plans the inputs were made for).
+    pub fn set(&self, p: usize, tokens: &[u32], raw: &RawPlan, comps: &[(CompShape, CompPlan)]) {
+        let pos: Vec<i32> = (0..tokens.len()).map(|i| (p + i) as i32).collect();
+        let neg: Vec<i32> = pos.iter().map(|&q| -q).collect();
+        let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        self.tokens.write_i32(&toks);
+        self.pos.write_i32(&pos);
+        self.neg_pos.write_i32(&neg);
+        self.raw_mask.write_f32(&raw.mask);
+        self.ring_keep.write_i32(&raw.keep);
+        for (ci, (_, cp)) in self.comp.iter().zip(comps) {
+            ci.ape_idx.write_i32(&cp.ape_idx);
+            if let Some(w) = &ci.windows {
+                w.cur_idx.write_i32(&cp.cur_idx);
+                if let Some(t) = w.prev_idx {
+                    t.write_i32(&cp.prev_idx);
+                }
+                w.entry_pos.write_i32(&cp.entry_pos);
+                w.write_idx.write_i32(&cp.write_idx);
+            }
+            ci.keep.write_i32(&cp.keep);
+            ci.vis_mask.write_f32(&cp.vis_mask);
+        }
+    }
+}
+
+/// The graph builder of one step: straight-line code in the order of the math.
+pub struct Builder<'a> {
+    pub g: &'a Ctx,
+    pub c: &'a Ds4Config,
+    pub inp: &'a Inputs,
+    /// Writes into per-sequence state, expanded after the outputs so they run last.
+    pub effects: Vec<T>,
+    pub cold: Option<*const Mutex<ColdState>>,
+    /// Boxed: the custom ops hold pointers to them, which must not move as the Vec grows.
+    #[allow(clippy::vec_box)]
+    pub cold_calls: Vec<Box<ColdCall>>,
+    pub route_counts: Option<*const Mutex<Vec<Vec<u64>>>>,
+    #[allow(clippy::vec_box)]
+    pub route_calls: Vec<Box<RouteCall>>,
+    /// Nodes that must run on the CPU backend (custom ops), whatever device runs the rest.
+    pub cpu_nodes: Vec<T>,
+    /// The graph runs on the CPU backend (some ops have a faster formulation there).
+    pub on_cpu: bool,
+    /// Attention through the flash-attention op (else matmul, softmax, matmul).
+    pub flash: bool,
+    /// See [`crate::ModelOptions::csa_dense_max_view`].
+    pub csa_dense_max_view: usize,
+    /// Attention masks shared by layers, made once per step (F16 for flash attention):
+    /// 0 → the raw mask, ratio → the raw mask ++ that ratio's visibility.
+    pub masks: HashMap<usize, T>,
+}
+
+impl<'a> Builder<'a> {
+    pub fn comp_inputs(&self, ratio: usize) -> &'a CompInputs {
+        // Every ratio of the config gets inputs when the step is built.
+        self.inp.comp.iter().find(|ci| ci.ratio == ratio).unwrap_or_else(|| unreachable!("inputs for ratio {ratio}"))
+    }
+
+    /// The model over the micro-batch: the logits [n_vocab, n] (`Logits::All`) or
+    /// [n_vocab, 1] (the last token's). State writes are collected in `effects`.
+    pub fn model(&mut self, w: &Weights, seq: &Sequence, logits: Logits) -> T {
+        let (g, c) = (self.g, self.c);
+        let n = self.inp.tokens.ne(0);
+        let hc = c.hc_count as i64;
+        let e = c.n_embd as i64;
+
+        // Embedding, copied into every stream.
+        let emb = g.name(g.get_rows(w.token_embd, self.inp.tokens), "embd");
+        let mut x = g.repeat_4d(g.reshape(emb, &[e, 1, n]), [e, hc, n, 1]);
+        for (il, lw) in w.layers.iter().enumerate() {
+            let st = &seq.layers[il];
+            let (y, mix) = self.hc_pre(x, &lw.hc_attn, il, "attn");
+            let a = self.attention(il, g.mul(g.rms_norm(y, c.rms_eps), lw.attn_norm), lw, st);
+            x = self.hc_post(a, x, &mix);
+            let (y, mix) = self.hc_pre(x, &lw.hc_ffn, il, "ffn");
+            let f = self.moe(il, g.mul(g.rms_norm(y, c.rms_eps), lw.ffn_norm), lw);
+            x = g.name(self.hc_post(f, x, &mix), &format!("streams-{il}"));
+        }
+        let mut h = g.mul(g.rms_norm(self.hc_head(x, &w.hc_head), c.rms_eps), w.output_norm);
+        if logits == Logits::Last {
+            h = g.view_2d(h, e, 1, 0, n - 1);
+        }
+        let h = g.name(h, "hidden_final");
+        g.name(g.mm(w.output, h), "logits")
+    }
+}

@@ -1,0 +1,161 @@
+//! Loading: which tensors this backend holds (every expert, or the hot subset of each
+//! layer), the buffer each goes to (the CPU's repacked layout for matrices it has one for),
+//! the held-expert tables, and the weights looked up once.
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+
+use ggml::{Backend, BufferType, Context, Device};
+use loader::{Ds4Config, ModelFile, TensorRequest};
+
+use crate::cold::HotExperts;
+use crate::model::{Model, ModelOptions, StepTimings, NEXT_SEQ_ID};
+use crate::ops::{self, Ctx, T};
+use crate::steps::StepCache;
+use crate::weights::{validate_tid2eid, TensorSet, Weights};
+use crate::GraphError;
+
+impl Model {
+    pub fn load(path: impl AsRef<Path>, opts: ModelOptions) -> Result<Model, GraphError> {
+        Model::from_file(ModelFile::open(path)?, opts)
+    }
+
+    /// Load the weights of an already opened (validated) file.
+    pub fn from_file(file: ModelFile, opts: ModelOptions) -> Result<Model, GraphError> {
+        if opts.ubatch == 0 {
+            return Err(GraphError::Option("ubatch must be at least 1".into()));
+        }
+        let device = match &opts.device {
+            Some(name) => Device::by_name(name)?,
+            None => Device::cpu()?,
+        };
+        let backend = Backend::new(device)?;
+        backend.set_threads(opts.threads);
+        let cpu = match device.kind() {
+            ggml::DeviceKind::Cpu => None,
+            _ => Some(Backend::cpu(opts.threads)?),
+        };
+        let buft = device.buffer_type();
+        let config = file.config.clone();
+        let hot = match opts.hot.clone() {
+            Some(h) => {
+                check_hot(&config, &h)?;
+                h
+            }
+            None => HotExperts::all(config.n_layer, config.n_expert),
+        };
+        let partial = |name: &str| -> Option<usize> {
+            let l: usize = name.strip_prefix("blk.")?.split('.').next()?.parse().ok()?;
+            let routed = ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "ffn_gate_up_exps"].iter().any(|p| name.contains(p));
+            (routed && l < config.n_layer && !hot.is_all_hot(l, config.n_expert)).then_some(l)
+        };
+        let mut requests = Vec::new();
+        for t in file.tensors.iter().filter(|t| !file.tensors.unused.contains(&t.name)) {
+            match partial(&t.name) {
+                None => requests.push(TensorRequest::whole(t.name.clone())),
+                Some(l) if hot.layers[l].is_empty() => {}
+                Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layers[l].clone())),
+            }
+        }
+        let repack = if opts.repack && device.kind() == ggml::DeviceKind::Cpu { device.extra_buffer_type("CPU_REPACK") } else { None };
+        let (requests, packed): (Vec<TensorRequest>, Vec<TensorRequest>) = match repack {
+            Some(rb) => requests.into_iter().partition(|r| !(r.experts.is_none() && repackable(&file, &r.name, device, rb))),
+            None => (requests, Vec::new()),
+        };
+        let mut tensors = vec![loader::load_tensors(&file, &requests, buft, &opts.read)?];
+        if let (Some(rb), false) = (repack, packed.is_empty()) {
+            tracing::debug!(tensors = packed.len(), "matrices in the CPU_REPACK buffer");
+            tensors.push(loader::load_tensors_whole(&file, &packed, rb, &opts.read)?);
+        }
+        let tensors = TensorSet::new(tensors);
+        let (tables, subsets) = subset_tables(&config, &hot, buft)?;
+        let weights = Weights::lookup(&config, &tensors, &subsets)?;
+        validate_tid2eid(&config, &weights)?;
+        let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
+        let route_counts = opts.route_stats_out.as_ref().map(|_| Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer])));
+        Ok(Model {
+            config,
+            file,
+            opts,
+            weights,
+            steps: StepCache::default(),
+            backend,
+            cpu,
+            buft,
+            model_id,
+            timings: StepTimings::default(),
+            hot,
+            cold: None,
+            route_counts,
+            op_profile: None,
+            _tables: tables,
+            _tensors: tensors,
+        })
+    }
+}
+
+fn check_hot(c: &Ds4Config, h: &HotExperts) -> Result<(), GraphError> {
+    if h.layers.len() != c.n_layer {
+        return Err(GraphError::Option(format!("hot expert placement has {} layers, the model {}", h.layers.len(), c.n_layer)));
+    }
+    for (l, ids) in h.layers.iter().enumerate() {
+        if ids.windows(2).any(|w| w[0] >= w[1]) || ids.iter().any(|&e| e as usize >= c.n_expert) {
+            return Err(GraphError::Option(format!("hot experts of layer {l} must be sorted, distinct and below {}: {ids:?}", c.n_expert)));
+        }
+        // Each token's hot product needs k distinct held experts (cold slots are filled with
+        // held experts the token does not use, at weight 0): GPU expert kernels compute one
+        // slot per (token, expert) and leave duplicate slots unwritten.
+        if !ids.is_empty() && ids.len() < c.n_expert_used {
+            return Err(GraphError::Option(format!(
+                "layer {l} holds {} experts; a partly held layer needs at least as many as a token uses ({})",
+                ids.len(),
+                c.n_expert_used
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Per layer: None when every expert is held; Some(None) when none is; otherwise the
+/// held mask (1/0 per global expert id), in one small buffer.
+#[allow(clippy::type_complexity)]
+fn subset_tables(c: &Ds4Config, h: &HotExperts, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
+    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_all_hot(l, c.n_expert) && !h.layers[l].is_empty()).collect();
+    let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_all_hot(l, c.n_expert) { None } else { Some(None) }).collect();
+    if partial.is_empty() {
+        return Ok((None, out));
+    }
+    let ctx = Context::new_no_alloc(partial.len(), 0)?;
+    let g = Ctx { raw: ctx.as_ptr() };
+    let made: Vec<(usize, T)> = partial.iter().map(|&l| (l, g.new_f32(&[c.n_expert as i64]))).collect();
+    let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
+    for &(l, mask) in &made {
+        let mut m = vec![0f32; c.n_expert];
+        for &e in &h.layers[l] {
+            m[e as usize] = 1.0;
+        }
+        mask.write_f32(&m);
+        out[l] = Some(Some(mask));
+    }
+    Ok((Some((ctx, buf)), out))
+}
+
+/// Whether `name` is only ever the weight of a matrix product in the graph (repacked
+/// tensors cannot be read back or gathered) and the CPU backend repacks its type and shape.
+fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> bool {
+    const MATMUL_2D: [&str; 14] = [
+        "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_b.weight",
+        "attn_compressor_kv.weight", "attn_compressor_gate.weight", "indexer.attn_q_b.weight", "indexer.proj.weight",
+        "indexer_compressor_kv.weight", "indexer_compressor_gate.weight", "ffn_gate_inp.weight",
+        "ffn_gate_shexp.weight", "ffn_up_shexp.weight", "ffn_down_shexp.weight",
+    ];
+    const MATMUL_3D: [&str; 4] = ["ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight", "ffn_gate_up_exps.weight"];
+    let suffix = name.split_once('.').and_then(|(_, r)| r.split_once('.')).map(|(_, r)| r).unwrap_or("");
+    let id = MATMUL_3D.contains(&suffix);
+    if !(name == "output.weight" || MATMUL_2D.contains(&suffix) || id) {
+        return false;
+    }
+    let Some(info) = file.tensors.get(name) else { return false };
+    let ne: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
+    ops::supports_matmul_weight(device, rb, info.ty, &ne, id)
+}

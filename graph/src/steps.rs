@@ -1,0 +1,145 @@
+//! Step graphs: one per micro-batch shape (and sequence), built on first use and kept with
+//! its scheduler and compute buffers while the shape repeats (decode), most recent last.
+use std::sync::Mutex;
+
+use ggml::{Backend, Context, Scheduler};
+
+use crate::builder::{Builder, Inputs};
+use crate::cold::{ColdCall, ColdState, RouteCall};
+use crate::model::{Logits, Model};
+use crate::ops::{Ctx, Graph, T};
+use crate::plan::{CompPlan, CompShape};
+use crate::state::Sequence;
+use crate::GraphError;
+
+/// What fixes a step graph: the sequence (its state tensors are in the graph), the tokens
+/// of the micro-batch, which logits, and per compressor ratio (windows closing, entries
+/// visible).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct StepKey {
+    pub seq: u64,
+    pub n: usize,
+    pub logits: Logits,
+    pub comp: Vec<(usize, usize, usize)>,
+}
+
+/// A built step graph, allocated and ready to run.
+pub(crate) struct Step {
+    pub key: StepKey,
+    pub graph: Graph,
+    pub inputs: Inputs,
+    pub out: T,
+    /// Splits the graph between the model's device and the CPU (custom ops) and holds its
+    /// compute buffers.
+    pub sched: Scheduler,
+    #[allow(clippy::vec_box)]
+    _cold_calls: Vec<Box<ColdCall>>,
+    #[allow(clippy::vec_box)]
+    _route_calls: Vec<Box<RouteCall>>,
+    _ctx: Context,
+}
+
+/// Step graphs kept (each with its compute buffer): enough for a few sequences' decode graphs
+/// plus a prefill shape.
+const MAX_CACHED_STEPS: usize = 8;
+
+/// The kept step graphs, least recently used first.
+#[derive(Default)]
+pub(crate) struct StepCache {
+    steps: Vec<Step>,
+}
+
+impl StepCache {
+    /// Whether a step of `key` is kept; if so it becomes the most recent one.
+    pub fn touch(&mut self, key: &StepKey) -> bool {
+        match self.steps.iter().position(|s| s.key == *key) {
+            Some(i) => {
+                let s = self.steps.remove(i);
+                self.steps.push(s);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Keep `step` as the most recent one, dropping the least recent when full.
+    pub fn insert(&mut self, step: Step) {
+        if self.steps.len() >= MAX_CACHED_STEPS {
+            self.steps.remove(0);
+        }
+        self.steps.push(step);
+    }
+
+    pub fn last(&self) -> Option<&Step> {
+        self.steps.last()
+    }
+
+    pub fn last_mut(&mut self) -> Option<&mut Step> {
+        self.steps.last_mut()
+    }
+
+    pub fn clear(&mut self) {
+        self.steps.clear();
+    }
+}
+
+impl Model {
+    /// Build and allocate the step graph of `key` for `seq`.
+    pub(crate) fn build_step(&self, seq: &Sequence, key: StepKey, comps: &[(CompShape, CompPlan)]) -> Result<Step, GraphError> {
+        let c = &self.config;
+        let graph_size = 256 + c.n_layer * 512;
+        let ctx = Context::new_no_alloc(graph_size * 2, graph_size)?;
+        let g = Ctx { raw: ctx.as_ptr() };
+        let inputs = Inputs::new(&g, c, key.n, comps);
+
+        let on_cpu = self.backend.device().kind() == ggml::DeviceKind::Cpu;
+        let flash = self.opts.flash_attn.unwrap_or(on_cpu);
+        let mut b = Builder {
+            g: &g,
+            c,
+            inp: &inputs,
+            effects: Vec::new(),
+            cold: self.cold.as_deref().map(|m| m as *const Mutex<ColdState>),
+            cold_calls: Vec::new(),
+            route_counts: self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>),
+            route_calls: Vec::new(),
+            cpu_nodes: Vec::new(),
+            on_cpu,
+            flash,
+            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(if flash { 16 } else { 4 } * c.indexer_top_k),
+            masks: Default::default(),
+        };
+        let out = b.model(&self.weights, seq, key.logits);
+        let Builder { effects, cold_calls, route_calls, cpu_nodes, .. } = b;
+
+        // The effects go last: they overwrite state the step reads.
+        let graph = g.new_graph(graph_size);
+        graph.expand(g.output(out));
+        for &eff in &effects {
+            graph.expand(eff);
+        }
+        #[cfg(debug_assertions)]
+        graph.check_matmul_layouts();
+        let cpu = self.cpu.as_ref().unwrap_or(&self.backend);
+        let backends: Vec<&Backend> = match &self.cpu {
+            Some(cpu) => vec![&self.backend, cpu],
+            None => vec![&self.backend],
+        };
+        // SAFETY: the model owns the backends and drops its steps first.
+        let mut sched = unsafe { Scheduler::new(&backends, graph.tensor_count() + 64)? };
+        // SAFETY: the nodes belong to this graph; both backends are the scheduler's. Inputs
+        // live on the model's device (set once per step, no copies per split); custom ops run
+        // on the CPU.
+        for t in inputs.all() {
+            unsafe { sched.pin(t.0, &self.backend) };
+        }
+        for node in &cpu_nodes {
+            unsafe { sched.pin(node.0, cpu) };
+        }
+        // SAFETY: the graph is live; weights, tables and state are in these backends' buffers.
+        unsafe { sched.alloc_graph(graph.as_ptr())? };
+        let (nodes, compute_nodes) = graph.node_counts();
+        tracing::debug!(n = key.n, nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
+        Ok(Step { key, graph, inputs, out, sched, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
+    }
+}
