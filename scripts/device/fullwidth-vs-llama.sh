@@ -6,9 +6,12 @@
 # write_synth, the DS4 tokenizer keys, the pinned ggml source and the llama.cpp tree with
 # llama-bench, under .device/). Then on the GPU machine, carrying .device:
 #   bash scripts/device/fullwidth-vs-llama.sh [STEP...]
-# Steps (default: build files llama dflash):
+# Steps (default: build exact files llama dflash):
 #   build    llama.cpp (pinned source + llama-bench) with GGML_BACKEND_DL, GGML_NATIVE=OFF and
 #            CUDA; its libggml-cuda.so is copied beside dflash, so both engines load the same module
+#   exact    fixture A (MXFP4 experts) on CUDA0: cold experts through the executor, offloaded
+#            to the GPU (every layer cold; half of each layer cold), and computed in the graph
+#            on the CPU backend, each against the all-hot run and the transformers reference
 #   files    write_synth --spec v4-flash --layers L for each L in $LAYERS (default "4 8")
 #   llama    llama-bench per file: all on the GPU, every routed expert on the CPU (-ncmoe L),
 #            the first half of the layers' experts on the CPU (-ncmoe L/2)
@@ -27,8 +30,8 @@ LAYERS=${LAYERS:-"4 8"}
 REPS=${REPS:-2}
 DEPTH=${DEPTH:-4096}
 THREADS=${THREADS:-$(nproc)}
-DFLASH_COLD=${DFLASH_COLD:-"--expert-workers 0"}
-steps=${*:-build files llama dflash}
+DFLASH_COLD=${DFLASH_COLD:-"--expert-workers 0 --worker-threads $THREADS"}
+steps=${*:-build exact files llama dflash}
 on() { [[ " $steps " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
 lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"
@@ -62,6 +65,23 @@ if on build; then
   echo "built llama.cpp + its CUDA module in $(( $(date +%s) - t0 )) s; dflash loads the same file: $(sha256sum $bin/libggml-cuda.so | cut -c1-16)"
 fi
 LB=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+
+if on exact; then
+  echo "== cold experts on CUDA0: executor vs offloaded vs in the graph (fixture A, MXFP4 experts)"
+  m=tests/fixtures/ds4-tiny-a.mxfp4.gguf
+  [ -f $m ] || xz -d -c .device/fixtures/ds4-tiny-a.mxfp4.gguf.xz > $m
+  python3 -c 'import numpy as np; d=np.load("tests/fixtures/ds4-tiny-a.ref.npz"); open("/tmp/a.tokens","w").write("\n".join(map(str, d["tokens"])))'
+  X() { local o=$1; shift; $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u 512 "$@" --out /tmp/x-$o.npy; }
+  DEV=CPU X cpu
+  X hot
+  X exec --experts-hot none --expert-workers 0 --cold-offload-min 0
+  X offload --experts-hot none --expert-workers 0 --cold-offload-min 1
+  X offload-half --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1
+  X offload-half-w2 --experts-hot uniform:8 --expert-workers 2 --cold-offload-min 16
+  X ingraph --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph
+  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz cpu=/tmp/x-cpu.npy hot=/tmp/x-hot.npy exec=/tmp/x-exec.npy \
+    offload=/tmp/x-offload.npy offload-half=/tmp/x-offload-half.npy offload-half-w2=/tmp/x-offload-half-w2.npy ingraph=/tmp/x-ingraph.npy
+fi
 
 if on files; then
   mkdir -p bench-data
