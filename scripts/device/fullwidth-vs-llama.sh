@@ -105,12 +105,9 @@ print(per * n / 2**20)'
 if on llama; then
   for L in $LAYERS; do
     f=bench-data/v4f-${L}l.gguf
-    for n in 0 "$L" $((L / 2)); do
-      echo "== llama.cpp $L layers, -ncmoe $n"
-      peak "$LB" -m $f -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
-      peak "$LB" -m $f -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 2048 -ub 2048 -n 0 -o md
-      [ "$DEPTH" = 0 ] || peak "$LB" -m $f -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
-    done
+    echo "== llama.cpp $L layers, -ncmoe 0 (all on the GPU), $((L / 2)), $L (every routed expert on the CPU)"
+    peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
+    [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
   done
 fi
 
@@ -118,18 +115,27 @@ if on dflash; then
   for L in $LAYERS; do
     f=bench-data/v4f-${L}l.gguf
     D() { "$bin/dflash" bench "$@" -m $f --device CUDA0 -t "$THREADS" -r "$REPS" --timings; }
+    # TESTS: which of pp512 pp2048 tg64 tg64d to run for a placement.
     run_placement() {
-      echo "== dflash $L layers, $*"
-      peak D prefill -n 512 "$@"
-      peak D prefill -n 2048 -u 2048 "$@"
-      peak D decode -n 64 "$@"
-      [ "$DEPTH" = 0 ] || peak D decode -n 64 -d "$DEPTH" "$@"
+      local tests=$1; shift
+      echo "== dflash $L layers: $*"
+      [[ " $tests " != *" pp512 "* ]] || peak D prefill -n 512 "$@"
+      [[ " $tests " != *" pp2048 "* ]] || peak D prefill -n 2048 -u 2048 "$@"
+      [[ " $tests " != *" tg64 "* ]] || peak D decode -n 64 "$@"
+      [[ " $tests " != *" tg64d "* || "$DEPTH" = 0 ]] || peak D decode -n 64 -d "$DEPTH" "$@"
     }
-    run_placement --experts-hot all
+    all="pp512 pp2048 tg64 tg64d"
+    run_placement "$all" --experts-hot all
     # shellcheck disable=SC2086
-    run_placement --cpu-moe $DFLASH_COLD
+    run_placement "$all" --cpu-moe $DFLASH_COLD
     # shellcheck disable=SC2086
-    run_placement --n-cpu-moe $((L / 2)) $DFLASH_COLD
+    run_placement "tg64" --cpu-moe $DFLASH_COLD --cold-layers-in-graph
+    # shellcheck disable=SC2086
+    run_placement "pp512 tg64" --cpu-moe $DFLASH_COLD --cold-offload-min 0
+    # shellcheck disable=SC2086
+    run_placement "$all" --n-cpu-moe $((L / 2)) $DFLASH_COLD
+    # shellcheck disable=SC2086
+    run_placement "tg64" --n-cpu-moe $((L / 2)) $DFLASH_COLD --cold-layers-in-graph
     # The skew-aware placement at the same expert memory as -ncmoe L/2: route statistics from
     # one pp2048 (all hot), then `profile:` with the bytes of (L - L/2) layers' experts.
     "$bin/dflash" bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-$L.json >/dev/null
@@ -139,12 +145,12 @@ d = json.load(open(f"/tmp/route-{sys.argv[1]}.json"))
 for layer, counts in d.items():
     c = sorted(counts, reverse=True)
     k = len(c) // 8
-    print(f"  layer {layer}: top 12.5% of experts take {sum(c[:k]) / max(1, sum(c)):.1%} of routed slots")
+    print(f"  layer {layer}: the top 12.5% of experts took {sum(c[:k]) / max(1, sum(c)):.1%} of routed slots")
 PY
     mib=$(expert_mib_per_layer $f)
     budget=$(python3 -c "print(int(float('${mib:-0}') * ($L - $L // 2)))")
     echo "  expert memory of -ncmoe $((L / 2)): $budget MiB ($mib MiB per layer)"
     # shellcheck disable=SC2086
-    run_placement --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
+    run_placement "$all" --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
   done
 fi
