@@ -87,9 +87,9 @@ if on llama; then
     f=bench-data/v4f-${L}l.gguf
     for n in 0 "$L" $((L / 2)); do
       echo "== llama.cpp $L layers, -ncmoe $n"
-      peak "$LB" -m $f -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
-      peak "$LB" -m $f -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 2048 -ub 2048 -n 0 -o md
-      [ "$DEPTH" = 0 ] || peak "$LB" -m $f -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
+      peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
+      peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 2048 -ub 2048 -n 0 -o md
+      [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
     done
   done
 fi
