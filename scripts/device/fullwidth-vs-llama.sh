@@ -57,7 +57,8 @@ if on build; then
     -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
     -DGGML_CUDA=ON -DGGML_CUDA_GRAPHS=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >/dev/null
   cmake --build /tmp/llama-build --target llama-bench ggml-cuda ggml-cpu -j "$(nproc)" >/tmp/llama-build.log 2>&1 \
     || { tail -40 /tmp/llama-build.log; exit 1; }
   cuda=$(find /tmp/llama-build -name libggml-cuda.so -type f | head -1)
@@ -105,9 +106,18 @@ print(per * n / 2**20)'
 if on llama; then
   for L in $LAYERS; do
     f=bench-data/v4f-${L}l.gguf
+<<<<<<< HEAD
     echo "== llama.cpp $L layers, -ncmoe 0 (all on the GPU), $((L / 2)), $L (every routed expert on the CPU)"
     peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
     [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
+=======
+    for n in 0 "$L" $((L / 2)); do
+      echo "== llama.cpp $L layers, -ncmoe $n"
+      peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
+      peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 2048 -ub 2048 -n 0 -o md
+      [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
+    done
+>>>>>>> h-full
   done
 fi
 
