@@ -106,18 +106,9 @@ print(per * n / 2**20)'
 if on llama; then
   for L in $LAYERS; do
     f=bench-data/v4f-${L}l.gguf
-<<<<<<< HEAD
     echo "== llama.cpp $L layers, -ncmoe 0 (all on the GPU), $((L / 2)), $L (every routed expert on the CPU)"
     peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
     [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
-=======
-    for n in 0 "$L" $((L / 2)); do
-      echo "== llama.cpp $L layers, -ncmoe $n"
-      peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
-      peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 2048 -ub 2048 -n 0 -o md
-      [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
-    done
->>>>>>> h-full
   done
 fi
 
