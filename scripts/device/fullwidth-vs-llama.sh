@@ -125,16 +125,19 @@ if on dflash; then
       [[ " $tests " != *" tg64 "* ]] || peak D decode -n 64 "$@"
       [[ " $tests " != *" tg64d "* || "$DEPTH" = 0 ]] || peak D decode -n 64 -d "$DEPTH" "$@"
     }
+    # FULL=1: every test for every placement; by default the tests that tell the placements
+    # apart (each dflash run loads the model again: 10-30 s at 8 layers).
     all="pp512 pp2048 tg64 tg64d"
-    run_placement "$all" --experts-hot all
+    few=${FULL:+$all}
+    run_placement "${few:-pp512 pp2048 tg64}" --experts-hot all
     # shellcheck disable=SC2086
-    run_placement "$all" --cpu-moe $DFLASH_COLD
+    run_placement "${few:-pp512 pp2048 tg64}" --cpu-moe $DFLASH_COLD
     # shellcheck disable=SC2086
     run_placement "tg64" --cpu-moe $DFLASH_COLD --cold-layers-in-graph
     # shellcheck disable=SC2086
-    run_placement "pp512 tg64" --cpu-moe $DFLASH_COLD --cold-offload-min 0
+    run_placement "pp512" --cpu-moe $DFLASH_COLD --cold-offload-min 0
     # shellcheck disable=SC2086
-    run_placement "$all" --n-cpu-moe $((L / 2)) $DFLASH_COLD
+    run_placement "${few:-pp512 tg64}" --n-cpu-moe $((L / 2)) $DFLASH_COLD
     # shellcheck disable=SC2086
     run_placement "tg64" --n-cpu-moe $((L / 2)) $DFLASH_COLD --cold-layers-in-graph
     # The skew-aware placement at the same expert memory as -ncmoe L/2: route statistics from
@@ -152,6 +155,6 @@ PY
     budget=$(python3 -c "print(int(float('${mib:-0}') * ($L - $L // 2)))")
     echo "  expert memory of -ncmoe $((L / 2)): $budget MiB ($mib MiB per layer)"
     # shellcheck disable=SC2086
-    run_placement "$all" --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
+    run_placement "${few:-pp512 tg64}" --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
   done
 fi
