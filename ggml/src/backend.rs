@@ -99,6 +99,14 @@ impl Device {
         (free, total)
     }
 
+    /// The device's pinned host buffer type (e.g. CUDA's page-locked host memory, from which
+    /// copies to the device run at full PCIe speed), if it has one.
+    pub fn host_buffer_type(&self) -> Option<BufferType> {
+        // SAFETY: a valid device handle.
+        let raw = unsafe { sys::ggml_backend_dev_host_buffer_type(self.raw) };
+        (!raw.is_null()).then(|| BufferType::from_raw(raw))
+    }
+
     pub fn buffer_type(&self) -> BufferType {
         BufferType(unsafe { sys::ggml_backend_dev_buffer_type(self.raw) })
     }

@@ -24,11 +24,14 @@ unsafe impl Send for Scheduler {}
 
 impl Scheduler {
     /// A scheduler over `backends` (highest priority first, the CPU last) for graphs of at
-    /// most `graph_size` nodes and leafs.
+    /// most `graph_size` nodes and leafs. With `op_offload`, a product whose weight is in a
+    /// host buffer runs on a higher-priority backend that asks for it (ggml's CUDA backend:
+    /// batches of 32 or more), the scheduler copying the weight over (for `mul_mat_id`, only
+    /// the experts the batch uses).
     ///
     /// # Safety
     /// The backends must outlive the scheduler.
-    pub unsafe fn new(backends: &[&Backend], graph_size: usize) -> Result<Scheduler, GgmlError> {
+    pub unsafe fn new(backends: &[&Backend], graph_size: usize, op_offload: bool) -> Result<Scheduler, GgmlError> {
         let mut raw_backends: Vec<sys::ggml_backend_t> = backends.iter().map(|b| b.as_ptr()).collect();
         let names: Vec<String> = backends.iter().map(|b| b.name()).collect();
         match backends.last() {
@@ -36,9 +39,9 @@ impl Scheduler {
             _ => return Err(GgmlError::Sched(format!("the last backend must be the CPU, got {names:?}"))),
         }
         // SAFETY: valid backends, the last one the CPU (checked: ggml asserts it); default
-        // buffer types; no parallel copies; no offloading of ops on host weights.
+        // buffer types; no parallel copies.
         let raw = unsafe {
-            sys::ggml_backend_sched_new(raw_backends.as_mut_ptr(), std::ptr::null_mut(), raw_backends.len() as i32, graph_size, false, false)
+            sys::ggml_backend_sched_new(raw_backends.as_mut_ptr(), std::ptr::null_mut(), raw_backends.len() as i32, graph_size, false, op_offload)
         };
         if raw.is_null() {
             return Err(GgmlError::Sched(format!("ggml could not create a scheduler over {names:?}")));

@@ -8,6 +8,7 @@ use loader::Ds4Config;
 
 use crate::cold::{ColdCall, ColdState, RouteCall};
 use crate::model::Logits;
+use crate::offload::ColdHost;
 use crate::ops::{Ctx, T};
 use crate::plan::{CompPlan, CompShape, RawPlan};
 use crate::state::Sequence;
@@ -123,6 +124,8 @@ pub struct Builder<'a> {
     /// Writes into per-sequence state, expanded after the outputs so they run last.
     pub effects: Vec<T>,
     pub cold: Option<*const Mutex<ColdState>>,
+    /// Cold experts' host copy, for micro-batches that compute them in the graph.
+    pub cold_host: Option<&'a ColdHost>,
     /// Boxed: the custom ops hold pointers to them, which must not move as the Vec grows.
     #[allow(clippy::vec_box)]
     pub cold_calls: Vec<Box<ColdCall>>,

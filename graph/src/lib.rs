@@ -15,6 +15,7 @@ mod hc;
 mod load;
 mod model;
 mod moe;
+mod offload;
 pub mod ops;
 pub mod plan;
 pub mod profile;

@@ -9,6 +9,7 @@ use experts::ExpertSet;
 use ggml::{Backend, BufferType, Context, Device};
 use loader::{Ds4Config, ExpertPart, ModelFile, TensorRequest};
 
+use crate::offload::ColdHost;
 use crate::model::{Model, ModelOptions, StepTimings, NEXT_SEQ_ID};
 use crate::ops::{self, Ctx, T};
 use crate::steps::StepCache;
@@ -68,6 +69,16 @@ impl Model {
             tensors.push(loader::load_tensors_whole(&file, &packed, rb, &opts.read)?);
         }
         let tensors = TensorSet::new(tensors);
+        let wanted = opts.cold_offload_min > 0 || opts.cold_layers_in_graph;
+        let min = if opts.cold_offload_min == 0 { usize::MAX } else { opts.cold_offload_min };
+        let cold_host = match (wanted, device.kind(), device.host_buffer_type()) {
+            (false, _, _) | (_, ggml::DeviceKind::Cpu, _) => None,
+            (true, _, Some(host)) => ColdHost::load(&file, &hot, host, buft, min, opts.cold_layers_in_graph, &opts.read)?,
+            (_, _, None) => {
+                tracing::warn!(device = %device.name(), "the device has no pinned host buffer type: cold experts stay with the executor for every batch");
+                None
+            }
+        };
         let (tables, subsets) = subset_tables(&config, &hot, buft)?;
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
@@ -86,6 +97,7 @@ impl Model {
             timings: StepTimings::default(),
             hot,
             cold: None,
+            cold_host,
             route_counts,
             op_profile: None,
             _tables: tables,

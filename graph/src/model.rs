@@ -43,6 +43,15 @@ pub struct ModelOptions {
     /// model dense prefill was still the faster one at 32 × k, BENCHMARKS.md), 4 × k without
     /// (matmul + softmax hold all scores of a micro-batch: [keys, n, heads]).
     pub csa_dense_max_view: Option<usize>,
+    /// With cold experts on a GPU model: micro-batches of at least this many tokens compute
+    /// the cold experts on the GPU from a second copy in pinned host memory, copying only
+    /// the experts each micro-batch routes to (see `offload.rs`); smaller ones (decode) use
+    /// the cold executor. 0: always the executor, and no host copy.
+    pub cold_offload_min: usize,
+    /// With cold experts on a GPU model: layers whose experts are all cold compute them in
+    /// the step graph at every batch size, from the pinned host copy (ggml's CPU backend for
+    /// batches below `cold_offload_min`), instead of through the cold executor.
+    pub cold_layers_in_graph: bool,
 }
 
 impl Default for ModelOptions {
@@ -58,6 +67,8 @@ impl Default for ModelOptions {
             repack: true,
             flash_attn: None,
             csa_dense_max_view: None,
+            cold_offload_min: 0,
+            cold_layers_in_graph: false,
         }
     }
 }
@@ -99,6 +110,8 @@ pub struct Model {
     pub(crate) timings: StepTimings,
     pub(crate) hot: ExpertSet,
     pub(crate) cold: Option<Box<Mutex<ColdState>>>,
+    /// The cold experts' pinned host copy (`ModelOptions::cold_offload_min`).
+    pub(crate) cold_host: Option<crate::offload::ColdHost>,
     pub(crate) route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,
     /// Per-op timing of every step when on (`set_op_profile`); boxed: the scheduler's
     /// callback points at it.

@@ -54,6 +54,9 @@ impl Builder<'_> {
     /// Experts this backend holds are computed here; the others go to the cold executor
     /// (`cold.rs`) around the hot compute, so both overlap.
     pub fn routed_experts(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights, base: Option<T>) -> T {
+        if let Some(out) = self.routed_offloaded(il, z, ids, wts, w, base) {
+            return out;
+        }
         let g = self.g;
         let (k, n) = (ids.ne(0), z.ne(1));
         let plus_base = |t: T| match base {
@@ -102,7 +105,7 @@ impl Builder<'_> {
 
     /// Σ_k weight · expert(z) over experts held by this backend (`ids` are indices into the
     /// held tensors).
-    fn hot_experts(&mut self, il: usize, z: T, ids: T, wts: T, r: &RoutedWeights) -> T {
+    pub(crate) fn hot_experts(&mut self, il: usize, z: T, ids: T, wts: T, r: &RoutedWeights) -> T {
         let g = self.g;
         let (e, k, n) = (z.ne(0), ids.ne(0), z.ne(1));
         let down = r.ffn.forward(g, g.reshape(z, &[e, 1, n]), ids); // [e, k, n]

@@ -100,6 +100,7 @@ impl Model {
             inp: &inputs,
             effects: Vec::new(),
             cold: self.cold.as_deref().map(|m| m as *const Mutex<ColdState>),
+            cold_host: self.cold_host.as_ref(),
             cold_calls: Vec::new(),
             route_counts: self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>),
             route_calls: Vec::new(),
@@ -126,7 +127,9 @@ impl Model {
             None => vec![&self.backend],
         };
         // SAFETY: the model owns the backends and drops its steps first.
-        let mut sched = unsafe { Scheduler::new(&backends, graph.tensor_count() + 64)? };
+        // Op offloading lets the scheduler run products over host weights (the cold experts'
+        // copy) on the GPU when the batch is big enough for the device to want them.
+        let mut sched = unsafe { Scheduler::new(&backends, graph.tensor_count() + 64, self.cold_host.is_some())? };
         // SAFETY: the nodes belong to this graph; both backends are the scheduler's. Inputs
         // live on the model's device (set once per step, no copies per split); custom ops run
         // on the CPU.

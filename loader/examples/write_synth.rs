@@ -1,8 +1,8 @@
 //! Write a synthetic deepseek4 GGUF (seeded random weights, quantized by ggml).
 //!
 //! ```text
-//! write_synth [--spec tiny|medium] [--type TYPE] [--expert-type TYPE] [--vocab N]
-//!             [--tokenizer-from GGUF] [--seed N] OUT.gguf
+//! write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE]
+//!             [--vocab N] [--tokenizer-from GGUF] [--seed N] OUT.gguf
 //! write_synth --extract-tokenizer SRC.gguf OUT.gguf
 //! write_synth OUT.gguf [tiny|medium] [VOCAB]            (older positional form)
 //! ```
@@ -16,6 +16,11 @@
 //!
 //! The CPU benchmark model: `write_synth --spec medium --type q8_0 --tokenizer-from
 //! models/tiny-ds4.gguf bench-data/medium-q8_0.gguf`.
+//!
+//! The full-width benchmark models (`scripts/device/fullwidth-vs-llama.sh`): `write_synth
+//! --spec v4-flash --layers 8 --tokenizer-from models/tiny-ds4.gguf OUT.gguf` — DeepSeek V4
+//! Flash's widths with 8 layers, MXFP4 experts, Q8_0 elsewhere, the real routing skew
+//! (`loader::synth::RouterSkew::V4_FLASH`); 3.5 GB per layer.
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -23,8 +28,8 @@ use std::time::Instant;
 use ggml::TensorType;
 use loader::synth::{tokenizer_keys, SynthModel, SynthSpec};
 
-const USAGE: &str = "usage: write_synth [--spec tiny|medium] [--type TYPE] [--expert-type TYPE] [--vocab N] \
-[--tokenizer-from GGUF] [--seed N] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf";
+const USAGE: &str = "usage: write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE] \
+[--vocab N] [--tokenizer-from GGUF] [--seed N] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf";
 
 fn tensor_type(name: &str) -> Result<TensorType, String> {
     (0..ggml::sys::ggml_type::GGML_TYPE_COUNT)
@@ -44,7 +49,8 @@ fn spec_named(name: &str) -> Result<SynthSpec, String> {
     match name {
         "tiny" => Ok(SynthSpec::tiny()),
         "medium" => Ok(SynthSpec::medium()),
-        other => Err(format!("unknown spec '{other}' (expected tiny or medium)")),
+        "v4-flash" => Ok(SynthSpec::v4_flash(8)),
+        other => Err(format!("unknown spec '{other}' (expected tiny, medium or v4-flash)")),
     }
 }
 
@@ -52,6 +58,7 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut spec = SynthSpec::tiny();
     let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract) = (None, None, None, None, None, None);
+    let mut layers = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -61,6 +68,7 @@ fn run() -> Result<(), String> {
             "--type" => matrix = Some(tensor_type(value()?)?),
             "--expert-type" => expert = Some(tensor_type(value()?)?),
             "--vocab" => vocab = Some(number::<usize>(a, value()?)?),
+            "--layers" => layers = Some(number::<usize>(a, value()?)?),
             "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
             "--seed" => seed = Some(number::<u64>(a, value()?)?),
             "--extract-tokenizer" => extract = Some(PathBuf::from(value()?)),
@@ -85,7 +93,7 @@ fn run() -> Result<(), String> {
     if let Some(src) = extract {
         let keys = tokenizer_keys(&src).map_err(|e| e.to_string())?;
         let n = keys.len();
-        SynthModel { metadata: keys, tensors: Vec::new(), seed: 0 }.write(&out, false).map_err(|e| format!("{}: {e}", out.display()))?;
+        SynthModel { metadata: keys, tensors: Vec::new(), seed: 0, router_skew: None }.write(&out, false).map_err(|e| format!("{}: {e}", out.display()))?;
         println!("wrote {} ({n} tokenizer keys from {})", out.display(), src.display());
         return Ok(());
     }
@@ -98,6 +106,9 @@ fn run() -> Result<(), String> {
     }
     if let Some(v) = vocab {
         spec.n_vocab = v;
+    }
+    if let Some(n) = layers {
+        spec = spec.with_layers(n).map_err(|e| format!("--layers {n}: {e}"))?;
     }
     let mut model = match &tokenizer {
         Some(path) => {

@@ -39,6 +39,27 @@ pub struct SynthSpec {
     pub matrix_type: TensorType,
     /// Type of the routed expert tensors.
     pub expert_type: TensorType,
+    /// Uneven routing (the benchmark models): `None` routes uniformly at random.
+    pub router_skew: Option<RouterSkew>,
+}
+
+/// Routing skew of a synthetic model, like the real one's (a few experts per layer take most
+/// routed slots). Per layer a seeded random `hot_fraction` of the experts is hot. Score-routed
+/// layers get `exp_probs_b.bias` = +δ on the hot experts, δ found by bisection so that on
+/// isotropic inputs (entries uniform with RMS 1, like `ffn_norm`'s output) the hot experts
+/// take `hot_share` of the top-k slots, for that layer's own `ffn_gate_inp`; hash-routed
+/// layers draw each token's experts from the hot set with probability `hot_share`. What real
+/// activations give is measured, not assumed: `dflash ... --route-stats-out` counts it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterSkew {
+    pub hot_fraction: f64,
+    pub hot_share: f64,
+}
+
+impl RouterSkew {
+    /// DeepSeek V4 Flash's measured skew: 12.5% of the experts cover ~59% of routed slots
+    /// (DS4-ARCHITECTURE.md, "Where the real model's speed goes").
+    pub const V4_FLASH: RouterSkew = RouterSkew { hot_fraction: 0.125, hot_share: 0.6 };
 }
 
 impl SynthSpec {
@@ -68,6 +89,7 @@ impl SynthSpec {
             n_ctx: 4096,
             matrix_type: TensorType::F32,
             expert_type: TensorType::F32,
+            router_skew: None,
         }
     }
 
@@ -103,6 +125,59 @@ impl SynthSpec {
             n_ctx: 8192,
             matrix_type: TensorType::Q8_0,
             expert_type: TensorType::Q8_0,
+            router_skew: None,
+        }
+    }
+
+    /// The same model with `n_layer` layers: the compression ratios and hash layers follow
+    /// the spec's pattern (the first layers keep theirs; further layers repeat its last two).
+    pub fn with_layers(self, n_layer: usize) -> Result<SynthSpec, String> {
+        if n_layer == 0 {
+            return Err("a model needs at least one layer".into());
+        }
+        let r = &self.compress_ratios;
+        let compress_ratios = (0..n_layer)
+            .map(|l| match r.get(l) {
+                Some(&x) => x,
+                None if r.len() >= 2 => r[r.len() - 2 + (l - r.len()) % 2],
+                None => r.last().copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(SynthSpec { n_layer, compress_ratios, n_hash_layers: self.n_hash_layers.min(n_layer), ..self })
+    }
+
+    /// DeepSeek V4 Flash at full width with `n_layer` layers (the real model has 43): hidden
+    /// 4096, 64 heads × 512 (rope on 64), q rank 1024, 8 output groups × 1024, window 128, 256
+    /// experts top-6 + 1 shared, expert FFN 2048, indexer 64 × 128 top-512, 3 hash layers,
+    /// compression ratios 0, 0, then 4 (even layers) / 128 (odd), MXFP4 experts and Q8_0
+    /// elsewhere, and the real model's routing skew ([`RouterSkew::V4_FLASH`]). With the real
+    /// tokenizer ([`SynthModel::with_tokenizer`]) the vocabulary is 129280 as in the release.
+    pub fn v4_flash(n_layer: usize) -> SynthSpec {
+        SynthSpec {
+            n_embd: 4096,
+            n_layer,
+            n_head: 64,
+            head_dim: 512,
+            n_rot: 64,
+            q_lora_rank: 1024,
+            o_lora_rank: 1024,
+            o_groups: 8,
+            window: 128,
+            n_expert: 256,
+            n_expert_used: 6,
+            n_ff_exp: 2048,
+            n_expert_shared: 1,
+            n_hash_layers: 3.min(n_layer),
+            n_vocab: 129280,
+            compress_ratios: (0..n_layer).map(|l| if l < 2 { 0 } else if l % 2 == 0 { 4 } else { 128 }).collect(),
+            indexer_heads: 64,
+            indexer_dim: 128,
+            indexer_top_k: 512,
+            hc_count: 4,
+            n_ctx: 65536,
+            matrix_type: TensorType::Q8_0,
+            expert_type: TensorType::MXFP4,
+            router_skew: Some(RouterSkew::V4_FLASH),
         }
     }
 }
@@ -121,6 +196,7 @@ pub struct SynthModel {
     pub metadata: Vec<(String, Value)>,
     pub tensors: Vec<SynthTensor>,
     pub seed: u64,
+    pub router_skew: Option<RouterSkew>,
 }
 
 fn int(v: i128, ty: &'static str) -> Value {
@@ -259,7 +335,7 @@ impl SynthModel {
         add("output_hc_scale.weight".into(), f32t, &[1]);
         add("output_norm.weight".into(), f32t, &[e]);
         add("output.weight".into(), mt, &[e, v]);
-        SynthModel { metadata: md, tensors: t, seed: 0x5eed }
+        SynthModel { metadata: md, tensors: t, seed: 0x5eed, router_skew: s.router_skew }
     }
 
     /// [`SynthModel::new`] with the `tokenizer.*` keys replaced by `tokenizer` (see
@@ -331,15 +407,50 @@ impl SynthModel {
             let mut out = BufWriter::with_capacity(8 << 20, File::create(path)?);
             out.write_all(&meta)?;
             let mut rng = Rng(self.seed | 1);
+            let mut router = Vec::new();
             for (t, &tensor) in self.tensors.iter().zip(&raw) {
                 let nbytes = sys::ggml_nbytes(tensor) as u64;
-                write_data(&mut out, t, nbytes, random, &mut rng, self.n_expert_hint())?;
+                let n_expert = self.n_expert_hint();
+                match (self.router_skew, random) {
+                    (Some(skew), true) if t.name.ends_with(".exp_probs_b.bias") => {
+                        let bias = skewed_bias(skew, &router, t.shape[0] as usize, self.hot_set(skew, &t.name, n_expert));
+                        out.write_all(&bias.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>())?;
+                    }
+                    (Some(skew), true) if t.name.ends_with(".ffn_gate_tid2eid.weight") => {
+                        let hot = self.hot_set(skew, &t.name, n_expert);
+                        write_skewed_table(&mut out, t, skew, &hot, n_expert, &mut rng)?;
+                    }
+                    _ => {
+                        let keep = t.name.ends_with(".ffn_gate_inp.weight") && t.ty == TensorType::F32;
+                        let kept = write_data(&mut out, t, nbytes, random, &mut rng, n_expert, keep)?;
+                        if keep {
+                            router = kept;
+                        }
+                    }
+                }
                 let pad = (alignment - nbytes % alignment) % alignment;
                 out.write_all(&vec![0u8; pad as usize])?;
             }
             out.flush()?;
         }
         Ok(())
+    }
+
+    /// The hot experts of the layer `name` belongs to (seeded by the model's seed and the layer).
+    fn hot_set(&self, skew: RouterSkew, name: &str, n_expert: usize) -> Vec<bool> {
+        let layer: u64 = name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse().ok()).unwrap_or(0);
+        let mut rng = Rng((self.seed ^ (layer + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1);
+        let n_hot = ((n_expert as f64 * skew.hot_fraction).round() as usize).clamp(1, n_expert);
+        let mut hot = vec![false; n_expert];
+        let mut chosen = 0;
+        while chosen < n_hot {
+            let e = (rng.next() % n_expert as u64) as usize;
+            if !hot[e] {
+                hot[e] = true;
+                chosen += 1;
+            }
+        }
+        hot
     }
 
     fn n_expert_hint(&self) -> usize {
@@ -430,7 +541,85 @@ impl Rng {
     }
 }
 
-fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, rng: &mut Rng, n_expert: usize) -> std::io::Result<()> {
+/// `exp_probs_b.bias` of a skewed layer: +δ on the hot experts, 0 elsewhere, δ found by
+/// bisection so that the hot experts take `skew.hot_share` of the top-k slots on isotropic
+/// inputs (entries uniform in [−√3, √3), RMS 1) for this layer's router `gate_inp`
+/// ([n_embd, n_expert], F32). k is 6, the model's experts per token.
+fn skewed_bias(skew: RouterSkew, gate_inp: &[f32], n_expert: usize, hot: Vec<bool>) -> Vec<f32> {
+    const K: usize = 6;
+    const SAMPLES: usize = 256;
+    let n_embd = gate_inp.len() / n_expert.max(1);
+    if n_embd == 0 || n_expert <= K {
+        return vec![0.0; n_expert];
+    }
+    let mut rng = Rng(0x51ce_ed05 | 1);
+    let probs: Vec<Vec<f32>> = (0..SAMPLES)
+        .map(|_| {
+            let z: Vec<f32> = (0..n_embd).map(|_| rng.unit() * 3f32.sqrt()).collect();
+            gate_inp
+                .chunks_exact(n_embd)
+                .map(|w| {
+                    let l: f32 = w.iter().zip(&z).map(|(a, b)| a * b).sum();
+                    let softplus = if l > 20.0 { l } else { l.exp().ln_1p() };
+                    softplus.sqrt()
+                })
+                .collect()
+        })
+        .collect();
+    let share = |delta: f32| -> f64 {
+        let mut hits = 0usize;
+        for p in &probs {
+            let mut order: Vec<(f32, bool)> = p.iter().zip(&hot).map(|(&v, &h)| (if h { v + delta } else { v }, h)).collect();
+            order.sort_by(|a, b| b.0.total_cmp(&a.0));
+            hits += order[..K].iter().filter(|(_, h)| *h).count();
+        }
+        hits as f64 / (SAMPLES * K) as f64
+    };
+    let (mut lo, mut hi) = (0.0f32, 8.0f32);
+    for _ in 0..40 {
+        let mid = 0.5 * (lo + hi);
+        if share(mid) < skew.hot_share {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let delta = 0.5 * (lo + hi);
+    hot.iter().map(|&h| if h { delta } else { 0.0 }).collect()
+}
+
+/// A hash layer's token → experts table {n_used, n_vocab} with the skew: each slot is a hot
+/// expert with probability `skew.hot_share`; a token's experts are distinct.
+fn write_skewed_table(out: &mut impl Write, t: &SynthTensor, skew: RouterSkew, hot: &[bool], n_expert: usize, rng: &mut Rng) -> std::io::Result<()> {
+    let (k, rows) = (t.shape[0] as usize, t.shape[1..].iter().product::<u64>());
+    let hot_ids: Vec<u32> = (0..n_expert as u32).filter(|&e| hot[e as usize]).collect();
+    let cold_ids: Vec<u32> = (0..n_expert as u32).filter(|&e| !hot[e as usize]).collect();
+    let mut buf = Vec::with_capacity(rows as usize * k * 4);
+    for _ in 0..rows {
+        let mut chosen: Vec<u32> = Vec::with_capacity(k);
+        while chosen.len() < k.min(n_expert) {
+            let from_hot = (rng.next() >> 11) as f64 / (1u64 << 53) as f64 <= skew.hot_share;
+            let pool = if (from_hot && !hot_ids.is_empty()) || cold_ids.is_empty() { &hot_ids } else { &cold_ids };
+            let e = pool[(rng.next() % pool.len() as u64) as usize];
+            if !chosen.contains(&e) {
+                chosen.push(e);
+            }
+        }
+        for e in chosen {
+            buf.extend_from_slice(&(e as i32).to_le_bytes());
+        }
+    }
+    out.write_all(&buf)
+}
+
+/// Tensors above this many bytes are written as repeats of one random block of rows of about
+/// this size (the full-width benchmark models: 3.4 GB of experts per layer would otherwise
+/// take minutes to generate; a product's speed does not depend on the values).
+const REPEAT_ABOVE_BYTES: u64 = 64 << 20;
+
+/// Writes one tensor's data; returns its values when `keep` (F32 tensors only).
+fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, rng: &mut Rng, n_expert: usize, keep: bool) -> std::io::Result<Vec<f32>> {
+    let mut kept = Vec::new();
     if !random {
         // A cheap pattern: the loader benchmark measures bytes, not values.
         let block = vec![0x3cu8; 1 << 20];
@@ -440,7 +629,7 @@ fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, 
             out.write_all(&block[..n])?;
             left -= n as u64;
         }
-        return Ok(());
+        return Ok(kept);
     }
     let row = t.shape[0] as usize;
     let rows: u64 = t.shape[1..].iter().product();
@@ -458,14 +647,29 @@ fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, 
                 out.write_all(&e.to_le_bytes())?;
             }
         }
-        return Ok(());
+        return Ok(kept);
     }
     let is_norm = t.shape.len() == 1 && t.name.contains("norm");
     let scale = if is_norm { 0.0 } else { 1.0 / (row as f32).sqrt() };
     let rows_per_chunk = ((1usize << 20) / row).max(1);
     let mut done = 0u64;
     let imatrix = vec![1.0f32; row];
+    // Big tensors: one random block of rows (a whole number of chunks, ~16 MiB), repeated.
+    let repeat_rows = if nbytes > REPEAT_ABOVE_BYTES {
+        let chunk_bytes = nbytes / rows * rows_per_chunk as u64;
+        Some(((16u64 << 20) / chunk_bytes.max(1)).max(1) * rows_per_chunk as u64)
+    } else {
+        None
+    };
+    let mut block: Vec<u8> = Vec::new();
     while done < rows {
+        if let Some(rr) = repeat_rows.filter(|&rr| done >= rr) {
+            let n = (rows - done).min(rr);
+            let bytes = (nbytes / rows * n) as usize;
+            out.write_all(&block[..bytes])?;
+            done += n;
+            continue;
+        }
         let n = rows_per_chunk.min((rows - done) as usize);
         let vals: Vec<f32> = (0..n * row).map(|_| if is_norm { 1.0 + 0.1 * rng.unit() } else { rng.unit() * scale }).collect();
         let bytes: Vec<u8> = if t.ty == TensorType::F32 {
@@ -486,8 +690,14 @@ fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, 
             }
             dst
         };
+        if keep {
+            kept.extend_from_slice(&vals);
+        }
         out.write_all(&bytes)?;
+        if repeat_rows.is_some() {
+            block.extend_from_slice(&bytes);
+        }
         done += n as u64;
     }
-    Ok(())
+    Ok(kept)
 }

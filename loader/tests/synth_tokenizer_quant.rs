@@ -92,7 +92,7 @@ fn with_tokenizer_sizes_the_vocabulary_and_keeps_the_keys() {
     // A tensor-less GGUF of just those keys (what write_synth --extract-tokenizer writes)
     // gives back the same keys.
     let only = dir.path().join("only.gguf");
-    SynthModel { metadata: keys.clone(), tensors: Vec::new(), seed: 0 }.write(&only, false).unwrap();
+    SynthModel { metadata: keys.clone(), tensors: Vec::new(), seed: 0, router_skew: None }.write(&only, false).unwrap();
     assert_eq!(tokenizer_keys(&only).unwrap(), keys);
 }
 

@@ -20,13 +20,15 @@ dest=${3:?destination dir}
 rm -rf "$dest" && mkdir -p "$dest"
 cp "$src"/CMakeLists.txt "$src"/LICENSE "$dest"/
 cp -r "$src"/cmake "$src"/include "$src"/src "$src"/common "$dest"/
-# ggml: the core and the CPU backend (ggml's CMakeLists only enters enabled backends' dirs).
+# ggml: the core, the CPU and the CUDA backends (ggml's CMakeLists only enters enabled backends' dirs).
 g=$src/ggml
 mkdir -p "$dest"/ggml/src
 find "$g" -maxdepth 1 -type f -exec cp {} "$dest"/ggml/ \;
 cp -r "$g"/cmake "$g"/include "$dest"/ggml/
 find "$g"/src -maxdepth 1 -type f -exec cp {} "$dest"/ggml/src/ \;
 cp -r "$g"/src/ggml-cpu "$dest"/ggml/src/
+# The CUDA backend too (built only when asked for: scripts/device/fullwidth-vs-llama.sh).
+cp -r "$g"/src/ggml-cuda "$dest"/ggml/src/
 # vendor: only what common links (nlohmann json, sheredom subprocess, cpp-httplib).
 mkdir -p "$dest"/vendor
 cp -r "$src"/vendor/nlohmann "$src"/vendor/sheredom "$src"/vendor/cpp-httplib "$dest"/vendor/

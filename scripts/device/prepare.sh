@@ -7,14 +7,17 @@
 #                      backends only, for scripts/device/build-cuda.sh
 #   .device/bin/write_synth, .device/bin/ds4-tokenizer.gguf
 #                      the synthetic-model writer and the DeepSeek V4 tokenizer keys it copies
-#   .device/llama-src/ the pinned llama.cpp subset that builds llama-bench (CPU only), for
-#                      scripts/bench/cpu-vs-llama.sh .device/bin .device/llama-src
+#   .device/llama-src/ the pinned llama.cpp subset that builds llama-bench (CPU, or CUDA too as
+#                      a GGML_BACKEND_DL module), for scripts/bench/cpu-vs-llama.sh and
+#                      scripts/device/fullwidth-vs-llama.sh
+#   .device/commit     the commit the binaries were built from
 # Then run a scripts/device/*.sh step there with carry [".device"].
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 DFLASH_GGML_NATIVE=0 cargo build --release -p daemon --target-dir target/portable
 DFLASH_GGML_NATIVE=0 cargo build --release -p loader --example write_synth --target-dir target/portable
 rm -rf .device/bin && mkdir -p .device/bin
+echo "$(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . ":!.device" || echo -dirty)" > .device/commit
 cp target/portable/release/dflash .device/bin/
 cp -P target/portable/release/libggml*.so* .device/bin/
 cp target/portable/release/examples/write_synth .device/bin/

@@ -65,6 +65,19 @@ pub struct ModelArgs {
     /// `--experts-hot budget|profile:FILE` takes its budget from a GPU's free memory.
     #[arg(long = "device-reserve-mb", default_value_t = 2048)]
     pub device_reserve_mb: u64,
+    /// With the model on a GPU and cold experts: micro-batches of at least N tokens compute
+    /// the cold experts on the GPU, from a second copy of them in pinned host memory, copying
+    /// only the experts each micro-batch routes to over PCIe (smaller batches, e.g. decode,
+    /// use the CPU workers). The copy costs host memory equal to the cold experts' size;
+    /// budget placements then also keep one layer's experts free on the GPU for the copies.
+    /// 0: never (no host copy).
+    #[arg(long = "cold-offload-min", value_name = "N", default_value_t = 64)]
+    pub cold_offload_min: usize,
+    /// With the model on a GPU: layers whose routed experts are all cold compute them in the
+    /// step graph itself at every batch size, from the pinned host copy (ggml's CPU backend
+    /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers.
+    #[arg(long = "cold-layers-in-graph")]
+    pub cold_layers_in_graph: bool,
 }
 
 impl ModelArgs {
@@ -93,6 +106,8 @@ impl ModelArgs {
                 FlashAttn::Off => Some(false),
             },
             csa_dense_max_view: self.csa_dense_max_view,
+            cold_offload_min: self.cold_offload_min,
+            cold_layers_in_graph: self.cold_layers_in_graph,
             ..ModelOptions::default()
         };
         if let Some(t) = self.threads {
@@ -126,7 +141,9 @@ impl ModelArgs {
         let experts: u64 = shape.expert_bytes.iter().sum::<u64>() * u64::from(shape.n_expert);
         let other = file.tensors.total_bytes().saturating_sub(experts);
         let free = device.memory().0 as u64;
-        let budget = budget_from_device(free, other, 0, 0, self.device_reserve_mb.saturating_mul(1 << 20));
+        // Offloaded cold experts are copied into the compute buffer, one layer's at a time.
+        let offload = if self.cold_offload_min > 0 { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
+        let budget = budget_from_device(free, other, 0, 0, self.device_reserve_mb.saturating_mul(1 << 20).saturating_add(offload));
         tracing::info!(device = %self.device, free, other_weights = other, budget, "hot-expert budget from the device");
         Ok(Some(budget))
     }

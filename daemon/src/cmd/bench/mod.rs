@@ -1,6 +1,7 @@
 //! `dflash bench prefill|decode|load`: model throughput in the shape of llama-bench's pp/tg
 //! tests (prefill N tokens into an empty sequence; generate N tokens one at a time from an
-//! empty sequence), medians over repetitions; the loader's throughput (`load.rs`).
+//! empty sequence; with `-d D` both start after an untimed prefill of D tokens, llama-bench's
+//! `-d`), medians over repetitions; the loader's throughput (`load.rs`).
 mod load;
 
 use std::time::Instant;
@@ -20,6 +21,10 @@ pub struct Args {
     /// Repetitions (the median is reported).
     #[arg(short = 'r', long, default_value_t = 3)]
     reps: usize,
+    /// Context depth: each repetition first prefills this many tokens (untimed), then runs
+    /// the timed test on top of them (llama-bench's `-d`).
+    #[arg(short = 'd', long, default_value_t = 0)]
+    depth: usize,
     /// Print the graph build / compute split.
     #[arg(long)]
     timings: bool,
@@ -46,10 +51,11 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
     let threads = a.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
     let (lo, hi) = rates.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
     println!(
-        "{} | {} | threads {threads} | ubatch {} | {test} | {:.2} t/s (min {lo:.2}, max {hi:.2}, {} reps)",
+        "{} | {} | threads {threads} | ubatch {} | {test}{} | {:.2} t/s (min {lo:.2}, max {hi:.2}, {} reps)",
         a.model.model.display(),
         model.backend_name(),
         a.model.ubatch,
+        if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() },
         median(rates.clone()),
         rates.len()
     );
@@ -82,13 +88,23 @@ pub fn print_expert_stats(stats: &[graph::ExpertLayerStats]) {
     }
 }
 
+/// A sequence with room for the depth and the test, holding `depth` prefilled tokens.
+fn sequence_at_depth(model: &mut Model, a: &Args, context: &[u32]) -> Result<graph::Sequence> {
+    let mut seq = model.new_sequence(a.depth + a.tokens)?;
+    if !context.is_empty() {
+        model.forward(&mut seq, context, Logits::Last)?;
+    }
+    Ok(seq)
+}
+
 pub fn prefill(a: Args) -> Result<()> {
     let mut model = a.model.load()?;
     let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1)?;
+    let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = model.new_sequence(a.tokens)?;
+        let mut seq = sequence_at_depth(&mut model, &a, &context)?;
         let t0 = Instant::now();
         model.forward(&mut seq, &toks, Logits::Last)?;
         let dt = t0.elapsed().as_secs_f64();
@@ -102,7 +118,7 @@ pub fn prefill(a: Args) -> Result<()> {
     report(&model, &a, &format!("pp{}", a.tokens), rates, build, compute);
     if let Some(n) = a.op_profile {
         op_profile(&mut model, n, |m| {
-            let mut seq = m.new_sequence(a.tokens)?;
+            let mut seq = sequence_at_depth(m, &a, &context)?;
             m.forward(&mut seq, &toks, Logits::Last)?;
             Ok(())
         })?;
@@ -113,10 +129,11 @@ pub fn prefill(a: Args) -> Result<()> {
 pub fn decode(a: Args) -> Result<()> {
     let mut model = a.model.load()?;
     let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 2)?;
+    let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = model.new_sequence(a.tokens)?;
+        let mut seq = sequence_at_depth(&mut model, &a, &context)?;
         let (mut b, mut c) = (0.0, 0.0);
         let t0 = Instant::now();
         for &t in &toks {
@@ -134,7 +151,7 @@ pub fn decode(a: Args) -> Result<()> {
     report(&model, &a, &format!("tg{}", a.tokens), rates, build, compute);
     if let Some(n) = a.op_profile {
         op_profile(&mut model, n, |m| {
-            let mut seq = m.new_sequence(a.tokens)?;
+            let mut seq = sequence_at_depth(m, &a, &context)?;
             for &t in &toks {
                 m.forward(&mut seq, &[t], Logits::Last)?;
             }

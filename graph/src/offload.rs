@@ -1,0 +1,226 @@
+//! Cold experts on the GPU for big micro-batches (prefill). The cold executor computes a
+//! token's cold experts on the CPU, which is right for decode; a micro-batch of hundreds of
+//! tokens routes to nearly every expert, and the GPU computes them faster than the CPU even
+//! after copying them over PCIe. So, with `ModelOptions::cold_offload_min` set, the model
+//! also keeps its cold experts in pinned host memory, and a micro-batch of at least that
+//! many tokens computes them in the step graph itself: `mul_mat_id` over the host tensors,
+//! which ggml's scheduler (with op offloading on) runs on the GPU, copying only the experts
+//! the micro-batch routes to (llama.cpp's path for experts kept on the CPU). Smaller batches
+//! (decode) use the executor as before.
+//!
+//! A layer whose experts are all cold uses the router's ids directly. A partly held layer
+//! maps them to the cold tensors' local indices with the `local_ids` CPU op, filling hot
+//! slots with cold experts the token does not use, at weight 0 (GPU expert kernels compute
+//! one slot per (token, expert), so ids must be distinct per token; such a layer needs at
+//! least k cold experts, else it keeps the executor).
+use std::ffi::c_void;
+
+use experts::ExpertSet;
+use ggml::{BufferType, Context};
+use loader::{Ds4Config, ExpertPart, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
+
+use crate::builder::Builder;
+use crate::cold::held_slots;
+use crate::expert_ffn::ExpertFfn;
+use crate::ops::{Ctx, T};
+use crate::weights::{LayerWeights, RoutedWeights, TensorSet};
+use crate::GraphError;
+
+/// Global expert id → index among one set of experts (−1: not in the set), and the set's size.
+pub(crate) struct LocalIds {
+    pub local: Vec<i32>,
+    pub n_local: i32,
+}
+
+impl LocalIds {
+    fn of(set: impl Iterator<Item = u32>, n_expert: usize) -> LocalIds {
+        let mut local = vec![-1i32; n_expert];
+        let mut n_local = 0;
+        for e in set {
+            local[e as usize] = n_local;
+            n_local += 1;
+        }
+        LocalIds { local, n_local }
+    }
+}
+
+/// One layer's cold experts in host memory.
+pub(crate) struct ColdLayer {
+    /// `held_mask` here is the cold mask (1 for cold experts), None when all are cold.
+    pub weights: RoutedWeights,
+    /// A partly held layer's id maps into the cold and the held tensors (None when every
+    /// expert is cold: the router's ids are the cold tensors' indices).
+    pub maps: Option<(Box<LocalIds>, Box<LocalIds>)>,
+}
+
+/// The cold experts of every layer that can be offloaded, in one pinned host buffer.
+pub(crate) struct ColdHost {
+    pub layers: Vec<Option<ColdLayer>>,
+    pub min_batch: usize,
+    /// Layers whose experts are all cold compute them in the graph at every batch size (the
+    /// CPU backend below `min_batch`, as llama.cpp does with experts kept on the CPU).
+    pub all_cold_in_graph: bool,
+    _masks: Option<(Context, ggml::Buffer)>,
+    _tensors: TensorSet,
+}
+
+impl ColdHost {
+    /// Load the cold experts of `hot`'s layers into `host` (a GPU's pinned host buffer type)
+    /// for micro-batches of at least `min_batch` tokens. None when no layer qualifies.
+    /// `device` holds the small cold masks.
+    pub fn load(file: &ModelFile, hot: &ExpertSet, host: BufferType, device: BufferType, min_batch: usize, all_cold_in_graph: bool, read: &ReadOptions) -> Result<Option<ColdHost>, GraphError> {
+        let c = &file.config;
+        let cold: Vec<Vec<u32>> = (0..c.n_layer)
+            .map(|l| (0..c.n_expert as u32).filter(|e| !hot.contains(l as u32, *e)).collect())
+            .collect();
+        // A partly held layer's local ids are filled with cold experts the token does not
+        // use, so it needs at least k of them.
+        let layers: Vec<usize> = (0..c.n_layer).filter(|&l| !cold[l].is_empty() && cold[l].len() >= c.n_expert_used).collect();
+        if layers.is_empty() {
+            return Ok(None);
+        }
+        let mut requests = Vec::new();
+        for &l in &layers {
+            for part in ExpertPart::ALL {
+                let name = part.name(l);
+                if file.tensors.get(&name).is_some() {
+                    requests.push(if cold[l].len() == c.n_expert { TensorRequest::whole(name) } else { TensorRequest::experts(name, cold[l].clone()) });
+                }
+            }
+        }
+        let loaded: LoadedTensors = loader::load_tensors(file, &requests, host, read)?;
+        let tensors = TensorSet::new(vec![loaded]);
+        let partial: Vec<usize> = layers.iter().copied().filter(|&l| cold[l].len() < c.n_expert).collect();
+        let masks = cold_masks(c, &cold, &partial, device)?;
+        let mut out: Vec<Option<ColdLayer>> = (0..c.n_layer).map(|_| None).collect();
+        for &l in &layers {
+            let ffn = ExpertFfn::lookup(l, c.n_ff_exp[l], c.swiglu_clamp_exp[l], |name| tensors.get(name))
+                .map_err(|m| GraphError::MissingTensor(format!("{} (cold copy)", m.0)))?;
+            let (held_mask, maps) = match masks.1.iter().find(|(m, _)| *m == l) {
+                Some(&(_, mask)) => {
+                    let cold_map = LocalIds::of(cold[l].iter().copied(), c.n_expert);
+                    let hot_map = LocalIds::of(hot.layer(l as u32).iter().copied(), c.n_expert);
+                    (Some(mask), Some((Box::new(cold_map), Box::new(hot_map))))
+                }
+                None => (None, None),
+            };
+            out[l] = Some(ColdLayer { weights: RoutedWeights { ffn, held_mask }, maps });
+        }
+        tracing::info!(layers = layers.len(), min_batch, "cold experts also in pinned host memory: micro-batches of at least min_batch tokens compute them on the GPU");
+        Ok(Some(ColdHost { layers: out, min_batch: min_batch.max(1), all_cold_in_graph, _masks: masks.0, _tensors: tensors }))
+    }
+}
+
+/// Per partly held layer, the cold mask (1 per cold global expert id, F32 [n_expert]).
+#[allow(clippy::type_complexity)]
+fn cold_masks(c: &Ds4Config, cold: &[Vec<u32>], partial: &[usize], buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<(usize, T)>), GraphError> {
+    if partial.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let ctx = Context::new_no_alloc(partial.len(), 0)?;
+    let g = Ctx { raw: ctx.as_ptr() };
+    let made: Vec<(usize, T)> = partial.iter().map(|&l| (l, g.new_f32(&[c.n_expert as i64]))).collect();
+    let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
+    for &(l, mask) in &made {
+        let mut m = vec![0f32; c.n_expert];
+        for &e in &cold[l] {
+            m[e as usize] = 1.0;
+        }
+        mask.write_f32(&m);
+    }
+    Ok((Some((ctx, buf)), made))
+}
+
+/// Writes [k, n] I32 into `dst`: each slot's index in a set of experts, the slots of experts
+/// outside it filled with ones of the set the token does not use (see [`held_slots`]).
+///
+/// # Safety
+/// A ggml custom op over `src[0]`, the router's ids [k, n] I32, with `userdata` a `LocalIds`.
+pub(crate) unsafe extern "C" fn local_ids(dst: *mut ggml::sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
+    if ith != 0 {
+        return;
+    }
+    // SAFETY: the caller's contract: `dst` and its source are CPU tensors of contiguous I32
+    // rows, `userdata` a ColdIds kept alive by the model.
+    unsafe {
+        let map = &*(userdata as *const LocalIds);
+        let d = &*dst;
+        let ids = &*d.src[0];
+        let (k, n) = (ids.ne[0] as usize, ids.ne[1] as usize);
+        let ids = std::slice::from_raw_parts(ids.data as *const i32, k * n);
+        let out = std::slice::from_raw_parts_mut(d.data as *mut i32, k * n);
+        for t in 0..n {
+            held_slots(&map.local, map.n_local, &ids[t * k..(t + 1) * k], &mut out[t * k..(t + 1) * k]);
+        }
+    }
+}
+
+impl Builder<'_> {
+    /// The routed experts of a micro-batch big enough for the cold ones to be computed in
+    /// the graph from their host copy (on the GPU, by the scheduler's op offload): base +
+    /// held + cold. None when the layer keeps the executor.
+    pub fn routed_offloaded(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights, base: Option<T>) -> Option<T> {
+        let host = self.cold_host?;
+        let cold = host.layers[il].as_ref()?;
+        let in_graph_always = host.all_cold_in_graph && cold.maps.is_none();
+        if (z.ne(1) as usize) < host.min_batch && !in_graph_always {
+            return None;
+        }
+        let g = self.g;
+        let (k, n) = (ids.ne(0), z.ne(1));
+        // The weights of the slots in a set: wts · mask[ids].
+        let masked = |mask: T| g.mul(wts, g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), g.reshape(ids, &[k * n])), &[k, n]));
+        let mut sum = base;
+        let mut add = |t: T| sum = Some(match sum {
+            Some(s) => g.add(s, t),
+            None => t,
+        });
+        match (&cold.maps, &w.experts) {
+            (Some((cold_map, hot_map)), Some(held)) => {
+                let (Some(hot_mask), Some(cold_mask)) = (held.held_mask, cold.weights.held_mask) else {
+                    unreachable!("a partly held layer has both masks")
+                };
+                let hot_ids = self.local_ids_op(il, ids, hot_map, "hot");
+                add(self.hot_experts(il, z, hot_ids, masked(hot_mask), held));
+                let cold_ids = self.local_ids_op(il, ids, cold_map, "cold");
+                add(self.hot_experts(il, z, cold_ids, masked(cold_mask), &cold.weights));
+            }
+            (None, None) => add(self.hot_experts(il, z, ids, wts, &cold.weights)),
+            _ => unreachable!("a layer's cold copy matches its held experts (both partial, or none held)"),
+        }
+        let out = sum.unwrap_or_else(|| unreachable!("at least the cold experts were added"));
+        Some(g.name(out, &format!("routed_out-{il}")))
+    }
+
+    /// The router's ids mapped into `map`'s set (CPU op).
+    fn local_ids_op(&mut self, il: usize, ids: T, map: &LocalIds, set: &str) -> T {
+        let ptr = map as *const LocalIds as *mut c_void;
+        // SAFETY: `map` is boxed in the model's ColdHost, which outlives every step graph;
+        // `local_ids` reads a LocalIds.
+        let op = unsafe { self.g.custom(ggml::TensorType::I32, [ids.ne(0), ids.ne(1)], &[ids], local_ids, ptr) };
+        self.cpu_nodes.push(op);
+        self.g.name(op, &format!("{set}_ids-{il}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LocalIds;
+    use crate::cold::held_slots;
+
+    #[test]
+    fn local_ids_number_a_set_in_order_and_fill_outside_slots_with_unused_members() {
+        // 8 experts; the set is 0, 2, 3, 7 (local 0..3); k = 4.
+        let map = LocalIds::of([0u32, 2, 3, 7].into_iter(), 8);
+        assert_eq!(map.local, vec![0, -1, 1, 2, -1, -1, -1, 3]);
+        assert_eq!(map.n_local, 4);
+        // Slots of 2 and 7 keep their local ids; 1 and 5 get members the token does not use.
+        let mut out = [0; 4];
+        held_slots(&map.local, map.n_local, &[1, 2, 5, 7], &mut out);
+        assert_eq!(out[1], 1);
+        assert_eq!(out[3], 3);
+        let mut sorted = out.to_vec();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 1, 2, 3], "{out:?}: distinct members of the set");
+    }
+}

@@ -1,0 +1,160 @@
+#!/usr/bin/env bash
+# GPU machine: dflash against llama.cpp at DeepSeek V4 Flash's full width, both loading ONE
+# libggml-cuda.so, in one call (hosts differ by ~15%, so only ratios of the same call count).
+#
+# Here (the machine with cargo), first: scripts/device/prepare.sh (portable dflash,
+# write_synth, the DS4 tokenizer keys, the pinned ggml source and the llama.cpp tree with
+# llama-bench, under .device/). Then on the GPU machine, carrying .device:
+#   bash scripts/device/fullwidth-vs-llama.sh [STEP...]
+# Steps (default: build exact files llama dflash):
+#   build    llama.cpp (pinned source + llama-bench) with GGML_BACKEND_DL, GGML_NATIVE=OFF and
+#            CUDA; its libggml-cuda.so is copied beside dflash, so both engines load the same module
+#   exact    fixture A (MXFP4 experts) on CUDA0: cold experts through the executor, offloaded
+#            to the GPU (every layer cold; half of each layer cold), and computed in the graph
+#            on the CPU backend, each against the all-hot run and the transformers reference
+#   files    write_synth --spec v4-flash --layers L for each L in $LAYERS (default "4 8")
+#   llama    llama-bench per file: all on the GPU, every routed expert on the CPU (-ncmoe L),
+#            the first half of the layers' experts on the CPU (-ncmoe L/2)
+#   dflash   dflash bench per file: the same three placements, and dflash's `profile:`
+#            placement at the expert memory of -ncmoe L/2 (route statistics from a pp2048 run)
+#   Tests of both: pp512; pp2048 at ubatch 2048; tg64; tg64 at depth 4096 (DEPTH=0 skips it).
+# Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
+# Environment: LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
+# DFLASH_COLD (extra dflash flags for cold experts, default "--expert-workers 0").
+set -euo pipefail
+bin=.device/bin
+src=.device/llama-src
+out=${OUT:-/tmp}
+exec > >(tee "$out/fullwidth.log") 2>&1
+LAYERS=${LAYERS:-"4 8"}
+REPS=${REPS:-2}
+DEPTH=${DEPTH:-4096}
+THREADS=${THREADS:-$(nproc)}
+DFLASH_COLD=${DFLASH_COLD:-"--expert-workers 0 --worker-threads $THREADS"}
+steps=${*:-build exact files llama dflash}
+on() { [[ " $steps " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
+lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"
+free -g | head -2
+echo "commit $(cat .device/commit 2>/dev/null || echo unknown); layers $LAYERS; reps $REPS; depth $DEPTH; threads $THREADS"
+
+# The largest memory.used (MiB) while "$@" runs.
+peak() {
+  local f
+  f=$(mktemp)
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$f" &
+  local smi=$! rc=0
+  "$@" || rc=$?
+  kill $smi 2>/dev/null; wait $smi 2>/dev/null || true
+  echo "  peak GPU memory $(sort -n "$f" | tail -1) MiB (rc $rc)"
+  rm -f "$f"
+  return 0
+}
+
+if on build; then
+  t0=$(date +%s)
+  cmake -S "$src" -B /tmp/llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
+    -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
+    -DGGML_CUDA=ON -DGGML_CUDA_GRAPHS=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >/dev/null
+  cmake --build /tmp/llama-build --target llama-bench ggml-cuda ggml-cpu -j "$(nproc)" >/tmp/llama-build.log 2>&1 \
+    || { tail -40 /tmp/llama-build.log; exit 1; }
+  cuda=$(find /tmp/llama-build -name libggml-cuda.so -type f | head -1)
+  cp "$cuda" $bin/libggml-cuda.so
+  echo "built llama.cpp + its CUDA module in $(( $(date +%s) - t0 )) s; dflash loads the same file: $(sha256sum $bin/libggml-cuda.so | cut -c1-16)"
+fi
+LB=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+
+if on exact; then
+  echo "== cold experts on CUDA0: executor vs offloaded vs in the graph (fixture A, MXFP4 experts)"
+  m=tests/fixtures/ds4-tiny-a.mxfp4.gguf
+  [ -f $m ] || xz -d -c .device/fixtures/ds4-tiny-a.mxfp4.gguf.xz > $m
+  python3 -c 'import numpy as np; d=np.load("tests/fixtures/ds4-tiny-a.ref.npz"); open("/tmp/a.tokens","w").write("\n".join(map(str, d["tokens"])))'
+  X() { local o=$1; shift; $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u 512 "$@" --out /tmp/x-$o.npy; }
+  DEV=CPU X cpu
+  X hot
+  X exec --experts-hot none --expert-workers 0 --cold-offload-min 0
+  X offload --experts-hot none --expert-workers 0 --cold-offload-min 1
+  X offload-half --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1
+  X offload-half-w2 --experts-hot uniform:8 --expert-workers 2 --cold-offload-min 16
+  X ingraph --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph
+  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz cpu=/tmp/x-cpu.npy hot=/tmp/x-hot.npy exec=/tmp/x-exec.npy \
+    offload=/tmp/x-offload.npy offload-half=/tmp/x-offload-half.npy offload-half-w2=/tmp/x-offload-half-w2.npy ingraph=/tmp/x-ingraph.npy
+fi
+
+if on files; then
+  mkdir -p bench-data
+  for L in $LAYERS; do
+    f=bench-data/v4f-${L}l.gguf
+    [ -f $f ] || $bin/write_synth --spec v4-flash --layers "$L" --tokenizer-from $bin/ds4-tokenizer.gguf $f
+  done
+  df -h bench-data | tail -1
+fi
+
+# Routed-expert MiB of one layer: dflash inspect's bytes per expert × experts.
+expert_mib_per_layer() {
+  $bin/dflash inspect "$1" | python3 -c '
+import re, sys
+t = sys.stdin.read()
+per = int(re.search(r"bytes per expert per layer: (\d+)", t).group(1))
+n = int(re.search(r"moe\s+(\d+) experts", t).group(1))
+print(per * n / 2**20)'
+}
+
+if on llama; then
+  for L in $LAYERS; do
+    f=bench-data/v4f-${L}l.gguf
+    echo "== llama.cpp $L layers, -ncmoe 0 (all on the GPU), $((L / 2)), $L (every routed expert on the CPU)"
+    peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
+    [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
+  done
+fi
+
+if on dflash; then
+  for L in $LAYERS; do
+    f=bench-data/v4f-${L}l.gguf
+    D() { "$bin/dflash" bench "$@" -m $f --device CUDA0 -t "$THREADS" -r "$REPS" --timings; }
+    # TESTS: which of pp512 pp2048 tg64 tg64d to run for a placement.
+    run_placement() {
+      local tests=$1; shift
+      echo "== dflash $L layers: $*"
+      [[ " $tests " != *" pp512 "* ]] || peak D prefill -n 512 "$@"
+      [[ " $tests " != *" pp2048 "* ]] || peak D prefill -n 2048 -u 2048 "$@"
+      [[ " $tests " != *" tg64 "* ]] || peak D decode -n 64 "$@"
+      [[ " $tests " != *" tg64d "* || "$DEPTH" = 0 ]] || peak D decode -n 64 -d "$DEPTH" "$@"
+    }
+    # FULL=1: every test for every placement; by default the tests that tell the placements
+    # apart (each dflash run loads the model again: 10-30 s at 8 layers).
+    all="pp512 pp2048 tg64 tg64d"
+    few=${FULL:+$all}
+    run_placement "${few:-pp512 pp2048 tg64}" --experts-hot all
+    # shellcheck disable=SC2086
+    run_placement "${few:-pp512 pp2048 tg64}" --cpu-moe $DFLASH_COLD
+    # shellcheck disable=SC2086
+    run_placement "tg64" --cpu-moe $DFLASH_COLD --cold-layers-in-graph
+    # shellcheck disable=SC2086
+    run_placement "pp512" --cpu-moe $DFLASH_COLD --cold-offload-min 0
+    # shellcheck disable=SC2086
+    run_placement "${few:-pp512 tg64}" --n-cpu-moe $((L / 2)) $DFLASH_COLD
+    # shellcheck disable=SC2086
+    run_placement "tg64" --n-cpu-moe $((L / 2)) $DFLASH_COLD --cold-layers-in-graph
+    # The skew-aware placement at the same expert memory as -ncmoe L/2: route statistics from
+    # one pp2048 (all hot), then `profile:` with the bytes of (L - L/2) layers' experts.
+    "$bin/dflash" bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-$L.json >/dev/null
+    python3 - "$L" <<'PY'
+import json, sys
+d = json.load(open(f"/tmp/route-{sys.argv[1]}.json"))
+for layer, counts in d.items():
+    c = sorted(counts, reverse=True)
+    k = len(c) // 8
+    print(f"  layer {layer}: the top 12.5% of experts took {sum(c[:k]) / max(1, sum(c)):.1%} of routed slots")
+PY
+    mib=$(expert_mib_per_layer $f)
+    budget=$(python3 -c "print(int(float('${mib:-0}') * ($L - $L // 2)))")
+    echo "  expert memory of -ncmoe $((L / 2)): $budget MiB ($mib MiB per layer)"
+    # shellcheck disable=SC2086
+    run_placement "${few:-pp512 tg64}" --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
+  done
+fi
