@@ -701,3 +701,79 @@ fn write_data(out: &mut impl Write, t: &SynthTensor, nbytes: u64, random: bool, 
     }
     Ok(kept)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The share of top-6 slots that `bias` gives the hot experts on fresh isotropic inputs.
+    fn hot_share(gate_inp: &[f32], n_expert: usize, bias: &[f32], hot: &[bool], seed: u64) -> f64 {
+        let n_embd = gate_inp.len() / n_expert;
+        let mut rng = Rng(seed | 1);
+        let (mut hits, samples) = (0usize, 400usize);
+        for _ in 0..samples {
+            let z: Vec<f32> = (0..n_embd).map(|_| rng.unit() * 3f32.sqrt()).collect();
+            let mut s: Vec<(f32, bool)> = gate_inp
+                .chunks_exact(n_embd)
+                .zip(bias)
+                .zip(hot)
+                .map(|((w, b), &h)| {
+                    let l: f32 = w.iter().zip(&z).map(|(a, x)| a * x).sum();
+                    (l.exp().ln_1p().sqrt() + b, h)
+                })
+                .collect();
+            s.sort_by(|a, b| b.0.total_cmp(&a.0));
+            hits += s[..6].iter().filter(|(_, h)| *h).count();
+        }
+        hits as f64 / (samples * 6) as f64
+    }
+
+    #[test]
+    fn skewed_router_bias_gives_the_hot_experts_their_share() {
+        let (n_embd, n_expert) = (256, 64);
+        let mut rng = Rng(7);
+        let gate_inp: Vec<f32> = (0..n_embd * n_expert).map(|_| rng.unit() / (n_embd as f32).sqrt()).collect();
+        let model = SynthModel::new(&SynthSpec { n_expert, n_expert_used: 6, ..SynthSpec::tiny() });
+        let skew = RouterSkew::V4_FLASH;
+        let hot = model.hot_set(skew, "blk.3.exp_probs_b.bias", n_expert);
+        assert_eq!(hot.iter().filter(|&&h| h).count(), 8, "12.5% of 64 experts");
+        let bias = skewed_bias(skew, &gate_inp, n_expert, hot.clone());
+        assert!(bias.iter().zip(&hot).all(|(&b, &h)| if h { b > 0.0 } else { b == 0.0 }), "{bias:?}");
+        let share = hot_share(&gate_inp, n_expert, &bias, &hot, 99);
+        assert!((share - 0.6).abs() < 0.04, "hot share {share}");
+        // Without the bias the hot experts get about their 12.5%.
+        let none = hot_share(&gate_inp, n_expert, &vec![0.0; n_expert], &hot, 99);
+        assert!(none < 0.25, "unbiased share {none}");
+    }
+
+    #[test]
+    fn skewed_hash_table_rows_are_distinct_experts_drawn_mostly_from_the_hot_set() {
+        let n_expert = 64;
+        let t = SynthTensor { name: "blk.0.ffn_gate_tid2eid.weight".into(), ty: TensorType::I32, shape: vec![6, 2000] };
+        let model = SynthModel::new(&SynthSpec { n_expert, ..SynthSpec::tiny() });
+        let hot = model.hot_set(RouterSkew::V4_FLASH, &t.name, n_expert);
+        let mut out = Vec::new();
+        write_skewed_table(&mut out, &t, RouterSkew::V4_FLASH, &hot, n_expert, &mut Rng(3)).unwrap();
+        let ids: Vec<i32> = out.chunks_exact(4).map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert_eq!(ids.len(), 6 * 2000);
+        for row in ids.chunks_exact(6) {
+            let mut r = row.to_vec();
+            r.sort_unstable();
+            r.dedup();
+            assert_eq!(r.len(), 6, "{row:?}");
+            assert!(row.iter().all(|&e| (0..n_expert as i32).contains(&e)));
+        }
+        let share = ids.iter().filter(|&&e| hot[e as usize]).count() as f64 / ids.len() as f64;
+        // 8 hot experts for 6 distinct slots: the draw saturates a little below 0.6.
+        assert!((0.5..0.62).contains(&share), "hot share {share}");
+    }
+
+    #[test]
+    fn with_layers_repeats_the_ratio_pattern() {
+        let s = SynthSpec::v4_flash(8).with_layers(11).unwrap();
+        assert_eq!(s.compress_ratios, vec![0, 0, 4, 128, 4, 128, 4, 128, 4, 128, 4]);
+        assert_eq!(s.n_hash_layers, 3);
+        assert_eq!(SynthSpec::v4_flash(2).n_hash_layers, 2);
+        assert!(SynthSpec::tiny().with_layers(0).is_err());
+    }
+}
