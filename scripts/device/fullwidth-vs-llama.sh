@@ -20,7 +20,8 @@
 #   Tests of both: pp512; pp2048 at ubatch 2048; tg64; tg64 at depth 4096 (DEPTH=0 skips it).
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
 # Environment: LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
-# DFLASH_COLD (extra dflash flags for cold experts, default "--expert-workers 0").
+# DFLASH_EXEC (dflash's cold-expert executor flags, default "--expert-workers 0 --worker-threads
+# THREADS"), DFLASH_COLD (flags of the cold placements: DFLASH_EXEC + "--cold-offload-min 64").
 set -euo pipefail
 bin=.device/bin
 src=.device/llama-src
@@ -30,7 +31,8 @@ LAYERS=${LAYERS:-"4 8"}
 REPS=${REPS:-2}
 DEPTH=${DEPTH:-4096}
 THREADS=${THREADS:-$(nproc)}
-DFLASH_COLD=${DFLASH_COLD:-"--expert-workers 0 --worker-threads $THREADS"}
+DFLASH_EXEC=${DFLASH_EXEC:-"--expert-workers 0 --worker-threads $THREADS"}
+DFLASH_COLD=${DFLASH_COLD:-"$DFLASH_EXEC --cold-offload-min 64"}
 steps=${*:-build exact files llama dflash}
 on() { [[ " $steps " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
@@ -135,7 +137,7 @@ if on dflash; then
     # shellcheck disable=SC2086
     run_placement "tg64" --cpu-moe $DFLASH_COLD --cold-layers-in-graph
     # shellcheck disable=SC2086
-    run_placement "pp512" --cpu-moe $DFLASH_COLD --cold-offload-min 0
+    run_placement "pp512" --cpu-moe $DFLASH_EXEC
     # shellcheck disable=SC2086
     run_placement "${few:-pp512 tg64}" --n-cpu-moe $((L / 2)) $DFLASH_COLD
     # shellcheck disable=SC2086

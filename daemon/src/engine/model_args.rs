@@ -70,8 +70,9 @@ pub struct ModelArgs {
     /// only the experts each micro-batch routes to over PCIe (smaller batches, e.g. decode,
     /// use the CPU workers). The copy costs host memory equal to the cold experts' size;
     /// budget placements then also keep one layer's experts free on the GPU for the copies.
-    /// 0: never (no host copy).
-    #[arg(long = "cold-offload-min", value_name = "N", default_value_t = 64)]
+    /// 0 (the default until it has been measured on a GPU): never, no host copy; 64 is the
+    /// estimated crossover for full-width MXFP4 experts.
+    #[arg(long = "cold-offload-min", value_name = "N", default_value_t = 0)]
     pub cold_offload_min: usize,
     /// With the model on a GPU: layers whose routed experts are all cold compute them in the
     /// step graph itself at every batch size, from the pinned host copy (ggml's CPU backend
