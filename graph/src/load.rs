@@ -132,24 +132,35 @@ fn check_hot(c: &Ds4Config, h: &ExpertSet) -> Result<(), GraphError> {
 /// held mask (1/0 per global expert id), in one small buffer.
 #[allow(clippy::type_complexity)]
 fn subset_tables(c: &Ds4Config, h: &ExpertSet, buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<Option<Option<T>>>), GraphError> {
-    let partial: Vec<usize> = (0..c.n_layer).filter(|&l| !h.is_full_layer(l as u32) && !h.layer(l as u32).is_empty()).collect();
+    let partial: Vec<(usize, &[u32])> =
+        (0..c.n_layer).filter(|&l| !h.is_full_layer(l as u32) && !h.layer(l as u32).is_empty()).map(|l| (l, h.layer(l as u32))).collect();
     let mut out: Vec<Option<Option<T>>> = (0..c.n_layer).map(|l| if h.is_full_layer(l as u32) { None } else { Some(None) }).collect();
-    if partial.is_empty() {
-        return Ok((None, out));
+    let (tables, masks) = expert_masks(c.n_expert, &partial, buft)?;
+    for (l, mask) in masks {
+        out[l] = Some(Some(mask));
     }
-    let ctx = Context::new_no_alloc(partial.len(), 0)?;
+    Ok((tables, out))
+}
+
+/// For each (layer, expert set): a mask with 1 at the set's global expert ids and 0 elsewhere
+/// (F32 [n_expert]), all in one small buffer of `buft` (None when there are none).
+#[allow(clippy::type_complexity)]
+pub(crate) fn expert_masks(n_expert: usize, sets: &[(usize, &[u32])], buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<(usize, T)>), GraphError> {
+    if sets.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let ctx = Context::new_no_alloc(sets.len(), 0)?;
     let g = Ctx { raw: ctx.as_ptr() };
-    let made: Vec<(usize, T)> = partial.iter().map(|&l| (l, g.new_f32(&[c.n_expert as i64]))).collect();
+    let made: Vec<(usize, T)> = sets.iter().map(|&(l, _)| (l, g.new_f32(&[n_expert as i64]))).collect();
     let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
-    for &(l, mask) in &made {
-        let mut m = vec![0f32; c.n_expert];
-        for &e in h.layer(l as u32) {
+    for (&(_, mask), &(_, set)) in made.iter().zip(sets) {
+        let mut m = vec![0f32; n_expert];
+        for &e in set {
             m[e as usize] = 1.0;
         }
         mask.write_f32(&m);
-        out[l] = Some(Some(mask));
     }
-    Ok((Some((ctx, buf)), out))
+    Ok((Some((ctx, buf)), made))
 }
 
 /// Whether `name` is only ever the weight of a matrix product in the graph (repacked

@@ -17,12 +17,12 @@ use std::ffi::c_void;
 
 use experts::ExpertSet;
 use ggml::{BufferType, Context};
-use loader::{Ds4Config, ExpertPart, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
+use loader::{ExpertPart, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
 
 use crate::builder::Builder;
 use crate::cold::held_slots;
 use crate::expert_ffn::ExpertFfn;
-use crate::ops::{Ctx, T};
+use crate::ops::T;
 use crate::weights::{LayerWeights, RoutedWeights, TensorSet};
 use crate::GraphError;
 
@@ -90,8 +90,8 @@ impl ColdHost {
         }
         let loaded: LoadedTensors = loader::load_tensors(file, &requests, host, read)?;
         let tensors = TensorSet::new(vec![loaded]);
-        let partial: Vec<usize> = layers.iter().copied().filter(|&l| cold[l].len() < c.n_expert).collect();
-        let masks = cold_masks(c, &cold, &partial, device)?;
+        let partial: Vec<(usize, &[u32])> = layers.iter().filter(|&&l| cold[l].len() < c.n_expert).map(|&l| (l, cold[l].as_slice())).collect();
+        let masks = crate::load::expert_masks(c.n_expert, &partial, device)?;
         let mut out: Vec<Option<ColdLayer>> = (0..c.n_layer).map(|_| None).collect();
         for &l in &layers {
             let ffn = ExpertFfn::lookup(l, c.n_ff_exp[l], c.swiglu_clamp_exp[l], |name| tensors.get(name))
@@ -109,26 +109,6 @@ impl ColdHost {
         tracing::info!(layers = layers.len(), min_batch, "cold experts also in pinned host memory: micro-batches of at least min_batch tokens compute them on the GPU");
         Ok(Some(ColdHost { layers: out, min_batch: min_batch.max(1), all_cold_in_graph, _masks: masks.0, _tensors: tensors }))
     }
-}
-
-/// Per partly held layer, the cold mask (1 per cold global expert id, F32 [n_expert]).
-#[allow(clippy::type_complexity)]
-fn cold_masks(c: &Ds4Config, cold: &[Vec<u32>], partial: &[usize], buft: BufferType) -> Result<(Option<(Context, ggml::Buffer)>, Vec<(usize, T)>), GraphError> {
-    if partial.is_empty() {
-        return Ok((None, Vec::new()));
-    }
-    let ctx = Context::new_no_alloc(partial.len(), 0)?;
-    let g = Ctx { raw: ctx.as_ptr() };
-    let made: Vec<(usize, T)> = partial.iter().map(|&l| (l, g.new_f32(&[c.n_expert as i64]))).collect();
-    let buf = ggml::Buffer::alloc_context_tensors(&ctx, buft)?;
-    for &(l, mask) in &made {
-        let mut m = vec![0f32; c.n_expert];
-        for &e in &cold[l] {
-            m[e as usize] = 1.0;
-        }
-        mask.write_f32(&m);
-    }
-    Ok((Some((ctx, buf)), made))
 }
 
 /// Writes [k, n] I32 into `dst`: each slot's index in a set of experts, the slots of experts
