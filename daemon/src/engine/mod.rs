@@ -414,11 +414,10 @@ impl Worker {
             for slot in slots.iter_mut() {
                 let Some(a) = slot.active.as_mut() else { continue };
                 if let Some(reason) = self.step(&mut slot.seq, a, stop_all) {
+                    slot.seq.reset();
                     if let Some(a) = slot.active.take() {
                         self.finish(a, reason);
                     }
-                    slot.seq.reset();
-                    self.stats.active.fetch_sub(1, Ordering::Relaxed);
                 }
             }
         }
@@ -535,6 +534,8 @@ impl Worker {
         }
         tracing::debug!(?finish, prompt_n, generated = a.generated, "request done");
         let summary = Summary { finish, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
+        // the gauges drop before the client hears `Done`, so what it reads next is already true
+        s.active.fetch_sub(1, Ordering::Relaxed);
         self.admitted.fetch_sub(1, Ordering::AcqRel);
         let _ = a.job.tx.send(Event::Done(summary));
     }
