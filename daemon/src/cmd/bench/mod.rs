@@ -88,37 +88,37 @@ pub fn print_expert_stats(stats: &[graph::ExpertLayerStats]) {
     }
 }
 
-/// A sequence with room for the depth and the test, holding `depth` prefilled tokens.
-fn sequence_at_depth(model: &mut Model, a: &Args, context: &[u32]) -> Result<graph::Sequence> {
-    let mut seq = model.new_sequence(a.depth + a.tokens)?;
+/// A sequence with room for the depth and `tokens` more, holding `depth` prefilled tokens.
+fn sequence_at_depth(model: &mut Model, a: &Args, context: &[u32], tokens: usize) -> Result<graph::Sequence> {
+    let mut seq = model.new_sequence(a.depth + tokens)?;
     if !context.is_empty() {
         model.forward(&mut seq, context, Logits::Last)?;
     }
     Ok(seq)
 }
 
-pub fn prefill(a: Args) -> Result<()> {
-    let mut model = a.model.load()?;
-    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1)?;
+/// The ppN test on a loaded model.
+fn prefill_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
+    let toks = tokens(n, model.config.n_tokens.min(model.n_vocab()), 1)?;
     let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = sequence_at_depth(&mut model, &a, &context)?;
+        let mut seq = sequence_at_depth(model, a, &context, n)?;
         let t0 = Instant::now();
         model.forward(&mut seq, &toks, Logits::Last)?;
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
             // rep 0 warms up (first-touch of weights, allocator sizing)
-            rates.push(a.tokens as f64 / dt);
+            rates.push(n as f64 / dt);
             build += model.timings().build_s;
             compute += model.timings().compute_s;
         }
     }
-    report(&model, &a, &format!("pp{}", a.tokens), rates, build, compute);
-    if let Some(n) = a.op_profile {
-        op_profile(&mut model, n, |m| {
-            let mut seq = sequence_at_depth(m, &a, &context)?;
+    report(model, a, &format!("pp{n}"), rates, build, compute);
+    if let Some(top) = a.op_profile {
+        op_profile(model, top, |m| {
+            let mut seq = sequence_at_depth(m, a, &context, n)?;
             m.forward(&mut seq, &toks, Logits::Last)?;
             Ok(())
         })?;
@@ -126,14 +126,14 @@ pub fn prefill(a: Args) -> Result<()> {
     Ok(())
 }
 
-pub fn decode(a: Args) -> Result<()> {
-    let mut model = a.model.load()?;
-    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 2)?;
+/// The tgN test on a loaded model.
+fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
+    let toks = tokens(n, model.config.n_tokens.min(model.n_vocab()), 2)?;
     let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = sequence_at_depth(&mut model, &a, &context)?;
+        let mut seq = sequence_at_depth(model, a, &context, n)?;
         let (mut b, mut c) = (0.0, 0.0);
         let t0 = Instant::now();
         for &t in &toks {
@@ -143,15 +143,15 @@ pub fn decode(a: Args) -> Result<()> {
         }
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
-            rates.push(a.tokens as f64 / dt);
+            rates.push(n as f64 / dt);
             build += b;
             compute += c;
         }
     }
-    report(&model, &a, &format!("tg{}", a.tokens), rates, build, compute);
-    if let Some(n) = a.op_profile {
-        op_profile(&mut model, n, |m| {
-            let mut seq = sequence_at_depth(m, &a, &context)?;
+    report(model, a, &format!("tg{n}"), rates, build, compute);
+    if let Some(top) = a.op_profile {
+        op_profile(model, top, |m| {
+            let mut seq = sequence_at_depth(m, a, &context, n)?;
             for &t in &toks {
                 m.forward(&mut seq, &[t], Logits::Last)?;
             }
@@ -164,6 +164,43 @@ pub fn decode(a: Args) -> Result<()> {
     Ok(())
 }
 
+pub fn prefill(a: Args) -> Result<()> {
+    let mut model = a.model.load()?;
+    prefill_test(&mut model, &a, a.tokens)
+}
+
+pub fn decode(a: Args) -> Result<()> {
+    let mut model = a.model.load()?;
+    decode_test(&mut model, &a, a.tokens)
+}
+
+/// `dflash bench tests`: several pp and tg tests on one loaded model (llama-bench's
+/// `-p A,B -n C`), so a placement is loaded once.
+#[derive(clap::Args)]
+pub struct TestsArgs {
+    #[command(flatten)]
+    common: Args,
+    /// Prefill tests: tokens per test, comma-separated (0 or empty: none).
+    #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
+    prefill: Vec<usize>,
+    /// Decode tests: tokens per test, comma-separated (0: none); `-n` is this list's
+    /// first entry when it is not given.
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<usize>>,
+}
+
+pub fn tests_cmd(t: TestsArgs) -> Result<()> {
+    let a = &t.common;
+    let mut model = a.model.load()?;
+    for &n in t.prefill.iter().filter(|&&n| n > 0) {
+        prefill_test(&mut model, a, n)?;
+    }
+    for n in t.decode.clone().unwrap_or_else(|| vec![a.tokens]).into_iter().filter(|&n| n > 0) {
+        decode_test(&mut model, a, n)?;
+    }
+    Ok(())
+}
+
 /// `dflash bench …`
 #[derive(clap::Subcommand)]
 pub enum BenchCmd {
@@ -171,6 +208,9 @@ pub enum BenchCmd {
     Prefill(Args),
     /// Decode throughput: N tokens one at a time from an empty sequence (llama-bench's tgN).
     Decode(Args),
+    /// Prefill tests (`-p 512,2048`) then decode tests (`--decode 64`, else `-n`) on one
+    /// loaded model, the way llama-bench runs `-p … -n …`.
+    Tests(TestsArgs),
     #[command(flatten)]
     Other(load::Bench),
 }
@@ -179,6 +219,7 @@ pub fn run(b: BenchCmd) -> Result<()> {
     match b {
         BenchCmd::Prefill(a) => prefill(a),
         BenchCmd::Decode(a) => decode(a),
+        BenchCmd::Tests(t) => tests_cmd(t),
         BenchCmd::Other(b) => load::run(b),
     }
 }
