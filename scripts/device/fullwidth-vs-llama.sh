@@ -55,7 +55,7 @@ peak() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$f" &
   local smi=$! rc=0
   "$@" || rc=$?
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null || true
+  kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
   echo "  peak GPU memory $(sort -n "$f" | tail -1) MiB (rc $rc)"
   rm -f "$f"
   return 0
