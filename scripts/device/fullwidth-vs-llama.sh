@@ -27,7 +27,9 @@
 #            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
 #            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only)
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
-# Environment: LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
+# Environment: FA (default 1; 0 builds llama.cpp without its flash-attention kernels, about half
+# the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
+# default), LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
 # DFLASH_EXEC (dflash's cold-expert executor flags, default "--expert-workers 0 --worker-threads
 # THREADS"), DFLASH_COLD (flags of the cold placements: DFLASH_EXEC + "--cold-offload-min 64").
 set -euo pipefail
@@ -39,6 +41,8 @@ LAYERS=${LAYERS:-"4 8"}
 REPS=${REPS:-2}
 DEPTH=${DEPTH:-4096}
 THREADS=${THREADS:-$(nproc)}
+FA=${FA:-1}
+cuda_fa=$([ "$FA" = 1 ] && echo ON || echo OFF)
 DFLASH_EXEC=${DFLASH_EXEC:-"--expert-workers 0 --worker-threads $THREADS"}
 DFLASH_COLD=${DFLASH_COLD:-"$DFLASH_EXEC --cold-offload-min 64"}
 steps=${*:-build exact files llama dflash}
@@ -46,7 +50,7 @@ on() { [[ " $steps " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
 lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"
 free -g | head -2
-echo "commit $(cat .device/commit 2>/dev/null || echo unknown); layers $LAYERS; reps $REPS; depth $DEPTH; threads $THREADS"
+echo "commit $(cat .device/commit 2>/dev/null || echo unknown); layers $LAYERS; reps $REPS; depth $DEPTH; threads $THREADS; llama.cpp flash attention $FA"
 
 # The largest memory.used (MiB) while "$@" runs.
 peak() {
@@ -66,7 +70,7 @@ build() {
   cmake -S "$src" -B /tmp/llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-    -DGGML_CUDA=ON -DGGML_CUDA_GRAPHS=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
+    -DGGML_CUDA=ON -DGGML_CUDA_GRAPHS=ON -DGGML_CUDA_FA=$cuda_fa -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >/dev/null
   cmake --build /tmp/llama-build --target llama-bench ggml-cuda ggml-cpu -j "$(nproc)" >/tmp/llama-build.log 2>&1 \
@@ -132,8 +136,8 @@ if on llama; then
   for L in $LAYERS; do
     f=bench-data/v4f-${L}l.gguf
     echo "== llama.cpp $L layers, -ncmoe 0 (all on the GPU), $((L / 2)), $L (every routed expert on the CPU)"
-    peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
-    [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
+    peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
+    [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
   done
 fi
 
@@ -211,7 +215,7 @@ if on pairs; then
       esac
       if [ -n "$n" ]; then
         echo "== $L layers, $P: llama.cpp -ncmoe $n"
-        peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
+        peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
       fi
       echo "== $L layers, $P: dflash $flags"
       # shellcheck disable=SC2086
