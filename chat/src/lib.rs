@@ -8,6 +8,7 @@
 //! text, so that special-token text inside messages never becomes a control token).
 
 mod builtin;
+pub mod dsml;
 mod error;
 mod jinja;
 mod message;
@@ -17,6 +18,7 @@ mod strops;
 mod taint;
 
 pub use builtin::{ASSISTANT, THINK_END, THINK_START, USER};
+pub use dsml::partial_match_len;
 pub use error::ChatError;
 pub use message::{ChatMessage, ContentPart, FunctionCall, MessageContent, Role, ToolCall};
 pub use options::{ChatRequestOptions, TemplateVars, REASONING_EFFORTS, RESERVED_KWARGS};
