@@ -6,6 +6,7 @@
 //! with a built-in DS4 format when the file has none. The prompt comes back as [`PromptPiece`]s:
 //! template text (tokenize with special tokens parsed) and request content (tokenize as plain
 //! text, so that special-token text inside messages never becomes a control token).
+//! [`dsml`] reads the tool calls the template renders (and the model writes) back from text.
 
 mod builtin;
 pub mod dsml;
