@@ -18,7 +18,7 @@ use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 
 use axum::extract::{FromRequest, Request, State};
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chat::{ChatMessage, ChatRequestOptions, ContentPart, FunctionCall, MessageContent, ToolCall};
@@ -31,6 +31,7 @@ use super::api::{ApiJson, Common, Stop};
 use super::error::{AnthropicError, ApiError};
 use super::handlers::{check_model, prepare, render};
 use super::reply::{Next, Part, Reply, ToolChoice, ToolPlan};
+use super::stream::KEEP_ALIVE;
 use super::St;
 use crate::engine::{FinishReason, Summary};
 
@@ -566,8 +567,8 @@ impl Blocks {
     }
 }
 
-/// Streams the reply as Anthropic's events. Dropping the stream (the client went away) drops
-/// the reply, which cancels the request.
+/// Streams the reply as Anthropic's events, with a `ping` after [`KEEP_ALIVE`] of silence.
+/// Dropping the stream (the client went away) drops the reply, which cancels the request.
 pub fn stream_message(reply: Reply, meta: MessageMeta) -> Response {
     enum Phase {
         Start,
@@ -600,7 +601,7 @@ pub fn stream_message(reply: Reply, meta: MessageMeta) -> Response {
         }
     });
     let flat = stream.flat_map(|evs: Vec<SseEvent>| futures_util::stream::iter(evs.into_iter().map(Ok::<_, Infallible>)));
-    Sse::new(flat).into_response()
+    Sse::new(flat).keep_alive(KeepAlive::new().interval(KEEP_ALIVE).event(StreamEvent::Ping.sse())).into_response()
 }
 
 #[cfg(test)]
@@ -732,6 +733,19 @@ mod tests {
         let e = whole_message(reply(&[(false, "a")], FinishReason::Cancelled, None), meta()).await.err().expect("cancelled");
         let v = serde_json::to_value(e.anthropic_body()).expect("json");
         assert_eq!(v, json!({"type": "error", "error": {"type": "overloaded_error", "message": e.message}}));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_gets_pings() {
+        let (_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let r = stream_message(Reply::new(crate::engine::Handle { events }, None, "t".into()), meta());
+        let mut body = r.into_body().into_data_stream();
+        let mut next = async || String::from_utf8(body.next().await.expect("a frame").expect("bytes").to_vec()).expect("utf-8");
+        assert!(next().await.starts_with("event: message_start\n"));
+        assert!(next().await.starts_with("event: ping\n"));
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(next().await, "event: ping\ndata: {\"type\":\"ping\"}\n\n");
+        assert_eq!(t0.elapsed(), KEEP_ALIVE);
     }
 
     #[tokio::test]

@@ -1,9 +1,11 @@
 //! A reply turned into one OpenAI completion object, or into server-sent events (axum's `Sse`):
 //! chunks as text arrives (a tool call whole, in one chunk, once its block has closed), a last
-//! chunk with the finish reason and timings, optionally a usage chunk, then `[DONE]`.
+//! chunk with the finish reason and timings, optionally a usage chunk, then `[DONE]`. A stream
+//! silent for [`KEEP_ALIVE`] (a long prompt, a tool call being written) gets an SSE comment.
 use std::convert::Infallible;
+use std::time::Duration;
 
-use axum::response::sse::{Event as SseEvent, Sse};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt as _;
@@ -15,6 +17,9 @@ use super::api::{
 use super::error::ApiError;
 use super::reply::{Call, Next, Part, Reply};
 use crate::engine::{FinishReason, Summary};
+
+/// The longest silence of a stream: then a keep-alive goes out (a comment; Anthropic's `ping`).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Copy, PartialEq)]
 pub enum Kind {
@@ -179,7 +184,7 @@ pub fn stream_response(reply: Reply, meta: Meta, include_usage: bool) -> Respons
         }
     });
     let flat = stream.flat_map(|evs| futures_util::stream::iter(evs.into_iter().map(Ok::<_, Infallible>)));
-    Sse::new(flat).into_response()
+    Sse::new(flat).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response()
 }
 
 #[cfg(test)]
@@ -217,6 +222,21 @@ mod tests {
         let mut cuts: Vec<usize> = text.char_indices().map(|(i, _)| i).step_by(4).collect();
         cuts.push(text.len());
         cuts.windows(2).map(|w| (false, &text[w[0]..w[1]])).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_stream_gets_keep_alive_comments() {
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let r = stream_response(Reply::new(crate::engine::Handle { events }, None, "c".into()), meta(), false);
+        let mut body = r.into_body().into_data_stream();
+        let mut next = async || String::from_utf8(body.next().await.expect("a frame").expect("bytes").to_vec()).expect("utf-8");
+        assert!(next().await.starts_with("data: "), "the role chunk");
+        // nothing from the engine: (paused) time runs on to the keep-alive
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(next().await, ":\n\n");
+        assert_eq!(t0.elapsed(), KEEP_ALIVE);
+        tx.send(crate::engine::Event::Text { reasoning: false, text: "hi".into() }).expect("send");
+        assert!(next().await.contains("\"content\":\"hi\""));
     }
 
     #[tokio::test]
