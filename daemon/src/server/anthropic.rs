@@ -4,7 +4,8 @@
 //! (a string or text blocks) a system message; a user turn's `tool_result` blocks `tool`
 //! messages and its text blocks a user message, in their order; an assistant turn's `thinking`
 //! blocks its reasoning, its `text` blocks its content and its `tool_use` blocks its tool calls
-//! (`redacted_thinking` is opaque and left out). Text blocks of one message join with "\n", as
+//! (`redacted_thinking` is opaque and left out; a result's `is_error` has no place in the
+//! template and is not rendered). Text blocks of one message join with "\n", as
 //! text parts of an OpenAI message do. `thinking` `{"type": "enabled" | "adaptive"}` turns the
 //! template's thinking mode on (`budget_tokens` is not enforced), `"disabled"` or none leaves it
 //! off. `tool_choice` auto / any / tool / none map to OpenAI's auto / required / a named
