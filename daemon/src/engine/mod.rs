@@ -124,9 +124,11 @@ pub struct Timings {
     pub predicted_per_second: f64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     pub finish: FinishReason,
+    /// The stop string that ended the generation (finish `Stop` without an end-of-generation token).
+    pub stop_sequence: Option<String>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
@@ -533,7 +535,8 @@ impl Worker {
             s.decode_seconds.inc_by(decode_s);
         }
         tracing::debug!(?finish, prompt_n, generated = a.generated, "request done");
-        let summary = Summary { finish, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
+        let stop_sequence = a.filter.matched.take();
+        let summary = Summary { finish, stop_sequence, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
         // the gauges drop before the client hears `Done`, so what it reads next is already true
         s.active.fetch_sub(1, Ordering::Relaxed);
         self.admitted.fetch_sub(1, Ordering::AcqRel);
@@ -543,7 +546,13 @@ impl Worker {
 
 fn finish_unstarted(j: &Job, stats: &Stats) {
     stats.requests_cancelled.inc();
-    let summary = Summary { finish: FinishReason::Cancelled, prompt_tokens: j.req.prompt.len(), completion_tokens: 0, timings: Timings::default() };
+    let summary = Summary {
+        finish: FinishReason::Cancelled,
+        stop_sequence: None,
+        prompt_tokens: j.req.prompt.len(),
+        completion_tokens: 0,
+        timings: Timings::default(),
+    };
     let _ = j.tx.send(Event::Done(summary));
 }
 
