@@ -23,11 +23,16 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &std::path::Path)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dflash"))
             .args(["serve", "-m"])
             .arg(model())
             .args(["--port", "0", "--api-key", KEY, "-t", "2"])
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn dflash serve");
@@ -427,4 +432,51 @@ fn strict_model_names_alias_and_anthropic_errors() {
         "messages": [{"role": "user", "content": "Hello"}]}));
     assert_eq!(m["content"][0]["text"], c["choices"][0]["message"]["content"], "{m} {c}");
     assert_eq!((&m["stop_reason"], &m["usage"]["output_tokens"]), (&json!("max_tokens"), &json!(4)), "{m}");
+}
+
+/// Every way an expert worker can fail during a request ends in a respawn (the request is
+/// replayed and gets the undisturbed reply) or in a clear error to that request, and the next
+/// request gets the undisturbed reply: the worker pool is never left broken. The failures are
+/// real worker processes misbehaving on cue (`expert_worker::faults`: the worker that takes
+/// an armed fault removes its file).
+#[test]
+fn expert_worker_failures_end_in_a_respawn_or_a_clear_error_and_the_next_request_works() {
+    use expert_worker::faults::{Fault, TEST_FAULTS_ENV};
+    let faults = tempfile::tempdir().expect("tempdir");
+    let srv = Server::start_with_env(&["--experts-hot", "none", "--expert-workers", "2", "--ctx-size", "256"], &[(TEST_FAULTS_ENV, faults.path())]);
+    let req = json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let (st, v) = srv.post("/v1/completions", &req);
+    assert_eq!(st, 200, "{v}");
+    let want = v["choices"][0]["text"].clone();
+    assert!(want.as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    let arm = |fs: &[Fault]| {
+        for f in fs {
+            std::fs::write(faults.path().join(f.file_name()), "").expect("arm a fault");
+        }
+    };
+    let taken = |fs: &[Fault]| fs.iter().all(|f| !faults.path().join(f.file_name()).exists());
+
+    // A remote error frame, a malformed frame, a reply of another protocol version, a crash:
+    // the worker is replaced and the layer replayed.
+    for f in [Fault::EvalError, Fault::EvalMalformed, Fault::EvalVersion, Fault::EvalExit] {
+        arm(&[f]);
+        let (st, v) = srv.post("/v1/completions", &req);
+        assert!(taken(&[f]), "{f:?} was not taken");
+        assert_eq!((st, &v["choices"][0]["text"]), (200, &want), "{f:?}: {v}");
+    }
+    // A crash whose respawn fails (the new worker exits at start, or speaks another protocol
+    // version): that request fails saying why; the next one starts the worker again.
+    let version = format!("protocol version mismatch: expected {}, found {}", ipc_proto::PROTOCOL_VERSION, ipc_proto::PROTOCOL_VERSION + 1);
+    for (f, says) in [(Fault::StartExit, "exited during start-up"), (Fault::HelloVersion, version.as_str())] {
+        arm(&[Fault::EvalExit, f]);
+        let (st, v) = srv.post("/v1/completions", &req);
+        assert!(taken(&[Fault::EvalExit, f]), "{f:?} was not taken");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert_eq!(st, 500, "{f:?}: {v}");
+        assert!(msg.contains("expert worker") && msg.contains(says), "{f:?}: {msg}");
+        let (st, v) = srv.post("/v1/completions", &req);
+        assert_eq!((st, &v["choices"][0]["text"]), (200, &want), "after {f:?}: {v}");
+    }
+    let status = srv.terminate();
+    assert!(status.success(), "{status:?}");
 }

@@ -103,10 +103,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (ids, w) = pick(l);
             let slots: Vec<ExpertSlots> = ids.iter().zip(&w).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
             let t0 = Instant::now();
-            conn.input_mut(n_tokens)?.copy_from_slice(&x);
+            conn.write_inputs(&x)?;
             let rid = conn.eval_begin(l, &ExpertPairs::from_tokens(&slots)?)?;
             let r = conn.eval_end(rid, Instant::now() + Duration::from_secs(30))?;
-            out.copy_from_slice(conn.output(n_tokens)?);
+            conn.read_outputs(&mut out)?;
             let us = t0.elapsed().as_secs_f64() * 1e6;
             if it >= layers.len() {
                 rt.push(us);

@@ -37,14 +37,17 @@ fn opts(spin: Duration) -> ConnectOptions {
 fn serve(sock: UnixStream, spin: Duration) -> anyhow::Result<()> {
     let experts = ExpertSet::full(43, 256);
     let mut server = WorkerServer::handshake(sock, &identity(), experts, &opts(spin))?;
+    let mut rows = Vec::new();
     loop {
         match server.next_request()? {
             Request::Eval(req) => {
                 let scale: f32 = req.pairs.weights().iter().sum();
-                let (input, output) = server.eval_io()?;
-                for (o, i) in output.iter_mut().zip(input) {
-                    *o = i * scale;
+                rows.resize(req.n_tokens() * N_EMBD as usize, 0.0);
+                server.read_inputs(&mut rows)?;
+                for v in rows.iter_mut() {
+                    *v *= scale;
                 }
+                server.write_outputs(&rows)?;
                 server.reply_eval(req.id, 0)?;
             }
             Request::Ping { id, payload } => server.reply_pong(id, &payload)?,
@@ -90,14 +93,16 @@ fn bench_shm(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Summar
     let pairs = ExpertPairs::from_tokens(&[ExpertSlots { ids: &IDS, weights: &WEIGHTS }])?;
     let scale: f32 = WEIGHTS.iter().sum();
     let mut times = Vec::with_capacity(iters);
+    let (mut x, mut out) = (vec![0f32; N_EMBD as usize], vec![0f32; N_EMBD as usize]);
     for it in 0..iters + 1000 {
         let t0 = Instant::now();
-        for (j, v) in conn.input_mut(1)?.iter_mut().enumerate() {
+        for (j, v) in x.iter_mut().enumerate() {
             *v = (it + j) as f32;
         }
+        conn.write_inputs(&x)?;
         let id = conn.eval_begin(7, &pairs)?;
         conn.eval_end(id, Instant::now() + Duration::from_secs(5))?;
-        let out = conn.output(1)?;
+        conn.read_outputs(&mut out)?;
         let want = it as f32 * scale;
         anyhow::ensure!(out[0] == want, "output {} expected {want}", out[0]);
         if it >= 1000 {

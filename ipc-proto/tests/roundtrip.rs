@@ -14,11 +14,15 @@ use ipc_proto::{ErrorCode, ProtoError, Request, SocketDir, WorkerConnection, Wor
 
 /// Inputs: token t, column j -> a distinct value.
 fn fill_inputs(conn: &mut WorkerConnection, n_tokens: usize) -> Vec<f32> {
-    let input = conn.input_mut(n_tokens).expect("input area");
-    for (i, v) in input.iter_mut().enumerate() {
-        *v = (i as f32) * 0.25 - 3.0;
-    }
-    input.to_vec()
+    let input: Vec<f32> = (0..n_tokens * N_EMBD as usize).map(|i| (i as f32) * 0.25 - 3.0).collect();
+    conn.write_inputs(&input).expect("input area");
+    input
+}
+
+/// The first `n_tokens` output rows, copied out.
+fn outputs(conn: &WorkerConnection, n_tokens: usize) -> Result<Vec<f32>, ProtoError> {
+    let mut out = vec![f32::NAN; n_tokens * N_EMBD as usize];
+    conn.read_outputs(&mut out).map(|()| out)
 }
 
 /// The daemon-side reference, computed from the test's own copy of the inputs.
@@ -53,10 +57,14 @@ fn every_message_round_trips_and_shm_carries_activations() {
     assert_eq!(reply.n_tokens, 3);
     assert!(reply.compute_us >= 1);
     let want = reference(2, &tokens, &input);
-    assert_eq!(conn.output(3).expect("output"), &want[..]);
-    assert!(conn.output(3).expect("output")[8..16].iter().all(|&v| v == 0.0));
-    // Rows past the eval's tokens are not readable.
-    assert!(matches!(conn.output(4), Err(ProtoError::OutOfRange { max: 3, found: 4, .. })));
+    assert_eq!(outputs(&conn, 3).expect("output"), want);
+    assert!(outputs(&conn, 3).expect("output")[8..16].iter().all(|&v| v == 0.0));
+    // Rows past the eval's tokens are not readable, nor part rows.
+    assert!(matches!(outputs(&conn, 4), Err(ProtoError::OutOfRange { max: 3, found: 4, .. })));
+    let mut part = vec![0f32; N_EMBD as usize + 1];
+    assert!(matches!(conn.read_outputs(&mut part), Err(ProtoError::Mismatch { expected: 8, found: 9, .. })));
+    assert!(matches!(conn.write_inputs(&part), Err(ProtoError::Mismatch { expected: 8, found: 9, .. })));
+    assert!(matches!(conn.write_inputs(&vec![0f32; 5 * N_EMBD as usize]), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
 
     // A second eval on another layer with one token.
     let input = fill_inputs(&mut conn, 1);
@@ -64,7 +72,7 @@ fn every_message_round_trips_and_shm_carries_activations() {
     let id2 = conn.eval_begin(3, &expert_pairs(&tokens)).expect("eval_begin");
     assert!(id2 > id);
     conn.eval_end(id2, soon()).expect("eval_end");
-    assert_eq!(conn.output(1).expect("output"), &reference(3, &tokens, &input)[..]);
+    assert_eq!(outputs(&conn, 1).expect("output"), reference(3, &tokens, &input));
 
     // Ping, ping with a payload (an activation area's worth), stats.
     conn.ping(soon()).expect("ping");
@@ -118,7 +126,8 @@ fn client_side_checks_do_not_close_the_connection() {
     let ok = [ExpertSlots { ids: &[2], weights: &[1.0] }];
     let id = conn.eval_begin(1, &expert_pairs(&ok)).expect("eval_begin");
     assert!(matches!(conn.eval_begin(1, &expert_pairs(&ok)), Err(ProtoError::State { .. })));
-    assert!(matches!(conn.input_mut(1), Err(ProtoError::State { .. })));
+    assert!(matches!(conn.write_inputs(&[0.0; N_EMBD as usize]), Err(ProtoError::State { .. })));
+    assert!(matches!(conn.read_outputs(&mut [0.0; N_EMBD as usize]), Err(ProtoError::State { .. })));
     assert!(matches!(conn.ping(soon()), Err(ProtoError::State { .. })));
     conn.eval_end(id, soon()).expect("eval_end");
     assert!(!conn.is_closed());

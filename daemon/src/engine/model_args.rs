@@ -61,6 +61,16 @@ pub struct ModelArgs {
     /// round-trip latency when every worker connection has a spare core (0: block at once).
     #[arg(long = "worker-spin-us", default_value_t = 0)]
     pub worker_spin_us: u64,
+    /// A starting expert worker that shows no progress for this long is killed and reported:
+    /// between two of its load reports that show more bytes loaded (a long load is waited
+    /// for as long as it progresses), or before it opens its socket (then at least 10 s).
+    #[arg(long = "worker-load-stall-ms", value_name = "MS", default_value_t = 30_000)]
+    pub worker_load_stall_ms: u64,
+    /// Floor of the deadline of one layer's request to an expert worker; each (token, expert)
+    /// pair adds the time to read its expert's weights at 1 GiB/s. A worker that misses it is
+    /// taken as hung: killed, respawned, and the request replayed.
+    #[arg(long = "worker-eval-timeout-ms", value_name = "MS", default_value_t = 10_000)]
+    pub worker_eval_timeout_ms: u64,
     /// Device memory (MiB) kept free for the KV caches and compute buffers when
     /// `--experts-hot budget|profile:FILE` takes its budget from a GPU's free memory.
     #[arg(long = "device-reserve-mb", default_value_t = 2048)]
@@ -123,7 +133,11 @@ impl ModelArgs {
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
                 let spin = std::time::Duration::from_micros(self.worker_spin_us);
-                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins)?;
+                let deadlines = super::cold::WorkerDeadlines {
+                    load_stall: std::time::Duration::from_millis(self.worker_load_stall_ms),
+                    eval_floor: std::time::Duration::from_millis(self.worker_eval_timeout_ms),
+                };
+                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins, deadlines)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }

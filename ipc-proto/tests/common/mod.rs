@@ -58,7 +58,9 @@ pub fn serve(mut server: WorkerServer) -> Result<u64> {
             Request::Eval(req) => {
                 let n_embd = server.limits().n_embd as usize;
                 let t0 = Instant::now();
-                let (input, output) = server.eval_io()?;
+                let mut input = vec![0f32; req.n_tokens() * n_embd];
+                server.read_inputs(&mut input)?;
+                let mut output = vec![0f32; input.len()];
                 for (t, slots) in req.pairs.tokens().enumerate() {
                     let row_in = &input[t * n_embd..(t + 1) * n_embd];
                     let row_out = &mut output[t * n_embd..(t + 1) * n_embd];
@@ -66,6 +68,7 @@ pub fn serve(mut server: WorkerServer) -> Result<u64> {
                         *o = slots.ids.iter().zip(slots.weights).map(|(&e, &w)| w * expert_fn(req.layer, e, row_in[j])).sum();
                     }
                 }
+                server.write_outputs(&output)?;
                 let us = t0.elapsed().as_micros() as u64 + 1;
                 server.reply_eval(req.id, us)?;
             }
