@@ -100,6 +100,15 @@ impl ExpertSet {
         Ok(())
     }
 
+    /// Removes `expert` from `layer` (no-op when absent or past the last layer).
+    pub fn remove(&mut self, layer: u32, expert: u32) {
+        if let Some(ids) = self.layers.get_mut(layer as usize) {
+            if let Ok(pos) = ids.binary_search(&expert) {
+                ids.remove(pos);
+            }
+        }
+    }
+
     /// Removes every expert of `layer` (no-op past the last layer).
     pub fn clear_layer(&mut self, layer: u32) {
         if let Some(ids) = self.layers.get_mut(layer as usize) {
