@@ -148,7 +148,9 @@ impl Model {
         let path = self.file.path.display().to_string();
         let io = |source| GraphError::Load(LoadError::Io { path: path.clone(), source });
         let file = std::fs::File::open(&self.file.path).map_err(io)?;
-        let mut bytes = 0u64;
+        // Every tensor's slice is read before any is written: a failed read leaves the slot
+        // as it was.
+        let mut reads = Vec::with_capacity(parts.len());
         for (part, t) in parts {
             let info = self.file.tensors.expect(&part.name(layer))?;
             let slice = info.slice_bytes(info.shape().len() - 1);
@@ -157,10 +159,15 @@ impl Model {
             }
             let mut buf = vec![0u8; slice as usize];
             file.read_exact_at(&mut buf, info.offset + u64::from(incoming) * slice).map_err(io)?;
+            reads.push((t, buf));
+        }
+        let mut bytes = 0u64;
+        for (t, buf) in reads {
             // SAFETY: `t` is a live weight tensor of this model holding `ne[2]` slots of
-            // `slice` bytes, and `slot` < ne[2] (a slot of the held map); no graph runs now.
-            unsafe { ggml::backend::tensor_set(t.0, &buf, slot as usize * slice as usize) };
-            bytes += slice;
+            // `buf.len()` bytes (checked above), and `slot` < ne[2] (a slot of the held map);
+            // no graph runs now (`&mut self`).
+            unsafe { ggml::backend::tensor_set(t.0, &buf, slot as usize * buf.len()) };
+            bytes += buf.len() as u64;
         }
         let local = &mut st.local[layer];
         local[incoming as usize] = slot;

@@ -14,8 +14,12 @@
 //! * `profile:FILE`: from a route-stats file ([`RouteStats`], the `experts` crate's): the
 //!   (layer, expert) pairs by routed tokens per byte, most first (ties: lower layer, then lower
 //!   id), each taken when it still fits in the budget;
-//! * `adaptive:RATIO`: `round(RATIO · n_expert)` experts per layer: the most routed ones when
-//!   stats are given (ties: lower id), else `0..K`.
+//! * `adaptive[:RATIO]`: the starting placement of a hot set that follows the live routing
+//!   (the graph's `Model::replace_experts` swaps experts between steps, keeping each layer's
+//!   number of held experts): with RATIO `round(RATIO · n_expert)` experts per layer (the
+//!   most routed ones when stats are given, ties: lower id, else `0..K`), without it the
+//!   layers `budget` gives. The cold executor must then hold every expert of a partly held
+//!   layer: [`ExpertPlacement::executor_experts`].
 //!
 //! Then `--cpu-moe` makes everything cold and `--n-cpu-moe N` the experts of layers `0..N`.
 //! A placement is written and read as the JSON of its hot [`ExpertSet`] (layer → ids).
@@ -67,7 +71,15 @@ pub enum Policy {
     Uniform(u32),
     Budget,
     Profile(PathBuf),
-    Adaptive(f64),
+    /// The starting ratio; None: from the budget.
+    Adaptive(Option<f64>),
+}
+
+impl Policy {
+    /// Whether the hot set follows the live routing.
+    pub fn is_adaptive(&self) -> bool {
+        matches!(self, Policy::Adaptive(_))
+    }
 }
 
 impl std::str::FromStr for Policy {
@@ -85,11 +97,12 @@ impl std::str::FromStr for Policy {
             ("budget", None) => Ok(Policy::Budget),
             ("uniform", Some(k)) => k.parse().map(Policy::Uniform).map_err(|_| bad("expected uniform:K with K an integer >= 0")),
             ("profile", Some(f)) if !f.is_empty() => Ok(Policy::Profile(PathBuf::from(f))),
+            ("adaptive", None) => Ok(Policy::Adaptive(None)),
             ("adaptive", Some(r)) => match r.parse::<f64>() {
-                Ok(r) if (0.0..=1.0).contains(&r) => Ok(Policy::Adaptive(r)),
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(Policy::Adaptive(Some(r))),
                 _ => Err(bad("expected adaptive:RATIO with RATIO in [0, 1]")),
             },
-            _ => Err(bad("expected all, none, uniform:K, budget, profile:FILE or adaptive:RATIO")),
+            _ => Err(bad("expected all, none, uniform:K, budget, profile:FILE, adaptive or adaptive:RATIO")),
         }
     }
 }
@@ -113,10 +126,12 @@ pub struct PlacementOptions {
 /// The placement flags, ready to flatten into a clap command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PlacementArgs {
-    /// Hot experts: all, none, uniform:K, budget, profile:FILE (route stats) or adaptive:RATIO.
+    /// Hot experts: all, none, uniform:K, budget, profile:FILE (route stats), or adaptive[:RATIO]
+    /// (starts from uniform RATIO · n_expert per layer, or from `budget`, and follows the
+    /// live routing while serving).
     #[arg(long = "experts-hot", default_value = "all")]
     pub experts_hot: String,
-    /// Byte budget for hot experts, MiB (default for budget/profile: free device memory
+    /// Byte budget for hot experts, MiB (default for budget/profile/adaptive: free device memory
     /// minus weights, KV cache, compute buffers and a reserve).
     #[arg(long = "expert-budget-mb")]
     pub expert_budget_mb: Option<u64>,
@@ -252,7 +267,8 @@ impl ExpertPlacement {
                 let stats = RouteStats::read_json(file, shape.n_layer(), shape.n_expert)?;
                 Self::profile(shape, &stats, budget(&format!("profile:{}", file.display()))?)
             }
-            Policy::Adaptive(r) => Self::adaptive(shape, *r, None)?,
+            Policy::Adaptive(Some(r)) => Self::adaptive(shape, *r, None)?,
+            Policy::Adaptive(None) => Self::budget(shape, budget("adaptive")?),
         };
         p.apply_cpu_moe(opts.cpu_moe, opts.n_cpu_moe);
         Ok(p)
@@ -282,6 +298,17 @@ impl ExpertPlacement {
 
     pub fn cold(&self) -> ExpertSet {
         self.hot.complement()
+    }
+
+    /// What the cold executor must be able to compute: the cold experts, or under an adaptive
+    /// placement (where any expert of a partly held layer may become cold) every expert of
+    /// each layer not wholly held.
+    pub fn executor_experts(&self, adaptive: bool) -> ExpertSet {
+        if adaptive {
+            ExpertSet::from_fn(self.hot.n_layer(), self.hot.n_expert(), |l, _| !self.hot.is_full_layer(l))
+        } else {
+            self.cold()
+        }
     }
 
     pub fn is_hot(&self, layer: u32, expert: u32) -> bool {
@@ -348,7 +375,8 @@ mod tests {
         assert_eq!("all".parse::<Policy>().unwrap(), Policy::All);
         assert_eq!("uniform:8".parse::<Policy>().unwrap(), Policy::Uniform(8));
         assert_eq!("profile:r.json".parse::<Policy>().unwrap(), Policy::Profile("r.json".into()));
-        assert_eq!("adaptive:0.25".parse::<Policy>().unwrap(), Policy::Adaptive(0.25));
+        assert_eq!("adaptive:0.25".parse::<Policy>().unwrap(), Policy::Adaptive(Some(0.25)));
+        assert_eq!("adaptive".parse::<Policy>().unwrap(), Policy::Adaptive(None));
         for bad in ["uniform", "uniform:-1", "adaptive:1.5", "profile:", "hot", "all:1"] {
             let e = bad.parse::<Policy>().unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
@@ -418,6 +446,24 @@ mod tests {
         let p = ExpertPlacement::adaptive(&shape(), 0.3, None).unwrap();
         assert_eq!(layers(&p), vec![vec![0]; 3]);
         assert!(ExpertPlacement::adaptive(&shape(), 1.5, None).is_err());
+    }
+
+    #[test]
+    fn adaptive_starts_from_the_ratio_or_the_budget_and_its_executor_holds_partly_held_layers() {
+        let opts = |policy, budget_bytes| PlacementOptions { policy, budget_bytes, cpu_moe: false, n_cpu_moe: 1 };
+        let p = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(Some(0.5)), None), None).unwrap();
+        assert_eq!(layers(&p), vec![vec![], vec![0, 1], vec![0, 1]]);
+        let p = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(None), Some(1000)), None).unwrap();
+        assert_eq!(layers(&p), vec![vec![], vec![0, 1, 2], vec![0, 1]]);
+        let e = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(None), None), None).unwrap_err().to_string();
+        assert!(e.contains("\"adaptive\"") && e.contains("--expert-budget-mb"), "{e}");
+        // Layer 0 all cold, 1 and 2 partly held: the executor holds all of their experts.
+        assert_eq!(p.executor_experts(false).layers(), &[vec![0, 1, 2, 3], vec![3], vec![2, 3]]);
+        assert_eq!(p.executor_experts(true), ExpertSet::full(3, 4));
+        let mut full = ExpertPlacement::all(&shape());
+        full.apply_cpu_moe(false, 1);
+        assert_eq!(full.executor_experts(true).layers(), &[vec![0, 1, 2, 3], vec![], vec![]]);
+        assert!("adaptive".parse::<Policy>().unwrap().is_adaptive() && !Policy::Budget.is_adaptive());
     }
 
     #[test]
