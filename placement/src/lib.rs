@@ -18,7 +18,8 @@
 //!   (the graph's `Model::replace_experts` swaps experts between steps, keeping each layer's
 //!   number of held experts): with RATIO `round(RATIO · n_expert)` experts per layer (the
 //!   most routed ones when stats are given, ties: lower id, else `0..K`), without it the
-//!   layers `budget` gives. The cold executor must then hold every expert of a partly held
+//!   layers `budget` gives; `--adaptive-from FILE` (route stats) starts it instead from the
+//!   most routed experts (with RATIO) or the `profile:FILE` placement. The cold executor must then hold every expert of a partly held
 //!   layer: [`ExpertPlacement::executor_experts`].
 //!
 //! Then `--cpu-moe` makes everything cold and `--n-cpu-moe N` the experts of layers `0..N`.
@@ -121,6 +122,8 @@ pub struct PlacementOptions {
     pub budget_bytes: Option<u64>,
     pub cpu_moe: bool,
     pub n_cpu_moe: u32,
+    /// `--adaptive-from FILE`: route stats an adaptive placement starts from.
+    pub adaptive_from: Option<PathBuf>,
 }
 
 /// The placement flags, ready to flatten into a clap command.
@@ -141,6 +144,11 @@ pub struct PlacementArgs {
     /// Every routed expert of the first N layers cold.
     #[arg(long = "n-cpu-moe", default_value_t = 0)]
     pub n_cpu_moe: u32,
+    /// With `--experts-hot adaptive[:RATIO]`: start from these route stats (as
+    /// `--route-stats-out` writes them) instead of `uniform`/`budget`: the RATIO · n_expert
+    /// most routed experts per layer, or without RATIO the `profile:FILE` placement.
+    #[arg(long = "adaptive-from", value_name = "FILE")]
+    pub adaptive_from: Option<PathBuf>,
 }
 
 impl PlacementArgs {
@@ -150,6 +158,7 @@ impl PlacementArgs {
             budget_bytes: self.expert_budget_mb.map(|mb| mb.saturating_mul(1 << 20)),
             cpu_moe: self.cpu_moe,
             n_cpu_moe: self.n_cpu_moe,
+            adaptive_from: self.adaptive_from.clone(),
         })
     }
 }
@@ -250,8 +259,12 @@ impl ExpertPlacement {
     }
 
     /// The placement the options ask for. `device_budget` (see [`budget_from_device`]) is
-    /// used by `budget` and `profile` when no `--expert-budget-mb` is given.
+    /// used by `budget`, `profile` and `adaptive` (without RATIO) when no
+    /// `--expert-budget-mb` is given.
     pub fn resolve(shape: &ModelShape, opts: &PlacementOptions, device_budget: Option<u64>) -> Result<Self> {
+        if opts.adaptive_from.is_some() && !opts.policy.is_adaptive() {
+            return Err(PlacementError::Policy { policy: format!("{:?}", opts.policy), reason: "--adaptive-from needs --experts-hot adaptive[:RATIO]".into() });
+        }
         let budget = |what: &str| {
             opts.budget_bytes.or(device_budget).ok_or_else(|| PlacementError::Policy {
                 policy: what.to_string(),
@@ -267,8 +280,17 @@ impl ExpertPlacement {
                 let stats = RouteStats::read_json(file, shape.n_layer(), shape.n_expert)?;
                 Self::profile(shape, &stats, budget(&format!("profile:{}", file.display()))?)
             }
-            Policy::Adaptive(Some(r)) => Self::adaptive(shape, *r, None)?,
-            Policy::Adaptive(None) => Self::budget(shape, budget("adaptive")?),
+            Policy::Adaptive(r) => {
+                let stats = match &opts.adaptive_from {
+                    Some(file) => Some(RouteStats::read_json(file, shape.n_layer(), shape.n_expert)?),
+                    None => None,
+                };
+                match (r, stats) {
+                    (Some(r), stats) => Self::adaptive(shape, *r, stats.as_ref())?,
+                    (None, Some(stats)) => Self::profile(shape, &stats, budget("adaptive")?),
+                    (None, None) => Self::budget(shape, budget("adaptive")?),
+                }
+            }
         };
         p.apply_cpu_moe(opts.cpu_moe, opts.n_cpu_moe);
         Ok(p)
@@ -450,7 +472,7 @@ mod tests {
 
     #[test]
     fn adaptive_starts_from_the_ratio_or_the_budget_and_its_executor_holds_partly_held_layers() {
-        let opts = |policy, budget_bytes| PlacementOptions { policy, budget_bytes, cpu_moe: false, n_cpu_moe: 1 };
+        let opts = |policy, budget_bytes| PlacementOptions { policy, budget_bytes, cpu_moe: false, n_cpu_moe: 1, adaptive_from: None };
         let p = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(Some(0.5)), None), None).unwrap();
         assert_eq!(layers(&p), vec![vec![], vec![0, 1], vec![0, 1]]);
         let p = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(None), Some(1000)), None).unwrap();
@@ -464,11 +486,23 @@ mod tests {
         full.apply_cpu_moe(false, 1);
         assert_eq!(full.executor_experts(true).layers(), &[vec![0, 1, 2, 3], vec![], vec![]]);
         assert!("adaptive".parse::<Policy>().unwrap().is_adaptive() && !Policy::Budget.is_adaptive());
+
+        // --adaptive-from: the most routed per layer with RATIO, the profile without.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("stats.json");
+        std::fs::write(&f, stats().to_json()).unwrap();
+        let from = |policy, budget_bytes, file: Option<PathBuf>| PlacementOptions { policy, budget_bytes, cpu_moe: false, n_cpu_moe: 0, adaptive_from: file };
+        let p = ExpertPlacement::resolve(&shape(), &from(Policy::Adaptive(Some(0.5)), None, Some(f.clone())), None).unwrap();
+        assert_eq!(p, ExpertPlacement::adaptive(&shape(), 0.5, Some(&stats())).unwrap());
+        let p = ExpertPlacement::resolve(&shape(), &from(Policy::Adaptive(None), Some(650), Some(f.clone())), None).unwrap();
+        assert_eq!(p, ExpertPlacement::profile(&shape(), &stats(), 650));
+        let e = ExpertPlacement::resolve(&shape(), &from(Policy::Budget, Some(650), Some(f)), None).unwrap_err().to_string();
+        assert!(e.contains("--adaptive-from needs --experts-hot adaptive"), "{e}");
     }
 
     #[test]
     fn cpu_moe_flags_and_resolve() {
-        let opts = |policy, cpu_moe, n_cpu_moe| PlacementOptions { policy, budget_bytes: None, cpu_moe, n_cpu_moe };
+        let opts = |policy, cpu_moe, n_cpu_moe| PlacementOptions { policy, budget_bytes: None, cpu_moe, n_cpu_moe, adaptive_from: None };
         let p = ExpertPlacement::resolve(&shape(), &opts(Policy::All, true, 0), None).unwrap();
         assert!(p.hot().is_empty());
         let p = ExpertPlacement::resolve(&shape(), &opts(Policy::All, false, 2), None).unwrap();
