@@ -480,3 +480,21 @@ fn expert_worker_failures_end_in_a_respawn_or_a_clear_error_and_the_next_request
     let status = srv.terminate();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn serve_with_an_adaptive_placement_swaps_experts_and_counts_them() {
+    let srv = Server::start(&["--experts-hot", "adaptive:0.5", "--expert-workers", "0", "--ctx-size", "256"]);
+    assert_eq!(srv.metric("dflash_expert_swaps_total"), 0.0);
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Tell me a long story about the sea and the wind.", 32));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 32, "{v}");
+    let swaps = srv.metric("dflash_expert_swaps_total");
+    let bytes = srv.metric("dflash_expert_swap_bytes_total");
+    assert!(swaps > 0.0, "no expert was swapped while serving");
+    assert!(bytes >= swaps, "{bytes} bytes for {swaps} swaps");
+    // With workers too: their shares hold every expert of the partly held layers.
+    let srv = Server::start(&["--experts-hot", "adaptive:0.5", "--expert-workers", "2", "--ctx-size", "256"]);
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Tell me a long story about the sea and the wind.", 32));
+    assert_eq!(st, 200, "{v}");
+    assert!(srv.metric("dflash_expert_swaps_total") > 0.0);
+}

@@ -26,6 +26,9 @@ impl Model {
         if opts.ubatch == 0 {
             return Err(GraphError::Option("ubatch must be at least 1".into()));
         }
+        if opts.adaptive.is_some() && (opts.cold_offload_min > 0 || opts.cold_layers_in_graph) {
+            return Err(GraphError::Option("an adaptive placement moves experts between hot and cold; the pinned host copy of the cold experts (cold offload, cold layers in the graph) is fixed at load".into()));
+        }
         let device = match &opts.device {
             Some(name) => Device::by_name(name)?,
             None => Device::cpu()?,
@@ -83,7 +86,9 @@ impl Model {
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
         let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
-        let route_counts = opts.route_stats_out.as_ref().map(|_| Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer])));
+        let counting = opts.route_stats_out.is_some() || opts.adaptive.is_some();
+        let route_counts = counting.then(|| Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer])));
+        let adaptive = opts.adaptive.map(|p| crate::adaptive::Adaptive::new(p, config.n_layer, config.n_expert));
         Ok(Model {
             config,
             file,
@@ -99,6 +104,8 @@ impl Model {
             cold: None,
             cold_host,
             route_counts,
+            adaptive,
+            swaps: Default::default(),
             op_profile: None,
             _tables: tables,
             _tensors: tensors,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE]
-//!             [--vocab N] [--tokenizer-from GGUF] [--seed N] OUT.gguf
+//!             [--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf
 //! write_synth --extract-tokenizer SRC.gguf OUT.gguf
 //! write_synth OUT.gguf [tiny|medium] [VOCAB]            (older positional form)
 //! ```
@@ -17,6 +17,9 @@
 //! The CPU benchmark model: `write_synth --spec medium --type q8_0 --tokenizer-from
 //! models/tiny-ds4.gguf bench-data/medium-q8_0.gguf`.
 //!
+//! With `--router-skew v4-flash` (the medium model routes uniformly otherwise) a few experts
+//! per layer take most routed slots, as in the real model: the adaptive placement's benchmark.
+//!
 //! The full-width benchmark models (`scripts/device/fullwidth-vs-llama.sh`): `write_synth
 //! --spec v4-flash --layers 8 --tokenizer-from models/tiny-ds4.gguf OUT.gguf` — DeepSeek V4
 //! Flash's widths with 8 layers, MXFP4 experts, Q8_0 elsewhere, the real routing skew
@@ -29,7 +32,7 @@ use ggml::TensorType;
 use loader::synth::{tokenizer_keys, SynthModel, SynthSpec};
 
 const USAGE: &str = "usage: write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE] \
-[--vocab N] [--tokenizer-from GGUF] [--seed N] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf";
+[--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf";
 
 fn tensor_type(name: &str) -> Result<TensorType, String> {
     (0..ggml::sys::ggml_type::GGML_TYPE_COUNT)
@@ -57,7 +60,7 @@ fn spec_named(name: &str) -> Result<SynthSpec, String> {
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut spec = SynthSpec::tiny();
-    let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract) = (None, None, None, None, None, None);
+    let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract, mut skew) = (None, None, None, None, None, None, None);
     let mut layers = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
@@ -72,6 +75,13 @@ fn run() -> Result<(), String> {
             "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
             "--seed" => seed = Some(number::<u64>(a, value()?)?),
             "--extract-tokenizer" => extract = Some(PathBuf::from(value()?)),
+            "--router-skew" => {
+                skew = Some(match value()?.as_str() {
+                    "none" => None,
+                    "v4-flash" => Some(loader::synth::RouterSkew::V4_FLASH),
+                    other => return Err(format!("--router-skew '{other}': expected none or v4-flash")),
+                })
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -96,6 +106,9 @@ fn run() -> Result<(), String> {
         SynthModel { metadata: keys, tensors: Vec::new(), seed: 0, router_skew: None }.write(&out, false).map_err(|e| format!("{}: {e}", out.display()))?;
         println!("wrote {} ({n} tokenizer keys from {})", out.display(), src.display());
         return Ok(());
+    }
+    if let Some(s) = skew {
+        spec.router_skew = s;
     }
     if let Some(t) = matrix {
         spec.matrix_type = t;

@@ -59,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let format = ChatFormat::from_metadata(&model.file.metadata)?;
     let n_ctx = a.model.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train)).max(2);
-    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max };
+    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max, expert_swap_bytes: a.model.expert_swap_bytes() };
     let engine = Engine::start(model, format.tokenizer.clone(), opts)?;
     let model_id = a.alias.clone().unwrap_or_else(|| {
         let name = a.model.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

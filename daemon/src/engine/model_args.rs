@@ -89,6 +89,10 @@ pub struct ModelArgs {
     /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers.
     #[arg(long = "cold-layers-in-graph")]
     pub cold_layers_in_graph: bool,
+    /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
+    /// the model's device between two steps (0: the placement stays as it started).
+    #[arg(long = "expert-swap-mb", default_value_t = 16)]
+    pub expert_swap_mb: u64,
 }
 
 impl ModelArgs {
@@ -101,7 +105,12 @@ impl ModelArgs {
             (Some(spec), n) => Pin::parse_per_worker(spec, n).context("--worker-cpus")?,
             (None, _) => Vec::new(),
         };
-        let mut placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file, &shape)?)?;
+        let options = self.placement.options()?;
+        let adaptive = options.policy.is_adaptive();
+        if adaptive && (self.cold_offload_min > 0 || self.cold_layers_in_graph) {
+            anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph does not follow: use one or the other");
+        }
+        let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape)?)?;
         let small = placement.drop_layers_below(file.config.n_expert_used);
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
@@ -119,13 +128,16 @@ impl ModelArgs {
             csa_dense_max_view: self.csa_dense_max_view,
             cold_offload_min: self.cold_offload_min,
             cold_layers_in_graph: self.cold_layers_in_graph,
+            adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
         };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
         let mut model = Model::from_file(file, opts).with_context(|| format!("loading {}", self.model.display()))?;
-        let cold = placement.cold();
+        // Under adaptive, the executor holds every expert of a partly held layer (any of them
+        // may become cold); it is given only the cold ones to compute.
+        let cold = placement.executor_experts(adaptive);
         if !cold.is_empty() {
             if self.expert_workers == 0 {
                 let exec = super::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
@@ -143,6 +155,11 @@ impl ModelArgs {
             }
         }
         Ok(model)
+    }
+
+    /// `--expert-swap-mb` in bytes.
+    pub fn expert_swap_bytes(&self) -> u64 {
+        self.expert_swap_mb.saturating_mul(1 << 20)
     }
 
     /// On a GPU: its free memory minus the weights that are not routed experts and the

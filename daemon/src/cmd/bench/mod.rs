@@ -140,12 +140,22 @@ fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
             model.forward(&mut seq, &[t], Logits::Last)?;
             b += model.timings().build_s;
             c += model.timings().compute_s;
+            // An adaptive placement re-places between steps, as the server does (timed).
+            model.replace_experts(a.model.expert_swap_bytes())?;
         }
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
             rates.push(n as f64 / dt);
             build += b;
             compute += c;
+        }
+        if a.timings && rep + 1 < a.reps.max(1) + 1 {
+            if let Some(stats) = model.take_expert_stats() {
+                let (routed, cold) = stats.iter().fold((0, 0), |(r, c), s| (r + s.routed, c + s.cold));
+                let hit = graph::ExpertLayerStats { routed, cold, ..Default::default() }.hit_rate();
+                let swaps = model.swap_totals();
+                eprintln!("rep {rep}: hit rate {:.1}% over all layers; swaps so far {} ({} bytes)", 100.0 * hit, swaps.swaps, swaps.bytes);
+            }
         }
     }
     report(model, a, &format!("tg{n}"), rates, build, compute);
@@ -160,6 +170,10 @@ fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
     }
     if let (true, Some(stats)) = (a.timings, model.take_expert_stats()) {
         print_expert_stats(&stats);
+        let swaps = model.swap_totals();
+        if model.is_adaptive() {
+            eprintln!("adaptive placement: {} swaps, {} bytes copied", swaps.swaps, swaps.bytes);
+        }
     }
     Ok(())
 }
