@@ -106,6 +106,29 @@ fn logits(gguf: &str, hot: Option<ExpertSet>, tokens: &[u32], prefill: usize) ->
     (out, calls.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+#[path = "common/batching.rs"]
+mod batching;
+
+/// Sequences stepping together (`forward_batch`) with cold experts: the hand-over sees the
+/// whole step's tokens, and each sequence's logits are still the bits it gets alone.
+#[test]
+fn batched_equals_alone_with_cold_experts() {
+    let gguf = "ds4-tiny-b.f32.gguf";
+    let path = fixture(gguf);
+    let file = loader::ModelFile::open(&path).expect("fixture");
+    let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-b.ref.npz")).expect("reference");
+    let stream: Vec<u32> = npz.by_name("tokens").expect("npz").expect("tokens").into_vec::<i32>().expect("i32").into_iter().map(|t| t as u32).collect();
+    for (what, hot) in placements(file.config.n_layer, file.config.n_expert).into_iter().skip(1) {
+        let mut opts = ModelOptions { hot: Some(hot), ..ModelOptions::default() };
+        opts.read.progress = false;
+        let mut m = Model::load(&path, opts).expect("load");
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        m.set_cold_experts(Box::new(RustExperts::load(&path, calls.clone()))).expect("cold executor");
+        batching::check_batched_equals_alone(&mut m, &stream, &batching::schedule(), Logits::All, &format!("{gguf} {what}"));
+        assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 0, "{what}: the cold executor was never called");
+    }
+}
+
 fn placements(n_layer: usize, n_expert: usize) -> Vec<(&'static str, ExpertSet)> {
     let n = n_expert as u32;
     let pick = |f: &dyn Fn(usize, u32) -> bool| ExpertSet::from_fn(n_layer as u32, n, |l, e| f(l as usize, e));

@@ -33,6 +33,11 @@ pub struct Args {
     /// the profiled run itself is slower).
     #[arg(long, value_name = "N")]
     op_profile: Option<usize>,
+    /// Decode tests: N sequences (each at the depth, its own tokens) decode together, one
+    /// token each per step, in one graph (llama-batched-bench's shape); reports the
+    /// aggregate and the per-sequence rate.
+    #[arg(long = "np", visible_alias = "parallel", value_name = "N", default_value_t = 1)]
+    np: usize,
 }
 
 /// `n` seeded uniform token ids in [0, n_vocab).
@@ -126,26 +131,37 @@ fn prefill_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
     Ok(())
 }
 
-/// The tgN test on a loaded model.
+/// Decode `toks[i]` into `seqs[i]`, one token per sequence and step, all sequences in each
+/// step; an adaptive placement re-places between steps under `swap_bytes`, as the server does
+/// (timed). Returns the graph build and compute seconds.
+fn decode_steps(model: &mut Model, seqs: &mut [graph::Sequence], toks: &[Vec<u32>], swap_bytes: u64) -> Result<(f64, f64)> {
+    let (mut build, mut compute) = (0.0, 0.0);
+    for i in 0..toks.first().map_or(0, Vec::len) {
+        let mut items: Vec<(&mut graph::Sequence, &[u32])> = seqs.iter_mut().zip(toks).map(|(s, t)| (s, &t[i..i + 1])).collect();
+        model.forward_batch(&mut items, Logits::Last)?;
+        build += model.timings().build_s;
+        compute += model.timings().compute_s;
+        model.replace_experts(swap_bytes)?;
+    }
+    Ok((build, compute))
+}
+
+/// The tgN test on a loaded model: `a.np` sequences decoding together (one alone: tgN).
 fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
-    let toks = tokens(n, model.config.n_tokens.min(model.n_vocab()), 2)?;
-    let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
+    let np = a.np.max(1);
+    let n_tokens = model.config.n_tokens.min(model.n_vocab());
+    // Sequence 0 decodes the tokens a single-sequence test does; the others their own.
+    let toks: Vec<Vec<u32>> = (0..np).map(|i| tokens(n, n_tokens, if i == 0 { 2 } else { 100 + i as u64 })).collect::<Result<_>>()?;
+    let context = tokens(a.depth, n_tokens, 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = sequence_at_depth(model, a, &context, n)?;
-        let (mut b, mut c) = (0.0, 0.0);
+        let mut seqs = (0..np).map(|_| sequence_at_depth(model, a, &context, n)).collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
-        for &t in &toks {
-            model.forward(&mut seq, &[t], Logits::Last)?;
-            b += model.timings().build_s;
-            c += model.timings().compute_s;
-            // An adaptive placement re-places between steps, as the server does (timed).
-            model.replace_experts(a.model.expert_swap_bytes())?;
-        }
+        let (b, c) = decode_steps(model, &mut seqs, &toks, a.model.expert_swap_bytes())?;
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
-            rates.push(n as f64 / dt);
+            rates.push((np * n) as f64 / dt);
             build += b;
             compute += c;
         }
@@ -158,13 +174,17 @@ fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
             }
         }
     }
-    report(model, a, &format!("tg{n}"), rates, build, compute);
+    if np == 1 {
+        report(model, a, &format!("tg{n}"), rates, build, compute);
+    } else {
+        let per_seq = median(rates.clone()) / np as f64;
+        report(model, a, &format!("tg{n} x{np} seqs, aggregate"), rates, build, compute);
+        println!("  per sequence: {per_seq:.2} t/s");
+    }
     if let Some(top) = a.op_profile {
         op_profile(model, top, |m| {
-            let mut seq = sequence_at_depth(m, a, &context, n)?;
-            for &t in &toks {
-                m.forward(&mut seq, &[t], Logits::Last)?;
-            }
+            let mut seqs = (0..np).map(|_| sequence_at_depth(m, a, &context, n)).collect::<Result<Vec<_>>>()?;
+            decode_steps(m, &mut seqs, &toks, a.model.expert_swap_bytes())?;
             Ok(())
         })?;
     }
