@@ -1,7 +1,8 @@
 //! The OpenAI-compatible HTTP service (axum on tokio) over the generation [`Engine`].
 //!
 //! Endpoints: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions` (SSE streaming
-//! or not), `/tokenize` and `/detokenize` (llama-server's shapes), `/metrics` (Prometheus text).
+//! or not), `/tokenize` and `/detokenize` (llama-server's shapes), `/metrics` (Prometheus text),
+//! `POST /slots/{id}?action=save|restore|erase` (llama-server's, over the prompt cache).
 //! Errors are OpenAI error objects ([`ApiError`]). With an API key, everything but `/health`
 //! needs `Authorization: Bearer KEY`. Beyond `queue_max` waiting requests, generation requests
 //! get 503 with `Retry-After`. Rendering and tokenizing run on blocking threads, off the async
@@ -110,6 +111,7 @@ pub fn router(state: St) -> Router {
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
         .route("/metrics", get(handlers::metrics))
+        .route("/slots/{id}", post(handlers::slots))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(state.limits.max_body))
         .layer(middleware::from_fn_with_state(state.clone(), require_key))
