@@ -10,6 +10,16 @@ time; token counts come from the server's final `usage` chunk (stream_options.in
 never from counting SSE chunks. Means per workload; --json writes everything.
 
   scripts/bench_server.py --url http://127.0.0.1:8080 --concurrency 4 --json out.json
+
+--agent runs one conversation instead, as an agent resends it: a first user turn of about
+--agent-first tokens (20000), then --agent-turns more turns (5), each the whole conversation so far
+(the assistant's replies included) plus a user message of about --agent-add tokens (300). Per turn:
+prompt tokens, the tokens the server restored from its prompt cache
+(usage.prompt_tokens_details.cached_tokens), time to first token (client side: the first
+content chunk, or the end of the reply when it has no text), and the server's prompt time
+(timings.prompt_ms) when it reports one. --agent-turns 0 sends only the first turn (after a
+restart: how much of it the server kept). scripts/bench/prompt-cache.sh compares a server
+with and without the cache and across a restart.
 """
 import argparse
 import concurrent.futures
@@ -39,10 +49,10 @@ WORKLOADS = {
 }
 
 
-def one(args, prompt, thinking):
+def one(args, prompt, thinking, messages=None):
     body = {
         "model": args.model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages or [{"role": "user", "content": prompt}],
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "stream": True,
@@ -57,7 +67,8 @@ def one(args, prompt, thinking):
                                  headers=headers, method="POST")
     t0 = time.perf_counter()
     first = last = None
-    usage = None
+    usage = timings = None
+    text = []
     with urllib.request.urlopen(req, timeout=args.timeout) as resp:
         for raw in resp:
             line = raw.decode("utf-8", "replace").strip()
@@ -71,8 +82,11 @@ def one(args, prompt, thinking):
                 raise RuntimeError(chunk["error"])
             if chunk.get("usage"):
                 usage = chunk["usage"]
+            if chunk.get("timings"):
+                timings = chunk["timings"]
             for ch in chunk.get("choices") or []:
                 d = ch.get("delta") or {}
+                text.append(d.get("content") or "")
                 if d.get("content") or d.get("reasoning_content") or d.get("reasoning"):
                     now = time.perf_counter()
                     first = first if first is not None else now
@@ -84,12 +98,63 @@ def one(args, prompt, thinking):
     decode_s = (last - first) if first is not None and last is not None else 0.0
     return {
         "prompt_tokens": usage["prompt_tokens"],
+        "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
         "completion_tokens": n,
         "ttft_s": (first - t0) if first is not None else None,
+        "end_s": t1 - t0,
+        "server_prompt_ms": (timings or {}).get("prompt_ms"),
+        "reply": "".join(text),
         "decode_tok_s": (n - 1) / decode_s if decode_s > 0 and n > 1 else None,
         "wall_tok_s": n / (t1 - t0) if t1 > t0 else None,
         "total_s": t1 - t0,
     }
+
+
+def count_tokens(args, text):
+    """Tokens of `text` by the server's /tokenize (llama-server's shape), or None."""
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["Authorization"] = "Bearer " + args.api_key
+    req = urllib.request.Request(args.url.rstrip("/") + "/tokenize", data=json.dumps({"content": text}).encode(),
+                                 headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return len(json.loads(resp.read())["tokens"])
+    except Exception:  # noqa: BLE001 - any server without /tokenize
+        return None
+
+
+def sized_text(args, tag, tokens):
+    """About `tokens` tokens of filler text starting with `tag`, sized with /tokenize when there is one."""
+    unit = f"{tag} " + FILLER
+    n = count_tokens(args, unit * 10)
+    per_unit = n / 10 if n else 20
+    return unit * max(1, round(tokens / per_unit)) + f"\n{tag}: summarize the text above in one sentence."
+
+
+def agent(args):
+    messages = []
+    results = []
+    for turn in range(args.agent_turns + 1):
+        tag = f"Turn {turn}"
+        messages.append({"role": "user", "content": sized_text(args, tag, args.agent_first if turn == 0 else args.agent_add)})
+        r = one(args, None, args.thinking == "on", messages=messages)  # "off,on" (the default) is off
+        ttft = r["ttft_s"] if r["ttft_s"] is not None else r["end_s"]
+        row = {"turn": turn + 1, "prompt_tokens": r["prompt_tokens"], "cached_tokens": r["cached_tokens"], "ttft_s": ttft,
+               "server_prompt_ms": r["server_prompt_ms"], "completion_tokens": r["completion_tokens"]}
+        print(json.dumps(row), file=sys.stderr)
+        row["reply"] = r["reply"]
+        results.append(row)
+        messages.append({"role": "assistant", "content": r["reply"]})
+    print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'ttft s':>8} {'server prompt ms':>17}")
+    for row in results:
+        fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(f"{row['turn']:>4} {row['prompt_tokens']:>7} {fmt(row['cached_tokens'], 'd'):>7} {row['ttft_s']:>8.3f} "
+              f"{fmt(row['server_prompt_ms'], '.1f'):>17}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"url": args.url, "agent_first": args.agent_first, "agent_add": args.agent_add,
+                       "max_tokens": args.max_tokens, "turns": results}, f, indent=2)
 
 
 def mean(xs):
@@ -110,7 +175,14 @@ def main():
     ap.add_argument("--concurrency", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--agent", action="store_true", help="the agent conversation instead of the workloads")
+    ap.add_argument("--agent-first", type=int, default=20000, help="tokens of the first user turn")
+    ap.add_argument("--agent-add", type=int, default=300, help="tokens each later user turn adds")
+    ap.add_argument("--agent-turns", type=int, default=5, help="turns after the first")
     args = ap.parse_args()
+    if args.agent:
+        agent(args)
+        return
 
     jobs = []
     for w in args.workloads.split(","):

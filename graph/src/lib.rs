@@ -29,7 +29,7 @@ pub use adaptive::{SwapPolicy, SwapReport};
 pub use cold::{BoxError, ColdError, ColdExperts, ExpertLayerStats};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use profile::OpRow;
-pub use state::Sequence;
+pub use state::{Checkpoint, Entries, EntryPart, Sequence};
 pub use vocab::{check_token_ids, token_ids, TokenOutOfRange};
 
 /// The micro-batch (`ubatch`) a model runs when none is given: prefill is split into graphs
@@ -58,4 +58,6 @@ pub enum GraphError {
     ColdStatePoisoned,
     #[error("invalid option: {0}")]
     Option(String),
+    #[error("sequence state: {0}")]
+    State(String),
 }

@@ -199,6 +199,46 @@ impl Model {
         self.config.n_vocab
     }
 
+    /// Whether attention runs through flash attention, and up to how many entries CSA layers
+    /// attend densely (the options, or their defaults for this device).
+    pub(crate) fn attention_paths(&self) -> (bool, usize) {
+        let on_cpu = self.backend.device().kind() == ggml::DeviceKind::Cpu;
+        let flash = self.opts.flash_attn.unwrap_or(on_cpu);
+        let dense = self.opts.csa_dense_max_view.unwrap_or(if flash { 16 } else { 4 } * self.config.indexer_top_k);
+        (flash, dense)
+    }
+
+    /// The largest micro-batch: `forward` splits its tokens into runs of this many.
+    pub fn ubatch(&self) -> usize {
+        self.opts.ubatch
+    }
+
+    /// Everything besides the weights and the tokens that decides the bits of a step's
+    /// results: the device, the micro-batch, the threads, the attention paths and matrix
+    /// layouts, and, off the CPU, which experts the device holds (on the CPU the placement
+    /// never changes a result). Two models with the same weights and the same description
+    /// compute the same state from the same micro-batches.
+    pub fn numerics(&self) -> String {
+        let device = self.backend.device();
+        let on_cpu = device.kind() == ggml::DeviceKind::Cpu;
+        let (flash, dense) = self.attention_paths();
+        let o = &self.opts;
+        let mut s = format!(
+            "device {} ({}); ubatch {}; threads {}; flash attention {flash}; csa dense up to {dense}; repack {}; cold offload from {}; cold layers in graph {}",
+            device.name(),
+            device.description(),
+            o.ubatch,
+            o.threads,
+            o.repack,
+            o.cold_offload_min,
+            o.cold_layers_in_graph
+        );
+        if !on_cpu {
+            s.push_str(&format!("; held experts {:?}", self.hot.layers()));
+        }
+        s
+    }
+
     pub fn backend_name(&self) -> String {
         self.backend.name()
     }

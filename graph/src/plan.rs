@@ -86,6 +86,16 @@ impl CompShape {
             self.ratio
         }
     }
+    /// First position of the open-window rows kept after a batch ending before position
+    /// `end`: the current window's start, or the previous window's when windows overlap.
+    pub fn keep_start(&self, end: usize) -> usize {
+        let w = end / self.ratio;
+        if self.overlap {
+            w.saturating_sub(1) * self.ratio
+        } else {
+            w * self.ratio
+        }
+    }
     /// Entries visible to the last token after a batch ending before position `end`.
     pub fn view_len(&self, end: usize) -> usize {
         (end / self.ratio).div_ceil(PAD).max(1).saturating_mul(PAD).min(self.cap_entries)
@@ -119,14 +129,7 @@ pub fn comp_plan(p: usize, n: usize, s: &CompShape) -> CompPlan {
     let cap = s.state_rows() as i64;
     let dummy = cap as i32;
     let (p, n) = (p as i64, n as i64);
-    let keep_start = |p: i64| -> i64 {
-        let w = p / m;
-        if s.overlap {
-            ((w - 1) * m).max(0)
-        } else {
-            w * m
-        }
-    };
+    let keep_start = |p: i64| -> i64 { s.keep_start(p as usize) as i64 };
     let ks = keep_start(p);
     let row_of = |q: i64| -> i32 {
         if q >= p {

@@ -103,7 +103,7 @@ impl Model {
         let inputs = Inputs::new(&g, c, plans, key.logits);
 
         let on_cpu = self.backend.device().kind() == ggml::DeviceKind::Cpu;
-        let flash = self.opts.flash_attn.unwrap_or(on_cpu);
+        let (flash, csa_dense_max_view) = self.attention_paths();
         let mut b = Builder {
             g: &g,
             c,
@@ -118,7 +118,7 @@ impl Model {
             cpu_nodes: Vec::new(),
             on_cpu,
             flash,
-            csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(if flash { 16 } else { 4 } * c.indexer_top_k),
+            csa_dense_max_view,
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);

@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use crate::engine::model_args::ModelArgs;
 use crate::engine::prompt::ChatFormat;
+use crate::engine::cache::CacheOptions;
 use crate::engine::{Engine, EngineOptions};
 use crate::server::{AppState, Limits, Metrics};
 
@@ -50,6 +51,18 @@ pub struct Args {
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
+    /// Memory (MiB) for cached prompt state: a prompt that starts like a cached one
+    /// resumes from it and prefills only the rest (0: no cache in memory).
+    #[arg(long, default_value_t = 4096)]
+    cache_ram_mb: u64,
+    /// Directory where cached prompt state is also kept on disk, to survive restarts, and
+    /// where `POST /slots/{id}?action=save|restore` keeps its files (in `slots/`).
+    #[arg(long)]
+    cache_dir: Option<std::path::PathBuf>,
+    /// Disk (GiB, fractions allowed) for the files in --cache-dir; the least recently used
+    /// go first.
+    #[arg(long, default_value_t = 16.0)]
+    cache_disk_gb: f64,
 }
 
 /// Context per sequence when `--ctx-size` is not given (at most the trained context).
@@ -59,7 +72,15 @@ pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let format = ChatFormat::from_metadata(&model.file.metadata)?;
     let n_ctx = a.model.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train)).max(2);
-    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max, expert_swap_bytes: a.model.expert_swap_bytes() };
+    if !(a.cache_disk_gb >= 0.0 && a.cache_disk_gb.is_finite()) {
+        anyhow::bail!("--cache-disk-gb must be a size in GiB, found {}", a.cache_disk_gb);
+    }
+    let cache = CacheOptions {
+        ram_bytes: a.cache_ram_mb.saturating_mul(1 << 20),
+        dir: a.cache_dir.clone(),
+        disk_bytes: (a.cache_disk_gb * (1u64 << 30) as f64) as u64,
+    };
+    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max, expert_swap_bytes: a.model.expert_swap_bytes(), cache };
     let engine = Engine::start(model, format.tokenizer.clone(), opts)?;
     let model_id = a.alias.clone().unwrap_or_else(|| {
         let name = a.model.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -5,6 +5,11 @@
 //! streams back through an unbounded channel as it is decoded; a dropped receiver (or [`Engine::cancel_all`])
 //! ends the request and frees its sequence.
 //!
+//! A prompt resumes from the longest prefix the prompt cache holds ([`cache`]) and prefills
+//! the rest in micro-batches at multiples of the model's `ubatch`, exactly as an uncached run
+//! would; `POST /slots/{id}` saves, restores and erases a sequence's cached prompt
+//! ([`Engine::slot`]).
+//!
 //! Stopping: end-of-generation ids (the tokenizer's EOS/EOT/EOM from the GGUF, plus the ids of
 //! [`END_OF_TURN_TEXTS`] looked up by text in the vocabulary), stop strings (also across token
 //! boundaries: text that could start a stop string is held back until it is decided), max_tokens
@@ -16,16 +21,19 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use graph::{Logits, Model, Sequence};
+use serde::Serialize;
 use prometheus::{Counter, IntCounter};
 use tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+pub mod cache;
 pub mod cold;
 pub mod model_args;
 pub mod prompt;
 pub mod sampler;
 mod text_filter;
 
+use cache::{CacheError, CacheOptions, PromptCache, Record};
 use sampler::{Sampler, SamplingError, SamplingParams};
 pub use text_filter::TextFilter;
 
@@ -59,20 +67,34 @@ pub enum EngineError {
     QueueFull { parallel: usize, queue_max: usize },
     #[error("setting up the engine's metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("prompt cache: {0}")]
+    Cache(#[from] CacheError),
+    #[error("slot {slot} does not exist (slots 0 to {} with --parallel {parallel})", parallel - 1)]
+    NoSlot { slot: usize, parallel: usize },
+    #[error("saving and restoring slots needs a prompt-cache directory (--cache-dir)")]
+    NoCacheDir,
+    #[error("slot {0} holds no cached prompt (prompts are cached in whole micro-batches)")]
+    SlotEmpty(usize),
+    #[error("cached prompt state: {0}")]
+    State(graph::GraphError),
 }
 
 impl EngineError {
     /// Whether the request is at fault (HTTP 400) rather than the server.
     pub fn is_client_error(&self) -> bool {
-        !matches!(
-            self,
-            EngineError::VocabMismatch { .. }
-                | EngineError::Parallel(_)
-                | EngineError::Sequence { .. }
-                | EngineError::Stopped
-                | EngineError::QueueFull { .. }
-                | EngineError::Metrics(_)
-        )
+        match self {
+            EngineError::Cache(CacheError::Io { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
+            EngineError::Cache(CacheError::Locked(_)) | EngineError::State(_) => false,
+            _ => !matches!(
+                self,
+                EngineError::VocabMismatch { .. }
+                    | EngineError::Parallel(_)
+                    | EngineError::Sequence { .. }
+                    | EngineError::Stopped
+                    | EngineError::QueueFull { .. }
+                    | EngineError::Metrics(_)
+            ),
+        }
     }
 }
 
@@ -112,6 +134,9 @@ impl FinishReason {
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Timings {
     pub queue_ms: f64,
+    /// Prompt tokens restored from the prompt cache.
+    pub cache_n: usize,
+    /// Prompt tokens prefilled (the rest of the prompt).
     pub prompt_n: usize,
     pub prompt_ms: f64,
     pub prompt_per_second: f64,
@@ -130,6 +155,8 @@ pub struct Summary {
     /// The stop string that ended the generation (finish `Stop` without an end-of-generation token).
     pub stop_sequence: Option<String>,
     pub prompt_tokens: usize,
+    /// Prompt tokens restored from the prompt cache instead of prefilled.
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
 }
@@ -161,6 +188,7 @@ impl Handle {
 pub struct Stats {
     pub requests_finished: IntCounter,
     pub requests_cancelled: IntCounter,
+    /// Prompt tokens prefilled (not those restored from the cache).
     pub prompt_tokens: IntCounter,
     pub completion_tokens: IntCounter,
     pub prompt_seconds: Counter,
@@ -172,6 +200,16 @@ pub struct Stats {
     pub queue_depth: AtomicU64,
     /// Requests being generated.
     pub active: AtomicU64,
+    /// Prompts that resumed from the prompt cache.
+    pub cache_hits: IntCounter,
+    /// Prompts the prompt cache held no prefix of.
+    pub cache_misses: IntCounter,
+    /// Prompt tokens restored instead of prefilled.
+    pub cache_reused_tokens: IntCounter,
+    /// Bytes of cached prompts in memory.
+    pub cache_ram_bytes: AtomicU64,
+    /// Bytes of cached prompts on disk (shared with the cache's writer thread).
+    pub cache_disk_bytes: Arc<AtomicU64>,
 }
 
 impl Stats {
@@ -187,11 +225,16 @@ impl Stats {
             expert_swap_bytes: IntCounter::new("expert_swap_bytes_total", "Expert bytes copied by those swaps.")?,
             queue_depth: AtomicU64::new(0),
             active: AtomicU64::new(0),
+            cache_hits: IntCounter::new("prompt_cache_hits_total", "Prompts that resumed from a cached prefix.")?,
+            cache_misses: IntCounter::new("prompt_cache_misses_total", "Prompts with no cached prefix (prefilled whole).")?,
+            cache_reused_tokens: IntCounter::new("prompt_cache_reused_tokens_total", "Prompt tokens restored from the prompt cache instead of prefilled.")?,
+            cache_ram_bytes: AtomicU64::new(0),
+            cache_disk_bytes: Arc::new(AtomicU64::new(0)),
         })
     }
 
     /// The integer counters (handles onto the same values), to register with a registry.
-    pub fn counters(&self) -> [IntCounter; 6] {
+    pub fn counters(&self) -> [IntCounter; 9] {
         [
             self.requests_finished.clone(),
             self.requests_cancelled.clone(),
@@ -199,6 +242,9 @@ impl Stats {
             self.completion_tokens.clone(),
             self.expert_swaps.clone(),
             self.expert_swap_bytes.clone(),
+            self.cache_hits.clone(),
+            self.cache_misses.clone(),
+            self.cache_reused_tokens.clone(),
         ]
     }
 
@@ -209,7 +255,7 @@ impl Stats {
 }
 
 /// How the engine runs.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Sequences generated at the same time.
     pub parallel: usize,
@@ -220,6 +266,47 @@ pub struct EngineOptions {
     /// With an adaptive placement: at most this many expert bytes are copied after each step
     /// (`Model::replace_experts`).
     pub expert_swap_bytes: u64,
+    /// The prompt cache (off when it has neither memory nor a directory).
+    pub cache: CacheOptions,
+}
+
+/// What `POST /slots/{id}?action=…` asks of a sequence's cached prompt (the prefix of its
+/// last prompt that the cache holds).
+#[derive(Clone, Debug)]
+pub enum SlotAction {
+    /// Write it to the file of this name in the cache directory's `slots/`.
+    Save(String),
+    /// Read it from that file into the cache; the slot's next prompt resumes from it.
+    Restore(String),
+    /// Drop it from the cache, in memory and on disk.
+    Erase,
+}
+
+/// What a slot action did (llama-server's answer fields).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum SlotOutcome {
+    Saved { id_slot: usize, filename: String, n_saved: usize, n_written: u64, timings: SaveTimings },
+    Restored { id_slot: usize, filename: String, n_restored: usize, n_read: u64, timings: RestoreTimings },
+    Erased { id_slot: usize, n_erased: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct SaveTimings {
+    pub save_ms: f64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct RestoreTimings {
+    pub restore_ms: f64,
+}
+
+type SlotReply = tokio::sync::oneshot::Sender<Result<SlotOutcome, EngineError>>;
+
+/// What the compute thread receives.
+enum Msg {
+    Generate(Job),
+    Slot { slot: usize, action: SlotAction, reply: SlotReply },
 }
 
 /// What the engine runs, for clients.
@@ -232,7 +319,7 @@ pub struct EngineInfo {
 }
 
 pub struct Engine {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::Sender<Msg>>,
     thread: Option<JoinHandle<()>>,
     pub stats: Arc<Stats>,
     pub info: EngineInfo,
@@ -268,7 +355,7 @@ impl Engine {
     /// Starts the compute thread. The tokenizer may have fewer tokens than the model has
     /// embedding/output rows (the rest is padding, never sampled), not more.
     pub fn start(model: Model, tokenizer: Tokenizer, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let EngineOptions { parallel, n_ctx, queue_max, expert_swap_bytes } = opts;
+        let EngineOptions { parallel, n_ctx, queue_max, expert_swap_bytes, cache } = opts;
         if tokenizer.n_vocab() > model.n_vocab() {
             return Err(EngineError::VocabMismatch { tokenizer: tokenizer.n_vocab(), model: model.n_vocab() });
         }
@@ -277,11 +364,12 @@ impl Engine {
         }
         let info = EngineInfo { eog: eog_ids(&tokenizer), tokenizer, n_ctx, parallel };
         let stats = Arc::new(Stats::new()?);
+        let cache = if cache.enabled() { Some(PromptCache::new(&model, &cache, stats.clone())?) } else { None };
         let stop_all = Arc::new(AtomicBool::new(false));
         let admitted = Arc::new(AtomicUsize::new(0));
-        let (jobs, rx) = mpsc::channel::<Job>();
+        let (jobs, rx) = mpsc::channel::<Msg>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
-        let worker = Worker { model, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone(), expert_swap_bytes };
+        let worker = Worker { model, cache, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone(), expert_swap_bytes };
         let thread = std::thread::Builder::new()
             .name("dflash-compute".into())
             .spawn(move || worker.run(rx, ready_tx))
@@ -325,13 +413,25 @@ impl Engine {
         let (tx, events) = unbounded_channel();
         let job = Job { req, tx, submitted: Instant::now() };
         self.stats.queue_depth.fetch_add(1, Ordering::Relaxed);
-        let sent = self.jobs.as_ref().map(|j| j.send(job).is_ok()).unwrap_or(false);
+        let sent = self.jobs.as_ref().map(|j| j.send(Msg::Generate(job)).is_ok()).unwrap_or(false);
         if !sent {
             self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
             self.admitted.fetch_sub(1, Ordering::AcqRel);
             return Err(EngineError::Stopped);
         }
         Ok(Handle { events })
+    }
+
+    /// Hands a slot action to the compute thread (it runs between two steps); the answer
+    /// comes through the receiver.
+    pub fn slot(&self, slot: usize, action: SlotAction) -> Result<tokio::sync::oneshot::Receiver<Result<SlotOutcome, EngineError>>, EngineError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let sent = self.jobs.as_ref().map(|j| j.send(Msg::Slot { slot, action, reply }).is_ok()).unwrap_or(false);
+        if sent {
+            Ok(rx)
+        } else {
+            Err(EngineError::Stopped)
+        }
     }
 
     /// Cancels every queued and running request (they end with finish reason `cancelled`).
@@ -351,6 +451,7 @@ impl Drop for Engine {
 
 struct Worker {
     model: Model,
+    cache: Option<PromptCache>,
     info: EngineInfo,
     stats: Arc<Stats>,
     stop_all: Arc<AtomicBool>,
@@ -367,20 +468,24 @@ struct Active {
     generated: usize,
     started: Instant,
     prompt_s: f64,
+    /// Prompt tokens restored from the prompt cache.
+    cached: usize,
     first_token: Option<Instant>,
 }
 
 struct Slot {
     seq: Sequence,
     active: Option<Active>,
+    /// The prompt of the slot's last request (what its slot actions act on).
+    last_prompt: Option<Vec<u32>>,
 }
 
 impl Worker {
-    fn run(mut self, rx: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(), EngineError>>) {
+    fn run(mut self, rx: mpsc::Receiver<Msg>, ready: mpsc::Sender<Result<(), EngineError>>) {
         let mut slots = Vec::with_capacity(self.info.parallel);
         for index in 0..self.info.parallel {
             match self.model.new_sequence(self.info.n_ctx) {
-                Ok(seq) => slots.push(Slot { seq, active: None }),
+                Ok(seq) => slots.push(Slot { seq, active: None, last_prompt: None }),
                 Err(source) => {
                     let _ = ready.send(Err(EngineError::Sequence { index, n_ctx: self.info.n_ctx, source }));
                     return;
@@ -398,13 +503,13 @@ impl Worker {
                     break;
                 }
                 match rx.recv() {
-                    Ok(j) => queue.push_back(j),
+                    Ok(m) => self.receive(m, &mut queue, &mut slots),
                     Err(_) => break,
                 }
             }
             loop {
                 match rx.try_recv() {
-                    Ok(j) => queue.push_back(j),
+                    Ok(m) => self.receive(m, &mut queue, &mut slots),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         open = false;
@@ -427,6 +532,7 @@ impl Worker {
                 let Some(job) = queue.pop_front() else { break };
                 self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 self.stats.active.fetch_add(1, Ordering::Relaxed);
+                slot.last_prompt = Some(job.req.prompt.clone());
                 slot.active = Some(self.begin(job));
             }
             for slot in slots.iter_mut() {
@@ -437,6 +543,53 @@ impl Worker {
                         self.finish(a, reason);
                     }
                 }
+            }
+        }
+    }
+
+    fn receive(&mut self, m: Msg, queue: &mut VecDeque<Job>, slots: &mut [Slot]) {
+        match m {
+            Msg::Generate(j) => queue.push_back(j),
+            Msg::Slot { slot, action, reply } => {
+                let _ = reply.send(self.slot_action(slots, slot, action));
+            }
+        }
+    }
+
+    fn slot_action(&mut self, slots: &mut [Slot], id_slot: usize, action: SlotAction) -> Result<SlotOutcome, EngineError> {
+        let parallel = slots.len();
+        let slot = slots.get_mut(id_slot).ok_or(EngineError::NoSlot { slot: id_slot, parallel })?;
+        let t0 = Instant::now();
+        let ms = |t0: Instant| t0.elapsed().as_secs_f64() * 1e3;
+        match action {
+            SlotAction::Erase => {
+                let n_erased = match (self.cache.as_mut(), slot.last_prompt.take()) {
+                    (Some(cache), Some(prompt)) => cache.forget(&prompt),
+                    _ => 0,
+                };
+                Ok(SlotOutcome::Erased { id_slot, n_erased })
+            }
+            SlotAction::Save(filename) => {
+                let cache = self.cache.as_mut().filter(|c| c.disk().is_some()).ok_or(EngineError::NoCacheDir)?;
+                let prompt = slot.last_prompt.as_ref().ok_or(EngineError::SlotEmpty(id_slot))?;
+                let hit = cache.find(prompt, prompt.len()).ok_or(EngineError::SlotEmpty(id_slot))?;
+                let record = if hit.pos == hit.record.tokens.len() {
+                    hit.record
+                } else {
+                    Arc::new(hit.record.prefix(hit.pos, cache.ubatch()).map_err(EngineError::State)?)
+                };
+                let disk = cache.disk().ok_or(EngineError::NoCacheDir)?;
+                let n_written = disk.save_slot_file(&filename, &record)?;
+                Ok(SlotOutcome::Saved { id_slot, filename, n_saved: hit.pos, n_written, timings: SaveTimings { save_ms: ms(t0) } })
+            }
+            SlotAction::Restore(filename) => {
+                let cache = self.cache.as_mut().ok_or(EngineError::NoCacheDir)?;
+                let (record, n_read) = cache.disk().ok_or(EngineError::NoCacheDir)?.read_slot_file(&filename)?;
+                let tokens = record.tokens.clone();
+                cache.insert(record);
+                let n_restored = tokens.len();
+                slot.last_prompt = Some(tokens);
+                Ok(SlotOutcome::Restored { id_slot, filename, n_restored, n_read, timings: RestoreTimings { restore_ms: ms(t0) } })
             }
         }
     }
@@ -453,6 +606,7 @@ impl Worker {
             generated: 0,
             started: Instant::now(),
             prompt_s: 0.0,
+            cached: 0,
             first_token: None,
             job,
         }
@@ -465,7 +619,7 @@ impl Worker {
         }
         let t0 = Instant::now();
         let result = match a.last {
-            None => self.model.forward(seq, &a.job.req.prompt, Logits::Last),
+            None => self.prefill(seq, a),
             Some(t) => self.model.forward(seq, &[t], Logits::Last),
         };
         let logits = match result {
@@ -529,6 +683,53 @@ impl Worker {
         }
     }
 
+    /// Restores the longest cached prefix of the prompt, prefills the rest in micro-batches at
+    /// multiples of `ubatch` (copying the state out at each, when caching) and caches what
+    /// the prompt added; returns the last token's logits.
+    fn prefill(&mut self, seq: &mut Sequence, a: &mut Active) -> Result<Vec<f32>, graph::GraphError> {
+        let prompt = &a.job.req.prompt;
+        let u = self.model.ubatch();
+        let mut checkpoints = Vec::new();
+        if let Some(cache) = self.cache.as_mut() {
+            let restored = cache.lookup(prompt).and_then(|hit| {
+                let result = match hit.record.checkpoint_at(hit.pos, u) {
+                    Some(cp) => seq.restore(cp, &hit.record.entries),
+                    None => Err(graph::GraphError::State(format!("the cached prompt has no checkpoint at {}", hit.pos))),
+                };
+                match result {
+                    Ok(()) => Some(hit),
+                    Err(e) => {
+                        tracing::warn!("could not restore a cached prompt ({e}); it is dropped and the prompt prefilled whole");
+                        cache.forget(&hit.record.tokens);
+                        None
+                    }
+                }
+            });
+            match restored {
+                Some(hit) => {
+                    checkpoints = hit.record.checkpoints[..hit.pos / u].to_vec();
+                    a.cached = hit.pos;
+                    self.stats.cache_hits.inc();
+                    self.stats.cache_reused_tokens.inc_by(hit.pos as u64);
+                }
+                None => self.stats.cache_misses.inc(),
+            }
+        }
+        let mut logits = Vec::new();
+        for chunk in prompt[a.cached..].chunks(u) {
+            logits = self.model.forward(seq, chunk, Logits::Last)?;
+            if self.cache.is_some() && seq.pos().is_multiple_of(u) {
+                checkpoints.push(Arc::new(seq.checkpoint()));
+            }
+        }
+        let covered = checkpoints.len() * u;
+        if let Some(cache) = self.cache.as_mut().filter(|_| covered > a.cached) {
+            let record = Record { tokens: prompt[..covered].to_vec(), checkpoints, entries: seq.entries(covered)? };
+            cache.insert(record);
+        }
+        Ok(logits)
+    }
+
     fn finish(&self, mut a: Active, finish: FinishReason) {
         let now = Instant::now();
         if finish != FinishReason::Cancelled {
@@ -544,11 +745,12 @@ impl Worker {
                 let _ = a.job.tx.send(p);
             }
         }
-        let prompt_n = a.job.req.prompt.len();
+        let prompt_n = a.job.req.prompt.len() - a.cached;
         let first = a.first_token.unwrap_or(now);
         let decode_s = (now - first).as_secs_f64();
         let timings = Timings {
             queue_ms: (a.started - a.job.submitted).as_secs_f64() * 1e3,
+            cache_n: a.cached,
             prompt_n,
             prompt_ms: a.prompt_s * 1e3,
             prompt_per_second: rate(prompt_n, a.prompt_s),
@@ -569,9 +771,10 @@ impl Worker {
             s.completion_tokens.inc_by(a.generated as u64);
             s.decode_seconds.inc_by(decode_s);
         }
-        tracing::debug!(?finish, prompt_n, generated = a.generated, "request done");
+        tracing::debug!(?finish, prompt_n, cached = a.cached, generated = a.generated, "request done");
         let stop_sequence = a.filter.matched.take();
-        let summary = Summary { finish, stop_sequence, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
+        let summary =
+            Summary { finish, stop_sequence, prompt_tokens: a.job.req.prompt.len(), cached_tokens: a.cached, completion_tokens: a.generated, timings };
         // the gauges drop before the client hears `Done`, so what it reads next is already true
         s.active.fetch_sub(1, Ordering::Relaxed);
         self.admitted.fetch_sub(1, Ordering::AcqRel);
@@ -585,6 +788,7 @@ fn finish_unstarted(j: &Job, stats: &Stats) {
         finish: FinishReason::Cancelled,
         stop_sequence: None,
         prompt_tokens: j.req.prompt.len(),
+        cached_tokens: 0,
         completion_tokens: 0,
         timings: Timings::default(),
     };

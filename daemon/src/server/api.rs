@@ -116,6 +116,18 @@ pub struct DetokenizeBody {
     pub tokens: Vec<i64>,
 }
 
+/// `POST /slots/{id}?action=save|restore` (llama-server's shape; erase needs no body).
+#[derive(Deserialize, Default)]
+pub struct SlotBody {
+    pub filename: Option<String>,
+}
+
+/// The query of `POST /slots/{id}`.
+#[derive(Deserialize)]
+pub struct SlotQuery {
+    pub action: Option<String>,
+}
+
 // ---- responses ----
 
 #[derive(Serialize)]
@@ -142,11 +154,23 @@ pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub total_tokens: usize,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// Of the prompt tokens, those restored from the prompt cache.
+#[derive(Serialize, Clone, Copy)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: usize,
 }
 
 impl From<&Summary> for Usage {
     fn from(s: &Summary) -> Usage {
-        Usage { prompt_tokens: s.prompt_tokens, completion_tokens: s.completion_tokens, total_tokens: s.prompt_tokens + s.completion_tokens }
+        Usage {
+            prompt_tokens: s.prompt_tokens,
+            completion_tokens: s.completion_tokens,
+            total_tokens: s.prompt_tokens + s.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails { cached_tokens: s.cached_tokens },
+        }
     }
 }
 

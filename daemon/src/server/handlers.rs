@@ -4,7 +4,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -12,15 +13,15 @@ use chat::{ChatMessage, TemplateVars};
 use serde_json::Value;
 
 use super::api::{
-    ApiJson, ChatBody, Common, CompletionBody, DetokenizeBody, DetokenizeResponse, Health, ModelCard, ModelList, Piece, Stop, TokenPiece,
-    TokenizeBody, TokenizeResponse, Tokens,
+    ApiJson, ChatBody, Common, CompletionBody, DetokenizeBody, DetokenizeResponse, Health, ModelCard, ModelList, Piece, SlotBody, SlotQuery, Stop,
+    TokenPiece, TokenizeBody, TokenizeResponse, Tokens,
 };
 use super::error::ApiError;
 use super::reply::{Reply, ToolChoice, ToolPlan};
 use super::stream::{stream_response, whole_response, Kind, Meta};
 use super::St;
 use crate::engine::sampler::SamplingParams;
-use crate::engine::GenRequest;
+use crate::engine::{GenRequest, SlotAction};
 
 /// Runs `f` on a blocking thread (tokenizing and rendering: CPU work proportional to the body).
 pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
@@ -113,6 +114,25 @@ pub async fn detokenize(State(st): State<St>, ApiJson(b): ApiJson<DetokenizeBody
 pub async fn metrics(State(st): State<St>) -> Result<Response, ApiError> {
     let (content_type, text) = st.metrics.render(&st.engine.stats).map_err(|e| ApiError::server(format!("encoding the metrics: {e}")))?;
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+/// `POST /slots/{id}?action=save|restore|erase`, body `{"filename": "…"}` for save and restore.
+pub async fn slots(State(st): State<St>, Path(id): Path<String>, Query(q): Query<SlotQuery>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let slot: usize = id.parse().map_err(|_| ApiError::bad(format!("slot id {id:?} is not a number")))?;
+    let body: SlotBody = if body.iter().all(u8::is_ascii_whitespace) {
+        SlotBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid JSON body: {e}")))?
+    };
+    let filename = || body.filename.clone().ok_or_else(|| ApiError::bad("this action needs a filename").param("filename"));
+    let action = match q.action.as_deref() {
+        Some("save") => SlotAction::Save(filename()?),
+        Some("restore") => SlotAction::Restore(filename()?),
+        Some("erase") => SlotAction::Erase,
+        other => return Err(ApiError::bad(format!("action must be save, restore or erase, found {other:?}")).param("action")),
+    };
+    let outcome = st.engine.slot(slot, action)?.await.map_err(|_| ApiError::unavailable("the engine has stopped"))??;
+    Ok(Json(serde_json::to_value(outcome).map_err(|e| ApiError::server(e.to_string()))?))
 }
 
 /// Any model name is accepted (agents send their own), unless the server was started with

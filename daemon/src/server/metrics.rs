@@ -14,6 +14,8 @@ pub struct Metrics {
     active: IntGauge,
     prompt_tokens_per_second: Gauge,
     decode_tokens_per_second: Gauge,
+    cache_ram_bytes: IntGauge,
+    cache_disk_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -36,7 +38,20 @@ impl Metrics {
         registry.register(Box::new(active.clone()))?;
         registry.register(Box::new(prompt_tokens_per_second.clone()))?;
         registry.register(Box::new(decode_tokens_per_second.clone()))?;
-        Ok(Metrics { registry, http_requests, queue_depth, active, prompt_tokens_per_second, decode_tokens_per_second })
+        let cache_ram_bytes = IntGauge::new("prompt_cache_ram_bytes", "Bytes of cached prompt state in memory.")?;
+        let cache_disk_bytes = IntGauge::new("prompt_cache_disk_bytes", "Bytes of cached prompt state on disk.")?;
+        registry.register(Box::new(cache_ram_bytes.clone()))?;
+        registry.register(Box::new(cache_disk_bytes.clone()))?;
+        Ok(Metrics {
+            registry,
+            http_requests,
+            queue_depth,
+            active,
+            prompt_tokens_per_second,
+            decode_tokens_per_second,
+            cache_ram_bytes,
+            cache_disk_bytes,
+        })
     }
 
     pub fn count_http(&self, endpoint: &str, status: u16) {
@@ -48,6 +63,8 @@ impl Metrics {
         let per_s = |n: u64, t: f64| if t > 0.0 { n as f64 / t } else { 0.0 };
         self.queue_depth.set(stats.queue_depth.load(Ordering::Relaxed) as i64);
         self.active.set(stats.active.load(Ordering::Relaxed) as i64);
+        self.cache_ram_bytes.set(stats.cache_ram_bytes.load(Ordering::Relaxed) as i64);
+        self.cache_disk_bytes.set(stats.cache_disk_bytes.load(Ordering::Relaxed) as i64);
         self.prompt_tokens_per_second.set(per_s(stats.prompt_tokens.get(), stats.prompt_seconds.get()));
         // every request's first token comes with its prefill: decode rates count the rest
         let ended = stats.requests_finished.get() + stats.requests_cancelled.get();

@@ -3,7 +3,8 @@
 //! Endpoints: `/health`, `/v1/models`, `/v1/chat/completions` (tool calls read from the model's
 //! DSML blocks), `/v1/completions` (SSE streaming or not), Anthropic's `/v1/messages` and
 //! `/v1/messages/count_tokens`, `/tokenize` and `/detokenize` (llama-server's shapes), `/metrics`
-//! (Prometheus text). Errors are OpenAI error objects ([`ApiError`]), Anthropic ones on the
+//! (Prometheus text), `POST /slots/{id}?action=save|restore|erase` (llama-server's, over the
+//! prompt cache). Errors are OpenAI error objects ([`ApiError`]), Anthropic ones on the
 //! Anthropic endpoints. Any model name is accepted unless names are strict. With an API key,
 //! everything but `/health` needs `Authorization: Bearer KEY` or `x-api-key: KEY`. Beyond
 //! `queue_max` waiting requests, generation requests
@@ -119,6 +120,7 @@ pub fn router(state: St) -> Router {
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
         .route("/metrics", get(handlers::metrics))
+        .route("/slots/{id}", post(handlers::slots))
         .fallback(handlers::not_found)
         .layer(DefaultBodyLimit::max(state.limits.max_body))
         .layer(middleware::from_fn_with_state(state.clone(), require_key))

@@ -242,6 +242,7 @@ pub(crate) mod tests {
             finish,
             stop_sequence: stop_sequence.map(str::to_string),
             prompt_tokens: 7,
+            cached_tokens: 0,
             completion_tokens: texts.len(),
             timings: Timings::default(),
         };
