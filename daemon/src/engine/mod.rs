@@ -83,7 +83,9 @@ impl EngineError {
     /// Whether the request is at fault (HTTP 400) rather than the server.
     pub fn is_client_error(&self) -> bool {
         match self {
+            // a slot file that is not there is the client's to name; other I/O is the server's
             EngineError::Cache(CacheError::Io { source, .. }) => source.kind() == std::io::ErrorKind::NotFound,
+            EngineError::Cache(CacheError::BadFile { .. } | CacheError::BadFilename(_)) => true,
             EngineError::Cache(CacheError::Locked(_)) | EngineError::State(_) => false,
             _ => !matches!(
                 self,
