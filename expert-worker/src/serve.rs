@@ -56,10 +56,9 @@ pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()>
         match req {
             Request::Eval(req) => {
                 let t0 = Instant::now();
-                let tokens: Vec<_> = req.pairs.tokens().collect();
                 let (input, output) = server.eval_io()?;
-                debug_assert_eq!(input.len(), tokens.len() * n_embd);
-                if let Err(e) = worker.eval(req.layer, input, &tokens, output) {
+                debug_assert_eq!(input.len(), req.pairs.n_tokens() * n_embd);
+                if let Err(e) = worker.eval(req.layer, input, &req.pairs, output) {
                     tracing::error!(error = %e, layer = req.layer, "eval failed");
                     server.reply_error(req.id, ErrorCode::INTERNAL, &e.to_string())?;
                     return Err(e);

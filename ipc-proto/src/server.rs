@@ -16,8 +16,8 @@ use crate::types::{FrameType, Limits, ModelIdentity, WorkerStats};
 /// `reply_*` call before the next [`WorkerServer::next_request`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// Compute the weighted expert sum of each token's input row (see
-    /// [`WorkerServer::eval_io`]) and answer with [`WorkerServer::reply_eval`].
+    /// Compute each pair's expert on its token's input row (see [`WorkerServer::eval_io`])
+    /// and answer with [`WorkerServer::reply_eval`].
     Eval(EvalRequest),
     /// Answer with [`WorkerServer::reply_pong`], echoing `payload`.
     Ping { id: RequestId, payload: Vec<u8> },
@@ -29,7 +29,7 @@ pub enum Request {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    Eval { id: RequestId, n_tokens: u32 },
+    Eval { id: RequestId, n_tokens: u32, n_pairs: u32 },
     Ping { id: RequestId },
     Stats { id: RequestId },
 }
@@ -117,7 +117,7 @@ impl WorkerServer {
     }
 
     /// Waits for the next request until `deadline`. A malformed or invalid request (bad
-    /// header, length, counts, id order, layer, expert not owned, non-finite weight) is
+    /// header, length, counts, id order, layer, expert not owned or repeated) is
     /// answered with an `Error` frame naming the problem, the connection is closed and the
     /// error returned.
     pub fn next_request_until(&mut self, deadline: Option<Instant>) -> Result<Request> {
@@ -155,7 +155,7 @@ impl WorkerServer {
                 self.stats.evals += 1;
                 self.stats.tokens += e.n_tokens() as u64;
                 self.stats.pairs += e.pairs.n_pairs() as u64;
-                self.pending = Some(Pending::Eval { id: e.id, n_tokens: e.n_tokens() as u32 });
+                self.pending = Some(Pending::Eval { id: e.id, n_tokens: e.n_tokens() as u32, n_pairs: e.pairs.n_pairs() as u32 });
             }
             Request::Ping { id, .. } => {
                 self.last_id = *id;
@@ -173,12 +173,12 @@ impl WorkerServer {
         Ok(req)
     }
 
-    /// The pending eval's input rows (read) and output rows (to write: every row, zero for a
-    /// token without pairs), `n_tokens * n_embd` f32 each. Only between an `Eval` request and
-    /// `reply_eval`.
+    /// The pending eval's input rows (read: `n_tokens * n_embd` f32) and output rows (to
+    /// write: row `p` is pair `p`'s expert on its token's input row, `n_pairs * n_embd` f32).
+    /// Only between an `Eval` request and `reply_eval`.
     pub fn eval_io(&mut self) -> Result<(&[f32], &mut [f32])> {
         match self.pending {
-            Some(Pending::Eval { n_tokens, .. }) => self.shm.io(n_tokens as usize),
+            Some(Pending::Eval { n_tokens, n_pairs, .. }) => self.shm.io(n_tokens as usize, n_pairs as usize),
             _ => Err(ProtoError::State { expected: "a pending eval", found: "eval_io" }),
         }
     }
@@ -207,12 +207,12 @@ impl WorkerServer {
     /// Answers the pending eval: the outputs are in the output area.
     pub fn reply_eval(&mut self, id: RequestId, compute_us: u64) -> Result<()> {
         let p = self.take_pending(id, "eval")?;
-        let n_tokens = match p {
-            Pending::Eval { n_tokens, .. } => n_tokens,
+        let n_pairs = match p {
+            Pending::Eval { n_pairs, .. } => n_pairs,
             _ => 0,
         };
         self.stats.compute_us += compute_us;
-        frame::encode_eval_done(self.conn.begin_frame(), n_tokens, compute_us);
+        frame::encode_eval_done(self.conn.begin_frame(), n_pairs, compute_us);
         let d = self.deadline();
         self.conn.send_frame(FrameType::EvalDone, id, &[], None, d)
     }

@@ -13,8 +13,9 @@ use crate::types::{Limits, SetupMsg, MAX_SHM_BYTES};
 
 const PAGE: u64 = 4096;
 
-/// Where the two areas lie. Both start on a page boundary; each holds `max_tokens * n_embd`
-/// f32 (row-major, one row per token).
+/// Where the two areas lie. Both start on a page boundary; the input area holds
+/// `max_tokens * n_embd` f32 (one row per token), the output area `max_pairs * n_embd` f32
+/// (one row per (token, expert) pair), row-major.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShmLayout {
     pub len: u64,
@@ -24,15 +25,16 @@ pub struct ShmLayout {
 
 impl ShmLayout {
     /// The one layout the protocol allows for `limits`: input at 0, output at the next page
-    /// boundary after the input area, the region ending at the page after the output area.
+    /// boundary after the input area, the region ending at the page boundary after the
+    /// output area.
     pub fn for_limits(limits: &Limits) -> Result<Self> {
-        let area = limits.area_bytes();
-        let aligned = area.div_ceil(PAGE) * PAGE;
-        let len = aligned * 2;
+        let page_round = |b: u64| b.div_ceil(PAGE) * PAGE;
+        let output_offset = page_round(limits.input_area_bytes());
+        let len = output_offset + page_round(limits.output_area_bytes());
         if len > MAX_SHM_BYTES || len == 0 {
             return Err(ProtoError::OutOfRange { what: "shared region bytes", max: MAX_SHM_BYTES, found: len });
         }
-        Ok(ShmLayout { len, input_offset: 0, output_offset: aligned })
+        Ok(ShmLayout { len, input_offset: 0, output_offset })
     }
 }
 
@@ -123,50 +125,50 @@ impl SharedRegion {
         self.layout
     }
 
-    fn range(&self, area: Area, n_tokens: usize) -> Result<(usize, usize)> {
-        if n_tokens > self.limits.max_tokens as usize {
-            return Err(ProtoError::OutOfRange {
-                what: "tokens in the shared area",
-                max: u64::from(self.limits.max_tokens),
-                found: n_tokens as u64,
-            });
+    /// Offset and f32 count of the first `n_rows` rows of an area (token rows of the input
+    /// area, pair rows of the output area).
+    fn range(&self, area: Area, n_rows: usize) -> Result<(usize, usize)> {
+        let (what, max, off) = match area {
+            Area::Input => ("tokens in the input area", u64::from(self.limits.max_tokens), self.layout.input_offset),
+            Area::Output => ("pairs in the output area", self.limits.max_pairs(), self.layout.output_offset),
+        };
+        if n_rows as u64 > max {
+            return Err(ProtoError::OutOfRange { what, max, found: n_rows as u64 });
         }
-        let off = match area {
-            Area::Input => self.layout.input_offset,
-            Area::Output => self.layout.output_offset,
-        } as usize;
-        Ok((off, n_tokens * self.limits.n_embd as usize))
+        Ok((off as usize, n_rows * self.limits.n_embd as usize))
     }
 
-    /// The first `n_tokens` rows of an area.
-    pub(crate) fn rows(&self, area: Area, n_tokens: usize) -> Result<&[f32]> {
-        let (off, n) = self.range(area, n_tokens)?;
+    /// The first `n_rows` rows of an area.
+    pub(crate) fn rows(&self, area: Area, n_rows: usize) -> Result<&[f32]> {
+        let (off, n) = self.range(area, n_rows)?;
         debug_assert!(off + n * 4 <= self.len);
-        // SAFETY: `off + n * 4 <= len` (the layout reserves max_tokens * n_embd f32 per area and
-        // n_tokens <= max_tokens); `off` is page aligned so the f32 pointer is aligned; the
-        // borrow of `self` prevents a mutable slice of this process from coexisting.
+        // SAFETY: `off + n * 4 <= len` (the layout reserves max_tokens rows for the input area
+        // and max_pairs rows for the output area, and `range` bounds `n_rows` by them); `off`
+        // is page aligned so the f32 pointer is aligned; the borrow of `self` prevents a
+        // mutable slice of this process from coexisting.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off).cast::<f32>(), n) })
     }
 
-    /// The first `n_tokens` rows of an area, writable.
-    pub(crate) fn rows_mut(&mut self, area: Area, n_tokens: usize) -> Result<&mut [f32]> {
-        let (off, n) = self.range(area, n_tokens)?;
+    /// The first `n_rows` rows of an area, writable.
+    pub(crate) fn rows_mut(&mut self, area: Area, n_rows: usize) -> Result<&mut [f32]> {
+        let (off, n) = self.range(area, n_rows)?;
         debug_assert!(off + n * 4 <= self.len);
         // SAFETY: as in `rows`, and `&mut self` makes this the only slice of this process.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off).cast::<f32>(), n) })
     }
 
-    /// Input rows read-only and output rows writable at once (the worker's view of an eval).
-    pub(crate) fn io(&mut self, n_tokens: usize) -> Result<(&[f32], &mut [f32])> {
-        let (ioff, n) = self.range(Area::Input, n_tokens)?;
-        let (ooff, _) = self.range(Area::Output, n_tokens)?;
+    /// The first `n_tokens` input rows read-only and the first `n_pairs` output rows
+    /// writable at once (the worker's view of an eval).
+    pub(crate) fn io(&mut self, n_tokens: usize, n_pairs: usize) -> Result<(&[f32], &mut [f32])> {
+        let (ioff, n_in) = self.range(Area::Input, n_tokens)?;
+        let (ooff, n_out) = self.range(Area::Output, n_pairs)?;
         // SAFETY: the two areas do not overlap (output starts after the page-rounded input
         // area); bounds and alignment as in `rows`; `&mut self` excludes other slices.
         unsafe {
             let base = self.ptr.as_ptr();
             Ok((
-                std::slice::from_raw_parts(base.add(ioff).cast::<f32>(), n),
-                std::slice::from_raw_parts_mut(base.add(ooff).cast::<f32>(), n),
+                std::slice::from_raw_parts(base.add(ioff).cast::<f32>(), n_in),
+                std::slice::from_raw_parts_mut(base.add(ooff).cast::<f32>(), n_out),
             ))
         }
     }

@@ -2,8 +2,11 @@
 //! `ExpertWorker` (`--expert-workers 0`), or by `moe-expert` worker processes this daemon
 //! spawns and supervises, each owning a byte-balanced share of the cold experts. Activations
 //! go through each worker's shared memory; `begin` sends to every worker owning a pair and
-//! returns, `end` waits and adds. A worker that dies (EOF) or stops answering (deadline) is
-//! respawned and the layer's request replayed, so the step completes with the same result.
+//! returns, `end` waits and puts each worker's output rows back in the order of all the
+//! pairs (each row is one expert on one token, whoever computed it: no sums here, so the
+//! split over workers changes no bit). A worker that dies (EOF) or stops answering
+//! (deadline) is respawned and the layer's request replayed, so the step completes with the
+//! same result.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -11,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use expert_worker::pinning::Pin;
 use expert_worker::ExpertWorker;
-use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 use graph::{ColdError, ColdExperts};
 use ipc_proto::{Limits, ModelIdentity, ProtoError, RequestId, WorkerConnection};
 use loader::ModelFile;
@@ -31,16 +34,15 @@ fn wire_error(worker: usize, e: ProtoError) -> ColdError {
 
 /// `--expert-workers 0`: the cold experts computed in this process, on the CPU.
 pub struct InProcess {
+    /// Holds every cold expert.
     worker: ExpertWorker,
     /// The layer begun, its activations and cold pairs.
     pending: Option<(u32, Vec<f32>, ExpertPairs)>,
-    /// The pairs of the worker's experts (all of them: it holds every cold expert).
-    share: ExpertPairs,
 }
 
 impl InProcess {
     pub fn new(model: &ModelFile, cold: &ExpertSet, threads: usize) -> Result<InProcess> {
-        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None, share: ExpertPairs::new() })
+        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None })
     }
 }
 
@@ -55,14 +57,7 @@ impl ColdExperts for InProcess {
         if l as usize != layer {
             return Err(ColdError::OutOfOrder { layer, begun: Some(l as usize) });
         }
-        let owns = self.worker.experts();
-        pairs.select(|e| owns.contains(l, e), &mut self.share);
-        let tokens: Vec<ExpertSlots> = self.share.tokens().collect();
-        let mut buf = vec![0f32; out.len()];
-        self.worker.eval(l, &x, &tokens, &mut buf).map_err(|e| ColdError::Compute { source: e.into() })?;
-        for (o, b) in out.iter_mut().zip(&buf) {
-            *o += b;
-        }
+        self.worker.eval(l, &x, &pairs, out).map_err(|e| ColdError::Compute { source: e.into() })?;
         Ok(())
     }
 }
@@ -92,8 +87,11 @@ pub struct WorkerPool {
     /// Private (0700) directory for the sockets and placement files, removed on drop.
     dir: tempfile::TempDir,
     workers: Vec<Worker>,
-    /// The current layer's activations (kept for a replay).
+    /// Per layer, per expert: the index of the worker that owns it (`usize::MAX`: none).
+    owner: Vec<Vec<usize>>,
+    /// The current layer's activations (kept for a replay) and cold pairs.
     x: Vec<f32>,
+    pairs: ExpertPairs,
     /// Worker-reported compute of the last `end`, summed over workers (µs).
     reported_us: u64,
     pub respawns: usize,
@@ -114,8 +112,30 @@ impl WorkerPool {
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&base)
             .with_context(|| format!("creating a private socket directory in {}", base.display()))?;
-        let mut pool =
-            WorkerPool { exe, model: model.path.clone(), threads, spin, pins, limits, identity, dir, workers: Vec::new(), x: Vec::new(), reported_us: 0, respawns: 0 };
+        let mut owner = vec![vec![usize::MAX; c.n_expert]; c.n_layer];
+        for (index, share) in shares.iter().enumerate() {
+            for (l, ids) in share.layers().iter().enumerate() {
+                for &e in ids {
+                    owner[l][e as usize] = index;
+                }
+            }
+        }
+        let mut pool = WorkerPool {
+            exe,
+            model: model.path.clone(),
+            threads,
+            spin,
+            pins,
+            limits,
+            identity,
+            dir,
+            workers: Vec::new(),
+            owner,
+            x: Vec::new(),
+            pairs: ExpertPairs::new(),
+            reported_us: 0,
+            respawns: 0,
+        };
         for (index, experts) in shares.into_iter().enumerate() {
             let socket = pool.dir.path().join(format!("worker-{index}.sock"));
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
@@ -208,6 +228,7 @@ impl ColdExperts for WorkerPool {
     fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
         self.x.clear();
         self.x.extend_from_slice(x);
+        self.pairs.clone_from(pairs);
         for i in 0..self.workers.len() {
             let w = &mut self.workers[i];
             let owns = &w.experts;
@@ -245,11 +266,24 @@ impl ColdExperts for WorkerPool {
             }
             let reply = result.map_err(|e| wire_error(i, e))?;
             self.reported_us += reply.compute_us;
-            let w = &self.workers[i];
-            let o = w.conn.output(w.share.n_tokens()).map_err(|e| wire_error(i, e))?;
-            for (a, b) in out.iter_mut().zip(o) {
-                *a += b;
-            }
+        }
+        // Each worker answered its share's pairs in order: pair p of the layer is the next
+        // row of its owner's output.
+        let mut outputs = Vec::with_capacity(self.workers.len());
+        for (i, w) in self.workers.iter().enumerate() {
+            let rows = match w.share.n_pairs() {
+                0 => &[][..],
+                n => w.conn.output(n).map_err(|e| wire_error(i, e))?,
+            };
+            outputs.push(rows.chunks_exact(self.limits.n_embd as usize));
+        }
+        let owner = &self.owner[layer];
+        for (&e, row) in self.pairs.ids().iter().zip(out.chunks_exact_mut(self.limits.n_embd as usize)) {
+            let w = owner.get(e as usize).copied().unwrap_or(usize::MAX);
+            let from = outputs.get_mut(w).and_then(|rows| rows.next()).ok_or_else(|| ColdError::Compute {
+                source: format!("no expert worker answered expert {e} of layer {layer}").into(),
+            })?;
+            row.copy_from_slice(from);
         }
         Ok(())
     }
