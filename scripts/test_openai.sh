@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The official `openai` Python client against a real `dflash serve` on the shipped tiny model
-# (tests/python/test_openai.py). Needs PyPI once, for the venv (default /tmp/dflash-openai-venv,
-# override with DFLASH_OPENAI_VENV; python3-venv comes from scripts/setup.sh). Without the venv
-# the test fails: a test that cannot run is not a pass.
+# The official `openai` and `anthropic` Python clients against a real `dflash serve` on the
+# shipped tiny model (tests/python/test_openai.py, tests/python/test_anthropic.py). Needs PyPI
+# once, for the venv (default /tmp/dflash-openai-venv, override with DFLASH_OPENAI_VENV;
+# python3-venv comes from scripts/setup.sh). Without the venv the test fails: a test that cannot
+# run is not a pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${DFLASH_OPENAI_VENV:-/tmp/dflash-openai-venv}"
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai" 2>/dev/null; then
-    if ! { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "openai>=1.40"; }; then
-        echo "test_openai.sh: FAILED: could not create the venv $VENV with the openai package" \
+ANTHROPIC_VERSION=2.17.0
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import openai, anthropic, sys
+sys.exit(anthropic.__version__ != '$ANTHROPIC_VERSION')" 2>/dev/null; then
+    if ! { python3 -m venv "$VENV" && "$VENV/bin/pip" install -q "openai>=1.40" "anthropic==$ANTHROPIC_VERSION"; }; then
+        echo "test_openai.sh: FAILED: could not create the venv $VENV with the openai and anthropic packages" \
             "(python3 -m venv, then pip install from PyPI); run ./scripts/setup.sh and check PyPI access" >&2
         exit 1
     fi
@@ -29,5 +32,6 @@ for _ in $(seq 1 600); do
 done
 [ -n "$ADDR" ] || { echo "server did not start" >&2; cat "$LOG" >&2; exit 1; }
 DFLASH_URL="$ADDR" DFLASH_KEY=test-key "$VENV/bin/python" tests/python/test_openai.py -v
+DFLASH_URL="$ADDR" DFLASH_KEY=test-key "$VENV/bin/python" tests/python/test_anthropic.py -v
 kill -TERM $PID
 wait $PID

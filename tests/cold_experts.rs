@@ -107,6 +107,29 @@ fn logits(gguf: &str, hot: Option<ExpertSet>, tokens: &[u32], prefill: usize) ->
     (out, calls.load(std::sync::atomic::Ordering::Relaxed))
 }
 
+#[path = "common/batching.rs"]
+mod batching;
+
+/// Sequences stepping together (`forward_batch`) with cold experts: the hand-over sees the
+/// whole step's tokens, and each sequence's logits are still the bits it gets alone.
+#[test]
+fn batched_equals_alone_with_cold_experts() {
+    let gguf = "ds4-tiny-b.f32.gguf";
+    let path = fixture(gguf);
+    let file = loader::ModelFile::open(&path).expect("fixture");
+    let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-b.ref.npz")).expect("reference");
+    let stream: Vec<u32> = npz.by_name("tokens").expect("npz").expect("tokens").into_vec::<i32>().expect("i32").into_iter().map(|t| t as u32).collect();
+    for (what, hot) in placements(file.config.n_layer, file.config.n_expert).into_iter().skip(1) {
+        let mut opts = ModelOptions { hot: Some(hot), ..ModelOptions::default() };
+        opts.read.progress = false;
+        let mut m = Model::load(&path, opts).expect("load");
+        let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        m.set_cold_experts(Box::new(RustExperts::load(&path, calls.clone()))).expect("cold executor");
+        batching::check_batched_equals_alone(&mut m, &stream, &batching::schedule(), Logits::All, &format!("{gguf} {what}"));
+        assert!(calls.load(std::sync::atomic::Ordering::Relaxed) > 0, "{what}: the cold executor was never called");
+    }
+}
+
 fn placements(n_layer: usize, n_expert: usize) -> Vec<(&'static str, ExpertSet)> {
     let n = n_expert as u32;
     let pick = |f: &dyn Fn(usize, u32) -> bool| ExpertSet::from_fn(n_layer as u32, n, |l, e| f(l as usize, e));
@@ -208,4 +231,156 @@ fn executor_errors_cross_the_seam_typed() {
         "cold experts of layer 1: expert worker 3 reported an error: expert 7 of layer 2 is not owned by this worker; the sequence must be reset"
     );
     assert!(matches!(err, GraphError::Cold { layer: 1, source: ColdError::Remote { worker: 3, .. } }), "{err:?}");
+}
+
+/// A model of fixture a holding `hot`, with the Rust cold executor (every expert) and,
+/// when given, an adaptive swap policy.
+fn model_a(hot: ExpertSet, adaptive: Option<graph::SwapPolicy>) -> Model {
+    let path = fixture("ds4-tiny-a.f32.gguf");
+    let mut opts = ModelOptions { ubatch: 48, hot: Some(hot), adaptive, ..ModelOptions::default() };
+    opts.read.progress = false;
+    let mut m = Model::load(&path, opts).expect("load");
+    m.set_cold_experts(Box::new(RustExperts::load(&path, Default::default()))).expect("cold executor");
+    m
+}
+
+fn fixture_a_tokens(n: usize) -> Vec<u32> {
+    let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-a.ref.npz")).expect("reference");
+    let tokens: Vec<i32> = npz.by_name("tokens").expect("npz").expect("tokens").into_vec().expect("i32");
+    tokens[..n].iter().map(|&t| t as u32).collect()
+}
+
+/// Prefill `prefill` tokens, then decode the rest one by one, calling `between(model, i)`
+/// before decode step i; every position's logits.
+fn run_seq(m: &mut Model, tokens: &[u32], prefill: usize, mut between: impl FnMut(&mut Model, usize)) -> Vec<f32> {
+    let mut seq = m.new_sequence(tokens.len()).expect("sequence");
+    let mut out = m.forward(&mut seq, &tokens[..prefill], Logits::All).expect("prefill");
+    for (i, &t) in tokens[prefill..].iter().enumerate() {
+        between(m, i);
+        out.extend(m.forward(&mut seq, &[t], Logits::All).expect("decode"));
+    }
+    out
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Per layer, the swaps (held expert out, cold expert in) from `uniform 8` used below.
+const SWAPS: [(u32, u32); 3] = [(1, 9), (3, 12), (6, 15)];
+
+#[test]
+fn a_re_placement_gives_the_logits_of_the_new_placement_bitwise() {
+    let file = loader::ModelFile::open(fixture("ds4-tiny-a.f32.gguf")).expect("fixture");
+    let (n_layer, n_expert) = (file.config.n_layer as u32, file.config.n_expert as u32);
+    let p0 = ExpertSet::from_fn(n_layer, n_expert, |_, e| e < 8);
+    let p1 = ExpertSet::from_fn(n_layer, n_expert, |_, e| (e < 8 && ![1, 3, 6].contains(&e)) || [9, 12, 15].contains(&e));
+    let tokens = fixture_a_tokens(40);
+    let swap_all = |m: &mut Model, pairs: &[(u32, u32)]| {
+        for l in 0..n_layer as usize {
+            for &(out, incoming) in pairs {
+                let bytes = m.swap_expert(l, out, incoming).expect("swap");
+                assert!(bytes > 0);
+            }
+        }
+    };
+
+    // A model loaded with p1 against one loaded with p0 that swapped into p1 after a step
+    // (its experts now in other slots than the sorted order a load gives them).
+    let direct = run_seq(&mut model_a(p1.clone(), None), &tokens, 30, |_, _| {});
+    let mut m = model_a(p0.clone(), None);
+    let warm = run_seq(&mut m, &tokens[..4], 2, |_, _| {});
+    assert!(!warm.is_empty());
+    swap_all(&mut m, &SWAPS);
+    assert_eq!(m.hot_experts(), &p1);
+    assert_eq!(m.swap_totals().swaps, 3 * u64::from(n_layer));
+    let swapped = run_seq(&mut m, &tokens, 30, |_, _| {});
+    assert!(bits(&swapped) == bits(&direct), "after the swap the logits differ from a model loaded with the new placement");
+
+    // Mid-sequence: p0 → p1 (a step of another sequence runs on it) → p0 again with the
+    // experts in permuted slots; the sequence continues bitwise as without any swap.
+    let plain = run_seq(&mut model_a(p0.clone(), None), &tokens, 30, |_, _| {});
+    let back: Vec<(u32, u32)> = vec![(9, 3), (12, 6), (15, 1)];
+    let moved = run_seq(&mut model_a(p0.clone(), None), &tokens, 30, |m, i| {
+        if i == 4 {
+            swap_all(m, &SWAPS);
+            run_seq(m, &tokens[..3], 3, |_, _| {});
+            swap_all(m, &back);
+        }
+    });
+    assert!(bits(&moved) == bits(&plain), "a re-placement mid-sequence changed the logits");
+
+    // A real change of the hot set mid-sequence: equal to all-hot within the placement bound.
+    let v = file.config.n_vocab;
+    let base = run_seq(&mut Model::load(fixture("ds4-tiny-a.f32.gguf"), ModelOptions { ubatch: 48, ..ModelOptions::default() }).expect("load"), &tokens, 30, |_, _| {});
+    let changed = run_seq(&mut model_a(p0, None), &tokens, 30, |m, i| {
+        if i == 4 {
+            swap_all(m, &SWAPS);
+        }
+    });
+    for (t, (a, b)) in changed.chunks_exact(v).zip(base.chunks_exact(v)).enumerate() {
+        let max = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-5 * max, "position {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
+    }
+
+    // Bad swaps are refused by name and change nothing.
+    let mut m = model_a(p1.clone(), None);
+    for (out, incoming, want) in [(0, 2, "the first must be held and the second cold"), (1, 0, "the first must be held"), (0, 99, "outside the model")] {
+        let e = m.swap_expert(3, out, incoming).expect_err("bad swap").to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert_eq!(m.hot_experts(), &p1);
+}
+
+#[test]
+fn skewed_routing_drives_the_hot_set_to_the_routed_experts() {
+    let file = loader::ModelFile::open(fixture("ds4-tiny-a.f32.gguf")).expect("fixture");
+    let (n_layer, n_expert, k) = (file.config.n_layer as u32, file.config.n_expert as u32, file.config.n_expert_used);
+    let p0 = ExpertSet::from_fn(n_layer, n_expert, |_, e| e < 8);
+    // Skewed traffic: one token again and again routes to (nearly) the same experts.
+    let mut tokens = fixture_a_tokens(8);
+    tokens.extend(std::iter::repeat_n(tokens[7], 40));
+    let policy = graph::SwapPolicy { decay: 0.9, margin: 0.25, min_gap: 2.0 };
+
+    let mut fixed = model_a(p0.clone(), Some(policy));
+    run_seq(&mut fixed, &tokens, 8, |m, i| {
+        if i == 30 {
+            m.take_expert_stats();
+        }
+    });
+    let fixed_hit: Vec<f64> = fixed.take_expert_stats().expect("stats").iter().map(|s| s.hit_rate()).collect();
+
+    let mut m = model_a(p0, Some(policy));
+    let one = m.expert_bytes(0).expect("expert bytes");
+    assert!((0..n_layer as usize).all(|l| m.expert_bytes(l).ok() == Some(one)));
+    let mut per_call = Vec::new();
+    run_seq(&mut m, &tokens, 8, |m, i| {
+        // Two experts' bytes per step at most.
+        let r = m.replace_experts(2 * one).expect("replace");
+        assert!(r.swaps <= 2 && r.bytes <= 2 * one, "{r:?}");
+        per_call.push(r.swaps);
+        if i == 30 {
+            m.take_expert_stats();
+        }
+    });
+    let hit: Vec<f64> = m.take_expert_stats().expect("stats").iter().map(|s| s.hit_rate()).collect();
+    assert!(m.swap_totals().swaps > 0, "no expert was swapped");
+    assert_eq!(m.swap_totals().swaps, per_call.iter().sum::<u64>());
+    // The last steps route (nearly) only to held experts, in every layer at least as often as
+    // the fixed placement, which sends some of them cold.
+    let mean = |h: &[f64]| h.iter().sum::<f64>() / h.len() as f64;
+    eprintln!("hit rate per layer after warm-up: adaptive {hit:?}, fixed {fixed_hit:?}");
+    assert!(hit.iter().zip(&fixed_hit).all(|(a, f)| *a >= 0.95 && a >= f), "adaptive {hit:?}, fixed {fixed_hit:?}");
+    assert!(mean(&fixed_hit) < 0.9 && mean(&hit) > 0.99, "adaptive {hit:?}, fixed {fixed_hit:?}");
+    // Converged: the last steps swapped nothing, and each layer holds its most routed ones.
+    assert!(per_call[per_call.len() - 5..].iter().all(|&s| s == 0), "{per_call:?}");
+    let counts = m.route_counts().expect("counts");
+    for l in 0..n_layer {
+        let mut ids: Vec<u32> = (0..n_expert).collect();
+        ids.sort_by(|&a, &b| counts[l as usize][b as usize].cmp(&counts[l as usize][a as usize]).then(a.cmp(&b)));
+        for &e in &ids[..k] {
+            assert!(m.hot_experts().contains(l, e), "layer {l}: expert {e} ({} routed) is not held", counts[l as usize][e as usize]);
+        }
+    }
 }

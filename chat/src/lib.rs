@@ -6,8 +6,10 @@
 //! with a built-in DS4 format when the file has none. The prompt comes back as [`PromptPiece`]s:
 //! template text (tokenize with special tokens parsed) and request content (tokenize as plain
 //! text, so that special-token text inside messages never becomes a control token).
+//! [`dsml`] reads the tool calls the template renders (and the model writes) back from text.
 
 mod builtin;
+pub mod dsml;
 mod error;
 mod jinja;
 mod message;
@@ -17,6 +19,7 @@ mod strops;
 mod taint;
 
 pub use builtin::{ASSISTANT, THINK_END, THINK_START, USER};
+pub use dsml::partial_match_len;
 pub use error::ChatError;
 pub use message::{ChatMessage, ContentPart, FunctionCall, MessageContent, Role, ToolCall};
 pub use options::{ChatRequestOptions, TemplateVars, REASONING_EFFORTS, RESERVED_KWARGS};

@@ -3,8 +3,9 @@
 //! placement policy (all, none, uniform:K, --n-cpu-moe, --cpu-moe, profile:FILE), with 1 or
 //! 2 threads in the model and in the workers, give the all-hot logits bit for bit, through
 //! chunked prefill and decode, on F32, MXFP4 and Q8_0 experts (DS4.md, "Hot and cold
-//! experts"); a worker killed with SIGKILL mid-run is respawned and the run completes with
-//! the same logits.
+//! experts"); a worker killed with SIGKILL, or stopped with SIGSTOP (hung), mid-run is
+//! killed, respawned and the run completes with the same logits; a slow load that keeps
+//! progressing is waited for, one that stops is killed with a clear error.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -227,39 +228,184 @@ fn children(pid: u32) -> Vec<i32> {
     out
 }
 
+/// A running `dflash` whose stderr is read as it comes (so it never blocks on a full pipe).
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    stderr: String,
+}
+
+impl Running {
+    fn spawn(cmd: &mut Command) -> Running {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("run dflash");
+        let pipe = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(pipe)).map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Running { child, lines, stderr: String::new() }
+    }
+
+    /// Waits until a line of stderr contains `text`.
+    fn wait_for(&mut self, text: &str) {
+        let t0 = Instant::now();
+        while !self.stderr.contains(text) {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => {
+                    self.stderr.push_str(&line);
+                    self.stderr.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("dflash exited before {text:?}: {}", self.stderr),
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "no {text:?} within 120 s: {}", self.stderr);
+        }
+    }
+
+    /// Waits for the exit at most `limit` (a daemon still running then is wedged: killed, and
+    /// the test fails); returns the status and all of stderr.
+    fn finish(mut self, limit: Duration) -> (std::process::ExitStatus, String) {
+        let t0 = Instant::now();
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            if t0.elapsed() > limit {
+                self.child.kill().ok();
+                self.child.wait().ok();
+                panic!("dflash did not finish within {limit:?}: {}", self.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The pipe closes once the daemon and its workers are gone.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_secs(10)) {
+            self.stderr.push_str(&line);
+            self.stderr.push('\n');
+        }
+        (status, self.stderr)
+    }
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig).expect("signal the worker");
+}
+
+fn gone(pid: i32) -> bool {
+    !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `dflash logits` over 64 tokens, decoding from 8, every expert cold in 2 workers; once
+/// both run and decoding is under way, `hurt` is done to one worker. Returns that worker's
+/// pid, the exit status, stderr and the logits file.
+fn hurt_a_worker_mid_run(name: &str, extra: &[&str], hurt: nix::sys::signal::Signal) -> (i32, std::process::ExitStatus, String, PathBuf) {
+    let out = tmp(&format!("{name}.npy"));
+    let mut run = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_dflash"))
+            .args(["logits", "-m"])
+            .arg(fixture("ds4-tiny-b.f32.gguf"))
+            .arg("--tokens")
+            .arg(tokens(64))
+            .arg("--out")
+            .arg(&out)
+            .args(["--decode-from", "8", "-t", "2", "-u", "32", "--experts-hot", "none", "--expert-workers", "2"])
+            .args(extra)
+            .env("DFLASH_LOG", "info"),
+    );
+    run.wait_for("expert workers started");
+    std::thread::sleep(Duration::from_millis(300));
+    let kids = children(run.child.id());
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    signal(kids[1], hurt);
+    let (status, err) = run.finish(Duration::from_secs(300));
+    (kids[1], status, err, out)
+}
+
 #[test]
 fn a_killed_worker_is_respawned_and_the_run_completes_identically() {
-    let toks = tokens(160);
-    let base = logits(&toks, 8, "kill-base.npy", &[]);
-    let out = tmp("kill.npy");
-    let child = Command::new(env!("CARGO_BIN_EXE_dflash"))
-        .args(["logits", "-m"])
-        .arg(fixture("ds4-tiny-b.f32.gguf"))
-        .arg("--tokens")
-        .arg(&toks)
-        .arg("--out")
-        .arg(&out)
-        .args(["--decode-from", "8", "-t", "2", "-u", "32", "--experts-hot", "none", "--expert-workers", "2"])
-        .env("DFLASH_LOG", "warn")
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run dflash");
-    // Wait until both workers run and decoding is under way, then kill one.
-    let t0 = Instant::now();
-    let victim = loop {
-        let kids = children(child.id());
-        if kids.len() == 2 && t0.elapsed() > Duration::from_millis(800) {
-            break kids[0];
-        }
-        assert!(t0.elapsed() < Duration::from_secs(60), "workers did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), nix::sys::signal::Signal::SIGKILL).expect("kill worker");
-    let o = child.wait_with_output().expect("dflash finishes");
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let base = logits(&tokens(64), 8, "kill-base.npy", &[]);
+    let (victim, status, err, out) = hurt_a_worker_mid_run("kill", &[], nix::sys::signal::Signal::SIGKILL);
+    assert!(status.success(), "{err}");
     assert!(err.contains("respawning"), "the loss was not noticed: {err}");
-    assert_same_bits(&read_npy(&out), &base, base.len() / 160, "after a SIGKILL");
+    assert!(gone(victim));
+    assert_same_bits(&read_npy(&out), &base, base.len() / 64, "after a SIGKILL");
+    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
+}
+
+/// A worker stopped with SIGSTOP (alive and silent, as a hung process) misses its layer's
+/// eval deadline (floor 1 s here): it is killed, a new one started and the layer replayed,
+/// and the run completes with the same logits.
+#[test]
+fn a_stopped_worker_is_killed_respawned_and_the_run_completes_identically() {
+    let base = logits(&tokens(64), 8, "stop-base.npy", &[]);
+    let (victim, status, err, out) = hurt_a_worker_mid_run("stop", &["--worker-eval-timeout-ms", "1000"], nix::sys::signal::Signal::SIGSTOP);
+    assert!(status.success(), "{err}");
+    assert!(err.contains("respawning") && err.contains("no answer from the peer"), "the hang was not noticed: {err}");
+    assert!(gone(victim), "the stopped worker was not killed and reaped");
+    assert_same_bits(&read_npy(&out), &base, base.len() / 64, "after a SIGSTOP");
+    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
+}
+
+/// `dflash logits` over 16 tokens with every expert cold in one worker whose load is slowed
+/// down (the test fault `DIR/load-delay-ms`: a sleep after each of the fixture's 5 layers).
+fn slow_load(delay_ms: u64, stall_ms: u64, name: &str) -> (Running, PathBuf) {
+    let faults = tmp(&format!("{name}-faults"));
+    std::fs::create_dir_all(&faults).expect("dir");
+    std::fs::write(faults.join(expert_worker::faults::LOAD_DELAY_FILE), delay_ms.to_string()).expect("delay");
+    let out = tmp(&format!("{name}.npy"));
+    let run = Running::spawn(
+        Command::new(env!("CARGO_BIN_EXE_dflash"))
+            .args(["logits", "-m"])
+            .arg(fixture("ds4-tiny-b.f32.gguf"))
+            .arg("--tokens")
+            .arg(tokens(16))
+            .arg("--out")
+            .arg(&out)
+            .args(["-t", "2", "-u", "32", "--experts-hot", "none", "--expert-workers", "1"])
+            .args(["--worker-load-stall-ms", &stall_ms.to_string()])
+            .env(expert_worker::faults::TEST_FAULTS_ENV, &faults)
+            .env("DFLASH_LOG", "info"),
+    );
+    (run, out)
+}
+
+/// The worker loads its 5 layers 500 ms apart: 2.5 s in all, well past the 1.5 s stall
+/// window. As its progress reports keep coming it is waited for, and the run gives the
+/// all-hot logits.
+#[test]
+fn a_slow_load_that_progresses_is_waited_for_past_the_stall_window() {
+    let base = logits(&tokens(16), 16, "slow-base.npy", &[]);
+    let (mut run, out) = slow_load(500, 1500, "slow");
+    run.wait_for("worker listening");
+    let t0 = Instant::now();
+    run.wait_for("expert worker ready");
+    let load = t0.elapsed();
+    let (status, err) = run.finish(Duration::from_secs(300));
+    assert!(status.success(), "{err}");
+    assert!(load >= Duration::from_millis(2500), "the load was not slowed down: {load:?}");
+    assert_same_bits(&read_npy(&out), &base, base.len() / 16, "after a slow load");
+    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
+}
+
+/// The worker is stopped (SIGSTOP) in the middle of its slowed-down load: its reports stop,
+/// and after the 1.5 s stall window it is killed and the start fails naming how far it got.
+#[test]
+fn a_load_that_stops_progressing_is_killed_with_a_clear_error() {
+    let (mut run, out) = slow_load(500, 1500, "stall");
+    // The socket opens before the load; the first layer then takes 500 ms.
+    run.wait_for("worker listening");
+    std::thread::sleep(Duration::from_millis(200));
+    let kids = children(run.child.id());
+    assert_eq!(kids.len(), 1, "{kids:?}");
+    signal(kids[0], nix::sys::signal::Signal::SIGSTOP);
+    let (status, err) = run.finish(Duration::from_secs(300));
+    assert!(!status.success(), "{err}");
+    assert!(err.contains("expert worker 0") && err.contains("made no load progress for") && err.contains(" bytes)"), "{err}");
+    assert!(gone(kids[0]), "the stalled worker was not killed and reaped");
+    assert!(!out.exists());
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
@@ -314,4 +460,23 @@ fn worker_cpus_need_one_list_per_worker() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains("--expert-workers is 0"), "{err}");
     assert!(!tmp("never.npy").exists());
+}
+
+/// `--experts-hot adaptive` moves experts between hot and cold, which the fixed pinned host
+/// copy of `--cold-offload-min` / `--cold-layers-in-graph` cannot follow: refused by name
+/// before loading; `--adaptive-from` without an adaptive placement too.
+#[test]
+fn adaptive_refuses_a_fixed_cold_copy_and_adaptive_from_needs_adaptive() {
+    let toks = tokens(8);
+    for extra in [["--cold-offload-min", "4"], ["--cold-layers-in-graph", "--expert-workers=0"]] {
+        let mut args = vec!["--experts-hot", "adaptive:0.5"];
+        args.extend(extra);
+        let o = run_logits(&toks, 8, &tmp("never-adaptive.npy"), &args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains("--experts-hot adaptive") && err.contains("--cold-offload-min"), "{err}");
+    }
+    let o = run_logits(&toks, 8, &tmp("never-adaptive.npy"), &["--experts-hot", "budget", "--expert-budget-mb", "1", "--adaptive-from", "x.json"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--adaptive-from needs --experts-hot adaptive"), "{err}");
+    assert!(!tmp("never-adaptive.npy").exists());
 }

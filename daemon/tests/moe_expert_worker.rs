@@ -20,6 +20,10 @@ const A: &str = "ds4-tiny-a.f32.gguf";
 const B: &str = "ds4-tiny-b.f32.gguf";
 
 fn spawn(model: &Path, socket: &Path, experts: &str) -> Child {
+    spawn_with_env(model, socket, experts, &[])
+}
+
+fn spawn_with_env(model: &Path, socket: &Path, experts: &str, env: &[(&str, &Path)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dflash"))
         .arg("--backend-ipc-mode=moe-expert")
         .arg("--model")
@@ -27,13 +31,14 @@ fn spawn(model: &Path, socket: &Path, experts: &str) -> Child {
         .arg("--socket")
         .arg(socket)
         .args(["--experts", experts, "--threads", "1"])
+        .envs(env.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap()
 }
 
-/// Connects once the worker listens (it binds after loading), within 60 s.
+/// Connects once the worker listens (it binds before loading), within 60 s.
 fn connect(child: &mut Child, socket: &Path, limits: Limits, id: &ModelIdentity) -> Result<WorkerConnection, ProtoError> {
     let t0 = Instant::now();
     loop {
@@ -79,21 +84,60 @@ fn worker_process_matches_in_process_compute() {
     let pairs = ExpertPairs::from_tokens(&[&[1, 7], &[], &[3, 5, 1, 7], &[5]]);
     let x = inputs(4);
     for layer in [0u32, 2, 4] {
-        conn.input_mut(4).unwrap().copy_from_slice(&x);
+        conn.write_inputs(&x).unwrap();
         let rid = conn.eval_begin(layer, &pairs).unwrap();
         let reply = conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
         assert_eq!(reply.n_pairs, 7);
         let mut want = vec![0.0; 7 * 64];
         local.eval(layer, &x, &pairs, &mut want).unwrap();
-        let got = conn.output(7).unwrap();
+        let mut got = vec![f32::NAN; 7 * 64];
+        conn.read_outputs(&mut got).unwrap();
         assert!(want.iter().any(|&v| v != 0.0));
-        assert_eq!(got, &want[..], "layer {layer}");
+        assert_eq!(got, want, "layer {layer}");
     }
     // An expert the worker does not own is refused on the daemon side before sending.
     let e = conn.eval_begin(0, &ExpertPairs::from_tokens(&[&[2]])).unwrap_err();
     assert!(matches!(e, ProtoError::ExpertNotOwned { layer: 0, expert: 2 }), "{e}");
     let stats = conn.stats(Instant::now() + Duration::from_secs(5)).unwrap();
     assert_eq!((stats.evals, stats.tokens, stats.pairs), (3, 12, 21));
+    conn.shutdown(Instant::now() + Duration::from_secs(10)).unwrap();
+    let (status, err) = stderr_of(child);
+    assert!(status.success(), "worker exit {status}: {err}");
+}
+
+/// A worker process reports its load: a first report of nothing loaded, then one per layer
+/// at least (here slowed down to 300 ms a layer by the test fault `load-delay-ms`: 1.8 s for
+/// the fixture's 6 layers, past the 1 s stall window, which each report restarts), the last
+/// one with every byte of its experts' slices in the GGUF.
+#[test]
+fn worker_process_reports_its_load_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let faults = dir.path().join("faults");
+    std::fs::create_dir(&faults).unwrap();
+    std::fs::write(faults.join(expert_worker::faults::LOAD_DELAY_FILE), "300").unwrap();
+    let sockets = SocketDir::create_private(&dir.path().join("s")).unwrap();
+    let socket = sockets.socket_path("w0");
+    let spec = "0-2:1,3,5,7;3-5:0-15";
+    let mut child = spawn_with_env(&fixture(A), &socket, spec, &[(expert_worker::faults::TEST_FAULTS_ENV, &faults)]);
+    let mf = ModelFile::open(fixture(A)).unwrap();
+    let id = model_identity(&mf).unwrap();
+    while !socket.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "worker exited before listening");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let opts = ipc_proto::ConnectOptions { load_stall: Duration::from_secs(1), ..ipc_proto::ConnectOptions::default() };
+    let conn = WorkerConnection::connect_with(&socket, limits(), &id, &opts).unwrap();
+    let r = conn.load_report();
+    let map = expert_worker::experts::parse_spec(spec, 6, 16).unwrap();
+    let mut bytes = 0;
+    for l in 0..6u32 {
+        for part in ["gate", "up", "down"] {
+            bytes += mf.tensors.get(&format!("blk.{l}.ffn_{part}_exps.weight")).unwrap().slice_bytes(2) * map.layer(l).len() as u64;
+        }
+    }
+    assert_eq!((r.last.loaded, r.last.total), (bytes, bytes));
+    assert!(r.reports >= 7, "{r:?}");
+    assert!(r.elapsed >= Duration::from_millis(1800), "{r:?}");
     conn.shutdown(Instant::now() + Duration::from_secs(10)).unwrap();
     let (status, err) = stderr_of(child);
     assert!(status.success(), "worker exit {status}: {err}");
@@ -128,7 +172,7 @@ fn sigkill_of_the_worker_is_seen_as_peer_lost() {
     let id = model_identity(&ModelFile::open(fixture(A)).unwrap()).unwrap();
     let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
     let one = ExpertPairs::from_tokens(&[&[3]]);
-    conn.input_mut(1).unwrap().copy_from_slice(&inputs(1));
+    conn.write_inputs(&inputs(1)).unwrap();
     let rid = conn.eval_begin(1, &one).unwrap();
     conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
 
@@ -176,7 +220,7 @@ fn a_worker_is_pinned_to_its_cpus() {
     let id = model_identity(&ModelFile::open(fixture(A)).unwrap()).unwrap();
     // After one eval its compute threads exist too: every thread of the process is on CPU 0.
     let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
-    conn.input_mut(1).unwrap().copy_from_slice(&inputs(1));
+    conn.write_inputs(&inputs(1)).unwrap();
     let rid = conn.eval_begin(0, &ExpertPairs::from_tokens(&[&[1, 2]])).unwrap();
     conn.eval_end(rid, Instant::now() + Duration::from_secs(30)).unwrap();
     let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();

@@ -23,11 +23,16 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &std::path::Path)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dflash"))
             .args(["serve", "-m"])
             .arg(model())
             .args(["--port", "0", "--api-key", KEY, "-t", "2"])
             .args(extra)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn dflash serve");
@@ -93,11 +98,18 @@ impl Drop for Server {
 
 /// One request with `Connection: close` to `addr`; returns (status, lower-cased head, body).
 fn http(addr: &str, method: &str, path: &str, key: Option<&str>, body: &[u8]) -> (u16, String, String) {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    http_with(addr, method, path, &headers, body)
+}
+
+/// `http` with the given headers (besides Host, Content-Type, Content-Length and Connection).
+fn http_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
-    let auth = key.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).expect("write");
@@ -181,8 +193,15 @@ fn run_and_serve_agree_and_requests_are_checked() {
     let models: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(models["data"][0]["id"], "tiny-ds4");
 
+    // any model name is accepted; the served one is echoed
+    let mut req = chat("Hello", 6);
+    req["model"] = json!("gpt-4o");
+    let (st, other_name) = srv.post("/v1/chat/completions", &req);
+    assert_eq!((st, &other_name["model"]), (200, &json!("tiny-ds4")), "{other_name}");
+
     // the same greedy reply through run, chat non-stream and chat stream
     let (st, v) = srv.post("/v1/chat/completions", &chat("Hello", 6));
+    assert_eq!(v["choices"][0]["message"], other_name["choices"][0]["message"]);
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["content"].as_str(), Some(text.as_str()), "{v}");
@@ -249,7 +268,6 @@ fn run_and_serve_agree_and_requests_are_checked() {
     let n_vocab = 129280;
     let cases: Vec<(Value, u16, &str)> = vec![
         ({ let mut r = chat("x", 2); r["n"] = json!(2); r }, 400, "n must be 1"),
-        ({ let mut r = chat("x", 2); r["model"] = json!("gpt-4"); r }, 404, "model_not_found"),
         ({ let mut r = chat("x", 2); r["logit_bias"] = json!({"999999": 1}); r }, 400, "token id 999999"),
         ({ let mut r = chat("x", 2); r["max_tokens"] = json!(65); r }, 400, "max_tokens 65 exceeds the limit of 64"),
         ({ let mut r = chat("x", 2); r["temperature"] = json!(-1); r }, 400, "temperature"),
@@ -371,4 +389,112 @@ fn health_answers_while_huge_bodies_are_tokenized() {
     for b in busy {
         assert_eq!(b.join().expect("client thread").0, 200);
     }
+}
+
+#[test]
+fn strict_model_names_alias_and_anthropic_errors() {
+    let srv = Server::start(&["--strict-model-names", "--alias", "ds4-flash", "--ctx-size", "256"]);
+    // x-api-key is a key too
+    let (st, _, body) = http_with(&srv.addr, "GET", "/v1/models", &[("x-api-key", KEY)], b"");
+    assert_eq!(st, 200, "{body}");
+    let models: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(models["data"][0]["id"], "ds4-flash");
+    // the alias and the path are accepted and the alias echoed; another name is 404
+    let mut req = chat("Hello", 2);
+    for name in [json!("ds4-flash"), json!(model().display().to_string())] {
+        req["model"] = name;
+        let (st, v) = srv.post("/v1/chat/completions", &req);
+        assert_eq!((st, &v["model"]), (200, &json!("ds4-flash")), "{v}");
+    }
+    req["model"] = json!("gpt-4o");
+    let (st, v) = srv.post("/v1/chat/completions", &req);
+    assert_eq!((st, &v["error"]["code"]), (404, &json!("model_not_found")), "{v}");
+    // the Anthropic endpoints answer in Anthropic's shape: unknown model, bad key, no key
+    let msg = json!({"model": "claude-sonnet-4-5", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}).to_string();
+    for (headers, want_status, want_type) in [
+        (vec![("x-api-key", KEY)], 404, "not_found_error"),
+        (vec![("x-api-key", "wrong")], 401, "authentication_error"),
+        (vec![], 401, "authentication_error"),
+    ] {
+        for path in ["/v1/messages", "/v1/messages/count_tokens"] {
+            let (st, _, body) = http_with(&srv.addr, "POST", path, &headers, msg.as_bytes());
+            let v: Value = serde_json::from_str(&body).expect("json");
+            assert_eq!((st, &v["type"], &v["error"]["type"]), (want_status, &json!("error"), &json!(want_type)), "{path}: {v}");
+            assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        }
+    }
+    // with the served name: a message whose greedy text is the chat completion's
+    let msg = json!({"model": "ds4-flash", "max_tokens": 4, "temperature": 0, "messages": [{"role": "user", "content": "Hello"}]});
+    let (st, _, body) = http_with(&srv.addr, "POST", "/v1/messages", &[("x-api-key", KEY)], msg.to_string().as_bytes());
+    assert_eq!(st, 200, "{body}");
+    let m: Value = serde_json::from_str(&body).expect("json");
+    let (_, c) = srv.post("/v1/chat/completions", &json!({"model": "ds4-flash", "max_tokens": 4, "temperature": 0,
+        "messages": [{"role": "user", "content": "Hello"}]}));
+    assert_eq!(m["content"][0]["text"], c["choices"][0]["message"]["content"], "{m} {c}");
+    assert_eq!((&m["stop_reason"], &m["usage"]["output_tokens"]), (&json!("max_tokens"), &json!(4)), "{m}");
+}
+
+/// Every way an expert worker can fail during a request ends in a respawn (the request is
+/// replayed and gets the undisturbed reply) or in a clear error to that request, and the next
+/// request gets the undisturbed reply: the worker pool is never left broken. The failures are
+/// real worker processes misbehaving on cue (`expert_worker::faults`: the worker that takes
+/// an armed fault removes its file).
+#[test]
+fn expert_worker_failures_end_in_a_respawn_or_a_clear_error_and_the_next_request_works() {
+    use expert_worker::faults::{Fault, TEST_FAULTS_ENV};
+    let faults = tempfile::tempdir().expect("tempdir");
+    let srv = Server::start_with_env(&["--experts-hot", "none", "--expert-workers", "2", "--ctx-size", "256"], &[(TEST_FAULTS_ENV, faults.path())]);
+    let req = json!({"prompt": "Hello", "max_tokens": 4, "temperature": 0});
+    let (st, v) = srv.post("/v1/completions", &req);
+    assert_eq!(st, 200, "{v}");
+    let want = v["choices"][0]["text"].clone();
+    assert!(want.as_str().is_some_and(|t| !t.is_empty()), "{v}");
+    let arm = |fs: &[Fault]| {
+        for f in fs {
+            std::fs::write(faults.path().join(f.file_name()), "").expect("arm a fault");
+        }
+    };
+    let taken = |fs: &[Fault]| fs.iter().all(|f| !faults.path().join(f.file_name()).exists());
+
+    // A remote error frame, a malformed frame, a reply of another protocol version, a crash:
+    // the worker is replaced and the layer replayed.
+    for f in [Fault::EvalError, Fault::EvalMalformed, Fault::EvalVersion, Fault::EvalExit] {
+        arm(&[f]);
+        let (st, v) = srv.post("/v1/completions", &req);
+        assert!(taken(&[f]), "{f:?} was not taken");
+        assert_eq!((st, &v["choices"][0]["text"]), (200, &want), "{f:?}: {v}");
+    }
+    // A crash whose respawn fails (the new worker exits at start, or speaks another protocol
+    // version): that request fails saying why; the next one starts the worker again.
+    let version = format!("protocol version mismatch: expected {}, found {}", ipc_proto::PROTOCOL_VERSION, ipc_proto::PROTOCOL_VERSION + 1);
+    for (f, says) in [(Fault::StartExit, "exited during start-up"), (Fault::HelloVersion, version.as_str())] {
+        arm(&[Fault::EvalExit, f]);
+        let (st, v) = srv.post("/v1/completions", &req);
+        assert!(taken(&[Fault::EvalExit, f]), "{f:?} was not taken");
+        let msg = v["error"]["message"].as_str().unwrap_or("");
+        assert_eq!(st, 500, "{f:?}: {v}");
+        assert!(msg.contains("expert worker") && msg.contains(says), "{f:?}: {msg}");
+        let (st, v) = srv.post("/v1/completions", &req);
+        assert_eq!((st, &v["choices"][0]["text"]), (200, &want), "after {f:?}: {v}");
+    }
+    let status = srv.terminate();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn serve_with_an_adaptive_placement_swaps_experts_and_counts_them() {
+    let srv = Server::start(&["--experts-hot", "adaptive:0.5", "--expert-workers", "0", "--ctx-size", "256"]);
+    assert_eq!(srv.metric("dflash_expert_swaps_total"), 0.0);
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Tell me a long story about the sea and the wind.", 32));
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 32, "{v}");
+    let swaps = srv.metric("dflash_expert_swaps_total");
+    let bytes = srv.metric("dflash_expert_swap_bytes_total");
+    assert!(swaps > 0.0, "no expert was swapped while serving");
+    assert!(bytes >= swaps, "{bytes} bytes for {swaps} swaps");
+    // With workers too: their shares hold every expert of the partly held layers.
+    let srv = Server::start(&["--experts-hot", "adaptive:0.5", "--expert-workers", "2", "--ctx-size", "256"]);
+    let (st, v) = srv.post("/v1/chat/completions", &chat("Tell me a long story about the sea and the wind.", 32));
+    assert_eq!(st, 200, "{v}");
+    assert!(srv.metric("dflash_expert_swaps_total") > 0.0);
 }

@@ -102,10 +102,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let pairs = pick(l);
             out.resize(pairs.n_pairs() * e, 0.0);
             let t0 = Instant::now();
-            conn.input_mut(n_tokens)?.copy_from_slice(&x);
+            conn.write_inputs(&x)?;
             let rid = conn.eval_begin(l, &pairs)?;
             let r = conn.eval_end(rid, Instant::now() + Duration::from_secs(30))?;
-            out.copy_from_slice(conn.output(pairs.n_pairs())?);
+            conn.read_outputs(&mut out)?;
             let us = t0.elapsed().as_secs_f64() * 1e6;
             if it >= layers.len() {
                 rt.push(us);

@@ -82,5 +82,6 @@ where
     let mf = loader::ModelFile::open(&a.model)?;
     let experts = crate::experts::parse_spec(&a.experts, mf.config.n_layer as u32, mf.config.n_expert as u32)?;
     let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    crate::serve::run_worker_on(&a.socket, &mf, &experts, threads, std::time::Duration::from_micros(a.spin_us))
+    let faults = crate::faults::TestFaults::from_env()?;
+    crate::serve::run_worker_on(&a.socket, &mf, &experts, threads, std::time::Duration::from_micros(a.spin_us), &faults)
 }

@@ -1,5 +1,5 @@
-//! [`ExpertWorker`]: a subset of the routed experts in CPU memory and their weighted sum
-//! computed with ggml's CPU backend.
+//! [`ExpertWorker`]: a subset of the routed experts in CPU memory, each (token, expert)
+//! pair's output computed with ggml's CPU backend.
 //!
 //! Per layer the worker holds only its experts' slices of `blk.L.ffn_{gate,up,down}_exps`
 //! (or of the fused `blk.L.ffn_gate_up_exps`), slice `i` being the layer's `i`-th owned
@@ -69,8 +69,17 @@ pub struct EvalTimings {
     pub rows: usize,
     /// Graph build (first use of a (layer, bucket) only), seconds.
     pub build_s: f64,
-    /// Gathering inputs, ggml compute and the weighted sum, seconds.
+    /// Gathering inputs, ggml compute and copying out the pairs' rows, seconds.
     pub compute_s: f64,
+}
+
+/// How far [`ExpertWorker::load_reporting`] got: bytes of expert weights read so far of all
+/// it loads; `layer_done` names the layer whose experts were just loaded completely.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadStep {
+    pub loaded: u64,
+    pub total: u64,
+    pub layer_done: Option<u32>,
 }
 
 /// A moe-expert worker's experts and compute state. Not `Sync`: one eval at a time.
@@ -86,8 +95,8 @@ pub struct ExpertWorker {
     x_host: Vec<f32>,
     ids_host: Vec<i32>,
     weight_bytes: u64,
-    // Dropped last: the graphs reference its tensors.
-    _tensors: Option<TensorSet>,
+    // Dropped last: the graphs reference their tensors (one set per layer with experts).
+    _tensors: Vec<TensorSet>,
 }
 
 // SAFETY: every raw pointer (tensors, graphs, allocator) is owned by this value and only used
@@ -119,6 +128,12 @@ impl ExpertWorker {
     /// buffer type as the model's held experts — and starts a CPU backend with `threads`
     /// threads.
     pub fn load(model: &ModelFile, experts: &ExpertSet, threads: usize) -> Result<Self> {
+        Self::load_reporting(model, experts, threads, &mut |_| {})
+    }
+
+    /// [`load`](Self::load), one layer after the other, calling `on_progress` on this thread
+    /// as the bytes read grow and after each layer.
+    pub fn load_reporting(model: &ModelFile, experts: &ExpertSet, threads: usize, on_progress: &mut dyn FnMut(LoadStep)) -> Result<Self> {
         let c = &model.config;
         let (n_layer, n_expert) = (c.n_layer as u32, c.n_expert as u32);
         if experts.n_layer() != n_layer || experts.n_expert() != n_expert {
@@ -128,7 +143,8 @@ impl ExpertWorker {
                 found: u64::from(experts.n_layer()) * u64::from(experts.n_expert()),
             });
         }
-        let mut requests = Vec::new();
+        // Per layer the slices of its expert tensors, and the bytes they hold.
+        let mut requests: Vec<(u32, Vec<TensorRequest>, u64)> = Vec::new();
         for l in 0..n_layer {
             let ids = experts.layer(l).to_vec();
             if ids.is_empty() {
@@ -136,19 +152,29 @@ impl ExpertWorker {
             }
             let fused = ExpertPart::GateUp.name(l as usize);
             let parts = if model.tensors.get(&fused).is_some() { [ExpertPart::GateUp].as_slice() } else { &[ExpertPart::Gate, ExpertPart::Up] };
+            let mut layer = Vec::new();
+            let mut bytes = 0;
             for p in parts.iter().chain([&ExpertPart::Down]) {
-                requests.push(TensorRequest::experts(p.name(l as usize), ids.clone()));
+                let t = model.tensors.expect(&p.name(l as usize))?;
+                bytes += t.slice_bytes(t.shape().len() - 1) * ids.len() as u64;
+                layer.push(TensorRequest::experts(p.name(l as usize), ids.clone()));
             }
+            requests.push((l, layer, bytes));
         }
+        let total: u64 = requests.iter().map(|r| r.2).sum();
         let device = Device::cpu()?;
         let t0 = Instant::now();
-        let tensors = if requests.is_empty() {
-            None
-        } else {
-            let opts = ReadOptions { threads: threads.clamp(1, 8), progress: false, mode: loader::ReadMode::Pread, ..ReadOptions::default() };
-            Some(graph::load_weights(model, requests, device, true, &opts)?)
-        };
-        let weight_bytes = tensors.as_ref().map(TensorSet::bytes).unwrap_or(0);
+        let opts = ReadOptions { threads: threads.clamp(1, 8), progress: false, mode: loader::ReadMode::Pread, ..ReadOptions::default() };
+        let mut tensors = Vec::with_capacity(requests.len());
+        let mut done = 0;
+        on_progress(LoadStep { loaded: 0, total, layer_done: None });
+        for (layer, reqs, bytes) in requests {
+            let mut report = |read: u64| on_progress(LoadStep { loaded: done + read.min(bytes), total, layer_done: None });
+            tensors.push(graph::load_weights_reporting(model, reqs, device, true, &opts, &mut report)?);
+            done += bytes;
+            on_progress(LoadStep { loaded: done, total, layer_done: Some(layer) });
+        }
+        let weight_bytes = tensors.iter().map(TensorSet::bytes).sum();
         tracing::info!(experts = experts.len(), bytes = weight_bytes, seconds = t0.elapsed().as_secs_f64(), "experts loaded");
 
         let mut layers = Vec::with_capacity(n_layer as usize);
@@ -157,7 +183,7 @@ impl ExpertWorker {
             for (i, &e) in experts.layer(l).iter().enumerate() {
                 local[e as usize] = i as u32;
             }
-            let get = |n: &str| tensors.as_ref().and_then(|t| t.get(n));
+            let get = |n: &str| tensors.iter().find_map(|t| t.get(n));
             // Layers without owned experts have none of their tensors loaded.
             let ffn = if experts.layer(l).is_empty() {
                 None

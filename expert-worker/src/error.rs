@@ -39,6 +39,10 @@ pub enum WorkerError {
     Pinning { spec: String, reason: String },
     #[error("{what}: expected {expected}, found {found}")]
     Mismatch { what: &'static str, expected: u64, found: u64 },
+    #[error("test fault {fault} (armed through DFLASH_WORKER_TEST_FAULTS)")]
+    TestFault { fault: &'static str },
+    #[error("test fault file {}: {reason}", path.display())]
+    TestFaultFile { path: PathBuf, reason: String },
 }
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;

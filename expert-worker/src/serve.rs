@@ -5,11 +5,14 @@ use std::io::Read as _;
 use std::path::Path;
 use std::time::Instant;
 
-use ipc_proto::{ConnectOptions, ErrorCode, Listener, ModelIdentity, Request, WorkerServer};
+use std::os::unix::net::UnixStream;
+
+use ipc_proto::{ConnectOptions, ErrorCode, Listener, LoadProgress, ModelIdentity, ProtoError, Request, WorkerServer};
 use loader::ModelFile;
 use sha2::{Digest, Sha256};
 
-use crate::compute::ExpertWorker;
+use crate::compute::{ExpertWorker, LoadStep};
+use crate::faults::TestFaults;
 use crate::error::{Result, WorkerError};
 use experts::ExpertSet;
 
@@ -43,7 +46,13 @@ pub fn model_identity(model: &ModelFile) -> Result<ModelIdentity> {
 /// (EOF, reset): both end the loop with `Ok`. A bad request (already answered with an
 /// `Error` frame by ipc-proto) or a compute failure (answered here) is returned as the error.
 pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()> {
+    serve_with_faults(server, worker, None)
+}
+
+/// [`serve`], taking the armed eval faults (tests) with a second handle of the socket.
+fn serve_with_faults(server: &mut WorkerServer, worker: &mut ExpertWorker, mut faults: Option<(&TestFaults, UnixStream)>) -> Result<()> {
     let n_embd = worker.n_embd();
+    let (mut input, mut output) = (Vec::new(), Vec::new());
     loop {
         let req = match server.next_request() {
             Ok(r) => r,
@@ -55,14 +64,19 @@ pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()>
         };
         match req {
             Request::Eval(req) => {
+                if let Some((f, sock)) = faults.as_mut() {
+                    f.at_eval(server, sock, req.id)?;
+                }
                 let t0 = Instant::now();
-                let (input, output) = server.eval_io()?;
-                debug_assert_eq!(input.len(), req.pairs.n_tokens() * n_embd);
-                if let Err(e) = worker.eval(req.layer, input, &req.pairs, output) {
+                input.resize(req.pairs.n_tokens() * n_embd, 0.0);
+                output.resize(req.pairs.n_pairs() * n_embd, 0.0);
+                server.read_inputs(&mut input)?;
+                if let Err(e) = worker.eval(req.layer, &input, &req.pairs, &mut output) {
                     tracing::error!(error = %e, layer = req.layer, "eval failed");
                     server.reply_error(req.id, ErrorCode::INTERNAL, &e.to_string())?;
                     return Err(e);
                 }
+                server.write_outputs(&output)?;
                 let us = t0.elapsed().as_micros() as u64;
                 server.reply_eval(req.id, us)?;
             }
@@ -79,22 +93,47 @@ pub fn serve(server: &mut WorkerServer, worker: &mut ExpertWorker) -> Result<()>
     }
 }
 
-/// The whole `moe-expert` worker: opens `model`, loads the experts of `experts`, binds
-/// `socket` (see [`Listener::bind`]: a live socket there is refused, a stale one replaced),
-/// accepts one daemon connection, handshakes with the model identity and the expert set,
-/// then serves it until Shutdown or EOF. A daemon that refuses the handshake (another
-/// model) makes this return its error.
+/// The whole `moe-expert` worker: opens `model`, binds `socket` (see [`Listener::bind`]: a
+/// live socket there is refused, a stale one replaced), accepts one daemon connection,
+/// handshakes with the model identity and the expert set, loads the experts of `experts`
+/// while reporting its progress to the daemon, then serves it until Shutdown or EOF. A daemon
+/// that refuses the handshake (another model) makes this return its error.
 pub fn run_worker(socket: &Path, model: &Path, experts: &ExpertSet, threads: usize) -> Result<()> {
-    run_worker_on(socket, &ModelFile::open(model)?, experts, threads, std::time::Duration::ZERO)
+    run_worker_on(socket, &ModelFile::open(model)?, experts, threads, std::time::Duration::ZERO, &TestFaults::none())
 }
 
 /// [`run_worker`] with the model already opened, waiting for requests by spinning `spin`
-/// before blocking (see `ipc_proto::ConnectOptions::spin`).
-pub fn run_worker_on(socket: &Path, mf: &ModelFile, experts: &ExpertSet, threads: usize, spin: std::time::Duration) -> Result<()> {
+/// before blocking (see `ipc_proto::ConnectOptions::spin`), with `faults` armed (tests; see
+/// [`crate::faults`]).
+pub fn run_worker_on(socket: &Path, mf: &ModelFile, experts: &ExpertSet, threads: usize, spin: std::time::Duration, faults: &TestFaults) -> Result<()> {
     let identity = model_identity(mf)?;
-    let mut worker = ExpertWorker::load(mf, experts, threads)?;
+    faults.at_start()?;
     let listener = Listener::bind(socket)?;
     tracing::info!(socket = %socket.display(), %identity, experts = experts.len(), "worker listening");
-    let mut server = listener.accept(&identity, experts.clone(), &ConnectOptions { spin, ..ConnectOptions::default() })?;
-    serve(&mut server, &mut worker)
+    let sock = listener.accept_stream()?;
+    // The eval faults write raw frames on a second handle of the socket.
+    let mut fault_sock =
+        if faults.is_active() { Some(sock.try_clone().map_err(|source| ProtoError::Io { op: "clone the daemon socket", source })?) } else { None };
+    if let Some(s) = fault_sock.as_mut() {
+        faults.at_hello(s, &identity, experts)?;
+    }
+    let opts = ConnectOptions { spin, ..ConnectOptions::default() };
+    let mut loading = WorkerServer::start_handshake(sock, &identity, experts.clone(), &opts)?;
+    // The daemon waits as long as these reports show progress; a failed send (the daemon
+    // gone) ends the worker once the load returns.
+    let mut sent: std::result::Result<(), ProtoError> = Ok(());
+    let mut last: Option<u64> = None;
+    let delay = faults.load_delay();
+    let mut worker = ExpertWorker::load_reporting(mf, experts, threads, &mut |step: LoadStep| {
+        if sent.is_ok() && last.is_none_or(|l| step.loaded > l) {
+            last = Some(step.loaded);
+            sent = loading.report_load(LoadProgress { loaded: step.loaded, total: step.total });
+        }
+        if step.layer_done.is_some() && !delay.is_zero() {
+            std::thread::sleep(delay);
+        }
+    })?;
+    sent?;
+    let mut server = loading.ready()?;
+    serve_with_faults(&mut server, &mut worker, fault_sock.map(|s| (faults, s)))
 }

@@ -219,11 +219,13 @@ fn serves_evals_over_a_socket_pair() {
     let mut rng = Rng::seed_from_u64(7);
     for (l, n) in [(0u32, 1usize), (3, 4), (5, 8)] {
         let b = random_batch(&mut rng, map.layer(l), n, 4, 64);
-        conn.input_mut(n).unwrap().copy_from_slice(&b.x);
+        conn.write_inputs(&b.x).unwrap();
         let id = conn.eval_begin(l, &b.pairs()).unwrap();
         let r = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).unwrap();
         assert_eq!(r.n_pairs as usize, b.pairs().n_pairs());
-        check_batch(&mf, l, &b, conn.output(r.n_pairs as usize).unwrap());
+        let mut out = vec![f32::NAN; r.n_pairs as usize * 64];
+        conn.read_outputs(&mut out).unwrap();
+        check_batch(&mf, l, &b, &out);
     }
     let stats = conn.stats(Instant::now() + Duration::from_secs(5)).unwrap();
     assert_eq!(stats.evals, 3);
@@ -271,4 +273,23 @@ fn model_shape_and_cold_split_of_a_fixture() {
     assert_eq!(o[..64], o0[..64], "expert 8");
     assert_eq!(o[64..128], o1[..], "expert 9");
     assert_eq!(o[128..], o0[64..], "expert 14");
+}
+
+/// The load reports: a first one of nothing loaded, bytes that only grow, each layer with
+/// experts done once in order, and the last report all of the owned slices (the bytes the
+/// worker then holds).
+#[test]
+fn load_reports_progress_layer_by_layer() {
+    let mf = ModelFile::open(fixture(A)).unwrap();
+    let map = parse_spec("0:1,2;2-3:0-15;5:7", 6, 16).unwrap();
+    let mut steps = Vec::new();
+    let w = ExpertWorker::load_reporting(&mf, &map, 2, &mut |s| steps.push(s)).unwrap();
+    let expert = 3 * 64 * 32 * 4;
+    let total = map.len() as u64 * expert;
+    assert_eq!(w.weight_bytes(), total);
+    assert_eq!(steps.first().map(|s| (s.loaded, s.layer_done)), Some((0, None)), "{steps:?}");
+    assert!(steps.iter().all(|s| s.total == total), "{steps:?}");
+    assert!(steps.windows(2).all(|p| p[0].loaded <= p[1].loaded), "{steps:?}");
+    let done: Vec<(u32, u64)> = steps.iter().filter_map(|s| s.layer_done.map(|l| (l, s.loaded))).collect();
+    assert_eq!(done, vec![(0, 2 * expert), (2, 18 * expert), (3, 34 * expert), (5, total)]);
 }

@@ -100,6 +100,15 @@ impl ExpertSet {
         Ok(())
     }
 
+    /// Removes `expert` from `layer` (no-op when absent or past the last layer).
+    pub fn remove(&mut self, layer: u32, expert: u32) {
+        if let Some(ids) = self.layers.get_mut(layer as usize) {
+            if let Ok(pos) = ids.binary_search(&expert) {
+                ids.remove(pos);
+            }
+        }
+    }
+
     /// Removes every expert of `layer` (no-op past the last layer).
     pub fn clear_layer(&mut self, layer: u32) {
         if let Some(ids) = self.layers.get_mut(layer as usize) {
@@ -174,6 +183,11 @@ mod tests {
         assert_eq!(e, "expert 4 of layer 0 out of range: the model has 4 experts");
         let e = ExpertSet::empty(2, 4).insert(2, 0).unwrap_err().to_string();
         assert_eq!(e, "layer 2 out of range: the model has 2 layers");
+        let mut r = s.clone();
+        r.remove(0, 2);
+        r.remove(0, 1);
+        r.remove(9, 0);
+        assert_eq!(r.layers(), &[vec![0], vec![]]);
     }
 
     #[test]

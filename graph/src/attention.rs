@@ -40,16 +40,16 @@ impl Builder<'_> {
         let qr = g.mul(g.rms_norm(g.mm(w.q_a, x), eps), w.q_a_norm);
         let qr = g.name(qr, &format!("q_lora-{il}"));
         let q = g.rms_norm(g.reshape(g.mm(w.q_b, qr), &[d, h, n]), eps);
-        let q = g.name(g.rope(q, self.inp.pos, n_rot, d - n_rot, &rope), &format!("q-{il}"));
+        let q = g.name(g.rope(q, self.si().pos, n_rot, d - n_rot, &rope), &format!("q-{il}"));
 
         // The one K=V head.
         let kv = g.mul(g.rms_norm(g.mm(w.kv, x), eps), w.kv_norm);
-        let kv = g.rope(g.reshape(kv, &[d, 1, n]), self.inp.pos, n_rot, d - n_rot, &rope);
+        let kv = g.rope(g.reshape(kv, &[d, 1, n]), self.si().pos, n_rot, d - n_rot, &rope);
         let kv = g.name(g.reshape(kv, &[d, n]), &format!("kv-{il}"));
 
         // Raw keys: the ring (last `window` positions before the batch) ++ the batch.
         let raw = g.name(g.concat(st.ring, kv, 1), &format!("raw_kv-{il}"));
-        self.effects.push(g.cpy(g.get_rows(raw, self.inp.ring_keep), st.ring));
+        self.effects.push(g.cpy(g.get_rows(raw, self.si().ring_keep), st.ring));
 
         let scale = 1.0 / (d as f32).sqrt();
         let qp = g.permute(q, [0, 2, 1, 3]); // [d, n, h]
@@ -69,7 +69,7 @@ impl Builder<'_> {
                 if ci.n_view <= self.csa_dense_max_view {
                     // −inf everywhere but at each token's selected entries.
                     let sel_mask = g.reshape(g.set_rows(g.fill(vis, f32::NEG_INFINITY), sel_vis, top), &[ci.n_view as i64, n]);
-                    (g.concat(raw, entries, 1), Mask::Layer(g.concat(self.inp.raw_mask, sel_mask, 0)))
+                    (g.concat(raw, entries, 1), Mask::Layer(g.concat(self.si().raw_mask, sel_mask, 0)))
                 } else {
                     let heads = self.attend_selected(q, qp, raw, entries, top, sel_vis, scale, w.sinks);
                     return self.attention_out(il, heads, w, &rope);
@@ -96,12 +96,14 @@ impl Builder<'_> {
     /// masks are made once per step and shared by the layers.
     fn layer_mask(&mut self, mask: Mask) -> T {
         let g = self.g;
-        let typed = |m: T| if self.flash { g.to_f16(m) } else { m };
+        let flash = self.flash;
+        let typed = |m: T| if flash { g.to_f16(m) } else { m };
+        let raw_mask = self.si().raw_mask;
         match mask {
-            Mask::Raw => *self.masks.entry(0).or_insert_with(|| typed(self.inp.raw_mask)),
+            Mask::Raw => *self.masks.entry((self.cur, 0)).or_insert_with(|| typed(raw_mask)),
             Mask::Hca(ratio) => {
                 let vis = self.comp_inputs(ratio).vis_mask;
-                *self.masks.entry(ratio).or_insert_with(|| typed(g.concat(self.inp.raw_mask, vis, 0)))
+                *self.masks.entry((self.cur, ratio)).or_insert_with(|| typed(g.concat(raw_mask, vis, 0)))
             }
             Mask::Layer(m) => typed(m),
         }
@@ -120,7 +122,7 @@ impl Builder<'_> {
         let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
         let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
         let kq = g.concat(kq_raw, kq_sel, 0);
-        let mask = g.concat(self.inp.raw_mask, sel_mask, 0);
+        let mask = g.concat(self.si().raw_mask, sel_mask, 0);
         let p = g.soft_max_sinks(kq, mask, scale, sinks);
         let n_raw = raw.ne(1);
         // Contiguous copies: GPU matmul kernels need even row strides in floats, which
@@ -141,7 +143,7 @@ impl Builder<'_> {
         let n_rot = c.n_rot as i64;
         // K = V carried RoPE into the output: rotate its rope dims back by −position (rope
         // reads permuted rows in place and writes [d, h, n]).
-        let out = g.rope(heads, self.inp.neg_pos, n_rot, d - n_rot, rope);
+        let out = g.rope(heads, self.si().neg_pos, n_rot, d - n_rot, rope);
         let out = g.name(out, &format!("attn_heads-{il}"));
 
         // Grouped low-rank output: each group of heads through its own slice of output_a.
@@ -215,7 +217,7 @@ impl Builder<'_> {
         let n_rot = c.n_rot as i64;
         let keys = self.compress(il, "index", x, &iw.compressor, is, ci, rope); // [di, n_view]
         let q = g.reshape(g.mm(iw.q_b, qr), &[di, hi, n]);
-        let q = g.rope(q, self.inp.pos, n_rot, di - n_rot, rope);
+        let q = g.rope(q, self.si().pos, n_rot, di - n_rot, rope);
         let wts = g.scale(g.mm(iw.proj, x), 1.0 / ((di * hi) as f32).sqrt()); // [hi, n]
         let s = g.relu(g.mm(keys, g.reshape(q, &[di, hi * n]))); // [n_view, hi·n]
         let s = g.reshape(s, &[ci.n_view as i64, hi, n]);

@@ -12,7 +12,7 @@ use crate::offload::ColdHost;
 use crate::ops::{Ctx, T};
 use crate::plan::{CompPlan, CompShape, RawPlan};
 use crate::state::Sequence;
-use crate::weights::Weights;
+use crate::weights::{LayerWeights, Weights};
 
 /// Graph inputs of one compressor ratio (shared by every layer of that ratio).
 pub struct CompInputs {
@@ -34,8 +34,12 @@ pub struct WindowInputs {
     pub write_idx: T,
 }
 
-pub struct Inputs {
-    pub tokens: T,
+/// The inputs of one sequence's tokens in a step: their positions, the raw window's mask
+/// and ring update, and the compressor plans.
+pub struct SeqInputs {
+    /// The sequence's first column among the step's tokens, and its token count.
+    pub first: usize,
+    pub n: usize,
     pub pos: T,
     pub neg_pos: T,
     pub raw_mask: T,
@@ -43,12 +47,30 @@ pub struct Inputs {
     pub comp: Vec<CompInputs>,
 }
 
-impl Inputs {
-    /// The inputs of a micro-batch of `n` tokens with these compressor plans.
-    pub fn new(g: &Ctx, c: &Ds4Config, n: usize, comps: &[(CompShape, CompPlan)]) -> Inputs {
+/// A step's inputs: every token (the columns of the sequences one after another), each
+/// sequence's own inputs, and the columns whose logits are read.
+pub struct Inputs {
+    pub tokens: T,
+    pub seqs: Vec<SeqInputs>,
+    /// Each sequence's last column (`Logits::Last` only).
+    pub last_cols: Option<T>,
+}
+
+/// What one sequence brings to a step: its position, its tokens and its plans.
+pub struct SeqPlan<'t> {
+    pub p: usize,
+    pub tokens: &'t [u32],
+    pub raw: RawPlan,
+    pub comps: Vec<(CompShape, CompPlan)>,
+}
+
+impl SeqInputs {
+    fn new(g: &Ctx, c: &Ds4Config, first: usize, n: usize, comps: &[(CompShape, CompPlan)]) -> SeqInputs {
+        let n_cols = n;
         let n = n as i64;
-        Inputs {
-            tokens: g.input(g.new_i32(&[n]), "tokens"),
+        SeqInputs {
+            first,
+            n: n_cols,
             pos: g.input(g.new_i32(&[n]), "pos"),
             neg_pos: g.input(g.new_i32(&[n]), "neg_pos"),
             raw_mask: g.input(g.new_f32(&[c.window as i64 + n, n]), "raw_mask"),
@@ -77,9 +99,8 @@ impl Inputs {
         }
     }
 
-    /// Every input tensor.
-    pub fn all(&self) -> Vec<T> {
-        let mut v = vec![self.tokens, self.pos, self.neg_pos, self.raw_mask, self.ring_keep];
+    fn all(&self, v: &mut Vec<T>) {
+        v.extend([self.pos, self.neg_pos, self.raw_mask, self.ring_keep]);
         for ci in &self.comp {
             v.extend([ci.ape_idx, ci.keep, ci.vis_mask]);
             if let Some(w) = &ci.windows {
@@ -87,20 +108,18 @@ impl Inputs {
                 v.extend(w.prev_idx);
             }
         }
-        v
     }
 
-    /// Fill the inputs for `tokens` at position `p` (the plans the inputs were made for).
-    pub fn set(&self, p: usize, tokens: &[u32], raw: &RawPlan, comps: &[(CompShape, CompPlan)]) {
-        let pos: Vec<i32> = (0..tokens.len()).map(|i| (p + i) as i32).collect();
+    /// Fill the inputs for `plan` (the one the inputs were made for).
+    fn set(&self, plan: &SeqPlan) {
+        let p = plan.p;
+        let pos: Vec<i32> = (0..plan.tokens.len()).map(|i| (p + i) as i32).collect();
         let neg: Vec<i32> = pos.iter().map(|&q| -q).collect();
-        let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        self.tokens.write_i32(&toks);
         self.pos.write_i32(&pos);
         self.neg_pos.write_i32(&neg);
-        self.raw_mask.write_f32(&raw.mask);
-        self.ring_keep.write_i32(&raw.keep);
-        for (ci, (_, cp)) in self.comp.iter().zip(comps) {
+        self.raw_mask.write_f32(&plan.raw.mask);
+        self.ring_keep.write_i32(&plan.raw.keep);
+        for (ci, (_, cp)) in self.comp.iter().zip(&plan.comps) {
             ci.ape_idx.write_i32(&cp.ape_idx);
             if let Some(w) = &ci.windows {
                 w.cur_idx.write_i32(&cp.cur_idx);
@@ -116,11 +135,56 @@ impl Inputs {
     }
 }
 
+impl Inputs {
+    /// The inputs of a step over these sequences' plans (their token counts and compressor
+    /// plans fix the shapes).
+    pub fn new(g: &Ctx, c: &Ds4Config, plans: &[SeqPlan], logits: Logits) -> Inputs {
+        let mut first = 0;
+        let seqs: Vec<SeqInputs> = plans
+            .iter()
+            .map(|sp| {
+                let si = SeqInputs::new(g, c, first, sp.tokens.len(), &sp.comps);
+                first += sp.tokens.len();
+                si
+            })
+            .collect();
+        Inputs {
+            tokens: g.input(g.new_i32(&[first as i64]), "tokens"),
+            last_cols: (logits == Logits::Last).then(|| g.input(g.new_i32(&[seqs.len() as i64]), "last_cols")),
+            seqs,
+        }
+    }
+
+    /// Every input tensor.
+    pub fn all(&self) -> Vec<T> {
+        let mut v = vec![self.tokens];
+        v.extend(self.last_cols);
+        for si in &self.seqs {
+            si.all(&mut v);
+        }
+        v
+    }
+
+    /// Fill the inputs for `plans` (the ones the inputs were made for).
+    pub fn set(&self, plans: &[SeqPlan]) {
+        let toks: Vec<i32> = plans.iter().flat_map(|sp| sp.tokens.iter().map(|&t| t as i32)).collect();
+        self.tokens.write_i32(&toks);
+        if let Some(t) = self.last_cols {
+            t.write_i32(&self.seqs.iter().map(|si| (si.first + si.n - 1) as i32).collect::<Vec<_>>());
+        }
+        for (si, sp) in self.seqs.iter().zip(plans) {
+            si.set(sp);
+        }
+    }
+}
+
 /// The graph builder of one step: straight-line code in the order of the math.
 pub struct Builder<'a> {
     pub g: &'a Ctx,
     pub c: &'a Ds4Config,
     pub inp: &'a Inputs,
+    /// The sequence whose attention is being built (index into `inp.seqs`).
+    pub cur: usize,
     /// Writes into per-sequence state, expanded after the outputs so they run last.
     pub effects: Vec<T>,
     pub cold: Option<*const Mutex<ColdState>>,
@@ -140,20 +204,29 @@ pub struct Builder<'a> {
     pub flash: bool,
     /// See [`crate::ModelOptions::csa_dense_max_view`].
     pub csa_dense_max_view: usize,
-    /// Attention masks shared by layers, made once per step (F16 for flash attention):
-    /// 0 → the raw mask, ratio → the raw mask ++ that ratio's visibility.
-    pub masks: HashMap<usize, T>,
+    /// Attention masks shared by layers, made once per step and sequence (F16 for flash
+    /// attention): (sequence, 0) → the raw mask, (sequence, ratio) → the raw mask ++ that
+    /// ratio's visibility.
+    pub masks: HashMap<(usize, usize), T>,
 }
 
 impl<'a> Builder<'a> {
-    pub fn comp_inputs(&self, ratio: usize) -> &'a CompInputs {
-        // Every ratio of the config gets inputs when the step is built.
-        self.inp.comp.iter().find(|ci| ci.ratio == ratio).unwrap_or_else(|| unreachable!("inputs for ratio {ratio}"))
+    /// The inputs of the sequence being built.
+    pub fn si(&self) -> &'a SeqInputs {
+        &self.inp.seqs[self.cur]
     }
 
-    /// The model over the micro-batch: the logits [n_vocab, n] (`Logits::All`) or
-    /// [n_vocab, 1] (the last token's). State writes are collected in `effects`.
-    pub fn model(&mut self, w: &Weights, seq: &Sequence, logits: Logits) -> T {
+    pub fn comp_inputs(&self, ratio: usize) -> &'a CompInputs {
+        // Every ratio of the config gets inputs when the step is built.
+        self.si().comp.iter().find(|ci| ci.ratio == ratio).unwrap_or_else(|| unreachable!("inputs for ratio {ratio}"))
+    }
+
+    /// The model over the step's tokens (the sequences' columns one after another): the
+    /// logits [n_vocab, n] (`Logits::All`) or [n_vocab, sequences] (each one's last token).
+    /// Everything but attention works column by column over all tokens at once; attention
+    /// runs per sequence on its own columns and state. State writes are collected in
+    /// `effects`.
+    pub fn model(&mut self, w: &Weights, seqs: &[&Sequence]) -> T {
         let (g, c) = (self.g, self.c);
         let n = self.inp.tokens.ne(0);
         let hc = c.hc_count as i64;
@@ -163,19 +236,36 @@ impl<'a> Builder<'a> {
         let emb = g.name(g.get_rows(w.token_embd, self.inp.tokens), "embd");
         let mut x = g.repeat_4d(g.reshape(emb, &[e, 1, n]), [e, hc, n, 1]);
         for (il, lw) in w.layers.iter().enumerate() {
-            let st = &seq.layers[il];
             let (y, mix) = self.hc_pre(x, &lw.hc_attn, il, "attn");
-            let a = self.attention(il, g.mul(g.rms_norm(y, c.rms_eps), lw.attn_norm), lw, st);
+            let a = self.attention_per_sequence(il, g.mul(g.rms_norm(y, c.rms_eps), lw.attn_norm), lw, seqs);
             x = self.hc_post(a, x, &mix);
             let (y, mix) = self.hc_pre(x, &lw.hc_ffn, il, "ffn");
             let f = self.moe(il, g.mul(g.rms_norm(y, c.rms_eps), lw.ffn_norm), lw);
             x = g.name(self.hc_post(f, x, &mix), &format!("streams-{il}"));
         }
         let mut h = g.mul(g.rms_norm(self.hc_head(x, &w.hc_head), c.rms_eps), w.output_norm);
-        if logits == Logits::Last {
-            h = g.view_2d(h, e, 1, 0, n - 1);
+        if let Some(last) = self.inp.last_cols {
+            h = g.get_rows(h, last);
         }
         let h = g.name(h, "hidden_final");
         g.name(g.mm(w.output, h), "logits")
+    }
+
+    /// Each sequence's attention over its own columns of `x` [n_embd, n] with its own state
+    /// and inputs, the outputs side by side again [n_embd, n].
+    fn attention_per_sequence(&mut self, il: usize, x: T, lw: &LayerWeights, seqs: &[&Sequence]) -> T {
+        let g = self.g;
+        let mut out: Option<T> = None;
+        for (i, seq) in seqs.iter().enumerate() {
+            self.cur = i;
+            let si = self.si();
+            let cols = if seqs.len() == 1 { x } else { g.view_2d(x, x.ne(0), si.n as i64, 0, si.first as i64) };
+            let a = self.attention(il, cols, lw, &seq.layers[il]);
+            out = Some(match out {
+                Some(prev) => g.concat(prev, a, 1),
+                None => a,
+            });
+        }
+        out.unwrap_or_else(|| unreachable!("a step has at least one sequence"))
     }
 }

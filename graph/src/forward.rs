@@ -1,70 +1,111 @@
-//! The forward pass: a batch of tokens split into micro-batches, each run as one step graph
-//! (built or taken from the step cache, its inputs filled, computed, its logits read).
+//! The forward pass: the tokens of one or more sequences split into steps of at most
+//! `ubatch` tokens, each run as one step graph (built or taken from the step cache, its
+//! inputs filled, computed, its logits read).
 use std::time::Instant;
 
+use crate::builder::SeqPlan;
 use crate::model::{Logits, Model, StepTimings};
-use crate::plan::{self, CompPlan, CompShape};
+use crate::plan::{self, CompShape};
 use crate::profile::{self, OpProfile};
 use crate::state::Sequence;
-use crate::steps::StepKey;
+use crate::steps::{SeqKey, StepKey};
 use crate::GraphError;
+
+/// One sequence's share of a step: which item, from which of its tokens, how many.
+#[derive(Clone, Copy)]
+struct Part {
+    item: usize,
+    start: usize,
+    n: usize,
+}
 
 impl Model {
     /// Run `tokens` through the model after what `seq` holds, in micro-batches of at most
     /// `ubatch` tokens. Returns n_vocab logits per token (`Logits::All`) or for the last one.
     /// Token ids and the context size are checked before any compute.
     pub fn forward(&mut self, seq: &mut Sequence, tokens: &[u32], want: Logits) -> Result<Vec<f32>, GraphError> {
-        if seq.model_id != self.model_id {
-            return Err(GraphError::ForeignSequence);
-        }
+        let mut out = self.forward_batch(&mut [(seq, tokens)], want)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Run each item's tokens through the model after what its sequence holds, the
+    /// sequences together: each step takes the next tokens of every unfinished item, in
+    /// order, while the step has room (`ubatch` tokens), and runs them as one graph, where
+    /// everything but attention works over all the step's tokens at once and each sequence
+    /// attends over its own columns and state. Per item: n_vocab logits per token
+    /// (`Logits::All`) or for its last token (none for an item without tokens). Each
+    /// sequence's logits are its logits alone (DS4.md, Batched steps). Token ids and context
+    /// sizes are checked before any compute.
+    pub fn forward_batch(&mut self, items: &mut [(&mut Sequence, &[u32])], want: Logits) -> Result<Vec<Vec<f32>>, GraphError> {
         let n_vocab = self.config.n_vocab;
-        crate::check_token_ids(tokens, n_vocab)?;
+        for (seq, tokens) in items.iter() {
+            if seq.model_id != self.model_id {
+                return Err(GraphError::ForeignSequence);
+            }
+            crate::check_token_ids(tokens, n_vocab)?;
+            if seq.pos() + tokens.len() > seq.n_ctx() {
+                return Err(GraphError::ContextOverflow { pos: seq.pos(), n: tokens.len(), n_ctx: seq.n_ctx() });
+            }
+        }
         if self.cold.is_none() && self.has_cold_experts() {
             return Err(GraphError::Option("some routed experts are cold but no cold executor is set".into()));
         }
-        if seq.pos() + tokens.len() > seq.n_ctx() {
-            return Err(GraphError::ContextOverflow { pos: seq.pos(), n: tokens.len(), n_ctx: seq.n_ctx() });
-        }
         self.timings = StepTimings::default();
-        let mut out = Vec::with_capacity(if want == Logits::All { tokens.len() * n_vocab } else { n_vocab });
-        let chunks: Vec<&[u32]> = tokens.chunks(self.opts.ubatch).collect();
-        for (i, chunk) in chunks.iter().enumerate() {
-            let last = i + 1 == chunks.len();
-            let mode = if want == Logits::All || last { want } else { Logits::Last };
-            let logits = self.step(seq, chunk, mode)?;
-            if want == Logits::All || last {
-                out.extend_from_slice(&logits);
+        let mut out: Vec<Vec<f32>> = items.iter().map(|_| Vec::new()).collect();
+        let mut done = vec![0usize; items.len()];
+        loop {
+            let mut room = self.opts.ubatch;
+            let mut parts = Vec::new();
+            for (item, (_, tokens)) in items.iter().enumerate() {
+                let n = (tokens.len() - done[item]).min(room);
+                if n > 0 {
+                    parts.push(Part { item, start: done[item], n });
+                    room -= n;
+                }
+            }
+            if parts.is_empty() {
+                return Ok(out);
+            }
+            // Logits::Last reads every part's last token; only an item's final one is kept.
+            let logits = self.step(items, &parts, want)?;
+            let mut row = 0;
+            for part in &parts {
+                let rows = if want == Logits::All { part.n } else { 1 };
+                done[part.item] += part.n;
+                if want == Logits::All || done[part.item] == items[part.item].1.len() {
+                    out[part.item].extend_from_slice(&logits[row * n_vocab..(row + rows) * n_vocab]);
+                }
+                row += rows;
             }
         }
-        Ok(out)
     }
 
-    /// One micro-batch.
-    fn step(&mut self, seq: &mut Sequence, tokens: &[u32], want: Logits) -> Result<Vec<f32>, GraphError> {
-        let (p, n) = (seq.pos(), tokens.len());
-        let raw = plan::raw_plan(p, n, self.config.window);
-        let comps: Vec<(CompShape, CompPlan)> = self
-            .comp_shapes(seq)
-            .into_iter()
-            .map(|s| {
-                let cp = plan::comp_plan(p, n, &s);
-                (s, cp)
+    /// One step over these parts of the items.
+    fn step(&mut self, items: &mut [(&mut Sequence, &[u32])], parts: &[Part], want: Logits) -> Result<Vec<f32>, GraphError> {
+        let plans: Vec<SeqPlan> = parts
+            .iter()
+            .map(|part| {
+                let (seq, tokens) = &items[part.item];
+                let (p, n) = (seq.pos(), part.n);
+                let comps = self.comp_shapes(seq).into_iter().map(|s| (s, plan::comp_plan(p, n, &s))).collect();
+                SeqPlan { p, tokens: &tokens[part.start..part.start + n], raw: plan::raw_plan(p, n, self.config.window), comps }
             })
             .collect();
-        let key = StepKey { seq: seq.id, n, logits: want, comp: comps.iter().map(|(s, cp)| (s.ratio, cp.n_windows, cp.n_view)).collect() };
+        let key = StepKey { logits: want, seqs: parts.iter().zip(&plans).map(|(part, sp)| SeqKey::new(items[part.item].0, sp)).collect() };
 
         let t0 = Instant::now();
-        // Step graphs are cached per shape key (which includes the sequence), so sequences
-        // served in turn keep their decode graphs.
+        // Step graphs are cached per shape key (which includes the sequences), so sequences
+        // served in turn, or together, keep their decode graphs.
         if self.steps.touch(&key) {
             self.timings.graphs_reused += 1;
         } else {
-            let s = self.build_step(seq, key, &comps)?;
+            let seqs: Vec<&Sequence> = parts.iter().map(|part| &*items[part.item].0).collect();
+            let s = self.build_step(&seqs, key, &plans)?;
             self.steps.insert(s);
             self.timings.graphs_built += 1;
         }
         let Some(step) = self.steps.last_mut() else { unreachable!("a step was just cached") };
-        step.inputs.set(p, tokens, &raw, &comps);
+        step.inputs.set(&plans);
         match self.op_profile.as_mut() {
             // SAFETY: the profile is boxed and owned by the model, which outlives the compute
             // below and touches the profile only through &mut self.
@@ -74,22 +115,25 @@ impl Model {
         }
         let t1 = Instant::now();
         // SAFETY: the step's graph is the one its scheduler allocated; its other tensors live
-        // in the model's weight buffers and the sequence's state buffer, on these backends.
+        // in the model's weight buffers and the sequences' state buffers, on these backends.
         unsafe { step.sched.compute(step.graph.as_ptr())? };
         if let Some(cold) = &self.cold {
             let mut st = cold.lock().map_err(|_| GraphError::ColdStatePoisoned)?;
             if let Some((layer, source)) = st.error.take() {
-                // The step's state writes ran: the sequence no longer matches its position.
+                // The step's state writes ran: the sequences no longer match their positions.
                 return Err(GraphError::Cold { layer, source });
             }
         }
-        let rows = if want == Logits::All { n } else { 1 };
+        let n: usize = parts.iter().map(|part| part.n).sum();
+        let rows = if want == Logits::All { n } else { parts.len() };
         let mut logits = vec![0f32; rows * self.config.n_vocab];
         step.out.read_f32(&mut logits);
         let t2 = Instant::now();
         self.timings.build_s += (t1 - t0).as_secs_f64();
         self.timings.compute_s += (t2 - t1).as_secs_f64();
-        seq.advance(n);
+        for part in parts {
+            items[part.item].0.advance(part.n);
+        }
         Ok(logits)
     }
 

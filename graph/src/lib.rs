@@ -6,6 +6,7 @@
 //! (hyper-connection pre → attention with the raw window, compressed entries and the
 //! lightning indexer → hyper-connection post → hyper-connection pre → MoE → post) → HC head
 //! → norm → logits.
+mod adaptive;
 mod attention;
 mod builder;
 mod cold;
@@ -24,8 +25,9 @@ mod steps;
 mod vocab;
 mod weights;
 
+pub use adaptive::{SwapPolicy, SwapReport};
 pub use cold::{BoxError, ColdError, ColdExperts, ExpertLayerStats};
-pub use load::load_weights;
+pub use load::{load_weights, load_weights_reporting};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use profile::OpRow;
 pub use state::Sequence;

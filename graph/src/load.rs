@@ -27,6 +27,9 @@ impl Model {
         if opts.ubatch == 0 {
             return Err(GraphError::Option("ubatch must be at least 1".into()));
         }
+        if opts.adaptive.is_some() && (opts.cold_offload_min > 0 || opts.cold_layers_in_graph) {
+            return Err(GraphError::Option("an adaptive placement moves experts between hot and cold; the pinned host copy of the cold experts (cold offload, cold layers in the graph) is fixed at load".into()));
+        }
         let device = match &opts.device {
             Some(name) => Device::by_name(name)?,
             None => Device::cpu()?,
@@ -74,7 +77,9 @@ impl Model {
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
         let model_id = NEXT_SEQ_ID.fetch_add(1, Ordering::Relaxed);
-        let route_counts = opts.route_stats_out.as_ref().map(|_| Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer])));
+        let counting = opts.route_stats_out.is_some() || opts.adaptive.is_some();
+        let route_counts = counting.then(|| Box::new(Mutex::new(vec![vec![0u64; config.n_expert]; config.n_layer])));
+        let adaptive = opts.adaptive.map(|p| crate::adaptive::Adaptive::new(p, config.n_layer, config.n_expert));
         Ok(Model {
             config,
             file,
@@ -90,6 +95,8 @@ impl Model {
             cold: None,
             cold_host,
             route_counts,
+            adaptive,
+            swaps: Default::default(),
             op_profile: None,
             _tables: tables,
             _tensors: tensors,
@@ -105,18 +112,37 @@ impl Model {
 /// (`expert_worker::ExpertWorker`) are loaded by this one function, so an expert has the
 /// same layout, and its products the same kernel, wherever it is placed.
 pub fn load_weights(file: &ModelFile, requests: Vec<TensorRequest>, device: Device, repack: bool, read: &ReadOptions) -> Result<TensorSet, GraphError> {
+    load_weights_reporting(file, requests, device, repack, read, &mut |_| {})
+}
+
+/// [`load_weights`], calling `on_progress(bytes)` on the calling thread each time the bytes
+/// read so far (of all the requests) have grown; the last call reports all of them.
+pub fn load_weights_reporting(
+    file: &ModelFile,
+    requests: Vec<TensorRequest>,
+    device: Device,
+    repack: bool,
+    read: &ReadOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<TensorSet, GraphError> {
     let repack = if repack && device.kind() == ggml::DeviceKind::Cpu { device.extra_buffer_type("CPU_REPACK") } else { None };
     let (plain, packed): (Vec<TensorRequest>, Vec<TensorRequest>) = match repack {
         Some(rb) => requests.into_iter().partition(|r| !repackable(file, &r.name, device, rb)),
         None => (requests, Vec::new()),
     };
     let mut sets = Vec::new();
+    let mut plain_read = 0;
     if !plain.is_empty() {
-        sets.push(loader::load_tensors(file, &plain, device.buffer_type(), read)?);
+        let mut report = |bytes: u64| {
+            plain_read = bytes;
+            on_progress(bytes)
+        };
+        sets.push(loader::load_tensors_reporting(file, &plain, device.buffer_type(), read, &mut report)?);
     }
     if let (Some(rb), false) = (repack, packed.is_empty()) {
         tracing::debug!(tensors = packed.len(), "matrices in the CPU_REPACK buffer");
-        sets.push(loader::load_tensors_whole(file, &packed, rb, read)?);
+        let mut report = |bytes: u64| on_progress(plain_read + bytes);
+        sets.push(loader::load_tensors_whole_reporting(file, &packed, rb, read, &mut report)?);
     }
     Ok(TensorSet::new(sets))
 }

@@ -52,6 +52,10 @@ pub struct ModelOptions {
     /// the step graph at every batch size, from the pinned host copy (ggml's CPU backend for
     /// batches below `cold_offload_min`), instead of through the cold executor.
     pub cold_layers_in_graph: bool,
+    /// The hot set follows the live routing ([`Model::replace_experts`], `adaptive.rs`):
+    /// routing is counted, and partly held layers swap experts between steps. Not with a
+    /// pinned host copy of the cold experts (`cold_offload_min`, `cold_layers_in_graph`).
+    pub adaptive: Option<crate::adaptive::SwapPolicy>,
 }
 
 impl Default for ModelOptions {
@@ -69,6 +73,7 @@ impl Default for ModelOptions {
             csa_dense_max_view: None,
             cold_offload_min: 0,
             cold_layers_in_graph: false,
+            adaptive: None,
         }
     }
 }
@@ -113,6 +118,9 @@ pub struct Model {
     /// The cold experts' pinned host copy (`ModelOptions::cold_offload_min`).
     pub(crate) cold_host: Option<crate::offload::ColdHost>,
     pub(crate) route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,
+    /// The live scores when adaptive (`ModelOptions::adaptive`).
+    pub(crate) adaptive: Option<crate::adaptive::Adaptive>,
+    pub(crate) swaps: crate::adaptive::SwapReport,
     /// Per-op timing of every step when on (`set_op_profile`); boxed: the scheduler's
     /// callback points at it.
     pub(crate) op_profile: Option<Box<OpProfile>>,
@@ -133,7 +141,7 @@ impl Model {
         Some(std::mem::replace(&mut st.stats, vec![Default::default(); n]))
     }
 
-    /// Routed tokens per layer and expert so far (with `route_stats_out`).
+    /// Routed tokens per layer and expert so far (with `route_stats_out` or `adaptive`).
     pub fn route_counts(&self) -> Option<Vec<Vec<u64>>> {
         self.route_counts.as_ref().and_then(|m| m.lock().ok()).map(|c| c.clone())
     }

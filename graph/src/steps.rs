@@ -4,23 +4,33 @@ use std::sync::Mutex;
 
 use ggml::{Backend, Context, Scheduler};
 
-use crate::builder::{Builder, Inputs};
+use crate::builder::{Builder, Inputs, SeqPlan};
 use crate::cold::{ColdCall, ColdState, RouteCall};
 use crate::model::{Logits, Model};
 use crate::ops::{Ctx, Graph, T};
-use crate::plan::{CompPlan, CompShape};
 use crate::state::Sequence;
 use crate::GraphError;
 
-/// What fixes a step graph: the sequence (its state tensors are in the graph), the tokens
-/// of the micro-batch, which logits, and per compressor ratio (windows closing, entries
-/// visible).
+/// What fixes a step graph: which logits, and per sequence in order its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct StepKey {
+    pub logits: Logits,
+    pub seqs: Vec<SeqKey>,
+}
+
+/// One sequence's part of a step key: the sequence (its state tensors are in the graph),
+/// its tokens in the step, and per compressor ratio (windows closing, entries visible).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SeqKey {
     pub seq: u64,
     pub n: usize,
-    pub logits: Logits,
     pub comp: Vec<(usize, usize, usize)>,
+}
+
+impl SeqKey {
+    pub fn new(seq: &Sequence, plan: &SeqPlan) -> SeqKey {
+        SeqKey { seq: seq.id, n: plan.tokens.len(), comp: plan.comps.iter().map(|(s, cp)| (s.ratio, cp.n_windows, cp.n_view)).collect() }
+    }
 }
 
 /// A built step graph, allocated and ready to run.
@@ -39,8 +49,8 @@ pub(crate) struct Step {
     _ctx: Context,
 }
 
-/// Step graphs kept (each with its compute buffer): enough for a few sequences' decode graphs
-/// plus a prefill shape.
+/// Step graphs kept (each with its compute buffer): enough for a few sequences' (or batches')
+/// decode graphs plus a prefill shape.
 const MAX_CACHED_STEPS: usize = 8;
 
 /// The kept step graphs, least recently used first.
@@ -84,13 +94,13 @@ impl StepCache {
 }
 
 impl Model {
-    /// Build and allocate the step graph of `key` for `seq`.
-    pub(crate) fn build_step(&self, seq: &Sequence, key: StepKey, comps: &[(CompShape, CompPlan)]) -> Result<Step, GraphError> {
+    /// Build and allocate the step graph of `key` for `seqs` (with these plans).
+    pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan]) -> Result<Step, GraphError> {
         let c = &self.config;
-        let graph_size = 256 + c.n_layer * 512;
+        let graph_size = 256 + c.n_layer * 512 * seqs.len();
         let ctx = Context::new_no_alloc(graph_size * 2, graph_size)?;
         let g = Ctx { raw: ctx.as_ptr() };
-        let inputs = Inputs::new(&g, c, key.n, comps);
+        let inputs = Inputs::new(&g, c, plans, key.logits);
 
         let on_cpu = self.backend.device().kind() == ggml::DeviceKind::Cpu;
         let flash = self.opts.flash_attn.unwrap_or(on_cpu);
@@ -98,6 +108,7 @@ impl Model {
             g: &g,
             c,
             inp: &inputs,
+            cur: 0,
             effects: Vec::new(),
             cold: self.cold.as_deref().map(|m| m as *const Mutex<ColdState>),
             cold_host: self.cold_host.as_ref(),
@@ -110,7 +121,7 @@ impl Model {
             csa_dense_max_view: self.opts.csa_dense_max_view.unwrap_or(if flash { 16 } else { 4 } * c.indexer_top_k),
             masks: Default::default(),
         };
-        let out = b.model(&self.weights, seq, key.logits);
+        let out = b.model(&self.weights, seqs);
         let Builder { effects, cold_calls, route_calls, cpu_nodes, .. } = b;
 
         // The effects go last: they overwrite state the step reads.
@@ -142,7 +153,7 @@ impl Model {
         // SAFETY: the graph is live; weights, tables and state are in these backends' buffers.
         unsafe { sched.alloc_graph(graph.as_ptr())? };
         let (nodes, compute_nodes) = graph.node_counts();
-        tracing::debug!(n = key.n, nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
+        tracing::debug!(seqs = key.seqs.len(), n = inputs.tokens.ne(0), nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
         Ok(Step { key, graph, inputs, out, sched, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
     }
 }

@@ -38,15 +38,20 @@ fn opts(spin: Duration) -> ConnectOptions {
 fn serve(sock: UnixStream, spin: Duration) -> anyhow::Result<()> {
     let experts = ExpertSet::full(43, 256);
     let mut server = WorkerServer::handshake(sock, &identity(), experts, &opts(spin))?;
+    let (mut input, mut rows) = (Vec::new(), Vec::new());
     loop {
         match server.next_request()? {
             Request::Eval(req) => {
-                let (input, output) = server.eval_io()?;
-                for (&e, row) in req.pairs.ids().iter().zip(output.chunks_exact_mut(input.len())) {
-                    for (o, i) in row.iter_mut().zip(input) {
+                let n = N_EMBD as usize;
+                input.resize(req.n_tokens() * n, 0.0);
+                server.read_inputs(&mut input)?;
+                rows.resize(req.pairs.n_pairs() * n, 0.0);
+                for (&e, row) in req.pairs.ids().iter().zip(rows.chunks_exact_mut(n)) {
+                    for (o, i) in row.iter_mut().zip(&input) {
                         *o = i * (e + 1) as f32;
                     }
                 }
+                server.write_outputs(&rows)?;
                 server.reply_eval(req.id, 0)?;
             }
             Request::Ping { id, payload } => server.reply_pong(id, &payload)?,
@@ -92,14 +97,16 @@ fn bench_shm(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Summar
     let pairs = ExpertPairs::from_tokens(&[&IDS]);
     let n = N_EMBD as usize;
     let mut times = Vec::with_capacity(iters);
+    let (mut x, mut out) = (vec![0f32; n], vec![0f32; IDS.len() * n]);
     for it in 0..iters + 1000 {
         let t0 = Instant::now();
-        for (j, v) in conn.input_mut(1)?.iter_mut().enumerate() {
+        for (j, v) in x.iter_mut().enumerate() {
             *v = (it + j) as f32;
         }
+        conn.write_inputs(&x)?;
         let id = conn.eval_begin(7, &pairs)?;
         conn.eval_end(id, Instant::now() + Duration::from_secs(5))?;
-        let out = conn.output(IDS.len())?;
+        conn.read_outputs(&mut out)?;
         for (p, &e) in IDS.iter().enumerate() {
             let want = it as f32 * (e + 1) as f32;
             anyhow::ensure!(out[p * n] == want, "output row {p}: {} expected {want}", out[p * n]);

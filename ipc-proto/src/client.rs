@@ -11,7 +11,7 @@ use experts::{ExpertPairs, ExpertSet};
 use crate::frame::{self, check_slots};
 use crate::shm::{Area, SharedRegion};
 use crate::stream::Conn;
-use crate::types::{FrameType, Limits, ModelIdentity, SetupMsg, WorkerStats};
+use crate::types::{FrameType, Limits, LoadProgress, ModelIdentity, SetupMsg, WorkerStats};
 
 /// Identifies one request on a connection (increasing from 1).
 pub type RequestId = u64;
@@ -19,8 +19,12 @@ pub type RequestId = u64;
 /// Timeouts and the wait policy of a connection (either side).
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectOptions {
-    /// Whole handshake (Hello, Setup, Ready).
+    /// Hello and Setup (the exchange before the worker loads its experts).
     pub handshake_timeout: Duration,
+    /// Daemon side, from Setup to Ready while the worker loads: the longest wait for the next
+    /// `LoadProgress` that shows more bytes loaded (or for Ready). A worker that keeps
+    /// making progress may take as long as its load takes.
+    pub load_stall: Duration,
     /// Sending one frame (only matters when the peer stops reading).
     pub write_timeout: Duration,
     /// Before blocking in `poll`, retry a non-blocking receive for this long. Trades a CPU for
@@ -30,7 +34,12 @@ pub struct ConnectOptions {
 
 impl Default for ConnectOptions {
     fn default() -> Self {
-        ConnectOptions { handshake_timeout: Duration::from_secs(10), write_timeout: Duration::from_secs(10), spin: Duration::ZERO }
+        ConnectOptions {
+            handshake_timeout: Duration::from_secs(10),
+            load_stall: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(10),
+            spin: Duration::ZERO,
+        }
     }
 }
 
@@ -53,11 +62,22 @@ struct PendingEval {
     sent: Instant,
 }
 
+/// What the worker reported while it loaded its experts (between Setup and Ready).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// The last progress reported (zero when the worker sent none: nothing to load).
+    pub last: LoadProgress,
+    /// `LoadProgress` frames received.
+    pub reports: u32,
+    /// From Setup sent to Ready received.
+    pub elapsed: Duration,
+}
+
 /// A handshaken connection to a worker with its shared activation region.
 ///
-/// One eval at a time: write the inputs with [`input_mut`](Self::input_mut), send with
-/// [`eval_begin`](Self::eval_begin), collect with [`eval_end`](Self::eval_end), read the
-/// results with [`output`](Self::output). Any wire error closes the connection; errors for
+/// One eval at a time: copy the inputs in with [`write_inputs`](Self::write_inputs), send
+/// with [`eval_begin`](Self::eval_begin), collect with [`eval_end`](Self::eval_end), copy the
+/// results out with [`read_outputs`](Self::read_outputs). Any wire error closes the connection; errors for
 /// which [`ProtoError::is_peer_lost`] holds mean the worker should be respawned.
 pub struct WorkerConnection {
     conn: Conn,
@@ -69,6 +89,7 @@ pub struct WorkerConnection {
     pending: Option<PendingEval>,
     last_done: u32,
     write_timeout: Duration,
+    load: LoadReport,
 }
 
 impl WorkerConnection {
@@ -83,8 +104,10 @@ impl WorkerConnection {
     }
 
     /// The handshake over an already connected stream: reads the worker's Hello, refuses
-    /// another model or version, creates the shared region, sends Setup with its memfd,
-    /// waits for Ready.
+    /// another model or version, creates the shared region, sends Setup with its memfd, then
+    /// waits for Ready while the worker loads its experts: each `LoadProgress` that shows
+    /// more bytes loaded gives the worker another [`ConnectOptions::load_stall`]; without
+    /// progress for that long the handshake fails with [`ProtoError::LoadStalled`].
     pub fn handshake(sock: UnixStream, limits: Limits, expected: &ModelIdentity, opts: &ConnectOptions) -> Result<Self> {
         limits.validate_for(expected)?;
         let mut conn = Conn::new(sock, opts.spin)?;
@@ -109,8 +132,8 @@ impl WorkerConnection {
         frame::encode_setup(conn.begin_frame(), &setup);
         conn.send_frame(FrameType::Setup, 0, &[], Some(fd.as_raw_fd()), deadline)?;
         drop(fd);
-        conn.read_frame(deadline, "waiting for Ready", Some(&limits), &|t| t == FrameType::Ready, "Ready")?;
-        tracing::debug!(%identity, experts = experts.len(), "worker connected");
+        let load = wait_loaded(&mut conn, &limits, opts.load_stall)?;
+        tracing::debug!(%identity, experts = experts.len(), loaded = load.last.loaded, seconds = load.elapsed.as_secs_f64(), "worker connected");
         Ok(WorkerConnection {
             conn,
             limits,
@@ -121,6 +144,7 @@ impl WorkerConnection {
             pending: None,
             last_done: 0,
             write_timeout: opts.write_timeout,
+            load,
         })
     }
 
@@ -135,6 +159,11 @@ impl WorkerConnection {
 
     pub fn limits(&self) -> &Limits {
         &self.limits
+    }
+
+    /// What the worker reported while loading its experts.
+    pub fn load_report(&self) -> LoadReport {
+        self.load
     }
 
     /// Whether an earlier error closed the connection.
@@ -161,17 +190,19 @@ impl WorkerConnection {
         id
     }
 
-    /// The first `n_tokens` rows (`n_tokens * n_embd` f32) of the input area, to fill before
-    /// [`eval_begin`](Self::eval_begin). Only while no eval is in flight.
-    pub fn input_mut(&mut self, n_tokens: usize) -> Result<&mut [f32]> {
-        self.idle("input_mut")?;
-        self.shm.rows_mut(Area::Input, n_tokens)
+    /// Copies `x` (the activations of the next eval's tokens, `n_tokens * n_embd` f32) into
+    /// rows `0..n_tokens` of the input area. Only while no eval is in flight.
+    pub fn write_inputs(&mut self, x: &[f32]) -> Result<()> {
+        self.idle("write_inputs")?;
+        self.shm.write_rows(Area::Input, x)
     }
 
-    /// The first `n_pairs` rows of the output area as written by the last completed eval:
-    /// row `p` is pair `p`'s expert on its token's input row.
-    pub fn output(&self, n_pairs: usize) -> Result<&[f32]> {
-        self.idle("output")?;
+    /// Copies rows `0..n_pairs` of the output area, as written by the last completed eval,
+    /// into `out` (`n_pairs * n_embd` f32: row `p` is pair `p`'s expert on its token's input
+    /// row). Only while no eval is in flight.
+    pub fn read_outputs(&self, out: &mut [f32]) -> Result<()> {
+        self.idle("read_outputs")?;
+        let n_pairs = out.len() / self.limits.n_embd as usize;
         if n_pairs > self.last_done as usize {
             return Err(ProtoError::OutOfRange {
                 what: "output rows (pairs of the last completed eval)",
@@ -179,7 +210,7 @@ impl WorkerConnection {
                 found: n_pairs as u64,
             });
         }
-        self.shm.rows(Area::Output, n_pairs)
+        self.shm.read_rows(Area::Output, out)
     }
 
     /// Sends an eval of `pairs.n_tokens()` tokens (rows `0..n_tokens` of the input area) at
@@ -314,5 +345,65 @@ impl WorkerConnection {
             Err(e) => Err(e),
             Ok(_) => Err(ProtoError::State { expected: "EOF after Shutdown", found: "a frame" }),
         }
+    }
+}
+
+/// Daemon side, after Setup: reads `LoadProgress` frames until Ready. Each report must keep
+/// the total and never go back; one that shows more bytes loaded moves the deadline to
+/// `stall` from its arrival. Ready after progress must come with everything loaded.
+fn wait_loaded(conn: &mut Conn, limits: &Limits, stall: Duration) -> Result<LoadReport> {
+    let started = Instant::now();
+    let mut report = LoadReport::default();
+    let mut last_progress = started;
+    let mut last_log = started;
+    loop {
+        let r = conn.read_frame(
+            Some(last_progress + stall),
+            "waiting for the worker to load its experts",
+            Some(limits),
+            &|t| matches!(t, FrameType::LoadProgress | FrameType::Ready),
+            "LoadProgress or Ready",
+        );
+        let (h, payload) = match r {
+            Ok(v) => v,
+            Err(ProtoError::Timeout { .. }) => {
+                return Err(ProtoError::LoadStalled { waited: last_progress.elapsed(), loaded: report.last.loaded, total: report.last.total })
+            }
+            Err(e) => return Err(e),
+        };
+        if h.frame_type == FrameType::Ready {
+            if report.reports > 0 && report.last.loaded != report.last.total {
+                let e = ProtoError::Mismatch { what: "bytes loaded at Ready (the total)", expected: report.last.total, found: report.last.loaded };
+                return Err(conn.fail(e));
+            }
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+        let p = match frame::decode_load_progress(payload) {
+            Ok(p) => p,
+            Err(e) => return Err(conn.fail(e)),
+        };
+        if report.reports > 0 {
+            let prev = report.last;
+            let bad = if p.total != prev.total {
+                Some(ProtoError::Mismatch { what: "total bytes to load (as first reported)", expected: prev.total, found: p.total })
+            } else if p.loaded < prev.loaded {
+                Some(ProtoError::Mismatch { what: "bytes loaded (at least the previous report)", expected: prev.loaded, found: p.loaded })
+            } else {
+                None
+            };
+            if let Some(e) = bad {
+                return Err(conn.fail(e));
+            }
+        }
+        if report.reports == 0 || p.loaded > report.last.loaded {
+            last_progress = Instant::now();
+        }
+        if last_log.elapsed() >= Duration::from_secs(5) {
+            last_log = Instant::now();
+            tracing::info!(loaded = p.loaded, total = p.total, "worker loading its experts");
+        }
+        report.last = p;
+        report.reports += 1;
     }
 }

@@ -64,6 +64,8 @@ pub enum ProtoError {
     Truncated { expected: usize, found: usize },
     #[error("no answer from the peer within {waited:?} while {during}")]
     Timeout { waited: Duration, during: &'static str },
+    #[error("the worker made no load progress for {waited:?} (loaded {loaded} of {total} bytes)")]
+    LoadStalled { waited: Duration, loaded: u64, total: u64 },
     #[error("bad frame magic: expected {expected:#010x}, found {found:#010x}")]
     BadMagic { expected: u32, found: u32 },
     #[error("protocol version mismatch: expected {expected}, found {found}")]
@@ -131,11 +133,14 @@ impl ProtoError {
         ProtoError::Io { op, source: source.into() }
     }
 
-    /// True when the worker is gone or hung (EOF, connection reset, timeout): the daemon's cue
-    /// to kill and respawn it. Protocol violations and remote errors are not in this class.
+    /// True when the worker is gone or hung (EOF, connection reset, timeout, a load that
+    /// stopped progressing): the daemon's cue to kill and respawn it. Protocol violations and remote errors are not in this class.
     pub fn is_peer_lost(&self) -> bool {
         match self {
-            ProtoError::PeerClosed { .. } | ProtoError::Truncated { .. } | ProtoError::Timeout { .. } => true,
+            ProtoError::PeerClosed { .. }
+            | ProtoError::Truncated { .. }
+            | ProtoError::Timeout { .. }
+            | ProtoError::LoadStalled { .. } => true,
             ProtoError::Io { source, .. } => matches!(
                 source.kind(),
                 std::io::ErrorKind::BrokenPipe

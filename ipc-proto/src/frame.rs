@@ -5,12 +5,12 @@ use experts::{ExpertPairs, ExpertSet};
 
 use crate::error::{ErrorCode, ProtoError, Result};
 pub use crate::types::{FrameType, SetupMsg};
-use crate::types::{Limits, ModelIdentity, WorkerStats, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS};
+use crate::types::{Limits, LoadProgress, ModelIdentity, WorkerStats, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS};
 
 /// `b"DFIP"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DFIP");
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 24;
 
@@ -28,6 +28,7 @@ impl FrameType {
             9 => FrameType::StatsReply,
             10 => FrameType::Shutdown,
             11 => FrameType::Error,
+            12 => FrameType::LoadProgress,
             found => return Err(ProtoError::UnknownFrameType { found }),
         })
     }
@@ -44,6 +45,7 @@ impl FrameType {
             FrameType::Ping | FrameType::Pong => limits.map_or(0, Limits::input_area_bytes),
             FrameType::StatsReply => STATS_LEN as u64,
             FrameType::Error => 8 + u64::from(MAX_ERROR_MESSAGE),
+            FrameType::LoadProgress => LOAD_PROGRESS_LEN as u64,
         }
     }
 }
@@ -116,6 +118,7 @@ pub(crate) const SETUP_LEN: usize = 40;
 pub(crate) const EVAL_FIXED: usize = 16;
 pub(crate) const EVAL_DONE_LEN: usize = 16;
 pub(crate) const STATS_LEN: usize = 40;
+pub(crate) const LOAD_PROGRESS_LEN: usize = 16;
 
 /// A little-endian cursor that never reads past its slice.
 struct Rd<'a> {
@@ -399,6 +402,25 @@ pub fn decode_stats(p: &[u8]) -> Result<WorkerStats> {
     expect_len(FrameType::StatsReply, p, STATS_LEN)?;
     let mut r = Rd::new(p, FrameType::StatsReply);
     Ok(WorkerStats { evals: r.u64()?, tokens: r.u64()?, pairs: r.u64()?, compute_us: r.u64()?, pings: r.u64()? })
+}
+
+// ---- LoadProgress ----
+
+pub fn encode_load_progress(out: &mut Vec<u8>, p: &LoadProgress) {
+    out.extend_from_slice(&p.loaded.to_le_bytes());
+    out.extend_from_slice(&p.total.to_le_bytes());
+}
+
+/// Decodes a progress report and checks it on its own (`loaded <= total`); its relation to
+/// the earlier reports is the receiver's to check.
+pub fn decode_load_progress(p: &[u8]) -> Result<LoadProgress> {
+    expect_len(FrameType::LoadProgress, p, LOAD_PROGRESS_LEN)?;
+    let mut r = Rd::new(p, FrameType::LoadProgress);
+    let progress = LoadProgress { loaded: r.u64()?, total: r.u64()? };
+    if progress.loaded > progress.total {
+        return Err(ProtoError::OutOfRange { what: "bytes loaded (at most the total)", max: progress.total, found: progress.loaded });
+    }
+    Ok(progress)
 }
 
 // ---- Error ----

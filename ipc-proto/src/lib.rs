@@ -19,7 +19,7 @@
 //! | offset | size | field                                              |
 //! |-------:|-----:|----------------------------------------------------|
 //! | 0      | 4    | magic `b"DFIP"` (`0x50494644` as u32)              |
-//! | 4      | 2    | protocol version ([`PROTOCOL_VERSION`], 2)         |
+//! | 4      | 2    | protocol version ([`PROTOCOL_VERSION`], 3)         |
 //! | 6      | 2    | frame type ([`FrameType`])                          |
 //! | 8      | 8    | request id                                          |
 //! | 16     | 4    | payload length in bytes                             |
@@ -45,7 +45,12 @@
 //!   (`n_embd` equal, `max_experts_per_token <= n_expert`), that the layout is the one
 //!   [`ShmLayout::for_limits`] fixes, that the memfd has that size and is sealed against
 //!   shrinking and growing, then maps it.
-//! * `Ready` (3, worker → daemon, id 0): empty.
+//! * `LoadProgress` (12, worker → daemon, id 0, only between Setup and Ready): `loaded u64,
+//!   total u64`, bytes of expert weights in memory so far and in all ([`LoadProgress`]).
+//!   Checked: `loaded <= total`, `total` as in the first report, `loaded` never below the
+//!   previous report.
+//! * `Ready` (3, worker → daemon, id 0): empty; the experts are loaded (after any
+//!   `LoadProgress`, the last one must have `loaded == total`).
 //! * `Eval` (4, daemon → worker): `layer u32, n_tokens u32, n_pairs u32, reserved u32 = 0,
 //!   counts [u32; n_tokens], expert ids [u32; n_pairs]`: token `t` has the next `counts[t]`
 //!   pairs. Checked: `n_tokens <= max_tokens`, each count `<= max_experts_per_token`,
@@ -64,6 +69,10 @@
 //! * `Error` (11, either way, id of the request or 0): `code u32` ([`ErrorCode`],
 //!   `message_len u32` (at most [`MAX_ERROR_MESSAGE`]), UTF-8 message. Ends the connection.
 //!
+//! The worker sends Hello as soon as the daemon connects, before loading its experts, so
+//! another model or protocol version is refused at once; it loads them after Setup,
+//! reporting progress, and sends Ready when done.
+//!
 //! Request ids are chosen by the daemon, strictly increasing on a connection; each reply
 //! carries the id of its request. One request is outstanding at a time.
 //!
@@ -73,16 +82,23 @@
 //! 4096)` bytes (`max_pairs = max_tokens * max_experts_per_token`): the input area at offset
 //! 0, `max_tokens` rows of `n_embd` f32 (one per token), and the output area at the
 //! page-rounded end of the input area, `max_pairs` rows of `n_embd` f32 (one per pair).
-//! Ownership follows the protocol: the daemon writes inputs before `Eval` and
-//! reads outputs after `EvalDone`; the worker reads inputs and writes outputs in between. The
-//! typed accessors ([`WorkerConnection::input_mut`], [`WorkerConnection::output`],
-//! [`WorkerServer::eval_io`]) hand out slices only in the owning window.
+//! Ownership follows the protocol: the daemon writes inputs before `Eval` and reads outputs
+//! after `EvalDone`; the worker reads inputs and writes outputs in between. Since the other
+//! process maps the same pages and may write them at any time, no Rust reference is ever made
+//! over the region: rows are copied in and out (one copy each way) by
+//! [`WorkerConnection::write_inputs`], [`WorkerConnection::read_outputs`],
+//! [`WorkerServer::read_inputs`] and [`WorkerServer::write_outputs`], each only in its
+//! side's window.
 //!
 //! # Waiting
 //!
 //! Sockets are non-blocking; waits use `ppoll` with the caller's deadline, after an optional
-//! spin ([`ConnectOptions::spin`]). EOF, reset and timeout are errors for which
-//! [`ProtoError::is_peer_lost`] holds: the daemon's cue to respawn a worker.
+//! spin ([`ConnectOptions::spin`]). Hello and Setup are bounded by
+//! [`ConnectOptions::handshake_timeout`]; the wait for Ready by
+//! [`ConnectOptions::load_stall`] from the last report that showed more bytes loaded
+//! ([`ProtoError::LoadStalled`]), so a long load is fine as long as it progresses. EOF,
+//! reset, timeout and a stalled load are errors for which [`ProtoError::is_peer_lost`]
+//! holds: the daemon's cue to kill and respawn a worker.
 
 // Modules, each importing only those before it in this order: `types` (plain values) →
 // `error` → `shm` → `checks` (the values against the caps) → `frame` (codecs) → `stream` →
@@ -97,13 +113,13 @@ mod sockdir;
 mod stream;
 mod types;
 
-pub use client::{ConnectOptions, EvalReply, RequestId, WorkerConnection};
+pub use client::{ConnectOptions, EvalReply, LoadReport, RequestId, WorkerConnection};
 pub use error::{ErrorCode, ProtoError, Result};
 pub use frame::{EvalRequest, Header, HEADER_LEN, MAGIC, PROTOCOL_VERSION};
-pub use server::{Request, WorkerServer};
+pub use server::{Request, WorkerLoading, WorkerServer};
 pub use shm::ShmLayout;
 pub use sockdir::{Listener, SocketDir};
 pub use types::{
-    FrameType, Limits, ModelIdentity, SetupMsg, WorkerStats, MAX_EMBD, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS, MAX_SHM_BYTES,
+    FrameType, Limits, LoadProgress, ModelIdentity, SetupMsg, WorkerStats, MAX_EMBD, MAX_ERROR_MESSAGE, MAX_EXPERTS, MAX_LAYERS, MAX_SHM_BYTES,
     MAX_TOKENS,
 };

@@ -8,16 +8,17 @@ use crate::error::{ErrorCode, ProtoError, Result};
 use experts::ExpertSet;
 
 use crate::frame::{self, EvalRequest};
-use crate::shm::SharedRegion;
+use crate::shm::{Area, SharedRegion};
 use crate::stream::Conn;
-use crate::types::{FrameType, Limits, ModelIdentity, WorkerStats};
+use crate::types::{FrameType, Limits, LoadProgress, ModelIdentity, SetupMsg, WorkerStats};
 
 /// A request from the daemon. Every request but `Shutdown` must be answered with the matching
 /// `reply_*` call before the next [`WorkerServer::next_request`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// Compute each pair's expert on its token's input row (see [`WorkerServer::eval_io`])
-    /// and answer with [`WorkerServer::reply_eval`].
+    /// Compute each pair's expert on its token's input row (inputs copied out with
+    /// [`WorkerServer::read_inputs`], one result row per pair copied in with
+    /// [`WorkerServer::write_outputs`]) and answer with [`WorkerServer::reply_eval`].
     Eval(EvalRequest),
     /// Answer with [`WorkerServer::reply_pong`], echoing `payload`.
     Ping { id: RequestId, payload: Vec<u8> },
@@ -47,10 +48,63 @@ pub struct WorkerServer {
     opts: ConnectOptions,
 }
 
+/// The worker's end of a connection between Setup and Ready: the worker loads its experts and
+/// reports how far it got ([`report_load`](Self::report_load)), then calls
+/// [`ready`](Self::ready). The daemon waits as long as the reports show progress
+/// (`ConnectOptions::load_stall` on its side).
+pub struct WorkerLoading {
+    conn: Conn,
+    identity: ModelIdentity,
+    experts: ExpertSet,
+    setup: SetupMsg,
+    shm: SharedRegion,
+    opts: ConnectOptions,
+}
+
+impl WorkerLoading {
+    /// Sends a `LoadProgress` frame: `loaded` of `total` bytes of expert weights are in memory.
+    pub fn report_load(&mut self, progress: LoadProgress) -> Result<()> {
+        frame::encode_load_progress(self.conn.begin_frame(), &progress);
+        let d = Some(Instant::now() + self.opts.write_timeout);
+        self.conn.send_frame(FrameType::LoadProgress, 0, &[], None, d)
+    }
+
+    /// The limits the daemon sent in Setup.
+    pub fn limits(&self) -> &Limits {
+        &self.setup.limits
+    }
+
+    /// Sends Ready: the worker serves requests from now on.
+    pub fn ready(mut self) -> Result<WorkerServer> {
+        self.conn.begin_frame();
+        let d = Some(Instant::now() + self.opts.write_timeout);
+        self.conn.send_frame(FrameType::Ready, 0, &[], None, d)?;
+        tracing::debug!(limits = ?self.setup.limits, "handshake done");
+        Ok(WorkerServer {
+            conn: self.conn,
+            identity: self.identity,
+            experts: self.experts,
+            limits: self.setup.limits,
+            shm: self.shm,
+            last_id: 0,
+            pending: None,
+            stats: WorkerStats::default(),
+            opts: self.opts,
+        })
+    }
+}
+
 impl WorkerServer {
-    /// Runs the worker side of the handshake on a connected stream: sends Hello (identity,
-    /// version, expert set), receives and checks Setup and its memfd, maps it, sends Ready.
+    /// Runs the worker side of the handshake on a connected stream, for a worker whose
+    /// experts are already in memory: [`start_handshake`](Self::start_handshake), then Ready.
     pub fn handshake(sock: UnixStream, identity: &ModelIdentity, experts: ExpertSet, opts: &ConnectOptions) -> Result<Self> {
+        Self::start_handshake(sock, identity, experts, opts)?.ready()
+    }
+
+    /// The handshake up to the load: sends Hello (identity, version, expert set), receives
+    /// and checks Setup and its memfd, maps it. The daemon learns of another model or
+    /// protocol version before the worker spends time loading.
+    pub fn start_handshake(sock: UnixStream, identity: &ModelIdentity, experts: ExpertSet, opts: &ConnectOptions) -> Result<WorkerLoading> {
         identity.validate()?;
         if experts.n_layer() != identity.n_layer || experts.n_expert() != identity.n_expert {
             return Err(ProtoError::Mismatch {
@@ -77,20 +131,7 @@ impl WorkerServer {
             Ok(s) => s,
             Err(e) => return Err(conn.fail(e)),
         };
-        conn.begin_frame();
-        conn.send_frame(FrameType::Ready, 0, &[], None, deadline)?;
-        tracing::debug!(limits = ?setup.limits, "handshake done");
-        Ok(WorkerServer {
-            conn,
-            identity: *identity,
-            experts,
-            limits: setup.limits,
-            shm,
-            last_id: 0,
-            pending: None,
-            stats: WorkerStats::default(),
-            opts: *opts,
-        })
+        Ok(WorkerLoading { conn, identity: *identity, experts, setup, shm, opts: *opts })
     }
 
     pub fn limits(&self) -> &Limits {
@@ -173,14 +214,37 @@ impl WorkerServer {
         Ok(req)
     }
 
-    /// The pending eval's input rows (read: `n_tokens * n_embd` f32) and output rows (to
-    /// write: row `p` is pair `p`'s expert on its token's input row, `n_pairs * n_embd` f32).
-    /// Only between an `Eval` request and `reply_eval`.
-    pub fn eval_io(&mut self) -> Result<(&[f32], &mut [f32])> {
+    /// The pending eval's `(n_tokens, n_pairs)`, or a state error naming `call`.
+    fn pending_eval(&self, call: &'static str) -> Result<(usize, usize)> {
         match self.pending {
-            Some(Pending::Eval { n_tokens, n_pairs, .. }) => self.shm.io(n_tokens as usize, n_pairs as usize),
-            _ => Err(ProtoError::State { expected: "a pending eval", found: "eval_io" }),
+            Some(Pending::Eval { n_tokens, n_pairs, .. }) => Ok((n_tokens as usize, n_pairs as usize)),
+            _ => Err(ProtoError::State { expected: "a pending eval", found: call }),
         }
+    }
+
+    /// Copies the pending eval's input rows (`n_tokens * n_embd` f32) into `dst`, which must
+    /// have exactly that length. Only between an `Eval` request and `reply_eval`.
+    pub fn read_inputs(&self, dst: &mut [f32]) -> Result<()> {
+        let (n_tokens, _) = self.pending_eval("read_inputs")?;
+        self.check_rows(n_tokens, dst.len(), "eval input f32 (n_tokens * n_embd)")?;
+        self.shm.read_rows(Area::Input, dst)
+    }
+
+    /// Copies the pending eval's results (`n_pairs * n_embd` f32: row `p` is pair `p`'s
+    /// expert on its token's input row) into the output area. Only between an `Eval` request
+    /// and `reply_eval`.
+    pub fn write_outputs(&mut self, src: &[f32]) -> Result<()> {
+        let (_, n_pairs) = self.pending_eval("write_outputs")?;
+        self.check_rows(n_pairs, src.len(), "eval output f32 (n_pairs * n_embd)")?;
+        self.shm.write_rows(Area::Output, src)
+    }
+
+    fn check_rows(&self, n_rows: usize, found: usize, what: &'static str) -> Result<()> {
+        let expected = n_rows * self.limits.n_embd as usize;
+        if found != expected {
+            return Err(ProtoError::Mismatch { what, expected: expected as u64, found: found as u64 });
+        }
+        Ok(())
     }
 
     fn take_pending(&mut self, id: RequestId, want: &'static str) -> Result<Pending> {

@@ -38,17 +38,21 @@ impl ShmLayout {
     }
 }
 
-/// A mapping of the shared region. The two areas are only ever accessed through the
-/// connection objects, which hand out slices according to the protocol's ownership rule:
+/// A mapping of the shared region. The peer process maps the same pages and may write them
+/// at any time (the protocol says when it should, a faulty or hostile peer need not obey), so
+/// no Rust reference is ever made over the mapping: the bytes are copied in and out through
+/// raw pointers at exactly two places, [`SharedRegion::write_rows`] and
+/// [`SharedRegion::read_rows`], one copy each way. Which side copies which area when follows
+/// the protocol's ownership rule, enforced by the connection objects:
 ///
-/// * the daemon owns the input area between evals (it writes it before `eval_begin`) and the
-///   output area after `eval_end` returned;
-/// * the worker owns the output area from receiving an eval until it sends `EvalDone`, and
-///   reads the input area in that window.
+/// * the daemon writes the input area before `eval_begin` and reads the output area after
+///   `eval_end` returned;
+/// * the worker reads the input area after receiving an eval and writes the output area
+///   before sending `EvalDone`.
 ///
-/// A peer that breaks the rule (writes outside its window) can only make the values we read
-/// meaningless; it cannot change the mapping's size (the memfd is sealed against shrinking and
-/// growing) nor make us read outside it.
+/// A peer that breaks the rule (writes outside its window) can only make the values we copy
+/// meaningless (any bit pattern is a valid f32); it cannot change the mapping's size (the
+/// memfd is sealed against shrinking and growing) nor make us copy outside it.
 pub(crate) struct SharedRegion {
     ptr: NonNull<u8>,
     len: usize,
@@ -125,9 +129,19 @@ impl SharedRegion {
         self.layout
     }
 
-    /// Offset and f32 count of the first `n_rows` rows of an area (token rows of the input
-    /// area, pair rows of the output area).
-    fn range(&self, area: Area, n_rows: usize) -> Result<(usize, usize)> {
+    /// Byte offset of `area` and the f32 count of `values` whole rows of it; refuses a
+    /// count that is not whole rows or more rows than the area holds (`max_tokens` token rows
+    /// in the input area, `max_pairs` pair rows in the output area).
+    fn range(&self, area: Area, values: usize) -> Result<(usize, usize)> {
+        let n_embd = self.limits.n_embd as usize;
+        if !values.is_multiple_of(n_embd) {
+            return Err(ProtoError::Mismatch {
+                what: "f32 values of whole activation rows (a multiple of n_embd)",
+                expected: (values - values % n_embd) as u64,
+                found: values as u64,
+            });
+        }
+        let n_rows = values / n_embd;
         let (what, max, off) = match area {
             Area::Input => ("tokens in the input area", u64::from(self.limits.max_tokens), self.layout.input_offset),
             Area::Output => ("pairs in the output area", self.limits.max_pairs(), self.layout.output_offset),
@@ -135,48 +149,36 @@ impl SharedRegion {
         if n_rows as u64 > max {
             return Err(ProtoError::OutOfRange { what, max, found: n_rows as u64 });
         }
-        Ok((off as usize, n_rows * self.limits.n_embd as usize))
+        let off = off as usize;
+        debug_assert!(off + values * 4 <= self.len);
+        Ok((off, values))
     }
 
-    /// The first `n_rows` rows of an area.
-    pub(crate) fn rows(&self, area: Area, n_rows: usize) -> Result<&[f32]> {
-        let (off, n) = self.range(area, n_rows)?;
-        debug_assert!(off + n * 4 <= self.len);
+    /// Copies `src` (whole rows of `n_embd` f32) into the first rows of `area`.
+    pub(crate) fn write_rows(&mut self, area: Area, src: &[f32]) -> Result<()> {
+        let (off, n) = self.range(area, src.len())?;
         // SAFETY: `off + n * 4 <= len` (the layout reserves max_tokens rows for the input area
-        // and max_pairs rows for the output area, and `range` bounds `n_rows` by them); `off`
-        // is page aligned so the f32 pointer is aligned; the borrow of `self` prevents a
-        // mutable slice of this process from coexisting.
-        Ok(unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off).cast::<f32>(), n) })
+        // and max_pairs rows for the output area, and `range` checked the row count against
+        // them); `src` is our own memory, which the mapping cannot overlap. The destination is
+        // only ever addressed through this raw pointer, never a reference.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off).cast::<f32>(), n) };
+        Ok(())
     }
 
-    /// The first `n_rows` rows of an area, writable.
-    pub(crate) fn rows_mut(&mut self, area: Area, n_rows: usize) -> Result<&mut [f32]> {
-        let (off, n) = self.range(area, n_rows)?;
-        debug_assert!(off + n * 4 <= self.len);
-        // SAFETY: as in `rows`, and `&mut self` makes this the only slice of this process.
-        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off).cast::<f32>(), n) })
-    }
-
-    /// The first `n_tokens` input rows read-only and the first `n_pairs` output rows
-    /// writable at once (the worker's view of an eval).
-    pub(crate) fn io(&mut self, n_tokens: usize, n_pairs: usize) -> Result<(&[f32], &mut [f32])> {
-        let (ioff, n_in) = self.range(Area::Input, n_tokens)?;
-        let (ooff, n_out) = self.range(Area::Output, n_pairs)?;
-        // SAFETY: the two areas do not overlap (output starts after the page-rounded input
-        // area); bounds and alignment as in `rows`; `&mut self` excludes other slices.
-        unsafe {
-            let base = self.ptr.as_ptr();
-            Ok((
-                std::slice::from_raw_parts(base.add(ioff).cast::<f32>(), n_in),
-                std::slice::from_raw_parts_mut(base.add(ooff).cast::<f32>(), n_out),
-            ))
-        }
+    /// Copies the first rows of `area` into `dst` (whole rows of `n_embd` f32).
+    pub(crate) fn read_rows(&self, area: Area, dst: &mut [f32]) -> Result<()> {
+        let (off, n) = self.range(area, dst.len())?;
+        // SAFETY: bounds as in `write_rows`; `off` is page aligned and rows are whole f32, so
+        // the source is aligned; the source is only addressed through this raw pointer, and
+        // whatever the peer writes meanwhile, every bit pattern is a valid f32.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off).cast::<f32>(), dst.as_mut_ptr(), n) };
+        Ok(())
     }
 }
 
 impl Drop for SharedRegion {
     fn drop(&mut self) {
-        // SAFETY: ptr/len are the mapping created in `map`; no slice outlives `self`.
+        // SAFETY: ptr/len are the mapping created in `map`; no reference into it exists.
         if let Err(e) = unsafe { munmap(self.ptr.cast(), self.len) } {
             tracing::warn!(error = %e, "munmap of the shared region failed");
         }

@@ -115,10 +115,17 @@ impl Listener {
         &self.path
     }
 
-    /// Accepts one daemon connection and runs the worker side of the handshake.
+    /// Accepts one daemon connection and runs the worker side of the handshake (for a
+    /// worker whose experts are already loaded).
     pub fn accept(&self, identity: &ModelIdentity, experts: ExpertSet, opts: &ConnectOptions) -> Result<WorkerServer> {
+        WorkerServer::handshake(self.accept_stream()?, identity, experts, opts)
+    }
+
+    /// Accepts one daemon connection, to be handshaken by the caller
+    /// ([`WorkerServer::start_handshake`] for a worker that loads after connecting).
+    pub fn accept_stream(&self) -> Result<UnixStream> {
         let (sock, _) = self.inner.accept().map_err(|e| ProtoError::io("accept", e))?;
-        WorkerServer::handshake(sock, identity, experts, opts)
+        Ok(sock)
     }
 }
 

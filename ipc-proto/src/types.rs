@@ -95,6 +95,7 @@ pub enum FrameType {
     StatsReply = 9,
     Shutdown = 10,
     Error = 11,
+    LoadProgress = 12,
 }
 
 impl std::fmt::Display for FrameType {
@@ -116,4 +117,12 @@ pub struct WorkerStats {
     pub compute_us: u64,
     /// Pings answered.
     pub pings: u64,
+}
+
+/// How far a starting worker has loaded its experts (the `LoadProgress` frame): bytes of
+/// expert weights in memory so far, of `total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoadProgress {
+    pub loaded: u64,
+    pub total: u64,
 }

@@ -44,12 +44,12 @@ fn bad_magic() {
 #[test]
 fn wrong_version_names_both() {
     let p = hello_payload(&identity(), &even_experts());
-    // Version 1 (a worker that answered one summed row per token) is refused by name.
-    let mut f = encode_raw_header(MAGIC, 1, FrameType::Hello as u16, 0, p.len() as u32, 0).to_vec();
+    // Version 2 (a worker that answered one summed row per token) is refused by name.
+    let mut f = encode_raw_header(MAGIC, 2, FrameType::Hello as u16, 0, p.len() as u32, 0).to_vec();
     f.extend_from_slice(&p);
     let (e, reply) = daemon_reads(f);
-    assert!(matches!(e, ProtoError::VersionMismatch { expected: PROTOCOL_VERSION, found: 1 }), "{e}");
-    assert_eq!(e.to_string(), "protocol version mismatch: expected 2, found 1");
+    assert!(matches!(e, ProtoError::VersionMismatch { expected: PROTOCOL_VERSION, found: 2 }), "{e}");
+    assert_eq!(e.to_string(), "protocol version mismatch: expected 3, found 2");
     assert_eq!(reply.expect("error frame").0, ErrorCode::VERSION_MISMATCH.0);
 }
 
@@ -335,7 +335,7 @@ fn worker_side_header_errors() {
     let (e, _) = worker_reads(f);
     assert!(matches!(e, ProtoError::BadMagic { .. }), "{e}");
     let (e, _) = worker_reads(encode_raw_header(MAGIC, 0, FrameType::Ping as u16, 1, 0, 0).to_vec());
-    assert!(matches!(e, ProtoError::VersionMismatch { expected: 2, found: 0 }), "{e}");
+    assert!(matches!(e, ProtoError::VersionMismatch { expected: PROTOCOL_VERSION, found: 0 }), "{e}");
     let (e, _) = worker_reads(frame(0, 1, &[]));
     assert!(matches!(e, ProtoError::UnknownFrameType { found: 0 }), "{e}");
     // Ping over the input area's size.

@@ -13,11 +13,15 @@ use ipc_proto::{ErrorCode, ProtoError, Request, SocketDir, WorkerConnection, Wor
 
 /// Inputs: token t, column j -> a distinct value.
 fn fill_inputs(conn: &mut WorkerConnection, n_tokens: usize) -> Vec<f32> {
-    let input = conn.input_mut(n_tokens).expect("input area");
-    for (i, v) in input.iter_mut().enumerate() {
-        *v = (i as f32) * 0.25 - 3.0;
-    }
-    input.to_vec()
+    let input: Vec<f32> = (0..n_tokens * N_EMBD as usize).map(|i| (i as f32) * 0.25 - 3.0).collect();
+    conn.write_inputs(&input).expect("input area");
+    input
+}
+
+/// The first `n_tokens` output rows, copied out.
+fn outputs(conn: &WorkerConnection, n_pairs: usize) -> Result<Vec<f32>, ProtoError> {
+    let mut out = vec![f32::NAN; n_pairs * N_EMBD as usize];
+    conn.read_outputs(&mut out).map(|()| out)
 }
 
 /// The daemon-side reference, computed from the test's own copy of the inputs: one row per
@@ -50,9 +54,13 @@ fn every_message_round_trips_and_shm_carries_activations() {
     assert!(reply.compute_us >= 1);
     let want = reference(2, &tokens, &input);
     assert_eq!(want.len(), 4 * N_EMBD as usize);
-    assert_eq!(conn.output(4).expect("output"), &want[..]);
-    // Rows past the eval's pairs are not readable.
-    assert!(matches!(conn.output(5), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
+    assert_eq!(outputs(&conn, 4).expect("output"), want);
+    // Rows past the eval's pairs are not readable, nor part rows.
+    assert!(matches!(outputs(&conn, 5), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
+    let mut part = vec![0f32; N_EMBD as usize + 1];
+    assert!(matches!(conn.read_outputs(&mut part), Err(ProtoError::Mismatch { expected: 8, found: 9, .. })));
+    assert!(matches!(conn.write_inputs(&part), Err(ProtoError::Mismatch { expected: 8, found: 9, .. })));
+    assert!(matches!(conn.write_inputs(&vec![0f32; 5 * N_EMBD as usize]), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
 
     // A second eval on another layer with one token of 6 experts.
     let input = fill_inputs(&mut conn, 1);
@@ -60,14 +68,14 @@ fn every_message_round_trips_and_shm_carries_activations() {
     let id2 = conn.eval_begin(3, &expert_pairs(&tokens)).expect("eval_begin");
     assert!(id2 > id);
     conn.eval_end(id2, soon()).expect("eval_end");
-    assert_eq!(conn.output(6).expect("output"), &reference(3, &tokens, &input)[..]);
+    assert_eq!(outputs(&conn, 6).expect("output"), reference(3, &tokens, &input));
 
     // Every token with the most experts: the output area holds max_tokens × max_experts rows.
     let input = fill_inputs(&mut conn, 4);
     let full: [&[u32]; 4] = [&[0, 2, 4, 6, 8, 10]; 4];
     let id3 = conn.eval_begin(1, &expert_pairs(&full)).expect("eval_begin");
     assert_eq!(conn.eval_end(id3, soon()).expect("eval_end").n_pairs, 24);
-    assert_eq!(conn.output(24).expect("output"), &reference(1, &full, &input)[..]);
+    assert_eq!(outputs(&conn, 24).expect("output"), reference(1, &full, &input));
 
     // Ping, ping with a payload (the input area's size), stats.
     conn.ping(soon()).expect("ping");
@@ -118,7 +126,8 @@ fn client_side_checks_do_not_close_the_connection() {
     let ok: [&[u32]; 1] = [&[2]];
     let id = conn.eval_begin(1, &expert_pairs(&ok)).expect("eval_begin");
     assert!(matches!(conn.eval_begin(1, &expert_pairs(&ok)), Err(ProtoError::State { .. })));
-    assert!(matches!(conn.input_mut(1), Err(ProtoError::State { .. })));
+    assert!(matches!(conn.write_inputs(&[0.0; N_EMBD as usize]), Err(ProtoError::State { .. })));
+    assert!(matches!(conn.read_outputs(&mut [0.0; N_EMBD as usize]), Err(ProtoError::State { .. })));
     assert!(matches!(conn.ping(soon()), Err(ProtoError::State { .. })));
     conn.eval_end(id, soon()).expect("eval_end");
     assert!(!conn.is_closed());

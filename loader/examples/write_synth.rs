@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE]
-//!             [--vocab N] [--tokenizer-from GGUF] [--seed N] OUT.gguf
+//!             [--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf
 //! write_synth --extract-tokenizer SRC.gguf OUT.gguf
 //! write_synth --requantize-experts SRC.gguf --expert-type TYPE OUT.gguf
 //! write_synth OUT.gguf [tiny|medium] [VOCAB]            (older positional form)
@@ -22,6 +22,9 @@
 //! The CPU benchmark model: `write_synth --spec medium --type q8_0 --tokenizer-from
 //! models/tiny-ds4.gguf bench-data/medium-q8_0.gguf`.
 //!
+//! With `--router-skew v4-flash` (the medium model routes uniformly otherwise) a few experts
+//! per layer take most routed slots, as in the real model: the adaptive placement's benchmark.
+//!
 //! The full-width benchmark models (`scripts/device/fullwidth-vs-llama.sh`): `write_synth
 //! --spec v4-flash --layers 8 --tokenizer-from models/tiny-ds4.gguf OUT.gguf` — DeepSeek V4
 //! Flash's widths with 8 layers, MXFP4 experts, Q8_0 elsewhere, the real routing skew
@@ -34,7 +37,7 @@ use ggml::TensorType;
 use loader::synth::{tokenizer_keys, SynthModel, SynthSpec};
 
 const USAGE: &str = "usage: write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE] \
-[--vocab N] [--tokenizer-from GGUF] [--seed N] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf\n       \
+[--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf\n       \
 write_synth --requantize-experts SRC.gguf --expert-type TYPE OUT.gguf";
 
 /// llama.cpp's `general.file_type` (`llama_ftype`) for a file whose experts are `ty`.
@@ -75,7 +78,7 @@ fn spec_named(name: &str) -> Result<SynthSpec, String> {
 fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut spec = SynthSpec::tiny();
-    let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract) = (None, None, None, None, None, None);
+    let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract, mut skew) = (None, None, None, None, None, None, None);
     let mut requantize: Option<PathBuf> = None;
     let mut layers = None;
     let mut positional = Vec::new();
@@ -92,6 +95,13 @@ fn run() -> Result<(), String> {
             "--seed" => seed = Some(number::<u64>(a, value()?)?),
             "--extract-tokenizer" => extract = Some(PathBuf::from(value()?)),
             "--requantize-experts" => requantize = Some(PathBuf::from(value()?)),
+            "--router-skew" => {
+                skew = Some(match value()?.as_str() {
+                    "none" => None,
+                    "v4-flash" => Some(loader::synth::RouterSkew::V4_FLASH),
+                    other => return Err(format!("--router-skew '{other}': expected none or v4-flash")),
+                })
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -126,6 +136,9 @@ fn run() -> Result<(), String> {
         let m = loader::ModelFile::open(&out).map_err(|e| format!("{}: written but does not validate: {e}", out.display()))?;
         println!("wrote {} ({name}: {} tensors, experts {ty}, from {})", out.display(), m.tensors.iter().count(), src.display());
         return Ok(());
+    }
+    if let Some(s) = skew {
+        spec.router_skew = s;
     }
     if let Some(t) = matrix {
         spec.matrix_type = t;

@@ -170,7 +170,19 @@ pub fn load_tensors(
     buft: ggml::BufferType,
     opts: &ReadOptions,
 ) -> Result<LoadedTensors, LoadError> {
-    load_impl(model, requests, buft, opts, false)
+    load_impl(model, requests, buft, opts, false, &mut |_| {})
+}
+
+/// [`load_tensors`], calling `on_progress(bytes)` on the calling thread each time the bytes
+/// read so far have grown (checked every 50 ms); the last call reports all of them.
+pub fn load_tensors_reporting(
+    model: &ModelFile,
+    requests: &[TensorRequest],
+    buft: ggml::BufferType,
+    opts: &ReadOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<LoadedTensors, LoadError> {
+    load_impl(model, requests, buft, opts, false, on_progress)
 }
 
 /// Like [`load_tensors`], for buffer types that only accept a whole tensor per write (ggml's
@@ -183,7 +195,18 @@ pub fn load_tensors_whole(
     buft: ggml::BufferType,
     opts: &ReadOptions,
 ) -> Result<LoadedTensors, LoadError> {
-    load_impl(model, requests, buft, opts, true)
+    load_impl(model, requests, buft, opts, true, &mut |_| {})
+}
+
+/// [`load_tensors_whole`], calling `on_progress(bytes)` as [`load_tensors_reporting`] does.
+pub fn load_tensors_whole_reporting(
+    model: &ModelFile,
+    requests: &[TensorRequest],
+    buft: ggml::BufferType,
+    opts: &ReadOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<LoadedTensors, LoadError> {
+    load_impl(model, requests, buft, opts, true, on_progress)
 }
 
 fn load_impl(
@@ -192,6 +215,7 @@ fn load_impl(
     buft: ggml::BufferType,
     opts: &ReadOptions,
     whole: bool,
+    on_progress: &mut dyn FnMut(u64),
 ) -> Result<LoadedTensors, LoadError> {
     let ctx = Context::new_no_alloc(requests.len().max(1), 0)?;
     let mut tensors = HashMap::new();
@@ -250,7 +274,7 @@ fn load_impl(
             dst_off += p.len;
         }
     }
-    let stats = run_jobs(model, Jobs(jobs), buffer.is_host() && !whole, opts)?;
+    let stats = run_jobs(model, Jobs(jobs), buffer.is_host() && !whole, opts, on_progress)?;
     Ok(LoadedTensors { buffer, _ctx: ctx, tensors, stats })
 }
 
@@ -477,7 +501,7 @@ impl Source<'_> {
     }
 }
 
-fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -> Result<ReadStats, LoadError> {
+fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions, on_progress: &mut dyn FnMut(u64)) -> Result<ReadStats, LoadError> {
     // File order: one sequential sweep whatever order the tensors were requested in.
     jobs.0.sort_by_key(Job::src);
     let total: u64 = jobs.0.iter().map(Job::len).sum();
@@ -536,6 +560,7 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -
         finished.fetch_add(1, Ordering::Relaxed);
     };
 
+    let mut reported = 0;
     std::thread::scope(|s| {
         for _ in 0..threads {
             s.spawn(worker);
@@ -553,13 +578,21 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions) -
                 bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
                 shown = true;
             }
-            bar.set_position(done_bytes.load(Ordering::Relaxed));
+            let done = done_bytes.load(Ordering::Relaxed);
+            bar.set_position(done);
+            if done > reported {
+                reported = done;
+                on_progress(done);
+            }
         }
         bar.finish_and_clear();
     });
 
     if let Some(e) = error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e);
+    }
+    if reported < total {
+        on_progress(total);
     }
     Ok(ReadStats { bytes: total, seconds: start.elapsed().as_secs_f64() })
 }

@@ -102,3 +102,25 @@ fn a_file_shortened_after_open_is_an_error() {
         }
     }
 }
+
+/// `load_tensors_reporting` reports the bytes read so far, growing, the last report being
+/// every byte it loaded; the tensors hold the file's bytes as with `load_tensors`.
+#[test]
+fn progress_reports_grow_to_the_bytes_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    SynthModel::new(&SynthSpec::tiny()).write(&path, true).unwrap();
+    let file = std::fs::read(&path).unwrap();
+    let m = ModelFile::open(&path).unwrap();
+    let cpu = ggml::Device::cpu().unwrap();
+    let whole: Vec<_> = m.tensors.iter().map(|t| TensorRequest::whole(&t.name)).collect();
+    let opts = ReadOptions { mode: ReadMode::Pread, threads: 1, chunk_bytes: 4196, progress: false };
+    let mut reports = Vec::new();
+    let loaded = loader::load_tensors_reporting(&m, &whole, cpu.buffer_type(), &opts, &mut |b| reports.push(b)).unwrap();
+    assert!(reports.windows(2).all(|w| w[0] < w[1]), "{reports:?}");
+    assert_eq!(reports.last().copied(), Some(m.tensors.total_bytes()), "{reports:?}");
+    for t in m.tensors.iter() {
+        let got = tensor_bytes(loaded.get(&t.name).unwrap(), t.nbytes as usize);
+        assert!(got == file[t.offset as usize..(t.offset + t.nbytes) as usize], "{}", t.name);
+    }
+}

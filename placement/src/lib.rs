@@ -14,8 +14,13 @@
 //! * `profile:FILE`: from a route-stats file ([`RouteStats`], the `experts` crate's): the
 //!   (layer, expert) pairs by routed tokens per byte, most first (ties: lower layer, then lower
 //!   id), each taken when it still fits in the budget;
-//! * `adaptive:RATIO`: `round(RATIO · n_expert)` experts per layer: the most routed ones when
-//!   stats are given (ties: lower id), else `0..K`.
+//! * `adaptive[:RATIO]`: the starting placement of a hot set that follows the live routing
+//!   (the graph's `Model::replace_experts` swaps experts between steps, keeping each layer's
+//!   number of held experts): with RATIO `round(RATIO · n_expert)` experts per layer (the
+//!   most routed ones when stats are given, ties: lower id, else `0..K`), without it the
+//!   layers `budget` gives; `--adaptive-from FILE` (route stats) starts it instead from the
+//!   most routed experts (with RATIO) or the `profile:FILE` placement. The cold executor must then hold every expert of a partly held
+//!   layer: [`ExpertPlacement::executor_experts`].
 //!
 //! Then `--cpu-moe` makes everything cold and `--n-cpu-moe N` the experts of layers `0..N`.
 //! A placement is written and read as the JSON of its hot [`ExpertSet`] (layer → ids).
@@ -69,7 +74,15 @@ pub enum Policy {
     Uniform(u32),
     Budget,
     Profile(PathBuf),
-    Adaptive(f64),
+    /// The starting ratio; None: from the budget.
+    Adaptive(Option<f64>),
+}
+
+impl Policy {
+    /// Whether the hot set follows the live routing.
+    pub fn is_adaptive(&self) -> bool {
+        matches!(self, Policy::Adaptive(_))
+    }
 }
 
 impl std::str::FromStr for Policy {
@@ -87,11 +100,12 @@ impl std::str::FromStr for Policy {
             ("budget", None) => Ok(Policy::Budget),
             ("uniform", Some(k)) => k.parse().map(Policy::Uniform).map_err(|_| bad("expected uniform:K with K an integer >= 0")),
             ("profile", Some(f)) if !f.is_empty() => Ok(Policy::Profile(PathBuf::from(f))),
+            ("adaptive", None) => Ok(Policy::Adaptive(None)),
             ("adaptive", Some(r)) => match r.parse::<f64>() {
-                Ok(r) if (0.0..=1.0).contains(&r) => Ok(Policy::Adaptive(r)),
+                Ok(r) if (0.0..=1.0).contains(&r) => Ok(Policy::Adaptive(Some(r))),
                 _ => Err(bad("expected adaptive:RATIO with RATIO in [0, 1]")),
             },
-            _ => Err(bad("expected all, none, uniform:K, budget, profile:FILE or adaptive:RATIO")),
+            _ => Err(bad("expected all, none, uniform:K, budget, profile:FILE, adaptive or adaptive:RATIO")),
         }
     }
 }
@@ -110,16 +124,21 @@ pub struct PlacementOptions {
     pub budget_bytes: Option<u64>,
     pub cpu_moe: bool,
     pub n_cpu_moe: u32,
+    /// `--adaptive-from FILE`: route stats an adaptive placement starts from.
+    pub adaptive_from: Option<PathBuf>,
 }
 
 /// The placement flags, ready to flatten into a clap command.
 #[derive(clap::Args, Debug, Clone)]
 pub struct PlacementArgs {
-    /// Hot experts: all, none, uniform:K, budget, profile:FILE (route stats) or adaptive:RATIO.
+    /// Hot experts: all, none, uniform:K, budget, profile:FILE (route stats), or adaptive[:RATIO]
+    /// (starts from uniform RATIO · n_expert per layer, or from `budget`, and follows the
+    /// live routing while serving).
     #[arg(long = "experts-hot", default_value = "all")]
     pub experts_hot: String,
-    /// Byte budget for hot experts, MiB, fractions allowed (default for budget/profile: free
-    /// device memory minus weights, KV cache, compute buffers and a reserve).
+    /// Byte budget for hot experts, MiB, fractions allowed (default for
+    /// budget/profile/adaptive: free device memory minus weights, KV cache, compute buffers
+    /// and a reserve).
     #[arg(long = "expert-budget-mb")]
     pub expert_budget_mb: Option<f64>,
     /// Every routed expert cold (computed by the CPU workers).
@@ -128,6 +147,11 @@ pub struct PlacementArgs {
     /// Every routed expert of the first N layers cold.
     #[arg(long = "n-cpu-moe", default_value_t = 0)]
     pub n_cpu_moe: u32,
+    /// With `--experts-hot adaptive[:RATIO]`: start from these route stats (as
+    /// `--route-stats-out` writes them) instead of `uniform`/`budget`: the RATIO · n_expert
+    /// most routed experts per layer, or without RATIO the `profile:FILE` placement.
+    #[arg(long = "adaptive-from", value_name = "FILE")]
+    pub adaptive_from: Option<PathBuf>,
 }
 
 impl PlacementArgs {
@@ -137,6 +161,7 @@ impl PlacementArgs {
             budget_bytes: self.expert_budget_mb.map(budget_bytes).transpose()?,
             cpu_moe: self.cpu_moe,
             n_cpu_moe: self.n_cpu_moe,
+            adaptive_from: self.adaptive_from.clone(),
         })
     }
 }
@@ -246,8 +271,12 @@ impl ExpertPlacement {
     }
 
     /// The placement the options ask for. `device_budget` (see [`budget_from_device`]) is
-    /// used by `budget` and `profile` when no `--expert-budget-mb` is given.
+    /// used by `budget`, `profile` and `adaptive` (without RATIO) when no
+    /// `--expert-budget-mb` is given.
     pub fn resolve(shape: &ModelShape, opts: &PlacementOptions, device_budget: Option<u64>) -> Result<Self> {
+        if opts.adaptive_from.is_some() && !opts.policy.is_adaptive() {
+            return Err(PlacementError::Policy { policy: format!("{:?}", opts.policy), reason: "--adaptive-from needs --experts-hot adaptive[:RATIO]".into() });
+        }
         let budget = |what: &str| {
             opts.budget_bytes.or(device_budget).ok_or_else(|| PlacementError::Policy {
                 policy: what.to_string(),
@@ -263,7 +292,17 @@ impl ExpertPlacement {
                 let stats = RouteStats::read_json(file, shape.n_layer(), shape.n_expert)?;
                 Self::profile(shape, &stats, budget(&format!("profile:{}", file.display()))?)
             }
-            Policy::Adaptive(r) => Self::adaptive(shape, *r, None)?,
+            Policy::Adaptive(r) => {
+                let stats = match &opts.adaptive_from {
+                    Some(file) => Some(RouteStats::read_json(file, shape.n_layer(), shape.n_expert)?),
+                    None => None,
+                };
+                match (r, stats) {
+                    (Some(r), stats) => Self::adaptive(shape, *r, stats.as_ref())?,
+                    (None, Some(stats)) => Self::profile(shape, &stats, budget("adaptive")?),
+                    (None, None) => Self::budget(shape, budget("adaptive")?),
+                }
+            }
         };
         p.apply_cpu_moe(opts.cpu_moe, opts.n_cpu_moe);
         Ok(p)
@@ -293,6 +332,17 @@ impl ExpertPlacement {
 
     pub fn cold(&self) -> ExpertSet {
         self.hot.complement()
+    }
+
+    /// What the cold executor must be able to compute: the cold experts, or under an adaptive
+    /// placement (where any expert of a partly held layer may become cold) every expert of
+    /// each layer not wholly held.
+    pub fn executor_experts(&self, adaptive: bool) -> ExpertSet {
+        if adaptive {
+            ExpertSet::from_fn(self.hot.n_layer(), self.hot.n_expert(), |l, _| !self.hot.is_full_layer(l))
+        } else {
+            self.cold()
+        }
     }
 
     pub fn is_hot(&self, layer: u32, expert: u32) -> bool {
@@ -359,7 +409,8 @@ mod tests {
         assert_eq!("all".parse::<Policy>().unwrap(), Policy::All);
         assert_eq!("uniform:8".parse::<Policy>().unwrap(), Policy::Uniform(8));
         assert_eq!("profile:r.json".parse::<Policy>().unwrap(), Policy::Profile("r.json".into()));
-        assert_eq!("adaptive:0.25".parse::<Policy>().unwrap(), Policy::Adaptive(0.25));
+        assert_eq!("adaptive:0.25".parse::<Policy>().unwrap(), Policy::Adaptive(Some(0.25)));
+        assert_eq!("adaptive".parse::<Policy>().unwrap(), Policy::Adaptive(None));
         for bad in ["uniform", "uniform:-1", "adaptive:1.5", "profile:", "hot", "all:1"] {
             let e = bad.parse::<Policy>().unwrap_err().to_string();
             assert!(e.contains(&format!("{bad:?}")), "{e}");
@@ -432,8 +483,38 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_starts_from_the_ratio_or_the_budget_and_its_executor_holds_partly_held_layers() {
+        let opts = |policy, budget_bytes| PlacementOptions { policy, budget_bytes, cpu_moe: false, n_cpu_moe: 1, adaptive_from: None };
+        let p = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(Some(0.5)), None), None).unwrap();
+        assert_eq!(layers(&p), vec![vec![], vec![0, 1], vec![0, 1]]);
+        let p = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(None), Some(1000)), None).unwrap();
+        assert_eq!(layers(&p), vec![vec![], vec![0, 1, 2], vec![0, 1]]);
+        let e = ExpertPlacement::resolve(&shape(), &opts(Policy::Adaptive(None), None), None).unwrap_err().to_string();
+        assert!(e.contains("\"adaptive\"") && e.contains("--expert-budget-mb"), "{e}");
+        // Layer 0 all cold, 1 and 2 partly held: the executor holds all of their experts.
+        assert_eq!(p.executor_experts(false).layers(), &[vec![0, 1, 2, 3], vec![3], vec![2, 3]]);
+        assert_eq!(p.executor_experts(true), ExpertSet::full(3, 4));
+        let mut full = ExpertPlacement::all(&shape());
+        full.apply_cpu_moe(false, 1);
+        assert_eq!(full.executor_experts(true).layers(), &[vec![0, 1, 2, 3], vec![], vec![]]);
+        assert!("adaptive".parse::<Policy>().unwrap().is_adaptive() && !Policy::Budget.is_adaptive());
+
+        // --adaptive-from: the most routed per layer with RATIO, the profile without.
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("stats.json");
+        std::fs::write(&f, stats().to_json()).unwrap();
+        let from = |policy, budget_bytes, file: Option<PathBuf>| PlacementOptions { policy, budget_bytes, cpu_moe: false, n_cpu_moe: 0, adaptive_from: file };
+        let p = ExpertPlacement::resolve(&shape(), &from(Policy::Adaptive(Some(0.5)), None, Some(f.clone())), None).unwrap();
+        assert_eq!(p, ExpertPlacement::adaptive(&shape(), 0.5, Some(&stats())).unwrap());
+        let p = ExpertPlacement::resolve(&shape(), &from(Policy::Adaptive(None), Some(650), Some(f.clone())), None).unwrap();
+        assert_eq!(p, ExpertPlacement::profile(&shape(), &stats(), 650));
+        let e = ExpertPlacement::resolve(&shape(), &from(Policy::Budget, Some(650), Some(f)), None).unwrap_err().to_string();
+        assert!(e.contains("--adaptive-from needs --experts-hot adaptive"), "{e}");
+    }
+
+    #[test]
     fn cpu_moe_flags_and_resolve() {
-        let opts = |policy, cpu_moe, n_cpu_moe| PlacementOptions { policy, budget_bytes: None, cpu_moe, n_cpu_moe };
+        let opts = |policy, cpu_moe, n_cpu_moe| PlacementOptions { policy, budget_bytes: None, cpu_moe, n_cpu_moe, adaptive_from: None };
         let p = ExpertPlacement::resolve(&shape(), &opts(Policy::All, true, 0), None).unwrap();
         assert!(p.hot().is_empty());
         let p = ExpertPlacement::resolve(&shape(), &opts(Policy::All, false, 2), None).unwrap();
@@ -461,7 +542,7 @@ mod tests {
 
     #[test]
     fn budget_flag_in_mib_with_fractions() {
-        let args = |mb: f64| PlacementArgs { experts_hot: "budget".into(), expert_budget_mb: Some(mb), cpu_moe: false, n_cpu_moe: 0 };
+        let args = |mb: f64| PlacementArgs { experts_hot: "budget".into(), expert_budget_mb: Some(mb), cpu_moe: false, n_cpu_moe: 0, adaptive_from: None };
         assert_eq!(args(1.0).options().unwrap().budget_bytes, Some(1 << 20));
         assert_eq!(args(0.25).options().unwrap().budget_bytes, Some(1 << 18));
         assert_eq!(args(0.0).options().unwrap().budget_bytes, Some(0));

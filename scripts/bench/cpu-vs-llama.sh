@@ -19,7 +19,7 @@
 #                    built there if missing (cmake, Release, CPU only, -j nproc)
 #   LLAMA_TOOLS_SRC  full llama.cpp tree for tools/llama-bench when LLAMA_SRC lacks it
 #                    (default: vendor/llama.cpp of PyPI llama-cpp-python==0.3.36, fetched
-#                    with pip download into bench-data/ if missing)
+#                    by scripts/bench/fetch-llama-tools.sh into bench-data/ if missing)
 #   GGML_NATIVE      1 (default): llama.cpp's ggml built for this CPU, like a default dflash
 #                    build; 0: portable AVX2/FMA/F16C, like DFLASH_GGML_NATIVE=0 (the binaries
 #                    prepare.sh stages): use 0 with .device/bin so both sides run the same
@@ -57,8 +57,7 @@ if [ ! -x "$llama_bench" ]; then
     tools=${LLAMA_TOOLS_SRC:-bench-data/llama_cpp_python-0.3.36/vendor/llama.cpp}
     if [ ! -f "$tools/tools/llama-bench/llama-bench.cpp" ] && [ -z "${LLAMA_TOOLS_SRC:-}" ]; then
       echo "fetching the llama-bench sources (PyPI llama-cpp-python==0.3.36 sdist)"
-      python3 -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d bench-data -q \
-        && tar xzf bench-data/llama_cpp_python-0.3.36.tar.gz -C bench-data || die "could not fetch llama-cpp-python"
+      bash scripts/bench/fetch-llama-tools.sh || die "could not fetch llama-cpp-python"
     fi
     bash scripts/bench/stage-llama-src.sh "$llama_src" "$tools" bench-data/llama-src || die "staging failed"
     src=bench-data/llama-src

@@ -7,7 +7,7 @@
 # llama-bench, under .device/). Then on the GPU machine, carrying .device:
 #   bash scripts/device/fullwidth-vs-llama.sh [STEP...]
 # Steps (default: build exact files llama dflash):
-#   build    llama.cpp (pinned source + llama-bench) with GGML_BACKEND_DL, GGML_NATIVE=OFF and
+#   build    (runs beside `files` when both are asked for) llama.cpp (pinned source + llama-bench) with GGML_BACKEND_DL, GGML_NATIVE=OFF and
 #            CUDA; its libggml-cuda.so is copied beside dflash, so both engines load the same module
 #   exact    fixture A (MXFP4 experts) on CUDA0: cold experts through the executor, offloaded
 #            to the GPU (every layer cold; half of each layer cold), and computed in the graph
@@ -18,8 +18,18 @@
 #   dflash   dflash bench per file: the same three placements, and dflash's `profile:`
 #            placement at the expert memory of -ncmoe L/2 (route statistics from a pp2048 run)
 #   Tests of both: pp512; pp2048 at ubatch 2048; tg64; tg64 at depth 4096 (DEPTH=0 skips it).
+#   pairs    the short form, for a tight device budget: per file and per placement in the order
+#            of $PLACEMENTS (default "cold hot hot-fa half profile cold-exec"), llama-bench then `dflash bench
+#            tests` (one load) with pp512 and tg64, so a cut-short run still holds whole pairs.
+#            cold = every routed expert on the CPU, hot = all on the GPU, half = -ncmoe L/2,
+#            profile = dflash's `profile:` placement at the expert memory of half,
+#            cold-graph / half-graph = cold / half with --cold-layers-in-graph (dflash only),
+#            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
+#            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only)
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
-# Environment: LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
+# Environment: FA (default 1; 0 builds llama.cpp without its flash-attention kernels, about half
+# the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
+# default), LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
 # DFLASH_EXEC (dflash's cold-expert executor flags, default "--expert-workers 0 --worker-threads
 # THREADS"), DFLASH_COLD (flags of the cold placements: DFLASH_EXEC + "--cold-offload-min 64").
 set -euo pipefail
@@ -31,6 +41,8 @@ LAYERS=${LAYERS:-"4 8"}
 REPS=${REPS:-2}
 DEPTH=${DEPTH:-4096}
 THREADS=${THREADS:-$(nproc)}
+FA=${FA:-1}
+cuda_fa=$([ "$FA" = 1 ] && echo ON || echo OFF)
 DFLASH_EXEC=${DFLASH_EXEC:-"--expert-workers 0 --worker-threads $THREADS"}
 DFLASH_COLD=${DFLASH_COLD:-"$DFLASH_EXEC --cold-offload-min 64"}
 steps=${*:-build exact files llama dflash}
@@ -38,7 +50,7 @@ on() { [[ " $steps " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
 lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)"
 free -g | head -2
-echo "commit $(cat .device/commit 2>/dev/null || echo unknown); layers $LAYERS; reps $REPS; depth $DEPTH; threads $THREADS"
+echo "commit $(cat .device/commit 2>/dev/null || echo unknown); layers $LAYERS; reps $REPS; depth $DEPTH; threads $THREADS; llama.cpp flash attention $FA"
 
 # The largest memory.used (MiB) while "$@" runs.
 peak() {
@@ -47,18 +59,18 @@ peak() {
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$f" &
   local smi=$! rc=0
   "$@" || rc=$?
-  kill $smi 2>/dev/null; wait $smi 2>/dev/null || true
+  kill $smi 2>/dev/null || true; wait $smi 2>/dev/null || true
   echo "  peak GPU memory $(sort -n "$f" | tail -1) MiB (rc $rc)"
   rm -f "$f"
   return 0
 }
 
-if on build; then
+build() {
   t0=$(date +%s)
   cmake -S "$src" -B /tmp/llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
-    -DGGML_CUDA=ON -DGGML_CUDA_GRAPHS=ON -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
+    -DGGML_CUDA=ON -DGGML_CUDA_GRAPHS=ON -DGGML_CUDA_FA=$cuda_fa -DCMAKE_CUDA_ARCHITECTURES="${CUDA_ARCH:-90}" \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF >/dev/null
   cmake --build /tmp/llama-build --target llama-bench ggml-cuda ggml-cpu -j "$(nproc)" >/tmp/llama-build.log 2>&1 \
@@ -66,6 +78,29 @@ if on build; then
   cuda=$(find /tmp/llama-build -name libggml-cuda.so -type f | head -1)
   cp "$cuda" $bin/libggml-cuda.so
   echo "built llama.cpp + its CUDA module in $(( $(date +%s) - t0 )) s; dflash loads the same file: $(sha256sum $bin/libggml-cuda.so | cut -c1-16)"
+}
+
+write_files() {
+  mkdir -p bench-data
+  for L in $LAYERS; do
+    f=bench-data/v4f-${L}l.gguf
+    t0=$(date +%s)
+    [ -f $f ] || $bin/write_synth --spec v4-flash --layers "$L" --tokenizer-from $bin/ds4-tokenizer.gguf $f >/tmp/write-$L.log
+    echo "wrote $f in $(( $(date +%s) - t0 )) s"
+  done
+  df -h bench-data | tail -1
+}
+
+# the two at once when both are asked for: the build is CPU-bound, the writer disk-bound
+if on build && on files; then
+  write_files &
+  writer=$!
+  build
+  wait $writer
+elif on build; then
+  build
+elif on files; then
+  write_files
 fi
 LB=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
 
@@ -74,7 +109,9 @@ if on exact; then
   m=tests/fixtures/ds4-tiny-a.mxfp4.gguf
   [ -f $m ] || xz -d -c .device/fixtures/ds4-tiny-a.mxfp4.gguf.xz > $m
   python3 -c 'import numpy as np; d=np.load("tests/fixtures/ds4-tiny-a.ref.npz"); open("/tmp/a.tokens","w").write("\n".join(map(str, d["tokens"])))'
-  X() { local o=$1; shift; $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u 512 "$@" --out /tmp/x-$o.npy; }
+  # a run that fails is reported and left out; the benchmarks below still run
+  ran=()
+  X() { local o=$1; shift; if $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u 512 "$@" --out /tmp/x-$o.npy; then ran+=("$o=/tmp/x-$o.npy"); else echo "FAILED: $o ($*)"; fi; }
   DEV=CPU X cpu
   X hot
   X exec --experts-hot none --expert-workers 0 --cold-offload-min 0
@@ -82,17 +119,7 @@ if on exact; then
   X offload-half --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1
   X offload-half-w2 --experts-hot uniform:8 --expert-workers 2 --cold-offload-min 16
   X ingraph --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph
-  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz cpu=/tmp/x-cpu.npy hot=/tmp/x-hot.npy exec=/tmp/x-exec.npy \
-    offload=/tmp/x-offload.npy offload-half=/tmp/x-offload-half.npy offload-half-w2=/tmp/x-offload-half-w2.npy ingraph=/tmp/x-ingraph.npy
-fi
-
-if on files; then
-  mkdir -p bench-data
-  for L in $LAYERS; do
-    f=bench-data/v4f-${L}l.gguf
-    [ -f $f ] || $bin/write_synth --spec v4-flash --layers "$L" --tokenizer-from $bin/ds4-tokenizer.gguf $f
-  done
-  df -h bench-data | tail -1
+  python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
 fi
 
 # Routed-expert MiB of one layer: dflash inspect's bytes per expert × experts.
@@ -109,8 +136,8 @@ if on llama; then
   for L in $LAYERS; do
     f=bench-data/v4f-${L}l.gguf
     echo "== llama.cpp $L layers, -ncmoe 0 (all on the GPU), $((L / 2)), $L (every routed expert on the CPU)"
-    peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
-    [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa 1 -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
+    peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 512,2048 -ub 512,2048 -n 64 -o md
+    [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "0,$((L / 2)),$L" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -o md
   done
 fi
 
@@ -158,5 +185,41 @@ PY
     echo "  expert memory of -ncmoe $((L / 2)): $budget MiB ($mib MiB per layer)"
     # shellcheck disable=SC2086
     run_placement "${few:-pp512 tg64}" --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
+  done
+fi
+
+if on pairs; then
+  PLACEMENTS=${PLACEMENTS:-"cold hot hot-fa half profile cold-exec"}
+  for L in $LAYERS; do
+    f=bench-data/v4f-${L}l.gguf
+    half=$((L / 2))
+    for P in $PLACEMENTS; do
+      echo "-- $(date +%T) $P"
+      tests="-p 512 --decode 64"
+      case $P in
+        hot) n=0 flags="--experts-hot all" ;;
+        hot-fa) n= flags="--experts-hot all --flash-attn on" ;;
+        cold-exec) n= flags="--cpu-moe $DFLASH_EXEC" tests="-p 512 --decode 0" ;;
+        cold) n=$L flags="--cpu-moe $DFLASH_COLD" ;;
+        half) n=$half flags="--n-cpu-moe $half $DFLASH_COLD" ;;
+        cold-graph) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph" ;;
+        half-graph) n= flags="--n-cpu-moe $half $DFLASH_COLD --cold-layers-in-graph" ;;
+        profile)
+          n=
+          "$bin/dflash" bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-$L.json >/dev/null
+          mib=$(expert_mib_per_layer $f)
+          budget=$(python3 -c "print(int(float('${mib:-0}') * ($L - $half)))")
+          echo "  expert memory of -ncmoe $half: $budget MiB ($mib MiB per layer)"
+          flags="--experts-hot profile:/tmp/route-$L.json --expert-budget-mb $budget $DFLASH_COLD" ;;
+        *) echo "unknown placement $P"; exit 2 ;;
+      esac
+      if [ -n "$n" ]; then
+        echo "== $L layers, $P: llama.cpp -ncmoe $n"
+        peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512 -n 64 -o md
+      fi
+      echo "== $L layers, $P: dflash $flags"
+      # shellcheck disable=SC2086
+      peak "$bin/dflash" bench tests -m $f --device CUDA0 -t "$THREADS" -r "$REPS" --timings $tests $flags
+    done
   done
 fi

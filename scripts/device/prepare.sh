@@ -36,11 +36,7 @@ cp -r "$src"/src/ggml-cuda "$src"/src/ggml-cpu .device/ggml-src/src/
 # llama-bench: the crate's llama.cpp lacks the tools' sources; they come from the full tree in
 # PyPI's llama-cpp-python==0.3.36 sdist (same public llama.h API), fetched once.
 tools=${LLAMA_TOOLS_SRC:-bench-data/llama_cpp_python-0.3.36/vendor/llama.cpp}
-if [ ! -f "$tools/tools/llama-bench/llama-bench.cpp" ]; then
-  mkdir -p bench-data
-  python3 -m pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d bench-data -q
-  tar xzf bench-data/llama_cpp_python-0.3.36.tar.gz -C bench-data
-fi
+[ -n "${LLAMA_TOOLS_SRC:-}" ] || bash scripts/bench/fetch-llama-tools.sh
 bash scripts/bench/stage-llama-src.sh "$(dirname "$src")" "$tools" .device/llama-src
 # The GPU host has no zstd: xz copies of the fixtures for scripts/device/forward.sh gpu.
 mkdir -p .device/fixtures

@@ -92,9 +92,55 @@ class OpenAIClient(unittest.TestCase):
         self.assertEqual(e.exception.code, 400)
         self.assertEqual(json.loads(e.exception.read())["error"]["type"], "invalid_request_error")
 
-    def test_unknown_model(self):
-        with self.assertRaises(openai.NotFoundError):
-            client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+    def test_any_model_name_is_accepted_and_the_served_one_echoed(self):
+        r = client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello"}],
+                                             max_tokens=6, temperature=0)
+        self.assertEqual(r.model, MODEL)
+        self.assertEqual(r.choices[0].message.content, ask("Hello").choices[0].message.content)
+        c = client().completions.create(model="gpt-3.5-turbo-instruct", prompt="Hello", max_tokens=2)
+        self.assertEqual(c.model, MODEL)
+
+    def test_tool_choice(self):
+        tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather.",
+                                                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+        q = "Weather in Oslo?"
+
+        def run(**kw):
+            return ask(q, max_tokens=5, **kw)
+        plain, auto, none = run(), run(tools=tools), run(tools=tools, tool_choice="none")
+        # tools are rendered (auto, the default) or not (none)
+        self.assertGreater(auto.usage.prompt_tokens, plain.usage.prompt_tokens + 100)
+        self.assertEqual(none.usage.prompt_tokens, plain.usage.prompt_tokens)
+        self.assertEqual(none.choices[0].message.content, plain.choices[0].message.content)
+        # required / named: the reply starts inside a tool-call block; the tiny model does not close
+        # it in 5 tokens, so the reply is its text with finish "length"
+        opening = "\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\""
+        for choice, forced in (("required", opening),
+                               ({"type": "function", "function": {"name": "get_weather"}}, opening + "get_weather\">\n")):
+            r = run(tools=tools, tool_choice=choice)
+            text = r.choices[0].message.content
+            self.assertTrue(text.startswith(forced), text)
+            self.assertGreater(len(text), len(forced))
+            self.assertEqual((r.choices[0].finish_reason, r.choices[0].message.tool_calls), ("length", None))
+            s, finish, usage = stream(q, max_tokens=5, tools=tools, tool_choice=choice)
+            self.assertEqual((s, finish, usage.prompt_tokens), (text, "length", r.usage.prompt_tokens))
+        with self.assertRaises(openai.BadRequestError) as e:
+            run(tools=tools, tool_choice={"type": "function", "function": {"name": "nope"}})
+        self.assertIn("not among the tools", str(e.exception))
+        with self.assertRaises(openai.BadRequestError) as e:
+            run(tool_choice="required")
+        self.assertIn("needs tools", str(e.exception))
+
+    def test_tool_call_history(self):
+        tools = [{"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}}]
+        history = [{"role": "user", "content": "Time?"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call_1", "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+        r = client().chat.completions.create(model=MODEL, messages=history, tools=tools, max_tokens=3, temperature=0)
+        self.assertEqual(r.usage.completion_tokens, 3)
+        shorter = client().chat.completions.create(model=MODEL, messages=history[:1], tools=tools, max_tokens=1)
+        self.assertGreater(r.usage.prompt_tokens, shorter.usage.prompt_tokens + 10)
 
     def test_wrong_api_key(self):
         with self.assertRaises(openai.AuthenticationError):

@@ -34,6 +34,14 @@ fn special_ids_and_lookups_from_the_gguf() {
     assert_eq!(tok.token_text(129280), None);
     assert_eq!(tok.token_type(128803), Some(TokenType::Control));
     assert_eq!(tok.token_type(128821), Some(TokenType::UserDefined));
+    // the DSML marker of tool calls is user-defined: generated, it decodes as text even when
+    // control tokens are skipped (as the server decodes)
+    assert_eq!(tok.token_id("｜DSML｜"), Some(128825));
+    assert_eq!(tok.token_type(128825), Some(TokenType::UserDefined));
+    let block = "<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"f\">";
+    let ids = tok.encode(block, true).expect("encode");
+    assert_eq!(ids.iter().filter(|&&id| id == 128825).count(), 2);
+    assert_eq!(tok.decode(&ids, true).expect("decode"), block);
     // a normal token is stored in the byte-level alphabet and decodes to plain bytes
     let the = tok.token_id("Ġthe").expect("Ġthe is in the vocabulary");
     assert_eq!(tok.token_type(the), Some(TokenType::Normal));

@@ -61,12 +61,12 @@ pub fn run(a: Args) -> Result<()> {
     }
     messages.push(message("user", &a.prompt));
     let vars = TemplateVars { thinking: a.think, ..TemplateVars::default() };
-    let prompt = format.encode_chat(&messages, None, &vars)?;
+    let prompt = format.encode_chat(&messages, None, &vars, &[])?;
     let n_ctx = a.model.ctx_size.unwrap_or(prompt.len() + a.n_predict).min(model.config.n_ctx_train.max(1));
     if prompt.len() >= n_ctx {
         bail!("the prompt has {} tokens; the context of {n_ctx} leaves no room to generate", prompt.len());
     }
-    let engine = Engine::start(model, format.tokenizer.clone(), EngineOptions { parallel: 1, n_ctx, queue_max: 0 })?;
+    let engine = Engine::start(model, format.tokenizer.clone(), EngineOptions { parallel: 1, n_ctx, queue_max: 0, expert_swap_bytes: a.model.expert_swap_bytes() })?;
     let params = SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,

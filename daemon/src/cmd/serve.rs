@@ -39,9 +39,14 @@ pub struct Args {
     /// Largest max_tokens a request may ask for (default: the context size).
     #[arg(long)]
     max_tokens_limit: Option<usize>,
-    /// Name served in /v1/models and accepted as `model` (default: the file name without .gguf).
+    /// Name listed by /v1/models and echoed as every response's `model` (default: the file name
+    /// without .gguf). Requests may name any model unless --strict-model-names is given.
     #[arg(long)]
     alias: Option<String>,
+    /// Answer 404 to a request whose `model` is neither the served name nor the model's path
+    /// (by default any name is accepted: agents send their own, e.g. claude-… or gpt-…).
+    #[arg(long)]
+    strict_model_names: bool,
     /// Seconds in-flight requests may run on after SIGTERM/SIGINT before they are cancelled.
     #[arg(long, default_value_t = 30)]
     shutdown_grace: u64,
@@ -54,7 +59,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let format = ChatFormat::from_metadata(&model.file.metadata)?;
     let n_ctx = a.model.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train)).max(2);
-    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max };
+    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max, expert_swap_bytes: a.model.expert_swap_bytes() };
     let engine = Engine::start(model, format.tokenizer.clone(), opts)?;
     let model_id = a.alias.clone().unwrap_or_else(|| {
         let name = a.model.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -71,6 +76,7 @@ pub fn run(a: Args) -> Result<()> {
         format,
         model_id,
         model_path: a.model.model.display().to_string(),
+        strict_model_names: a.strict_model_names,
         api_key: a.api_key.clone(),
         limits,
         created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),

@@ -4,8 +4,8 @@
 //! go through each worker's shared memory; `begin` sends to every worker owning a pair and
 //! returns, `end` waits and puts each worker's output rows back in the order of all the
 //! pairs (each row is one expert on one token, whoever computed it: no sums here, so the
-//! split over workers changes no bit). A worker that dies (EOF) or stops answering
-//! (deadline) is respawned and the layer's request replayed, so the step completes with the
+//! split over workers changes no bit). A worker that fails in any way (see [`WorkerPool`])
+//! is killed, respawned and the layer's request replayed, so the step completes with the
 //! same result.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,10 +18,6 @@ use experts::{ExpertPairs, ExpertSet};
 use graph::{ColdError, ColdExperts};
 use ipc_proto::{Limits, ModelIdentity, ProtoError, RequestId, WorkerConnection};
 use loader::ModelFile;
-
-/// How long one layer may take in a worker before it counts as hung.
-const EVAL_DEADLINE: Duration = Duration::from_secs(60);
-const START_DEADLINE: Duration = Duration::from_secs(60);
 
 /// A wire error of worker `worker` across the `ColdExperts` seam: what the worker reported
 /// (an `Error` frame), or a protocol failure on our side of the connection.
@@ -62,20 +58,79 @@ impl ColdExperts for InProcess {
     }
 }
 
+/// How long the pool waits for its workers.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerDeadlines {
+    /// A starting worker is killed when it shows no progress for this long between two
+    /// load reports that show more bytes loaded (and when its socket has not opened after
+    /// this long, at least the handshake timeout).
+    pub load_stall: Duration,
+    /// Floor of an eval's deadline, to which each (token, expert) pair adds the time to
+    /// stream its expert's weights at [`EVAL_MIN_BYTES_PER_S`].
+    pub eval_floor: Duration,
+}
+
+/// The slowest rate at which a worker is assumed to get through an expert's weights per
+/// (token, expert) pair: far below what one CPU thread does (several GB/s of weights read,
+/// quantised dot products included), so that only a hung worker misses the deadline.
+pub const EVAL_MIN_BYTES_PER_S: f64 = (1u64 << 30) as f64;
+
+impl WorkerDeadlines {
+    /// How long an eval of `n_pairs` pairs over experts of `expert_bytes` each may take.
+    pub fn eval(&self, n_pairs: usize, expert_bytes: u64) -> Duration {
+        self.eval_floor + Duration::from_secs_f64(n_pairs as f64 * expert_bytes as f64 / EVAL_MIN_BYTES_PER_S)
+    }
+}
+
+/// A running worker process and its connection.
+struct Live {
+    child: Child,
+    conn: WorkerConnection,
+}
+
+/// An eval sent to a worker.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    id: RequestId,
+    deadline: Instant,
+}
+
 struct Worker {
     index: usize,
     experts: ExpertSet,
     socket: PathBuf,
     spec: PathBuf,
-    child: Child,
-    conn: WorkerConnection,
+    /// None after a failure whose respawn failed too: the next layer that needs this worker
+    /// starts it again.
+    live: Option<Live>,
     /// The pairs of the current layer this worker owns (kept for a replay).
     share: ExpertPairs,
-    /// The request in flight.
-    pending: Option<RequestId>,
+    /// Its output rows for `share` (one per pair, in order), copied out of its shared memory.
+    rows: Vec<f32>,
+    /// The eval in flight, or why it could not be sent (handled in `end`).
+    pending: Option<Result<Sent, ColdError>>,
+}
+
+impl Worker {
+    /// Kills and reaps the process (it may be stopped or hung; SIGKILL ends it anyway).
+    fn kill(&mut self) {
+        if let Some(mut l) = self.live.take() {
+            l.child.kill().ok();
+            l.child.wait().ok();
+        }
+        self.pending = None;
+    }
 }
 
 /// Spawned `moe-expert` workers.
+///
+/// Every way a worker can fail while serving a layer — it died (EOF), hung (no reply by the
+/// eval's deadline), answered with an `Error` frame, or sent a frame we refuse (malformed,
+/// another protocol version, out of order) — ends the same way: the worker is killed, a new
+/// one is started and the layer's request replayed to it, so the step completes with the
+/// same result. If the start or the replay fails too, the step fails with that error, and
+/// the worker is started again when a later step needs it: a failure never outlives the
+/// request it happened in.
 pub struct WorkerPool {
     exe: PathBuf,
     model: PathBuf,
@@ -84,13 +139,17 @@ pub struct WorkerPool {
     pins: Vec<Pin>,
     limits: Limits,
     identity: ModelIdentity,
+    deadlines: WorkerDeadlines,
+    /// Bytes of one routed expert per layer (the eval deadlines scale with them).
+    expert_bytes: Vec<u64>,
     /// Private (0700) directory for the sockets and placement files, removed on drop.
     dir: tempfile::TempDir,
     workers: Vec<Worker>,
     /// Per layer, per expert: the index of the worker that owns it (`usize::MAX`: none).
     owner: Vec<Vec<usize>>,
-    /// The current layer's activations (kept for a replay) and cold pairs.
+    /// The current layer's activations (kept for a replay).
     x: Vec<f32>,
+    /// The layer's cold pairs, in the order of the output rows `end` fills.
     pairs: ExpertPairs,
     /// Worker-reported compute of the last `end`, summed over workers (µs).
     reported_us: u64,
@@ -99,11 +158,20 @@ pub struct WorkerPool {
 
 impl WorkerPool {
     /// Spawn one worker per share and connect to each (handshake checks the model).
-    /// `spin`: how long both sides of each connection spin before blocking on the socket.
+    /// `spin`: how long both sides of each connection spin before blocking.
     /// `pins`: where each worker runs (empty: anywhere).
-    pub fn spawn(model: &ModelFile, shares: Vec<ExpertSet>, threads: usize, max_tokens: usize, spin: Duration, pins: Vec<Pin>) -> Result<WorkerPool> {
+    pub fn spawn(
+        model: &ModelFile,
+        shares: Vec<ExpertSet>,
+        threads: usize,
+        max_tokens: usize,
+        spin: Duration,
+        pins: Vec<Pin>,
+        deadlines: WorkerDeadlines,
+    ) -> Result<WorkerPool> {
         let exe = std::env::current_exe().context("locating the dflash executable")?;
         let identity = expert_worker::model_identity(model)?;
+        let expert_bytes = expert_worker::expert_bytes_per_layer(model)?;
         let c = &model.config;
         let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
         let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
@@ -128,6 +196,8 @@ impl WorkerPool {
             pins,
             limits,
             identity,
+            deadlines,
+            expert_bytes,
             dir,
             workers: Vec::new(),
             owner,
@@ -140,13 +210,17 @@ impl WorkerPool {
             let socket = pool.dir.path().join(format!("worker-{index}.sock"));
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
             experts.write_json(&spec)?;
-            let (child, conn) = pool.start(index, &socket, &spec)?;
-            pool.workers.push(Worker { index, experts, socket, spec, child, conn, share: ExpertPairs::new(), pending: None });
+            let live = pool.start(index, &socket, &spec)?;
+            pool.workers.push(Worker { index, experts, socket, spec, live: Some(live), share: ExpertPairs::new(), rows: Vec::new(), pending: None });
         }
         Ok(pool)
     }
 
-    fn start(&self, index: usize, socket: &Path, spec: &Path) -> Result<(Child, WorkerConnection)> {
+    /// Starts worker `index` and handshakes with it. The wait follows the work: until the
+    /// socket opens (the worker binds it before loading anything), then as long as its load
+    /// reports show progress, each time at most `load_stall`. On failure the process is
+    /// killed and the error says why (exit status, refused handshake, stalled load).
+    fn start(&self, index: usize, socket: &Path, spec: &Path) -> Result<Live> {
         let mut child = Command::new(&self.exe)
             .arg("--backend-ipc-mode=moe-expert")
             .arg("--model")
@@ -163,29 +237,45 @@ impl WorkerPool {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("starting expert worker {index} ({})", self.exe.display()))?;
+        match self.connect(index, &mut child, socket) {
+            Ok(conn) => Ok(Live { child, conn }),
+            Err(e) => {
+                child.kill().ok();
+                child.wait().ok();
+                Err(e)
+            }
+        }
+    }
+
+    fn connect(&self, index: usize, child: &mut Child, socket: &Path) -> Result<WorkerConnection> {
+        let stall = self.deadlines.load_stall;
         let t0 = Instant::now();
+        let opts = ipc_proto::ConnectOptions { spin: self.spin, load_stall: stall, ..ipc_proto::ConnectOptions::default() };
+        // Before its socket opens a worker opens the model and hashes its header: bounded
+        // work, as Hello and Setup are, so at least their timeout.
+        let open_limit = stall.max(opts.handshake_timeout);
         loop {
             if let Some(status) = child.try_wait()? {
                 bail!("expert worker {index} exited during start-up ({status})");
             }
             if socket.exists() {
-                let opts = ipc_proto::ConnectOptions { spin: self.spin, ..ipc_proto::ConnectOptions::default() };
                 match WorkerConnection::connect_with(socket, self.limits, &self.identity, &opts) {
-                    Ok(conn) => return Ok((child, conn)),
-                    Err(e) if t0.elapsed() > START_DEADLINE => {
-                        child.kill().ok();
-                        bail!("expert worker {index}: handshake failed: {e}");
+                    Ok(conn) => {
+                        let load = conn.load_report();
+                        tracing::info!(worker = index, bytes = load.last.loaded, seconds = load.elapsed.as_secs_f64(), "expert worker ready");
+                        return Ok(conn);
                     }
-                    Err(e) if !e.is_peer_lost() && !matches!(e, ipc_proto::ProtoError::Connect { .. } | ipc_proto::ProtoError::Io { .. }) => {
-                        child.kill().ok();
-                        bail!("expert worker {index}: handshake refused: {e}");
+                    // Bound but not yet accepting: try again.
+                    Err(ProtoError::Connect { .. }) if t0.elapsed() < open_limit => {}
+                    Err(e) => {
+                        // A worker that refused us has usually exited saying why.
+                        std::thread::sleep(Duration::from_millis(20));
+                        let status = child.try_wait()?.map(|s| format!(" (worker {s})")).unwrap_or_default();
+                        bail!("expert worker {index}: handshake failed: {e}{status}");
                     }
-                    Err(_) => {}
                 }
-            }
-            if t0.elapsed() > START_DEADLINE {
-                child.kill().ok();
-                bail!("expert worker {index} did not open {} within {START_DEADLINE:?}", socket.display());
+            } else if t0.elapsed() > open_limit {
+                bail!("expert worker {index} did not open {} within {open_limit:?}", socket.display());
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -195,37 +285,107 @@ impl WorkerPool {
         self.workers.len()
     }
 
-    /// Pids of the worker processes (tests and diagnostics).
+    /// Pids of the running worker processes (tests and diagnostics).
     pub fn pids(&self) -> Vec<u32> {
-        self.workers.iter().map(|w| w.child.id()).collect()
+        self.workers.iter().filter_map(|w| w.live.as_ref()).map(|l| l.child.id()).collect()
     }
 
-    /// Sends `w`'s share of the layer: the activations `x` of all its tokens, its pairs.
-    fn send(w: &mut Worker, layer: u32, x: &[f32]) -> Result<RequestId, ProtoError> {
-        w.conn.input_mut(w.share.n_tokens())?.copy_from_slice(x);
-        w.conn.eval_begin(layer, &w.share)
+    /// Sends worker `i`'s share of `layer`: the activations `x` of all its tokens, its pairs.
+    /// A worker that is not running is started first.
+    /// Its outcome is left in the worker's `pending`.
+    fn send(&mut self, i: usize, layer: u32) {
+        let sent = self.try_send(i, layer);
+        self.workers[i].pending = Some(sent);
     }
 
-    fn respawn(&mut self, i: usize) -> Result<()> {
-        let (index, socket, spec) = {
-            let w = &mut self.workers[i];
-            w.child.kill().ok();
-            w.child.wait().ok();
-            std::fs::remove_file(&w.socket).ok();
-            (w.index, w.socket.clone(), w.spec.clone())
-        };
-        tracing::warn!(worker = index, "expert worker lost; respawning and replaying the layer");
-        let (child, conn) = self.start(index, &socket, &spec)?;
+    fn try_send(&mut self, i: usize, layer: u32) -> Result<Sent, ColdError> {
+        if self.workers[i].live.is_none() {
+            tracing::info!(worker = i, "starting the expert worker again after its failure");
+            self.restart(i).map_err(|e| ColdError::WorkerStart { worker: i, source: format!("{e:#}").into() })?;
+        }
+        let expert_bytes = self.expert_bytes.get(layer as usize).copied().unwrap_or(0);
+        let deadline = Instant::now() + self.deadlines.eval(self.workers[i].share.n_pairs(), expert_bytes);
         let w = &mut self.workers[i];
-        w.child = child;
-        w.conn = conn;
+        let Some(live) = w.live.as_mut() else { return Err(ColdError::WorkerStart { worker: i, source: "not running".into() }) };
+        let sent = live.conn.write_inputs(&self.x).and_then(|()| live.conn.eval_begin(layer, &w.share));
+        match sent {
+            Ok(id) => Ok(Sent { id, deadline }),
+            Err(e) => {
+                // A closed connection means the worker must go; a check of ours that refused
+                // the request before sending leaves it as it was.
+                if live.conn.is_closed() {
+                    w.kill();
+                }
+                Err(wire_error(i, e))
+            }
+        }
+    }
+
+    /// Waits for worker `i`'s pending eval and, when `keep`, copies its output rows (one per
+    /// pair of its share) into the worker's `rows`.
+    fn collect(&mut self, i: usize, keep: bool) -> Result<(), ColdError> {
+        let n_embd = self.limits.n_embd as usize;
+        let w = &mut self.workers[i];
+        let sent = match w.pending.take() {
+            None => return Ok(()),
+            Some(Err(e)) => return Err(e),
+            Some(Ok(sent)) => sent,
+        };
+        let Some(live) = w.live.as_mut() else { return Err(ColdError::Protocol { worker: i, source: "the worker is not running".into() }) };
+        let reply = live.conn.eval_end(sent.id, sent.deadline);
+        let reply = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                w.kill();
+                return Err(wire_error(i, e));
+            }
+        };
+        self.reported_us += reply.compute_us;
+        if keep {
+            w.rows.resize(w.share.n_pairs() * n_embd, 0.0);
+            live.conn.read_outputs(&mut w.rows).map_err(|e| wire_error(i, e))?;
+        }
+        Ok(())
+    }
+
+    /// Kills worker `i` (whatever state it is in) and starts a new one.
+    fn restart(&mut self, i: usize) -> Result<()> {
+        self.workers[i].kill();
+        let w = &self.workers[i];
+        std::fs::remove_file(&w.socket).ok();
+        let live = self.start(w.index, &w.socket, &w.spec)?;
+        self.workers[i].live = Some(live);
         self.respawns += 1;
         Ok(())
+    }
+
+    /// After worker `i` failed with `cause` on `layer`: a new worker, the request replayed
+    /// and its answer kept in the worker's `rows`.
+    fn replay(&mut self, i: usize, layer: u32, cause: &ColdError) -> Result<(), ColdError> {
+        tracing::warn!(worker = i, layer, error = %cause, "expert worker failed; respawning it and replaying the layer");
+        self.restart(i).map_err(|e| ColdError::WorkerStart { worker: i, source: format!("{e:#} (after: {cause})").into() })?;
+        self.send(i, layer);
+        let replayed = self.collect(i, true);
+        replayed.map_err(|e| ColdError::Replay { worker: i, source: format!("{e} (after: {cause})").into() })
+    }
+
+    /// Waits out evals left in flight by a step that failed before its `end` (their results
+    /// are not wanted); a worker that does not answer in time is killed, to be restarted
+    /// when needed.
+    fn settle(&mut self) {
+        for i in 0..self.workers.len() {
+            if self.workers[i].pending.is_some() {
+                if let Err(e) = self.collect(i, false) {
+                    tracing::warn!(worker = i, error = %e, "expert worker failed on an abandoned request");
+                }
+            }
+        }
     }
 }
 
 impl ColdExperts for WorkerPool {
     fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
+        self.settle();
         self.x.clear();
         self.x.extend_from_slice(x);
         self.pairs.clone_from(pairs);
@@ -233,19 +393,12 @@ impl ColdExperts for WorkerPool {
             let w = &mut self.workers[i];
             let owns = &w.experts;
             pairs.select(|e| owns.contains(layer as u32, e), &mut w.share);
+            w.rows.clear();
             if w.share.n_pairs() == 0 {
-                w.pending = None;
                 continue;
             }
-            let id = match Self::send(w, layer as u32, &self.x) {
-                Ok(id) => id,
-                Err(e) if e.is_peer_lost() => {
-                    self.respawn(i).map_err(|e| ColdError::WorkerStart { worker: i, source: e.into() })?;
-                    Self::send(&mut self.workers[i], layer as u32, &self.x).map_err(|e| ColdError::Replay { worker: i, source: e.into() })?
-                }
-                Err(e) => return Err(wire_error(i, e)),
-            };
-            self.workers[i].pending = Some(id);
+            // A failure here is handled in `end` with the others.
+            self.send(i, layer as u32);
         }
         Ok(())
     }
@@ -256,29 +409,26 @@ impl ColdExperts for WorkerPool {
 
     fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError> {
         self.reported_us = 0;
+        let mut first_error = None;
         for i in 0..self.workers.len() {
-            let Some(id) = self.workers[i].pending.take() else { continue };
-            let mut result = self.workers[i].conn.eval_end(id, Instant::now() + EVAL_DEADLINE);
-            if matches!(&result, Err(e) if e.is_peer_lost()) {
-                self.respawn(i).map_err(|e| ColdError::WorkerStart { worker: i, source: e.into() })?;
-                let id = Self::send(&mut self.workers[i], layer as u32, &self.x).map_err(|e| ColdError::Replay { worker: i, source: e.into() })?;
-                result = self.workers[i].conn.eval_end(id, Instant::now() + EVAL_DEADLINE);
+            if self.workers[i].share.n_pairs() == 0 {
+                continue;
             }
-            let reply = result.map_err(|e| wire_error(i, e))?;
-            self.reported_us += reply.compute_us;
+            let Err(cause) = self.collect(i, true) else { continue };
+            if let Err(e) = self.replay(i, layer as u32, &cause) {
+                tracing::error!(worker = i, layer, error = %e, "expert worker failed again");
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
         }
         // Each worker answered its share's pairs in order: pair p of the layer is the next
         // row of its owner's output.
-        let mut outputs = Vec::with_capacity(self.workers.len());
-        for (i, w) in self.workers.iter().enumerate() {
-            let rows = match w.share.n_pairs() {
-                0 => &[][..],
-                n => w.conn.output(n).map_err(|e| wire_error(i, e))?,
-            };
-            outputs.push(rows.chunks_exact(self.limits.n_embd as usize));
-        }
+        let n_embd = self.limits.n_embd as usize;
+        let mut outputs: Vec<_> = self.workers.iter().map(|w| w.rows.chunks_exact(n_embd)).collect();
         let owner = &self.owner[layer];
-        for (&e, row) in self.pairs.ids().iter().zip(out.chunks_exact_mut(self.limits.n_embd as usize)) {
+        for (&e, row) in self.pairs.ids().iter().zip(out.chunks_exact_mut(n_embd)) {
             let w = owner.get(e as usize).copied().unwrap_or(usize::MAX);
             let from = outputs.get_mut(w).and_then(|rows| rows.next()).ok_or_else(|| ColdError::Compute {
                 source: format!("no expert worker answered expert {e} of layer {layer}").into(),
@@ -292,8 +442,7 @@ impl ColdExperts for WorkerPool {
 impl Drop for WorkerPool {
     fn drop(&mut self) {
         for w in &mut self.workers {
-            w.child.kill().ok();
-            w.child.wait().ok();
+            w.kill();
         }
     }
 }

@@ -124,9 +124,11 @@ pub struct Timings {
     pub predicted_per_second: f64,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
     pub finish: FinishReason,
+    /// The stop string that ended the generation (finish `Stop` without an end-of-generation token).
+    pub stop_sequence: Option<String>,
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub timings: Timings,
@@ -163,6 +165,9 @@ pub struct Stats {
     pub completion_tokens: IntCounter,
     pub prompt_seconds: Counter,
     pub decode_seconds: Counter,
+    /// Adaptive placement: experts swapped in, and their bytes copied.
+    pub expert_swaps: IntCounter,
+    pub expert_swap_bytes: IntCounter,
     /// Requests waiting for a sequence.
     pub queue_depth: AtomicU64,
     /// Requests being generated.
@@ -178,14 +183,23 @@ impl Stats {
             completion_tokens: IntCounter::new("completion_tokens_total", "Tokens generated.")?,
             prompt_seconds: Counter::new("prompt_seconds_total", "Time spent in prefill.")?,
             decode_seconds: Counter::new("decode_seconds_total", "Time from first to last token, summed over requests.")?,
+            expert_swaps: IntCounter::new("expert_swaps_total", "Experts swapped into the model's device by the adaptive placement.")?,
+            expert_swap_bytes: IntCounter::new("expert_swap_bytes_total", "Expert bytes copied by those swaps.")?,
             queue_depth: AtomicU64::new(0),
             active: AtomicU64::new(0),
         })
     }
 
     /// The integer counters (handles onto the same values), to register with a registry.
-    pub fn counters(&self) -> [IntCounter; 4] {
-        [self.requests_finished.clone(), self.requests_cancelled.clone(), self.prompt_tokens.clone(), self.completion_tokens.clone()]
+    pub fn counters(&self) -> [IntCounter; 6] {
+        [
+            self.requests_finished.clone(),
+            self.requests_cancelled.clone(),
+            self.prompt_tokens.clone(),
+            self.completion_tokens.clone(),
+            self.expert_swaps.clone(),
+            self.expert_swap_bytes.clone(),
+        ]
     }
 
     /// The float counters (seconds).
@@ -203,6 +217,9 @@ pub struct EngineOptions {
     pub n_ctx: usize,
     /// Requests that may wait for a sequence beyond the `parallel` being generated.
     pub queue_max: usize,
+    /// With an adaptive placement: at most this many expert bytes are copied after each step
+    /// (`Model::replace_experts`).
+    pub expert_swap_bytes: u64,
 }
 
 /// What the engine runs, for clients.
@@ -251,7 +268,7 @@ impl Engine {
     /// Starts the compute thread. The tokenizer may have fewer tokens than the model has
     /// embedding/output rows (the rest is padding, never sampled), not more.
     pub fn start(model: Model, tokenizer: Tokenizer, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let EngineOptions { parallel, n_ctx, queue_max } = opts;
+        let EngineOptions { parallel, n_ctx, queue_max, expert_swap_bytes } = opts;
         if tokenizer.n_vocab() > model.n_vocab() {
             return Err(EngineError::VocabMismatch { tokenizer: tokenizer.n_vocab(), model: model.n_vocab() });
         }
@@ -264,7 +281,7 @@ impl Engine {
         let admitted = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
-        let worker = Worker { model, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone() };
+        let worker = Worker { model, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone(), expert_swap_bytes };
         let thread = std::thread::Builder::new()
             .name("dflash-compute".into())
             .spawn(move || worker.run(rx, ready_tx))
@@ -338,6 +355,7 @@ struct Worker {
     stats: Arc<Stats>,
     stop_all: Arc<AtomicBool>,
     admitted: Arc<AtomicUsize>,
+    expert_swap_bytes: u64,
 }
 
 struct Active {
@@ -461,6 +479,7 @@ impl Worker {
         if a.last.is_none() {
             a.prompt_s = t0.elapsed().as_secs_f64();
         }
+        self.replace_experts();
         let id = a.sampler.sample(&logits);
         a.generated += 1;
         a.last = Some(id);
@@ -490,6 +509,24 @@ impl Worker {
             return Some(FinishReason::Length);
         }
         None
+    }
+
+    /// Between two steps: an adaptive placement follows the routing (bounded bytes per step).
+    /// A failed swap leaves the placement as it was and is logged; serving goes on.
+    fn replace_experts(&mut self) {
+        if !self.model.is_adaptive() || self.expert_swap_bytes == 0 {
+            return;
+        }
+        match self.model.replace_experts(self.expert_swap_bytes) {
+            Ok(r) => {
+                self.stats.expert_swaps.inc_by(r.swaps);
+                self.stats.expert_swap_bytes.inc_by(r.bytes);
+                if r.swaps > 0 {
+                    tracing::debug!(swaps = r.swaps, bytes = r.bytes, "experts re-placed");
+                }
+            }
+            Err(e) => tracing::error!("expert re-placement: {e}"),
+        }
     }
 
     fn finish(&self, mut a: Active, finish: FinishReason) {
@@ -533,7 +570,8 @@ impl Worker {
             s.decode_seconds.inc_by(decode_s);
         }
         tracing::debug!(?finish, prompt_n, generated = a.generated, "request done");
-        let summary = Summary { finish, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
+        let stop_sequence = a.filter.matched.take();
+        let summary = Summary { finish, stop_sequence, prompt_tokens: prompt_n, completion_tokens: a.generated, timings };
         // the gauges drop before the client hears `Done`, so what it reads next is already true
         s.active.fetch_sub(1, Ordering::Relaxed);
         self.admitted.fetch_sub(1, Ordering::AcqRel);
@@ -543,7 +581,13 @@ impl Worker {
 
 fn finish_unstarted(j: &Job, stats: &Stats) {
     stats.requests_cancelled.inc();
-    let summary = Summary { finish: FinishReason::Cancelled, prompt_tokens: j.req.prompt.len(), completion_tokens: 0, timings: Timings::default() };
+    let summary = Summary {
+        finish: FinishReason::Cancelled,
+        stop_sequence: None,
+        prompt_tokens: j.req.prompt.len(),
+        completion_tokens: 0,
+        timings: Timings::default(),
+    };
     let _ = j.tx.send(Event::Done(summary));
 }
 

@@ -61,6 +61,16 @@ pub struct ModelArgs {
     /// round-trip latency when every worker connection has a spare core (0: block at once).
     #[arg(long = "worker-spin-us", default_value_t = 0)]
     pub worker_spin_us: u64,
+    /// A starting expert worker that shows no progress for this long is killed and reported:
+    /// between two of its load reports that show more bytes loaded (a long load is waited
+    /// for as long as it progresses), or before it opens its socket (then at least 10 s).
+    #[arg(long = "worker-load-stall-ms", value_name = "MS", default_value_t = 30_000)]
+    pub worker_load_stall_ms: u64,
+    /// Floor of the deadline of one layer's request to an expert worker; each (token, expert)
+    /// pair adds the time to read its expert's weights at 1 GiB/s. A worker that misses it is
+    /// taken as hung: killed, respawned, and the request replayed.
+    #[arg(long = "worker-eval-timeout-ms", value_name = "MS", default_value_t = 10_000)]
+    pub worker_eval_timeout_ms: u64,
     /// Device memory (MiB) kept free for the KV caches and compute buffers when
     /// `--experts-hot budget|profile:FILE` takes its budget from a GPU's free memory.
     #[arg(long = "device-reserve-mb", default_value_t = 2048)]
@@ -79,6 +89,10 @@ pub struct ModelArgs {
     /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers.
     #[arg(long = "cold-layers-in-graph")]
     pub cold_layers_in_graph: bool,
+    /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
+    /// the model's device between two steps (0: the placement stays as it started).
+    #[arg(long = "expert-swap-mb", default_value_t = 16)]
+    pub expert_swap_mb: u64,
 }
 
 impl ModelArgs {
@@ -91,7 +105,12 @@ impl ModelArgs {
             (Some(spec), n) => Pin::parse_per_worker(spec, n).context("--worker-cpus")?,
             (None, _) => Vec::new(),
         };
-        let mut placement = ExpertPlacement::resolve(&shape, &self.placement.options()?, self.device_budget(&file, &shape)?)?;
+        let options = self.placement.options()?;
+        let adaptive = options.policy.is_adaptive();
+        if adaptive && (self.cold_offload_min > 0 || self.cold_layers_in_graph) {
+            anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph does not follow: use one or the other");
+        }
+        let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape)?)?;
         let small = placement.drop_layers_below(file.config.n_expert_used);
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
@@ -109,13 +128,16 @@ impl ModelArgs {
             csa_dense_max_view: self.csa_dense_max_view,
             cold_offload_min: self.cold_offload_min,
             cold_layers_in_graph: self.cold_layers_in_graph,
+            adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
         };
         if let Some(t) = self.threads {
             opts.threads = t;
         }
         let mut model = Model::from_file(file, opts).with_context(|| format!("loading {}", self.model.display()))?;
-        let cold = placement.cold();
+        // Under adaptive, the executor holds every expert of a partly held layer (any of them
+        // may become cold); it is given only the cold ones to compute.
+        let cold = placement.executor_experts(adaptive);
         if !cold.is_empty() {
             if self.expert_workers == 0 {
                 let exec = super::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
@@ -123,12 +145,21 @@ impl ModelArgs {
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
                 let spin = std::time::Duration::from_micros(self.worker_spin_us);
-                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins)?;
+                let deadlines = super::cold::WorkerDeadlines {
+                    load_stall: std::time::Duration::from_millis(self.worker_load_stall_ms),
+                    eval_floor: std::time::Duration::from_millis(self.worker_eval_timeout_ms),
+                };
+                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins, deadlines)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }
         }
         Ok(model)
+    }
+
+    /// `--expert-swap-mb` in bytes.
+    pub fn expert_swap_bytes(&self) -> u64 {
+        self.expert_swap_mb.saturating_mul(1 << 20)
     }
 
     /// On a GPU: its free memory minus the weights that are not routed experts and the

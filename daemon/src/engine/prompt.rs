@@ -1,6 +1,6 @@
 //! The model file's tokenizer and chat format, and chat prompts turned into token ids.
 use anyhow::{Context as _, Result};
-use chat::{ChatMessage, ChatTemplate, PieceKind, SpecialTokens, TemplateVars, TEMPLATE_KEY};
+use chat::{ChatMessage, ChatTemplate, PieceKind, PromptPiece, SpecialTokens, TemplateVars, TEMPLATE_KEY};
 use loader::Metadata;
 use tokenizer::Tokenizer;
 
@@ -24,17 +24,19 @@ impl ChatFormat {
         Ok(ChatFormat { tokenizer, template: std::sync::Arc::new(template) })
     }
 
-    /// Renders and tokenizes a conversation: template text with special tokens parsed, request
-    /// content as plain text.
+    /// Renders and tokenizes a conversation, then `after` (text the reply starts with, written
+    /// after the generation prompt): template text with special tokens parsed, request content
+    /// as plain text.
     pub fn encode_chat(
         &self,
         messages: &[ChatMessage],
         tools: Option<&[serde_json::Value]>,
         vars: &TemplateVars,
+        after: &[PromptPiece],
     ) -> Result<Vec<u32>, PromptError> {
         let rendered = self.template.render(messages, tools, vars)?;
         let mut ids = Vec::new();
-        for p in &rendered.pieces {
+        for p in rendered.pieces.iter().chain(after) {
             ids.extend(self.tokenizer.encode(&p.text, p.kind == PieceKind::Template)?);
         }
         Ok(ids)

@@ -10,11 +10,13 @@ pub struct TextFilter {
     reasoning: bool,
     buf: String,
     pub stopped: bool,
+    /// The stop string that ended the text, once one has.
+    pub matched: Option<String>,
 }
 
 impl TextFilter {
     pub fn new(stops: Vec<String>, thinking: bool) -> TextFilter {
-        TextFilter { stops, reasoning: thinking, buf: String::new(), stopped: false }
+        TextFilter { stops, reasoning: thinking, buf: String::new(), stopped: false, matched: None }
     }
 
     fn emit(out: &mut Vec<Event>, reasoning: bool, text: &str) {
@@ -37,17 +39,19 @@ impl TextFilter {
         self.buf.push_str(text);
         loop {
             let think = if self.reasoning { self.buf.find(chat::THINK_END) } else { None };
-            let stop = self.stops.iter().filter_map(|s| self.buf.find(s.as_str())).min();
+            // the earliest stop string (the first listed among those found at one place)
+            let stop = self.stops.iter().enumerate().filter_map(|(i, s)| self.buf.find(s.as_str()).map(|at| (at, i))).min();
             match (think, stop) {
-                (Some(t), s) if !matches!(s, Some(s) if s <= t) => {
+                (Some(t), s) if !matches!(s, Some((s, _)) if s <= t) => {
                     Self::emit(&mut out, true, &self.buf[..t]);
                     self.buf.drain(..t + chat::THINK_END.len());
                     self.reasoning = false;
                 }
-                (_, Some(s)) => {
+                (_, Some((s, i))) => {
                     Self::emit(&mut out, self.reasoning, &self.buf[..s]);
                     self.buf.clear();
                     self.stopped = true;
+                    self.matched = Some(self.stops[i].clone());
                     return (out, true);
                 }
                 _ => break,
@@ -64,17 +68,7 @@ impl TextFilter {
     /// while reasoning).
     fn held_len(&self) -> usize {
         let think = self.reasoning.then_some(chat::THINK_END);
-        let mut hold = 0;
-        for m in self.stops.iter().map(String::as_str).chain(think) {
-            for k in (hold + 1..m.len().min(self.buf.len() + 1)).rev() {
-                let start = self.buf.len() - k;
-                if self.buf.is_char_boundary(start) && m.starts_with(&self.buf[start..]) {
-                    hold = k;
-                    break;
-                }
-            }
-        }
-        hold
+        self.stops.iter().map(String::as_str).chain(think).map(|m| chat::partial_match_len(&self.buf, m)).max().unwrap_or(0)
     }
 
     /// End of generation: whatever was held back is text after all.
@@ -146,6 +140,12 @@ mod tests {
     fn earliest_of_several_stops_wins() {
         let (out, stopped) = run(&["zz", "b"], false, &["a", "bzz"]);
         assert_eq!((out, stopped), (vec![(false, "a".to_string())], true));
+        let mut f = TextFilter::new(vec!["zz".into(), "b".into(), "bz".into()], false);
+        assert!(f.push("abzz").1);
+        assert_eq!(f.matched.as_deref(), Some("b"));
+        let mut f = TextFilter::new(vec!["zz".into()], false);
+        assert!(!f.push("abz").1);
+        assert_eq!(f.matched, None);
     }
 
     #[test]

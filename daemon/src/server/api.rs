@@ -49,8 +49,8 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// Parameters common to both completion endpoints.
-#[derive(Deserialize)]
+/// Parameters common to both completion endpoints (and what a Messages request maps to).
+#[derive(Deserialize, Default)]
 pub struct Common {
     pub model: Option<String>,
     #[serde(default)]
@@ -77,6 +77,8 @@ pub struct Common {
 pub struct ChatBody {
     pub messages: Vec<ChatMessage>,
     pub tools: Option<Vec<Value>>,
+    /// `"none"`, `"auto"`, `"required"` or `{"type": "function", "function": {"name": ...}}`.
+    pub tool_choice: Option<Value>,
     #[serde(flatten)]
     pub common: Common,
     #[serde(flatten)]
@@ -171,12 +173,38 @@ pub struct ChatChoice {
     pub finish_reason: &'static str,
 }
 
+/// The reply: `content` is null only when it is empty and there are tool calls.
 #[derive(Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallObject>>,
+}
+
+/// A tool call of a reply (`arguments` is a JSON text).
+#[derive(Serialize)]
+pub struct ToolCallObject {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionObject,
+}
+
+#[derive(Serialize)]
+pub struct FunctionObject {
+    pub name: String,
+    pub arguments: String,
+}
+
+/// A tool call in a stream chunk: each call comes whole, in one chunk.
+#[derive(Serialize)]
+pub struct ToolCallDelta {
+    pub index: usize,
+    #[serde(flatten)]
+    pub call: ToolCallObject,
 }
 
 /// A choice of a `/v1/chat/completions` stream chunk.
@@ -197,6 +225,8 @@ pub struct Delta {
     pub content: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reasoning_content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
 /// A choice of `/v1/completions`, streamed or not.

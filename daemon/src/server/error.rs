@@ -1,5 +1,6 @@
 //! One error type for every endpoint: an OpenAI error object (`{"error": {message, type,
-//! param, code}}`) with its HTTP status.
+//! param, code}}`) with its HTTP status; the Anthropic endpoints answer the same errors as
+//! Anthropic error objects (`{"type": "error", "error": {type, message}}`, [`AnthropicError`]).
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -58,8 +59,12 @@ impl ApiError {
     }
 
     pub fn unauthorized() -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid or missing API key (send Authorization: Bearer KEY)")
-            .code("invalid_api_key")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "invalid or missing API key (send Authorization: Bearer KEY or x-api-key: KEY)",
+        )
+        .code("invalid_api_key")
     }
 
     pub fn not_found() -> ApiError {
@@ -97,11 +102,63 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, Json(self.body())).into_response();
+        let resp = (self.status, Json(self.body())).into_response();
+        self.with_retry_after(resp)
+    }
+}
+
+impl ApiError {
+    fn with_retry_after(&self, mut resp: Response) -> Response {
         if let Some(s) = self.retry_after {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
         }
         resp
+    }
+
+    /// The error as Anthropic's API shapes it (also the `error` event of a failed stream).
+    pub fn anthropic_body(&self) -> AnthropicErrorBody<'_> {
+        let kind = match self.status.as_u16() {
+            400 => "invalid_request_error",
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => "rate_limit_error",
+            503 | 529 => "overloaded_error",
+            _ => "api_error",
+        };
+        AnthropicErrorBody { kind: "error", error: AnthropicErrorObject { kind, message: &self.message } }
+    }
+}
+
+#[derive(Serialize)]
+pub struct AnthropicErrorBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    error: AnthropicErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct AnthropicErrorObject<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+}
+
+/// An [`ApiError`] answered in Anthropic's shape, with the same status.
+#[derive(Debug)]
+pub struct AnthropicError(pub ApiError);
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> AnthropicError {
+        AnthropicError(e)
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let resp = (self.0.status, Json(self.0.anthropic_body())).into_response();
+        self.0.with_retry_after(resp)
     }
 }
 

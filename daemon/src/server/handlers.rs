@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use chat::{ChatMessage, TemplateVars};
 use serde_json::Value;
 
 use super::api::{
@@ -15,13 +16,14 @@ use super::api::{
     TokenizeBody, TokenizeResponse, Tokens,
 };
 use super::error::ApiError;
+use super::reply::{Reply, ToolChoice, ToolPlan};
 use super::stream::{stream_response, whole_response, Kind, Meta};
 use super::St;
 use crate::engine::sampler::SamplingParams;
 use crate::engine::GenRequest;
 
 /// Runs `f` on a blocking thread (tokenizing and rendering: CPU work proportional to the body).
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::server(format!("a blocking task failed: {e}")))?
 }
 
@@ -41,24 +43,36 @@ pub async fn models(State(st): State<St>) -> Json<ModelList> {
 }
 
 pub async fn chat_completions(State(st): State<St>, ApiJson(b): ApiJson<ChatBody>) -> Result<Response, ApiError> {
-    check_model(&st, &b.common)?;
+    check_model(&st, b.common.model.as_deref())?;
     let vars = b.chat.resolve(false, true).map_err(|e| ApiError::bad(e.to_string()))?;
     let thinking = vars.thinking;
-    let (format, messages, tools) = (st.format.clone(), b.messages, b.tools);
-    let prompt = blocking(move || Ok(format.encode_chat(&messages, tools.as_deref(), &vars)?)).await?;
+    let plan = ToolPlan::new(b.tools, ToolChoice::from_openai(b.tool_choice.as_ref())?, thinking)?;
+    let (prompt, plan) = render(&st, b.messages, plan, vars).await?;
     let req = prepare(&st, &b.common, prompt, thinking)?;
-    generate(st, req, &b.common, Kind::Chat).await
+    generate(st, req, &b.common, Kind::Chat, &plan).await
+}
+
+/// Renders and tokenizes a conversation (on a blocking thread) with the plan's tools, and its
+/// opening after the generation prompt.
+pub(super) async fn render(st: &St, messages: Vec<ChatMessage>, plan: ToolPlan, vars: TemplateVars) -> Result<(Vec<u32>, ToolPlan), ApiError> {
+    let format = st.format.clone();
+    blocking(move || {
+        let prompt = format.encode_chat(&messages, plan.tools.as_deref(), &vars, &plan.opening)?;
+        Ok((prompt, plan))
+    })
+    .await
 }
 
 pub async fn completions(State(st): State<St>, ApiJson(b): ApiJson<CompletionBody>) -> Result<Response, ApiError> {
-    check_model(&st, &b.common)?;
+    check_model(&st, b.common.model.as_deref())?;
     let st2 = st.clone();
     let prompt = blocking(move || completion_prompt(&st2, b.prompt)).await?;
     if prompt.is_empty() {
         return Err(ApiError::bad("the prompt is empty").param("prompt"));
     }
     let req = prepare(&st, &b.common, prompt, false)?;
-    generate(st, req, &b.common, Kind::Completion).await
+    let plan = ToolPlan::new(None, ToolChoice::None, false)?;
+    generate(st, req, &b.common, Kind::Completion, &plan).await
 }
 
 pub async fn tokenize(State(st): State<St>, ApiJson(b): ApiJson<TokenizeBody>) -> Result<Json<TokenizeResponse>, ApiError> {
@@ -101,9 +115,12 @@ pub async fn metrics(State(st): State<St>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
 }
 
-fn check_model(st: &St, c: &Common) -> Result<(), ApiError> {
-    match c.model.as_deref() {
+/// Any model name is accepted (agents send their own), unless the server was started with
+/// `--strict-model-names`: then only the served name or the model's path.
+pub(super) fn check_model(st: &St, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
         None | Some("") => Ok(()),
+        Some(_) if !st.strict_model_names => Ok(()),
         Some(m) if m == st.model_id || m == st.model_path => Ok(()),
         Some(m) => Err(ApiError::new(
             axum::http::StatusCode::NOT_FOUND,
@@ -139,7 +156,7 @@ fn completion_prompt(st: &St, v: Value) -> Result<Vec<u32>, ApiError> {
 }
 
 /// The request's sampling, length and stop parameters, checked, around `prompt`.
-fn prepare(st: &St, c: &Common, prompt: Vec<u32>, thinking: bool) -> Result<GenRequest, ApiError> {
+pub(super) fn prepare(st: &St, c: &Common, prompt: Vec<u32>, thinking: bool) -> Result<GenRequest, ApiError> {
     if let Some(n) = c.n {
         if n != 1 {
             return Err(ApiError::bad(format!("n must be 1 (one choice per request), found {n}")).param("n"));
@@ -201,7 +218,7 @@ fn prepare(st: &St, c: &Common, prompt: Vec<u32>, thinking: bool) -> Result<GenR
     Ok(GenRequest { prompt, params, max_tokens, stop, thinking })
 }
 
-async fn generate(st: St, req: GenRequest, c: &Common, kind: Kind) -> Result<Response, ApiError> {
+async fn generate(st: St, req: GenRequest, c: &Common, kind: Kind, plan: &ToolPlan) -> Result<Response, ApiError> {
     let handle = st.engine.submit(req)?;
     let n = st.next_id.fetch_add(1, Ordering::Relaxed);
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -209,11 +226,12 @@ async fn generate(st: St, req: GenRequest, c: &Common, kind: Kind) -> Result<Res
         Kind::Chat => format!("chatcmpl-{}-{n}", st.created),
         Kind::Completion => format!("cmpl-{}-{n}", st.created),
     };
+    let reply = Reply::new(handle, plan.call_stream(), format!("call_{}_{n}_", st.created));
     let meta = Meta { id, created, model: st.model_id.clone(), kind };
     if c.stream {
         let include_usage = c.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        Ok(stream_response(handle, meta, include_usage))
+        Ok(stream_response(reply, meta, include_usage))
     } else {
-        whole_response(handle, meta).await
+        whole_response(reply, meta).await
     }
 }

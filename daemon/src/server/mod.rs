@@ -1,9 +1,12 @@
 //! The OpenAI-compatible HTTP service (axum on tokio) over the generation [`Engine`].
 //!
-//! Endpoints: `/health`, `/v1/models`, `/v1/chat/completions`, `/v1/completions` (SSE streaming
-//! or not), `/tokenize` and `/detokenize` (llama-server's shapes), `/metrics` (Prometheus text).
-//! Errors are OpenAI error objects ([`ApiError`]). With an API key, everything but `/health`
-//! needs `Authorization: Bearer KEY`. Beyond `queue_max` waiting requests, generation requests
+//! Endpoints: `/health`, `/v1/models`, `/v1/chat/completions` (tool calls read from the model's
+//! DSML blocks), `/v1/completions` (SSE streaming or not), Anthropic's `/v1/messages` and
+//! `/v1/messages/count_tokens`, `/tokenize` and `/detokenize` (llama-server's shapes), `/metrics`
+//! (Prometheus text). Errors are OpenAI error objects ([`ApiError`]), Anthropic ones on the
+//! Anthropic endpoints. Any model name is accepted unless names are strict. With an API key,
+//! everything but `/health` needs `Authorization: Bearer KEY` or `x-api-key: KEY`. Beyond
+//! `queue_max` waiting requests, generation requests
 //! get 503 with `Retry-After`. Rendering and tokenizing run on blocking threads, off the async
 //! runtime. A shutdown signal stops accepting connections, lets in-flight requests finish
 //! for the grace period, then cancels the rest.
@@ -24,13 +27,15 @@ use subtle::ConstantTimeEq as _;
 use crate::engine::prompt::ChatFormat;
 use crate::engine::Engine;
 
+mod anthropic;
 mod api;
 mod error;
 mod handlers;
 mod metrics;
+mod reply;
 mod stream;
 
-pub use error::ApiError;
+pub use error::{AnthropicError, ApiError};
 pub use metrics::Metrics;
 
 /// Request limits.
@@ -47,10 +52,12 @@ pub struct Limits {
 pub struct AppState {
     pub engine: Engine,
     pub format: ChatFormat,
-    /// The name served in /v1/models and accepted as `model`.
+    /// The name served in /v1/models and every response's `model`.
     pub model_id: String,
-    /// The model's path, also accepted as `model`.
+    /// The model's path, also accepted as `model` with strict names.
     pub model_path: String,
+    /// Refuse (404) a `model` other than `model_id` or `model_path`; otherwise any is accepted.
+    pub strict_model_names: bool,
     pub api_key: Option<String>,
     pub limits: Limits,
     /// Server start (Unix seconds).
@@ -107,6 +114,8 @@ pub fn router(state: St) -> Router {
         .route("/v1/models", get(handlers::models))
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/tokenize", post(handlers::tokenize))
         .route("/detokenize", post(handlers::detokenize))
         .route("/metrics", get(handlers::metrics))
@@ -129,20 +138,28 @@ async fn count_requests(State(st): State<St>, req: Request, next: Next) -> Respo
     resp
 }
 
-/// With an API key set, every endpoint but /health needs `Authorization: Bearer KEY`.
+/// With an API key set, every endpoint but /health needs `Authorization: Bearer KEY` or
+/// `x-api-key: KEY` (answered in Anthropic's shape on the Anthropic endpoints).
 async fn require_key(State(st): State<St>, req: Request, next: Next) -> Response {
     if endpoint(&req) != "/health" && !authorized(st.api_key.as_deref(), req.headers()) {
-        return ApiError::unauthorized().into_response();
+        return if req.uri().path().starts_with("/v1/messages") {
+            AnthropicError(ApiError::unauthorized()).into_response()
+        } else {
+            ApiError::unauthorized().into_response()
+        };
     }
     next.run(req).await
 }
 
-/// The bearer token against the key, compared in constant time.
+/// The bearer token, or else the `x-api-key` header, against the key, compared in constant time.
 fn authorized(key: Option<&str>, headers: &HeaderMap) -> bool {
     let Some(key) = key else { return true };
-    let Some(got) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-    let Some(token) = got.strip_prefix("Bearer ") else { return false };
-    bool::from(token.as_bytes().ct_eq(key.as_bytes()))
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    match bearer.or(x_api_key) {
+        Some(token) => bool::from(token.as_bytes().ct_eq(key.as_bytes())),
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -150,10 +167,14 @@ mod tests {
     use super::*;
     use axum::http::HeaderValue;
 
-    fn with_auth(v: &str) -> HeaderMap {
+    fn with_header(name: header::HeaderName, v: &str) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).expect("header value"));
+        h.insert(name, HeaderValue::from_str(v).expect("header value"));
         h
+    }
+
+    fn with_auth(v: &str) -> HeaderMap {
+        with_header(header::AUTHORIZATION, v)
     }
 
     #[test]
@@ -164,5 +185,18 @@ mod tests {
         for wrong in ["Bearer k3", "Bearer k3y ", "Bearer k3yy", "Bearer K3Y", "bearer k3y", "k3y", "Basic k3y", "Bearer "] {
             assert!(!authorized(Some("k3y"), &with_auth(wrong)), "{wrong:?}");
         }
+    }
+
+    #[test]
+    fn x_api_key_must_match_the_key_exactly() {
+        let x = |v: &str| with_header(header::HeaderName::from_static("x-api-key"), v);
+        assert!(authorized(Some("k3y"), &x("k3y")));
+        for wrong in ["k3", "k3y ", "K3Y", "Bearer k3y", ""] {
+            assert!(!authorized(Some("k3y"), &x(wrong)), "{wrong:?}");
+        }
+        // a wrong bearer token is not rescued by a right x-api-key
+        let mut h = with_auth("Bearer nope");
+        h.insert("x-api-key", HeaderValue::from_static("k3y"));
+        assert!(!authorized(Some("k3y"), &h));
     }
 }

@@ -58,7 +58,9 @@ pub fn serve(mut server: WorkerServer) -> Result<u64> {
             Request::Eval(req) => {
                 let n_embd = server.limits().n_embd as usize;
                 let t0 = Instant::now();
-                let (input, output) = server.eval_io()?;
+                let mut input = vec![0f32; req.n_tokens() * n_embd];
+                server.read_inputs(&mut input)?;
+                let mut output = vec![0f32; req.pairs.n_pairs() * n_embd];
                 let mut rows_out = output.chunks_exact_mut(n_embd);
                 for (t, ids) in req.pairs.tokens().enumerate() {
                     let row_in = &input[t * n_embd..(t + 1) * n_embd];
@@ -68,6 +70,7 @@ pub fn serve(mut server: WorkerServer) -> Result<u64> {
                         }
                     }
                 }
+                server.write_outputs(&output)?;
                 let us = t0.elapsed().as_micros() as u64 + 1;
                 server.reply_eval(req.id, us)?;
             }

@@ -33,6 +33,11 @@ pub struct Args {
     /// the profiled run itself is slower).
     #[arg(long, value_name = "N")]
     op_profile: Option<usize>,
+    /// Decode tests: N sequences (each at the depth, its own tokens) decode together, one
+    /// token each per step, in one graph (llama-batched-bench's shape); reports the
+    /// aggregate and the per-sequence rate.
+    #[arg(long = "np", visible_alias = "parallel", value_name = "N", default_value_t = 1)]
+    np: usize,
 }
 
 /// `n` seeded uniform token ids in [0, n_vocab).
@@ -88,37 +93,37 @@ pub fn print_expert_stats(stats: &[graph::ExpertLayerStats]) {
     }
 }
 
-/// A sequence with room for the depth and the test, holding `depth` prefilled tokens.
-fn sequence_at_depth(model: &mut Model, a: &Args, context: &[u32]) -> Result<graph::Sequence> {
-    let mut seq = model.new_sequence(a.depth + a.tokens)?;
+/// A sequence with room for the depth and `tokens` more, holding `depth` prefilled tokens.
+fn sequence_at_depth(model: &mut Model, a: &Args, context: &[u32], tokens: usize) -> Result<graph::Sequence> {
+    let mut seq = model.new_sequence(a.depth + tokens)?;
     if !context.is_empty() {
         model.forward(&mut seq, context, Logits::Last)?;
     }
     Ok(seq)
 }
 
-pub fn prefill(a: Args) -> Result<()> {
-    let mut model = a.model.load()?;
-    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 1)?;
+/// The ppN test on a loaded model.
+fn prefill_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
+    let toks = tokens(n, model.config.n_tokens.min(model.n_vocab()), 1)?;
     let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = sequence_at_depth(&mut model, &a, &context)?;
+        let mut seq = sequence_at_depth(model, a, &context, n)?;
         let t0 = Instant::now();
         model.forward(&mut seq, &toks, Logits::Last)?;
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
             // rep 0 warms up (first-touch of weights, allocator sizing)
-            rates.push(a.tokens as f64 / dt);
+            rates.push(n as f64 / dt);
             build += model.timings().build_s;
             compute += model.timings().compute_s;
         }
     }
-    report(&model, &a, &format!("pp{}", a.tokens), rates, build, compute);
-    if let Some(n) = a.op_profile {
-        op_profile(&mut model, n, |m| {
-            let mut seq = sequence_at_depth(m, &a, &context)?;
+    report(model, a, &format!("pp{n}"), rates, build, compute);
+    if let Some(top) = a.op_profile {
+        op_profile(model, top, |m| {
+            let mut seq = sequence_at_depth(m, a, &context, n)?;
             m.forward(&mut seq, &toks, Logits::Last)?;
             Ok(())
         })?;
@@ -126,40 +131,106 @@ pub fn prefill(a: Args) -> Result<()> {
     Ok(())
 }
 
-pub fn decode(a: Args) -> Result<()> {
-    let mut model = a.model.load()?;
-    let toks = tokens(a.tokens, model.config.n_tokens.min(model.n_vocab()), 2)?;
-    let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
+/// Decode `toks[i]` into `seqs[i]`, one token per sequence and step, all sequences in each
+/// step; an adaptive placement re-places between steps under `swap_bytes`, as the server does
+/// (timed). Returns the graph build and compute seconds.
+fn decode_steps(model: &mut Model, seqs: &mut [graph::Sequence], toks: &[Vec<u32>], swap_bytes: u64) -> Result<(f64, f64)> {
+    let (mut build, mut compute) = (0.0, 0.0);
+    for i in 0..toks.first().map_or(0, Vec::len) {
+        let mut items: Vec<(&mut graph::Sequence, &[u32])> = seqs.iter_mut().zip(toks).map(|(s, t)| (s, &t[i..i + 1])).collect();
+        model.forward_batch(&mut items, Logits::Last)?;
+        build += model.timings().build_s;
+        compute += model.timings().compute_s;
+        model.replace_experts(swap_bytes)?;
+    }
+    Ok((build, compute))
+}
+
+/// The tgN test on a loaded model: `a.np` sequences decoding together (one alone: tgN).
+fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
+    let np = a.np.max(1);
+    let n_tokens = model.config.n_tokens.min(model.n_vocab());
+    // Sequence 0 decodes the tokens a single-sequence test does; the others their own.
+    let toks: Vec<Vec<u32>> = (0..np).map(|i| tokens(n, n_tokens, if i == 0 { 2 } else { 100 + i as u64 })).collect::<Result<_>>()?;
+    let context = tokens(a.depth, n_tokens, 3)?;
     let mut rates = Vec::new();
     let (mut build, mut compute) = (0.0, 0.0);
     for rep in 0..a.reps.max(1) + 1 {
-        let mut seq = sequence_at_depth(&mut model, &a, &context)?;
-        let (mut b, mut c) = (0.0, 0.0);
+        let mut seqs = (0..np).map(|_| sequence_at_depth(model, a, &context, n)).collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
-        for &t in &toks {
-            model.forward(&mut seq, &[t], Logits::Last)?;
-            b += model.timings().build_s;
-            c += model.timings().compute_s;
-        }
+        let (b, c) = decode_steps(model, &mut seqs, &toks, a.model.expert_swap_bytes())?;
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
-            rates.push(a.tokens as f64 / dt);
+            rates.push((np * n) as f64 / dt);
             build += b;
             compute += c;
         }
-    }
-    report(&model, &a, &format!("tg{}", a.tokens), rates, build, compute);
-    if let Some(n) = a.op_profile {
-        op_profile(&mut model, n, |m| {
-            let mut seq = sequence_at_depth(m, &a, &context)?;
-            for &t in &toks {
-                m.forward(&mut seq, &[t], Logits::Last)?;
+        if a.timings && rep + 1 < a.reps.max(1) + 1 {
+            if let Some(stats) = model.take_expert_stats() {
+                let (routed, cold) = stats.iter().fold((0, 0), |(r, c), s| (r + s.routed, c + s.cold));
+                let hit = graph::ExpertLayerStats { routed, cold, ..Default::default() }.hit_rate();
+                let swaps = model.swap_totals();
+                eprintln!("rep {rep}: hit rate {:.1}% over all layers; swaps so far {} ({} bytes)", 100.0 * hit, swaps.swaps, swaps.bytes);
             }
+        }
+    }
+    if np == 1 {
+        report(model, a, &format!("tg{n}"), rates, build, compute);
+    } else {
+        let per_seq = median(rates.clone()) / np as f64;
+        report(model, a, &format!("tg{n} x{np} seqs, aggregate"), rates, build, compute);
+        println!("  per sequence: {per_seq:.2} t/s");
+    }
+    if let Some(top) = a.op_profile {
+        op_profile(model, top, |m| {
+            let mut seqs = (0..np).map(|_| sequence_at_depth(m, a, &context, n)).collect::<Result<Vec<_>>>()?;
+            decode_steps(m, &mut seqs, &toks, a.model.expert_swap_bytes())?;
             Ok(())
         })?;
     }
     if let (true, Some(stats)) = (a.timings, model.take_expert_stats()) {
         print_expert_stats(&stats);
+        let swaps = model.swap_totals();
+        if model.is_adaptive() {
+            eprintln!("adaptive placement: {} swaps, {} bytes copied", swaps.swaps, swaps.bytes);
+        }
+    }
+    Ok(())
+}
+
+pub fn prefill(a: Args) -> Result<()> {
+    let mut model = a.model.load()?;
+    prefill_test(&mut model, &a, a.tokens)
+}
+
+pub fn decode(a: Args) -> Result<()> {
+    let mut model = a.model.load()?;
+    decode_test(&mut model, &a, a.tokens)
+}
+
+/// `dflash bench tests`: several pp and tg tests on one loaded model (llama-bench's
+/// `-p A,B -n C`), so a placement is loaded once.
+#[derive(clap::Args)]
+pub struct TestsArgs {
+    #[command(flatten)]
+    common: Args,
+    /// Prefill tests: tokens per test, comma-separated (0 or empty: none).
+    #[arg(short = 'p', long, value_delimiter = ',', default_value = "512")]
+    prefill: Vec<usize>,
+    /// Decode tests: tokens per test, comma-separated (0: none); `-n` is this list's
+    /// first entry when it is not given.
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<usize>>,
+}
+
+pub fn tests_cmd(t: TestsArgs) -> Result<()> {
+    let a = &t.common;
+    let mut model = a.model.load()?;
+    for &n in t.prefill.iter().filter(|&&n| n > 0) {
+        prefill_test(&mut model, a, n)?;
+    }
+    for n in t.decode.clone().unwrap_or_else(|| vec![a.tokens]).into_iter().filter(|&n| n > 0) {
+        decode_test(&mut model, a, n)?;
     }
     Ok(())
 }
@@ -171,6 +242,9 @@ pub enum BenchCmd {
     Prefill(Args),
     /// Decode throughput: N tokens one at a time from an empty sequence (llama-bench's tgN).
     Decode(Args),
+    /// Prefill tests (`-p 512,2048`) then decode tests (`--decode 64`, else `-n`) on one
+    /// loaded model, the way llama-bench runs `-p … -n …`.
+    Tests(TestsArgs),
     #[command(flatten)]
     Other(load::Bench),
 }
@@ -179,6 +253,7 @@ pub fn run(b: BenchCmd) -> Result<()> {
     match b {
         BenchCmd::Prefill(a) => prefill(a),
         BenchCmd::Decode(a) => decode(a),
+        BenchCmd::Tests(t) => tests_cmd(t),
         BenchCmd::Other(b) => load::run(b),
     }
 }
