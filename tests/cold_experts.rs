@@ -65,9 +65,11 @@ impl ColdExperts for RustExperts {
         }
         self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (e, ff, c) = (self.n_embd, self.ff[l], self.clamp[l] as f64);
-        for (t, pairs) in pairs.tokens().enumerate() {
+        let mut rows = out.chunks_exact_mut(e);
+        for (t, ids) in pairs.tokens().enumerate() {
             let xt = &x[t * e..(t + 1) * e];
-            for (&ex, &w) in pairs.ids.iter().zip(pairs.weights) {
+            for &ex in ids {
+                let row = rows.next().ok_or(ColdError::Compute { source: "fewer output rows than pairs".into() })?;
                 let base = ex as usize * ff * e;
                 let mut h = vec![0f64; ff];
                 for (f, hf) in h.iter_mut().enumerate() {
@@ -78,10 +80,9 @@ impl ColdExperts for RustExperts {
                     *hf = g / (1.0 + (-g).exp()) * u.clamp(-c, c);
                 }
                 let dbase = ex as usize * e * ff;
-                for i in 0..e {
-                    let row = dbase + i * ff;
-                    let d: f64 = (0..ff).map(|f| self.down[l][row + f] as f64 * h[f]).sum();
-                    out[t * e + i] += (w as f64 * d) as f32;
+                for (i, o) in row.iter_mut().enumerate() {
+                    let drow = dbase + i * ff;
+                    *o = (0..ff).map(|f| self.down[l][drow + f] as f64 * h[f]).sum::<f64>() as f32;
                 }
             }
         }

@@ -1,9 +1,11 @@
-//! Hot/cold placement end to end through `dflash logits`: cold experts computed by spawned
-//! `moe-expert` worker processes (0 = in process, 1, 2, 4 workers) under several placements
-//! give the all-hot logits (max |Δ| ≤ 1e-5 · max |logit|), through prefill and decode; a
-//! worker killed with SIGKILL, or stopped with SIGSTOP (hung), mid-run is killed, respawned
-//! and the run completes with the same logits; a slow load that keeps progressing is waited
-//! for, one that stops is killed with a clear error.
+//! Hot/cold placement end to end through `dflash logits`: cold experts computed in process
+//! or by spawned `moe-expert` worker processes (0 = in process, 1, 2, 4 workers), under every
+//! placement policy (all, none, uniform:K, --n-cpu-moe, --cpu-moe, profile:FILE), with 1 or
+//! 2 threads in the model and in the workers, give the all-hot logits bit for bit, through
+//! chunked prefill and decode, on F32, MXFP4 and Q8_0 experts (DS4.md, "Hot and cold
+//! experts"); a worker killed with SIGKILL, or stopped with SIGSTOP (hung), mid-run is
+//! killed, respawned and the run completes with the same logits; a slow load that keeps
+//! progressing is waited for, one that stops is killed with a clear error.
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,51 +26,76 @@ fn read_npy(path: &Path) -> Vec<f32> {
     npyz::NpyFile::new(&std::fs::read(path).expect("output")[..]).expect("npy").into_vec().expect("f32")
 }
 
-fn tokens(n: usize) -> PathBuf {
-    let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-b.ref.npz")).expect("reference");
+/// The first `n` tokens of a fixture's reference (`ds4-tiny-a` or `ds4-tiny-b`), as a file.
+fn fixture_tokens(name: &str, n: usize) -> PathBuf {
+    let mut npz = npyz::npz::NpzArchive::open(fixture(&format!("{name}.ref.npz"))).expect("reference");
     let t: Vec<i32> = npz.by_name("tokens").expect("npz").expect("tokens").into_vec().expect("i32");
-    let path = tmp(&format!("tokens-{n}.txt"));
+    let path = tmp(&format!("tokens-{name}-{n}.txt"));
     std::fs::write(&path, t[..n].iter().map(|t| format!("{t}\n")).collect::<String>()).expect("write");
     path
 }
 
-/// `dflash logits` on fixture B, writing `out`.
+fn tokens(n: usize) -> PathBuf {
+    fixture_tokens("ds4-tiny-b", n)
+}
+
+/// `dflash logits` on fixture B with 2 threads and micro-batches of 32, writing `out`.
 fn run_logits(toks: &Path, decode_from: usize, out: &Path, extra: &[&str]) -> std::process::Output {
+    run_logits_of("ds4-tiny-b.f32.gguf", toks, decode_from, out, &[&["-t", "2", "-u", "32"][..], extra].concat())
+}
+
+/// `dflash logits` on the fixture file `gguf`, writing `out`.
+fn run_logits_of(gguf: &str, toks: &Path, decode_from: usize, out: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_dflash"))
         .args(["logits", "-m"])
-        .arg(fixture("ds4-tiny-b.f32.gguf"))
+        .arg(fixture(gguf))
         .arg("--tokens")
         .arg(toks)
         .arg("--out")
         .arg(out)
-        .args(["--decode-from", &decode_from.to_string(), "-t", "2", "-u", "32"])
+        .args(["--decode-from", &decode_from.to_string()])
         .args(extra)
         .output()
         .expect("run dflash")
 }
 
+/// The logits of [`run_logits`].
 fn logits(toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
+    logits_of("ds4-tiny-b.f32.gguf", toks, decode_from, out, &[&["-t", "2", "-u", "32"][..], extra].concat())
+}
+
+fn logits_of(gguf: &str, toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
     let out = tmp(out);
-    let o = run_logits(toks, decode_from, &out, extra);
-    assert!(o.status.success(), "dflash logits {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    let o = run_logits_of(gguf, toks, decode_from, &out, extra);
+    assert!(o.status.success(), "dflash logits {gguf} {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
     read_npy(&out)
 }
 
-fn assert_close(a: &[f32], b: &[f32], what: &str) {
+/// `a` and `b` hold the same bits; otherwise the first position that differs and the largest
+/// difference relative to the largest logit.
+fn assert_same_bits(a: &[f32], b: &[f32], n_vocab: usize, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: logits of another shape");
+    let Some(i) = a.iter().zip(b).position(|(x, y)| x.to_bits() != y.to_bits()) else { return };
     let max = b.iter().map(|v| v.abs()).fold(0f32, f32::max);
     let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    assert!(d <= 1e-5 * max, "{what}: max |Δ| {d:.3e} > 1e-5 · {max}");
+    panic!("{what}: first different logit at position {} (column {}): {} vs {}; max |Δ| {d:.3e} = {:.3e} · max |logit|", i / n_vocab, i % n_vocab, a[i], b[i], d / max);
+}
+
+/// Made-up routed-token counts for a profile placement: a skewed count per (layer, expert).
+fn route_stats(name: &str, n_layer: usize, n_expert: usize) -> PathBuf {
+    let stats = tmp(name);
+    let body: Vec<String> = (0..n_layer)
+        .map(|l| format!("\"{l}\": [{}]", (0..n_expert).map(|e| ((e * 7 + l * 5) % n_expert).to_string()).collect::<Vec<_>>().join(",")))
+        .collect();
+    std::fs::write(&stats, format!("{{{}}}", body.join(","))).expect("stats");
+    stats
 }
 
 #[test]
 fn placements_and_worker_counts_equal_all_hot() {
     let toks = tokens(72);
     let base = logits(&toks, 64, "hot.npy", &[]);
-    // Route stats for a profile placement: a skewed made-up count per (layer, expert).
-    let stats = tmp("stats.json");
-    let body: Vec<String> = (0..5).map(|l| format!("\"{l}\": [{}]", (0..32).map(|e| ((e * 7 + l * 5) % 32).to_string()).collect::<Vec<_>>().join(","))).collect();
-    std::fs::write(&stats, format!("{{{}}}", body.join(","))).expect("stats");
-    let profile = format!("profile:{}", stats.display());
+    let profile = format!("profile:{}", route_stats("stats.json", 5, 32).display());
     let cases: Vec<(&str, Vec<&str>)> = vec![
         ("all cold, in process", vec!["--experts-hot", "none", "--expert-workers", "0"]),
         ("all cold, 1 worker", vec!["--experts-hot", "none", "--expert-workers", "1"]),
@@ -82,9 +109,108 @@ fn placements_and_worker_counts_equal_all_hot() {
     ];
     for (i, (what, args)) in cases.iter().enumerate() {
         let got = logits(&toks, 64, &format!("case-{i}.npy"), args);
-        assert_close(&got, &base, what);
+        assert_same_bits(&got, &base, base.len() / 72, what);
     }
     std::fs::remove_dir_all(tmp("x").parent().expect("dir")).ok();
+}
+
+/// A model for the bit-for-bit placement test: its file, its tokens (`n`), its shape, an
+/// expert budget (MiB) that holds part of its experts, and whether to run every case or the
+/// few that change the kernel's inputs (hot vs cold, in process vs workers, threads).
+struct Subject {
+    gguf: PathBuf,
+    toks: PathBuf,
+    n: usize,
+    n_layer: usize,
+    n_expert: usize,
+    k: usize,
+    budget_mb: &'static str,
+    every_case: bool,
+}
+
+/// Fixture A with quantized experts: MXFP4 as llama.cpp's converter writes it, or Q8_0 made
+/// from the F32 file by `write_synth --requantize-experts`.
+fn fixture_a(gguf: &str) -> Subject {
+    let n = 24;
+    Subject { gguf: fixture(gguf), toks: fixture_tokens("ds4-tiny-a", n), n, n_layer: 6, n_expert: 16, k: 4, budget_mb: "0.2", every_case: true }
+}
+
+/// A synthetic model whose experts are wide enough (hidden 256 = 8 blocks of 32, FFN 128)
+/// for a different dot-product kernel or weight layout to change the float sums: the
+/// fixtures' 1–2 blocks per row hide that (ggml's repacked and plain MXFP4 kernels agree on
+/// them).
+fn wide_experts(ty: ggml::TensorType) -> Subject {
+    let spec = loader::synth::SynthSpec { n_embd: 256, n_ff_exp: 128, expert_type: ty, ..loader::synth::SynthSpec::tiny() };
+    let gguf = tmp(&format!("wide-{}.gguf", ty.name()));
+    loader::synth::SynthModel::new(&spec).write(&gguf, true).expect("write the synthetic model");
+    let n = 24;
+    let toks = tmp(&format!("wide-{}-tokens.txt", ty.name()));
+    std::fs::write(&toks, (0..n).map(|i| format!("{}\n", (i * 37 + 11) % spec.n_vocab)).collect::<String>()).expect("write");
+    Subject { gguf, toks, n, n_layer: spec.n_layer, n_expert: spec.n_expert, k: spec.n_expert_used, budget_mb: "0.5", every_case: false }
+}
+
+/// With quantized experts the experts' activations are rounded to Q8_0 blocks and the
+/// products are integer dot products scaled per block, so a different kernel, weight layout
+/// or summation order between placements shows in the logits. Every placement policy,
+/// executor and thread count must give the all-hot logits (1 thread) bit for bit, over a
+/// chunked prefill (micro-batches of 8) and decode steps.
+fn placements_give_the_same_bits(m: Subject) {
+    let name = m.gguf.file_name().and_then(|f| f.to_str()).unwrap_or("model").to_string();
+    let decode_from = m.n - 8;
+    // Micro-batches of 8; 1 thread unless a case says otherwise (a run's threads spin at
+    // every node's barrier, which costs seconds when the cores are busy with other work).
+    let run = |out: &str, args: &[&str]| {
+        let threads: &[&str] = if args.contains(&"-t") { &[] } else { &["-t", "1"] };
+        let out = tmp(out);
+        let extra = [&["-u", "8"][..], threads, args].concat();
+        let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
+            .args(["logits", "-m"])
+            .arg(&m.gguf)
+            .arg("--tokens")
+            .arg(&m.toks)
+            .arg("--out")
+            .arg(&out)
+            .args(["--decode-from", &decode_from.to_string()])
+            .args(&extra)
+            .output()
+            .expect("run dflash");
+        assert!(o.status.success(), "dflash logits {name} {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        read_npy(&out)
+    };
+    let base = run(&format!("{name}-hot.npy"), &[]);
+    let profile = format!("profile:{}", route_stats(&format!("{name}-stats.json"), m.n_layer, m.n_expert).display());
+    let (half, k, cold_layers) = (format!("uniform:{}", m.n_expert / 2), format!("uniform:{}", m.k), (m.n_layer / 2).to_string());
+    // (what, args, whether the wide models run it too)
+    let cases: Vec<(String, Vec<&str>, bool)> = vec![
+        ("all hot, 2 threads".into(), vec!["-t", "2"], false),
+        (
+            "all cold, in process with 2 threads, --cold-layers-in-graph".into(),
+            vec!["--experts-hot", "none", "--expert-workers", "0", "--worker-threads", "2", "--cold-layers-in-graph"],
+            true,
+        ),
+        ("all cold (--cpu-moe), 2 workers of 2 threads".into(), vec!["--cpu-moe", "--expert-workers", "2", "--worker-threads", "2"], true),
+        ("all cold, 4 workers".into(), vec!["--experts-hot", "none", "--expert-workers", "4"], false),
+        (format!("{half}, 1 worker"), vec!["--experts-hot", &half, "--expert-workers", "1"], false),
+        (format!("{k} (k held), in process"), vec!["--experts-hot", &k, "--expert-workers", "0"], true),
+        (format!("--n-cpu-moe {cold_layers}, 2 workers"), vec!["--n-cpu-moe", &cold_layers, "--expert-workers", "2"], false),
+        (format!("profile within {} MiB, 2 workers", m.budget_mb), vec!["--experts-hot", &profile, "--expert-budget-mb", m.budget_mb, "--expert-workers", "2"], false),
+    ];
+    for (i, (what, args, _)) in cases.iter().enumerate().filter(|(_, c)| m.every_case || c.2) {
+        let got = run(&format!("{name}-case-{i}.npy"), args);
+        assert_same_bits(&got, &base, base.len() / m.n, &format!("{name}: {what}"));
+    }
+}
+
+#[test]
+fn placements_give_the_same_bits_with_mxfp4_experts() {
+    placements_give_the_same_bits(fixture_a("ds4-tiny-a.mxfp4.gguf"));
+    placements_give_the_same_bits(wide_experts(ggml::TensorType::MXFP4));
+}
+
+#[test]
+fn placements_give_the_same_bits_with_q8_0_experts() {
+    placements_give_the_same_bits(fixture_a("ds4-tiny-a.q8_0.gguf"));
+    placements_give_the_same_bits(wide_experts(ggml::TensorType::Q8_0));
 }
 
 /// The children of `pid` (from /proc).
@@ -205,7 +331,7 @@ fn a_killed_worker_is_respawned_and_the_run_completes_identically() {
     assert!(status.success(), "{err}");
     assert!(err.contains("respawning"), "the loss was not noticed: {err}");
     assert!(gone(victim));
-    assert_close(&read_npy(&out), &base, "after a SIGKILL");
+    assert_same_bits(&read_npy(&out), &base, base.len() / 64, "after a SIGKILL");
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
@@ -219,7 +345,7 @@ fn a_stopped_worker_is_killed_respawned_and_the_run_completes_identically() {
     assert!(status.success(), "{err}");
     assert!(err.contains("respawning") && err.contains("no answer from the peer"), "the hang was not noticed: {err}");
     assert!(gone(victim), "the stopped worker was not killed and reaped");
-    assert_close(&read_npy(&out), &base, "after a SIGSTOP");
+    assert_same_bits(&read_npy(&out), &base, base.len() / 64, "after a SIGSTOP");
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
@@ -260,7 +386,7 @@ fn a_slow_load_that_progresses_is_waited_for_past_the_stall_window() {
     let (status, err) = run.finish(Duration::from_secs(300));
     assert!(status.success(), "{err}");
     assert!(load >= Duration::from_millis(2500), "the load was not slowed down: {load:?}");
-    assert_close(&read_npy(&out), &base, "after a slow load");
+    assert_same_bits(&read_npy(&out), &base, base.len() / 16, "after a slow load");
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
@@ -316,7 +442,7 @@ fn route_stats_count_the_routing_and_feed_a_profile() {
     }
     let profile = format!("profile:{}", stats.display());
     let got = logits(&toks, 30, "route-profile.npy", &["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "1"]);
-    assert_close(&got, &base, "profile from route stats");
+    assert_same_bits(&got, &base, base.len() / n, "profile from route stats");
     std::fs::remove_dir_all(stats.parent().expect("dir")).ok();
 }
 

@@ -9,7 +9,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use expert_worker::{model_identity, serve, ExpertWorker};
-use experts::{ExpertPairs, ExpertSlots};
+use experts::ExpertPairs;
 use ipc_proto::{ConnectOptions, Limits, WorkerConnection, WorkerServer};
 use loader::ModelFile;
 
@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         seed
     };
     let x: Vec<f32> = (0..n_tokens * e).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
-    let mut pick = |layer: u32| -> (Vec<Vec<u32>>, Vec<Vec<f32>>) {
+    let mut pick = |layer: u32| -> ExpertPairs {
         let owned = map.layer(layer);
         let mut ids = Vec::new();
         for _ in 0..n_tokens {
@@ -62,24 +62,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             ids.push(t);
         }
-        let w = ids.iter().map(|t| vec![1.0 / k as f32; t.len()]).collect();
-        (ids, w)
+        ExpertPairs::from_tokens(&ids.iter().map(Vec::as_slice).collect::<Vec<_>>())
     };
     let layers: Vec<u32> = (0..n_layer).filter(|&l| !map.layer(l).is_empty()).collect();
-    let mut out = vec![0.0; n_tokens * e];
+    let mut out = Vec::new();
     // Warm-up: build every graph.
     for &l in &layers {
-        let (ids, w) = pick(l);
-        let slots: Vec<ExpertSlots> = ids.iter().zip(&w).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
-        worker.eval(l, &x, &slots, &mut out)?;
+        let pairs = pick(l);
+        out.resize(pairs.n_pairs() * e, 0.0);
+        worker.eval(l, &x, &pairs, &mut out)?;
     }
     let mut times = Vec::new();
     for it in 0..iters {
         let l = layers[it % layers.len()];
-        let (ids, w) = pick(l);
-        let slots: Vec<ExpertSlots> = ids.iter().zip(&w).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
+        let pairs = pick(l);
+        out.resize(pairs.n_pairs() * e, 0.0);
         let t0 = Instant::now();
-        worker.eval(l, &x, &slots, &mut out)?;
+        worker.eval(l, &x, &pairs, &mut out)?;
         times.push(t0.elapsed().as_secs_f64() * 1e6);
     }
     let (m, p) = median_p99(times);
@@ -100,11 +99,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (mut rt, mut overhead) = (Vec::new(), Vec::new());
         for it in 0..iters + layers.len() {
             let l = layers[it % layers.len()];
-            let (ids, w) = pick(l);
-            let slots: Vec<ExpertSlots> = ids.iter().zip(&w).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect();
+            let pairs = pick(l);
+            out.resize(pairs.n_pairs() * e, 0.0);
             let t0 = Instant::now();
             conn.write_inputs(&x)?;
-            let rid = conn.eval_begin(l, &ExpertPairs::from_tokens(&slots)?)?;
+            let rid = conn.eval_begin(l, &pairs)?;
             let r = conn.eval_end(rid, Instant::now() + Duration::from_secs(30))?;
             conn.read_outputs(&mut out)?;
             let us = t0.elapsed().as_secs_f64() * 1e6;

@@ -1,16 +1,21 @@
-//! [`ExpertWorker`]: a subset of the routed experts in CPU memory and their weighted sum
-//! computed with ggml's CPU backend.
+//! [`ExpertWorker`]: a subset of the routed experts in CPU memory, each (token, expert)
+//! pair's output computed with ggml's CPU backend.
 //!
 //! Per layer the worker holds only its experts' slices of `blk.L.ffn_{gate,up,down}_exps`
 //! (or of the fused `blk.L.ffn_gate_up_exps`), slice `i` being the layer's `i`-th owned
-//! expert in ascending id order. An eval flattens the (token, expert) pairs of the batch
-//! into `P` rows: row `p` is the input of its token, its id the expert's local index; one
-//! small graph per (layer, bucket of `P`) computes
+//! expert in ascending id order, in the buffer type the model uses for its own experts
+//! ([`graph::expert_ffn::expert_buffer_type`]). An eval flattens the (token, expert) pairs of
+//! the batch into `P` rows: row `p` is the input of its token, its id the expert's local
+//! index; one small graph per (layer, bucket of `P`) computes
 //! `down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` with `mul_mat_id` for every row
 //! (`c` = `swiglu_clamp_exp[layer]`, no clamp when `c <= 0`) — built by
-//! [`graph::expert_ffn`], the builder of the model's own experts — and the host adds
-//! `weight · row` into its token's output. Graphs are built on first use and kept; `P` is
-//! rounded up to a power of two (extra rows: zero input, local expert 0, ignored).
+//! [`graph::expert_ffn`], the builder of the model's own experts — and row `p` of the
+//! result is pair `p`'s output. The router weights are not applied here: the model weighs
+//! and sums every slot of a token in one place, whichever process computed it. Graphs are
+//! built on first use and kept; `P` is rounded up to a power of two (extra rows: zero input,
+//! local expert 0, ignored). ggml's CPU `mul_mat_id` computes each row on its own (one dot
+//! product per output value, split over threads by output values), so a row's result does
+//! not depend on `P`, on the other rows or on the thread count.
 //!
 //! Memory: a graph is allocated once, when built, by the allocator of its shape (FFN width,
 //! fused or not, rows); graphs of one shape (the same bucket in different layers) share that
@@ -21,11 +26,12 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use experts::{ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 use ggml::{Backend, Context, Device, GraphAllocator};
+use graph::TensorSet;
 use graph::expert_ffn::{ExpertFfn, UpGate};
 use graph::ops::{Ctx, Graph, T};
-use loader::{ExpertPart, LoadedTensors, ModelFile, ReadOptions, TensorRequest};
+use loader::{ExpertPart, ModelFile, ReadOptions, TensorRequest};
 
 use crate::error::{Result, WorkerError};
 
@@ -63,7 +69,7 @@ pub struct EvalTimings {
     pub rows: usize,
     /// Graph build (first use of a (layer, bucket) only), seconds.
     pub build_s: f64,
-    /// Gathering inputs, ggml compute and the weighted sum, seconds.
+    /// Gathering inputs, ggml compute and copying out the pairs' rows, seconds.
     pub compute_s: f64,
 }
 
@@ -88,10 +94,9 @@ pub struct ExpertWorker {
     allocators: HashMap<ShapeKey, Allocator>,
     x_host: Vec<f32>,
     ids_host: Vec<i32>,
-    y_host: Vec<f32>,
     weight_bytes: u64,
     // Dropped last: the graphs reference their tensors (one set per layer with experts).
-    _tensors: Vec<LoadedTensors>,
+    _tensors: Vec<TensorSet>,
 }
 
 // SAFETY: every raw pointer (tensors, graphs, allocator) is owned by this value and only used
@@ -118,8 +123,10 @@ pub fn expert_bytes_per_layer(model: &ModelFile) -> Result<Vec<u64>> {
 
 impl ExpertWorker {
     /// Loads the experts of `experts` (per layer the owned ids) from `model` into CPU
-    /// memory with positioned reads of just those slices, and starts a CPU backend with
-    /// `threads` threads.
+    /// memory with positioned reads of just those slices — through the model's own
+    /// [`graph::load_weights`], so in the same (repacked where ggml has a layout for the type)
+    /// buffer type as the model's held experts — and starts a CPU backend with `threads`
+    /// threads.
     pub fn load(model: &ModelFile, experts: &ExpertSet, threads: usize) -> Result<Self> {
         Self::load_reporting(model, experts, threads, &mut |_| {})
     }
@@ -161,13 +168,13 @@ impl ExpertWorker {
         let mut tensors = Vec::with_capacity(requests.len());
         let mut done = 0;
         on_progress(LoadStep { loaded: 0, total, layer_done: None });
-        for (layer, reqs, bytes) in &requests {
-            let mut report = |read: u64| on_progress(LoadStep { loaded: done + read.min(*bytes), total, layer_done: None });
-            tensors.push(loader::load_tensors_reporting(model, reqs, device.buffer_type(), &opts, &mut report)?);
+        for (layer, reqs, bytes) in requests {
+            let mut report = |read: u64| on_progress(LoadStep { loaded: done + read.min(bytes), total, layer_done: None });
+            tensors.push(graph::load_weights_reporting(model, reqs, device, true, &opts, &mut report)?);
             done += bytes;
-            on_progress(LoadStep { loaded: done, total, layer_done: Some(*layer) });
+            on_progress(LoadStep { loaded: done, total, layer_done: Some(layer) });
         }
-        let weight_bytes = tensors.iter().map(|t| t.buffer().size() as u64).sum();
+        let weight_bytes = tensors.iter().map(TensorSet::bytes).sum();
         tracing::info!(experts = experts.len(), bytes = weight_bytes, seconds = t0.elapsed().as_secs_f64(), "experts loaded");
 
         let mut layers = Vec::with_capacity(n_layer as usize);
@@ -176,7 +183,7 @@ impl ExpertWorker {
             for (i, &e) in experts.layer(l).iter().enumerate() {
                 local[e as usize] = i as u32;
             }
-            let get = |n: &str| tensors.iter().find_map(|t| t.get(n)).map(T);
+            let get = |n: &str| tensors.iter().find_map(|t| t.get(n));
             // Layers without owned experts have none of their tensors loaded.
             let ffn = if experts.layer(l).is_empty() {
                 None
@@ -198,7 +205,6 @@ impl ExpertWorker {
             allocators: HashMap::new(),
             x_host: Vec::new(),
             ids_host: Vec::new(),
-            y_host: Vec::new(),
             weight_bytes,
             _tensors: tensors,
         })
@@ -231,38 +237,27 @@ impl ExpertWorker {
         self.graphs.len()
     }
 
-    /// For each token `t` (row `t` of `input`, `n_embd` f32), writes row `t` of `output`:
-    /// `Σ_i tokens[t].weights[i] · expert_{tokens[t].ids[i]}(input row)` over the token's
-    /// pairs (global expert ids, all owned by this worker); zero without pairs.
-    pub fn eval(&mut self, layer: u32, input: &[f32], tokens: &[ExpertSlots<'_>], output: &mut [f32]) -> Result<EvalTimings> {
+    /// For each (token, expert) pair `p` of `pairs` (global expert ids, all owned by this
+    /// worker), writes row `p` of `output` (`n_embd` f32): the expert on its token's row of
+    /// `input` (row `t` for token `t`).
+    pub fn eval(&mut self, layer: u32, input: &[f32], pairs: &ExpertPairs, output: &mut [f32]) -> Result<EvalTimings> {
         let n_embd = self.n_embd;
-        let n_tokens = tokens.len();
-        for (what, buf) in [("input rows", input.len()), ("output rows", output.len())] {
-            if buf != n_tokens * n_embd {
-                return Err(WorkerError::BufferLength { what, expected: n_tokens * n_embd, found: buf });
+        let (n_tokens, n_pairs) = (pairs.n_tokens(), pairs.n_pairs());
+        for (what, buf, rows) in [("input rows", input.len(), n_tokens), ("output rows", output.len(), n_pairs)] {
+            if buf != rows * n_embd {
+                return Err(WorkerError::BufferLength { what, expected: rows * n_embd, found: buf });
             }
         }
         let n_layer = self.n_layer();
         let le = self.layers.get(layer as usize).ok_or(WorkerError::LayerOutOfRange { layer, n_layer })?;
-        let mut n_pairs = 0usize;
-        for (t, s) in tokens.iter().enumerate() {
-            if s.ids.len() != s.weights.len() {
-                return Err(WorkerError::SlotLengths { token: t, ids: s.ids.len(), weights: s.weights.len() });
+        for &e in pairs.ids() {
+            if e >= self.n_expert {
+                return Err(WorkerError::ExpertOutOfRange { layer, expert: e, n_expert: self.n_expert });
             }
-            for (&e, &w) in s.ids.iter().zip(s.weights) {
-                if e >= self.n_expert {
-                    return Err(WorkerError::ExpertOutOfRange { layer, expert: e, n_expert: self.n_expert });
-                }
-                if le.local[e as usize] == u32::MAX {
-                    return Err(WorkerError::NotOwned { layer, expert: e });
-                }
-                if !w.is_finite() {
-                    return Err(WorkerError::NonFiniteWeight { token: t, expert: e, value: w });
-                }
+            if le.local[e as usize] == u32::MAX {
+                return Err(WorkerError::NotOwned { layer, expert: e });
             }
-            n_pairs += s.ids.len();
         }
-        output.fill(0.0);
         if n_pairs == 0 {
             return Ok(EvalTimings::default());
         }
@@ -278,8 +273,8 @@ impl ExpertWorker {
         self.ids_host.clear();
         self.ids_host.resize(rows, 0);
         let mut p = 0;
-        for (t, s) in tokens.iter().enumerate() {
-            for &e in s.ids {
+        for (t, ids) in pairs.tokens().enumerate() {
+            for &e in ids {
                 self.x_host[p * n_embd..(p + 1) * n_embd].copy_from_slice(&input[t * n_embd..(t + 1) * n_embd]);
                 self.ids_host[p] = le.local[e as usize] as i32;
                 p += 1;
@@ -291,19 +286,8 @@ impl ExpertWorker {
         g.ids.write_i32(&self.ids_host);
         // SAFETY: every tensor of the graph lives in CPU buffers (weights, compute buffer).
         unsafe { self.backend.compute(g.graph.as_ptr())? };
-        self.y_host.resize(rows * n_embd, 0.0);
-        g.out.read_f32(&mut self.y_host[..n_pairs * n_embd]);
-        let mut p = 0;
-        for (t, s) in tokens.iter().enumerate() {
-            let o = &mut output[t * n_embd..(t + 1) * n_embd];
-            for &w in s.weights {
-                let y = &self.y_host[p * n_embd..(p + 1) * n_embd];
-                for (o, &y) in o.iter_mut().zip(y) {
-                    *o += w * y;
-                }
-                p += 1;
-            }
-        }
+        // The first n_pairs rows of the output [n_embd, 1, rows] (allocated with rows ≥ n_pairs).
+        g.out.read_f32(output);
         Ok(EvalTimings { rows, build_s: (t1 - t0).as_secs_f64(), compute_s: t1.elapsed().as_secs_f64() })
     }
 

@@ -11,6 +11,8 @@ pub enum WorkerError {
     #[error(transparent)]
     Ggml(#[from] ggml::GgmlError),
     #[error(transparent)]
+    Graph(#[from] graph::GraphError),
+    #[error(transparent)]
     Proto(#[from] ipc_proto::ProtoError),
     #[error(transparent)]
     Experts(#[from] experts::ExpertsError),
@@ -27,10 +29,6 @@ pub enum WorkerError {
     ExpertOutOfRange { layer: u32, expert: u32, n_expert: u32 },
     #[error("expert {expert} of layer {layer} is not loaded by this worker")]
     NotOwned { layer: u32, expert: u32 },
-    #[error("token {token}: {ids} expert ids but {weights} weights")]
-    SlotLengths { token: usize, ids: usize, weights: usize },
-    #[error("token {token}: weight of expert {expert} is not finite: {value}")]
-    NonFiniteWeight { token: usize, expert: u32, value: f32 },
     #[error("{what}: expected {expected} f32, found {found}")]
     BufferLength { what: &'static str, expected: usize, found: usize },
     #[error("ggml could not {what}")]

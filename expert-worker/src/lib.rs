@@ -8,12 +8,15 @@
 //! 1. writes the tokens' MoE inputs (the ffn-normed activations, `n_embd` f32 per token) as
 //!    rows `0..n_tokens` of the shared input area ([`ipc_proto::WorkerConnection::write_inputs`]);
 //! 2. sends `eval_begin(layer, pairs)` where token `t` of `pairs` ([`experts::ExpertPairs`])
-//!    holds only the (expert id, router weight) pairs of token `t` that this worker owns (global expert ids; empty is fine);
-//! 3. later `eval_end`, then reads row `t` of the output area
-//!    ([`ipc_proto::WorkerConnection::read_outputs`]): `Σ weight · expert(input row t)` over those
-//!    pairs, where `expert(x) = down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` and
-//!    `c = swiglu_clamp_exp[layer]` — exactly the in-process seam `graph::routed_experts`
-//!    restricted to the pairs; the daemon adds it to its hot part.
+//!    holds only the experts of token `t` that this worker owns (global expert ids; empty is
+//!    fine);
+//! 3. later `eval_end`, then copies rows `0..n_pairs` of the output area out
+//!    ([`ipc_proto::WorkerConnection::read_outputs`]): row `p` is `expert(input row of its
+//!    token)` for pair `p`, where `expert(x) = down · (silu(min(gate·x, c)) ⊙ clamp(up·x, −c, c))` and
+//!    `c = swiglu_clamp_exp[layer]`, computed by the model's own builder
+//!    ([`graph::expert_ffn`]) over weights in the model's buffer type, so bit for bit what the
+//!    model computes for an expert it holds; the daemon puts each row into its token's slot
+//!    and weighs and sums the slots as for held experts.
 //!
 //! The handshake identity is [`model_identity`]; compute it on the daemon side from the same
 //! [`loader::ModelFile`] to pass as `expected`.

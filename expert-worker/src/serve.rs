@@ -68,11 +68,10 @@ fn serve_with_faults(server: &mut WorkerServer, worker: &mut ExpertWorker, mut f
                     f.at_eval(server, sock, req.id)?;
                 }
                 let t0 = Instant::now();
-                let tokens: Vec<_> = req.pairs.tokens().collect();
-                input.resize(tokens.len() * n_embd, 0.0);
-                output.resize(tokens.len() * n_embd, 0.0);
+                input.resize(req.pairs.n_tokens() * n_embd, 0.0);
+                output.resize(req.pairs.n_pairs() * n_embd, 0.0);
                 server.read_inputs(&mut input)?;
-                if let Err(e) = worker.eval(req.layer, &input, &tokens, &mut output) {
+                if let Err(e) = worker.eval(req.layer, &input, &req.pairs, &mut output) {
                     tracing::error!(error = %e, layer = req.layer, "eval failed");
                     server.reply_error(req.id, ErrorCode::INTERNAL, &e.to_string())?;
                     return Err(e);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use expert_worker::experts::parse_spec;
 use expert_worker::{model_identity, serve, ExpertWorker, WorkerError};
-use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 use ipc_proto::{ConnectOptions, Limits, ProtoError, WorkerConnection, WorkerServer};
 use loader::ModelFile;
 use rand::{Rng as _, SeedableRng as _};
@@ -39,30 +39,24 @@ fn matvec(w: &[f32], nin: usize, nout: usize, x: &[f32]) -> Vec<f32> {
     (0..nout).map(|j| (0..nin).map(|i| f64::from(w[j * nin + i]) * f64::from(x[i])).sum::<f64>() as f32).collect()
 }
 
-/// Σ weight · down(silu(min(gate x, c)) · clamp(up x, −c, c)), in f64 where it matters.
-fn reference(mf: &ModelFile, layer: u32, x: &[f32], ids: &[u32], weights: &[f32]) -> Vec<f32> {
+/// down(silu(min(gate x, c)) · clamp(up x, −c, c)) of expert `e`, in f64 where it matters.
+fn reference(mf: &ModelFile, layer: u32, x: &[f32], e: u32) -> Vec<f32> {
     let c = mf.config.swiglu_clamp_exp[layer as usize];
-    let mut out = vec![0f64; x.len()];
-    for (&e, &w) in ids.iter().zip(weights) {
-        let (g, nin, ff) = raw_expert(mf, &format!("blk.{layer}.ffn_gate_exps.weight"), e);
-        let (u, _, _) = raw_expert(mf, &format!("blk.{layer}.ffn_up_exps.weight"), e);
-        let (d, dff, nout) = raw_expert(mf, &format!("blk.{layer}.ffn_down_exps.weight"), e);
-        assert_eq!((dff, nout), (ff, nin));
-        let (g, u) = (matvec(&g, nin, ff, x), matvec(&u, nin, ff, x));
-        let h: Vec<f32> = g
-            .iter()
-            .zip(&u)
-            .map(|(&g, &u)| {
-                let (g, u) = if c > 0.0 { (g.min(c), u.clamp(-c, c)) } else { (g, u) };
-                let g = f64::from(g);
-                (g / (1.0 + (-g).exp()) * f64::from(u)) as f32
-            })
-            .collect();
-        for (o, y) in out.iter_mut().zip(matvec(&d, ff, nout, &h)) {
-            *o += f64::from(w) * f64::from(y);
-        }
-    }
-    out.into_iter().map(|v| v as f32).collect()
+    let (g, nin, ff) = raw_expert(mf, &format!("blk.{layer}.ffn_gate_exps.weight"), e);
+    let (u, _, _) = raw_expert(mf, &format!("blk.{layer}.ffn_up_exps.weight"), e);
+    let (d, dff, nout) = raw_expert(mf, &format!("blk.{layer}.ffn_down_exps.weight"), e);
+    assert_eq!((dff, nout), (ff, nin));
+    let (g, u) = (matvec(&g, nin, ff, x), matvec(&u, nin, ff, x));
+    let h: Vec<f32> = g
+        .iter()
+        .zip(&u)
+        .map(|(&g, &u)| {
+            let (g, u) = if c > 0.0 { (g.min(c), u.clamp(-c, c)) } else { (g, u) };
+            let g = f64::from(g);
+            (g / (1.0 + (-g).exp()) * f64::from(u)) as f32
+        })
+        .collect();
+    matvec(&d, ff, nout, &h)
 }
 
 /// max |a − b| / max |b| over one token's row.
@@ -95,16 +89,11 @@ fn random_map(rng: &mut Rng, n_layer: u32, n_expert: u32) -> ExpertSet {
 struct Batch {
     x: Vec<f32>,
     ids: Vec<Vec<u32>>,
-    weights: Vec<Vec<f32>>,
 }
 
 impl Batch {
-    fn slots(&self) -> Vec<ExpertSlots<'_>> {
-        self.ids.iter().zip(&self.weights).map(|(i, w)| ExpertSlots { ids: i, weights: w }).collect()
-    }
-
     fn pairs(&self) -> ExpertPairs {
-        ExpertPairs::from_tokens(&self.slots()).unwrap()
+        ExpertPairs::from_tokens(&self.ids.iter().map(Vec::as_slice).collect::<Vec<_>>())
     }
 }
 
@@ -113,7 +102,6 @@ impl Batch {
 fn random_batch(rng: &mut Rng, owned: &[u32], n: usize, k: usize, n_embd: usize) -> Batch {
     let x = (0..n * n_embd).map(|i| if i < n_embd { 300.0 } else { 2.0 } * rng.random_range(-1.0f32..1.0)).collect();
     let mut ids = Vec::new();
-    let mut weights = Vec::new();
     for t in 0..n {
         let want = if t == 1 { 0 } else { 1 + rng.random_range(0..k.min(owned.len()) as u64) as usize };
         let mut pool = owned.to_vec();
@@ -121,24 +109,23 @@ fn random_batch(rng: &mut Rng, owned: &[u32], n: usize, k: usize, n_embd: usize)
         for _ in 0..want {
             ti.push(pool.swap_remove(rng.random_range(0..pool.len() as u64) as usize));
         }
-        weights.push(ti.iter().map(|_| 0.05 + rng.random_range(-1.0f32..1.0).abs()).collect());
         ids.push(ti);
     }
-    Batch { x, ids, weights }
+    Batch { x, ids }
 }
 
+/// Row `p` of `got` is pair `p`'s expert on its token's input.
 fn check_batch(mf: &ModelFile, layer: u32, b: &Batch, got: &[f32]) {
     let e = mf.config.n_embd;
-    for t in 0..b.ids.len() {
-        let want = reference(mf, layer, &b.x[t * e..(t + 1) * e], &b.ids[t], &b.weights[t]);
-        let row = &got[t * e..(t + 1) * e];
-        if b.ids[t].is_empty() {
-            assert!(row.iter().all(|&v| v == 0.0), "token {t} without pairs must be zero");
-            continue;
+    assert_eq!(got.len(), b.pairs().n_pairs() * e);
+    let mut rows = got.chunks_exact(e);
+    for (t, ids) in b.ids.iter().enumerate() {
+        for (&ex, row) in ids.iter().zip(rows.by_ref()) {
+            let want = reference(mf, layer, &b.x[t * e..(t + 1) * e], ex);
+            let d = rel_diff(row, &want);
+            assert!(d <= 1e-5, "layer {layer} token {t} expert {ex}: max relative difference {d}");
+            assert!(want.iter().any(|&v| v != 0.0));
         }
-        let d = rel_diff(row, &want);
-        assert!(d <= 1e-5, "layer {layer} token {t} experts {:?}: max relative difference {d}", b.ids[t]);
-        assert!(want.iter().any(|&v| v != 0.0));
     }
 }
 
@@ -159,8 +146,8 @@ fn eval_matches_reference_on_both_fixtures() {
         for l in 0..c.n_layer as u32 {
             for (n, k) in [(1usize, 1usize), (5, c.n_expert_used), (3, 6)] {
                 let b = random_batch(&mut rng, map.layer(l), n, k, c.n_embd);
-                let mut out = vec![f32::NAN; n * c.n_embd];
-                w.eval(l, &b.x, &b.slots(), &mut out).unwrap();
+                let mut out = vec![f32::NAN; b.pairs().n_pairs() * c.n_embd];
+                w.eval(l, &b.x, &b.pairs(), &mut out).unwrap();
                 check_batch(&mf, l, &b, &out);
             }
         }
@@ -168,7 +155,7 @@ fn eval_matches_reference_on_both_fixtures() {
         let built = w.cached_graphs();
         let b = random_batch(&mut rng, map.layer(0), 1, 1, c.n_embd);
         let mut out = vec![0.0; c.n_embd];
-        w.eval(0, &b.x, &b.slots(), &mut out).unwrap();
+        w.eval(0, &b.x, &b.pairs(), &mut out).unwrap();
         check_batch(&mf, 0, &b, &out);
         assert_eq!(w.cached_graphs(), built);
     }
@@ -181,20 +168,21 @@ fn eval_refuses_bad_requests() {
     let mut w = ExpertWorker::load(&mf, &map, 1).unwrap();
     let x = vec![0.5; 64];
     let mut out = vec![0.0; 64];
-    let one = |ids: &'static [u32], weights: &'static [f32]| [ExpertSlots { ids, weights }];
-    let e = w.eval(0, &x, &one(&[3], &[1.0]), &mut out).unwrap_err();
+    let one = |ids: &'static [u32]| ExpertPairs::from_tokens(&[ids]);
+    let e = w.eval(0, &x, &one(&[3]), &mut out).unwrap_err();
     assert!(matches!(e, WorkerError::NotOwned { layer: 0, expert: 3 }), "{e}");
-    let e = w.eval(1, &x, &one(&[1], &[1.0]), &mut out).unwrap_err();
+    let e = w.eval(1, &x, &one(&[1]), &mut out).unwrap_err();
     assert!(matches!(e, WorkerError::NotOwned { layer: 1, expert: 1 }), "{e}");
-    let e = w.eval(6, &x, &one(&[1], &[1.0]), &mut out).unwrap_err();
+    let e = w.eval(6, &x, &one(&[1]), &mut out).unwrap_err();
     assert!(matches!(e, WorkerError::LayerOutOfRange { layer: 6, n_layer: 6 }), "{e}");
-    let e = w.eval(0, &x, &one(&[16], &[1.0]), &mut out).unwrap_err();
+    let e = w.eval(0, &x, &one(&[16]), &mut out).unwrap_err();
     assert!(matches!(e, WorkerError::ExpertOutOfRange { expert: 16, .. }), "{e}");
-    let e = w.eval(0, &x, &one(&[1], &[f32::NAN]), &mut out).unwrap_err();
-    assert!(matches!(e, WorkerError::NonFiniteWeight { .. }), "{e}");
-    let e = w.eval(0, &x[..63], &one(&[1], &[1.0]), &mut out).unwrap_err();
-    assert!(matches!(e, WorkerError::BufferLength { expected: 64, found: 63, .. }), "{e}");
-    w.eval(5, &x, &one(&[3], &[1.0]), &mut out).unwrap();
+    let e = w.eval(0, &x[..63], &one(&[1]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::BufferLength { what: "input rows", expected: 64, found: 63 }), "{e}");
+    // One output row per pair: two pairs need 128 values.
+    let e = w.eval(0, &x, &one(&[1, 2]), &mut out).unwrap_err();
+    assert!(matches!(e, WorkerError::BufferLength { what: "output rows", expected: 128, found: 64 }), "{e}");
+    w.eval(5, &x, &one(&[3]), &mut out).unwrap();
     assert!(out.iter().any(|&v| v != 0.0));
 }
 
@@ -234,8 +222,8 @@ fn serves_evals_over_a_socket_pair() {
         conn.write_inputs(&b.x).unwrap();
         let id = conn.eval_begin(l, &b.pairs()).unwrap();
         let r = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).unwrap();
-        assert_eq!(r.n_tokens as usize, n);
-        let mut out = vec![f32::NAN; n * 64];
+        assert_eq!(r.n_pairs as usize, b.pairs().n_pairs());
+        let mut out = vec![f32::NAN; r.n_pairs as usize * 64];
         conn.read_outputs(&mut out).unwrap();
         check_batch(&mf, l, &b, &out);
     }
@@ -271,20 +259,20 @@ fn model_shape_and_cold_split_of_a_fixture() {
     let parts = placement::split_cold(&p.cold(), &shape, 2).unwrap();
     assert_eq!(parts[0].layer(0), &[8, 10, 12, 14]);
     assert_eq!(parts[1].layer(5), &[9, 11, 13, 15]);
-    // Two workers holding the two halves of the cold experts give, added, one worker's sum.
+    // Two workers holding the two halves of the cold experts compute, between them, the rows
+    // one worker holding all of them computes, bit for bit.
     let mut whole = ExpertWorker::load(&mf, &p.cold(), 1).unwrap();
     let mut w0 = ExpertWorker::load(&mf, &parts[0], 1).unwrap();
     let mut w1 = ExpertWorker::load(&mf, &parts[1], 1).unwrap();
     let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
-    let (all, a, b) = ([8u32, 9, 14], [8u32, 14], [9u32]);
-    let (wa, wb) = ([0.5f32, 0.2], [0.3f32]);
-    let mut o = vec![0.0; 64];
-    whole.eval(3, &x, &[ExpertSlots { ids: &all, weights: &[0.5, 0.3, 0.2] }], &mut o).unwrap();
-    let (mut o0, mut o1) = (vec![0.0; 64], vec![0.0; 64]);
-    w0.eval(3, &x, &[ExpertSlots { ids: &a, weights: &wa }], &mut o0).unwrap();
-    w1.eval(3, &x, &[ExpertSlots { ids: &b, weights: &wb }], &mut o1).unwrap();
-    let sum: Vec<f32> = o0.iter().zip(&o1).map(|(a, b)| a + b).collect();
-    assert!(rel_diff(&sum, &o) <= 1e-6, "{}", rel_diff(&sum, &o));
+    let mut o = vec![0.0; 3 * 64];
+    whole.eval(3, &x, &ExpertPairs::from_tokens(&[&[8, 9, 14]]), &mut o).unwrap();
+    let (mut o0, mut o1) = (vec![0.0; 2 * 64], vec![0.0; 64]);
+    w0.eval(3, &x, &ExpertPairs::from_tokens(&[&[8, 14]]), &mut o0).unwrap();
+    w1.eval(3, &x, &ExpertPairs::from_tokens(&[&[9]]), &mut o1).unwrap();
+    assert_eq!(o[..64], o0[..64], "expert 8");
+    assert_eq!(o[64..128], o1[..], "expert 9");
+    assert_eq!(o[128..], o0[64..], "expert 14");
 }
 
 /// The load reports: a first one of nothing loaded, bytes that only grow, each layer with

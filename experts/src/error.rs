@@ -19,10 +19,8 @@ pub enum ExpertsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("token {token}: {ids} expert ids but {weights} weights")]
-    SlotLengths { token: usize, ids: usize, weights: usize },
-    #[error("expert pairs: the per-token counts sum to {counted}, but there are {ids} expert ids and {weights} weights")]
-    PairCounts { counted: u64, ids: usize, weights: usize },
+    #[error("expert pairs: the per-token counts sum to {counted}, but there are {ids} expert ids")]
+    PairCounts { counted: u64, ids: usize },
 }
 
 pub type Result<T, E = ExpertsError> = std::result::Result<T, E>;

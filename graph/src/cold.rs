@@ -1,10 +1,13 @@
 //! Cold experts: routed experts this model's backend does not hold, computed elsewhere (the
-//! daemon's `moe-expert` worker processes). The graph calls out through two custom ops per
-//! MoE layer: `cold_begin` right after routing (hands the cold (token, expert, weight) pairs
-//! and the activations over, returns at once, and writes the held experts' local ids for the
-//! hot product) and `cold_end` after the hot experts (waits and adds the cold sum), so the hot
-//! compute overlaps the cold one. Custom ops run on the CPU backend; with the model on a GPU
-//! the scheduler copies their inputs and outputs across.
+//! daemon's `moe-expert` worker processes, or in process). The graph calls out through two
+//! custom ops per MoE layer: `cold_begin` right after routing (hands the cold (token, expert)
+//! pairs and the activations over, returns at once, and writes the held experts' local ids
+//! for the hot product) and `cold_end` after the hot experts (waits for the executor's one
+//! output row per cold pair and puts each into its slot beside the held experts' outputs), so
+//! the hot compute overlaps the cold one. The router weights never cross the seam: the graph
+//! weighs and sums all k slots of a token at once, in router order, whichever side computed
+//! them. Custom ops run on the CPU backend; with the model on a GPU the scheduler copies
+//! their inputs and outputs across.
 use std::ffi::c_void;
 use std::sync::Mutex;
 
@@ -41,10 +44,13 @@ pub enum ColdError {
 /// Computes routed experts outside the model's backend.
 pub trait ColdExperts: Send {
     /// Start layer `layer` for `n` tokens: `x` holds n rows of n_embd activations (the MoE
-    /// input), token t of `pairs` its cold (expert id, router weight) pairs (may be none).
+    /// input), token t of `pairs` its cold experts (may be none).
     fn begin(&mut self, layer: usize, n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError>;
-    /// Wait for layer `layer` and add Σ weight · expert(x) of each token's cold pairs into
-    /// `out` (n rows of n_embd).
+    /// Wait for layer `layer` and write into `out` one row of n_embd per pair of the `begin`,
+    /// in its order: row `p` is pair `p`'s expert on its token's activations, computed as
+    /// the model computes a held expert (`graph::expert_ffn` on ggml's CPU backend over the
+    /// weights in the model's expert buffer type), so that the result is the same bits
+    /// wherever the expert is placed.
     fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError>;
     /// Compute time the executor's workers reported for the last `end`, in seconds (0 when
     /// it does not know).
@@ -85,6 +91,8 @@ pub(crate) struct ColdState {
     /// The layer and error of the first failure.
     pub error: Option<(usize, ColdError)>,
     pub pairs: ExpertPairs,
+    /// The executor's answer for `pairs`: one row of n_embd per pair.
+    pub rows: Vec<f32>,
     pub stats: Vec<ExpertLayerStats>,
     pub began: Option<std::time::Instant>,
 }
@@ -103,10 +111,17 @@ unsafe fn rows<E: Copy>(t: *const sys::ggml_tensor) -> (usize, usize, *const E) 
     (t.ne[0] as usize, t.ne[1] as usize, t.data as *const E)
 }
 
+/// Whether expert `e` is cold in a layer whose global → held map is `local`.
+fn is_cold(local: &[i32], e: i32) -> bool {
+    local.get(e as usize).is_some_and(|&i| i < 0)
+}
+
 /// Writes [k, n] I32 into `dst`: each slot's index among the held experts; a cold slot gets
-/// a held expert that token does not use (its weight is 0 in the hot product), so every
+/// a held expert that token does not use (its output is replaced by `cold_end`), so every
 /// token's ids are distinct, as GPU expert kernels require (the model checks at load that a
 /// partly held layer holds at least k experts). Layers holding none leave `dst` unused.
+/// Collects the cold slots as (token, expert) pairs, token by token in slot order, and
+/// hands them with the activations `src[0]` to the executor.
 pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
     if ith != 0 {
         return;
@@ -114,24 +129,20 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
     let call = &*(userdata as *const ColdCall);
     let Ok(mut st) = (*call.state).lock() else { return };
     let d = &*dst;
-    let (z, ids, wts) = (d.src[0], d.src[1], d.src[2]);
+    let (z, ids) = (d.src[0], d.src[1]);
     let (n_embd, n, zp) = rows::<f32>(z);
     let (k, _, idp) = rows::<i32>(ids);
-    let wp = (*wts).data as *const f32;
     let x = std::slice::from_raw_parts(zp, n_embd * n);
     let ids = std::slice::from_raw_parts(idp, k * n);
-    let w = std::slice::from_raw_parts(wp, k * n);
     let local_out = std::slice::from_raw_parts_mut(d.data as *mut i32, k * n);
     let st = &mut *st;
     st.pairs.clear();
     let local = &st.local[call.layer];
     let n_held = local.iter().filter(|&&i| i >= 0).count() as i32;
     for t in 0..n {
-        let (ids, w) = (&ids[t * k..(t + 1) * k], &w[t * k..(t + 1) * k]);
-        for (&e, &w) in ids.iter().zip(w) {
-            if local.get(e as usize).is_some_and(|&i| i < 0) {
-                st.pairs.push(e as u32, w);
-            }
+        let ids = &ids[t * k..(t + 1) * k];
+        for &e in ids.iter().filter(|&&e| is_cold(local, e)) {
+            st.pairs.push(e as u32);
         }
         st.pairs.end_token();
         held_slots(local, n_held, ids, &mut local_out[t * k..(t + 1) * k]);
@@ -149,26 +160,34 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
     st.began = Some(std::time::Instant::now());
 }
 
+/// Writes [n_embd, k, n] into `dst`: every slot's expert output. Held experts' slots come
+/// from `src[2]` (their product, when the layer holds some); each cold slot gets the
+/// executor's row for its pair (`src[1]` holds the router's global ids [k, n], so the cold
+/// slots are found in the order `cold_begin` collected them). `src[0]` (the local ids) only
+/// orders this op after `cold_begin`.
 pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
     if ith != 0 {
         return;
     }
     let call = &*(userdata as *const ColdCall);
     let d = &*dst;
-    let (n_embd, n) = (d.ne[0] as usize, d.ne[1] as usize);
-    let out = std::slice::from_raw_parts_mut(d.data as *mut f32, n_embd * n);
-    // src[1], when present, is the hot experts' sum.
-    if d.src[1].is_null() {
+    let (n_embd, k, n) = (d.ne[0] as usize, d.ne[1] as usize, d.ne[2] as usize);
+    let out = std::slice::from_raw_parts_mut(d.data as *mut f32, n_embd * k * n);
+    if d.src[2].is_null() {
         out.fill(0.0);
     } else {
-        out.copy_from_slice(std::slice::from_raw_parts((*d.src[1]).data as *const f32, n_embd * n));
+        out.copy_from_slice(std::slice::from_raw_parts((*d.src[2]).data as *const f32, n_embd * k * n));
     }
+    let ids = std::slice::from_raw_parts((*d.src[1]).data as *const i32, k * n);
     let Ok(mut st) = (*call.state).lock() else { return };
+    let st = &mut *st;
     let t0 = std::time::Instant::now();
     let hot_s = st.began.take().map(|b| (t0 - b).as_secs_f64()).unwrap_or(0.0);
     if st.error.is_none() {
-        if let Err(e) = st.exec.end(call.layer, out) {
-            st.error = Some((call.layer, e));
+        st.rows.resize(st.pairs.n_pairs() * n_embd, 0.0);
+        match st.exec.end(call.layer, &mut st.rows) {
+            Ok(()) => place_cold_rows(&st.local[call.layer], ids, &st.rows, out),
+            Err(e) => st.error = Some((call.layer, e)),
         }
     }
     let wait_s = t0.elapsed().as_secs_f64();
@@ -177,6 +196,18 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _
         ls.hot_s += hot_s;
         ls.wait_s += wait_s;
         ls.cold_reported_s += reported;
+    }
+}
+
+/// Copies row `p` of `rows` (the executor's answer, one row per cold pair) into the slot of
+/// `out` ([n_embd, k, n] flat, slot `s` of token `t` at `t·k + s`) of the `p`-th cold entry
+/// of `ids` ([k, n] flat: the router's global expert ids), the order in which `cold_begin`
+/// collected the pairs. Held slots are left as they are.
+fn place_cold_rows(local: &[i32], ids: &[i32], rows: &[f32], out: &mut [f32]) {
+    let n_embd = out.len() / ids.len().max(1);
+    let cold_slots = ids.iter().enumerate().filter(|&(_, &e)| is_cold(local, e)).map(|(slot, _)| slot);
+    for (slot, row) in cold_slots.zip(rows.chunks_exact(n_embd)) {
+        out[slot * n_embd..(slot + 1) * n_embd].copy_from_slice(row);
     }
 }
 
@@ -224,7 +255,18 @@ pub(crate) unsafe extern "C" fn route_count(dst: *mut sys::ggml_tensor, ith: i32
 
 #[cfg(test)]
 mod tests {
-    use super::held_slots;
+    use super::{held_slots, place_cold_rows};
+
+    #[test]
+    fn cold_rows_go_to_their_slots_in_pair_order() {
+        // 6 experts, held: 0, 2, 4 (local 0..2); k = 2, 3 tokens, n_embd = 2.
+        let local = [0, -1, 1, -1, 2, -1];
+        let ids = [0, 1, 3, 5, 2, 4]; // token 0: held, cold; token 1: cold, cold; token 2: held, held
+        let rows = [10.0, 11.0, 20.0, 21.0, 30.0, 31.0]; // pairs (0, 1), (1, 3), (1, 5)
+        let mut out: Vec<f32> = (0..12).map(|i| -(i as f32)).collect();
+        place_cold_rows(&local, &ids, &rows, &mut out);
+        assert_eq!(out, vec![-0.0, -1.0, 10.0, 11.0, 20.0, 21.0, 30.0, 31.0, -8.0, -9.0, -10.0, -11.0]);
+    }
 
     #[test]
     fn held_slots_are_distinct_per_token_and_keep_held_experts() {

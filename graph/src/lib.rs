@@ -27,10 +27,12 @@ mod weights;
 
 pub use adaptive::{SwapPolicy, SwapReport};
 pub use cold::{BoxError, ColdError, ColdExperts, ExpertLayerStats};
+pub use load::{load_weights, load_weights_reporting};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use profile::OpRow;
 pub use state::{Checkpoint, Entries, EntryPart, Sequence};
 pub use vocab::{check_token_ids, token_ids, TokenOutOfRange};
+pub use weights::TensorSet;
 
 /// The micro-batch (`ubatch`) a model runs when none is given: prefill is split into graphs
 /// of at most this many tokens (llama.cpp's default as well).

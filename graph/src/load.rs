@@ -1,13 +1,14 @@
 //! Loading: which tensors this backend holds (every expert, or the hot subset of each
-//! layer), the buffer each goes to (the CPU's repacked layout for matrices it has one for),
-//! the held-expert tables, and the weights looked up once.
+//! layer), the buffer each goes to (the CPU's repacked layout for matrices it has one for:
+//! [`load_weights`], which the cold executors use for their experts too), the held-expert
+//! tables, and the weights looked up once.
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use experts::ExpertSet;
 use ggml::{Backend, BufferType, Context, Device};
-use loader::{Ds4Config, ExpertPart, ModelFile, TensorRequest};
+use loader::{Ds4Config, ExpertPart, ModelFile, ReadOptions, TensorRequest};
 
 use crate::offload::ColdHost;
 use crate::model::{Model, ModelOptions, StepTimings, NEXT_SEQ_ID};
@@ -61,17 +62,7 @@ impl Model {
                 Some(l) => requests.push(TensorRequest::experts(t.name.clone(), hot.layer(l as u32).to_vec())),
             }
         }
-        let repack = if opts.repack && device.kind() == ggml::DeviceKind::Cpu { device.extra_buffer_type("CPU_REPACK") } else { None };
-        let (requests, packed): (Vec<TensorRequest>, Vec<TensorRequest>) = match repack {
-            Some(rb) => requests.into_iter().partition(|r| !(r.experts.is_none() && repackable(&file, &r.name, device, rb))),
-            None => (requests, Vec::new()),
-        };
-        let mut tensors = vec![loader::load_tensors(&file, &requests, buft, &opts.read)?];
-        if let (Some(rb), false) = (repack, packed.is_empty()) {
-            tracing::debug!(tensors = packed.len(), "matrices in the CPU_REPACK buffer");
-            tensors.push(loader::load_tensors_whole(&file, &packed, rb, &opts.read)?);
-        }
-        let tensors = TensorSet::new(tensors);
+        let tensors = load_weights(&file, requests, device, opts.repack, &opts.read)?;
         let wanted = opts.cold_offload_min > 0 || opts.cold_layers_in_graph;
         let min = if opts.cold_offload_min == 0 { usize::MAX } else { opts.cold_offload_min };
         let cold_host = match (wanted, device.kind(), device.host_buffer_type()) {
@@ -111,6 +102,49 @@ impl Model {
             _tensors: tensors,
         })
     }
+}
+
+/// Loads `requests` of `file` for `device`: on the CPU with `repack`, every matrix ggml's CPU
+/// backend has a repacked (interleaved) layout for into its CPU_REPACK buffer — whole tensors
+/// and routed-expert subsets alike, each set at once, the decision taken on the file's tensor
+/// type and shape ([`repackable`]), not on the subset — and the rest into the device's own
+/// buffer. The model's weights and every cold executor's experts
+/// (`expert_worker::ExpertWorker`) are loaded by this one function, so an expert has the
+/// same layout, and its products the same kernel, wherever it is placed.
+pub fn load_weights(file: &ModelFile, requests: Vec<TensorRequest>, device: Device, repack: bool, read: &ReadOptions) -> Result<TensorSet, GraphError> {
+    load_weights_reporting(file, requests, device, repack, read, &mut |_| {})
+}
+
+/// [`load_weights`], calling `on_progress(bytes)` on the calling thread each time the bytes
+/// read so far (of all the requests) have grown; the last call reports all of them.
+pub fn load_weights_reporting(
+    file: &ModelFile,
+    requests: Vec<TensorRequest>,
+    device: Device,
+    repack: bool,
+    read: &ReadOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<TensorSet, GraphError> {
+    let repack = if repack && device.kind() == ggml::DeviceKind::Cpu { device.extra_buffer_type("CPU_REPACK") } else { None };
+    let (plain, packed): (Vec<TensorRequest>, Vec<TensorRequest>) = match repack {
+        Some(rb) => requests.into_iter().partition(|r| !repackable(file, &r.name, device, rb)),
+        None => (requests, Vec::new()),
+    };
+    let mut sets = Vec::new();
+    let mut plain_read = 0;
+    if !plain.is_empty() {
+        let mut report = |bytes: u64| {
+            plain_read = bytes;
+            on_progress(bytes)
+        };
+        sets.push(loader::load_tensors_reporting(file, &plain, device.buffer_type(), read, &mut report)?);
+    }
+    if let (Some(rb), false) = (repack, packed.is_empty()) {
+        tracing::debug!(tensors = packed.len(), "matrices in the CPU_REPACK buffer");
+        let mut report = |bytes: u64| on_progress(plain_read + bytes);
+        sets.push(loader::load_tensors_whole_reporting(file, &packed, rb, read, &mut report)?);
+    }
+    Ok(TensorSet::new(sets))
 }
 
 fn check_hot(c: &Ds4Config, h: &ExpertSet) -> Result<(), GraphError> {
@@ -171,7 +205,9 @@ pub(crate) fn expert_masks(n_expert: usize, sets: &[(usize, &[u32])], buft: Buff
 }
 
 /// Whether `name` is only ever the weight of a matrix product in the graph (repacked
-/// tensors cannot be read back or gathered) and the CPU backend repacks its type and shape.
+/// tensors cannot be read back or gathered) and the CPU backend repacks its type and shape
+/// (for a routed-expert tensor: the whole tensor's, whatever subset of it is loaded; ggml
+/// repacks groups of rows within one expert, so a subset's experts get the same bytes).
 fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> bool {
     const MATMUL_2D: [&str; 14] = [
         "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight", "attn_output_b.weight",

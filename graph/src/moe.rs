@@ -30,7 +30,7 @@ impl Builder<'_> {
             let ptr = &*call as *const crate::cold::RouteCall as *mut std::ffi::c_void;
             self.route_calls.push(call);
             // SAFETY: `call` is boxed and kept with the step graph; route_count reads a RouteCall.
-            let op = unsafe { g.custom(TensorType::F32, [1, 1], &[ids], crate::cold::route_count, ptr) };
+            let op = unsafe { g.custom(TensorType::F32, [1, 1, 1], &[ids], crate::cold::route_count, ptr) };
             self.effects.push(op);
             self.cpu_nodes.push(op);
         }
@@ -52,13 +52,17 @@ impl Builder<'_> {
     /// and their weights [k, n] in; `base` + Σ_k weight · expert(z) [n_embd, n] out (`base`:
     /// the shared expert's output, computed on the device while the cold experts run).
     /// Experts this backend holds are computed here; the others go to the cold executor
-    /// (`cold.rs`) around the hot compute, so both overlap.
+    /// (`cold.rs`) around the hot compute, so both overlap. Wherever each slot's expert was
+    /// computed, its output lands in one [n_embd, k, n] tensor, and one weighted sum over the
+    /// slots in router order plus `base` gives the result: on the CPU (where the executor's
+    /// experts run the same kernels over the same weight layout) the same bits for every
+    /// placement of the experts.
     pub fn routed_experts(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights, base: Option<T>) -> T {
         if let Some(out) = self.routed_offloaded(il, z, ids, wts, w, base) {
             return out;
         }
         let g = self.g;
-        let (k, n) = (ids.ne(0), z.ne(1));
+        let (e, k, n) = (z.ne(0), ids.ne(0), z.ne(1));
         let plus_base = |t: T| match base {
             Some(b) => g.add(t, b),
             None => t,
@@ -74,24 +78,19 @@ impl Builder<'_> {
             };
         }
         // [k, n] I32: the held experts' local ids, distinct per token (cold slots filled).
-        let local = self.cold_op(il, TensorType::I32, [k, n], &[z, ids, wts], crate::cold::cold_begin);
+        let local = self.cold_op(il, TensorType::I32, [k, n, 1], &[z, ids], crate::cold::cold_begin);
         let local = g.name(local, &format!("cold_begin-{il}"));
-        let hot = match &w.experts {
-            Some(r) => {
-                let Some(mask) = r.held_mask else { unreachable!("a partly held layer has a held mask") };
-                let held = g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), g.reshape(ids, &[k * n])), &[k, n]);
-                let hot = self.hot_experts(il, z, local, g.mul(wts, held), r);
-                Some(g.cont(plus_base(hot)))
-            }
-            None => base.map(|b| g.cont(b)),
-        };
-        let mut args = vec![local];
-        args.extend(hot);
-        let out = self.cold_op(il, TensorType::F32, [z.ne(0), n], &args, crate::cold::cold_end);
+        // The held experts' outputs (the cold slots computed for held stand-ins, replaced).
+        let held = w.experts.as_ref().map(|r| self.expert_slots(z, local, r));
+        let mut args = vec![local, ids];
+        args.extend(held);
+        let slots = self.cold_op(il, TensorType::F32, [e, k, n], &args, crate::cold::cold_end); // [e, k, n]
+        let slots = g.name(slots, &format!("cold_end-{il}"));
+        let out = plus_base(self.weighted_sum(il, slots, wts));
         g.name(out, &format!("routed_out-{il}"))
     }
 
-    fn cold_op(&mut self, il: usize, ty: TensorType, ne: [i64; 2], args: &[T], fun: CustomOp) -> T {
+    fn cold_op(&mut self, il: usize, ty: TensorType, ne: [i64; 3], args: &[T], fun: CustomOp) -> T {
         let Some(state) = self.cold else { unreachable!("checked by the caller") };
         let call = Box::new(crate::cold::ColdCall { state, layer: il });
         let ptr = &*call as *const crate::cold::ColdCall as *mut std::ffi::c_void;
@@ -106,18 +105,30 @@ impl Builder<'_> {
     /// Σ_k weight · expert(z) over experts held by this backend (`ids` are indices into the
     /// held tensors).
     pub(crate) fn hot_experts(&mut self, il: usize, z: T, ids: T, wts: T, r: &RoutedWeights) -> T {
+        let slots = self.expert_slots(z, ids, r);
+        self.weighted_sum(il, slots, wts)
+    }
+
+    /// Each slot's expert output [n_embd, k, n] for `z` [n_embd, n] and `ids` [k, n]
+    /// (indices into the held tensors of `r`).
+    fn expert_slots(&self, z: T, ids: T, r: &RoutedWeights) -> T {
+        let (e, n) = (z.ne(0), z.ne(1));
+        r.ffn.forward(self.g, self.g.reshape(z, &[e, 1, n]), ids)
+    }
+
+    /// Per token the weighted sum of its k slots' outputs `slots` [n_embd, k, n] with `wts`
+    /// [k, n], in slot order, as one product: on the CPU an outer product summed over the
+    /// slots, Σ_k slots[·, k] ⊗ wts[k] (vectorized over n_embd); elsewhere [k, e] · [k, 1] →
+    /// [e, 1].
+    fn weighted_sum(&self, il: usize, slots: T, wts: T) -> T {
         let g = self.g;
-        let (e, k, n) = (z.ne(0), ids.ne(0), z.ne(1));
-        let down = r.ffn.forward(g, g.reshape(z, &[e, 1, n]), ids); // [e, k, n]
-        // Per token the weighted sum over its k slots, one product: on the CPU an outer
-        // product summed over the slots, Σ_k down[·, k] ⊗ wts[k] (vectorized over n_embd);
-        // elsewhere [k, e] · [k, 1] → [e, 1].
+        let (e, k, n) = (slots.ne(0), slots.ne(1), slots.ne(2));
         let acc = if self.on_cpu {
-            g.out_prod(down, g.reshape(wts, &[1, k, n])) // [e, 1, n]
+            g.out_prod(slots, g.reshape(wts, &[1, k, n])) // [e, 1, n]
         } else {
-            let down_t = g.cont(g.permute(down, [1, 0, 2, 3])); // [k, e, n]
-            g.mm(down_t, g.reshape(wts, &[k, 1, n])) // [e, 1, n]
+            let slots_t = g.cont(g.permute(slots, [1, 0, 2, 3])); // [k, e, n]
+            g.mm(slots_t, g.reshape(wts, &[k, 1, n])) // [e, 1, n]
         };
-        g.name(g.reshape(acc, &[e, n]), &format!("hot_out-{il}"))
+        g.name(g.reshape(acc, &[e, n]), &format!("experts_out-{il}"))
     }
 }

@@ -177,7 +177,7 @@ impl Builder<'_> {
         let ptr = map as *const LocalIds as *mut c_void;
         // SAFETY: `map` is boxed in the model's ColdHost, which outlives every step graph;
         // `local_ids` reads a LocalIds.
-        let op = unsafe { self.g.custom(ggml::TensorType::I32, [ids.ne(0), ids.ne(1)], &[ids], local_ids, ptr) };
+        let op = unsafe { self.g.custom(ggml::TensorType::I32, [ids.ne(0), ids.ne(1), 1], &[ids], local_ids, ptr) };
         self.cpu_nodes.push(op);
         self.g.name(op, &format!("{set}_ids-{il}"))
     }

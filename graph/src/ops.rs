@@ -444,10 +444,10 @@ impl Ctx {
     ///
     /// # Safety
     /// `userdata` must stay valid, and be what `fun` expects, for as long as the graph runs.
-    pub unsafe fn custom(&self, ty: ggml::TensorType, ne: [i64; 2], args: &[T], fun: CustomOp, userdata: *mut std::ffi::c_void) -> T {
+    pub unsafe fn custom(&self, ty: ggml::TensorType, ne: [i64; 3], args: &[T], fun: CustomOp, userdata: *mut std::ffi::c_void) -> T {
         let mut a: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.0).collect();
         // SAFETY: args belong to this context; userdata: the caller's contract.
-        T(unsafe { sys::ggml_custom_4d(self.raw, ty.raw(), ne[0], ne[1], 1, 1, a.as_mut_ptr(), a.len() as i32, Some(fun), 1, userdata) })
+        T(unsafe { sys::ggml_custom_4d(self.raw, ty.raw(), ne[0], ne[1], ne[2], 1, a.as_mut_ptr(), a.len() as i32, Some(fun), 1, userdata) })
     }
 }
 

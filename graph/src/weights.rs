@@ -18,6 +18,11 @@ impl TensorSet {
     pub fn get(&self, name: &str) -> Option<T> {
         self.0.iter().find_map(|t| t.get(name)).map(T)
     }
+
+    /// Bytes of the buffers holding the tensors.
+    pub fn bytes(&self) -> u64 {
+        self.0.iter().map(|t| t.buffer().size() as u64).sum()
+    }
 }
 
 pub struct Compressor {

@@ -1,7 +1,8 @@
-//! IPC round trip of one token's activations (n_embd 4096 f32 = 16 KiB in and 16 KiB out):
+//! IPC round trip of one token's activations (n_embd 4096 f32 = 16 KiB in):
 //! (a) socket only — the activations travel inside the frames (a Ping carrying them, echoed in
-//! the Pong); (b) shared memory — an Eval frame carries only ids and weights, the worker reads
-//! the input row from the shared region and writes the output row there.
+//! the Pong; 16 KiB out); (b) shared memory — an Eval frame carries only the token's 6 expert
+//! ids, the worker reads the input row from the shared region and writes one output row per
+//! expert there (6 × 16 KiB out).
 //! The worker runs in another thread and in another process (this binary, spawned with
 //! `--worker`, the socket as its stdin); with blocking waits and with spin-then-block.
 //!
@@ -12,14 +13,13 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 use ipc_proto::{
     ConnectOptions, Limits, ModelIdentity, Request, WorkerConnection, WorkerServer,
 };
 
 const N_EMBD: u32 = 4096;
 const IDS: [u32; 6] = [3, 17, 42, 99, 180, 255];
-const WEIGHTS: [f32; 6] = [0.3, 0.2, 0.15, 0.15, 0.1, 0.1];
 
 fn identity() -> ModelIdentity {
     ModelIdentity { file_size: 1 << 40, header_hash: [0x5a; 32], n_layer: 43, n_expert: 256, n_embd: N_EMBD }
@@ -33,19 +33,23 @@ fn opts(spin: Duration) -> ConnectOptions {
     ConnectOptions { spin, ..ConnectOptions::default() }
 }
 
-/// The worker: output = (sum of weights) * input for evals, echo for pings.
+/// The worker: expert `e` maps the input to `(e + 1) * input` (one output row per pair) for
+/// evals, echo for pings.
 fn serve(sock: UnixStream, spin: Duration) -> anyhow::Result<()> {
     let experts = ExpertSet::full(43, 256);
     let mut server = WorkerServer::handshake(sock, &identity(), experts, &opts(spin))?;
-    let mut rows = Vec::new();
+    let (mut input, mut rows) = (Vec::new(), Vec::new());
     loop {
         match server.next_request()? {
             Request::Eval(req) => {
-                let scale: f32 = req.pairs.weights().iter().sum();
-                rows.resize(req.n_tokens() * N_EMBD as usize, 0.0);
-                server.read_inputs(&mut rows)?;
-                for v in rows.iter_mut() {
-                    *v *= scale;
+                let n = N_EMBD as usize;
+                input.resize(req.n_tokens() * n, 0.0);
+                server.read_inputs(&mut input)?;
+                rows.resize(req.pairs.n_pairs() * n, 0.0);
+                for (&e, row) in req.pairs.ids().iter().zip(rows.chunks_exact_mut(n)) {
+                    for (o, i) in row.iter_mut().zip(&input) {
+                        *o = i * (e + 1) as f32;
+                    }
                 }
                 server.write_outputs(&rows)?;
                 server.reply_eval(req.id, 0)?;
@@ -90,10 +94,10 @@ fn bench_socket(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Sum
 }
 
 fn bench_shm(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Summary> {
-    let pairs = ExpertPairs::from_tokens(&[ExpertSlots { ids: &IDS, weights: &WEIGHTS }])?;
-    let scale: f32 = WEIGHTS.iter().sum();
+    let pairs = ExpertPairs::from_tokens(&[&IDS]);
+    let n = N_EMBD as usize;
     let mut times = Vec::with_capacity(iters);
-    let (mut x, mut out) = (vec![0f32; N_EMBD as usize], vec![0f32; N_EMBD as usize]);
+    let (mut x, mut out) = (vec![0f32; n], vec![0f32; IDS.len() * n]);
     for it in 0..iters + 1000 {
         let t0 = Instant::now();
         for (j, v) in x.iter_mut().enumerate() {
@@ -103,8 +107,10 @@ fn bench_shm(conn: &mut WorkerConnection, iters: usize) -> anyhow::Result<Summar
         let id = conn.eval_begin(7, &pairs)?;
         conn.eval_end(id, Instant::now() + Duration::from_secs(5))?;
         conn.read_outputs(&mut out)?;
-        let want = it as f32 * scale;
-        anyhow::ensure!(out[0] == want, "output {} expected {want}", out[0]);
+        for (p, &e) in IDS.iter().enumerate() {
+            let want = it as f32 * (e + 1) as f32;
+            anyhow::ensure!(out[p * n] == want, "output row {p}: {} expected {want}", out[p * n]);
+        }
         if it >= 1000 {
             times.push(t0.elapsed().as_secs_f64() * 1e6);
         }

@@ -47,7 +47,8 @@ impl Default for ConnectOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EvalReply {
     pub id: RequestId,
-    pub n_tokens: u32,
+    /// Output rows written: one per (token, expert) pair of the eval.
+    pub n_pairs: u32,
     /// Compute time the worker reported, µs.
     pub compute_us: u64,
     /// From `eval_begin` to the reply, measured here.
@@ -57,7 +58,7 @@ pub struct EvalReply {
 #[derive(Debug, Clone, Copy)]
 struct PendingEval {
     id: RequestId,
-    n_tokens: u32,
+    n_pairs: u32,
     sent: Instant,
 }
 
@@ -196,24 +197,24 @@ impl WorkerConnection {
         self.shm.write_rows(Area::Input, x)
     }
 
-    /// Copies rows `0..n_tokens` of the output area, as written by the last completed eval,
-    /// into `out` (`n_tokens * n_embd` f32; every row of that eval is written, rows of tokens
-    /// without pairs are zero). Only while no eval is in flight.
+    /// Copies rows `0..n_pairs` of the output area, as written by the last completed eval,
+    /// into `out` (`n_pairs * n_embd` f32: row `p` is pair `p`'s expert on its token's input
+    /// row). Only while no eval is in flight.
     pub fn read_outputs(&self, out: &mut [f32]) -> Result<()> {
         self.idle("read_outputs")?;
-        let n_tokens = out.len() / self.limits.n_embd as usize;
-        if n_tokens > self.last_done as usize {
+        let n_pairs = out.len() / self.limits.n_embd as usize;
+        if n_pairs > self.last_done as usize {
             return Err(ProtoError::OutOfRange {
-                what: "output rows (tokens of the last completed eval)",
+                what: "output rows (pairs of the last completed eval)",
                 max: u64::from(self.last_done),
-                found: n_tokens as u64,
+                found: n_pairs as u64,
             });
         }
         self.shm.read_rows(Area::Output, out)
     }
 
     /// Sends an eval of `pairs.n_tokens()` tokens (rows `0..n_tokens` of the input area) at
-    /// `layer`, with each token's pairs owned by this worker. Does not wait.
+    /// `layer`, with each token's experts owned by this worker. Does not wait.
     pub fn eval_begin(&mut self, layer: u32, pairs: &ExpertPairs) -> Result<RequestId> {
         self.idle("eval_begin")?;
         if layer >= self.identity.n_layer {
@@ -226,21 +227,21 @@ impl WorkerConnection {
                 found: pairs.n_tokens() as u64,
             });
         }
-        for (t, s) in pairs.tokens().enumerate() {
-            if s.ids.len() > self.limits.max_experts_per_token as usize {
+        for (t, ids) in pairs.tokens().enumerate() {
+            if ids.len() > self.limits.max_experts_per_token as usize {
                 return Err(ProtoError::OutOfRange {
                     what: "experts per token",
                     max: u64::from(self.limits.max_experts_per_token),
-                    found: s.ids.len() as u64,
+                    found: ids.len() as u64,
                 });
             }
-            check_slots(t as u32, layer, s, &self.experts)?;
+            check_slots(t as u32, layer, ids, &self.experts)?;
         }
         let id = self.next_id();
         frame::encode_eval(self.conn.begin_frame(), layer, pairs);
         self.conn.send_frame(FrameType::Eval, id, &[], None, Some(Instant::now() + self.write_timeout))?;
         self.last_done = 0;
-        self.pending = Some(PendingEval { id, n_tokens: pairs.n_tokens() as u32, sent: Instant::now() });
+        self.pending = Some(PendingEval { id, n_pairs: pairs.n_pairs() as u32, sent: Instant::now() });
         Ok(id)
     }
 
@@ -264,13 +265,13 @@ impl WorkerConnection {
         if rid != id {
             return Err(self.conn.fail(ProtoError::RequestIdMismatch { expected: id, found: rid }));
         }
-        if n != p.n_tokens {
-            let e = ProtoError::Mismatch { what: "EvalDone n_tokens", expected: u64::from(p.n_tokens), found: u64::from(n) };
+        if n != p.n_pairs {
+            let e = ProtoError::Mismatch { what: "EvalDone n_pairs", expected: u64::from(p.n_pairs), found: u64::from(n) };
             return Err(self.conn.fail(e));
         }
         self.pending = None;
         self.last_done = n;
-        Ok(EvalReply { id, n_tokens: n, compute_us, elapsed: p.sent.elapsed() })
+        Ok(EvalReply { id, n_pairs: n, compute_us, elapsed: p.sent.elapsed() })
     }
 
     /// Ping without payload; returns the round trip.
@@ -278,11 +279,11 @@ impl WorkerConnection {
         self.ping_with(&[], deadline)
     }
 
-    /// Ping carrying `payload` (at most one activation area), which the worker echoes back;
-    /// checks the echo and returns the round trip.
+    /// Ping carrying `payload` (at most the input area's size), which the worker echoes
+    /// back; checks the echo and returns the round trip.
     pub fn ping_with(&mut self, payload: &[u8], deadline: Instant) -> Result<Duration> {
         self.idle("ping")?;
-        let limit = self.limits.area_bytes();
+        let limit = self.limits.input_area_bytes();
         if payload.len() as u64 > limit {
             return Err(ProtoError::PayloadTooLarge { frame: FrameType::Ping, limit, found: payload.len() as u64 });
         }

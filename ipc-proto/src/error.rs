@@ -18,7 +18,7 @@ impl ErrorCode {
     pub const VERSION_MISMATCH: ErrorCode = ErrorCode(3);
     /// The limits or the shared-memory layout of the handshake were refused.
     pub const BAD_SETUP: ErrorCode = ErrorCode(4);
-    /// A well-formed request the worker cannot serve (layer, expert not owned, weight).
+    /// A well-formed request the worker cannot serve (layer, expert not owned or repeated).
     pub const BAD_REQUEST: ErrorCode = ErrorCode(5);
     /// A frame arrived out of order (wrong type for the state, request id not increasing).
     pub const OUT_OF_ORDER: ErrorCode = ErrorCode(6);
@@ -100,8 +100,6 @@ pub enum ProtoError {
     ExpertNotOwned { layer: u32, expert: u32 },
     #[error("token {token} selects expert {expert} twice")]
     DuplicateExpert { token: u32, expert: u32 },
-    #[error("token {token}: weight of expert {expert} is not finite: {value}")]
-    NonFiniteWeight { token: u32, expert: u32, value: f32 },
     #[error("{what} must be 0, found {found}")]
     NonZero { what: &'static str, found: u64 },
     #[error("{frame} frame: expected a file descriptor (SCM_RIGHTS), found none")]
@@ -176,8 +174,7 @@ impl ProtoError {
             ProtoError::LayerOutOfRange { .. }
             | ProtoError::ExpertOutOfRange { .. }
             | ProtoError::ExpertNotOwned { .. }
-            | ProtoError::DuplicateExpert { .. }
-            | ProtoError::NonFiniteWeight { .. } => ErrorCode::BAD_REQUEST,
+            | ProtoError::DuplicateExpert { .. } => ErrorCode::BAD_REQUEST,
             _ => ErrorCode::INTERNAL,
         }
     }

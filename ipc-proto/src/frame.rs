@@ -1,7 +1,7 @@
 //! Frame header and payload codecs: pure functions over byte slices (no I/O).
 //! The layouts are documented in the crate docs.
 
-use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 
 use crate::error::{ErrorCode, ProtoError, Result};
 pub use crate::types::{FrameType, SetupMsg};
@@ -10,7 +10,7 @@ use crate::types::{Limits, LoadProgress, ModelIdentity, WorkerStats, MAX_ERROR_M
 /// `b"DFIP"` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"DFIP");
 /// The protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 24;
 
@@ -42,7 +42,7 @@ impl FrameType {
             FrameType::Ready | FrameType::StatsRequest | FrameType::Shutdown => 0,
             FrameType::Eval => limits.map_or(0, Limits::max_eval_payload),
             FrameType::EvalDone => EVAL_DONE_LEN as u64,
-            FrameType::Ping | FrameType::Pong => limits.map_or(0, Limits::area_bytes),
+            FrameType::Ping | FrameType::Pong => limits.map_or(0, Limits::input_area_bytes),
             FrameType::StatsReply => STATS_LEN as u64,
             FrameType::Error => 8 + u64::from(MAX_ERROR_MESSAGE),
             FrameType::LoadProgress => LOAD_PROGRESS_LEN as u64,
@@ -266,7 +266,7 @@ pub fn decode_setup(p: &[u8]) -> Result<SetupMsg> {
 
 // ---- Eval ----
 
-/// A decoded eval request: per token a run of (expert, weight) pairs.
+/// A decoded eval request: per token the experts it is routed to.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalRequest {
     pub id: u64,
@@ -280,8 +280,8 @@ impl EvalRequest {
     }
 }
 
-/// Encodes an eval payload: the counts, ids and weights of `pairs` as they lie. The caller
-/// has checked them against the limits.
+/// Encodes an eval payload: the counts and ids of `pairs` as they lie. The caller has
+/// checked them against the limits.
 pub fn encode_eval(out: &mut Vec<u8>, layer: u32, pairs: &ExpertPairs) {
     out.extend_from_slice(&layer.to_le_bytes());
     out.extend_from_slice(&(pairs.n_tokens() as u32).to_le_bytes());
@@ -293,14 +293,11 @@ pub fn encode_eval(out: &mut Vec<u8>, layer: u32, pairs: &ExpertPairs) {
     for id in pairs.ids() {
         out.extend_from_slice(&id.to_le_bytes());
     }
-    for w in pairs.weights() {
-        out.extend_from_slice(&w.to_le_bytes());
-    }
 }
 
 /// Decodes an eval payload and checks its internal consistency and the limits: token count,
-/// pairs per token, sum of counts, exact length. Ownership, layer range and weights are
-/// checked by [`validate_eval`].
+/// pairs per token, sum of counts, exact length. Ownership and layer range are checked by
+/// [`validate_eval`].
 pub fn decode_eval(id: u64, p: &[u8], limits: &Limits) -> Result<EvalRequest> {
     let mut r = Rd::new(p, FrameType::Eval);
     let layer = r.u32()?;
@@ -318,7 +315,7 @@ pub fn decode_eval(id: u64, p: &[u8], limits: &Limits) -> Result<EvalRequest> {
     if u64::from(n_pairs) > max_pairs {
         return Err(ProtoError::OutOfRange { what: "eval pairs", max: max_pairs, found: u64::from(n_pairs) });
     }
-    let expected = EVAL_FIXED as u64 + 4 * u64::from(n_tokens) + 8 * u64::from(n_pairs);
+    let expected = EVAL_FIXED as u64 + 4 * u64::from(n_tokens) + 4 * u64::from(n_pairs);
     if p.len() as u64 != expected {
         return Err(ProtoError::PayloadLength { frame: FrameType::Eval, expected, found: p.len() as u64 });
     }
@@ -343,18 +340,14 @@ pub fn decode_eval(id: u64, p: &[u8], limits: &Limits) -> Result<EvalRequest> {
     for _ in 0..n_pairs {
         ids.push(r.u32()?);
     }
-    let mut weights = Vec::with_capacity(n_pairs as usize);
-    for _ in 0..n_pairs {
-        weights.push(f32::from_bits(r.u32()?));
-    }
     r.finish()?;
-    let pairs = ExpertPairs::from_counts(&counts, ids, weights)
+    let pairs = ExpertPairs::from_counts(&counts, ids)
         .map_err(|_| ProtoError::CountMismatch { what: "eval pair count (sum of per-token counts)", expected: u64::from(n_pairs), found: sum })?;
     Ok(EvalRequest { id, layer, pairs })
 }
 
 /// Checks an eval against the worker's model and expert set: layer in range, every expert
-/// owned, no expert twice for a token, every weight finite.
+/// owned, no expert twice for a token.
 pub fn validate_eval(req: &EvalRequest, experts: &ExpertSet) -> Result<()> {
     if req.layer >= experts.n_layer() {
         return Err(ProtoError::LayerOutOfRange { layer: req.layer, n_layer: experts.n_layer() });
@@ -365,26 +358,16 @@ pub fn validate_eval(req: &EvalRequest, experts: &ExpertSet) -> Result<()> {
     Ok(())
 }
 
-pub(crate) fn check_slots(token: u32, layer: u32, s: ExpertSlots<'_>, experts: &ExpertSet) -> Result<()> {
-    if s.ids.len() != s.weights.len() {
-        return Err(ProtoError::CountMismatch {
-            what: "weights of a token (one per expert id)",
-            expected: s.ids.len() as u64,
-            found: s.weights.len() as u64,
-        });
-    }
-    for (i, (&e, &w)) in s.ids.iter().zip(s.weights).enumerate() {
+pub(crate) fn check_slots(token: u32, layer: u32, ids: &[u32], experts: &ExpertSet) -> Result<()> {
+    for (i, &e) in ids.iter().enumerate() {
         if e >= experts.n_expert() {
             return Err(ProtoError::ExpertOutOfRange { layer, expert: e, n_expert: experts.n_expert() });
         }
         if !experts.contains(layer, e) {
             return Err(ProtoError::ExpertNotOwned { layer, expert: e });
         }
-        if s.ids[..i].contains(&e) {
+        if ids[..i].contains(&e) {
             return Err(ProtoError::DuplicateExpert { token, expert: e });
-        }
-        if !w.is_finite() {
-            return Err(ProtoError::NonFiniteWeight { token, expert: e, value: w });
         }
     }
     Ok(())
@@ -392,13 +375,13 @@ pub(crate) fn check_slots(token: u32, layer: u32, s: ExpertSlots<'_>, experts: &
 
 // ---- EvalDone ----
 
-pub fn encode_eval_done(out: &mut Vec<u8>, n_tokens: u32, compute_us: u64) {
-    out.extend_from_slice(&n_tokens.to_le_bytes());
+pub fn encode_eval_done(out: &mut Vec<u8>, n_pairs: u32, compute_us: u64) {
+    out.extend_from_slice(&n_pairs.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
     out.extend_from_slice(&compute_us.to_le_bytes());
 }
 
-/// Returns (n_tokens, compute_us).
+/// Returns (n_pairs, compute_us).
 pub fn decode_eval_done(p: &[u8]) -> Result<(u32, u64)> {
     expect_len(FrameType::EvalDone, p, EVAL_DONE_LEN)?;
     let mut r = Rd::new(p, FrameType::EvalDone);

@@ -5,9 +5,11 @@
 //! ([`WorkerConnection`]). The socket carries small control frames; activations travel through
 //! one shared memory region (a sealed memfd passed once with `SCM_RIGHTS`).
 //!
-//! The expert set of the handshake and the per-token (expert, weight) pairs of an eval are
-//! the `experts` crate's [`experts::ExpertSet`] and [`experts::ExpertPairs`]; this crate
-//! defines only their wire encodings.
+//! The expert set of the handshake and the per-token experts of an eval (its (token, expert)
+//! pairs) are the `experts` crate's [`experts::ExpertSet`] and [`experts::ExpertPairs`]; this
+//! crate defines only their wire encodings. A worker returns each pair's expert output; the
+//! router weights never leave the daemon's graph, which weighs and sums every expert of a
+//! token in one place, so the result does not depend on which process computed which expert.
 //!
 //! # Frames
 //!
@@ -17,7 +19,7 @@
 //! | offset | size | field                                              |
 //! |-------:|-----:|----------------------------------------------------|
 //! | 0      | 4    | magic `b"DFIP"` (`0x50494644` as u32)              |
-//! | 4      | 2    | protocol version ([`PROTOCOL_VERSION`], 2)         |
+//! | 4      | 2    | protocol version ([`PROTOCOL_VERSION`], 3)         |
 //! | 6      | 2    | frame type ([`FrameType`])                          |
 //! | 8      | 8    | request id                                          |
 //! | 16     | 4    | payload length in bytes                             |
@@ -50,15 +52,16 @@
 //! * `Ready` (3, worker → daemon, id 0): empty; the experts are loaded (after any
 //!   `LoadProgress`, the last one must have `loaded == total`).
 //! * `Eval` (4, daemon → worker): `layer u32, n_tokens u32, n_pairs u32, reserved u32 = 0,
-//!   counts [u32; n_tokens], expert ids [u32; n_pairs], weights [f32; n_pairs]`: token `t`
-//!   has the next `counts[t]` pairs. Checked: `n_tokens <= max_tokens`, each count `<=
-//!   max_experts_per_token`, `sum(counts) == n_pairs`, length `== 16 + 4 n_tokens + 8 n_pairs`,
-//!   `layer < n_layer`, each expert owned by the worker and not repeated within a token, each
-//!   weight finite. The inputs are rows `0..n_tokens` of the input area.
-//! * `EvalDone` (5, worker → daemon, id of the eval): `n_tokens u32, reserved u32 = 0,
-//!   compute_us u64`. The worker has written rows `0..n_tokens` of the output area: for each
-//!   token, `sum_i weight_i * expert_i(input row)` over its pairs (zero without pairs).
-//! * `Ping` (6) / `Pong` (7): an opaque payload of at most one activation area
+//!   counts [u32; n_tokens], expert ids [u32; n_pairs]`: token `t` has the next `counts[t]`
+//!   pairs. Checked: `n_tokens <= max_tokens`, each count `<= max_experts_per_token`,
+//!   `sum(counts) == n_pairs`, length `== 16 + 4 n_tokens + 4 n_pairs`, `layer < n_layer`,
+//!   each expert owned by the worker and not repeated within a token. The inputs are rows
+//!   `0..n_tokens` of the input area.
+//! * `EvalDone` (5, worker → daemon, id of the eval): `n_pairs u32, reserved u32 = 0,
+//!   compute_us u64`. The worker has written rows `0..n_pairs` of the output area: row `p` is
+//!   `expert(input row of its token)` for pair `p`, in the order of the eval's pairs
+//!   (unweighted: the daemon applies the router weights).
+//! * `Ping` (6) / `Pong` (7): an opaque payload of at most the input area's size
 //!   (`max_tokens * n_embd * 4` bytes) that the worker echoes.
 //! * `StatsRequest` (8): empty. `StatsReply` (9): `evals, tokens, pairs, compute_us, pings`,
 //!   five u64 ([`WorkerStats`]).
@@ -75,12 +78,14 @@
 //!
 //! # Shared memory
 //!
-//! The region is `2 * round_up(max_tokens * n_embd * 4, 4096)` bytes: the input area at offset
-//! 0, the output area at the page-rounded end of the input area, each `max_tokens` rows of
-//! `n_embd` f32. Ownership follows the protocol: the daemon writes inputs before `Eval` and
-//! reads outputs after `EvalDone`; the worker reads inputs and writes outputs in between.
-//! Since the other process maps the same pages and may write them at any time, no Rust
-//! reference is ever made over the region: rows are copied in and out (one copy each way) by
+//! The region is `round_up(max_tokens * n_embd * 4, 4096) + round_up(max_pairs * n_embd * 4,
+//! 4096)` bytes (`max_pairs = max_tokens * max_experts_per_token`): the input area at offset
+//! 0, `max_tokens` rows of `n_embd` f32 (one per token), and the output area at the
+//! page-rounded end of the input area, `max_pairs` rows of `n_embd` f32 (one per pair).
+//! Ownership follows the protocol: the daemon writes inputs before `Eval` and reads outputs
+//! after `EvalDone`; the worker reads inputs and writes outputs in between. Since the other
+//! process maps the same pages and may write them at any time, no Rust reference is ever made
+//! over the region: rows are copied in and out (one copy each way) by
 //! [`WorkerConnection::write_inputs`], [`WorkerConnection::read_outputs`],
 //! [`WorkerServer::read_inputs`] and [`WorkerServer::write_outputs`], each only in its
 //! side's window.

@@ -16,8 +16,8 @@ use crate::types::{FrameType, Limits, LoadProgress, ModelIdentity, SetupMsg, Wor
 /// `reply_*` call before the next [`WorkerServer::next_request`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Request {
-    /// Compute the weighted expert sum of each token's input row (copied out with
-    /// [`WorkerServer::read_inputs`], the results copied in with
+    /// Compute each pair's expert on its token's input row (inputs copied out with
+    /// [`WorkerServer::read_inputs`], one result row per pair copied in with
     /// [`WorkerServer::write_outputs`]) and answer with [`WorkerServer::reply_eval`].
     Eval(EvalRequest),
     /// Answer with [`WorkerServer::reply_pong`], echoing `payload`.
@@ -30,7 +30,7 @@ pub enum Request {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pending {
-    Eval { id: RequestId, n_tokens: u32 },
+    Eval { id: RequestId, n_tokens: u32, n_pairs: u32 },
     Ping { id: RequestId },
     Stats { id: RequestId },
 }
@@ -158,7 +158,7 @@ impl WorkerServer {
     }
 
     /// Waits for the next request until `deadline`. A malformed or invalid request (bad
-    /// header, length, counts, id order, layer, expert not owned, non-finite weight) is
+    /// header, length, counts, id order, layer, expert not owned or repeated) is
     /// answered with an `Error` frame naming the problem, the connection is closed and the
     /// error returned.
     pub fn next_request_until(&mut self, deadline: Option<Instant>) -> Result<Request> {
@@ -196,7 +196,7 @@ impl WorkerServer {
                 self.stats.evals += 1;
                 self.stats.tokens += e.n_tokens() as u64;
                 self.stats.pairs += e.pairs.n_pairs() as u64;
-                self.pending = Some(Pending::Eval { id: e.id, n_tokens: e.n_tokens() as u32 });
+                self.pending = Some(Pending::Eval { id: e.id, n_tokens: e.n_tokens() as u32, n_pairs: e.pairs.n_pairs() as u32 });
             }
             Request::Ping { id, .. } => {
                 self.last_id = *id;
@@ -214,10 +214,10 @@ impl WorkerServer {
         Ok(req)
     }
 
-    /// The pending eval's `n_tokens`, or a state error naming `call`.
-    fn pending_tokens(&self, call: &'static str) -> Result<usize> {
+    /// The pending eval's `(n_tokens, n_pairs)`, or a state error naming `call`.
+    fn pending_eval(&self, call: &'static str) -> Result<(usize, usize)> {
         match self.pending {
-            Some(Pending::Eval { n_tokens, .. }) => Ok(n_tokens as usize),
+            Some(Pending::Eval { n_tokens, n_pairs, .. }) => Ok((n_tokens as usize, n_pairs as usize)),
             _ => Err(ProtoError::State { expected: "a pending eval", found: call }),
         }
     }
@@ -225,20 +225,22 @@ impl WorkerServer {
     /// Copies the pending eval's input rows (`n_tokens * n_embd` f32) into `dst`, which must
     /// have exactly that length. Only between an `Eval` request and `reply_eval`.
     pub fn read_inputs(&self, dst: &mut [f32]) -> Result<()> {
-        self.check_rows(self.pending_tokens("read_inputs")?, dst.len(), "eval input f32 (n_tokens * n_embd)")?;
+        let (n_tokens, _) = self.pending_eval("read_inputs")?;
+        self.check_rows(n_tokens, dst.len(), "eval input f32 (n_tokens * n_embd)")?;
         self.shm.read_rows(Area::Input, dst)
     }
 
-    /// Copies the pending eval's results (`n_tokens * n_embd` f32: every row, zero for a
-    /// token without pairs) into the output area. Only between an `Eval` request and
-    /// `reply_eval`.
+    /// Copies the pending eval's results (`n_pairs * n_embd` f32: row `p` is pair `p`'s
+    /// expert on its token's input row) into the output area. Only between an `Eval` request
+    /// and `reply_eval`.
     pub fn write_outputs(&mut self, src: &[f32]) -> Result<()> {
-        self.check_rows(self.pending_tokens("write_outputs")?, src.len(), "eval output f32 (n_tokens * n_embd)")?;
+        let (_, n_pairs) = self.pending_eval("write_outputs")?;
+        self.check_rows(n_pairs, src.len(), "eval output f32 (n_pairs * n_embd)")?;
         self.shm.write_rows(Area::Output, src)
     }
 
-    fn check_rows(&self, n_tokens: usize, found: usize, what: &'static str) -> Result<()> {
-        let expected = n_tokens * self.limits.n_embd as usize;
+    fn check_rows(&self, n_rows: usize, found: usize, what: &'static str) -> Result<()> {
+        let expected = n_rows * self.limits.n_embd as usize;
         if found != expected {
             return Err(ProtoError::Mismatch { what, expected: expected as u64, found: found as u64 });
         }
@@ -269,12 +271,12 @@ impl WorkerServer {
     /// Answers the pending eval: the outputs are in the output area.
     pub fn reply_eval(&mut self, id: RequestId, compute_us: u64) -> Result<()> {
         let p = self.take_pending(id, "eval")?;
-        let n_tokens = match p {
-            Pending::Eval { n_tokens, .. } => n_tokens,
+        let n_pairs = match p {
+            Pending::Eval { n_pairs, .. } => n_pairs,
             _ => 0,
         };
         self.stats.compute_us += compute_us;
-        frame::encode_eval_done(self.conn.begin_frame(), n_tokens, compute_us);
+        frame::encode_eval_done(self.conn.begin_frame(), n_pairs, compute_us);
         let d = self.deadline();
         self.conn.send_frame(FrameType::EvalDone, id, &[], None, d)
     }

@@ -13,8 +13,9 @@ use crate::types::{Limits, SetupMsg, MAX_SHM_BYTES};
 
 const PAGE: u64 = 4096;
 
-/// Where the two areas lie. Both start on a page boundary; each holds `max_tokens * n_embd`
-/// f32 (row-major, one row per token).
+/// Where the two areas lie. Both start on a page boundary; the input area holds
+/// `max_tokens * n_embd` f32 (one row per token), the output area `max_pairs * n_embd` f32
+/// (one row per (token, expert) pair), row-major.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShmLayout {
     pub len: u64,
@@ -24,15 +25,16 @@ pub struct ShmLayout {
 
 impl ShmLayout {
     /// The one layout the protocol allows for `limits`: input at 0, output at the next page
-    /// boundary after the input area, the region ending at the page after the output area.
+    /// boundary after the input area, the region ending at the page boundary after the
+    /// output area.
     pub fn for_limits(limits: &Limits) -> Result<Self> {
-        let area = limits.area_bytes();
-        let aligned = area.div_ceil(PAGE) * PAGE;
-        let len = aligned * 2;
+        let page_round = |b: u64| b.div_ceil(PAGE) * PAGE;
+        let output_offset = page_round(limits.input_area_bytes());
+        let len = output_offset + page_round(limits.output_area_bytes());
         if len > MAX_SHM_BYTES || len == 0 {
             return Err(ProtoError::OutOfRange { what: "shared region bytes", max: MAX_SHM_BYTES, found: len });
         }
-        Ok(ShmLayout { len, input_offset: 0, output_offset: aligned })
+        Ok(ShmLayout { len, input_offset: 0, output_offset })
     }
 }
 
@@ -128,7 +130,8 @@ impl SharedRegion {
     }
 
     /// Byte offset of `area` and the f32 count of `values` whole rows of it; refuses a
-    /// count that is not whole rows or more rows than `max_tokens`.
+    /// count that is not whole rows or more rows than the area holds (`max_tokens` token rows
+    /// in the input area, `max_pairs` pair rows in the output area).
     fn range(&self, area: Area, values: usize) -> Result<(usize, usize)> {
         let n_embd = self.limits.n_embd as usize;
         if !values.is_multiple_of(n_embd) {
@@ -138,18 +141,15 @@ impl SharedRegion {
                 found: values as u64,
             });
         }
-        let n_tokens = values / n_embd;
-        if n_tokens > self.limits.max_tokens as usize {
-            return Err(ProtoError::OutOfRange {
-                what: "tokens in the shared area",
-                max: u64::from(self.limits.max_tokens),
-                found: n_tokens as u64,
-            });
+        let n_rows = values / n_embd;
+        let (what, max, off) = match area {
+            Area::Input => ("tokens in the input area", u64::from(self.limits.max_tokens), self.layout.input_offset),
+            Area::Output => ("pairs in the output area", self.limits.max_pairs(), self.layout.output_offset),
+        };
+        if n_rows as u64 > max {
+            return Err(ProtoError::OutOfRange { what, max, found: n_rows as u64 });
         }
-        let off = match area {
-            Area::Input => self.layout.input_offset,
-            Area::Output => self.layout.output_offset,
-        } as usize;
+        let off = off as usize;
         debug_assert!(off + values * 4 <= self.len);
         Ok((off, values))
     }
@@ -157,9 +157,10 @@ impl SharedRegion {
     /// Copies `src` (whole rows of `n_embd` f32) into the first rows of `area`.
     pub(crate) fn write_rows(&mut self, area: Area, src: &[f32]) -> Result<()> {
         let (off, n) = self.range(area, src.len())?;
-        // SAFETY: `off + n * 4 <= len` (each area holds max_tokens * n_embd f32 and `range`
-        // checked n <= that); `src` is our own memory, which the mapping cannot overlap. The
-        // destination is only ever addressed through this raw pointer, never a reference.
+        // SAFETY: `off + n * 4 <= len` (the layout reserves max_tokens rows for the input area
+        // and max_pairs rows for the output area, and `range` checked the row count against
+        // them); `src` is our own memory, which the mapping cannot overlap. The destination is
+        // only ever addressed through this raw pointer, never a reference.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(off).cast::<f32>(), n) };
         Ok(())
     }

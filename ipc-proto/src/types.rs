@@ -40,24 +40,33 @@ impl std::fmt::Display for ModelIdentity {
 /// layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Most tokens in one eval (rows of the input and output areas).
+    /// Most tokens in one eval (rows of the input area).
     pub max_tokens: u32,
     /// Hidden size: f32 values per token row. Must equal the worker's `n_embd`.
     pub n_embd: u32,
-    /// Most (expert, weight) pairs per token in one eval.
+    /// Most experts per token in one eval.
     pub max_experts_per_token: u32,
 }
 
 impl Limits {
-    /// Bytes of one activation area (`max_tokens * n_embd` f32).
-    pub fn area_bytes(&self) -> u64 {
+    /// Most (token, expert) pairs in one eval (rows of the output area).
+    pub fn max_pairs(&self) -> u64 {
+        u64::from(self.max_tokens) * u64::from(self.max_experts_per_token)
+    }
+
+    /// Bytes of the input area (`max_tokens * n_embd` f32).
+    pub fn input_area_bytes(&self) -> u64 {
         u64::from(self.max_tokens) * u64::from(self.n_embd) * 4
+    }
+
+    /// Bytes of the output area (`max_pairs * n_embd` f32).
+    pub fn output_area_bytes(&self) -> u64 {
+        self.max_pairs() * u64::from(self.n_embd) * 4
     }
 
     /// Largest Eval payload these limits allow.
     pub fn max_eval_payload(&self) -> u64 {
-        let t = u64::from(self.max_tokens);
-        16 + 4 * t + 8 * t * u64::from(self.max_experts_per_token)
+        16 + 4 * u64::from(self.max_tokens) + 4 * self.max_pairs()
     }
 }
 
@@ -102,7 +111,7 @@ pub struct WorkerStats {
     pub evals: u64,
     /// Tokens over all evals.
     pub tokens: u64,
-    /// (expert, weight) pairs over all evals.
+    /// (token, expert) pairs over all evals.
     pub pairs: u64,
     /// Worker-reported compute time over all evals, µs.
     pub compute_us: u64,

@@ -9,7 +9,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use experts::{ExpertPairs, ExpertSlots};
 use ipc_proto::{ErrorCode, ProtoError, Request, SocketDir, WorkerConnection, WorkerServer, WorkerStats};
 
 /// Inputs: token t, column j -> a distinct value.
@@ -20,18 +19,19 @@ fn fill_inputs(conn: &mut WorkerConnection, n_tokens: usize) -> Vec<f32> {
 }
 
 /// The first `n_tokens` output rows, copied out.
-fn outputs(conn: &WorkerConnection, n_tokens: usize) -> Result<Vec<f32>, ProtoError> {
-    let mut out = vec![f32::NAN; n_tokens * N_EMBD as usize];
+fn outputs(conn: &WorkerConnection, n_pairs: usize) -> Result<Vec<f32>, ProtoError> {
+    let mut out = vec![f32::NAN; n_pairs * N_EMBD as usize];
     conn.read_outputs(&mut out).map(|()| out)
 }
 
-/// The daemon-side reference, computed from the test's own copy of the inputs.
-fn reference(layer: u32, tokens: &[ExpertSlots<'_>], input: &[f32]) -> Vec<f32> {
+/// The daemon-side reference, computed from the test's own copy of the inputs: one row per
+/// (token, expert) pair, in order.
+fn reference(layer: u32, tokens: &[&[u32]], input: &[f32]) -> Vec<f32> {
     let n = N_EMBD as usize;
-    let mut out = vec![0f32; tokens.len() * n];
-    for (t, s) in tokens.iter().enumerate() {
-        for j in 0..n {
-            out[t * n + j] = s.ids.iter().zip(s.weights).map(|(&e, &w)| w * expert_fn(layer, e, input[t * n + j])).sum();
+    let mut out = Vec::new();
+    for (t, ids) in tokens.iter().enumerate() {
+        for &e in *ids {
+            out.extend(input[t * n..(t + 1) * n].iter().map(|&x| expert_fn(layer, e, x)));
         }
     }
     out
@@ -44,49 +44,52 @@ fn every_message_round_trips_and_shm_carries_activations() {
     assert_eq!(conn.experts(), &even_experts());
     assert_eq!(conn.experts().layer(2), (0..N_EXPERT).step_by(2).collect::<Vec<_>>());
 
-    // Eval: 3 tokens, the middle one without pairs (its output row must be zero).
+    // Eval: 3 tokens, the middle one without pairs: 4 output rows, one per pair.
     let input = fill_inputs(&mut conn, 3);
-    let tokens = [
-        ExpertSlots { ids: &[0, 4, 68], weights: &[0.5, 0.25, -1.0] },
-        ExpertSlots { ids: &[], weights: &[] },
-        ExpertSlots { ids: &[10], weights: &[2.0] },
-    ];
+    let tokens: [&[u32]; 3] = [&[0, 4, 68], &[], &[10]];
     let id = conn.eval_begin(2, &expert_pairs(&tokens)).expect("eval_begin");
     let reply = conn.eval_end(id, soon()).expect("eval_end");
     assert_eq!(reply.id, id);
-    assert_eq!(reply.n_tokens, 3);
+    assert_eq!(reply.n_pairs, 4);
     assert!(reply.compute_us >= 1);
     let want = reference(2, &tokens, &input);
-    assert_eq!(outputs(&conn, 3).expect("output"), want);
-    assert!(outputs(&conn, 3).expect("output")[8..16].iter().all(|&v| v == 0.0));
-    // Rows past the eval's tokens are not readable, nor part rows.
-    assert!(matches!(outputs(&conn, 4), Err(ProtoError::OutOfRange { max: 3, found: 4, .. })));
+    assert_eq!(want.len(), 4 * N_EMBD as usize);
+    assert_eq!(outputs(&conn, 4).expect("output"), want);
+    // Rows past the eval's pairs are not readable, nor part rows.
+    assert!(matches!(outputs(&conn, 5), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
     let mut part = vec![0f32; N_EMBD as usize + 1];
     assert!(matches!(conn.read_outputs(&mut part), Err(ProtoError::Mismatch { expected: 8, found: 9, .. })));
     assert!(matches!(conn.write_inputs(&part), Err(ProtoError::Mismatch { expected: 8, found: 9, .. })));
     assert!(matches!(conn.write_inputs(&vec![0f32; 5 * N_EMBD as usize]), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
 
-    // A second eval on another layer with one token.
+    // A second eval on another layer with one token of 6 experts.
     let input = fill_inputs(&mut conn, 1);
-    let tokens = [ExpertSlots { ids: &[2, 6, 8, 12, 14, 16], weights: &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0] }];
+    let tokens: [&[u32]; 1] = [&[2, 6, 8, 12, 14, 16]];
     let id2 = conn.eval_begin(3, &expert_pairs(&tokens)).expect("eval_begin");
     assert!(id2 > id);
     conn.eval_end(id2, soon()).expect("eval_end");
-    assert_eq!(outputs(&conn, 1).expect("output"), reference(3, &tokens, &input));
+    assert_eq!(outputs(&conn, 6).expect("output"), reference(3, &tokens, &input));
 
-    // Ping, ping with a payload (an activation area's worth), stats.
+    // Every token with the most experts: the output area holds max_tokens × max_experts rows.
+    let input = fill_inputs(&mut conn, 4);
+    let full: [&[u32]; 4] = [&[0, 2, 4, 6, 8, 10]; 4];
+    let id3 = conn.eval_begin(1, &expert_pairs(&full)).expect("eval_begin");
+    assert_eq!(conn.eval_end(id3, soon()).expect("eval_end").n_pairs, 24);
+    assert_eq!(outputs(&conn, 24).expect("output"), reference(1, &full, &input));
+
+    // Ping, ping with a payload (the input area's size), stats.
     conn.ping(soon()).expect("ping");
-    let payload: Vec<u8> = (0..conn.limits().area_bytes()).map(|i| (i * 7 % 251) as u8).collect();
+    let payload: Vec<u8> = (0..conn.limits().input_area_bytes()).map(|i| (i * 7 % 251) as u8).collect();
     conn.ping_with(&payload, soon()).expect("ping with payload");
     let stats = conn.stats(soon()).expect("stats");
-    assert_eq!(stats.evals, 2);
-    assert_eq!(stats.tokens, 4);
-    assert_eq!(stats.pairs, 10);
+    assert_eq!(stats.evals, 3);
+    assert_eq!(stats.tokens, 8);
+    assert_eq!(stats.pairs, 34);
     assert_eq!(stats.pings, 2);
-    assert!(stats.compute_us >= 2);
+    assert!(stats.compute_us >= 3);
 
     conn.shutdown(soon()).expect("shutdown");
-    assert_eq!(worker.join().expect("worker thread").expect("worker"), 2);
+    assert_eq!(worker.join().expect("worker thread").expect("worker"), 3);
 }
 
 #[test]
@@ -101,7 +104,7 @@ fn over_a_listener_in_a_private_dir() {
     });
     let mut conn = WorkerConnection::connect(&path, limits(), &identity()).expect("connect");
     fill_inputs(&mut conn, 4);
-    let t = [ExpertSlots { ids: &[0], weights: &[1.0] }; 4];
+    let t: [&[u32]; 4] = [&[0]; 4];
     let id = conn.eval_begin(0, &expert_pairs(&t)).expect("eval_begin");
     conn.eval_end(id, soon()).expect("eval_end");
     conn.shutdown(soon()).expect("shutdown");
@@ -112,18 +115,15 @@ fn over_a_listener_in_a_private_dir() {
 #[test]
 fn client_side_checks_do_not_close_the_connection() {
     let (mut conn, worker) = pair();
-    let odd = [ExpertSlots { ids: &[3], weights: &[1.0] }];
+    let odd: [&[u32]; 1] = [&[3]];
     assert!(matches!(conn.eval_begin(0, &expert_pairs(&odd)), Err(ProtoError::ExpertNotOwned { layer: 0, expert: 3 })));
-    // A token with more ids than weights cannot be built.
-    let bad_len = [ExpertSlots { ids: &[2, 4], weights: &[1.0] }];
-    assert!(ExpertPairs::from_tokens(&bad_len).is_err());
-    let too_many = [ExpertSlots { ids: &[0], weights: &[1.0] }; 5];
+    let too_many: [&[u32]; 5] = [&[0]; 5];
     assert!(matches!(conn.eval_begin(0, &expert_pairs(&too_many)), Err(ProtoError::OutOfRange { max: 4, found: 5, .. })));
     assert!(matches!(conn.eval_begin(4, &expert_pairs(&odd[..0])), Err(ProtoError::LayerOutOfRange { layer: 4, n_layer: 4 })));
-    let nan = [ExpertSlots { ids: &[2], weights: &[f32::NAN] }];
-    assert!(matches!(conn.eval_begin(1, &expert_pairs(&nan)), Err(ProtoError::NonFiniteWeight { token: 0, expert: 2, .. })));
+    let twice: [&[u32]; 1] = [&[2, 2]];
+    assert!(matches!(conn.eval_begin(1, &expert_pairs(&twice)), Err(ProtoError::DuplicateExpert { token: 0, expert: 2 })));
     // One eval in flight at a time; the input area is not writable meanwhile.
-    let ok = [ExpertSlots { ids: &[2], weights: &[1.0] }];
+    let ok: [&[u32]; 1] = [&[2]];
     let id = conn.eval_begin(1, &expert_pairs(&ok)).expect("eval_begin");
     assert!(matches!(conn.eval_begin(1, &expert_pairs(&ok)), Err(ProtoError::State { .. })));
     assert!(matches!(conn.write_inputs(&[0.0; N_EMBD as usize]), Err(ProtoError::State { .. })));
@@ -146,7 +146,7 @@ fn worker_error_reply_reaches_the_daemon() {
         }
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
-    let id = conn.eval_begin(0, &expert_pairs(&[ExpertSlots { ids: &[4], weights: &[1.0] }])).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&[&[4]])).expect("eval_begin");
     match conn.eval_end(id, soon()) {
         Err(ProtoError::Remote { code, message }) => {
             assert_eq!(code, ErrorCode::INTERNAL);
@@ -169,7 +169,7 @@ fn eof_when_the_worker_dies_mid_eval() {
         drop(server); // crash: no reply
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
-    let id = conn.eval_begin(0, &expert_pairs(&[ExpertSlots { ids: &[4], weights: &[1.0] }])).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&[&[4]])).expect("eval_begin");
     let t0 = Instant::now();
     let e = conn.eval_end(id, Instant::now() + Duration::from_secs(10)).expect_err("peer died");
     assert!(matches!(e, ProtoError::PeerClosed { .. }), "{e}");
@@ -189,7 +189,7 @@ fn timeout_when_the_worker_hangs() {
     });
     let mut conn = WorkerConnection::handshake(a, limits(), &identity(), &opts()).expect("handshake");
     conn.set_spin(Duration::from_micros(50));
-    let id = conn.eval_begin(0, &expert_pairs(&[ExpertSlots { ids: &[4], weights: &[1.0] }])).expect("eval_begin");
+    let id = conn.eval_begin(0, &expert_pairs(&[&[4]])).expect("eval_begin");
     let t0 = Instant::now();
     let e = conn.eval_end(id, Instant::now() + Duration::from_millis(100)).expect_err("hung");
     let waited = t0.elapsed();

@@ -4,6 +4,7 @@
 //! write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE]
 //!             [--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf
 //! write_synth --extract-tokenizer SRC.gguf OUT.gguf
+//! write_synth --requantize-experts SRC.gguf --expert-type TYPE OUT.gguf
 //! write_synth OUT.gguf [tiny|medium] [VOCAB]            (older positional form)
 //! ```
 //!
@@ -13,6 +14,10 @@
 //! vocabulary) and sizes the vocabulary to it; llama.cpp needs such a real BPE tokenizer.
 //! `--extract-tokenizer` writes a tensor-less GGUF holding only those keys (4 MB instead of
 //! the 66 MB tiny model) for machines that must write the model themselves.
+//! `--requantize-experts` copies SRC (with F32 routed experts) with the experts quantized to
+//! `--expert-type` (q8_0, q4_0, mxfp4, f16 or bf16) and every other byte as it is: the Q8_0
+//! fixture is `write_synth --requantize-experts tests/fixtures/ds4-tiny-a.f32.gguf
+//! --expert-type q8_0 tests/fixtures/ds4-tiny-a.q8_0.gguf`.
 //!
 //! The CPU benchmark model: `write_synth --spec medium --type q8_0 --tokenizer-from
 //! models/tiny-ds4.gguf bench-data/medium-q8_0.gguf`.
@@ -32,7 +37,20 @@ use ggml::TensorType;
 use loader::synth::{tokenizer_keys, SynthModel, SynthSpec};
 
 const USAGE: &str = "usage: write_synth [--spec tiny|medium|v4-flash] [--layers N] [--type TYPE] [--expert-type TYPE] \
-[--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf";
+[--vocab N] [--tokenizer-from GGUF] [--seed N] [--router-skew none|v4-flash] OUT.gguf\n       write_synth --extract-tokenizer SRC.gguf OUT.gguf\n       \
+write_synth --requantize-experts SRC.gguf --expert-type TYPE OUT.gguf";
+
+/// llama.cpp's `general.file_type` (`llama_ftype`) for a file whose experts are `ty`.
+fn file_type(ty: TensorType) -> Result<u32, String> {
+    Ok(match ty.name() {
+        "f16" => 1,
+        "q4_0" => 2,
+        "q8_0" => 7,
+        "bf16" => 32,
+        "mxfp4" => 38,
+        other => return Err(format!("--requantize-experts: no llama.cpp file type for {other} experts (q8_0, q4_0, mxfp4, f16 or bf16)")),
+    })
+}
 
 fn tensor_type(name: &str) -> Result<TensorType, String> {
     (0..ggml::sys::ggml_type::GGML_TYPE_COUNT)
@@ -61,6 +79,7 @@ fn run() -> Result<(), String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut spec = SynthSpec::tiny();
     let (mut matrix, mut expert, mut vocab, mut tokenizer, mut seed, mut extract, mut skew) = (None, None, None, None, None, None, None);
+    let mut requantize: Option<PathBuf> = None;
     let mut layers = None;
     let mut positional = Vec::new();
     let mut it = args.iter();
@@ -75,6 +94,7 @@ fn run() -> Result<(), String> {
             "--tokenizer-from" => tokenizer = Some(PathBuf::from(value()?)),
             "--seed" => seed = Some(number::<u64>(a, value()?)?),
             "--extract-tokenizer" => extract = Some(PathBuf::from(value()?)),
+            "--requantize-experts" => requantize = Some(PathBuf::from(value()?)),
             "--router-skew" => {
                 skew = Some(match value()?.as_str() {
                     "none" => None,
@@ -105,6 +125,16 @@ fn run() -> Result<(), String> {
         let n = keys.len();
         SynthModel { metadata: keys, tensors: Vec::new(), seed: 0, router_skew: None }.write(&out, false).map_err(|e| format!("{}: {e}", out.display()))?;
         println!("wrote {} ({n} tokenizer keys from {})", out.display(), src.display());
+        return Ok(());
+    }
+    if let Some(src) = requantize {
+        let ty = expert.ok_or("--requantize-experts needs --expert-type")?;
+        let from = loader::ModelFile::open(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+        let name = from.metadata.str("general.name").unwrap_or("model");
+        let name = format!("{} {}", name.strip_suffix(" F32").unwrap_or(name), ty.name().to_uppercase());
+        loader::synth::requantize_experts(&src, &out, ty, file_type(ty)?, &name).map_err(|e| e.to_string())?;
+        let m = loader::ModelFile::open(&out).map_err(|e| format!("{}: written but does not validate: {e}", out.display()))?;
+        println!("wrote {} ({name}: {} tensors, experts {ty}, from {})", out.display(), m.tensors.iter().count(), src.display());
         return Ok(());
     }
     if let Some(s) = skew {

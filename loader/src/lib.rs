@@ -24,7 +24,10 @@ pub use error::LoadError;
 pub use experts::ExpertPart;
 pub use gguf::Gguf;
 pub use metadata::{Metadata, Value};
-pub use read::{load_tensors, load_tensors_reporting, load_tensors_whole, LoadedTensors, ReadMode, ReadOptions, ReadStats, TensorRequest};
+pub use read::{
+    load_tensors, load_tensors_reporting, load_tensors_whole, load_tensors_whole_reporting, LoadedTensors, ReadMode,
+    ReadOptions, ReadStats, TensorRequest,
+};
 pub use tensors::{TensorInfo, TensorInfos, TensorRole, TensorTable};
 
 use std::path::{Path, PathBuf};

@@ -112,13 +112,30 @@ impl LoadedTensors {
     }
 }
 
-/// One contiguous copy: `len` bytes at file offset `src` into `tensor` at `dst_off`.
-#[derive(Clone, Copy)]
-struct Job {
+/// `len` bytes at file offset `src`.
+#[derive(Clone, Copy, Debug)]
+struct Piece {
     src: u64,
     len: u64,
+}
+
+/// One copy into `tensor` at `dst_off`: the bytes of `pieces`, one after the other. A job
+/// of a host buffer has one piece (written in place); a job of a whole-tensor buffer has all
+/// the tensor's pieces (gathered, then set at once).
+struct Job {
+    pieces: Vec<Piece>,
     tensor: *mut sys::ggml_tensor,
     dst_off: u64,
+}
+
+impl Job {
+    fn len(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len).sum()
+    }
+
+    fn src(&self) -> u64 {
+        self.pieces.first().map_or(0, |p| p.src)
+    }
 }
 
 struct Jobs(Vec<Job>);
@@ -169,8 +186,9 @@ pub fn load_tensors_reporting(
 }
 
 /// Like [`load_tensors`], for buffer types that only accept a whole tensor per write (ggml's
-/// CPU_REPACK buffer re-lays each tensor out as it is set): each tensor is read into a
-/// staging buffer and set at once. Expert subsets are not supported here.
+/// CPU_REPACK buffer re-lays each tensor out as it is set): each tensor (for an expert
+/// subset, its experts' slices one after the other) is read into a staging buffer and set at
+/// once.
 pub fn load_tensors_whole(
     model: &ModelFile,
     requests: &[TensorRequest],
@@ -178,6 +196,17 @@ pub fn load_tensors_whole(
     opts: &ReadOptions,
 ) -> Result<LoadedTensors, LoadError> {
     load_impl(model, requests, buft, opts, true, &mut |_| {})
+}
+
+/// [`load_tensors_whole`], calling `on_progress(bytes)` as [`load_tensors_reporting`] does.
+pub fn load_tensors_whole_reporting(
+    model: &ModelFile,
+    requests: &[TensorRequest],
+    buft: ggml::BufferType,
+    opts: &ReadOptions,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<LoadedTensors, LoadError> {
+    load_impl(model, requests, buft, opts, true, on_progress)
 }
 
 fn load_impl(
@@ -188,9 +217,6 @@ fn load_impl(
     whole: bool,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<LoadedTensors, LoadError> {
-    if let Some(r) = requests.iter().find(|r| whole && r.experts.is_some()) {
-        return Err(LoadError::TensorData { name: r.name.clone(), reason: "expert subsets cannot be loaded into a whole-tensor buffer".into() });
-    }
     let ctx = Context::new_no_alloc(requests.len().max(1), 0)?;
     let mut tensors = HashMap::new();
     let mut plan: Vec<(&TensorInfo, *mut sys::ggml_tensor, Option<&[u32]>)> = Vec::new();
@@ -222,25 +248,30 @@ fn load_impl(
     let buffer = Buffer::alloc_context_tensors(&ctx, buft)?;
     buffer.set_weights_usage();
 
-    let chunk = if whole { u64::MAX } else { opts.chunk_bytes.max(1 << 16) as u64 };
+    let chunk = opts.chunk_bytes.max(1 << 16) as u64;
     let mut jobs = Vec::new();
-    let mut push = |src: u64, len: u64, tensor, dst_off: u64| {
-        let mut done = 0;
-        while done < len {
-            let n = chunk.min(len - done);
-            jobs.push(Job { src: src + done, len: n, tensor, dst_off: dst_off + done });
-            done += n;
-        }
-    };
     for (info, t, experts) in &plan {
-        match experts {
-            None => push(info.offset, info.nbytes, *t, 0),
+        // The tensor's bytes in the file, in the order they go into it.
+        let pieces: Vec<Piece> = match experts {
+            None => vec![Piece { src: info.offset, len: info.nbytes }],
             Some(ids) => {
                 let slice = info.slice_bytes(info.shape().len() - 1);
-                for (i, &e) in ids.iter().enumerate() {
-                    push(info.offset + e as u64 * slice, slice, *t, i as u64 * slice);
-                }
+                ids.iter().map(|&e| Piece { src: info.offset + e as u64 * slice, len: slice }).collect()
             }
+        };
+        if whole {
+            jobs.push(Job { pieces, tensor: *t, dst_off: 0 });
+            continue;
+        }
+        let mut dst_off = 0;
+        for p in pieces {
+            let mut done = 0;
+            while done < p.len {
+                let n = chunk.min(p.len - done);
+                jobs.push(Job { pieces: vec![Piece { src: p.src + done, len: n }], tensor: *t, dst_off: dst_off + done });
+                done += n;
+            }
+            dst_off += p.len;
         }
     }
     let stats = run_jobs(model, Jobs(jobs), buffer.is_host() && !whole, opts, on_progress)?;
@@ -393,76 +424,87 @@ struct Source<'a> {
     populate_ok: &'a AtomicBool,
 }
 
-/// One thread's staging buffers: `aligned` for O_DIRECT, `plain` for device buffers.
+/// One thread's staging buffers: `aligned` for O_DIRECT, `plain` for device and
+/// whole-tensor buffers.
 struct Staging {
     plain: Vec<u8>,
     aligned: Option<AlignedBuf>,
 }
 
 impl Source<'_> {
-    /// Copy one job's bytes into its tensor.
+    /// Copy one job's bytes into its tensor: in place for host buffers, else gathered in
+    /// `staging.plain` and set at once.
     fn load_job(&self, job: &Job, host: bool, staging: &mut Staging) -> std::io::Result<()> {
-        let len = job.len as usize;
-        // SAFETY: for host buffers the destination is the tensor's own memory, and jobs
-        // cover disjoint ranges inside it (built from validated sizes); each job is handled
-        // by one thread, which holds this slice only within this call.
-        let host_dst = || unsafe {
-            let base = (*job.tensor).data as *mut u8;
-            std::slice::from_raw_parts_mut(base.add(job.dst_off as usize), len)
-        };
-        if host && self.populate_ok.load(Ordering::Relaxed) && !populate_write(host_dst().as_mut_ptr(), len) {
-            tracing::debug!("MADV_POPULATE_WRITE refused; pages fault during the copy");
-            self.populate_ok.store(false, Ordering::Relaxed);
+        let len = job.len() as usize;
+        if host {
+            // SAFETY: for host buffers the destination is the tensor's own memory, and jobs
+            // cover disjoint ranges inside it (built from validated sizes); each job is
+            // handled by one thread, which holds this slice only within this call.
+            let dst = unsafe {
+                let base = (*job.tensor).data as *mut u8;
+                std::slice::from_raw_parts_mut(base.add(job.dst_off as usize), len)
+            };
+            if self.populate_ok.load(Ordering::Relaxed) && !populate_write(dst.as_mut_ptr(), len) {
+                tracing::debug!("MADV_POPULATE_WRITE refused; pages fault during the copy");
+                self.populate_ok.store(false, Ordering::Relaxed);
+            }
+            return self.read_pieces(&job.pieces, dst, &mut staging.aligned);
         }
-        let direct_ok = self.direct_ok.load(Ordering::Relaxed);
-        let bytes: &[u8] = match (self.direct, staging.aligned.as_mut()) {
-            (Some(f), Some(buf)) if direct_ok => match read_direct(f, buf.as_mut_slice(), job.src, len) {
-                Ok(skip) => &buf.as_mut_slice()[skip..skip + len],
+        let mut gathered = std::mem::take(&mut staging.plain);
+        gathered.resize(len, 0u8);
+        self.read_pieces(&job.pieces, &mut gathered, &mut staging.aligned)?;
+        // SAFETY: the range lies inside the tensor (validated sizes).
+        unsafe { ggml::backend::tensor_set(job.tensor, &gathered, job.dst_off as usize) };
+        staging.plain = gathered;
+        Ok(())
+    }
+
+    /// Read `pieces` one after the other into `dst` (exactly their total length).
+    fn read_pieces(&self, pieces: &[Piece], dst: &mut [u8], aligned: &mut Option<AlignedBuf>) -> std::io::Result<()> {
+        let mut at = 0;
+        for p in pieces {
+            let n = p.len as usize;
+            self.read_at(p.src, &mut dst[at..at + n], aligned)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// Read `dst.len()` bytes at file offset `src`: with O_DIRECT through `aligned` where
+    /// the file system allows it, else from the map or with `pread`.
+    fn read_at(&self, src: u64, dst: &mut [u8], aligned: &mut Option<AlignedBuf>) -> std::io::Result<()> {
+        let len = dst.len();
+        if let (Some(f), Some(buf), true) = (self.direct, aligned.as_mut(), self.direct_ok.load(Ordering::Relaxed)) {
+            match read_direct(f, buf.as_mut_slice(), src, len) {
+                Ok(skip) => {
+                    dst.copy_from_slice(&buf.as_mut_slice()[skip..skip + len]);
+                    return Ok(());
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!("O_DIRECT read refused ({e}); buffered reads");
                     self.direct_ok.store(false, Ordering::Relaxed);
-                    return self.load_job(job, host, staging);
                 }
                 Err(e) => return Err(e),
-            },
-            _ => {
-                let dst: &mut [u8] = if host {
-                    host_dst()
-                } else {
-                    staging.plain.resize(len, 0u8);
-                    &mut staging.plain[..]
-                };
-                match self.map {
-                    Some(m) => {
-                        // A file shortened since it was mapped: a clear error, not a fault.
-                        let size = self.file.metadata()?.len();
-                        if job.src + job.len > size {
-                            return Err(truncated(job.src, job.len, size));
-                        }
-                        copy_from_map(m, self.file, job.src, dst)?;
-                    }
-                    None => self.file.read_exact_at(dst, job.src)?,
-                }
-                if host {
-                    return Ok(());
-                }
-                &staging.plain[..]
             }
-        };
-        if host {
-            host_dst().copy_from_slice(bytes);
-        } else {
-            // SAFETY: the range lies inside the tensor (validated sizes).
-            unsafe { ggml::backend::tensor_set(job.tensor, bytes, job.dst_off as usize) };
         }
-        Ok(())
+        match self.map {
+            Some(m) => {
+                // A file shortened since it was mapped: a clear error, not a fault.
+                let size = self.file.metadata()?.len();
+                if src + len as u64 > size {
+                    return Err(truncated(src, len as u64, size));
+                }
+                copy_from_map(m, self.file, src, dst)
+            }
+            None => self.file.read_exact_at(dst, src),
+        }
     }
 }
 
 fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions, on_progress: &mut dyn FnMut(u64)) -> Result<ReadStats, LoadError> {
     // File order: one sequential sweep whatever order the tensors were requested in.
-    jobs.0.sort_by_key(|j| j.src);
-    let total: u64 = jobs.0.iter().map(|j| j.len).sum();
+    jobs.0.sort_by_key(Job::src);
+    let total: u64 = jobs.0.iter().map(Job::len).sum();
     let file = File::open(&model.path).map_err(|e| io_err(model, e))?;
     // SAFETY: advisory call on an open descriptor.
     unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
@@ -485,7 +527,8 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions, o
     };
     let direct_ok = AtomicBool::new(direct.is_some());
     let populate_ok = AtomicBool::new(host);
-    let max_job = jobs.0.iter().map(|j| j.len).max().unwrap_or(0) as usize;
+    // O_DIRECT reads one piece at a time.
+    let max_piece = jobs.0.iter().flat_map(|j| j.pieces.iter().map(|p| p.len)).max().unwrap_or(0) as usize;
     let next = AtomicUsize::new(0);
     let done_bytes = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -499,7 +542,7 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions, o
     let worker = || {
         let mut staging = Staging { plain: Vec::new(), aligned: None };
         if direct.is_some() {
-            staging.aligned = AlignedBuf::new(max_job + 2 * DIRECT_ALIGN);
+            staging.aligned = AlignedBuf::new(max_piece + 2 * DIRECT_ALIGN);
         }
         loop {
             if failed.load(Ordering::Relaxed) {
@@ -512,7 +555,7 @@ fn run_jobs(model: &ModelFile, mut jobs: Jobs, host: bool, opts: &ReadOptions, o
                 error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(io_err(model, e));
                 break;
             }
-            done_bytes.fetch_add(job.len, Ordering::Relaxed);
+            done_bytes.fetch_add(job.len(), Ordering::Relaxed);
         }
         finished.fetch_add(1, Ordering::Relaxed);
     };

@@ -461,6 +461,71 @@ impl SynthModel {
     }
 }
 
+/// Rewrites the GGUF `src` as `dst` with its routed-expert tensors (F32 in `src`)
+/// quantized to `ty` by ggml (`ggml_quantize_chunk`, the reference quantizer), every other
+/// tensor's bytes and every key copied as they are, except `general.file_type`
+/// (`file_type`, llama.cpp's `llama_ftype` number) and `general.name` (`name`). Deterministic:
+/// the same `src` gives the same bytes. Makes fixture variants with quantized experts
+/// (`write_synth --requantize-experts`).
+pub fn requantize_experts(src: &Path, dst: &Path, ty: TensorType, file_type: u32, name: &str) -> Result<(), LoadError> {
+    let model = crate::ModelFile::open(src)?;
+    fn io(path: &Path) -> impl Fn(std::io::Error) -> LoadError + '_ {
+        move |source| LoadError::Io { path: path.display().to_string(), source }
+    }
+    let bad = |reason: String| LoadError::Gguf { path: src.display().to_string(), reason };
+    let gguf = Gguf::open(src)?;
+    let mut tensors: Vec<&crate::TensorInfo> = model.tensors.iter().collect();
+    tensors.sort_by_key(|t| t.offset);
+    let ctx = Context::new_no_alloc(tensors.len().max(1), 0).map_err(|e| bad(e.to_string()))?;
+    let file = File::open(src).map_err(io(src))?;
+    let name_c = CString::new(name).map_err(|e| bad(e.to_string()))?;
+    // SAFETY: all ggml/gguf calls get valid pointers (`gguf` outlives `g`; names are kept
+    // alive for each call; setters copy their arguments).
+    unsafe {
+        let g = sys::gguf_init_empty();
+        sys::gguf_set_kv(g, gguf.as_ptr());
+        sys::gguf_set_val_u32(g, c"general.file_type".as_ptr(), file_type);
+        sys::gguf_set_val_str(g, c"general.name".as_ptr(), name_c.as_ptr());
+        let mut raw = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            let quantize = crate::ExpertPart::parse(&t.name).is_some();
+            if quantize && t.ty != TensorType::F32 {
+                sys::gguf_free(g);
+                return Err(bad(format!("{}: expected F32 experts, found {}", t.name, t.ty)));
+            }
+            let ne: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+            let tensor = sys::ggml_new_tensor(ctx.as_ptr(), if quantize { ty } else { t.ty }.raw(), ne.len() as i32, ne.as_ptr());
+            let tname = CString::new(t.name.as_str()).map_err(|e| bad(e.to_string()))?;
+            sys::ggml_set_name(tensor, tname.as_ptr());
+            sys::gguf_add_tensor(g, tensor);
+            raw.push((tensor, quantize));
+        }
+        let mut meta = vec![0u8; sys::gguf_get_meta_size(g)];
+        sys::gguf_get_meta_data(g, meta.as_mut_ptr().cast());
+        let alignment = sys::gguf_get_alignment(g) as u64;
+        sys::gguf_free(g);
+
+        let mut out = BufWriter::new(File::create(dst).map_err(io(dst))?);
+        out.write_all(&meta).map_err(io(dst))?;
+        for (t, &(tensor, quantize)) in tensors.iter().zip(&raw) {
+            let mut bytes = vec![0u8; t.nbytes as usize];
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut bytes, t.offset).map_err(io(src))?;
+            if quantize {
+                let vals: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+                let (row, rows) = (t.ne[0] as i64, (vals.len() as u64 / t.ne[0]) as i64);
+                bytes = vec![0u8; sys::ggml_nbytes(tensor)];
+                // SAFETY: `vals` holds `rows` rows of `row` floats, `bytes` the quantized rows.
+                sys::ggml_quantize_chunk(ty.raw(), vals.as_ptr(), bytes.as_mut_ptr().cast(), 0, rows, row, std::ptr::null());
+            }
+            out.write_all(&bytes).map_err(io(dst))?;
+            let pad = (alignment - bytes.len() as u64 % alignment) % alignment;
+            out.write_all(&vec![0u8; pad as usize]).map_err(io(dst))?;
+        }
+        out.flush().map_err(io(dst))?;
+    }
+    Ok(())
+}
+
 /// Every `tokenizer.*` key of the GGUF at `path` (only its header is read), to give a
 /// synthetic model a real vocabulary: llama.cpp's BPE vocabulary needs merges, token types
 /// and a pre-tokenizer name, which the synthetic `<tN>` token list does not have.

@@ -1,7 +1,8 @@
 //! Every read path (O_DIRECT with its aligned staging, buffered `pread`, mmap) with several
 //! thread counts and chunk sizes puts exactly the file's bytes into each tensor, for whole
-//! tensors requested out of file order and for expert subsets. The reference is the file
-//! itself, read with `std::fs::read`.
+//! tensors requested out of file order and for expert subsets, written in place or gathered
+//! and set at once (`load_tensors_whole`, as for ggml's repacked CPU buffer). The reference
+//! is the file itself, read with `std::fs::read`.
 use std::path::Path;
 
 use loader::synth::{SynthModel, SynthSpec};
@@ -40,11 +41,16 @@ fn check_file(path: &Path) {
                 let got = tensor_bytes(loaded.get(&t.name).unwrap(), t.nbytes as usize);
                 assert!(got == file[t.offset as usize..(t.offset + t.nbytes) as usize], "{} ({what})", t.name);
             }
-            let sub = loader::load_tensors(&m, &subset, cpu.buffer_type(), &opts).unwrap();
-            let got = tensor_bytes(sub.get(&expert.name).unwrap(), slice * picks.len());
-            for (i, &e) in picks.iter().enumerate() {
-                let at = expert.offset as usize + e as usize * slice;
-                assert!(got[i * slice..(i + 1) * slice] == file[at..at + slice], "expert {e} ({what})");
+            for (how, sub) in [
+                ("in place", loader::load_tensors(&m, &subset, cpu.buffer_type(), &opts).unwrap()),
+                ("gathered", loader::load_tensors_whole(&m, &subset, cpu.buffer_type(), &opts).unwrap()),
+            ] {
+                assert_eq!(sub.stats.bytes, (slice * picks.len()) as u64, "{how} ({what})");
+                let got = tensor_bytes(sub.get(&expert.name).unwrap(), slice * picks.len());
+                for (i, &e) in picks.iter().enumerate() {
+                    let at = expert.offset as usize + e as usize * slice;
+                    assert!(got[i * slice..(i + 1) * slice] == file[at..at + slice], "expert {e}, {how} ({what})");
+                }
             }
         }
     }

@@ -42,6 +42,8 @@ pub enum PlacementError {
     Experts(#[from] experts::ExpertsError),
     #[error("expert workers: expected at least 1, found 0")]
     NoWorkers,
+    #[error("--expert-budget-mb {0}: expected a finite number of MiB, at least 0")]
+    Budget(f64),
 }
 
 pub type Result<T, E = PlacementError> = std::result::Result<T, E>;
@@ -134,10 +136,11 @@ pub struct PlacementArgs {
     /// live routing while serving).
     #[arg(long = "experts-hot", default_value = "all")]
     pub experts_hot: String,
-    /// Byte budget for hot experts, MiB (default for budget/profile/adaptive: free device memory
-    /// minus weights, KV cache, compute buffers and a reserve).
+    /// Byte budget for hot experts, MiB, fractions allowed (default for
+    /// budget/profile/adaptive: free device memory minus weights, KV cache, compute buffers
+    /// and a reserve).
     #[arg(long = "expert-budget-mb")]
-    pub expert_budget_mb: Option<u64>,
+    pub expert_budget_mb: Option<f64>,
     /// Every routed expert cold (computed by the CPU workers).
     #[arg(long = "cpu-moe")]
     pub cpu_moe: bool,
@@ -155,12 +158,21 @@ impl PlacementArgs {
     pub fn options(&self) -> Result<PlacementOptions> {
         Ok(PlacementOptions {
             policy: self.experts_hot.parse()?,
-            budget_bytes: self.expert_budget_mb.map(|mb| mb.saturating_mul(1 << 20)),
+            budget_bytes: self.expert_budget_mb.map(budget_bytes).transpose()?,
             cpu_moe: self.cpu_moe,
             n_cpu_moe: self.n_cpu_moe,
             adaptive_from: self.adaptive_from.clone(),
         })
     }
+}
+
+/// `--expert-budget-mb` in bytes (rounded down; saturating at `u64::MAX`).
+fn budget_bytes(mb: f64) -> Result<u64> {
+    if !mb.is_finite() || mb < 0.0 {
+        return Err(PlacementError::Budget(mb));
+    }
+    // `as` saturates at u64::MAX.
+    Ok((mb * f64::from(1u32 << 20)) as u64)
 }
 
 /// Per layer, the hot experts; the rest are cold.
@@ -526,6 +538,18 @@ mod tests {
         std::fs::write(&f, r#"{"0": [1, 2, 3]}"#).unwrap();
         let e = ExpertPlacement::resolve(&shape(), &o, None).unwrap_err().to_string();
         assert!(e.contains("expected 4 counts") && e.contains("found 3"), "{e}");
+    }
+
+    #[test]
+    fn budget_flag_in_mib_with_fractions() {
+        let args = |mb: f64| PlacementArgs { experts_hot: "budget".into(), expert_budget_mb: Some(mb), cpu_moe: false, n_cpu_moe: 0, adaptive_from: None };
+        assert_eq!(args(1.0).options().unwrap().budget_bytes, Some(1 << 20));
+        assert_eq!(args(0.25).options().unwrap().budget_bytes, Some(1 << 18));
+        assert_eq!(args(0.0).options().unwrap().budget_bytes, Some(0));
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            let e = args(bad).options().unwrap_err().to_string();
+            assert!(e.contains("--expert-budget-mb") && e.contains("finite number of MiB"), "{e}");
+        }
     }
 
     #[test]

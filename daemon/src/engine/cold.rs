@@ -2,9 +2,11 @@
 //! `ExpertWorker` (`--expert-workers 0`), or by `moe-expert` worker processes this daemon
 //! spawns and supervises, each owning a byte-balanced share of the cold experts. Activations
 //! go through each worker's shared memory; `begin` sends to every worker owning a pair and
-//! returns, `end` waits and adds. A worker that fails in any way (see [`WorkerPool`]) is
-//! killed, respawned and the layer's request replayed, so the step completes with the same
-//! result.
+//! returns, `end` waits and puts each worker's output rows back in the order of all the
+//! pairs (each row is one expert on one token, whoever computed it: no sums here, so the
+//! split over workers changes no bit). A worker that fails in any way (see [`WorkerPool`])
+//! is killed, respawned and the layer's request replayed, so the step completes with the
+//! same result.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _, Result};
 use expert_worker::pinning::Pin;
 use expert_worker::ExpertWorker;
-use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 use graph::{ColdError, ColdExperts};
 use ipc_proto::{Limits, ModelIdentity, ProtoError, RequestId, WorkerConnection};
 use loader::ModelFile;
@@ -28,16 +30,15 @@ fn wire_error(worker: usize, e: ProtoError) -> ColdError {
 
 /// `--expert-workers 0`: the cold experts computed in this process, on the CPU.
 pub struct InProcess {
+    /// Holds every cold expert.
     worker: ExpertWorker,
     /// The layer begun, its activations and cold pairs.
     pending: Option<(u32, Vec<f32>, ExpertPairs)>,
-    /// The pairs of the worker's experts (all of them: it holds every cold expert).
-    share: ExpertPairs,
 }
 
 impl InProcess {
     pub fn new(model: &ModelFile, cold: &ExpertSet, threads: usize) -> Result<InProcess> {
-        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None, share: ExpertPairs::new() })
+        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None })
     }
 }
 
@@ -52,14 +53,7 @@ impl ColdExperts for InProcess {
         if l as usize != layer {
             return Err(ColdError::OutOfOrder { layer, begun: Some(l as usize) });
         }
-        let owns = self.worker.experts();
-        pairs.select(|e| owns.contains(l, e), &mut self.share);
-        let tokens: Vec<ExpertSlots> = self.share.tokens().collect();
-        let mut buf = vec![0f32; out.len()];
-        self.worker.eval(l, &x, &tokens, &mut buf).map_err(|e| ColdError::Compute { source: e.into() })?;
-        for (o, b) in out.iter_mut().zip(&buf) {
-            *o += b;
-        }
+        self.worker.eval(l, &x, &pairs, out).map_err(|e| ColdError::Compute { source: e.into() })?;
         Ok(())
     }
 }
@@ -111,6 +105,8 @@ struct Worker {
     live: Option<Live>,
     /// The pairs of the current layer this worker owns (kept for a replay).
     share: ExpertPairs,
+    /// Its output rows for `share` (one per pair, in order), copied out of its shared memory.
+    rows: Vec<f32>,
     /// The eval in flight, or why it could not be sent (handled in `end`).
     pending: Option<Result<Sent, ColdError>>,
 }
@@ -149,10 +145,12 @@ pub struct WorkerPool {
     /// Private (0700) directory for the sockets and placement files, removed on drop.
     dir: tempfile::TempDir,
     workers: Vec<Worker>,
+    /// Per layer, per expert: the index of the worker that owns it (`usize::MAX`: none).
+    owner: Vec<Vec<usize>>,
     /// The current layer's activations (kept for a replay).
     x: Vec<f32>,
-    /// One worker's output rows, copied out of its shared memory.
-    rows: Vec<f32>,
+    /// The layer's cold pairs, in the order of the output rows `end` fills.
+    pairs: ExpertPairs,
     /// Worker-reported compute of the last `end`, summed over workers (µs).
     reported_us: u64,
     pub respawns: usize,
@@ -182,6 +180,14 @@ impl WorkerPool {
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .tempdir_in(&base)
             .with_context(|| format!("creating a private socket directory in {}", base.display()))?;
+        let mut owner = vec![vec![usize::MAX; c.n_expert]; c.n_layer];
+        for (index, share) in shares.iter().enumerate() {
+            for (l, ids) in share.layers().iter().enumerate() {
+                for &e in ids {
+                    owner[l][e as usize] = index;
+                }
+            }
+        }
         let mut pool = WorkerPool {
             exe,
             model: model.path.clone(),
@@ -194,8 +200,9 @@ impl WorkerPool {
             expert_bytes,
             dir,
             workers: Vec::new(),
+            owner,
             x: Vec::new(),
-            rows: Vec::new(),
+            pairs: ExpertPairs::new(),
             reported_us: 0,
             respawns: 0,
         };
@@ -204,7 +211,7 @@ impl WorkerPool {
             let spec = pool.dir.path().join(format!("worker-{index}.json"));
             experts.write_json(&spec)?;
             let live = pool.start(index, &socket, &spec)?;
-            pool.workers.push(Worker { index, experts, socket, spec, live: Some(live), share: ExpertPairs::new(), pending: None });
+            pool.workers.push(Worker { index, experts, socket, spec, live: Some(live), share: ExpertPairs::new(), rows: Vec::new(), pending: None });
         }
         Ok(pool)
     }
@@ -314,8 +321,10 @@ impl WorkerPool {
         }
     }
 
-    /// Waits for worker `i`'s pending eval and adds its rows into `out` (when given).
-    fn collect(&mut self, i: usize, out: Option<&mut [f32]>) -> Result<(), ColdError> {
+    /// Waits for worker `i`'s pending eval and, when `keep`, copies its output rows (one per
+    /// pair of its share) into the worker's `rows`.
+    fn collect(&mut self, i: usize, keep: bool) -> Result<(), ColdError> {
+        let n_embd = self.limits.n_embd as usize;
         let w = &mut self.workers[i];
         let sent = match w.pending.take() {
             None => return Ok(()),
@@ -332,12 +341,9 @@ impl WorkerPool {
             }
         };
         self.reported_us += reply.compute_us;
-        if let Some(out) = out {
-            self.rows.resize(w.share.n_tokens() * self.limits.n_embd as usize, 0.0);
-            live.conn.read_outputs(&mut self.rows).map_err(|e| wire_error(i, e))?;
-            for (a, b) in out.iter_mut().zip(&self.rows) {
-                *a += b;
-            }
+        if keep {
+            w.rows.resize(w.share.n_pairs() * n_embd, 0.0);
+            live.conn.read_outputs(&mut w.rows).map_err(|e| wire_error(i, e))?;
         }
         Ok(())
     }
@@ -354,12 +360,12 @@ impl WorkerPool {
     }
 
     /// After worker `i` failed with `cause` on `layer`: a new worker, the request replayed
-    /// and its answer added into `out`.
-    fn replay(&mut self, i: usize, layer: u32, cause: &ColdError, out: &mut [f32]) -> Result<(), ColdError> {
+    /// and its answer kept in the worker's `rows`.
+    fn replay(&mut self, i: usize, layer: u32, cause: &ColdError) -> Result<(), ColdError> {
         tracing::warn!(worker = i, layer, error = %cause, "expert worker failed; respawning it and replaying the layer");
         self.restart(i).map_err(|e| ColdError::WorkerStart { worker: i, source: format!("{e:#} (after: {cause})").into() })?;
         self.send(i, layer);
-        let replayed = self.collect(i, Some(out));
+        let replayed = self.collect(i, true);
         replayed.map_err(|e| ColdError::Replay { worker: i, source: format!("{e} (after: {cause})").into() })
     }
 
@@ -369,7 +375,7 @@ impl WorkerPool {
     fn settle(&mut self) {
         for i in 0..self.workers.len() {
             if self.workers[i].pending.is_some() {
-                if let Err(e) = self.collect(i, None) {
+                if let Err(e) = self.collect(i, false) {
                     tracing::warn!(worker = i, error = %e, "expert worker failed on an abandoned request");
                 }
             }
@@ -382,10 +388,12 @@ impl ColdExperts for WorkerPool {
         self.settle();
         self.x.clear();
         self.x.extend_from_slice(x);
+        self.pairs.clone_from(pairs);
         for i in 0..self.workers.len() {
             let w = &mut self.workers[i];
             let owns = &w.experts;
             pairs.select(|e| owns.contains(layer as u32, e), &mut w.share);
+            w.rows.clear();
             if w.share.n_pairs() == 0 {
                 continue;
             }
@@ -406,13 +414,28 @@ impl ColdExperts for WorkerPool {
             if self.workers[i].share.n_pairs() == 0 {
                 continue;
             }
-            let Err(cause) = self.collect(i, Some(out)) else { continue };
-            if let Err(e) = self.replay(i, layer as u32, &cause, out) {
+            let Err(cause) = self.collect(i, true) else { continue };
+            if let Err(e) = self.replay(i, layer as u32, &cause) {
                 tracing::error!(worker = i, layer, error = %e, "expert worker failed again");
                 first_error.get_or_insert(e);
             }
         }
-        first_error.map_or(Ok(()), Err)
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        // Each worker answered its share's pairs in order: pair p of the layer is the next
+        // row of its owner's output.
+        let n_embd = self.limits.n_embd as usize;
+        let mut outputs: Vec<_> = self.workers.iter().map(|w| w.rows.chunks_exact(n_embd)).collect();
+        let owner = &self.owner[layer];
+        for (&e, row) in self.pairs.ids().iter().zip(out.chunks_exact_mut(n_embd)) {
+            let w = owner.get(e as usize).copied().unwrap_or(usize::MAX);
+            let from = outputs.get_mut(w).and_then(|rows| rows.next()).ok_or_else(|| ColdError::Compute {
+                source: format!("no expert worker answered expert {e} of layer {layer}").into(),
+            })?;
+            row.copy_from_slice(from);
+        }
+        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use experts::{ExpertPairs, ExpertSet, ExpertSlots};
+use experts::{ExpertPairs, ExpertSet};
 use ipc_proto::frame::{encode_raw_header, Header};
 use ipc_proto::{
     ConnectOptions, FrameType, Limits, ModelIdentity, Request, Result, WorkerConnection, WorkerServer,
@@ -22,9 +22,9 @@ pub fn identity() -> ModelIdentity {
     ModelIdentity { file_size: 123_456_789, header_hash: [0xab; 32], n_layer: N_LAYER, n_expert: N_EXPERT, n_embd: N_EMBD }
 }
 
-/// Per-token slices as the pairs of an eval.
-pub fn expert_pairs(tokens: &[ExpertSlots<'_>]) -> ExpertPairs {
-    ExpertPairs::from_tokens(tokens).expect("one weight per expert id")
+/// Per-token expert lists as the pairs of an eval.
+pub fn expert_pairs(tokens: &[&[u32]]) -> ExpertPairs {
+    ExpertPairs::from_tokens(tokens)
 }
 
 pub fn limits() -> Limits {
@@ -60,12 +60,14 @@ pub fn serve(mut server: WorkerServer) -> Result<u64> {
                 let t0 = Instant::now();
                 let mut input = vec![0f32; req.n_tokens() * n_embd];
                 server.read_inputs(&mut input)?;
-                let mut output = vec![0f32; input.len()];
-                for (t, slots) in req.pairs.tokens().enumerate() {
+                let mut output = vec![0f32; req.pairs.n_pairs() * n_embd];
+                let mut rows_out = output.chunks_exact_mut(n_embd);
+                for (t, ids) in req.pairs.tokens().enumerate() {
                     let row_in = &input[t * n_embd..(t + 1) * n_embd];
-                    let row_out = &mut output[t * n_embd..(t + 1) * n_embd];
-                    for (j, o) in row_out.iter_mut().enumerate() {
-                        *o = slots.ids.iter().zip(slots.weights).map(|(&e, &w)| w * expert_fn(req.layer, e, row_in[j])).sum();
+                    for (&e, row_out) in ids.iter().zip(rows_out.by_ref()) {
+                        for (o, &x) in row_out.iter_mut().zip(row_in) {
+                            *o = expert_fn(req.layer, e, x);
+                        }
                     }
                 }
                 server.write_outputs(&output)?;
