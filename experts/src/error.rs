@@ -24,3 +24,13 @@ pub enum ExpertsError {
 }
 
 pub type Result<T, E = ExpertsError> = std::result::Result<T, E>;
+
+/// A file's text, an I/O failure naming the file.
+pub(crate) fn read_text(path: &std::path::Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| ExpertsError::Io { what: "read", path: path.to_owned(), source })
+}
+
+/// Writes `text` to a file, an I/O failure naming the file.
+pub(crate) fn write_text(path: &std::path::Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|source| ExpertsError::Io { what: "write", path: path.to_owned(), source })
+}

@@ -156,13 +156,13 @@ impl ExpertSet {
 
     /// Reads the JSON form from a file.
     pub fn read_json(path: &Path, n_layer: u32, n_expert: u32) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| ExpertsError::Io { what: "read", path: path.to_owned(), source })?;
+        let text = crate::error::read_text(path)?;
         Self::from_json(&text, n_layer, n_expert, &path.display().to_string())
     }
 
     /// Writes the JSON form to a file.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_json()).map_err(|source| ExpertsError::Io { what: "write", path: path.to_owned(), source })
+        crate::error::write_text(path, &self.to_json())
     }
 }
 
