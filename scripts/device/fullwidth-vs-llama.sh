@@ -25,7 +25,9 @@
 #            profile = dflash's `profile:` placement at the expert memory of half,
 #            cold-graph / half-graph = cold / half with --cold-layers-in-graph (dflash only),
 #            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
-#            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only)
+#            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only),
+#            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8)
+#   pack     llama-bench and its libraries into $OUT (parts of 15 MiB) to carry under .device/
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
 # Environment: FA (default 1; 0 builds llama.cpp without its flash-attention kernels, about half
 # the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
@@ -67,6 +69,17 @@ peak() {
 
 build() {
   t0=$(date +%s)
+  # a build carried back from an earlier call (the `pack` step's parts, under .device/) or
+  # left by one on this machine: no second build
+  if ls .device/llama-build.tar.xz.* >/dev/null 2>&1 && [ ! -d /tmp/llama-build ]; then
+    cat .device/llama-build.tar.xz.* | xz -d | tar -C /tmp -x
+  fi
+  if [ -n "$(find /tmp/llama-build -name libggml-cuda.so -type f 2>/dev/null | head -1)" ] \
+    && [ -n "$(find /tmp/llama-build -name llama-bench -type f 2>/dev/null | head -1)" ]; then
+    cp "$(find /tmp/llama-build -name libggml-cuda.so -type f | head -1)" $bin/libggml-cuda.so
+    echo "llama.cpp build found (no rebuild); dflash loads the same file: $(sha256sum $bin/libggml-cuda.so | cut -c1-16)"
+    return 0
+  fi
   cmake -S "$src" -B /tmp/llama-build -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DBUILD_SHARED_LIBS=ON -DGGML_BACKEND_DL=ON -DGGML_NATIVE=OFF \
     -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
@@ -103,6 +116,14 @@ elif on files; then
   write_files
 fi
 LB=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+
+# pack: llama-bench and its libraries (the CUDA module too) into $OUT in parts of 15 MiB,
+# to be carried under .device/ by a later call, whose `build` step then unpacks them
+if on pack; then
+  (cd /tmp && find llama-build -type f \( -name llama-bench -o -name '*.so*' \) | tar -cf - -T - | xz -T0 -6 \
+    | split -b 15M - "$out/llama-build.tar.xz.")
+  ls -l "$out"/llama-build.tar.xz.*
+fi
 
 if on exact; then
   echo "== cold experts on CUDA0: executor vs offloaded vs in the graph (fixture A, MXFP4 experts)"
@@ -204,6 +225,8 @@ if on pairs; then
         half) n=$half flags="--n-cpu-moe $half $DFLASH_COLD" ;;
         cold-graph) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph" ;;
         half-graph) n= flags="--n-cpu-moe $half $DFLASH_COLD --cold-layers-in-graph" ;;
+        half-np8) n= flags="--n-cpu-moe $half $DFLASH_COLD --np 8" tests="-p 0 --decode 32" ;;
+        hot-np8) n= flags="--experts-hot all --np 8" tests="-p 0 --decode 32" ;;
         profile)
           n=
           "$bin/dflash" bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-$L.json >/dev/null

@@ -17,7 +17,8 @@ exec > >(tee "$log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 lscpu | grep -E "Model name|^CPU\(s\)"
 cat .device/commit
-bash scripts/device/build-cuda.sh
+# the CUDA module llama.cpp built from the same pinned source (fullwidth-vs-llama.sh build) serves
+[ -f $bin/libggml-cuda.so ] || bash scripts/device/build-cuda.sh
 for f in ds4-tiny-a.mxfp4 ds4-tiny-a.q8_0; do
   [ -f tests/fixtures/$f.gguf ] || xz -d -c .device/fixtures/$f.gguf.xz > tests/fixtures/$f.gguf
 done
