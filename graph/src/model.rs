@@ -214,20 +214,20 @@ impl Model {
     }
 
     /// Everything besides the weights and the tokens that decides the bits of a step's
-    /// results: the device, the micro-batch, the threads, the attention paths and matrix
-    /// layouts, and, off the CPU, which experts the device holds (on the CPU the placement
-    /// never changes a result). Two models with the same weights and the same description
-    /// compute the same state from the same micro-batches.
+    /// results: the device, the threads, the attention paths and matrix layouts, and, off the
+    /// CPU, which experts the device holds (on the CPU the placement never changes a result).
+    /// Two models with the same weights and the same description compute the same state from
+    /// the same steps; where tokens are split into steps is the caller's part (`ubatch` only
+    /// bounds a step), so it is not in here.
     pub fn numerics(&self) -> String {
         let device = self.backend.device();
         let on_cpu = device.kind() == ggml::DeviceKind::Cpu;
         let (flash, dense) = self.attention_paths();
         let o = &self.opts;
         let mut s = format!(
-            "device {} ({}); ubatch {}; threads {}; flash attention {flash}; csa dense up to {dense}; repack {}; cold offload from {}; cold layers in graph {}",
+            "device {} ({}); threads {}; flash attention {flash}; csa dense up to {dense}; repack {}; cold offload from {}; cold layers in graph {}",
             device.name(),
             device.description(),
-            o.ubatch,
             o.threads,
             o.repack,
             o.cold_offload_min,

@@ -69,7 +69,7 @@ pub fn run(a: Args) -> Result<()> {
     let engine = Engine::start(
         model,
         format.tokenizer.clone(),
-        EngineOptions { parallel: 1, n_ctx, queue_max: 0, expert_swap_bytes: a.model.expert_swap_bytes(), cache: Default::default() },
+        EngineOptions { parallel: 1, n_ctx, queue_max: 0, expert_swap_bytes: a.model.expert_swap_bytes(), cache: Default::default(), prefill_chunk: a.model.ubatch },
     )?;
     let params = SamplingParams {
         temperature: a.temperature,
@@ -79,7 +79,7 @@ pub fn run(a: Args) -> Result<()> {
         seed: a.seed,
         ..SamplingParams::default()
     };
-    let req = GenRequest { prompt, params, max_tokens: a.n_predict, stop: a.stop.clone(), thinking: a.think };
+    let req = GenRequest { prompt, params, max_tokens: a.n_predict, stop: a.stop.clone(), thinking: a.think, ignore_eos: false };
     let mut h = engine.submit(req)?;
     let mut out = std::io::stdout().lock();
     let mut in_reasoning = false;

@@ -24,9 +24,17 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` on every endpoint but /health.
     #[arg(long, env = "DFLASH_API_KEY")]
     api_key: Option<String>,
-    /// Sequences generated at the same time; further requests queue.
-    #[arg(long, default_value_t = 1)]
+    /// Sequences generated at the same time (slots), stepping together: each step is one
+    /// forward pass over every running sequence's next token and the next chunk of a prompt
+    /// being read; further requests queue.
+    #[arg(long, visible_alias = "np", default_value_t = 1)]
     parallel: usize,
+    /// Prompts are read in chunks of this many tokens (default: --ubatch), one chunk per step
+    /// beside the running sequences' tokens, so a long prompt delays them by one chunk's
+    /// compute per step; cached prompts resume at multiples of it. The step graph holds up to
+    /// this + parallel - 1 tokens.
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// Requests that may wait for a sequence; beyond them a request gets 503 with
     /// `Retry-After`.
     #[arg(long, default_value_t = 64)]
@@ -68,7 +76,13 @@ pub struct Args {
 /// Context per sequence when `--ctx-size` is not given (at most the trained context).
 const DEFAULT_CTX: usize = 4096;
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
+    let prefill_chunk = a.prefill_chunk.unwrap_or(a.model.ubatch);
+    if prefill_chunk == 0 || a.parallel == 0 {
+        anyhow::bail!("--prefill-chunk and --parallel must be at least 1, found {prefill_chunk} and {}", a.parallel);
+    }
+    // a step: one chunk beside the other sequences' decode tokens
+    a.model.ubatch = prefill_chunk + a.parallel - 1;
     let model = a.model.load()?;
     let format = ChatFormat::from_metadata(&model.file.metadata)?;
     let n_ctx = a.model.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train)).max(2);
@@ -80,7 +94,7 @@ pub fn run(a: Args) -> Result<()> {
         dir: a.cache_dir.clone(),
         disk_bytes: (a.cache_disk_gb * (1u64 << 30) as f64) as u64,
     };
-    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max, expert_swap_bytes: a.model.expert_swap_bytes(), cache };
+    let opts = EngineOptions { parallel: a.parallel, n_ctx, queue_max: a.queue_max, expert_swap_bytes: a.model.expert_swap_bytes(), cache, prefill_chunk };
     let engine = Engine::start(model, format.tokenizer.clone(), opts)?;
     let model_id = a.alias.clone().unwrap_or_else(|| {
         let name = a.model.model.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -91,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
         max_prompt: a.max_prompt_tokens.unwrap_or(n_ctx - 1).min(n_ctx - 1),
         max_tokens: a.max_tokens_limit.unwrap_or(n_ctx),
     };
-    let metrics = Metrics::new(&engine.stats)?;
+    let metrics = Metrics::new(&engine.stats, a.parallel)?;
     let state = Arc::new(AppState {
         engine,
         format,

@@ -1,14 +1,18 @@
-//! The generation engine: one compute thread owns the `graph::Model` and `parallel` sequences.
-//! Requests queue while every sequence is busy (at most `queue_max` of them; beyond, `submit`
-//! refuses with [`EngineError::QueueFull`]); active requests advance one token each in turn
-//! (each sequence runs its own forward: batching decode across sequences is future work). Text
-//! streams back through an unbounded channel as it is decoded; a dropped receiver (or [`Engine::cancel_all`])
-//! ends the request and frees its sequence.
+//! The generation engine: one compute thread owns the `graph::Model` and `parallel` sequences
+//! (slots). Requests queue while every slot is busy (at most `queue_max` of them; beyond,
+//! `submit` refuses with [`EngineError::QueueFull`]). Each step is one forward pass
+//! (`Model::forward_batch`) over the work of every busy slot ([`plan_step`]): the last token
+//! of each generating sequence and the next chunk (`prefill_chunk` tokens) of each prompt
+//! being read, oldest first, while it fits; so running streams go on producing a token per
+//! step while a long prompt is read, and every cold expert is computed once per step for all
+//! the tokens routed to it. A sequence's logits are those it gets alone: where its prompt is
+//! split does not depend on the other sequences, and `forward_batch` keeps sequences apart.
+//! Text streams back through an unbounded channel as it is decoded; a dropped receiver (or
+//! [`Engine::cancel_all`]) ends the request and frees its slot.
 //!
-//! A prompt resumes from the longest prefix the prompt cache holds ([`cache`]) and prefills
-//! the rest in micro-batches at multiples of the model's `ubatch`, exactly as an uncached run
-//! would; `POST /slots/{id}` saves, restores and erases a sequence's cached prompt
-//! ([`Engine::slot`]).
+//! A prompt resumes from the longest prefix the prompt cache holds ([`cache`]), at a multiple
+//! of the prefill chunk, and prefills the rest in the same chunks an uncached run would;
+//! `POST /slots/{id}` saves, restores and erases a slot's cached prompt ([`Engine::slot`]).
 //!
 //! Stopping: end-of-generation ids (the tokenizer's EOS/EOT/EOM from the GGUF, plus the ids of
 //! [`END_OF_TURN_TEXTS`] looked up by text in the vocabulary), stop strings (also across token
@@ -22,7 +26,7 @@ use std::time::Instant;
 
 use graph::{Logits, Model, Sequence};
 use serde::Serialize;
-use prometheus::{Counter, IntCounter};
+use prometheus::{Counter, Histogram, HistogramOpts, IntCounter};
 use tokenizer::{StreamDecoder, Tokenizer};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
@@ -47,6 +51,8 @@ pub enum EngineError {
     VocabMismatch { tokenizer: usize, model: usize },
     #[error("--parallel must be at least 1, found {0}")]
     Parallel(usize),
+    #[error("a step holds a prefill chunk of {chunk} tokens beside {} decode tokens, more than the model's micro-batch of {ubatch} (the prefill chunk must be at least 1)", parallel - 1)]
+    StepCapacity { chunk: usize, parallel: usize, ubatch: usize },
     #[error("creating sequence {index} of {n_ctx} tokens: {source}")]
     Sequence { index: usize, n_ctx: usize, source: graph::GraphError },
     #[error("the prompt is empty")]
@@ -91,6 +97,7 @@ impl EngineError {
                 self,
                 EngineError::VocabMismatch { .. }
                     | EngineError::Parallel(_)
+                    | EngineError::StepCapacity { .. }
                     | EngineError::Sequence { .. }
                     | EngineError::Stopped
                     | EngineError::QueueFull { .. }
@@ -110,6 +117,8 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// The output starts inside a thinking block (text before `</think>` is reasoning).
     pub thinking: bool,
+    /// End-of-generation tokens do not end the request.
+    pub ignore_eos: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -212,6 +221,10 @@ pub struct Stats {
     pub cache_ram_bytes: AtomicU64,
     /// Bytes of cached prompts on disk (shared with the cache's writer thread).
     pub cache_disk_bytes: Arc<AtomicU64>,
+    /// Tokens run per engine step (decode tokens and prefill chunks of every sequence).
+    pub step_tokens: Histogram,
+    /// Sequences per engine step.
+    pub step_sequences: Histogram,
 }
 
 impl Stats {
@@ -232,6 +245,13 @@ impl Stats {
             cache_reused_tokens: IntCounter::new("prompt_cache_reused_tokens_total", "Prompt tokens restored from the prompt cache instead of prefilled.")?,
             cache_ram_bytes: AtomicU64::new(0),
             cache_disk_bytes: Arc::new(AtomicU64::new(0)),
+            step_tokens: Histogram::with_opts(
+                HistogramOpts::new("step_tokens", "Tokens per engine step: every running sequence's decode token and prompt chunks, in one forward pass.")
+                    .buckets(prometheus::exponential_buckets(1.0, 2.0, 14)?),
+            )?,
+            step_sequences: Histogram::with_opts(
+                HistogramOpts::new("step_sequences", "Sequences per engine step.").buckets(prometheus::exponential_buckets(1.0, 2.0, 9)?),
+            )?,
         })
     }
 
@@ -248,6 +268,11 @@ impl Stats {
             self.cache_misses.clone(),
             self.cache_reused_tokens.clone(),
         ]
+    }
+
+    /// The histograms (per engine step).
+    pub fn histograms(&self) -> [Histogram; 2] {
+        [self.step_tokens.clone(), self.step_sequences.clone()]
     }
 
     /// The float counters (seconds).
@@ -270,6 +295,11 @@ pub struct EngineOptions {
     pub expert_swap_bytes: u64,
     /// The prompt cache (off when it has neither memory nor a directory).
     pub cache: CacheOptions,
+    /// Prompts are prefilled in chunks of this many tokens, from position 0, one chunk per
+    /// step beside the other sequences' decode tokens; cached prompts resume at multiples of
+    /// it. A step holds up to `prefill_chunk + parallel - 1` tokens: the model's `ubatch`
+    /// must be at least that.
+    pub prefill_chunk: usize,
 }
 
 /// What `POST /slots/{id}?action=…` asks of a sequence's cached prompt (the prefix of its
@@ -357,21 +387,24 @@ impl Engine {
     /// Starts the compute thread. The tokenizer may have fewer tokens than the model has
     /// embedding/output rows (the rest is padding, never sampled), not more.
     pub fn start(model: Model, tokenizer: Tokenizer, opts: EngineOptions) -> Result<Engine, EngineError> {
-        let EngineOptions { parallel, n_ctx, queue_max, expert_swap_bytes, cache } = opts;
+        let EngineOptions { parallel, n_ctx, queue_max, expert_swap_bytes, cache, prefill_chunk } = opts;
         if tokenizer.n_vocab() > model.n_vocab() {
             return Err(EngineError::VocabMismatch { tokenizer: tokenizer.n_vocab(), model: model.n_vocab() });
         }
         if parallel == 0 {
             return Err(EngineError::Parallel(parallel));
         }
+        if prefill_chunk == 0 || prefill_chunk + parallel - 1 > model.ubatch() {
+            return Err(EngineError::StepCapacity { chunk: prefill_chunk, parallel, ubatch: model.ubatch() });
+        }
         let info = EngineInfo { eog: eog_ids(&tokenizer), tokenizer, n_ctx, parallel };
         let stats = Arc::new(Stats::new()?);
-        let cache = if cache.enabled() { Some(PromptCache::new(&model, &cache, stats.clone())?) } else { None };
+        let cache = if cache.enabled() { Some(PromptCache::new(&model, prefill_chunk, &cache, stats.clone())?) } else { None };
         let stop_all = Arc::new(AtomicBool::new(false));
         let admitted = Arc::new(AtomicUsize::new(0));
         let (jobs, rx) = mpsc::channel::<Msg>();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), EngineError>>();
-        let worker = Worker { model, cache, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone(), expert_swap_bytes };
+        let worker = Worker { model, cache, info: info.clone(), stats: stats.clone(), stop_all: stop_all.clone(), admitted: admitted.clone(), expert_swap_bytes, chunk: prefill_chunk };
         let thread = std::thread::Builder::new()
             .name("dflash-compute".into())
             .spawn(move || worker.run(rx, ready_tx))
@@ -459,6 +492,8 @@ struct Worker {
     stop_all: Arc<AtomicBool>,
     admitted: Arc<AtomicUsize>,
     expert_swap_bytes: u64,
+    /// The prefill chunk (`EngineOptions::prefill_chunk`).
+    chunk: usize,
 }
 
 struct Active {
@@ -466,9 +501,16 @@ struct Active {
     sampler: Sampler,
     decoder: StreamDecoder,
     filter: TextFilter,
+    /// The last sampled token, to run next; None while the prompt is being prefilled.
     last: Option<u32>,
+    /// Prompt tokens in the sequence (restored from the cache or prefilled).
+    fed: usize,
+    /// The sequence's state at each multiple of the prefill chunk so far (when caching).
+    checkpoints: Vec<Arc<graph::Checkpoint>>,
     generated: usize,
     started: Instant,
+    /// When the first chunk of the prompt ran.
+    prefill_started: Option<Instant>,
     prompt_s: f64,
     /// Prompt tokens restored from the prompt cache.
     cached: usize,
@@ -480,6 +522,62 @@ struct Slot {
     active: Option<Active>,
     /// The prompt of the slot's last request (what its slot actions act on).
     last_prompt: Option<Vec<u32>>,
+}
+
+/// What a slot runs in a step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Work {
+    /// Its last sampled token.
+    Decode,
+    /// The next `n` tokens of its prompt.
+    Prefill(usize),
+}
+
+/// What [`plan_step`] needs to know of a busy slot.
+#[derive(Clone, Copy, Debug)]
+struct SlotState {
+    /// Generating (its last token runs next), or still reading its prompt.
+    decoding: bool,
+    /// Prompt tokens in the sequence.
+    fed: usize,
+    prompt_len: usize,
+    /// When the request took the slot (older prompts are read first).
+    started: Instant,
+}
+
+impl Active {
+    fn state(&self) -> SlotState {
+        SlotState { decoding: self.last.is_some(), fed: self.fed, prompt_len: self.job.req.prompt.len(), started: self.started }
+    }
+}
+
+/// One step's work, slot by slot (`None`: a free slot), within `capacity` tokens: first the
+/// last token of every generating slot, then prompt chunks of the prefilling slots, oldest
+/// request first, while a whole chunk fits. A chunk ends at the next multiple of `chunk` (or
+/// at the prompt's end), so where a prompt is split never depends on what else runs: its
+/// logits are its logits alone (`forward_batch`), and cached prompts resume at those same
+/// points. With a capacity of `chunk + parallel - 1`, the oldest prefilling slot always gets
+/// a chunk.
+fn plan_step(slots: &[Option<SlotState>], chunk: usize, capacity: usize) -> Vec<(usize, Work)> {
+    let mut plan = Vec::new();
+    let mut room = capacity;
+    for (i, s) in slots.iter().enumerate() {
+        if s.is_some_and(|s| s.decoding) && room > 0 {
+            plan.push((i, Work::Decode));
+            room -= 1;
+        }
+    }
+    let mut prefilling: Vec<(usize, SlotState)> = slots.iter().enumerate().filter_map(|(i, s)| s.filter(|s| !s.decoding).map(|s| (i, s))).collect();
+    prefilling.sort_by_key(|(i, s)| (s.started, *i));
+    for (i, s) in prefilling {
+        let n = (chunk - s.fed % chunk).min(s.prompt_len - s.fed);
+        if n > room {
+            break;
+        }
+        plan.push((i, Work::Prefill(n)));
+        room -= n;
+    }
+    plan
 }
 
 impl Worker {
@@ -530,25 +628,87 @@ impl Worker {
                     true
                 }
             });
+            for slot in slots.iter_mut() {
+                if slot.active.as_ref().is_some_and(|a| stop_all || a.job.gone()) {
+                    self.end(slot, FinishReason::Cancelled);
+                }
+            }
             for slot in slots.iter_mut().filter(|s| s.active.is_none()) {
                 let Some(job) = queue.pop_front() else { break };
                 self.stats.queue_depth.fetch_sub(1, Ordering::Relaxed);
                 self.stats.active.fetch_add(1, Ordering::Relaxed);
                 slot.last_prompt = Some(job.req.prompt.clone());
-                slot.active = Some(self.begin(job));
+                let active = self.begin(job, &mut slot.seq);
+                slot.active = Some(active);
             }
-            for slot in slots.iter_mut() {
-                let Some(a) = slot.active.as_mut() else { continue };
-                if let Some(reason) = self.step(&mut slot.seq, a, stop_all) {
-                    slot.seq.reset();
-                    if let Some(a) = slot.active.take() {
-                        self.finish(a, reason);
-                    }
-                }
-            }
+            self.step(&mut slots);
         }
     }
 
+    /// One forward pass over every slot's work ([`plan_step`]), then a sampled token for each
+    /// slot whose prompt is done.
+    fn step(&mut self, slots: &mut [Slot]) {
+        let states: Vec<Option<SlotState>> = slots.iter().map(|s| s.active.as_ref().map(Active::state)).collect();
+        let plan = plan_step(&states, self.chunk, self.model.ubatch());
+        if plan.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for &(i, work) in &plan {
+            if let (Work::Prefill(_), Some(a)) = (work, slots[i].active.as_mut()) {
+                a.prefill_started.get_or_insert(now);
+            }
+        }
+        let result = {
+            let mut by_slot: Vec<Option<&mut Slot>> = slots.iter_mut().map(Some).collect();
+            let mut items: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(plan.len());
+            for &(i, work) in &plan {
+                let Some(Slot { seq, active: Some(a), .. }) = by_slot[i].take() else { continue };
+                let tokens = match work {
+                    Work::Decode => a.last.as_slice(),
+                    Work::Prefill(n) => &a.job.req.prompt[a.fed..a.fed + n],
+                };
+                items.push((seq, tokens));
+            }
+            self.model.forward_batch(&mut items, Logits::Last)
+        };
+        let n_tokens: usize = plan.iter().map(|(_, w)| if let Work::Prefill(n) = w { *n } else { 1 }).sum();
+        self.stats.step_tokens.observe(n_tokens as f64);
+        self.stats.step_sequences.observe(plan.len() as f64);
+        let outputs = match result {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!("forward: {e}");
+                for &(i, _) in &plan {
+                    if let Some(a) = slots[i].active.as_ref() {
+                        let _ = a.job.tx.send(Event::Error(format!("forward pass failed: {e}")));
+                    }
+                    self.end(&mut slots[i], FinishReason::Cancelled);
+                }
+                return;
+            }
+        };
+        self.replace_experts();
+        for (&(i, work), logits) in plan.iter().zip(outputs) {
+            let slot = &mut slots[i];
+            let reason = match work {
+                Work::Decode => self.emit(slot, &logits),
+                Work::Prefill(n) => match self.prefilled(slot, n) {
+                    Ok(true) => self.emit(slot, &logits),
+                    Ok(false) => None,
+                    Err(e) => {
+                        if let Some(a) = slot.active.as_ref() {
+                            let _ = a.job.tx.send(Event::Error(format!("caching the prompt's state: {e}")));
+                        }
+                        Some(FinishReason::Cancelled)
+                    }
+                },
+            };
+            if let Some(reason) = reason {
+                self.end(slot, reason);
+            }
+        }
+    }
     fn receive(&mut self, m: Msg, queue: &mut VecDeque<Job>, slots: &mut [Slot]) {
         match m {
             Msg::Generate(j) => queue.push_back(j),
@@ -596,53 +756,91 @@ impl Worker {
         }
     }
 
-    fn begin(&self, job: Job) -> Active {
+
+    /// A request taking a slot: the longest prefix of its prompt the cache holds is restored
+    /// into the sequence (a prefix that cannot be restored is dropped from the cache and the
+    /// prompt prefilled whole).
+    fn begin(&mut self, job: Job, seq: &mut Sequence) -> Active {
         let mut sampler = Sampler::new(job.req.params.clone(), self.info.tokenizer.n_vocab());
         sampler.accept(&job.req.prompt);
         let filter = TextFilter::new(job.req.stop.clone(), job.req.thinking);
-        Active {
+        let mut a = Active {
             sampler,
             decoder: self.info.tokenizer.stream_decoder(true),
             filter,
             last: None,
+            fed: 0,
+            checkpoints: Vec::new(),
             generated: 0,
             started: Instant::now(),
+            prefill_started: None,
             prompt_s: 0.0,
             cached: 0,
             first_token: None,
             job,
+        };
+        let Some(cache) = self.cache.as_mut() else { return a };
+        let chunk = self.chunk;
+        let restored = cache.lookup(&a.job.req.prompt).and_then(|hit| {
+            let result = match hit.record.checkpoint_at(hit.pos, chunk) {
+                Some(cp) => seq.restore(cp, &hit.record.entries),
+                None => Err(graph::GraphError::State(format!("the cached prompt has no checkpoint at {}", hit.pos))),
+            };
+            match result {
+                Ok(()) => Some(hit),
+                Err(e) => {
+                    tracing::warn!("could not restore a cached prompt ({e}); it is dropped and the prompt prefilled whole");
+                    seq.reset();
+                    cache.forget(&hit.record.tokens);
+                    None
+                }
+            }
+        });
+        match restored {
+            Some(hit) => {
+                a.checkpoints = hit.record.checkpoints[..hit.pos / chunk].to_vec();
+                a.cached = hit.pos;
+                a.fed = hit.pos;
+                self.stats.cache_hits.inc();
+                self.stats.cache_reused_tokens.inc_by(hit.pos as u64);
+            }
+            None => self.stats.cache_misses.inc(),
         }
+        a
     }
 
-    /// One forward and one sampled token; Some(reason) when the request ends.
-    fn step(&mut self, seq: &mut Sequence, a: &mut Active, stop_all: bool) -> Option<FinishReason> {
-        if stop_all || a.job.gone() {
-            return Some(FinishReason::Cancelled);
+    /// After `n` more prompt tokens ran: the state is copied out at each multiple of the chunk
+    /// (when caching); at the prompt's end what it added is cached. Whether the prompt is done.
+    fn prefilled(&mut self, slot: &mut Slot, n: usize) -> Result<bool, graph::GraphError> {
+        let Some(a) = slot.active.as_mut() else { return Ok(false) };
+        a.fed += n;
+        let chunk = self.chunk;
+        if self.cache.is_some() && slot.seq.pos().is_multiple_of(chunk) {
+            a.checkpoints.push(Arc::new(slot.seq.checkpoint()));
         }
-        let t0 = Instant::now();
-        let result = match a.last {
-            None => self.prefill(seq, a),
-            Some(t) => self.model.forward(seq, &[t], Logits::Last),
-        };
-        let logits = match result {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!("forward: {e}");
-                let _ = a.job.tx.send(Event::Error(format!("forward pass failed: {e}")));
-                return Some(FinishReason::Cancelled);
-            }
-        };
-        if a.last.is_none() {
-            a.prompt_s = t0.elapsed().as_secs_f64();
+        if a.fed < a.job.req.prompt.len() {
+            return Ok(false);
         }
-        self.replace_experts();
-        let id = a.sampler.sample(&logits);
+        a.prompt_s = a.prefill_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let covered = a.checkpoints.len() * chunk;
+        if let Some(cache) = self.cache.as_mut().filter(|_| covered > a.cached) {
+            let record = Record { tokens: a.job.req.prompt[..covered].to_vec(), checkpoints: std::mem::take(&mut a.checkpoints), entries: slot.seq.entries(covered)? };
+            cache.insert(record);
+        }
+        a.checkpoints.clear();
+        Ok(true)
+    }
+
+    /// A token sampled from `logits` and its text sent; Some(reason) when the request ends.
+    fn emit(&mut self, slot: &mut Slot, logits: &[f32]) -> Option<FinishReason> {
+        let a = slot.active.as_mut()?;
+        let id = a.sampler.sample(logits);
         a.generated += 1;
         a.last = Some(id);
         if a.first_token.is_none() {
             a.first_token = Some(Instant::now());
         }
-        if self.info.eog.contains(&id) {
+        if !a.job.req.ignore_eos && self.info.eog.contains(&id) {
             return Some(FinishReason::Stop);
         }
         let text = match a.decoder.push(id) {
@@ -661,10 +859,18 @@ impl Worker {
         if stopped {
             return Some(FinishReason::Stop);
         }
-        if a.generated >= a.job.req.max_tokens || seq.pos() >= seq.n_ctx() {
+        if a.generated >= a.job.req.max_tokens || slot.seq.pos() >= slot.seq.n_ctx() {
             return Some(FinishReason::Length);
         }
         None
+    }
+
+    /// The slot's request ends: its sequence is cleared for the next one.
+    fn end(&self, slot: &mut Slot, reason: FinishReason) {
+        slot.seq.reset();
+        if let Some(a) = slot.active.take() {
+            self.finish(a, reason);
+        }
     }
 
     /// Between two steps: an adaptive placement follows the routing (bounded bytes per step).
@@ -685,52 +891,6 @@ impl Worker {
         }
     }
 
-    /// Restores the longest cached prefix of the prompt, prefills the rest in micro-batches at
-    /// multiples of `ubatch` (copying the state out at each, when caching) and caches what
-    /// the prompt added; returns the last token's logits.
-    fn prefill(&mut self, seq: &mut Sequence, a: &mut Active) -> Result<Vec<f32>, graph::GraphError> {
-        let prompt = &a.job.req.prompt;
-        let u = self.model.ubatch();
-        let mut checkpoints = Vec::new();
-        if let Some(cache) = self.cache.as_mut() {
-            let restored = cache.lookup(prompt).and_then(|hit| {
-                let result = match hit.record.checkpoint_at(hit.pos, u) {
-                    Some(cp) => seq.restore(cp, &hit.record.entries),
-                    None => Err(graph::GraphError::State(format!("the cached prompt has no checkpoint at {}", hit.pos))),
-                };
-                match result {
-                    Ok(()) => Some(hit),
-                    Err(e) => {
-                        tracing::warn!("could not restore a cached prompt ({e}); it is dropped and the prompt prefilled whole");
-                        cache.forget(&hit.record.tokens);
-                        None
-                    }
-                }
-            });
-            match restored {
-                Some(hit) => {
-                    checkpoints = hit.record.checkpoints[..hit.pos / u].to_vec();
-                    a.cached = hit.pos;
-                    self.stats.cache_hits.inc();
-                    self.stats.cache_reused_tokens.inc_by(hit.pos as u64);
-                }
-                None => self.stats.cache_misses.inc(),
-            }
-        }
-        let mut logits = Vec::new();
-        for chunk in prompt[a.cached..].chunks(u) {
-            logits = self.model.forward(seq, chunk, Logits::Last)?;
-            if self.cache.is_some() && seq.pos().is_multiple_of(u) {
-                checkpoints.push(Arc::new(seq.checkpoint()));
-            }
-        }
-        let covered = checkpoints.len() * u;
-        if let Some(cache) = self.cache.as_mut().filter(|_| covered > a.cached) {
-            let record = Record { tokens: prompt[..covered].to_vec(), checkpoints, entries: seq.entries(covered)? };
-            cache.insert(record);
-        }
-        Ok(logits)
-    }
 
     fn finish(&self, mut a: Active, finish: FinishReason) {
         let now = Instant::now();
@@ -802,5 +962,51 @@ fn rate(n: usize, s: f64) -> f64 {
         n as f64 / s
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn at(t0: Instant, ms: u64, decoding: bool, fed: usize, prompt_len: usize) -> Option<SlotState> {
+        Some(SlotState { decoding, fed, prompt_len, started: t0 + Duration::from_millis(ms) })
+    }
+
+    #[test]
+    fn a_step_holds_every_decode_token_then_whole_chunks_oldest_first() {
+        let t0 = Instant::now();
+        // chunk 32, 4 slots: capacity 35
+        let slots = [at(t0, 3, false, 0, 100), at(t0, 0, true, 7, 7), None, at(t0, 1, false, 40, 50)];
+        let plan = plan_step(&slots, 32, 35);
+        // the decode token; slot 3 (older) reads up to its next multiple of 32 (40 → 64 is
+        // 24, but its prompt ends at 50: 10); slot 0's whole chunk of 32 no longer fits in 24
+        assert_eq!(plan, vec![(1, Work::Decode), (3, Work::Prefill(10))]);
+        // with room, both chunks; a chunk is cut at the multiple of 32, never by the room
+        let plan = plan_step(&slots, 32, 80);
+        assert_eq!(plan, vec![(1, Work::Decode), (3, Work::Prefill(10)), (0, Work::Prefill(32))]);
+        let slots = [at(t0, 0, false, 70, 200), at(t0, 1, true, 9, 9), at(t0, 2, true, 5, 5), at(t0, 3, true, 5, 5)];
+        assert_eq!(plan_step(&slots, 32, 35), vec![(1, Work::Decode), (2, Work::Decode), (3, Work::Decode), (0, Work::Prefill(26))]);
+        // nothing busy, nothing to run
+        assert!(plan_step(&[None, None], 32, 33).is_empty());
+    }
+
+    #[test]
+    fn with_capacity_chunk_plus_parallel_minus_one_the_oldest_prompt_always_moves() {
+        let t0 = Instant::now();
+        for parallel in 1..6 {
+            for chunk in [1, 7, 32] {
+                for fed in [0, 1, chunk - 1, chunk, 3 * chunk + 1] {
+                    // every other slot generating, the oldest request reading its prompt
+                    let mut slots: Vec<Option<SlotState>> = (1..parallel).map(|i| at(t0, 10 + i as u64, true, 4, 4)).collect();
+                    slots.push(at(t0, 0, false, fed, fed + 5 * chunk));
+                    let plan = plan_step(&slots, chunk, chunk + parallel - 1);
+                    let want = chunk - fed % chunk;
+                    assert_eq!(plan.last(), Some(&(parallel - 1, Work::Prefill(want))), "parallel {parallel} chunk {chunk} fed {fed}");
+                    assert_eq!(plan.len(), parallel);
+                }
+            }
+        }
     }
 }

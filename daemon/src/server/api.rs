@@ -70,6 +70,10 @@ pub struct Common {
     pub stop: Option<Stop>,
     pub n: Option<i64>,
     pub logit_bias: Option<HashMap<String, f32>>,
+    /// llama-server's extension: end-of-generation tokens do not end the reply (benchmarks
+    /// of fixed lengths); max_tokens, stop strings and the context still do.
+    #[serde(default)]
+    pub ignore_eos: bool,
 }
 
 /// `POST /v1/chat/completions`.

@@ -235,7 +235,7 @@ pub(super) fn prepare(st: &St, c: &Common, prompt: Vec<u32>, thinking: bool) -> 
         return Err(ApiError::bad(format!("at most 16 stop strings, found {}", stop.len())).param("stop"));
     }
     let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
-    Ok(GenRequest { prompt, params, max_tokens, stop, thinking })
+    Ok(GenRequest { prompt, params, max_tokens, stop, thinking, ignore_eos: c.ignore_eos })
 }
 
 async fn generate(st: St, req: GenRequest, c: &Common, kind: Kind, plan: &ToolPlan) -> Result<Response, ApiError> {

@@ -16,17 +16,22 @@ pub struct Metrics {
     decode_tokens_per_second: Gauge,
     cache_ram_bytes: IntGauge,
     cache_disk_bytes: IntGauge,
+    slots_busy: IntGauge,
 }
 
 impl Metrics {
     /// A registry with the engine's counters (`stats`) and the server's own metrics.
-    pub fn new(stats: &Stats) -> Result<Metrics, prometheus::Error> {
+    /// `slots`: the engine's sequences (`--parallel`).
+    pub fn new(stats: &Stats, slots: usize) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new_custom(Some("dflash".into()), None)?;
         for c in stats.counters() {
             registry.register(Box::new(c))?;
         }
         for c in stats.float_counters() {
             registry.register(Box::new(c))?;
+        }
+        for h in stats.histograms() {
+            registry.register(Box::new(h))?;
         }
         let http_requests = IntCounterVec::new(Opts::new("http_requests_total", "HTTP requests by endpoint and status."), &["endpoint", "status"])?;
         let queue_depth = IntGauge::new("queue_depth", "Requests waiting for a sequence.")?;
@@ -42,6 +47,11 @@ impl Metrics {
         let cache_disk_bytes = IntGauge::new("prompt_cache_disk_bytes", "Bytes of cached prompt state on disk.")?;
         registry.register(Box::new(cache_ram_bytes.clone()))?;
         registry.register(Box::new(cache_disk_bytes.clone()))?;
+        let slots_total = IntGauge::new("slots_total", "Sequences the engine generates at the same time (--parallel).")?;
+        slots_total.set(i64::try_from(slots).unwrap_or(i64::MAX));
+        let slots_busy = IntGauge::new("slots_busy", "Slots generating a request (prefilling or decoding).")?;
+        registry.register(Box::new(slots_total))?;
+        registry.register(Box::new(slots_busy.clone()))?;
         Ok(Metrics {
             registry,
             http_requests,
@@ -51,6 +61,7 @@ impl Metrics {
             decode_tokens_per_second,
             cache_ram_bytes,
             cache_disk_bytes,
+            slots_busy,
         })
     }
 
@@ -63,6 +74,7 @@ impl Metrics {
         let per_s = |n: u64, t: f64| if t > 0.0 { n as f64 / t } else { 0.0 };
         self.queue_depth.set(stats.queue_depth.load(Ordering::Relaxed) as i64);
         self.active.set(stats.active.load(Ordering::Relaxed) as i64);
+        self.slots_busy.set(stats.active.load(Ordering::Relaxed) as i64);
         self.cache_ram_bytes.set(stats.cache_ram_bytes.load(Ordering::Relaxed) as i64);
         self.cache_disk_bytes.set(stats.cache_disk_bytes.load(Ordering::Relaxed) as i64);
         self.prompt_tokens_per_second.set(per_s(stats.prompt_tokens.get(), stats.prompt_seconds.get()));

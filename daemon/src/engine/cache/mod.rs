@@ -141,13 +141,17 @@ pub struct PromptCache {
 }
 
 impl PromptCache {
-    /// The cache for `model`'s states.
-    pub fn new(model: &Model, opts: &CacheOptions, stats: Arc<Stats>) -> Result<PromptCache, CacheError> {
+    /// The cache for `model`'s states, of prompts prefilled in chunks of `chunk` tokens (where
+    /// a prompt is split is part of the arithmetic, so of the identity of files on disk).
+    pub fn new(model: &Model, chunk: usize, opts: &CacheOptions, stats: Arc<Stats>) -> Result<PromptCache, CacheError> {
         let identity = match opts.dir {
-            Some(_) => model_identity(&model.file, &model.numerics()).map_err(|source| CacheError::Io { path: model.file.path.display().to_string(), source })?,
+            Some(_) => {
+                let numerics = format!("{}; prefill chunk {chunk}", model.numerics());
+                model_identity(&model.file, &numerics).map_err(|source| CacheError::Io { path: model.file.path.display().to_string(), source })?
+            }
             None => [0; 32],
         };
-        PromptCache::open(model.ubatch(), identity, opts, stats)
+        PromptCache::open(chunk, identity, opts, stats)
     }
 
     /// The cache of the states of a model of this `identity` that runs micro-batches of
