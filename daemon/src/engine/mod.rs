@@ -659,6 +659,8 @@ impl Worker {
                 a.prefill_started.get_or_insert(now);
             }
         }
+        // the work that runs (every planned slot is busy, once), in the order of the outputs
+        let mut ran: Vec<(usize, Work)> = Vec::with_capacity(plan.len());
         let result = {
             let mut by_slot: Vec<Option<&mut Slot>> = slots.iter_mut().map(Some).collect();
             let mut items: Vec<(&mut Sequence, &[u32])> = Vec::with_capacity(plan.len());
@@ -669,17 +671,18 @@ impl Worker {
                     Work::Prefill(n) => &a.job.req.prompt[a.fed..a.fed + n],
                 };
                 items.push((seq, tokens));
+                ran.push((i, work));
             }
             self.model.forward_batch(&mut items, Logits::Last)
         };
-        let n_tokens: usize = plan.iter().map(|(_, w)| if let Work::Prefill(n) = w { *n } else { 1 }).sum();
+        let n_tokens: usize = ran.iter().map(|(_, w)| if let Work::Prefill(n) = w { *n } else { 1 }).sum();
         self.stats.step_tokens.observe(n_tokens as f64);
-        self.stats.step_sequences.observe(plan.len() as f64);
+        self.stats.step_sequences.observe(ran.len() as f64);
         let outputs = match result {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!("forward: {e}");
-                for &(i, _) in &plan {
+                for &(i, _) in &ran {
                     if let Some(a) = slots[i].active.as_ref() {
                         let _ = a.job.tx.send(Event::Error(format!("forward pass failed: {e}")));
                     }
@@ -689,7 +692,7 @@ impl Worker {
             }
         };
         self.replace_experts();
-        for (&(i, work), logits) in plan.iter().zip(outputs) {
+        for (&(i, work), logits) in ran.iter().zip(outputs) {
             let slot = &mut slots[i];
             let reason = match work {
                 Work::Decode => self.emit(slot, &logits),
