@@ -41,14 +41,14 @@ fn tokens(n: usize) -> PathBuf {
 
 /// `dflash logits` on fixture B with 2 threads and micro-batches of 32, writing `out`.
 fn run_logits(toks: &Path, decode_from: usize, out: &Path, extra: &[&str]) -> std::process::Output {
-    run_logits_of("ds4-tiny-b.f32.gguf", toks, decode_from, out, &[&["-t", "2", "-u", "32"][..], extra].concat())
+    run_logits_of(&fixture("ds4-tiny-b.f32.gguf"), toks, decode_from, out, &[&["-t", "2", "-u", "32"][..], extra].concat())
 }
 
-/// `dflash logits` on the fixture file `gguf`, writing `out`.
-fn run_logits_of(gguf: &str, toks: &Path, decode_from: usize, out: &Path, extra: &[&str]) -> std::process::Output {
+/// `dflash logits` on the model file `gguf`, writing `out`.
+fn run_logits_of(gguf: &Path, toks: &Path, decode_from: usize, out: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_dflash"))
         .args(["logits", "-m"])
-        .arg(fixture(gguf))
+        .arg(gguf)
         .arg("--tokens")
         .arg(toks)
         .arg("--out")
@@ -61,13 +61,14 @@ fn run_logits_of(gguf: &str, toks: &Path, decode_from: usize, out: &Path, extra:
 
 /// The logits of [`run_logits`].
 fn logits(toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
-    logits_of("ds4-tiny-b.f32.gguf", toks, decode_from, out, &[&["-t", "2", "-u", "32"][..], extra].concat())
+    logits_of(&fixture("ds4-tiny-b.f32.gguf"), toks, decode_from, out, &[&["-t", "2", "-u", "32"][..], extra].concat())
 }
 
-fn logits_of(gguf: &str, toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
+/// The logits of [`run_logits_of`], written to `out` in this test's directory.
+fn logits_of(gguf: &Path, toks: &Path, decode_from: usize, out: &str, extra: &[&str]) -> Vec<f32> {
     let out = tmp(out);
     let o = run_logits_of(gguf, toks, decode_from, &out, extra);
-    assert!(o.status.success(), "dflash logits {gguf} {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "dflash logits {} {extra:?}: {}", gguf.display(), String::from_utf8_lossy(&o.stderr));
     read_npy(&out)
 }
 
@@ -161,21 +162,7 @@ fn placements_give_the_same_bits(m: Subject) {
     // every node's barrier, which costs seconds when the cores are busy with other work).
     let run = |out: &str, args: &[&str]| {
         let threads: &[&str] = if args.contains(&"-t") { &[] } else { &["-t", "1"] };
-        let out = tmp(out);
-        let extra = [&["-u", "8"][..], threads, args].concat();
-        let o = Command::new(env!("CARGO_BIN_EXE_dflash"))
-            .args(["logits", "-m"])
-            .arg(&m.gguf)
-            .arg("--tokens")
-            .arg(&m.toks)
-            .arg("--out")
-            .arg(&out)
-            .args(["--decode-from", &decode_from.to_string()])
-            .args(&extra)
-            .output()
-            .expect("run dflash");
-        assert!(o.status.success(), "dflash logits {name} {extra:?}: {}", String::from_utf8_lossy(&o.stderr));
-        read_npy(&out)
+        logits_of(&m.gguf, &m.toks, decode_from, out, &[&["-u", "8"][..], threads, args].concat())
     };
     let base = run(&format!("{name}-hot.npy"), &[]);
     let profile = format!("profile:{}", route_stats(&format!("{name}-stats.json"), m.n_layer, m.n_expert).display());
