@@ -137,12 +137,12 @@ pub fn load_weights_reporting(
             plain_read = bytes;
             on_progress(bytes)
         };
-        sets.push(loader::load_tensors_reporting(file, &plain, device.buffer_type(), read, &mut report)?);
+        sets.push(loader::load_tensors_with(file, &plain, device.buffer_type(), read, loader::TensorWrites::Ranges, &mut report)?);
     }
     if let (Some(rb), false) = (repack, packed.is_empty()) {
         tracing::debug!(tensors = packed.len(), "matrices in the CPU_REPACK buffer");
         let mut report = |bytes: u64| on_progress(plain_read + bytes);
-        sets.push(loader::load_tensors_whole_reporting(file, &packed, rb, read, &mut report)?);
+        sets.push(loader::load_tensors_with(file, &packed, rb, read, loader::TensorWrites::Whole, &mut report)?);
     }
     Ok(TensorSet::new(sets))
 }

@@ -24,10 +24,7 @@ pub use error::LoadError;
 pub use experts::ExpertPart;
 pub use gguf::Gguf;
 pub use metadata::{Metadata, Value};
-pub use read::{
-    load_tensors, load_tensors_reporting, load_tensors_whole, load_tensors_whole_reporting, LoadedTensors, ReadMode,
-    ReadOptions, ReadStats, TensorRequest,
-};
+pub use read::{load_tensors, load_tensors_with, LoadedTensors, ReadMode, ReadOptions, ReadStats, TensorRequest, TensorWrites};
 pub use tensors::{TensorInfo, TensorInfos, TensorRole, TensorTable};
 
 use std::path::{Path, PathBuf};

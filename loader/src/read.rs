@@ -170,43 +170,32 @@ pub fn load_tensors(
     buft: ggml::BufferType,
     opts: &ReadOptions,
 ) -> Result<LoadedTensors, LoadError> {
-    load_impl(model, requests, buft, opts, false, &mut |_| {})
+    load_tensors_with(model, requests, buft, opts, TensorWrites::Ranges, &mut |_| {})
 }
 
-/// [`load_tensors`], calling `on_progress(bytes)` on the calling thread each time the bytes
-/// read so far have grown (checked every 50 ms); the last call reports all of them.
-pub fn load_tensors_reporting(
+/// How a buffer type takes tensor bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorWrites {
+    /// Any byte range at a time: the reader's pieces are set straight into the tensor.
+    Ranges,
+    /// Only a whole tensor per write (ggml's CPU_REPACK buffer re-lays each tensor out as it
+    /// is set): each tensor (for an expert subset, its experts' slices one after the other)
+    /// is read into a staging buffer and set at once.
+    Whole,
+}
+
+/// [`load_tensors`] for a buffer type that takes its bytes as `writes` says, calling
+/// `on_progress(bytes)` on the calling thread each time the bytes read so far have grown
+/// (checked every 50 ms); the last call reports all of them.
+pub fn load_tensors_with(
     model: &ModelFile,
     requests: &[TensorRequest],
     buft: ggml::BufferType,
     opts: &ReadOptions,
+    writes: TensorWrites,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<LoadedTensors, LoadError> {
-    load_impl(model, requests, buft, opts, false, on_progress)
-}
-
-/// Like [`load_tensors`], for buffer types that only accept a whole tensor per write (ggml's
-/// CPU_REPACK buffer re-lays each tensor out as it is set): each tensor (for an expert
-/// subset, its experts' slices one after the other) is read into a staging buffer and set at
-/// once.
-pub fn load_tensors_whole(
-    model: &ModelFile,
-    requests: &[TensorRequest],
-    buft: ggml::BufferType,
-    opts: &ReadOptions,
-) -> Result<LoadedTensors, LoadError> {
-    load_impl(model, requests, buft, opts, true, &mut |_| {})
-}
-
-/// [`load_tensors_whole`], calling `on_progress(bytes)` as [`load_tensors_reporting`] does.
-pub fn load_tensors_whole_reporting(
-    model: &ModelFile,
-    requests: &[TensorRequest],
-    buft: ggml::BufferType,
-    opts: &ReadOptions,
-    on_progress: &mut dyn FnMut(u64),
-) -> Result<LoadedTensors, LoadError> {
-    load_impl(model, requests, buft, opts, true, on_progress)
+    load_impl(model, requests, buft, opts, writes == TensorWrites::Whole, on_progress)
 }
 
 fn load_impl(

@@ -1,7 +1,7 @@
 //! Every read path (O_DIRECT with its aligned staging, buffered `pread`, mmap) with several
 //! thread counts and chunk sizes puts exactly the file's bytes into each tensor, for whole
 //! tensors requested out of file order and for expert subsets, written in place or gathered
-//! and set at once (`load_tensors_whole`, as for ggml's repacked CPU buffer). The reference
+//! and set at once (`load_tensors_with` and `TensorWrites::Whole`, as for ggml's repacked CPU buffer). The reference
 //! is the file itself, read with `std::fs::read`.
 use std::path::Path;
 
@@ -43,7 +43,7 @@ fn check_file(path: &Path) {
             }
             for (how, sub) in [
                 ("in place", loader::load_tensors(&m, &subset, cpu.buffer_type(), &opts).unwrap()),
-                ("gathered", loader::load_tensors_whole(&m, &subset, cpu.buffer_type(), &opts).unwrap()),
+                ("gathered", loader::load_tensors_with(&m, &subset, cpu.buffer_type(), &opts, loader::TensorWrites::Whole, &mut |_| {}).unwrap()),
             ] {
                 assert_eq!(sub.stats.bytes, (slice * picks.len()) as u64, "{how} ({what})");
                 let got = tensor_bytes(sub.get(&expert.name).unwrap(), slice * picks.len());
@@ -103,7 +103,7 @@ fn a_file_shortened_after_open_is_an_error() {
     }
 }
 
-/// `load_tensors_reporting` reports the bytes read so far, growing, the last report being
+/// `load_tensors_with` reports the bytes read so far, growing, the last report being
 /// every byte it loaded; the tensors hold the file's bytes as with `load_tensors`.
 #[test]
 fn progress_reports_grow_to_the_bytes_loaded() {
@@ -116,7 +116,7 @@ fn progress_reports_grow_to_the_bytes_loaded() {
     let whole: Vec<_> = m.tensors.iter().map(|t| TensorRequest::whole(&t.name)).collect();
     let opts = ReadOptions { mode: ReadMode::Pread, threads: 1, chunk_bytes: 4196, progress: false };
     let mut reports = Vec::new();
-    let loaded = loader::load_tensors_reporting(&m, &whole, cpu.buffer_type(), &opts, &mut |b| reports.push(b)).unwrap();
+    let loaded = loader::load_tensors_with(&m, &whole, cpu.buffer_type(), &opts, loader::TensorWrites::Ranges, &mut |b| reports.push(b)).unwrap();
     assert!(reports.windows(2).all(|w| w[0] < w[1]), "{reports:?}");
     assert_eq!(reports.last().copied(), Some(m.tensors.total_bytes()), "{reports:?}");
     for t in m.tensors.iter() {
