@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The official `openai` and `anthropic` Python clients against a real `dflash serve` on the
-# shipped tiny model (tests/python/test_openai.py, tests/python/test_anthropic.py). Needs PyPI
+# shipped tiny model (tests/python/test_openai.py, tests/python/test_anthropic.py), and
+# scripts/bench_server.py's sweep and interrupt runs (tests/python/test_bench_server.py). Needs PyPI
 # once, for the venv (default /tmp/dflash-openai-venv, override with DFLASH_OPENAI_VENV;
 # python3-venv comes from scripts/setup.sh). Without the venv the test fails: a test that cannot
 # run is not a pass.
@@ -33,5 +34,7 @@ done
 [ -n "$ADDR" ] || { echo "server did not start" >&2; cat "$LOG" >&2; exit 1; }
 DFLASH_URL="$ADDR" DFLASH_KEY=test-key "$VENV/bin/python" tests/python/test_openai.py -v
 DFLASH_URL="$ADDR" DFLASH_KEY=test-key "$VENV/bin/python" tests/python/test_anthropic.py -v
+# scripts/bench_server.py's sweep and interrupt runs against the same server.
+DFLASH_URL="$ADDR" DFLASH_KEY=test-key "$VENV/bin/python" tests/python/test_bench_server.py -v
 kill -TERM $PID
 wait $PID
