@@ -138,9 +138,17 @@ impl Builder<'_> {
         let (d, q, kv) = (c.head_dim as i64, p.q, p.kv);
         let n = q.ne(2);
 
-        // Raw keys: the ring (last `window` positions before the batch) ++ the batch.
-        let raw = g.name(g.concat(st.ring, kv, 1), &format!("raw_kv-{il}"));
-        self.effects.push(g.cpy(g.get_rows(raw, self.si().ring_keep), st.ring));
+        // Raw keys: the ring (last `window` positions before the batch) ++ the batch; a
+        // decode token's key goes into the ring's spare column (read in place), a batch of
+        // several is appended to a copy.
+        let window = st.ring.ne(1) - 1;
+        let ring = g.view_2d(st.ring, d, window, 0, 0);
+        let raw = if n == 1 { g.set_cols(st.ring, kv, window) } else { g.concat(ring, kv, 1) };
+        let raw = g.name(raw, &format!("raw_kv-{il}"));
+        // The ring after the batch: a decode token's key into its slot, or every slot's key
+        // (`RowUpdate`).
+        let ring_keep = self.si().ring_keep;
+        self.effects.push(if n == 1 { g.set_rows(st.ring, kv, ring_keep) } else { g.cpy(g.get_rows(raw, ring_keep), ring) });
 
         let scale = 1.0 / (d as f32).sqrt();
         let qp = g.permute(q, [0, 2, 1, 3]); // [d, n, h]
@@ -258,13 +266,17 @@ impl Builder<'_> {
         let m = cs.shape.ratio as i64;
         let dim = cs.entries.ne(0);
         let width = batch_rows.ne(0) / 2;
-        let rows = cs.kv_score.ne(1) - 1; // state rows without the dummy
+        let rows = cs.kv_score.ne(1) - 2; // state rows without the dummy and the spare column
         let nw = ci.n_windows as i64;
+        let n = batch_rows.ne(1);
 
-        // The state's rows (and the dummy) before the batch's.
-        let all = g.concat(cs.kv_score, batch_rows, 1);
-        // Keep the open windows' rows for the next batch.
-        self.effects.push(g.cpy(g.get_rows(all, ci.keep), g.view_2d(cs.kv_score, 2 * width, rows, 0, 0)));
+        // The state's rows (and the dummy) before the batch's: a decode token's row in the
+        // spare column (read in place), a batch of several appended to a copy.
+        let state = g.view_2d(cs.kv_score, 2 * width, rows, 0, 0);
+        let all = if n == 1 { g.set_cols(cs.kv_score, batch_rows, rows + 1) } else { g.concat(g.view_2d(cs.kv_score, 2 * width, rows + 1, 0, 0), batch_rows, 1) };
+        // Keep the open windows' rows for the next batch: a decode token's row into its slot
+        // (or the spare column), or every slot's row (`RowUpdate`).
+        self.effects.push(if n == 1 { g.set_rows(cs.kv_score, batch_rows, ci.keep) } else { g.cpy(g.get_rows(all, ci.keep), state) });
         let Some(wi) = &ci.windows else {
             // No window closes (most decode steps): the entries are as the last batch left them.
             return g.name(g.view_2d(cs.entries, dim, ci.n_view as i64, 0, 0), &format!("{what}_entries-{il}"));

@@ -10,7 +10,7 @@ use crate::cold::{ColdCall, ColdState, RouteCall};
 use crate::model::Logits;
 use crate::offload::ColdHost;
 use crate::ops::{Ctx, T};
-use crate::plan::{CompPlan, CompShape, RawPlan};
+use crate::plan::{CompPlan, CompShape, RawPlan, RowUpdate};
 use crate::state::Sequence;
 use crate::weights::Weights;
 
@@ -19,6 +19,7 @@ pub struct CompInputs {
     pub ratio: usize,
     pub n_windows: usize,
     pub n_view: usize,
+    /// The open-window rows after the batch (`RowUpdate`): [state_rows] or, for one token, [1].
     pub keep: T,
     pub vis_mask: T,
     /// The windows that close in this batch; None when none does (decode between closes).
@@ -40,6 +41,7 @@ pub struct SeqInputs {
     pub first: usize,
     pub n: usize,
     pub raw_mask: T,
+    /// The ring after the batch (`RowUpdate`): [window] or, for one token, [1].
     pub ring_keep: T,
     pub comp: Vec<CompInputs>,
 }
@@ -74,7 +76,7 @@ impl SeqInputs {
             first,
             n: n_cols,
             raw_mask: g.input(g.new_f32(&[c.window as i64 + n, n]), "raw_mask"),
-            ring_keep: g.input(g.new_i32(&[c.window as i64]), "ring_keep"),
+            ring_keep: g.input(g.new_i32(&[RowUpdate::len(n_cols, c.window)]), "ring_keep"),
             comp: comps
                 .iter()
                 .map(|(s, cp)| {
@@ -84,7 +86,7 @@ impl SeqInputs {
                         ratio: m,
                         n_windows: cp.n_windows,
                         n_view: cp.n_view,
-                        keep: g.input(g.new_i32(&[s.state_rows() as i64]), &format!("keep-{m}")),
+                        keep: g.input(g.new_i32(&[RowUpdate::len(n_cols, s.state_rows())]), &format!("keep-{m}")),
                         vis_mask: g.input(g.new_f32(&[cp.n_view as i64, n]), &format!("vis_mask-{m}")),
                         windows: (nw > 0).then(|| WindowInputs {
                             cur_idx: g.input(g.new_i32(&[m as i64 * nw]), &format!("cur_idx-{m}")),
@@ -112,7 +114,7 @@ impl SeqInputs {
     /// Fill the inputs for `plan` (the one the inputs were made for).
     fn set(&self, plan: &SeqPlan) {
         self.raw_mask.write_f32(&plan.raw.mask);
-        self.ring_keep.write_i32(&plan.raw.keep);
+        self.ring_keep.write_i32(&RowUpdate::of(plan.tokens.len(), &plan.raw.keep, plan.raw.keep.len()));
         for (ci, (_, cp)) in self.comp.iter().zip(&plan.comps) {
             if let Some(w) = &ci.windows {
                 w.cur_idx.write_i32(&cp.cur_idx);
@@ -122,7 +124,7 @@ impl SeqInputs {
                 w.entry_pos.write_i32(&cp.entry_pos);
                 w.write_idx.write_i32(&cp.write_idx);
             }
-            ci.keep.write_i32(&cp.keep);
+            ci.keep.write_i32(&RowUpdate::of(plan.tokens.len(), &cp.keep, cp.keep.len() + 1));
             ci.vis_mask.write_f32(&cp.vis_mask);
         }
     }
