@@ -2,9 +2,47 @@
 //! compressed entries (all visible ones on HCA layers, the lightning indexer's top-k on CSA
 //! layers), per-head sinks, inverse RoPE on the output and the grouped output projection.
 use crate::builder::{Builder, CompInputs};
-use crate::ops::{RopeParams, T};
-use crate::state::{CompState, LayerState};
+use crate::ops::{Ctx, RopeParams, T};
+use crate::state::{CompState, LayerState, Sequence};
 use crate::weights::{Compressor, LayerWeights};
+
+/// One layer's position-independent attention projections over the step's columns (RoPE
+/// takes each column's own position), computed once and viewed per sequence.
+#[derive(Clone, Copy)]
+struct Projections {
+    /// Queries, normed and roped [d, h, n].
+    q: T,
+    /// The one K=V head, normed and roped [d, n].
+    kv: T,
+    /// The compressor's rows, kv ++ score [2·width, n] (compressed layers).
+    comp: Option<T>,
+    /// The lightning indexer's (CSA layers).
+    index: Option<IndexProjections>,
+}
+
+#[derive(Clone, Copy)]
+struct IndexProjections {
+    /// Queries, roped [di, hi, n].
+    q: T,
+    /// Per-head weights [hi, n].
+    wts: T,
+    /// Its compressor's rows [2·width, n].
+    comp: T,
+}
+
+impl Projections {
+    /// The columns [first, first + n) of every projection (a view each).
+    fn columns(&self, g: &Ctx, first: i64, n: i64) -> Projections {
+        let cols = |t: T| g.view_2d(t, t.ne(0), n, 0, first); // [rows, n]
+        let heads = |t: T| g.view_3d(t, [t.ne(0), t.ne(1), n], t.nb(1), t.nb(2), first as usize * t.nb(2)); // [d, h, n]
+        Projections {
+            q: heads(self.q),
+            kv: cols(self.kv),
+            comp: self.comp.map(cols),
+            index: self.index.map(|ip| IndexProjections { q: heads(ip.q), wts: cols(ip.wts), comp: cols(ip.comp) }),
+        }
+    }
+}
 
 /// Which mask a layer's keys take.
 enum Mask {
@@ -28,28 +66,89 @@ impl Builder<'_> {
         }
     }
 
-    /// `x`: the attention input [n_embd, n] (already attn_norm'ed).
-    pub fn attention(&mut self, il: usize, x: T, w: &LayerWeights, st: &LayerState) -> T {
+    /// `x`: the attention input [n_embd, n] (already attn_norm'ed), the step's sequences'
+    /// columns one after another. The projections run once over all the columns (RoPE
+    /// takes each column's position); each sequence attends over its own columns with its
+    /// own state and inputs; the heads, side by side again, go through the inverse RoPE and
+    /// the output projection once.
+    pub fn attention(&mut self, il: usize, x: T, w: &LayerWeights, seqs: &[&Sequence]) -> T {
+        let g = self.g;
+        let rope = self.rope_params(il);
+        let all = self.project(il, x, w);
+        let mut heads: Option<T> = None;
+        for (i, seq) in seqs.iter().enumerate() {
+            self.cur = i;
+            let si = self.si();
+            let p = if seqs.len() == 1 { all } else { all.columns(g, si.first as i64, si.n as i64) };
+            let h = self.attend(il, &p, w, &seq.layers[il], &rope);
+            heads = Some(match heads {
+                Some(prev) => g.concat(prev, h, 2),
+                None => h,
+            });
+        }
+        let heads = heads.unwrap_or_else(|| unreachable!("a step has at least one sequence"));
+        self.attention_out(il, heads, w, &rope)
+    }
+
+    /// The layer's position-independent projections over all the step's columns `x`.
+    fn project(&self, il: usize, x: T, w: &LayerWeights) -> Projections {
         let (g, c) = (self.g, self.c);
         let (d, h, n) = (c.head_dim as i64, c.n_head as i64, x.ne(1));
         let n_rot = c.n_rot as i64;
         let rope = self.rope_params(il);
         let eps = c.rms_eps;
+        let pos = self.inp.pos;
 
         // Queries: q_a → norm → q_b → per-head unweighted RMSNorm → RoPE on the trailing dims.
         let qr = g.mul(g.rms_norm(g.mm(w.q_a, x), eps), w.q_a_norm);
         let qr = g.name(qr, &format!("q_lora-{il}"));
         let q = g.rms_norm(g.reshape(g.mm(w.q_b, qr), &[d, h, n]), eps);
-        let q = g.name(g.rope(q, self.si().pos, n_rot, d - n_rot, &rope), &format!("q-{il}"));
+        let q = g.name(g.rope(q, pos, n_rot, d - n_rot, &rope), &format!("q-{il}"));
 
         // The one K=V head.
         let kv = g.mul(g.rms_norm(g.mm(w.kv, x), eps), w.kv_norm);
-        let kv = g.rope(g.reshape(kv, &[d, 1, n]), self.si().pos, n_rot, d - n_rot, &rope);
+        let kv = g.rope(g.reshape(kv, &[d, 1, n]), pos, n_rot, d - n_rot, &rope);
         let kv = g.name(g.reshape(kv, &[d, n]), &format!("kv-{il}"));
 
-        // Raw keys: the ring (last `window` positions before the batch) ++ the batch.
-        let raw = g.name(g.concat(st.ring, kv, 1), &format!("raw_kv-{il}"));
-        self.effects.push(g.cpy(g.get_rows(raw, self.si().ring_keep), st.ring));
+        let ratio = c.compress_ratios[il];
+        let comp = w.compressor.as_ref().map(|cw| self.compressor_rows(x, cw, ratio));
+        let index = w.indexer.as_ref().map(|iw| {
+            let (di, hi) = (c.indexer_dim as i64, c.indexer_heads as i64);
+            let q = g.reshape(g.mm(iw.q_b, qr), &[di, hi, n]);
+            let q = g.rope(q, pos, n_rot, di - n_rot, &rope);
+            let wts = g.scale(g.mm(iw.proj, x), 1.0 / ((di * hi) as f32).sqrt()); // [hi, n]
+            IndexProjections { q, wts, comp: self.compressor_rows(x, &iw.compressor, ratio) }
+        });
+        Projections { q, kv, comp, index }
+    }
+
+    /// A compressor's rows of the columns `x`: each its kv ++ its score (gate + the position
+    /// bias of its place in its window) [2·width, n].
+    fn compressor_rows(&self, x: T, cw: &Compressor, ratio: usize) -> T {
+        let g = self.g;
+        let kv = g.mm(cw.kv, x); // [width, n]
+        let score = g.add(g.mm(cw.gate, x), g.get_rows(cw.ape, self.ape_idx(ratio)));
+        g.concat(kv, score, 0)
+    }
+
+    /// One sequence's attention over its columns `p` of the projections, with its state:
+    /// the heads [d, h, n] (maybe a permuted view).
+    fn attend(&mut self, il: usize, p: &Projections, w: &LayerWeights, st: &LayerState, rope: &RopeParams) -> T {
+        let (g, c) = (self.g, self.c);
+        let (d, q, kv) = (c.head_dim as i64, p.q, p.kv);
+        let n = q.ne(2);
+
+        // Raw keys: the ring (last `window` positions before the batch) ++ the batch; a
+        // decode token's key goes into the ring's spare column (read in place), a batch of
+        // several is appended to a copy.
+        let window = st.ring.ne(1) - 1;
+        let ring = g.view_2d(st.ring, d, window, 0, 0);
+        let raw = if n == 1 { g.set_cols(st.ring, kv, window) } else { g.concat(ring, kv, 1) };
+        let raw = g.name(raw, &format!("raw_kv-{il}"));
+        // The ring after the batch: a decode token's key into its slot, or every slot's key
+        // (`RowUpdate`).
+        let ring_keep = self.si().ring_keep;
+        self.effects.push(if n == 1 { g.set_rows(st.ring, kv, ring_keep) } else { g.cpy(g.get_rows(raw, ring_keep), ring) });
 
         let scale = 1.0 / (d as f32).sqrt();
         let qp = g.permute(q, [0, 2, 1, 3]); // [d, n, h]
@@ -57,11 +156,12 @@ impl Builder<'_> {
         // layers) every entry, masked to the visible ones (HCA) or to the indexer's top-k
         // (CSA, dense form); or, for CSA over many entries, each token's own gathered
         // entries (`heads` computed directly).
-        let (keys, mask): (T, Mask) = match (&w.compressor, &st.comp) {
-            (Some(cw), Some(cs)) if w.indexer.is_some() => {
+        let comp = w.compressor.as_ref().zip(p.comp).zip(st.comp.as_ref());
+        let (keys, mask): (T, Mask) = match (comp, &p.index) {
+            (Some(((cw, rows), cs)), Some(ip)) => {
                 let ci = self.comp_inputs(cs.shape.ratio);
-                let entries = self.compress(il, "csa", x, cw, cs, ci, &rope);
-                let top = self.indexer_top_k(il, x, qr, w, st, ci, &rope);
+                let entries = self.compress(il, "csa", rows, cw, cs, ci, rope);
+                let top = self.indexer_top_k(il, ip, w, st, ci, rope);
                 let vis = g.reshape(ci.vis_mask, &[1, ci.n_view as i64, n]);
                 // Each selected entry's visibility (an entry is selected among invisible
                 // ones only when fewer than k are visible): [1, k, n].
@@ -71,25 +171,23 @@ impl Builder<'_> {
                     let sel_mask = g.reshape(g.set_rows(g.fill(vis, f32::NEG_INFINITY), sel_vis, top), &[ci.n_view as i64, n]);
                     (g.concat(raw, entries, 1), Mask::Layer(g.concat(self.si().raw_mask, sel_mask, 0)))
                 } else {
-                    let heads = self.attend_selected(q, qp, raw, entries, top, sel_vis, scale, w.sinks);
-                    return self.attention_out(il, heads, w, &rope);
+                    return self.attend_selected(q, qp, raw, entries, top, sel_vis, scale, w.sinks);
                 }
             }
-            (Some(cw), Some(cs)) => {
+            (Some(((cw, rows), cs)), None) => {
                 let ci = self.comp_inputs(cs.shape.ratio);
-                let entries = self.compress(il, "hca", x, cw, cs, ci, &rope);
+                let entries = self.compress(il, "hca", rows, cw, cs, ci, rope);
                 (g.concat(raw, entries, 1), Mask::Hca(ci.ratio))
             }
             _ => (raw, Mask::Raw),
         };
         let mask = self.layer_mask(mask);
-        let heads = if self.flash {
+        if self.flash {
             g.flash_attn_sinks(qp, keys, mask, scale, w.sinks) // [d, h, n]
         } else {
             let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, w.sinks);
             g.permute(g.mm(g.cont(g.transpose(keys)), p), [0, 2, 1, 3])
-        };
-        self.attention_out(il, heads, w, &rope)
+        }
     }
 
     /// The attention mask of a layer, F16 for flash attention; the raw and the per-ratio HCA
@@ -143,7 +241,7 @@ impl Builder<'_> {
         let n_rot = c.n_rot as i64;
         // K = V carried RoPE into the output: rotate its rope dims back by −position (rope
         // reads permuted rows in place and writes [d, h, n]).
-        let out = g.rope(heads, self.si().neg_pos, n_rot, d - n_rot, rope);
+        let out = g.rope(heads, self.inp.neg_pos, n_rot, d - n_rot, rope);
         let out = g.name(out, &format!("attn_heads-{il}"));
 
         // Grouped low-rank output: each group of heads through its own slice of output_a.
@@ -157,25 +255,28 @@ impl Builder<'_> {
         g.name(y, &format!("attn_out-{il}"))
     }
 
-    /// Run a compressor over the batch: keep the rows of the windows still open for later
+    /// Run a compressor over one sequence's batch, given its rows `batch_rows` (kv ++ score
+    /// [2·width, n], `compressor_rows`): keep the rows of the windows still open for later
     /// batches, pool every window that closes in this batch (an open window's entry is
     /// visible to no token yet), write those entries, and return the view of entries the
     /// attention may address [dim, n_view].
     #[allow(clippy::too_many_arguments)]
-    fn compress(&mut self, il: usize, what: &str, x: T, cw: &Compressor, cs: &CompState, ci: &CompInputs, rope: &RopeParams) -> T {
+    fn compress(&mut self, il: usize, what: &str, batch_rows: T, cw: &Compressor, cs: &CompState, ci: &CompInputs, rope: &RopeParams) -> T {
         let (g, c) = (self.g, self.c);
         let m = cs.shape.ratio as i64;
         let dim = cs.entries.ne(0);
-        let width = cw.kv.ne(1);
-        let rows = cs.kv_score.ne(1) - 1; // state rows without the dummy
+        let width = batch_rows.ne(0) / 2;
+        let rows = cs.kv_score.ne(1) - 2; // state rows without the dummy and the spare column
         let nw = ci.n_windows as i64;
+        let n = batch_rows.ne(1);
 
-        let kv = g.mm(cw.kv, x); // [width, n]
-        let score = g.add(g.mm(cw.gate, x), g.get_rows(cw.ape, ci.ape_idx));
-        // Each row: kv ++ score [2·width]; the state's rows (and the dummy) before the batch's.
-        let all = g.concat(cs.kv_score, g.concat(kv, score, 0), 1);
-        // Keep the open windows' rows for the next batch.
-        self.effects.push(g.cpy(g.get_rows(all, ci.keep), g.view_2d(cs.kv_score, 2 * width, rows, 0, 0)));
+        // The state's rows (and the dummy) before the batch's: a decode token's row in the
+        // spare column (read in place), a batch of several appended to a copy.
+        let state = g.view_2d(cs.kv_score, 2 * width, rows, 0, 0);
+        let all = if n == 1 { g.set_cols(cs.kv_score, batch_rows, rows + 1) } else { g.concat(g.view_2d(cs.kv_score, 2 * width, rows + 1, 0, 0), batch_rows, 1) };
+        // Keep the open windows' rows for the next batch: a decode token's row into its slot
+        // (or the spare column), or every slot's row (`RowUpdate`).
+        self.effects.push(if n == 1 { g.set_rows(cs.kv_score, batch_rows, ci.keep) } else { g.cpy(g.get_rows(all, ci.keep), state) });
         let Some(wi) = &ci.windows else {
             // No window closes (most decode steps): the entries are as the last batch left them.
             return g.name(g.view_2d(cs.entries, dim, ci.n_view as i64, 0, 0), &format!("{what}_entries-{il}"));
@@ -208,17 +309,14 @@ impl Builder<'_> {
     }
 
     /// Lightning indexer: score(t, j) = Σ_h w_h(t) · ReLU(q_h(t) · k_j) over the indexer's own
-    /// compressed keys, invisible entries masked; returns the top-k entry ids [k, n].
-    #[allow(clippy::too_many_arguments)]
-    fn indexer_top_k(&mut self, il: usize, x: T, qr: T, w: &LayerWeights, st: &LayerState, ci: &CompInputs, rope: &RopeParams) -> T {
+    /// compressed keys, invisible entries masked; returns the top-k entry ids [k, n]. `ip`:
+    /// the sequence's columns of the indexer's projections.
+    fn indexer_top_k(&mut self, il: usize, ip: &IndexProjections, w: &LayerWeights, st: &LayerState, ci: &CompInputs, rope: &RopeParams) -> T {
         let (g, c) = (self.g, self.c);
         let (Some(iw), Some(is)) = (&w.indexer, &st.index) else { unreachable!("CSA layers have an indexer (validated)") };
-        let (di, hi, n) = (c.indexer_dim as i64, c.indexer_heads as i64, x.ne(1));
-        let n_rot = c.n_rot as i64;
-        let keys = self.compress(il, "index", x, &iw.compressor, is, ci, rope); // [di, n_view]
-        let q = g.reshape(g.mm(iw.q_b, qr), &[di, hi, n]);
-        let q = g.rope(q, self.si().pos, n_rot, di - n_rot, rope);
-        let wts = g.scale(g.mm(iw.proj, x), 1.0 / ((di * hi) as f32).sqrt()); // [hi, n]
+        let (q, wts) = (ip.q, ip.wts);
+        let (di, hi, n) = (c.indexer_dim as i64, c.indexer_heads as i64, q.ne(2));
+        let keys = self.compress(il, "index", ip.comp, &iw.compressor, is, ci, rope); // [di, n_view]
         let s = g.relu(g.mm(keys, g.reshape(q, &[di, hi * n]))); // [n_view, hi·n]
         let s = g.reshape(s, &[ci.n_view as i64, hi, n]);
         // Σ_h w_h · s_h per token: on the CPU one outer product summed over the heads

@@ -10,16 +10,16 @@ use crate::cold::{ColdCall, ColdState, RouteCall};
 use crate::model::Logits;
 use crate::offload::ColdHost;
 use crate::ops::{Ctx, T};
-use crate::plan::{CompPlan, CompShape, RawPlan};
+use crate::plan::{CompPlan, CompShape, RawPlan, RowUpdate};
 use crate::state::Sequence;
-use crate::weights::{LayerWeights, Weights};
+use crate::weights::Weights;
 
-/// Graph inputs of one compressor ratio (shared by every layer of that ratio).
+/// Graph inputs of one sequence and compressor ratio (shared by every layer of that ratio).
 pub struct CompInputs {
     pub ratio: usize,
     pub n_windows: usize,
     pub n_view: usize,
-    pub ape_idx: T,
+    /// The open-window rows after the batch (`RowUpdate`): [state_rows] or, for one token, [1].
     pub keep: T,
     pub vis_mask: T,
     /// The windows that close in this batch; None when none does (decode between closes).
@@ -34,23 +34,27 @@ pub struct WindowInputs {
     pub write_idx: T,
 }
 
-/// The inputs of one sequence's tokens in a step: their positions, the raw window's mask
-/// and ring update, and the compressor plans.
+/// The inputs of one sequence's tokens in a step: the raw window's mask and ring update,
+/// and the compressor plans.
 pub struct SeqInputs {
     /// The sequence's first column among the step's tokens, and its token count.
     pub first: usize,
     pub n: usize,
-    pub pos: T,
-    pub neg_pos: T,
     pub raw_mask: T,
+    /// The ring after the batch (`RowUpdate`): [window] or, for one token, [1].
     pub ring_keep: T,
     pub comp: Vec<CompInputs>,
 }
 
-/// A step's inputs: every token (the columns of the sequences one after another), each
-/// sequence's own inputs, and the columns whose logits are read.
+/// A step's inputs: every token (the columns of the sequences one after another) with its
+/// position (and its negation, for the inverse RoPE) and per compressor ratio its
+/// position-bias row, each sequence's own inputs, and the columns whose logits are read.
 pub struct Inputs {
     pub tokens: T,
+    pub pos: T,
+    pub neg_pos: T,
+    /// Per compressor ratio: each token's row of the compressor's position bias (`ape`).
+    pub ape_idx: Vec<(usize, T)>,
     pub seqs: Vec<SeqInputs>,
     /// Each sequence's last column (`Logits::Last` only).
     pub last_cols: Option<T>,
@@ -71,10 +75,8 @@ impl SeqInputs {
         SeqInputs {
             first,
             n: n_cols,
-            pos: g.input(g.new_i32(&[n]), "pos"),
-            neg_pos: g.input(g.new_i32(&[n]), "neg_pos"),
             raw_mask: g.input(g.new_f32(&[c.window as i64 + n, n]), "raw_mask"),
-            ring_keep: g.input(g.new_i32(&[c.window as i64]), "ring_keep"),
+            ring_keep: g.input(g.new_i32(&[RowUpdate::len(n_cols, c.window)]), "ring_keep"),
             comp: comps
                 .iter()
                 .map(|(s, cp)| {
@@ -84,8 +86,7 @@ impl SeqInputs {
                         ratio: m,
                         n_windows: cp.n_windows,
                         n_view: cp.n_view,
-                        ape_idx: g.input(g.new_i32(&[n]), &format!("ape_idx-{m}")),
-                        keep: g.input(g.new_i32(&[s.state_rows() as i64]), &format!("keep-{m}")),
+                        keep: g.input(g.new_i32(&[RowUpdate::len(n_cols, s.state_rows())]), &format!("keep-{m}")),
                         vis_mask: g.input(g.new_f32(&[cp.n_view as i64, n]), &format!("vis_mask-{m}")),
                         windows: (nw > 0).then(|| WindowInputs {
                             cur_idx: g.input(g.new_i32(&[m as i64 * nw]), &format!("cur_idx-{m}")),
@@ -100,9 +101,9 @@ impl SeqInputs {
     }
 
     fn all(&self, v: &mut Vec<T>) {
-        v.extend([self.pos, self.neg_pos, self.raw_mask, self.ring_keep]);
+        v.extend([self.raw_mask, self.ring_keep]);
         for ci in &self.comp {
-            v.extend([ci.ape_idx, ci.keep, ci.vis_mask]);
+            v.extend([ci.keep, ci.vis_mask]);
             if let Some(w) = &ci.windows {
                 v.extend([w.cur_idx, w.entry_pos, w.write_idx]);
                 v.extend(w.prev_idx);
@@ -112,15 +113,9 @@ impl SeqInputs {
 
     /// Fill the inputs for `plan` (the one the inputs were made for).
     fn set(&self, plan: &SeqPlan) {
-        let p = plan.p;
-        let pos: Vec<i32> = (0..plan.tokens.len()).map(|i| (p + i) as i32).collect();
-        let neg: Vec<i32> = pos.iter().map(|&q| -q).collect();
-        self.pos.write_i32(&pos);
-        self.neg_pos.write_i32(&neg);
         self.raw_mask.write_f32(&plan.raw.mask);
-        self.ring_keep.write_i32(&plan.raw.keep);
+        self.ring_keep.write_i32(&RowUpdate::of(plan.tokens.len(), &plan.raw.keep, plan.raw.keep.len()));
         for (ci, (_, cp)) in self.comp.iter().zip(&plan.comps) {
-            ci.ape_idx.write_i32(&cp.ape_idx);
             if let Some(w) = &ci.windows {
                 w.cur_idx.write_i32(&cp.cur_idx);
                 if let Some(t) = w.prev_idx {
@@ -129,7 +124,7 @@ impl SeqInputs {
                 w.entry_pos.write_i32(&cp.entry_pos);
                 w.write_idx.write_i32(&cp.write_idx);
             }
-            ci.keep.write_i32(&cp.keep);
+            ci.keep.write_i32(&RowUpdate::of(plan.tokens.len(), &cp.keep, cp.keep.len() + 1));
             ci.vis_mask.write_f32(&cp.vis_mask);
         }
     }
@@ -148,8 +143,14 @@ impl Inputs {
                 si
             })
             .collect();
+        let n = first as i64;
+        // Every sequence has the model's compressor ratios, in the same order.
+        let ratios: Vec<usize> = plans.first().map(|sp| sp.comps.iter().map(|(s, _)| s.ratio).collect()).unwrap_or_default();
         Inputs {
-            tokens: g.input(g.new_i32(&[first as i64]), "tokens"),
+            tokens: g.input(g.new_i32(&[n]), "tokens"),
+            pos: g.input(g.new_i32(&[n]), "pos"),
+            neg_pos: g.input(g.new_i32(&[n]), "neg_pos"),
+            ape_idx: ratios.into_iter().map(|m| (m, g.input(g.new_i32(&[n]), &format!("ape_idx-{m}")))).collect(),
             last_cols: (logits == Logits::Last).then(|| g.input(g.new_i32(&[seqs.len() as i64]), "last_cols")),
             seqs,
         }
@@ -157,7 +158,8 @@ impl Inputs {
 
     /// Every input tensor.
     pub fn all(&self) -> Vec<T> {
-        let mut v = vec![self.tokens];
+        let mut v = vec![self.tokens, self.pos, self.neg_pos];
+        v.extend(self.ape_idx.iter().map(|&(_, t)| t));
         v.extend(self.last_cols);
         for si in &self.seqs {
             si.all(&mut v);
@@ -169,6 +171,13 @@ impl Inputs {
     pub fn set(&self, plans: &[SeqPlan]) {
         let toks: Vec<i32> = plans.iter().flat_map(|sp| sp.tokens.iter().map(|&t| t as i32)).collect();
         self.tokens.write_i32(&toks);
+        let pos: Vec<i32> = plans.iter().flat_map(|sp| (sp.p..sp.p + sp.tokens.len()).map(|q| q as i32)).collect();
+        let neg: Vec<i32> = pos.iter().map(|&q| -q).collect();
+        self.pos.write_i32(&pos);
+        self.neg_pos.write_i32(&neg);
+        for (k, &(_, t)) in self.ape_idx.iter().enumerate() {
+            t.write_i32(&plans.iter().flat_map(|sp| sp.comps[k].1.ape_idx.iter().copied()).collect::<Vec<_>>());
+        }
         if let Some(t) = self.last_cols {
             t.write_i32(&self.seqs.iter().map(|si| (si.first + si.n - 1) as i32).collect::<Vec<_>>());
         }
@@ -216,6 +225,12 @@ impl<'a> Builder<'a> {
         &self.inp.seqs[self.cur]
     }
 
+    /// The step's position-bias rows of the compressors of this ratio.
+    pub fn ape_idx(&self, ratio: usize) -> T {
+        // Every ratio of the config gets inputs when the step is built.
+        self.inp.ape_idx.iter().find(|&&(m, _)| m == ratio).map(|&(_, t)| t).unwrap_or_else(|| unreachable!("inputs for ratio {ratio}"))
+    }
+
     pub fn comp_inputs(&self, ratio: usize) -> &'a CompInputs {
         // Every ratio of the config gets inputs when the step is built.
         self.si().comp.iter().find(|ci| ci.ratio == ratio).unwrap_or_else(|| unreachable!("inputs for ratio {ratio}"))
@@ -223,9 +238,9 @@ impl<'a> Builder<'a> {
 
     /// The model over the step's tokens (the sequences' columns one after another): the
     /// logits [n_vocab, n] (`Logits::All`) or [n_vocab, sequences] (each one's last token).
-    /// Everything but attention works column by column over all tokens at once; attention
-    /// runs per sequence on its own columns and state. State writes are collected in
-    /// `effects`.
+    /// Everything but the attention proper works column by column over all tokens at once
+    /// (the attention's projections included); each sequence attends over its own columns
+    /// and state. State writes are collected in `effects`.
     pub fn model(&mut self, w: &Weights, seqs: &[&Sequence]) -> T {
         let (g, c) = (self.g, self.c);
         let n = self.inp.tokens.ne(0);
@@ -237,7 +252,7 @@ impl<'a> Builder<'a> {
         let mut x = g.repeat_4d(g.reshape(emb, &[e, 1, n]), [e, hc, n, 1]);
         for (il, lw) in w.layers.iter().enumerate() {
             let (y, mix) = self.hc_pre(x, &lw.hc_attn, il, "attn");
-            let a = self.attention_per_sequence(il, g.mul(g.rms_norm(y, c.rms_eps), lw.attn_norm), lw, seqs);
+            let a = self.attention(il, g.mul(g.rms_norm(y, c.rms_eps), lw.attn_norm), lw, seqs);
             x = self.hc_post(a, x, &mix);
             let (y, mix) = self.hc_pre(x, &lw.hc_ffn, il, "ffn");
             let f = self.moe(il, g.mul(g.rms_norm(y, c.rms_eps), lw.ffn_norm), lw);
@@ -249,23 +264,5 @@ impl<'a> Builder<'a> {
         }
         let h = g.name(h, "hidden_final");
         g.name(g.mm(w.output, h), "logits")
-    }
-
-    /// Each sequence's attention over its own columns of `x` [n_embd, n] with its own state
-    /// and inputs, the outputs side by side again [n_embd, n].
-    fn attention_per_sequence(&mut self, il: usize, x: T, lw: &LayerWeights, seqs: &[&Sequence]) -> T {
-        let g = self.g;
-        let mut out: Option<T> = None;
-        for (i, seq) in seqs.iter().enumerate() {
-            self.cur = i;
-            let si = self.si();
-            let cols = if seqs.len() == 1 { x } else { g.view_2d(x, x.ne(0), si.n as i64, 0, si.first as i64) };
-            let a = self.attention(il, cols, lw, &seq.layers[il]);
-            out = Some(match out {
-                Some(prev) => g.concat(prev, a, 1),
-                None => a,
-            });
-        }
-        out.unwrap_or_else(|| unreachable!("a step has at least one sequence"))
     }
 }

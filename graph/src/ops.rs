@@ -398,6 +398,12 @@ impl Ctx {
         // SAFETY: a belongs to this context; 0 < k <= a.ne0.
         T(unsafe { sys::ggml_top_k(self.raw, a.0, k as i32) })
     }
+    /// `b` [a.ne0, m] written over columns `col` .. `col + m` of the matrix `a`, in place: a
+    /// view of the whole of `a` that depends on the write.
+    pub fn set_cols(&self, a: T, b: T, col: i64) -> T {
+        // SAFETY: both belong to this context; the columns lie inside `a` (builder invariant).
+        T(unsafe { sys::ggml_set_2d_inplace(self.raw, a.0, b.0, a.nb(1), col as usize * a.nb(1)) })
+    }
     pub fn set_rows(&self, dst: T, src: T, idx: T) -> T {
         // SAFETY: all belong to this context.
         T(unsafe { sys::ggml_set_rows(self.raw, dst.0, src.0, idx.0) })

@@ -188,6 +188,37 @@ pub fn comp_plan(p: usize, n: usize, s: &CompShape) -> CompPlan {
     }
 }
 
+/// How a step updates a sequence's ring or open-window rows (slots), read from the plan's
+/// `keep` (each slot's source row in the layout slots ++ batch for the ring, slots ++ dummy ++
+/// batch for a compressor). A batch of several tokens gathers every slot's row (`keep`
+/// itself). A decode token writes its row into the one slot that keeps it, every other slot
+/// staying as it is (a slot `keep` would fill from elsewhere then holds a row no later step
+/// reads: masked, or never gathered); the state tensor has a spare column right after the
+/// slots (ring) or the dummy (compressor), at the batch's first row, where the token's row
+/// goes when no slot keeps it (a window without overlap closing).
+pub struct RowUpdate;
+
+impl RowUpdate {
+    /// The index count for `n` tokens over `slots` slots.
+    pub fn len(n: usize, slots: usize) -> i64 {
+        if n == 1 {
+            1
+        } else {
+            slots as i64
+        }
+    }
+
+    /// The indices for `n` tokens: `keep`, or for one token the column its row goes to (the
+    /// slot keeping row `first_batch_row`, else the spare column, `first_batch_row`).
+    pub fn of(n: usize, keep: &[i32], first_batch_row: usize) -> Vec<i32> {
+        if n != 1 {
+            return keep.to_vec();
+        }
+        let slot = keep.iter().position(|&k| k as usize == first_batch_row).unwrap_or(first_batch_row);
+        vec![slot as i32]
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,8 +259,23 @@ mod tests {
                     }
                 }
             }
-            state = plan.keep.iter().map(|&k| rows[k as usize]).collect();
+            update(&mut state, &rows, n, &plan.keep, cap + 1);
             p += n;
+        }
+    }
+
+    /// The device's update of slots (`RowUpdate`): a batch gathers every slot's row, a
+    /// decode token writes its one slot.
+    fn update(state: &mut Vec<Option<i64>>, rows: &[Option<i64>], n: usize, keep: &[i32], first_batch_row: usize) {
+        let idx = RowUpdate::of(n, keep, first_batch_row);
+        assert_eq!(idx.len() as i64, RowUpdate::len(n, keep.len()));
+        if n == 1 {
+            // The spare column is no slot.
+            if let Some(slot) = state.get_mut(idx[0] as usize) {
+                *slot = rows[first_batch_row];
+            }
+        } else {
+            *state = idx.iter().map(|&k| rows[k as usize]).collect();
         }
     }
 
@@ -247,7 +293,7 @@ mod tests {
         let w = 8usize;
         let mut ring: Vec<Option<i64>> = vec![None; w];
         let mut p = 0usize;
-        for n in [5usize, 1, 1, 20, 3, 1] {
+        for n in [5usize, 1, 1, 20, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1] {
             let plan = raw_plan(p, n, w);
             let keys: Vec<Option<i64>> = ring.iter().cloned().chain((p..p + n).map(|q| Some(q as i64))).collect();
             for i in 0..n {
@@ -260,7 +306,7 @@ mod tests {
                 let want: Vec<i64> = ((t - w as i64 + 1).max(0)..=t).collect();
                 assert_eq!(seen, want, "query {t}");
             }
-            ring = plan.keep.iter().map(|&k| keys[k as usize]).collect();
+            update(&mut ring, &keys, n, &plan.keep, w);
             p += n;
         }
     }

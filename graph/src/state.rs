@@ -21,16 +21,19 @@ use crate::GraphError;
 
 pub struct CompState {
     pub shape: CompShape,
-    /// [2·width, state_rows + 1]: the open windows' rows, each its kv (`width` values) and
-    /// then its score (gate + position bias, `width` values) side by side; the last column is
-    /// the dummy row (kv 0, score −∞).
+    /// [2·width, state_rows + 2]: the open windows' rows, each its kv (`width` values) and
+    /// then its score (gate + position bias, `width` values) side by side; then the dummy row
+    /// (kv 0, score −∞); then a spare column, where a decode step puts its token's row so
+    /// that the rows are read in place (`plan`'s row layout without a copy).
     pub kv_score: T,
     /// [entry_dim, cap_entries]: compressed entries.
     pub entries: T,
 }
 
 pub struct LayerState {
-    /// [head_dim, window]: raw keys (= values) of the last `window` positions.
+    /// [head_dim, window + 1]: raw keys (= values) of the last `window` positions; the last
+    /// column is spare, where a decode step puts its token's key so that the raw keys (ring ++
+    /// batch) are read in place.
     pub ring: T,
     pub comp: Option<CompState>,
     pub index: Option<CompState>,
@@ -54,7 +57,7 @@ impl Sequence {
         let (d, di) = (c.head_dim as i64, c.indexer_dim as i64);
         let comp = |ratio: usize, width: i64, entry_dim: i64| -> CompState {
             let shape = CompShape::new(ratio, n_ctx);
-            let rows = shape.state_rows() as i64 + 1;
+            let rows = shape.state_rows() as i64 + 2;
             CompState {
                 shape,
                 kv_score: g.new_f32(&[2 * width, rows]),
@@ -66,7 +69,7 @@ impl Sequence {
                 let ratio = c.compress_ratios[l];
                 let mult = if ratio == 4 { 2 } else { 1 };
                 LayerState {
-                    ring: g.new_f32(&[d, c.window as i64]),
+                    ring: g.new_f32(&[d, c.window as i64 + 1]),
                     comp: (ratio != 0).then(|| comp(ratio, mult * d, d)),
                     index: (ratio == 4).then(|| comp(ratio, 2 * di, di)),
                 }
@@ -203,7 +206,7 @@ impl Sequence {
     /// order: per layer the ring, the compressor, the indexer's compressor.
     fn live_columns(&self, pos: usize) -> impl Iterator<Item = (T, Range<usize>)> + '_ {
         self.layers.iter().flat_map(move |l| {
-            let window = l.ring.ne(1) as usize;
+            let window = l.ring.ne(1) as usize - 1; // without the spare column
             let ring = slot_ranges(pos.saturating_sub(window)..pos, window).map(move |r| (l.ring, r));
             let comps = l.comp.iter().chain(l.index.iter()).flat_map(move |cs| {
                 slot_ranges(cs.shape.keep_start(pos)..pos, cs.shape.state_rows()).map(move |r| (cs.kv_score, r))
