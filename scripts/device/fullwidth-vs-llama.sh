@@ -27,7 +27,6 @@
 #            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
 #            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only),
 #            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8)
-#   pack     llama-bench and its libraries into $OUT (parts of 15 MiB) to carry under .device/
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
 # Environment: FA (default 1; 0 builds llama.cpp without its flash-attention kernels, about half
 # the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
@@ -69,11 +68,7 @@ peak() {
 
 build() {
   t0=$(date +%s)
-  # a build carried back from an earlier call (the `pack` step's parts, under .device/) or
-  # left by one on this machine: no second build
-  if ls .device/llama-build.tar.xz.* >/dev/null 2>&1 && [ ! -d /tmp/llama-build ]; then
-    cat .device/llama-build.tar.xz.* | xz -d | tar -C /tmp -x
-  fi
+  # a build left by an earlier call on this (still warm) machine: no second build
   if [ -n "$(find /tmp/llama-build -name libggml-cuda.so -type f 2>/dev/null | head -1)" ] \
     && [ -n "$(find /tmp/llama-build -name llama-bench -type f 2>/dev/null | head -1)" ]; then
     cp "$(find /tmp/llama-build -name libggml-cuda.so -type f | head -1)" $bin/libggml-cuda.so
@@ -116,14 +111,6 @@ elif on files; then
   write_files
 fi
 LB=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
-
-# pack: llama-bench and its libraries (the CUDA module too) into $OUT in parts of 15 MiB,
-# to be carried under .device/ by a later call, whose `build` step then unpacks them
-if on pack; then
-  (cd /tmp && find llama-build -type f \( -name llama-bench -o -name '*.so*' \) | tar -cf - -T - | xz -T0 -6 \
-    | split -b 15M - "$out/llama-build.tar.xz.")
-  ls -l "$out"/llama-build.tar.xz.*
-fi
 
 if on exact; then
   echo "== cold experts on CUDA0: executor vs offloaded vs in the graph (fixture A, MXFP4 experts)"

@@ -7,9 +7,9 @@
 # Usage (GPU machine, repo root, after scripts/device/prepare.sh here), carrying .device
 # (bin, ggml-src, fixtures):
 #   bash scripts/device/placement-bound.sh
-# With BOUND_REL and BOUND_TOP1 set it fails when a CUDA0 run is further from the CPU than
-# max |Δlogit| ≤ BOUND_REL · max |logit| at every position, or agrees on the argmax at fewer
-# than BOUND_TOP1 of the positions (DS4.md states the measured bound).
+# It fails when a CUDA0 run is further from the CPU than max |Δlogit| ≤ BOUND_REL · max |logit|
+# at every position (default 1.6), or agrees on the argmax at fewer than BOUND_TOP1 of the
+# positions (default 0.92): the bound DS4.md states, measured on an H100.
 set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/placement-bound.log
@@ -49,7 +49,8 @@ for n in ["cpu-none-w2", "cpu-u8-w0"]:
     same = np.array_equal(load(n).view(np.uint32), cpu.view(np.uint32))
     print(f"{n:18} vs cpu-hot: {'the same bits' if same else 'DIFFERENT BITS'}")
     assert same, f"{n}: the CPU placements differ"
-bound, top1_min = os.environ.get("BOUND_REL"), os.environ.get("BOUND_TOP1")
+# DS4.md's stated bound (measured on an H100 at 53a2d34: worst 1.46, lowest top-1 93.3%)
+bound, top1_min = os.environ.get("BOUND_REL", "1.6"), os.environ.get("BOUND_TOP1", "0.92")
 worst = 0.0
 lowest = 1.0
 for n in ["cuda-hot", "cuda-none-w0", "cuda-none-w2-dec", "cuda-u8-w2", "cuda-ncpu3-w1"]:

@@ -80,13 +80,17 @@ pub struct ModelArgs {
     /// only the experts each micro-batch routes to over PCIe (smaller batches, e.g. decode,
     /// use the CPU workers). The copy costs host memory equal to the cold experts' size;
     /// budget placements then also keep one layer's experts free on the GPU for the copies.
-    /// 0 (the default until it has been measured on a GPU): never, no host copy; 64 is the
-    /// estimated crossover for full-width MXFP4 experts.
+    /// 0 (the default): never, no host copy. Measured on an H100 at full width (BENCHMARKS.md,
+    /// "Full width"): with 64, a 512-token prefill with every expert cold runs at llama.cpp's
+    /// speed (the PCIe bound; the executor alone was 0.13× at 8 layers); the crossover below 512 tokens is
+    /// not measured yet, and the host copy doubles the cold experts' host memory.
     #[arg(long = "cold-offload-min", value_name = "N", default_value_t = 0)]
     pub cold_offload_min: usize,
     /// With the model on a GPU: layers whose routed experts are all cold compute them in the
     /// step graph itself at every batch size, from the pinned host copy (ggml's CPU backend
     /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers.
+    /// Measured on an H100 with every expert cold: decode 1.38× the executor's, 1.23×
+    /// llama.cpp's (BENCHMARKS.md, "Full width").
     #[arg(long = "cold-layers-in-graph")]
     pub cold_layers_in_graph: bool,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
