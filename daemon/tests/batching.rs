@@ -82,4 +82,24 @@ fn concurrent_requests_give_exactly_what_each_gives_alone() {
     // every prompt token was prefilled once
     let prompt_n = together.metric("dflash_prompt_tokens_total");
     assert_eq!(prompt_n, prompt_tokens as f64);
+    drop(together);
+
+    // The prefill chunk, not the micro-batch, decides the bits: a bigger -u with the same
+    // --prefill-chunk gives the same texts, one request after another.
+    let bigger = Server::start(&["-u", "100", "--prefill-chunk", "32", "--ctx-size", "512", "--cache-ram-mb", "0", "--parallel", "3"]);
+    for (i, (p, w)) in prompts.iter().zip(&want).enumerate() {
+        assert_eq!(&complete(&bigger, p, max_tokens), w, "request {i}: -u 100 --prefill-chunk 32 vs -u 32");
+    }
+}
+
+#[test]
+fn a_zero_prefill_chunk_is_refused_by_name() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dflash"))
+        .args(["serve", "--port", "0", "--prefill-chunk", "0", "-m"])
+        .arg(model())
+        .output()
+        .expect("dflash serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--prefill-chunk"), "{err}");
 }
