@@ -26,7 +26,8 @@
 #            cold-graph / half-graph = cold / half with --cold-layers-in-graph (dflash only),
 #            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
 #            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only),
-#            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8)
+#            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8),
+#            half-np8-stream = half-np8 with the cold experts of 8-token steps streamed to the GPU
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
 # Environment: FA (default 1; 0 builds llama.cpp without its flash-attention kernels, about half
 # the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
@@ -213,6 +214,7 @@ if on pairs; then
         cold-graph) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph" ;;
         half-graph) n= flags="--n-cpu-moe $half $DFLASH_COLD --cold-layers-in-graph" ;;
         half-np8) n= flags="--n-cpu-moe $half $DFLASH_COLD --np 8" tests="-p 0 --decode 32" ;;
+        half-np8-stream) n= flags="--n-cpu-moe $half $DFLASH_EXEC --cold-offload-min 8 --np 8" tests="-p 0 --decode 32" ;;
         hot-np8) n= flags="--experts-hot all --np 8" tests="-p 0 --decode 32" ;;
         profile)
           n=
