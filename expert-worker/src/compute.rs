@@ -280,6 +280,10 @@ impl ExpertWorker {
                 p += 1;
             }
         }
+        // the padding rows repeat the last pair's expert, so that they read no other expert
+        if let Some(&last) = self.ids_host[..n_pairs].last() {
+            self.ids_host[n_pairs..].fill(last);
+        }
         let g = self.graphs.get(&(layer, rows)).ok_or(WorkerError::GraphAlloc { what: "find the cached graph" })?;
         // x and ids were allocated (at build) with exactly rows * n_embd f32 and rows i32.
         g.x.write_f32(&self.x_host);
