@@ -38,8 +38,8 @@ arrived in the window; and the long prompt's TTFT. A server that reads the long 
 of C tokens between decode steps keeps every stream's largest gap within about one chunk's
 compute of its usual gap; one that reads it whole stalls them for the whole prefill.
 --prefill-chunk C (the value the server was given) adds the estimate TTFT x C / prompt tokens.
---ignore-eos sends "ignore_eos": true with every request (llama-server honours it; dflash has
-no such field and ignores it), so the replies run to max_tokens.
+--ignore-eos sends "ignore_eos": true with every request (llama-server and dflash honour it),
+so the replies run to max_tokens.
 scripts/bench/parallel.sh runs both against `dflash serve --parallel N`.
 """
 import argparse
