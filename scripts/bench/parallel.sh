@@ -27,30 +27,8 @@ LEVELS=${LEVELS:-1,4,8,16}
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 
-PID=
-URL=
-serve() {
-    local log=$OUT/serve-np$1.log
-    : >"$log"
-    # shellcheck disable=SC2086
-    "$DFLASH" serve -m "$MODEL" -t "$THREADS" --ctx-size "$CTX" --parallel "$1" --port 0 \
-        ${CHUNK:+--prefill-chunk "$CHUNK"} ${EXTRA:-} 2>"$log" &
-    PID=$!
-    for _ in $(seq 600); do
-        URL=$(sed -n 's/.*listening on \(http:[^ ]*\).*/\1/p' "$log" | head -1)
-        [ -n "$URL" ] && return 0
-        kill -0 "$PID" 2>/dev/null || { cat "$log"; exit 1; }
-        sleep 1
-    done
-    echo "the server did not start" >&2
-    exit 1
-}
-stop() {
-    kill -TERM "$PID"
-    wait "$PID" || true
-    PID=
-}
-trap '[ -z "$PID" ] || kill "$PID" 2>/dev/null || true' EXIT
+# shellcheck source=scripts/bench/serve-lib.sh
+. "$(dirname "$0")/serve-lib.sh"
 : >"$OUT/requests.log"
 bench() {
     # every request's line goes to the log; the tables to stdout
@@ -61,7 +39,7 @@ bench() {
 
 runs=" ${RUNS:-sweep interrupt} "
 for np in ${PARALLEL:-16}; do
-    serve "$np"
+    serve "np$np" --parallel "$np" ${CHUNK:+--prefill-chunk "$CHUNK"}
     if [[ $runs == *" sweep "* ]]; then
         echo "== --parallel $np: concurrency sweep $LEVELS"
         bench --concurrency-sweep "$LEVELS" --max-tokens "${MAX_TOKENS:-64}" ${REQUESTS:+--sweep-requests "$REQUESTS"} \

@@ -22,30 +22,8 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$OUT"
 CACHE_DIR=$OUT/cache-dir
 
-PID=
-URL=
-serve() {
-    local log=$OUT/serve-$1.log
-    shift
-    : >"$log"
-    # shellcheck disable=SC2086
-    "$DFLASH" serve -m "$MODEL" -t "$THREADS" --ctx-size "$CTX" --port 0 ${EXTRA:-} "$@" 2>"$log" &
-    PID=$!
-    for _ in $(seq 600); do
-        URL=$(sed -n 's/.*listening on \(http:[^ ]*\).*/\1/p' "$log" | head -1)
-        [ -n "$URL" ] && return 0
-        kill -0 "$PID" 2>/dev/null || { cat "$log"; exit 1; }
-        sleep 1
-    done
-    echo "the server did not start" >&2
-    exit 1
-}
-stop() {
-    kill -TERM "$PID"
-    wait "$PID" || true
-    PID=
-}
-trap '[ -z "$PID" ] || kill "$PID" 2>/dev/null || true' EXIT
+# shellcheck source=scripts/bench/serve-lib.sh
+. "$(dirname "$0")/serve-lib.sh"
 bench() {
     local name=$1
     shift
