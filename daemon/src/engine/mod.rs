@@ -394,7 +394,7 @@ impl Engine {
         if parallel == 0 {
             return Err(EngineError::Parallel(parallel));
         }
-        if prefill_chunk == 0 || prefill_chunk + parallel - 1 > model.ubatch() {
+        if prefill_chunk == 0 || prefill_chunk.saturating_add(parallel - 1) > model.ubatch() {
             return Err(EngineError::StepCapacity { chunk: prefill_chunk, parallel, ubatch: model.ubatch() });
         }
         let info = EngineInfo { eog: eog_ids(&tokenizer), tokenizer, n_ctx, parallel };
