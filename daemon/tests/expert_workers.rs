@@ -179,6 +179,9 @@ fn placements_give_the_same_bits(m: Subject) {
         ("all cold, 4 workers".into(), vec!["--experts-hot", "none", "--expert-workers", "4"], false),
         (format!("{half}, 1 worker"), vec!["--experts-hot", &half, "--expert-workers", "1"], false),
         (format!("{k} (k held), in process"), vec!["--experts-hot", &k, "--expert-workers", "0"], true),
+        // the in-process executor's pairs shared by the graph's 2 threads (whole experts each)
+        ("all cold, in process, split over 2 threads".into(), vec!["--experts-hot", "none", "--expert-workers", "0", "-t", "2"], true),
+        (format!("{half}, in process, split over 2 threads"), vec!["--experts-hot", &half, "--expert-workers", "0", "-t", "2"], false),
         (format!("--n-cpu-moe {cold_layers}, 2 workers"), vec!["--n-cpu-moe", &cold_layers, "--expert-workers", "2"], false),
         (format!("profile within {} MiB, 2 workers", m.budget_mb), vec!["--experts-hot", &profile, "--expert-budget-mb", m.budget_mb, "--expert-workers", "2"], false),
     ];

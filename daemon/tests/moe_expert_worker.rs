@@ -79,7 +79,7 @@ fn worker_process_matches_in_process_compute() {
     let mut conn = connect(&mut child, &socket, limits(), &id).unwrap();
     let map = expert_worker::experts::parse_spec(spec, 6, 16).unwrap();
     assert_eq!(conn.experts(), &map);
-    let mut local = ExpertWorker::load(&mf, &map, 1).unwrap();
+    let local = ExpertWorker::load(&mf, &map, 1).unwrap();
 
     let pairs = ExpertPairs::from_tokens(&[&[1, 7], &[], &[3, 5, 1, 7], &[5]]);
     let x = inputs(4);

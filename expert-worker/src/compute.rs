@@ -13,17 +13,23 @@
 //! result is pair `p`'s output. The router weights are not applied here: the model weighs
 //! and sums every slot of a token in one place, whichever process computed it. Graphs are
 //! built on first use and kept; `P` is rounded up to a power of two (extra rows: zero input,
-//! local expert 0, ignored). ggml's CPU `mul_mat_id` computes each row on its own (one dot
-//! product per output value, split over threads by output values), so a row's result does
-//! not depend on `P`, on the other rows or on the thread count.
+//! the last pair's expert, ignored). ggml's CPU `mul_mat_id` computes each row on its own
+//! (one dot product per output value, split over threads by output values), so a row's result
+//! does not depend on `P`, on the other rows or on the thread count.
+//!
+//! Several threads can share one eval ([`ExpertWorker::eval_part`]): the pairs are split by
+//! expert ([`split_pairs`]), and each part runs on a lane of its own (a one-thread CPU backend
+//! with its own graphs). The daemon's in-process executor uses this from the threads of the
+//! model graph's own op, whose OpenMP team would otherwise run a nested compute on one thread.
 //!
 //! Memory: a graph is allocated once, when built, by the allocator of its shape (FFN width,
-//! fused or not, rows); graphs of one shape (the same bucket in different layers) share that
-//! compute buffer, which is safe because evals run one at a time and equal shapes get equal
-//! plans. ggml's allocator does not notice that an already allocated graph went stale when
+//! fused or not, rows) in its lane; graphs of one shape (the same bucket in different layers)
+//! share that compute buffer, which is safe because a lane runs one eval at a time and equal
+//! shapes get equal plans. ggml's allocator does not notice that an already allocated graph went stale when
 //! its buffer was re-planned for a graph of another shape, hence one allocator per shape.
 
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use experts::{ExpertPairs, ExpertSet};
@@ -82,26 +88,172 @@ pub struct LoadStep {
     pub layer_done: Option<u32>,
 }
 
-/// A moe-expert worker's experts and compute state. Not `Sync`: one eval at a time.
+/// One thread's compute state: a CPU backend, the graphs it built (one per (layer, row
+/// bucket)), their allocators, and the staging of inputs and outputs.
+struct Lane {
+    backend: Backend,
+    graphs: HashMap<(u32, usize), CachedGraph>,
+    allocators: HashMap<ShapeKey, Allocator>,
+    x_host: Vec<f32>,
+    ids_host: Vec<i32>,
+    out_host: Vec<f32>,
+}
+
+/// How many lanes [`ExpertWorker::eval_part`] can use at most (parts beyond it get no work).
+pub const MAX_PARTS: usize = 64;
+
+/// A moe-expert worker's experts and compute state. Evals may run from several threads at
+/// once ([`ExpertWorker::eval_part`]), each on its own lane.
 pub struct ExpertWorker {
     n_embd: usize,
     n_expert: u32,
     layers: Vec<LayerExperts>,
     experts: ExpertSet,
-    backend: Backend,
     buft: ggml::BufferType,
-    graphs: HashMap<(u32, usize), CachedGraph>,
-    allocators: HashMap<ShapeKey, Allocator>,
-    x_host: Vec<f32>,
-    ids_host: Vec<i32>,
+    /// The lane of [`eval`](Self::eval), whose backend runs `threads` threads.
+    main: Mutex<Lane>,
+    /// One-thread lanes of [`eval_part`](Self::eval_part), made on first use.
+    parts: Vec<Mutex<Option<Lane>>>,
     weight_bytes: u64,
     // Dropped last: the graphs reference their tensors (one set per layer with experts).
     _tensors: Vec<TensorSet>,
 }
 
-// SAFETY: every raw pointer (tensors, graphs, allocator) is owned by this value and only used
-// through `&mut self`; ggml keeps no thread affinity for them.
+// SAFETY: every raw pointer (tensors, graphs, allocators, backends) is owned by this value.
+// Shared use (`&self`) reads only the layer tables and the weight tensors, which nothing
+// writes after `load`; each lane's graphs, allocators and backend are used only under its
+// mutex. ggml keeps no thread affinity for any of them.
 unsafe impl Send for ExpertWorker {}
+unsafe impl Sync for ExpertWorker {}
+
+impl Lane {
+    fn new(threads: usize) -> Result<Lane> {
+        Ok(Lane {
+            backend: Backend::cpu(threads.max(1))?,
+            graphs: HashMap::new(),
+            allocators: HashMap::new(),
+            x_host: Vec::new(),
+            ids_host: Vec::new(),
+            out_host: Vec::new(),
+        })
+    }
+
+    /// Computes `n` rows of layer `at`: row `p` (the `p`-th item of `rows_in`) is the expert
+    /// of local index `id` on `x`; `put(p, row)` receives each output row. Rows are padded to
+    /// a power of two by repeating the last row's expert (on zero input), so that the padding
+    /// reads no other expert's weights.
+    fn eval(&mut self, at: LayerAt, rows_in: &mut dyn Iterator<Item = (&[f32], i32)>, n: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (layer, n_embd) = (at.layer, at.n_embd);
+        let rows = n.next_power_of_two();
+        if !self.graphs.contains_key(&(layer, rows)) {
+            self.build(at, rows)?;
+        }
+        self.x_host.clear();
+        self.x_host.resize(rows * n_embd, 0.0);
+        self.ids_host.clear();
+        self.ids_host.resize(rows, 0);
+        for (p, (x, id)) in rows_in.take(n).enumerate() {
+            self.x_host[p * n_embd..(p + 1) * n_embd].copy_from_slice(x);
+            self.ids_host[p] = id;
+        }
+        let last = self.ids_host[n - 1];
+        self.ids_host[n..].fill(last);
+        let g = self.graphs.get(&(layer, rows)).ok_or(WorkerError::GraphAlloc { what: "find the cached graph" })?;
+        // x and ids were allocated (at build) with exactly rows * n_embd f32 and rows i32.
+        g.x.write_f32(&self.x_host);
+        g.ids.write_i32(&self.ids_host);
+        // SAFETY: every tensor of the graph lives in CPU buffers (weights, compute buffer).
+        unsafe { self.backend.compute(g.graph.as_ptr())? };
+        // The first n rows of the output [n_embd, 1, rows] (allocated with rows ≥ n).
+        self.out_host.resize(n * n_embd, 0.0);
+        g.out.read_f32(&mut self.out_host);
+        for (p, row) in self.out_host.chunks_exact(n_embd).enumerate() {
+            put(p, row);
+        }
+        Ok(())
+    }
+
+    /// Builds the graph of (layer, rows), allocates it with its shape's allocator and caches
+    /// it. Should the allocator's buffer have changed, the other graphs of that shape are
+    /// dropped (rebuilt on next use).
+    fn build(&mut self, at: LayerAt, rows: usize) -> Result<()> {
+        let (layer, buft) = (at.layer, at.buft);
+        let g = build_graph(at.le, at.n_embd, rows)?;
+        let a = match self.allocators.entry(g.shape) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let galloc = GraphAllocator::new(buft).map_err(|_| WorkerError::GraphAlloc { what: "create a graph allocator" })?;
+                v.insert(Allocator { galloc, bytes: 0 })
+            }
+        };
+        // SAFETY: the graph is live; its weights are in CPU buffers.
+        if unsafe { a.galloc.alloc_graph(g.graph.as_ptr()) }.is_err() {
+            return Err(WorkerError::GraphAlloc { what: "allocate the compute buffer" });
+        }
+        let bytes = a.galloc.buffer_size();
+        if bytes != a.bytes {
+            a.bytes = bytes;
+            let shape = g.shape;
+            self.graphs.retain(|_, other| other.shape != shape);
+        }
+        self.graphs.insert((layer, rows), g);
+        Ok(())
+    }
+}
+
+/// What a lane needs to know of the layer it computes.
+#[derive(Clone, Copy)]
+struct LayerAt<'a> {
+    layer: u32,
+    le: &'a LayerExperts,
+    n_embd: usize,
+    buft: ggml::BufferType,
+}
+
+fn build_graph(le: &LayerExperts, n_embd: usize, rows: usize) -> Result<CachedGraph> {
+    let ffn = le.ffn.ok_or(WorkerError::GraphAlloc { what: "build a graph for a layer without experts" })?;
+    let ctx = Context::new_no_alloc(24, 32)?;
+    let g = Ctx { raw: ctx.as_ptr() };
+    let (e, r) = (n_embd as i64, rows as i64);
+    let x = g.input(g.new_f32(&[e, 1, r]), "x");
+    let ids = g.input(g.new_i32(&[1, r]), "ids");
+    let out = g.output(ffn.forward(&g, x, ids)); // [n_embd, 1, r]
+    let graph = g.new_graph(32);
+    graph.expand(out);
+    let shape = (ffn.n_ff, matches!(ffn.up_gate, UpGate::Fused(_)), rows);
+    Ok(CachedGraph { graph, shape, x, ids, out, _ctx: ctx })
+}
+
+/// Splits the pairs of an eval into `parts` parts, whole experts to a part (so that each
+/// expert's rows are computed together, as in one eval of them all, and its weights are
+/// read once): experts by falling cost (an expert's weights cost about as much to read as
+/// four of its rows to compute), each to the part with the least cost so far, ties to the
+/// lowest expert id and part. Returns each pair's part. Deterministic in `ids` and `parts`.
+pub fn split_pairs(ids: &[u32], parts: usize) -> Vec<usize> {
+    let parts = parts.max(1);
+    let mut by_expert: Vec<(u32, usize)> = Vec::new(); // (expert, rows), expert ascending
+    let mut sorted: Vec<u32> = ids.to_vec();
+    sorted.sort_unstable();
+    for e in sorted {
+        match by_expert.last_mut() {
+            Some((last, n)) if *last == e => *n += 1,
+            _ => by_expert.push((e, 1)),
+        }
+    }
+    const READ_COST_ROWS: usize = 4;
+    by_expert.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut load = vec![0usize; parts];
+    let mut part_of = std::collections::HashMap::with_capacity(by_expert.len());
+    for (e, n) in by_expert {
+        let (p, _) = load.iter().enumerate().min_by_key(|&(i, &l)| (l, i)).unwrap_or((0, &0));
+        load[p] += READ_COST_ROWS + n;
+        part_of.insert(e, p);
+    }
+    ids.iter().map(|e| part_of[e]).collect()
+}
 
 
 /// Bytes of one expert of each layer (gate + up + down slices, or fused gate_up + down).
@@ -193,18 +345,14 @@ impl ExpertWorker {
             };
             layers.push(LayerExperts { local, ffn });
         }
-        let backend = Backend::cpu(threads.max(1))?;
         Ok(ExpertWorker {
             n_embd: c.n_embd,
             n_expert,
             layers,
             experts: experts.clone(),
-            backend,
             buft: device.buffer_type(),
-            graphs: HashMap::new(),
-            allocators: HashMap::new(),
-            x_host: Vec::new(),
-            ids_host: Vec::new(),
+            main: Mutex::new(Lane::new(threads)?),
+            parts: (0..MAX_PARTS).map(|_| Mutex::new(None)).collect(),
             weight_bytes,
             _tensors: tensors,
         })
@@ -232,18 +380,22 @@ impl ExpertWorker {
         self.weight_bytes
     }
 
-    /// Graphs built so far (one per (layer, row bucket) used).
+    /// Graphs built so far by [`eval`](Self::eval) (one per (layer, row bucket) used).
     pub fn cached_graphs(&self) -> usize {
-        self.graphs.len()
+        self.main.lock().map(|l| l.graphs.len()).unwrap_or(0)
     }
 
-    /// For each (token, expert) pair `p` of `pairs` (global expert ids, all owned by this
-    /// worker), writes row `p` of `output` (`n_embd` f32): the expert on its token's row of
-    /// `input` (row `t` for token `t`).
-    pub fn eval(&mut self, layer: u32, input: &[f32], pairs: &ExpertPairs, output: &mut [f32]) -> Result<EvalTimings> {
+    fn at<'a>(&self, layer: u32, le: &'a LayerExperts) -> LayerAt<'a> {
+        LayerAt { layer, le, n_embd: self.n_embd, buft: self.buft }
+    }
+
+    /// Checks an eval's arguments: buffer sizes, the layer, each pair's expert owned here.
+    fn check(&self, layer: u32, input: &[f32], pairs: &ExpertPairs, output_rows: Option<usize>) -> Result<&LayerExperts> {
         let n_embd = self.n_embd;
         let (n_tokens, n_pairs) = (pairs.n_tokens(), pairs.n_pairs());
-        for (what, buf, rows) in [("input rows", input.len(), n_tokens), ("output rows", output.len(), n_pairs)] {
+        let mut bufs = vec![("input rows", input.len(), n_tokens)];
+        bufs.extend(output_rows.map(|o| ("output rows", o, n_pairs)));
+        for (what, buf, rows) in bufs {
             if buf != rows * n_embd {
                 return Err(WorkerError::BufferLength { what, expected: rows * n_embd, found: buf });
             }
@@ -258,82 +410,64 @@ impl ExpertWorker {
                 return Err(WorkerError::NotOwned { layer, expert: e });
             }
         }
+        Ok(le)
+    }
+
+    /// For each (token, expert) pair `p` of `pairs` (global expert ids, all owned by this
+    /// worker), writes row `p` of `output` (`n_embd` f32): the expert on its token's row of
+    /// `input` (row `t` for token `t`).
+    pub fn eval(&self, layer: u32, input: &[f32], pairs: &ExpertPairs, output: &mut [f32]) -> Result<EvalTimings> {
+        let n_embd = self.n_embd;
+        let le = self.check(layer, input, pairs, Some(output.len()))?;
+        let n_pairs = pairs.n_pairs();
         if n_pairs == 0 {
             return Ok(EvalTimings::default());
         }
+        let mut lane = self.main.lock().map_err(|_| WorkerError::LanePoisoned { lane: "the eval's" })?;
         let rows = n_pairs.next_power_of_two();
         let t0 = Instant::now();
-        if !self.graphs.contains_key(&(layer, rows)) {
-            self.build(layer, rows)?;
+        if !lane.graphs.contains_key(&(layer, rows)) {
+            lane.build(self.at(layer, le), rows)?;
         }
         let t1 = Instant::now();
-        let le = &self.layers[layer as usize];
-        self.x_host.clear();
-        self.x_host.resize(rows * n_embd, 0.0);
-        self.ids_host.clear();
-        self.ids_host.resize(rows, 0);
-        let mut p = 0;
-        for (t, ids) in pairs.tokens().enumerate() {
-            for &e in ids {
-                self.x_host[p * n_embd..(p + 1) * n_embd].copy_from_slice(&input[t * n_embd..(t + 1) * n_embd]);
-                self.ids_host[p] = le.local[e as usize] as i32;
-                p += 1;
-            }
-        }
-        // the padding rows repeat the last pair's expert, so that they read no other expert
-        if let Some(&last) = self.ids_host[..n_pairs].last() {
-            self.ids_host[n_pairs..].fill(last);
-        }
-        let g = self.graphs.get(&(layer, rows)).ok_or(WorkerError::GraphAlloc { what: "find the cached graph" })?;
-        // x and ids were allocated (at build) with exactly rows * n_embd f32 and rows i32.
-        g.x.write_f32(&self.x_host);
-        g.ids.write_i32(&self.ids_host);
-        // SAFETY: every tensor of the graph lives in CPU buffers (weights, compute buffer).
-        unsafe { self.backend.compute(g.graph.as_ptr())? };
-        // The first n_pairs rows of the output [n_embd, 1, rows] (allocated with rows ≥ n_pairs).
-        g.out.read_f32(output);
+        let mut rows_in = pairs.tokens().enumerate().flat_map(|(t, ids)| {
+            let x = &input[t * n_embd..(t + 1) * n_embd];
+            ids.iter().map(move |&e| (x, le.local[e as usize] as i32))
+        });
+        lane.eval(self.at(layer, le), &mut rows_in, n_pairs, &mut |p, row| output[p * n_embd..(p + 1) * n_embd].copy_from_slice(row))?;
         Ok(EvalTimings { rows, build_s: (t1 - t0).as_secs_f64(), compute_s: t1.elapsed().as_secs_f64() })
     }
 
-    /// Builds the graph of (layer, rows), allocates it with its shape's allocator and caches
-    /// it. Should the allocator's buffer have changed, the other graphs of that shape are
-    /// dropped (rebuilt on next use).
-    fn build(&mut self, layer: u32, rows: usize) -> Result<()> {
-        let g = self.build_graph(layer, rows)?;
-        let buft = self.buft;
-        let a = match self.allocators.entry(g.shape) {
-            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => {
-                let galloc = GraphAllocator::new(buft).map_err(|_| WorkerError::GraphAlloc { what: "create a graph allocator" })?;
-                v.insert(Allocator { galloc, bytes: 0 })
-            }
+    /// Part `part` of `parts` of [`eval`](Self::eval), on a lane of one thread of its own,
+    /// so that `parts` threads (the graph's own, in a custom op) share an eval: the pairs
+    /// whose part ([`split_pairs`] of `pairs`' ids) is `part`, each row `p` handed to
+    /// `put(p, row)`. Every pair's row is the same bits as [`eval`](Self::eval)'s: an
+    /// expert's rows are computed together in either, each output value one dot product.
+    /// Parts at or beyond [`MAX_PARTS`] get no pairs.
+    pub fn eval_part(&self, layer: u32, input: &[f32], pairs: &ExpertPairs, part: usize, parts: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+        let n_embd = self.n_embd;
+        let le = self.check(layer, input, pairs, None)?;
+        let parts = parts.min(MAX_PARTS);
+        if part >= parts {
+            return Ok(());
+        }
+        let owner = split_pairs(pairs.ids(), parts);
+        let n = owner.iter().filter(|&&o| o == part).count();
+        if n == 0 {
+            return Ok(());
+        }
+        let mut slot = self.parts[part].lock().map_err(|_| WorkerError::LanePoisoned { lane: "a part's" })?;
+        if slot.is_none() {
+            *slot = Some(Lane::new(1)?);
+        }
+        let Some(lane) = slot.as_mut() else {
+            return Ok(());
         };
-        // SAFETY: the graph is live; its weights are in CPU buffers.
-        if unsafe { a.galloc.alloc_graph(g.graph.as_ptr()) }.is_err() {
-            return Err(WorkerError::GraphAlloc { what: "allocate the compute buffer" });
-        }
-        let bytes = a.galloc.buffer_size();
-        if bytes != a.bytes {
-            a.bytes = bytes;
-            let shape = g.shape;
-            self.graphs.retain(|_, other| other.shape != shape);
-        }
-        self.graphs.insert((layer, rows), g);
-        Ok(())
-    }
-
-    fn build_graph(&self, layer: u32, rows: usize) -> Result<CachedGraph> {
-        let le = &self.layers[layer as usize];
-        let ffn = le.ffn.ok_or(WorkerError::GraphAlloc { what: "build a graph for a layer without experts" })?;
-        let ctx = Context::new_no_alloc(24, 32)?;
-        let g = Ctx { raw: ctx.as_ptr() };
-        let (e, r) = (self.n_embd as i64, rows as i64);
-        let x = g.input(g.new_f32(&[e, 1, r]), "x");
-        let ids = g.input(g.new_i32(&[1, r]), "ids");
-        let out = g.output(ffn.forward(&g, x, ids)); // [n_embd, 1, r]
-        let graph = g.new_graph(32);
-        graph.expand(out);
-        let shape = (ffn.n_ff, matches!(ffn.up_gate, UpGate::Fused(_)), rows);
-        Ok(CachedGraph { graph, shape, x, ids, out, _ctx: ctx })
+        // (pair index, token) of this part's pairs, in pair order
+        let mine: Vec<(usize, usize)> =
+            pairs.tokens().enumerate().flat_map(|(t, ids)| ids.iter().map(move |_| t)).enumerate().filter(|&(p, _)| owner[p] == part).collect();
+        let ids = pairs.ids();
+        let mut rows_in = mine.iter().map(|&(p, t)| (&input[t * n_embd..(t + 1) * n_embd], le.local[ids[p] as usize] as i32));
+        lane.eval(self.at(layer, le), &mut rows_in, n, &mut |i, row| put(mine[i].0, row))
     }
 }

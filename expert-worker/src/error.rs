@@ -33,6 +33,9 @@ pub enum WorkerError {
     BufferLength { what: &'static str, expected: usize, found: usize },
     #[error("ggml could not {what}")]
     GraphAlloc { what: &'static str },
+    /// A thread panicked while it held a compute lane, which may be half-written.
+    #[error("{lane} compute lane unusable: a thread panicked while holding it")]
+    LanePoisoned { lane: &'static str },
     #[error("expert spec {spec:?}: {reason}")]
     Spec { spec: String, reason: String },
     #[error("CPU pinning {spec:?}: {reason}")]

@@ -136,7 +136,7 @@ fn eval_matches_reference_on_both_fixtures() {
         let c = &mf.config;
         let mut rng = Rng::seed_from_u64(seed);
         let map = random_map(&mut rng, c.n_layer as u32, c.n_expert as u32);
-        let mut w = ExpertWorker::load(&mf, &map, 2).unwrap();
+        let w = ExpertWorker::load(&mf, &map, 2).unwrap();
         let mut per_expert = 0;
         for l in 0..c.n_layer as u32 {
             let t = mf.tensors.get(&format!("blk.{l}.ffn_down_exps.weight")).unwrap();
@@ -161,11 +161,70 @@ fn eval_matches_reference_on_both_fixtures() {
     }
 }
 
+/// `eval_part` from several threads at once (as the graph's team calls it) puts every pair's
+/// row exactly once, with the bits of one `eval` of all the pairs, for any number of parts.
+#[test]
+fn parts_on_several_threads_give_the_bits_of_one_eval() {
+    let mf = ModelFile::open(fixture(B)).unwrap();
+    let c = &mf.config;
+    let mut rng = Rng::seed_from_u64(7);
+    let map = ExpertSet::full(c.n_layer as u32, c.n_expert as u32);
+    let w = ExpertWorker::load(&mf, &map, 1).unwrap();
+    for l in [0, c.n_layer as u32 - 1] {
+        for (n, k) in [(1usize, c.n_expert_used), (9, c.n_expert_used), (4, 2)] {
+            let b = random_batch(&mut rng, map.layer(l), n, k, c.n_embd);
+            let pairs = b.pairs();
+            let mut whole = vec![f32::NAN; pairs.n_pairs() * c.n_embd];
+            w.eval(l, &b.x, &pairs, &mut whole).unwrap();
+            for parts in [1, 2, 3, 7] {
+                let rows: Vec<std::sync::Mutex<Vec<Vec<f32>>>> = (0..pairs.n_pairs()).map(|_| Default::default()).collect();
+                std::thread::scope(|s| {
+                    for part in 0..parts {
+                        let (w, b, pairs, rows) = (&w, &b, &pairs, &rows);
+                        s.spawn(move || w.eval_part(l, &b.x, pairs, part, parts, &mut |p, row| rows[p].lock().unwrap().push(row.to_vec())).unwrap());
+                    }
+                });
+                for (p, got) in rows.iter().enumerate() {
+                    let got = got.lock().unwrap();
+                    assert_eq!(got.len(), 1, "layer {l}, {n} tokens, {parts} parts: pair {p} put {} times", got.len());
+                    let want = &whole[p * c.n_embd..(p + 1) * c.n_embd];
+                    assert!(
+                        got[0].iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "layer {l}, {n} tokens, {parts} parts: pair {p} differs from eval"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn split_pairs_gives_each_expert_one_part_and_balances_them() {
+    use expert_worker::compute::split_pairs;
+    // decode: 6 distinct experts over 4 parts -> 2, 2, 1, 1
+    let owner = split_pairs(&[9, 3, 200, 17, 5, 64], 4);
+    let mut per_part = [0; 4];
+    owner.iter().for_each(|&p| per_part[p] += 1);
+    assert_eq!(per_part, [2, 2, 1, 1], "{owner:?}");
+    // a batch: every pair of one expert in the same part; the heavy expert alone
+    let ids = [1, 2, 1, 3, 1, 1, 2, 4, 1, 1, 1, 1];
+    let owner = split_pairs(&ids, 2);
+    for (i, &e) in ids.iter().enumerate() {
+        let first = ids.iter().position(|&x| x == e).unwrap();
+        assert_eq!(owner[i], owner[first], "expert {e} split over parts: {owner:?}");
+    }
+    assert!(ids.iter().zip(&owner).all(|(&e, &p)| (e == 1) == (p == owner[0])), "expert 1 (8 rows) alone in its part: {owner:?}");
+    // deterministic, and parts ≤ 1 means one part
+    assert_eq!(split_pairs(&ids, 2), owner);
+    assert!(split_pairs(&ids, 0).iter().all(|&p| p == 0));
+    assert!(split_pairs(&[], 3).is_empty());
+}
+
 #[test]
 fn eval_refuses_bad_requests() {
     let mf = ModelFile::open(fixture(A)).unwrap();
     let map = parse_spec("0:1,2;5:3", 6, 16).unwrap();
-    let mut w = ExpertWorker::load(&mf, &map, 1).unwrap();
+    let w = ExpertWorker::load(&mf, &map, 1).unwrap();
     let x = vec![0.5; 64];
     let mut out = vec![0.0; 64];
     let one = |ids: &'static [u32]| ExpertPairs::from_tokens(&[ids]);
@@ -261,9 +320,9 @@ fn model_shape_and_cold_split_of_a_fixture() {
     assert_eq!(parts[1].layer(5), &[9, 11, 13, 15]);
     // Two workers holding the two halves of the cold experts compute, between them, the rows
     // one worker holding all of them computes, bit for bit.
-    let mut whole = ExpertWorker::load(&mf, &p.cold(), 1).unwrap();
-    let mut w0 = ExpertWorker::load(&mf, &parts[0], 1).unwrap();
-    let mut w1 = ExpertWorker::load(&mf, &parts[1], 1).unwrap();
+    let whole = ExpertWorker::load(&mf, &p.cold(), 1).unwrap();
+    let w0 = ExpertWorker::load(&mf, &parts[0], 1).unwrap();
+    let w1 = ExpertWorker::load(&mf, &parts[1], 1).unwrap();
     let x: Vec<f32> = (0..64).map(|i| (i as f32 * 0.37).sin()).collect();
     let mut o = vec![0.0; 3 * 64];
     whole.eval(3, &x, &ExpertPairs::from_tokens(&[&[8, 9, 14]]), &mut o).unwrap();

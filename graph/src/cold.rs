@@ -9,7 +9,7 @@
 //! them. Custom ops run on the CPU backend; with the model on a GPU the scheduler copies
 //! their inputs and outputs across.
 use std::ffi::c_void;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use experts::ExpertPairs;
 use ggml::sys;
@@ -57,6 +57,21 @@ pub trait ColdExperts: Send {
     fn reported_compute_s(&self) -> f64 {
         0.0
     }
+    /// Right after `begin`: the layer's work as a job that the threads of the graph's op
+    /// waiting for it share, in place of `end` (an executor that computes on this process's
+    /// CPU, whose own thread team would nest in the graph's and so run one thread). `None`
+    /// (the default): the op calls `end` on one thread.
+    fn split(&mut self) -> Option<Arc<dyn ColdSplit>> {
+        None
+    }
+}
+
+/// A layer's cold pairs, computed by several threads at once (see [`ColdExperts::split`]).
+pub trait ColdSplit: Send + Sync {
+    /// Computes part `part` of `parts` of the pairs of the `begin` this job came from,
+    /// handing each pair's row to `put(pair, row)`. The parts together cover every pair
+    /// once; each row is the bits `end` would have written for it.
+    fn run(&self, part: usize, parts: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<(), ColdError>;
 }
 
 /// Per-layer expert telemetry since the last reset (`Model::expert_stats`).
@@ -95,6 +110,8 @@ pub(crate) struct ColdState {
     pub rows: Vec<f32>,
     pub stats: Vec<ExpertLayerStats>,
     pub began: Option<std::time::Instant>,
+    /// The job of the layer begun, when the executor split it (`ColdExperts::split`).
+    pub split: Option<Arc<dyn ColdSplit>>,
 }
 
 /// What one layer's custom ops point at (owned by the step graph, so the pointer lives as
@@ -127,7 +144,9 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
         return;
     }
     let call = &*(userdata as *const ColdCall);
-    let Ok(mut st) = (*call.state).lock() else { return };
+    let Ok(mut st) = (*call.state).lock() else {
+        return;
+    };
     let d = &*dst;
     let (z, ids) = (d.src[0], d.src[1]);
     let (n_embd, n, zp) = rows::<f32>(z);
@@ -152,9 +171,11 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
         ls.routed += (k * n) as u64;
         ls.cold += cold as u64;
     }
+    st.split = None;
     if st.error.is_none() {
-        if let Err(e) = st.exec.begin(call.layer, n_embd, x, &st.pairs) {
-            st.error = Some((call.layer, e));
+        match st.exec.begin(call.layer, n_embd, x, &st.pairs) {
+            Ok(()) => st.split = st.exec.split(),
+            Err(e) => st.error = Some((call.layer, e)),
         }
     }
     st.began = Some(std::time::Instant::now());
@@ -164,25 +185,71 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
 /// from `src[2]` (their product, when the layer holds some); each cold slot gets the
 /// executor's row for its pair (`src[1]` holds the router's global ids [k, n], so the cold
 /// slots are found in the order `cold_begin` collected them). `src[0]` (the local ids) only
-/// orders this op after `cold_begin`.
-pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _nth: i32, userdata: *mut c_void) {
-    if ith != 0 {
-        return;
-    }
+/// orders this op after `cold_begin`. Runs on every thread of the graph's team: when the
+/// executor split the layer into a job, each thread computes its part of the pairs and copies
+/// its share of the held slots; otherwise thread 0 waits for `end` and does it all.
+pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, userdata: *mut c_void) {
     let call = &*(userdata as *const ColdCall);
     let d = &*dst;
     let (n_embd, k, n) = (d.ne[0] as usize, d.ne[1] as usize, d.ne[2] as usize);
-    let out = std::slice::from_raw_parts_mut(d.data as *mut f32, n_embd * k * n);
-    if d.src[2].is_null() {
-        out.fill(0.0);
-    } else {
-        out.copy_from_slice(std::slice::from_raw_parts((*d.src[2]).data as *const f32, n_embd * k * n));
-    }
     let ids = std::slice::from_raw_parts((*d.src[1]).data as *const i32, k * n);
-    let Ok(mut st) = (*call.state).lock() else { return };
-    let st = &mut *st;
+    let held = (!d.src[2].is_null()).then(|| std::slice::from_raw_parts((*d.src[2]).data as *const f32, n_embd * k * n));
     let t0 = std::time::Instant::now();
-    let hot_s = st.began.take().map(|b| (t0 - b).as_secs_f64()).unwrap_or(0.0);
+    let Ok(guard) = (*call.state).lock() else {
+        return;
+    };
+    let split = guard.split.clone();
+    if let Some(job) = split {
+        let local = guard.local[call.layer].clone();
+        drop(guard);
+        let (ith, nth) = (ith.max(0) as usize, nth.max(1) as usize);
+        let out = d.data as *mut f32;
+        // The held slots of this thread's tokens.
+        if let Some(held) = held {
+            let (t0, t1) = (n * ith / nth, n * (ith + 1) / nth);
+            for slot in t0 * k..t1 * k {
+                if !is_cold(&local, ids[slot]) {
+                    // SAFETY: slot < k·n, a slot of `dst` ([n_embd, k, n] F32) no other thread writes.
+                    let dst_row = std::slice::from_raw_parts_mut(out.add(slot * n_embd), n_embd);
+                    dst_row.copy_from_slice(&held[slot * n_embd..(slot + 1) * n_embd]);
+                }
+            }
+        }
+        // The slot of each pair, in the order `cold_begin` collected them.
+        let slots: Vec<usize> = ids.iter().enumerate().filter(|&(_, &e)| is_cold(&local, e)).map(|(slot, _)| slot).collect();
+        let result = job.run(ith, nth, &mut |p, row| {
+            if let Some(&slot) = slots.get(p) {
+                if row.len() == n_embd {
+                    // SAFETY: the slot of pair p, which only the part computing p writes.
+                    std::slice::from_raw_parts_mut(out.add(slot * n_embd), n_embd).copy_from_slice(row);
+                }
+            }
+        });
+        if result.is_err() || ith == 0 {
+            let Ok(mut st) = (*call.state).lock() else {
+                return;
+            };
+            if let Err(e) = result {
+                if st.error.is_none() {
+                    st.error = Some((call.layer, e));
+                }
+            }
+            if ith == 0 {
+                record_wait(&mut st, call.layer, t0);
+            }
+        }
+        return;
+    }
+    if ith != 0 {
+        return;
+    }
+    let out = std::slice::from_raw_parts_mut(d.data as *mut f32, n_embd * k * n);
+    match held {
+        Some(held) => out.copy_from_slice(held),
+        None => out.fill(0.0),
+    }
+    let mut st = guard;
+    let st = &mut *st;
     if st.error.is_none() {
         st.rows.resize(st.pairs.n_pairs() * n_embd, 0.0);
         match st.exec.end(call.layer, &mut st.rows) {
@@ -190,9 +257,16 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, _
             Err(e) => st.error = Some((call.layer, e)),
         }
     }
+    record_wait(st, call.layer, t0);
+}
+
+/// Adds to `layer`'s stats the hot compute since `cold_begin` handed the pairs over, the wait
+/// since `t0`, and what the executor reported.
+fn record_wait(st: &mut ColdState, layer: usize, t0: std::time::Instant) {
+    let hot_s = st.began.take().map(|b| t0.saturating_duration_since(b).as_secs_f64()).unwrap_or(0.0);
     let wait_s = t0.elapsed().as_secs_f64();
     let reported = st.exec.reported_compute_s();
-    if let Some(ls) = st.stats.get_mut(call.layer) {
+    if let Some(ls) = st.stats.get_mut(layer) {
         ls.hot_s += hot_s;
         ls.wait_s += wait_s;
         ls.cold_reported_s += reported;
@@ -243,7 +317,9 @@ pub(crate) unsafe extern "C" fn route_count(dst: *mut sys::ggml_tensor, ith: i32
     let ids = (*dst).src[0];
     let (k, n, idp) = rows::<i32>(ids);
     let ids = std::slice::from_raw_parts(idp, k * n);
-    let Ok(mut counts) = (*call.counts).lock() else { return };
+    let Ok(mut counts) = (*call.counts).lock() else {
+        return;
+    };
     if let Some(layer) = counts.get_mut(call.layer) {
         for &e in ids {
             if let Some(c) = layer.get_mut(e as usize) {

@@ -26,7 +26,7 @@ mod vocab;
 mod weights;
 
 pub use adaptive::{SwapPolicy, SwapReport};
-pub use cold::{BoxError, ColdError, ColdExperts, ExpertLayerStats};
+pub use cold::{BoxError, ColdError, ColdExperts, ColdSplit, ExpertLayerStats};
 pub use load::{load_weights, load_weights_reporting};
 pub use model::{Logits, Model, ModelOptions, StepTimings};
 pub use profile::OpRow;

@@ -180,7 +180,7 @@ impl Model {
             .collect();
         self.steps.clear();
         let stats = vec![Default::default(); self.config.n_layer];
-        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: ExpertPairs::new(), rows: Vec::new(), stats, began: None })));
+        self.cold = Some(Box::new(Mutex::new(ColdState { exec, local, error: None, pairs: ExpertPairs::new(), rows: Vec::new(), stats, began: None, split: None })));
         Ok(())
     }
 

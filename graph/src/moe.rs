@@ -78,26 +78,34 @@ impl Builder<'_> {
             };
         }
         // [k, n] I32: the held experts' local ids, distinct per token (cold slots filled).
-        let local = self.cold_op(il, TensorType::I32, [k, n, 1], &[z, ids], crate::cold::cold_begin);
+        let local = self.cold_op(il, TensorType::I32, [k, n, 1], &[z, ids], crate::cold::cold_begin, false);
         let local = g.name(local, &format!("cold_begin-{il}"));
         // The held experts' outputs (the cold slots computed for held stand-ins, replaced).
         let held = w.experts.as_ref().map(|r| self.expert_slots(z, local, r));
         let mut args = vec![local, ids];
         args.extend(held);
-        let slots = self.cold_op(il, TensorType::F32, [e, k, n], &args, crate::cold::cold_end); // [e, k, n]
+        // every thread of the CPU team enters cold_end: an executor's job is split over them
+        let slots = self.cold_op(il, TensorType::F32, [e, k, n], &args, crate::cold::cold_end, true); // [e, k, n]
         let slots = g.name(slots, &format!("cold_end-{il}"));
         let out = plus_base(self.weighted_sum(il, slots, wts));
         g.name(out, &format!("routed_out-{il}"))
     }
 
-    fn cold_op(&mut self, il: usize, ty: TensorType, ne: [i64; 3], args: &[T], fun: CustomOp) -> T {
+    fn cold_op(&mut self, il: usize, ty: TensorType, ne: [i64; 3], args: &[T], fun: CustomOp, all_threads: bool) -> T {
         let Some(state) = self.cold else { unreachable!("checked by the caller") };
         let call = Box::new(crate::cold::ColdCall { state, layer: il });
         let ptr = &*call as *const crate::cold::ColdCall as *mut std::ffi::c_void;
         self.cold_calls.push(call);
         // SAFETY: `call` is boxed and kept with the step graph (cold_calls), so `ptr` lives as
-        // long as the graph; `fun` reads a ColdCall.
-        let op = unsafe { self.g.custom(ty, ne, args, fun, ptr) };
+        // long as the graph; `fun` reads a ColdCall (cold_end: from every thread at once, which
+        // it is written for).
+        let op = unsafe {
+            if all_threads {
+                self.g.custom_all_threads(ty, ne, args, fun, ptr)
+            } else {
+                self.g.custom(ty, ne, args, fun, ptr)
+            }
+        };
         self.cpu_nodes.push(op);
         op
     }

@@ -445,15 +445,30 @@ impl Ctx {
 }
 
 impl Ctx {
-    /// A custom op computed on the CPU backend by `fun` (one task), reading `args`, with an
-    /// output of type `ty` and shape `ne`.
+    /// A custom op computed on the CPU backend by `fun` (one task: thread 0 calls it),
+    /// reading `args`, with an output of type `ty` and shape `ne`.
     ///
     /// # Safety
     /// `userdata` must stay valid, and be what `fun` expects, for as long as the graph runs.
     pub unsafe fn custom(&self, ty: ggml::TensorType, ne: [i64; 3], args: &[T], fun: CustomOp, userdata: *mut std::ffi::c_void) -> T {
+        // SAFETY: the caller's contract.
+        unsafe { self.custom_tasks(ty, ne, args, fun, userdata, 1) }
+    }
+
+    /// [`custom`](Self::custom) called by every thread of the CPU backend's team at once
+    /// (`fun` gets each one's `ith` of `nth`).
+    ///
+    /// # Safety
+    /// As [`custom`](Self::custom); `fun` must be safe to run on several threads at once.
+    pub unsafe fn custom_all_threads(&self, ty: ggml::TensorType, ne: [i64; 3], args: &[T], fun: CustomOp, userdata: *mut std::ffi::c_void) -> T {
+        // SAFETY: the caller's contract.
+        unsafe { self.custom_tasks(ty, ne, args, fun, userdata, sys::GGML_N_TASKS_MAX) }
+    }
+
+    unsafe fn custom_tasks(&self, ty: ggml::TensorType, ne: [i64; 3], args: &[T], fun: CustomOp, userdata: *mut std::ffi::c_void, n_tasks: i32) -> T {
         let mut a: Vec<*mut sys::ggml_tensor> = args.iter().map(|t| t.0).collect();
         // SAFETY: args belong to this context; userdata: the caller's contract.
-        T(unsafe { sys::ggml_custom_4d(self.raw, ty.raw(), ne[0], ne[1], ne[2], 1, a.as_mut_ptr(), a.len() as i32, Some(fun), 1, userdata) })
+        T(unsafe { sys::ggml_custom_4d(self.raw, ty.raw(), ne[0], ne[1], ne[2], 1, a.as_mut_ptr(), a.len() as i32, Some(fun), n_tasks, userdata) })
     }
 }
 
@@ -464,8 +479,12 @@ pub fn supports_matmul_weight(device: ggml::Device, buft: ggml::BufferType, ty: 
     if ne.len() != if id { 3 } else { 2 } {
         return false;
     }
-    let Ok(ctx) = ggml::Context::new_no_alloc(4, 0) else { return false };
-    let Ok(buf) = buft.alloc_buffer(0) else { return false };
+    let Ok(ctx) = ggml::Context::new_no_alloc(4, 0) else {
+        return false;
+    };
+    let Ok(buf) = buft.alloc_buffer(0) else {
+        return false;
+    };
     let g = Ctx { raw: ctx.as_ptr() };
     let w = g.new_typed(ty, ne);
     let op = if id {

@@ -20,8 +20,10 @@ log=${OUT:-/tmp}/gpu-experts.log
 exec > >(tee "$log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 lscpu | grep -E "Model name|^CPU\(s\)"
-bash scripts/device/build-cuda.sh
+# a module already beside dflash (built by fullwidth-vs-llama.sh build in the same call) is used
+[ -f $bin/libggml-cuda.so ] || bash scripts/device/build-cuda.sh
 for f in ds4-tiny-a.f32 ds4-tiny-b.f32; do
+  [ -f .device/fixtures/$f.gguf.xz ] || continue
   [ -f tests/fixtures/$f.gguf ] || xz -d -c .device/fixtures/$f.gguf.xz > tests/fixtures/$f.gguf
 done
 python3 - <<'PY'

@@ -9,13 +9,14 @@
 //! same result.
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use expert_worker::pinning::Pin;
 use expert_worker::ExpertWorker;
 use experts::{ExpertPairs, ExpertSet};
-use graph::{ColdError, ColdExperts};
+use graph::{ColdError, ColdExperts, ColdSplit};
 use ipc_proto::{Limits, ModelIdentity, ProtoError, RequestId, WorkerConnection};
 use loader::ModelFile;
 
@@ -28,17 +29,34 @@ fn wire_error(worker: usize, e: ProtoError) -> ColdError {
     }
 }
 
-/// `--expert-workers 0`: the cold experts computed in this process, on the CPU.
+/// `--expert-workers 0`: the cold experts computed in this process, on the CPU, by the
+/// threads of the graph's op that waits for them ([`ColdExperts::split`]): ggml's CPU team is
+/// an OpenMP one, inside whose parallel region a compute of the executor's own would get one
+/// thread.
 pub struct InProcess {
     /// Holds every cold expert.
-    worker: ExpertWorker,
+    worker: Arc<ExpertWorker>,
     /// The layer begun, its activations and cold pairs.
     pending: Option<(u32, Vec<f32>, ExpertPairs)>,
 }
 
 impl InProcess {
     pub fn new(model: &ModelFile, cold: &ExpertSet, threads: usize) -> Result<InProcess> {
-        Ok(InProcess { worker: ExpertWorker::load(model, cold, threads)?, pending: None })
+        Ok(InProcess { worker: Arc::new(ExpertWorker::load(model, cold, threads)?), pending: None })
+    }
+}
+
+/// A layer's cold pairs computed by the threads that share it, each on its own lane.
+struct InProcessJob {
+    worker: Arc<ExpertWorker>,
+    layer: u32,
+    x: Vec<f32>,
+    pairs: ExpertPairs,
+}
+
+impl ColdSplit for InProcessJob {
+    fn run(&self, part: usize, parts: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<(), ColdError> {
+        self.worker.eval_part(self.layer, &self.x, &self.pairs, part, parts, put).map_err(|e| ColdError::Compute { source: e.into() })
     }
 }
 
@@ -55,6 +73,11 @@ impl ColdExperts for InProcess {
         }
         self.worker.eval(l, &x, &pairs, out).map_err(|e| ColdError::Compute { source: e.into() })?;
         Ok(())
+    }
+
+    fn split(&mut self) -> Option<Arc<dyn ColdSplit>> {
+        let (layer, x, pairs) = self.pending.take()?;
+        Some(Arc::new(InProcessJob { worker: self.worker.clone(), layer, x, pairs }))
     }
 }
 
