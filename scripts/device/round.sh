@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# GPU machine: one device call's worth of the full-width and serving measurements, in the
+# order of their value, so that a call cut short still returns whole results. Each part writes
+# its log under $OUT/<part>/ (at most two folders down, as the device tool returns them).
+# Here first: scripts/device/prepare.sh (or the same staging by hand: .device/bin/dflash.xz,
+# the tokenizer, libggml*.so, write_synth, llama-src); there, carrying .device:
+#   bash scripts/device/round.sh [PART...]
+# Parts (default: all, in this order):
+#   pairs4   build llama.cpp + its CUDA module (both engines load it) while the 4- and 8-layer
+#            files are written, then fullwidth-vs-llama.sh pairs on 4 layers ($PAIRS4)
+#   ab       the medium model, OLD (default .device/bin/dflash-93b7d08.xz, when staged)
+#            against this dflash, interleaved (gpu-experts.sh ab)
+#   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all hot
+#   pairs8   fullwidth-vs-llama.sh pairs on 8 layers ($PAIRS8), for the per-layer slopes
+# Environment: FA (default 0), REPS (default 2), PAIRS4 (default "cold hot half profile
+# cold-exec"), PAIRS8 (default "hot cold").
+set -uo pipefail
+out=${OUT:-/tmp/round}
+mkdir -p "$out"
+(cd .device/bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done)
+chmod +x .device/bin/dflash .device/bin/write_synth
+export FA=${FA:-0} REPS=${REPS:-2}
+parts=${*:-pairs4 ab np8 pairs8}
+on() { [[ " $parts " == *" $1 "* ]]; }
+quiet() { grep -v "^  *[0-9]*%\|it/s"; }
+fw() { bash scripts/device/fullwidth-vs-llama.sh "$@" 2>&1 | quiet; }
+t0=$(date +%s)
+stamp() { echo "## $(( $(date +%s) - t0 )) s: $*"; }
+
+if on pairs4; then
+  mkdir -p "$out/pairs4"
+  stamp "build + files"
+  OUT=$out/pairs4 LAYERS="4 8" fw build files
+  stamp "pairs 4 layers"
+  OUT=$out/pairs4 LAYERS=4 PLACEMENTS="${PAIRS4:-cold hot half profile cold-exec}" fw pairs
+fi
+if on ab; then
+  old=${OLD:-.device/bin/dflash-93b7d08.xz}
+  if [ -f "$old" ]; then
+    mkdir -p "$out/ab"
+    stamp "ab: $old against $(cat .device/commit)"
+    OUT=$out/ab OLD=$old bash scripts/device/gpu-experts.sh ab 2>&1 | quiet | grep -v "^\s*$"
+  fi
+fi
+if on np8; then
+  mkdir -p "$out/np8"
+  stamp "np8"
+  OUT=$out/np8 LAYERS=4 PLACEMENTS="half-np8 half-np8-stream hot-np8" fw pairs
+fi
+if on pairs8; then
+  mkdir -p "$out/pairs8"
+  stamp "pairs 8 layers"
+  OUT=$out/pairs8 LAYERS=8 PLACEMENTS="${PAIRS8:-hot cold}" fw pairs
+fi
+stamp done
