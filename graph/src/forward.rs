@@ -47,7 +47,7 @@ impl Model {
                 return Err(GraphError::ContextOverflow { pos: seq.pos(), n: tokens.len(), n_ctx: seq.n_ctx() });
             }
         }
-        if self.cold.is_none() && self.has_cold_experts() {
+        if self.cold.is_none() && self.needs_cold_executor() {
             return Err(GraphError::Option("some routed experts are cold but no cold executor is set".into()));
         }
         self.timings = StepTimings::default();

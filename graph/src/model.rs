@@ -162,6 +162,20 @@ impl Model {
         (0..self.config.n_layer).any(|l| !self.hot.is_full_layer(l as u32))
     }
 
+    /// The layers whose cold experts the step graph computes itself at every batch size, from
+    /// its pinned host copy (`cold_layers_in_graph`: the layers holding no expert): the cold
+    /// executor never sees them, so it need not hold their experts.
+    pub fn layers_in_graph(&self) -> Vec<u32> {
+        let Some(host) = self.cold_host.as_ref().filter(|h| h.all_cold_in_graph) else { return Vec::new() };
+        host.layers.iter().enumerate().filter(|(_, l)| l.as_ref().is_some_and(|l| l.maps.is_none())).map(|(l, _)| l as u32).collect()
+    }
+
+    /// Whether some layer's cold experts need the cold executor (not held, not in the graph).
+    pub fn needs_cold_executor(&self) -> bool {
+        let in_graph = self.layers_in_graph();
+        (0..self.config.n_layer as u32).any(|l| !self.hot.is_full_layer(l) && !in_graph.contains(&l))
+    }
+
     /// Hand the cold experts to `exec`. The hand-over runs as CPU custom ops; on another
     /// device the scheduler copies the activations and routes to the CPU and the sums back.
     pub fn set_cold_experts(&mut self, exec: Box<dyn ColdExperts>) -> Result<(), GraphError> {

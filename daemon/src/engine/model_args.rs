@@ -88,7 +88,8 @@ pub struct ModelArgs {
     pub cold_offload_min: usize,
     /// With the model on a GPU: layers whose routed experts are all cold compute them in the
     /// step graph itself at every batch size, from the pinned host copy (ggml's CPU backend
-    /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers.
+    /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers,
+    /// which then do not load those layers' experts.
     /// Measured on an H100 with every expert cold: decode 1.38× the executor's, 1.23×
     /// llama.cpp's (BENCHMARKS.md, "Full width").
     #[arg(long = "cold-layers-in-graph")]
@@ -141,7 +142,11 @@ impl ModelArgs {
         let mut model = Model::from_file(file, opts).with_context(|| format!("loading {}", self.model.display()))?;
         // Under adaptive, the executor holds every expert of a partly held layer (any of them
         // may become cold); it is given only the cold ones to compute.
-        let cold = placement.executor_experts(adaptive);
+        let mut cold = placement.executor_experts(adaptive);
+        // Layers the step graph computes from its host copy never reach the executor.
+        for l in model.layers_in_graph() {
+            cold.clear_layer(l);
+        }
         if !cold.is_empty() {
             if self.expert_workers == 0 {
                 let exec = super::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
