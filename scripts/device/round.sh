@@ -8,6 +8,9 @@
 # Parts (default: all, in this order):
 #   pairs4   build llama.cpp + its CUDA module (both engines load it) while the 4- and 8-layer
 #            files are written, then fullwidth-vs-llama.sh pairs on 4 layers ($PAIRS4)
+#   exact    fixture A on CUDA0 with cold experts through the executor, offloaded and in the
+#            graph, against all hot and the transformers reference (fullwidth-vs-llama.sh exact;
+#            needs .device/fixtures)
 #   ab       the medium model, OLD (default .device/bin/dflash-93b7d08.xz, when staged)
 #            against this dflash, interleaved (gpu-experts.sh ab)
 #   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all hot
@@ -20,7 +23,7 @@ mkdir -p "$out"
 (cd .device/bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done)
 chmod +x .device/bin/dflash .device/bin/write_synth
 export FA=${FA:-0} REPS=${REPS:-2}
-parts=${*:-pairs4 ab np8 pairs8}
+parts=${*:-pairs4 exact ab np8 pairs8}
 on() { [[ " $parts " == *" $1 "* ]]; }
 quiet() { grep -v "^  *[0-9]*%\|it/s"; }
 fw() { bash scripts/device/fullwidth-vs-llama.sh "$@" 2>&1 | quiet; }
@@ -33,6 +36,11 @@ if on pairs4; then
   OUT=$out/pairs4 LAYERS="4 8" fw build files
   stamp "pairs 4 layers"
   OUT=$out/pairs4 LAYERS=4 PLACEMENTS="${PAIRS4:-cold hot half profile cold-exec}" fw pairs
+fi
+if on exact; then
+  mkdir -p "$out/exact"
+  stamp "exact"
+  OUT=$out/exact fw exact
 fi
 if on ab; then
   old=${OLD:-.device/bin/dflash-93b7d08.xz}
