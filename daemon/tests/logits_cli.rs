@@ -84,3 +84,29 @@ fn logits_npy_matches_reference_through_prefill_and_decode() {
     assert!(err.contains("token id -5 (index 1)"), "{err}");
     std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
+
+/// `--batch-with K` runs K companion sequences beside this one in every step, mixing their
+/// prompt chunks with this one's decode: this sequence's logits are its logits alone, to the
+/// bit, on the CPU (DS4.md, "Batched steps"); `scripts/device/batch-bound.sh` measures CUDA's.
+#[test]
+fn logits_beside_companion_sequences_are_the_logits_alone() {
+    let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-b.ref.npz")).expect("reference");
+    let tokens: Vec<i32> = arr(&mut npz, "tokens");
+    let n = 60;
+    let tok_file = tmp("batch-tokens.txt");
+    std::fs::write(&tok_file, tokens[..n].iter().map(|t| format!("{t}\n")).collect::<String>()).expect("write tokens");
+    let run = |name: &str, extra: &[&str]| -> Vec<u32> {
+        let out = tmp(name);
+        let o = dflash_logits(&tok_file, &out, &[&["--decode-from", "40", "--ubatch", "16", "--threads", "2"][..], extra].concat());
+        assert!(o.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&o.stderr));
+        let v: Vec<f32> = npyz::NpyFile::new(&std::fs::read(&out).expect("output")[..]).expect("npy").into_vec().expect("f32");
+        v.into_iter().map(f32::to_bits).collect()
+    };
+    let alone = run("alone.npy", &[]);
+    for k in ["1", "3"] {
+        let batched = run(&format!("with-{k}.npy"), &["--batch-with", k]);
+        assert_eq!(batched.len(), alone.len(), "--batch-with {k}: another shape");
+        let first = batched.iter().zip(&alone).position(|(a, b)| a != b);
+        assert!(first.is_none(), "--batch-with {k}: logits differ from alone first at flat index {first:?}");
+    }
+}

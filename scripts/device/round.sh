@@ -11,6 +11,7 @@
 #   exact    fixture A on CUDA0 with cold experts through the executor, offloaded and in the
 #            graph, against all hot and the transformers reference (fullwidth-vs-llama.sh exact;
 #            needs .device/fixtures)
+#   bbound   batched-vs-alone logits on CUDA0 (batch-bound.sh; needs .device/fixtures)
 #   ab       the medium model, OLD (default .device/bin/dflash-93b7d08.xz, when staged)
 #            against this dflash, interleaved (gpu-experts.sh ab)
 #   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all hot
@@ -23,7 +24,7 @@ mkdir -p "$out"
 (cd .device/bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done)
 chmod +x .device/bin/dflash .device/bin/write_synth
 export FA=${FA:-0} REPS=${REPS:-2}
-parts=${*:-pairs4 exact ab np8 pairs8}
+parts=${*:-pairs4 exact bbound ab np8 pairs8}
 on() { [[ " $parts " == *" $1 "* ]]; }
 quiet() { grep -v "^  *[0-9]*%\|it/s"; }
 fw() { bash scripts/device/fullwidth-vs-llama.sh "$@" 2>&1 | quiet; }
@@ -41,6 +42,11 @@ if on exact; then
   mkdir -p "$out/exact"
   stamp "exact"
   OUT=$out/exact fw exact
+fi
+if on bbound; then
+  mkdir -p "$out/bbound"
+  stamp "batch bound"
+  OUT=$out/bbound bash scripts/device/batch-bound.sh 2>&1 | quiet
 fi
 if on ab; then
   old=${OLD:-.device/bin/dflash-93b7d08.xz}

@@ -25,6 +25,13 @@ pub struct Args {
     /// Print the graph build / compute time split to stderr.
     #[arg(long)]
     timings: bool,
+    /// Run K other sequences beside this one in every step (`Model::forward_batch`, as
+    /// `serve --parallel` does): companion i reads the tokens rotated by 7·(i+1) positions
+    /// and starts i+1 tokens later, so the steps mix prefill and decode of sequences at
+    /// different positions. Only this sequence's logits are written: they are to equal its
+    /// logits alone (the batched-vs-alone check).
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    batch_with: usize,
 }
 
 pub fn run(a: Args) -> Result<()> {
@@ -58,10 +65,32 @@ pub fn run(a: Args) -> Result<()> {
         total.build_s += t.build_s;
         total.compute_s += t.compute_s;
     };
-    write_rows(&model.forward(&mut seq, &tokens[..split], Logits::All)?)?;
+    // Companions: (sequence, tokens); companion i lags i+1 tokens behind, so it still reads
+    // its prompt while this one decodes.
+    let n = tokens.len();
+    let companions: Vec<Vec<u32>> = (0..a.batch_with).map(|i| (0..n).map(|j| tokens[(j + 7 * (i + 1)) % n]).collect()).collect();
+    let mut comp_seqs = Vec::with_capacity(a.batch_with);
+    for _ in 0..a.batch_with {
+        comp_seqs.push(model.new_sequence(n_ctx)?);
+    }
+    let mut comp_done = vec![0usize; a.batch_with];
+    // One step: this sequence's `mine`, and each companion's next tokens up to position
+    // `upto - lag` (lag i+1; at the end, the rest).
+    let mut step = |model: &mut Model, seq: &mut graph::Sequence, mine: &[u32], upto: usize, last: bool| -> Result<Vec<f32>> {
+        let mut items: Vec<(&mut graph::Sequence, &[u32])> = vec![(seq, mine)];
+        for (i, (cs, done)) in comp_seqs.iter_mut().zip(comp_done.iter_mut()).enumerate() {
+            let end = if last { n } else { upto.saturating_sub(i + 1).max(*done) };
+            items.push((cs, &companions[i][*done..end]));
+            *done = end;
+        }
+        let mut out = model.forward_batch(&mut items, Logits::All)?;
+        Ok(std::mem::take(&mut out[0]))
+    };
+    write_rows(&step(&mut model, &mut seq, &tokens[..split], split, split == n)?)?;
     add(&model);
-    for &t in &tokens[split..] {
-        write_rows(&model.forward(&mut seq, &[t], Logits::All)?)?;
+    for (j, &t) in tokens[split..].iter().enumerate() {
+        let pos = split + j + 1;
+        write_rows(&step(&mut model, &mut seq, &[t], pos, pos == n)?)?;
         add(&model);
     }
     // checks that every row was written (the shape) and flushes
