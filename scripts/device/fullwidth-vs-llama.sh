@@ -27,7 +27,9 @@
 #            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
 #            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only),
 #            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8),
-#            half-np8-stream = half-np8 with the cold experts of 8-token steps streamed to the GPU
+#            half-np8-stream = half-np8 with the cold experts of 8-token steps streamed to the GPU,
+#            adaptive = half of each layer's experts held, the hot set following the live routing
+#            (from 0..K, up to 256 MiB swapped per step; decode only, to compare with profile)
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
 # Environment: FA (default 1; 0 builds llama.cpp without its flash-attention kernels, about half
 # the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
@@ -216,6 +218,7 @@ if on pairs; then
         half-np8) n= flags="--n-cpu-moe $half $DFLASH_COLD --np 8" tests="-p 0 --decode 32" ;;
         half-np8-stream) n= flags="--n-cpu-moe $half $DFLASH_EXEC --cold-offload-min 8 --np 8" tests="-p 0 --decode 32" ;;
         hot-np8) n= flags="--experts-hot all --np 8" tests="-p 0 --decode 32" ;;
+        adaptive) n= flags="--experts-hot adaptive:0.5 --expert-swap-mb 256 $DFLASH_EXEC" tests="-p 0 --decode 64" ;;
         profile)
           n=
           "$bin/dflash" bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-$L.json >/dev/null

@@ -14,7 +14,8 @@
 #   bbound   batched-vs-alone logits on CUDA0 (batch-bound.sh; needs .device/fixtures)
 #   ab       the medium model, OLD (default .device/bin/dflash-93b7d08.xz, when staged)
 #            against this dflash, interleaved (gpu-experts.sh ab)
-#   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all hot
+#   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all
+#            hot; and the adaptive placement's decode
 #   pairs8   fullwidth-vs-llama.sh pairs on 8 layers ($PAIRS8), for the per-layer slopes
 # Environment: FA (default 0), REPS (default 2), PAIRS4 (default "cold hot half profile
 # cold-exec"), PAIRS8 (default "hot cold").
@@ -59,7 +60,7 @@ fi
 if on np8; then
   mkdir -p "$out/np8"
   stamp "np8"
-  OUT=$out/np8 LAYERS=4 PLACEMENTS="half-np8 half-np8-stream hot-np8" fw pairs
+  OUT=$out/np8 LAYERS=4 PLACEMENTS="half-np8 half-np8-stream hot-np8 adaptive" fw pairs
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
