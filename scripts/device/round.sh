@@ -6,8 +6,8 @@
 # the tokenizer, libggml*.so, write_synth, llama-src); there, carrying .device:
 #   bash scripts/device/round.sh [PART...]
 # Parts (default: all, in this order):
-#   pairs4   build llama.cpp + its CUDA module (both engines load it) while the 4- and 8-layer
-#            files are written, then fullwidth-vs-llama.sh pairs on 4 layers ($PAIRS4)
+#   pairs4   build llama.cpp + its CUDA module (both engines load it) while the 4-layer file
+#            is written, then fullwidth-vs-llama.sh pairs on 4 layers ($PAIRS4)
 #   exact    fixture A on CUDA0 with cold experts through the executor, offloaded and in the
 #            graph, against all hot and the transformers reference (fullwidth-vs-llama.sh exact;
 #            needs .device/fixtures)
@@ -16,7 +16,9 @@
 #            against this dflash, interleaved (gpu-experts.sh ab)
 #   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all
 #            hot; and the adaptive placement's decode
-#   pairs8   fullwidth-vs-llama.sh pairs on 8 layers ($PAIRS8), for the per-layer slopes
+#   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
+#            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
+#            it ($PAIRS8), for the per-layer slopes
 # Environment: FA (default 0), REPS (default 2), PAIRS4 (default "cold hot half profile
 # cold-exec"), PAIRS8 (default "hot cold").
 set -uo pipefail
@@ -25,7 +27,7 @@ mkdir -p "$out"
 (cd .device/bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done)
 chmod +x .device/bin/dflash .device/bin/write_synth
 export FA=${FA:-0} REPS=${REPS:-2}
-parts=${*:-pairs4 exact bbound ab np8 pairs8}
+parts=${*:-pairs4 exact bbound ab np8}
 on() { [[ " $parts " == *" $1 "* ]]; }
 quiet() { grep -v "^  *[0-9]*%\|it/s"; }
 fw() { bash scripts/device/fullwidth-vs-llama.sh "$@" 2>&1 | quiet; }
@@ -35,7 +37,7 @@ stamp() { echo "## $(( $(date +%s) - t0 )) s: $*"; }
 if on pairs4; then
   mkdir -p "$out/pairs4"
   stamp "build + files"
-  OUT=$out/pairs4 LAYERS="4 8" fw build files
+  OUT=$out/pairs4 LAYERS=4 fw build files
   stamp "pairs 4 layers"
   OUT=$out/pairs4 LAYERS=4 PLACEMENTS="${PAIRS4:-cold hot half profile cold-exec}" fw pairs
 fi
@@ -65,6 +67,8 @@ fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
   stamp "pairs 8 layers"
+  rm -f bench-data/v4f-4l.gguf
+  OUT=$out/pairs8 LAYERS=8 fw files
   OUT=$out/pairs8 LAYERS=8 PLACEMENTS="${PAIRS8:-hot cold}" fw pairs
 fi
 stamp done
