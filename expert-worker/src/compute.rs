@@ -438,8 +438,9 @@ impl ExpertWorker {
         Ok(EvalTimings { rows, build_s: (t1 - t0).as_secs_f64(), compute_s: t1.elapsed().as_secs_f64() })
     }
 
-    /// Part `part` of `parts` of [`eval`](Self::eval), on a lane of one thread of its own,
-    /// so that `parts` threads (the graph's own, in a custom op) share an eval: the pairs
+    /// Part `part` of `parts` of [`eval`](Self::eval), on a lane of one thread of its own
+    /// (one part: on the eval's lane and its threads), so that `parts` threads (the graph's
+    /// own, in a custom op) share an eval: the pairs
     /// whose part ([`split_pairs`] of `pairs`' ids) is `part`, each row `p` handed to
     /// `put(p, row)`. Every pair's row is the same bits as [`eval`](Self::eval)'s: an
     /// expert's rows are computed together in either, each output value one dot product.
@@ -450,6 +451,16 @@ impl ExpertWorker {
         let parts = parts.min(MAX_PARTS);
         if part >= parts {
             return Ok(());
+        }
+        if parts == 1 {
+            // One part: all the pairs on the eval's lane, whose backend has a team of its own
+            // (`threads`); the caller is then not inside another team's parallel region.
+            let mut lane = self.main.lock().map_err(|_| WorkerError::LanePoisoned { lane: "the eval's" })?;
+            let mut rows_in = pairs.tokens().enumerate().flat_map(|(t, ids)| {
+                let x = &input[t * n_embd..(t + 1) * n_embd];
+                ids.iter().map(move |&e| (x, le.local[e as usize] as i32))
+            });
+            return lane.eval(self.at(layer, le), &mut rows_in, pairs.n_pairs(), put);
         }
         let owner = split_pairs(pairs.ids(), parts);
         let n = owner.iter().filter(|&&o| o == part).count();

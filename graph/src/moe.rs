@@ -84,8 +84,12 @@ impl Builder<'_> {
         let held = w.experts.as_ref().map(|r| self.expert_slots(z, local, r));
         let mut args = vec![local, ids];
         args.extend(held);
-        // every thread of the CPU team enters cold_end: an executor's job is split over them
-        let slots = self.cold_op(il, TensorType::F32, [e, k, n], &args, crate::cold::cold_end, true); // [e, k, n]
+        // With the model on the CPU every thread of its team enters cold_end, and an executor's
+        // job is split over them (the team is in its parallel region for the model's own ops,
+        // where a compute of the executor's own would get one thread). With the model on
+        // another device the CPU ops around it are single tasks, so ggml runs them without a
+        // parallel region, and cold_end (one task) leaves the executor its own team.
+        let slots = self.cold_op(il, TensorType::F32, [e, k, n], &args, crate::cold::cold_end, self.on_cpu); // [e, k, n]
         let slots = g.name(slots, &format!("cold_end-{il}"));
         let out = plus_base(self.weighted_sum(il, slots, wts));
         g.name(out, &format!("routed_out-{il}"))
