@@ -10,7 +10,8 @@
 #   bash scripts/device/batch-bound.sh
 # It fails when a batched CUDA0 run is further from its run alone than
 # max |Δlogit| ≤ BOUND_REL · max |logit| at some position, or agrees on the argmax at fewer than
-# BOUND_TOP1 of the positions (defaults: the GPU placement bound DS4.md states, 1.6 and 0.92).
+# BOUND_TOP1 of the positions (defaults: the bound DS4.md states, "Batched steps", 1.6 and 0.95;
+# measured on an H100 at 3f87b74: worst 1.15, lowest top-1 97.6%).
 set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/batch-bound.log
@@ -43,7 +44,7 @@ load = lambda n: np.load(f"/tmp/{n}-{f}.npy")
 same = np.array_equal(load("cpu-b7").view(np.uint32), load("cpu-alone").view(np.uint32))
 print(f"cpu --batch-with 7 vs alone: {'the same bits' if same else 'DIFFERENT BITS'}")
 assert same, "the CPU's batched logits differ from alone"
-bound, top1_min = float(os.environ.get("BOUND_REL", "1.6")), float(os.environ.get("BOUND_TOP1", "0.92"))
+bound, top1_min = float(os.environ.get("BOUND_REL", "1.6")), float(os.environ.get("BOUND_TOP1", "0.95"))
 worst, lowest = 0.0, 1.0
 for b, a in [("cuda-b7", "cuda-alone"), ("cuda-half-b7", "cuda-half-alone")]:
     g, ref = load(b), load(a)
