@@ -74,8 +74,10 @@ impl ColdHost {
             .map(|l| (0..c.n_expert as u32).filter(|e| !hot.contains(l as u32, *e)).collect())
             .collect();
         // A partly held layer's local ids are filled with cold experts the token does not
-        // use, so it needs at least k of them.
-        let layers: Vec<usize> = (0..c.n_layer).filter(|&l| !cold[l].is_empty() && cold[l].len() >= c.n_expert_used).collect();
+        // use, so it needs at least k of them; and it is offloaded only from `min_batch`
+        // tokens (usize::MAX: never, only the layers computed in the graph are wanted).
+        let wanted = |l: usize| cold[l].len() == c.n_expert || (min_batch != usize::MAX && cold[l].len() >= c.n_expert_used);
+        let layers: Vec<usize> = (0..c.n_layer).filter(|&l| !cold[l].is_empty() && wanted(l)).collect();
         if layers.is_empty() {
             return Ok(None);
         }

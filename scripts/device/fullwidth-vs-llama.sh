@@ -26,6 +26,8 @@
 #            cold-graph / half-graph = cold / half with --cold-layers-in-graph (dflash only),
 #            hot-fa = hot with ggml's flash-attention kernels on the GPU too (dflash only),
 #            cold-exec = cold with the CPU executor at every batch size (dflash pp512 only),
+#            cold-executor = cold with decode through the executor (dflash's layers in the graph
+#            off; on by default since the fourth commit after 3f87b74),
 #            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8),
 #            half-np8-stream = half-np8 with the cold experts of 8-token steps streamed to the GPU,
 #            adaptive = half of each layer's experts held, the hot set following the live routing
@@ -125,7 +127,7 @@ if on exact; then
   X() { local o=$1; shift; if $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u 512 "$@" --out /tmp/x-$o.npy; then ran+=("$o=/tmp/x-$o.npy"); else echo "FAILED: $o ($*)"; fi; }
   DEV=CPU X cpu
   X hot
-  X exec --experts-hot none --expert-workers 0 --cold-offload-min 0
+  X exec --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph false
   X offload --experts-hot none --expert-workers 0 --cold-offload-min 1
   X offload-half --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1
   X offload-half-w2 --experts-hot uniform:8 --expert-workers 2 --cold-offload-min 16
@@ -210,7 +212,8 @@ if on pairs; then
       case $P in
         hot) n=0 flags="--experts-hot all" ;;
         hot-fa) n= flags="--experts-hot all --flash-attn on" ;;
-        cold-exec) n= flags="--cpu-moe $DFLASH_EXEC" tests="-p 512 --decode 0" ;;
+        cold-exec) n= flags="--cpu-moe $DFLASH_EXEC --cold-layers-in-graph false" tests="-p 512 --decode 0" ;;
+        cold-executor) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph false" ;;
         cold) n=$L flags="--cpu-moe $DFLASH_COLD" ;;
         half) n=$half flags="--n-cpu-moe $half $DFLASH_COLD" ;;
         cold-graph) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph" ;;

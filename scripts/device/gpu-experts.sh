@@ -14,6 +14,8 @@
 # graphs: decode with CUDA graphs replayed vs GGML_CUDA_DISABLE_GRAPHS=1, same minutes.
 # serve: `dflash serve` on CUDA0 with cold experts in workers, one streamed and one plain
 #     completion through the HTTP API.
+# The runs of layers whose experts are all cold pass --cold-layers-in-graph false: they measure
+# the executor (in process or workers), which such layers otherwise skip.
 set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/gpu-experts.log
@@ -54,10 +56,10 @@ export NVIDIA_TF32_OVERRIDE=0
 m=tests/fixtures/ds4-tiny-a.f32.gguf
 L a cpu-a -m $m --device CPU
 L a cuda-notf32-a -m $m --device CUDA0
-L a cold-none-w0 -m $m --device CUDA0 --experts-hot none --expert-workers 0
-L a cold-none-w1-dec -m $m --device CUDA0 --experts-hot none --expert-workers 1 --decode-from 100
+L a cold-none-w0 -m $m --device CUDA0 --experts-hot none --expert-workers 0 --cold-layers-in-graph false
+L a cold-none-w1-dec -m $m --device CUDA0 --experts-hot none --expert-workers 1 --decode-from 100 --cold-layers-in-graph false
 L a cold-u8-w2 -m $m --device CUDA0 --experts-hot uniform:8 --expert-workers 2
-L a cold-ncpu3-w4 -m $m --device CUDA0 --n-cpu-moe 3 --expert-workers 4 --route-stats-out /tmp/route.json
+L a cold-ncpu3-w4 -m $m --device CUDA0 --n-cpu-moe 3 --expert-workers 4 --route-stats-out /tmp/route.json --cold-layers-in-graph false
 L a cold-profile-w2 -m $m --device CUDA0 --experts-hot profile:/tmp/route.json --expert-budget-mb 1 --expert-workers 2
 python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz cpu=/tmp/cpu-a.npy hot=/tmp/cuda-notf32-a.npy \
   none-w0=/tmp/cold-none-w0.npy none-w1-dec=/tmp/cold-none-w1-dec.npy u8-w2=/tmp/cold-u8-w2.npy \
@@ -78,14 +80,14 @@ B() { $bin/dflash bench decode -m $MODEL -n 64 -r 3 --timings "$@"; }
 B --device CUDA0
 B --device CUDA0 --experts-hot uniform:32 --expert-workers 0 --worker-threads 8 -t 8
 B --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4
-B --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8
-B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4
-B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
+B --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8 --cold-layers-in-graph false
+B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --cold-layers-in-graph false
+B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50 --cold-layers-in-graph false
 B --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
-B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50 --worker-cpus 8-11/12-15
-B --device CUDA0 --cpu-moe --expert-workers 4 --worker-threads 3 -t 2
+B --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50 --worker-cpus 8-11/12-15 --cold-layers-in-graph false
+B --device CUDA0 --cpu-moe --expert-workers 4 --worker-threads 3 -t 2 --cold-layers-in-graph false
 B --device CPU -t 16
-$bin/dflash bench prefill -m $MODEL -n 512 -u 512 --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 6
+$bin/dflash bench prefill -m $MODEL -n 512 -u 512 --device CUDA0 --cpu-moe --expert-workers 2 --worker-threads 6 --cold-layers-in-graph false
 fi
 
 if on ab; then
@@ -124,7 +126,7 @@ for rep in 1 2; do
     G() { if [ -n "$off" ]; then GGML_CUDA_DISABLE_GRAPHS=1 "$@"; else "$@"; fi; }
     G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0
     G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0 --experts-hot uniform:32 --expert-workers 2 --worker-threads 4 -t 4 --worker-spin-us 50
-    G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8
+    G $bin/dflash bench decode -m $MODEL -n 64 -r 3 --device CUDA0 --cpu-moe --expert-workers 0 --worker-threads 8 -t 8 --cold-layers-in-graph false
   done
 done
 $bin/dflash bench prefill -m $MODEL -n 512 -u 512 -r 3 --device CUDA0
@@ -133,7 +135,7 @@ fi
 if on serve; then
 echo "== 5. dflash serve on CUDA0, experts of the first 4 layers cold in 2 workers"
 medium
-$bin/dflash serve -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 --worker-threads 4 --port 8091 &
+$bin/dflash serve -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 --worker-threads 4 --port 8091 --cold-layers-in-graph false &
 srv=$!
 for i in $(seq 60); do curl -sf localhost:8091/health >/dev/null && break; sleep 1; done
 curl -sf localhost:8091/v1/completions -H 'content-type: application/json' \
@@ -145,5 +147,5 @@ echo
 curl -sf localhost:8091/metrics > /tmp/metrics.txt; grep -v '^#' /tmp/metrics.txt | head -20
 kill -TERM $srv; wait $srv || true
 $bin/dflash run -m $MODEL --device CUDA0 -p "The capital of France is" -n 16
-$bin/dflash run -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 -p "The capital of France is" -n 16
+$bin/dflash run -m $MODEL --device CUDA0 --n-cpu-moe 4 --expert-workers 2 -p "The capital of France is" -n 16 --cold-layers-in-graph false
 fi

@@ -35,10 +35,11 @@ for f in mxfp4 q8_0; do
   L cpu-none-w2-$f --device CPU -t 8 --experts-hot none --expert-workers 2 --worker-threads 4
   L cpu-u8-w0-$f --device CPU -t 8 --experts-hot uniform:8 --expert-workers 0 --worker-threads 8
   L cuda-hot-$f --device CUDA0
-  L cuda-none-w0-$f --device CUDA0 --experts-hot none --expert-workers 0 --worker-threads 8 -t 8
-  L cuda-none-w2-dec-$f --device CUDA0 --experts-hot none --expert-workers 2 --worker-threads 4 -t 4 --decode-from 300
+  # every layer all cold: through the executor (the default computes such layers in the graph)
+  L cuda-none-w0-$f --device CUDA0 --experts-hot none --expert-workers 0 --worker-threads 8 -t 8 --cold-layers-in-graph false
+  L cuda-none-w2-dec-$f --device CUDA0 --experts-hot none --expert-workers 2 --worker-threads 4 -t 4 --decode-from 300 --cold-layers-in-graph false
   L cuda-u8-w2-$f --device CUDA0 --experts-hot uniform:8 --expert-workers 2 --worker-threads 4 -t 4
-  L cuda-ncpu3-w1-$f --device CUDA0 --n-cpu-moe 3 --expert-workers 1 --worker-threads 8 -t 8
+  L cuda-ncpu3-w1-$f --device CUDA0 --n-cpu-moe 3 --expert-workers 1 --worker-threads 8 -t 8 --cold-layers-in-graph false
   python3 - "$f" <<'PY'
 import os, sys
 import numpy as np

@@ -87,13 +87,14 @@ pub struct ModelArgs {
     #[arg(long = "cold-offload-min", value_name = "N", default_value_t = 0)]
     pub cold_offload_min: usize,
     /// With the model on a GPU: layers whose routed experts are all cold compute them in the
-    /// step graph itself at every batch size, from the pinned host copy (ggml's CPU backend
-    /// with `-t` threads for batches below `--cold-offload-min`), instead of in the workers,
-    /// which then do not load those layers' experts.
-    /// Measured on an H100 with every expert cold: decode 1.38× the executor's, 1.23×
-    /// llama.cpp's (BENCHMARKS.md, "Full width").
-    #[arg(long = "cold-layers-in-graph")]
-    pub cold_layers_in_graph: bool,
+    /// step graph itself at every batch size, from a pinned host copy (ggml's CPU backend
+    /// with `-t` threads for batches below `--cold-offload-min`), instead of in the executor,
+    /// which then does not load those layers' experts. On by default (`false` turns it off),
+    /// except under `--experts-hot adaptive`, whose hot set moves. Measured on an H100 with
+    /// every expert cold: decode 1.38× the executor's, 1.23× llama.cpp's (BENCHMARKS.md,
+    /// "Full width").
+    #[arg(long = "cold-layers-in-graph", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub cold_layers_in_graph: Option<bool>,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
     /// the model's device between two steps (0: the placement stays as it started).
     #[arg(long = "expert-swap-mb", default_value_t = 16)]
@@ -112,7 +113,7 @@ impl ModelArgs {
         };
         let options = self.placement.options()?;
         let adaptive = options.policy.is_adaptive();
-        if adaptive && (self.cold_offload_min > 0 || self.cold_layers_in_graph) {
+        if adaptive && (self.cold_offload_min > 0 || self.cold_layers_in_graph == Some(true)) {
             anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph does not follow: use one or the other");
         }
         let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape)?)?;
@@ -132,7 +133,7 @@ impl ModelArgs {
             },
             csa_dense_max_view: self.csa_dense_max_view,
             cold_offload_min: self.cold_offload_min,
-            cold_layers_in_graph: self.cold_layers_in_graph,
+            cold_layers_in_graph: self.cold_layers_in_graph.unwrap_or(!adaptive),
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
         };
