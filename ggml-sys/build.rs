@@ -64,6 +64,14 @@ fn main() {
         include.display()
     );
     println!("cargo:rerun-if-env-changed=DFLASH_GGML_NATIVE");
+    // llamafile's tinyBLAS kernels for ggml's CPU matrix products (F32, F16, BF16, Q8_0, Q4_0,
+    // ... on x86 and Arm), on in llama.cpp's own build, are off here unless
+    // DFLASH_GGML_LLAMAFILE=1: with them a column's product depends on how many columns the
+    // product has, so a sequence batched with others no longer gets its logits alone bit for
+    // bit (tests/batch.rs fails). Measured with them on the 2-core VM: prefill +27%, 8-sequence
+    // decode +17%, single decode unchanged (BENCHMARKS.md, "Batched decode (CPU)").
+    println!("cargo:rerun-if-env-changed=DFLASH_GGML_LLAMAFILE");
+    let llamafile = env::var("DFLASH_GGML_LLAMAFILE").is_ok_and(|v| v == "1");
     let native = env::var("DFLASH_GGML_NATIVE").map(|v| v != "0").unwrap_or(true);
     let glue = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../vendor/ggml");
     println!("cargo:rerun-if-changed={}", glue.join("CMakeLists.txt").display());
@@ -77,6 +85,7 @@ fn main() {
         .define("GGML_BUILD_EXAMPLES", "OFF")
         .define("GGML_OPENMP", "ON")
         .define("GGML_CCACHE", "OFF")
+        .define("GGML_LLAMAFILE", if llamafile { "ON" } else { "OFF" })
         .define("CMAKE_BUILD_TYPE", "Release")
         // libggml.so finds libggml-cpu.so beside itself.
         .define("CMAKE_INSTALL_RPATH", "$ORIGIN")
