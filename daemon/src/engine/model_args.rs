@@ -50,7 +50,9 @@ pub struct ModelArgs {
     /// `--experts-hot profile:FILE`) to FILE when the model is released.
     #[arg(long = "route-stats-out")]
     pub route_stats_out: Option<PathBuf>,
-    /// CPU threads of each expert worker.
+    /// CPU threads of each expert worker. In process (`--expert-workers 0`): the threads of
+    /// the cold experts' own compute with the model on a GPU; with the model on the CPU its
+    /// `-t` threads share the cold experts instead.
     #[arg(long = "worker-threads", default_value_t = 1)]
     pub worker_threads: usize,
     /// Pin the expert workers: `numa` (worker i on NUMA node i mod nodes, its experts in that
