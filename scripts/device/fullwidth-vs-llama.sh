@@ -6,7 +6,7 @@
 # write_synth, the DS4 tokenizer keys, the pinned ggml source and the llama.cpp tree with
 # llama-bench, under .device/). Then on the GPU machine, carrying .device:
 #   bash scripts/device/fullwidth-vs-llama.sh [STEP...]
-# Steps (default: build exact files llama dflash):
+# Steps (default: build exact files llama dflash; `pack` when asked):
 #   build    (runs beside `files` when both are asked for) llama.cpp (pinned source + llama-bench) with GGML_BACKEND_DL, GGML_NATIVE=OFF and
 #            CUDA; its libggml-cuda.so is copied beside dflash, so both engines load the same module
 #   exact    fixture A (MXFP4 experts) on CUDA0: cold experts through the executor, offloaded
@@ -71,8 +71,14 @@ peak() {
   return 0
 }
 
+# A packed build from an earlier call (the `pack` step's files, copied into .device/): the
+# same binaries without the 3-4 minutes of building.
+pack=.device/llama-pack-fa$FA.tar.xz
 build() {
   t0=$(date +%s)
+  if [ ! -d /tmp/llama-build/bin ] && compgen -G "$pack.part*" >/dev/null; then
+    mkdir -p /tmp/llama-build && cat "$pack".part* | tar -xJ -C /tmp/llama-build && echo "llama.cpp build unpacked from $pack.part*"
+  fi
   # a build left by an earlier call on this (still warm) machine: no second build
   if [ -n "$(find /tmp/llama-build -name libggml-cuda.so -type f 2>/dev/null | head -1)" ] \
     && [ -n "$(find /tmp/llama-build -name llama-bench -type f 2>/dev/null | head -1)" ]; then
@@ -116,6 +122,15 @@ elif on files; then
   write_files
 fi
 LB=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+
+# pack: the build's bin/ (llama-bench, its libraries, the CUDA module), stripped and xz'd in
+# parts of at most 15 MiB under $OUT, for a later call to carry in .device/ (see `pack` above)
+if on pack; then
+  rm -rf /tmp/pack && mkdir -p /tmp/pack && cp -a /tmp/llama-build/bin /tmp/pack/
+  find /tmp/pack/bin -type f \( -name "*.so*" -o -name llama-bench \) -exec strip --strip-unneeded {} \;
+  tar -C /tmp/pack -cf - bin | xz -T0 -9 | split -b 15m -d - "$out/$(basename "$pack").part"
+  echo "packed the llama.cpp build: $(du -ch "$out/$(basename "$pack")".part* | tail -1 | cut -f1) in $(ls "$out/$(basename "$pack")".part* | wc -l) parts"
+fi
 
 if on exact; then
   echo "== cold experts on CUDA0: executor vs offloaded vs in the graph (fixture A, MXFP4 experts)"

@@ -3,11 +3,16 @@
 # order of their value, so that a call cut short still returns whole results. Each part writes
 # its log under $OUT/<part>/ (at most two folders down, as the device tool returns them).
 # Here first: scripts/device/prepare.sh (or the same staging by hand: .device/bin/dflash.xz,
-# the tokenizer, libggml*.so, write_synth, llama-src); there, carrying .device:
+# the tokenizer, libggml*.so, write_synth, llama-src); there, carrying .device (with a pack of
+# the llama.cpp build in .device/, carry .device/bin, .device/fixtures, .device/commit and the
+# pack's parts instead: llama-src is then not needed, and both would pass the 64 MiB a call
+# carries):
 #   bash scripts/device/round.sh [PART...]
 # Parts (default: all, in this order):
 #   pairs4   build llama.cpp + its CUDA module (both engines load it) while the 4-layer file
-#            is written, then fullwidth-vs-llama.sh pairs on 4 layers ($PAIRS4)
+#            is written (or unpack .device/llama-pack-fa0.tar.xz.part*), then
+#            fullwidth-vs-llama.sh pairs on 4 layers ($PAIRS4); with no pack in .device, the build
+#            is also packed into $OUT/pairs4/ (copy those parts into .device/ for the next call)
 #   exact    fixture A on CUDA0 with cold experts through the executor, offloaded and in the
 #            graph, against all hot and the transformers reference (fullwidth-vs-llama.sh exact;
 #            needs .device/fixtures)
@@ -38,6 +43,7 @@ if on pairs4; then
   mkdir -p "$out/pairs4"
   stamp "build + files"
   OUT=$out/pairs4 LAYERS=4 fw build files
+  compgen -G ".device/llama-pack-fa$FA.tar.xz.part*" >/dev/null || OUT=$out/pairs4 fw pack
   stamp "pairs 4 layers"
   OUT=$out/pairs4 LAYERS=4 PLACEMENTS="${PAIRS4:-cold hot half profile cold-exec}" fw pairs
 fi
