@@ -16,16 +16,7 @@ set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/batch-bound.log
 exec > >(tee "$log") 2>&1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-cat .device/commit
-[ -f $bin/libggml-cuda.so ] || bash scripts/device/build-cuda.sh
-for f in ds4-tiny-a.mxfp4 ds4-tiny-a.q8_0; do
-  [ -f tests/fixtures/$f.gguf ] || xz -d -c .device/fixtures/$f.gguf.xz > tests/fixtures/$f.gguf
-done
-python3 -c '
-import numpy as np
-d = np.load("tests/fixtures/ds4-tiny-a.ref.npz")
-open("/tmp/a.tokens", "w").write("\n".join(map(str, d["tokens"])))'
+source scripts/device/fixture-a-lib.sh
 L() { $bin/dflash logits --tokens /tmp/a.tokens -u 64 --decode-from 300 -m "$m" --out "/tmp/$1.npy" "${@:2}" 2>&1 | tail -1; }
 for f in mxfp4 q8_0; do
   m=tests/fixtures/ds4-tiny-a.$f.gguf

@@ -14,18 +14,7 @@ set -euo pipefail
 bin=.device/bin
 log=${OUT:-/tmp}/placement-bound.log
 exec > >(tee "$log") 2>&1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-lscpu | grep -E "Model name|^CPU\(s\)"
-cat .device/commit
-# the CUDA module llama.cpp built from the same pinned source (fullwidth-vs-llama.sh build) serves
-[ -f $bin/libggml-cuda.so ] || bash scripts/device/build-cuda.sh
-for f in ds4-tiny-a.mxfp4 ds4-tiny-a.q8_0; do
-  [ -f tests/fixtures/$f.gguf ] || xz -d -c .device/fixtures/$f.gguf.xz > tests/fixtures/$f.gguf
-done
-python3 -c '
-import numpy as np
-d = np.load("tests/fixtures/ds4-tiny-a.ref.npz")
-open("/tmp/a.tokens", "w").write("\n".join(map(str, d["tokens"])))'
+source scripts/device/fixture-a-lib.sh
 L() { $bin/dflash logits --tokens /tmp/a.tokens -u 512 -m "$m" --out "/tmp/$1.npy" "${@:2}" 2>&1 | tail -1; }
 for f in mxfp4 q8_0; do
   m=tests/fixtures/ds4-tiny-a.$f.gguf
