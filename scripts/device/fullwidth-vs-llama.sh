@@ -227,7 +227,7 @@ if on pairs; then
       case $P in
         hot) n=0 flags="--experts-hot all" ;;
         hot-fa) n= flags="--experts-hot all --flash-attn on" ;;
-        cold-exec) n= flags="--cpu-moe $DFLASH_EXEC --cold-layers-in-graph false" tests="-p 512 --decode 0" ;;
+        cold-exec) n= flags="--cpu-moe $DFLASH_EXEC --cold-layers-in-graph false --cold-offload-min 0" tests="-p 512 --decode 0" ;;
         cold-executor) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph false" ;;
         cold) n=$L flags="--cpu-moe $DFLASH_COLD" ;;
         half) n=$half flags="--n-cpu-moe $half $DFLASH_COLD" ;;

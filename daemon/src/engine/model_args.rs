@@ -78,16 +78,18 @@ pub struct ModelArgs {
     #[arg(long = "device-reserve-mb", default_value_t = 2048)]
     pub device_reserve_mb: u64,
     /// With the model on a GPU and cold experts: micro-batches of at least N tokens compute
-    /// the cold experts on the GPU, from a second copy of them in pinned host memory, copying
-    /// only the experts each micro-batch routes to over PCIe (smaller batches, e.g. decode,
-    /// use the CPU workers). The copy costs host memory equal to the cold experts' size;
-    /// budget placements then also keep one layer's experts free on the GPU for the copies.
-    /// 0 (the default): never, no host copy. Measured on an H100 at full width (BENCHMARKS.md,
-    /// "Full width"): with 64, a 512-token prefill with every expert cold runs at llama.cpp's
-    /// speed (the PCIe bound; the executor alone was 0.13× at 8 layers); the crossover below 512 tokens is
-    /// not measured yet, and the host copy doubles the cold experts' host memory.
-    #[arg(long = "cold-offload-min", value_name = "N", default_value_t = 0)]
-    pub cold_offload_min: usize,
+    /// the cold experts of partly held layers on the GPU, from a second copy of them in pinned
+    /// host memory, copying only the experts each micro-batch routes to over PCIe (smaller
+    /// batches, e.g. decode, use the executor). The copy costs host memory equal to those cold
+    /// experts' size; budget placements keep one layer's experts free on the GPU for the
+    /// copies. 0: never, no host copy. Default: 32 (the batch from which ggml's CUDA backend
+    /// takes a product over host weights, as llama.cpp does) when the host's available memory
+    /// holds every cold expert plus that copy with 10% to spare, else 0 (logged). Measured on an
+    /// H100 at full width (BENCHMARKS.md, "Full width"): with 64, a 512-token prefill with
+    /// every expert cold runs at llama.cpp's speed (the PCIe bound), the executor alone at
+    /// 0.10×.
+    #[arg(long = "cold-offload-min", value_name = "N")]
+    pub cold_offload_min: Option<usize>,
     /// With the model on a GPU: layers whose routed experts are all cold compute them in the
     /// step graph itself at every batch size, from a pinned host copy (ggml's CPU backend
     /// with `-t` threads for batches below `--cold-offload-min`), instead of in the executor,
@@ -115,7 +117,7 @@ impl ModelArgs {
         };
         let options = self.placement.options()?;
         let adaptive = options.policy.is_adaptive();
-        if adaptive && (self.cold_offload_min > 0 || self.cold_layers_in_graph == Some(true)) {
+        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true)) {
             anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph does not follow: use one or the other");
         }
         let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape)?)?;
@@ -123,6 +125,18 @@ impl ModelArgs {
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
         }
+        let on_gpu = ggml::Device::by_name(&self.device)?.kind() != ggml::DeviceKind::Cpu;
+        let cold_offload_min = match self.cold_offload_min {
+            Some(n) => n,
+            None if !on_gpu || adaptive => 0,
+            None => {
+                let host = ColdHostBytes::of(&placement, &shape, file.config.n_expert_used as u32);
+                let available = mem_available_bytes();
+                let n = auto_cold_offload_min(host, available);
+                tracing::info!(cold_offload_min = n, cold_bytes = host.cold, partial_copy_bytes = host.partial_copy, mem_available = ?available, "--cold-offload-min chosen from host memory");
+                n
+            }
+        };
         let mut opts = ModelOptions {
             device: Some(self.device.clone()),
             ubatch: self.ubatch,
@@ -134,7 +148,7 @@ impl ModelArgs {
                 FlashAttn::Off => Some(false),
             },
             csa_dense_max_view: self.csa_dense_max_view,
-            cold_offload_min: self.cold_offload_min,
+            cold_offload_min,
             cold_layers_in_graph: self.cold_layers_in_graph.unwrap_or(!adaptive),
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
@@ -185,10 +199,91 @@ impl ModelArgs {
         let experts: u64 = shape.expert_bytes.iter().sum::<u64>() * u64::from(shape.n_expert);
         let other = file.tensors.total_bytes().saturating_sub(experts);
         let free = device.memory().0 as u64;
-        // Offloaded cold experts are copied into the compute buffer, one layer's at a time.
-        let offload = if self.cold_offload_min > 0 { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
+        // Offloaded cold experts are copied into the compute buffer, one layer's at a time:
+        // from layers computed in the graph (on by default) and with --cold-offload-min
+        // (chosen after the placement when not given, so reserved unless it is 0).
+        let may_offload = self.cold_layers_in_graph != Some(false) || self.cold_offload_min != Some(0);
+        let offload = if may_offload { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
         let budget = budget_from_device(free, other, 0, 0, self.device_reserve_mb.saturating_mul(1 << 20).saturating_add(offload));
         tracing::info!(device = %self.device, free, other_weights = other, budget, "hot-expert budget from the device");
         Ok(Some(budget))
+    }
+}
+
+/// Host bytes of a placement's cold experts: all of them (held once, by the executor or, for
+/// layers computed in the graph, by the pinned copy), and the second, pinned copy that
+/// `--cold-offload-min` adds of the partly held layers' (those with at least k cold experts,
+/// the ones the GPU can take them from).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ColdHostBytes {
+    cold: u64,
+    partial_copy: u64,
+}
+
+impl ColdHostBytes {
+    fn of(placement: &ExpertPlacement, shape: &ModelShape, k: u32) -> ColdHostBytes {
+        let cold = placement.cold();
+        let mut bytes = ColdHostBytes { cold: 0, partial_copy: 0 };
+        for (l, &per_expert) in shape.expert_bytes.iter().enumerate() {
+            let n = cold.layer(l as u32).len() as u64;
+            bytes.cold += n * per_expert;
+            if n >= u64::from(k) && n < u64::from(shape.n_expert) {
+                bytes.partial_copy += n * per_expert;
+            }
+        }
+        bytes
+    }
+}
+
+/// The batch from which ggml's CUDA backend computes a product over weights in host memory
+/// on the GPU (its `GGML_OP_OFFLOAD_MIN_BATCH` default; llama.cpp's threshold too).
+const GPU_OFFLOAD_MIN_BATCH: usize = 32;
+
+/// `--cold-offload-min` when not given, with the model on a GPU: [`GPU_OFFLOAD_MIN_BATCH`]
+/// when every cold expert and the partly held layers' second copy fit in 90% of the host's
+/// available memory, else 0 (and 0 when there is nothing to copy or the memory is unknown).
+fn auto_cold_offload_min(host: ColdHostBytes, mem_available: Option<u64>) -> usize {
+    match mem_available {
+        Some(avail) if host.partial_copy > 0 && (host.cold + host.partial_copy) as f64 <= 0.9 * avail as f64 => GPU_OFFLOAD_MIN_BATCH,
+        _ => 0,
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo in bytes (None where there is none).
+fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{auto_cold_offload_min, mem_available_bytes, ColdHostBytes, GPU_OFFLOAD_MIN_BATCH};
+    use experts::ExpertSet;
+    use placement::{ExpertPlacement, ModelShape};
+
+    #[test]
+    fn host_bytes_count_every_cold_expert_and_copy_only_partly_held_layers() {
+        // 3 layers of 8 experts (100, 200, 300 bytes each), k = 2: layer 0 all cold, layer 1
+        // with 6 cold, layer 2 with 1 cold (fewer than k: no copy).
+        let shape = ModelShape { n_expert: 8, expert_bytes: vec![100, 200, 300] };
+        let hot = ExpertSet::from_fn(3, 8, |l, e| match l {
+            0 => false,
+            1 => e < 2,
+            _ => e < 7,
+        });
+        let p = ExpertPlacement::from_hot(hot);
+        assert_eq!(ColdHostBytes::of(&p, &shape, 2), ColdHostBytes { cold: 800 + 1200 + 300, partial_copy: 1200 });
+    }
+
+    #[test]
+    fn offload_is_chosen_only_when_the_copy_fits_in_memory() {
+        let host = ColdHostBytes { cold: 600, partial_copy: 300 };
+        assert_eq!(auto_cold_offload_min(host, Some(1000)), GPU_OFFLOAD_MIN_BATCH);
+        assert_eq!(auto_cold_offload_min(host, Some(999)), 0, "900 > 90% of 999");
+        assert_eq!(auto_cold_offload_min(host, None), 0);
+        assert_eq!(auto_cold_offload_min(ColdHostBytes { cold: 600, partial_copy: 0 }, Some(1 << 40)), 0, "nothing to copy");
+        assert!(mem_available_bytes().is_some_and(|b| b > 0), "/proc/meminfo on Linux");
     }
 }
