@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use experts::{ExpertPairs, ExpertSet};
-use graph::{ColdError, ColdExperts, GraphError, Logits, Model, ModelOptions};
+use graph::{ColdError, ColdExperts, ColdSplit, GraphError, Logits, Model, ModelOptions};
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
@@ -231,6 +231,60 @@ fn executor_errors_cross_the_seam_typed() {
         "cold experts of layer 1: expert worker 3 reported an error: expert 7 of layer 2 is not owned by this worker; the sequence must be reset"
     );
     assert!(matches!(err, GraphError::Cold { layer: 1, source: ColdError::Remote { worker: 3, .. } }), "{err:?}");
+}
+
+/// An executor that splits its layers over the graph's threads, whose part 1 fails (part 0
+/// puts zero rows for the pairs it owns: the even ones).
+struct FailingSplit(Option<FailingJob>);
+
+struct FailingJob {
+    n_pairs: usize,
+    n_embd: usize,
+}
+
+impl ColdSplit for FailingJob {
+    fn run(&self, part: usize, _parts: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<(), ColdError> {
+        if part == 1 {
+            return Err(ColdError::Compute { source: "part 1 of the layer could not be computed".into() });
+        }
+        let zeros = vec![0.0; self.n_embd];
+        for p in (0..self.n_pairs).step_by(2) {
+            put(p, &zeros);
+        }
+        Ok(())
+    }
+}
+
+impl ColdExperts for FailingSplit {
+    fn begin(&mut self, _layer: usize, n_embd: usize, _x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
+        self.0 = Some(FailingJob { n_pairs: pairs.n_pairs(), n_embd });
+        Ok(())
+    }
+
+    fn end(&mut self, _layer: usize, _out: &mut [f32]) -> Result<(), ColdError> {
+        Err(ColdError::Compute { source: "end is not called when the layer was split".into() })
+    }
+
+    fn split(&mut self) -> Option<std::sync::Arc<dyn ColdSplit>> {
+        self.0.take().map(|j| std::sync::Arc::new(j) as std::sync::Arc<dyn ColdSplit>)
+    }
+}
+
+/// With the model on the CPU the graph's threads share a split layer (`cold_end` runs on
+/// each); a part that fails on any of them ends the step with its typed error.
+#[test]
+fn a_failing_part_of_a_split_layer_crosses_the_seam_typed() {
+    let file = loader::ModelFile::open(fixture("ds4-tiny-b.f32.gguf")).expect("fixture");
+    let (n_layer, n_expert) = (file.config.n_layer as u32, file.config.n_expert as u32);
+    let mut opts = ModelOptions { threads: 2, ..ModelOptions::default() };
+    opts.read.progress = false;
+    opts.hot = Some(ExpertSet::from_fn(n_layer, n_expert, |l, _| l == 0));
+    let mut m = Model::load(fixture("ds4-tiny-b.f32.gguf"), opts).expect("load");
+    m.set_cold_experts(Box::new(FailingSplit(None))).expect("cold executor");
+    let mut seq = m.new_sequence(8).expect("sequence");
+    let err = m.forward(&mut seq, &[0, 1, 2, 3], Logits::Last).expect_err("part 1 fails");
+    assert!(matches!(err, GraphError::Cold { layer: 1, source: ColdError::Compute { .. } }), "{err:?}");
+    assert!(err.to_string().contains("part 1 of the layer could not be computed"), "{err}");
 }
 
 /// A model of fixture a holding `hot`, with the Rust cold executor (every expert) and,
