@@ -29,7 +29,9 @@
 #            cold-executor = cold with decode through the executor (dflash's layers in the graph
 #            off; on by default since the fourth commit after 3f87b74),
 #            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8),
-#            half-np8-stream = half-np8 with the cold experts of 8-token steps streamed to the GPU,
+#            half-np8-stream = half-np8 with the cold experts of 8-token steps in the step graph over
+#            the pinned copy (ggml moves such products to the GPU only from 32 tokens, so below
+#            that the graph's CPU team computes them; GGML_OP_OFFLOAD_MIN_BATCH=8 streams them),
 #            adaptive = half of each layer's experts held, the hot set following the live routing
 #            (from 0..K, up to 256 MiB swapped per step; decode only, to compare with profile)
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
