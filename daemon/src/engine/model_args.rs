@@ -50,11 +50,11 @@ pub struct ModelArgs {
     /// `--experts-hot profile:FILE`) to FILE when the model is released.
     #[arg(long = "route-stats-out")]
     pub route_stats_out: Option<PathBuf>,
-    /// CPU threads of each expert worker. In process (`--expert-workers 0`): the threads of
-    /// the cold experts' own compute with the model on a GPU; with the model on the CPU its
-    /// `-t` threads share the cold experts instead.
-    #[arg(long = "worker-threads", default_value_t = 1)]
-    pub worker_threads: usize,
+    /// CPU threads of each expert worker (default 1). In process (`--expert-workers 0`): the
+    /// threads of the cold experts' own compute with the model on a GPU (default: the model's
+    /// `-t`); with the model on the CPU its `-t` threads share the cold experts instead.
+    #[arg(long = "worker-threads")]
+    pub worker_threads: Option<usize>,
     /// Pin the expert workers: `numa` (worker i on NUMA node i mod nodes, its experts in that
     /// node's memory) or one CPU list per worker separated by `/` (`0-7/8-15`).
     #[arg(long = "worker-cpus")]
@@ -156,6 +156,7 @@ impl ModelArgs {
         if let Some(t) = self.threads {
             opts.threads = t;
         }
+        let opts_threads = opts.threads;
         let mut model = Model::from_file(file, opts).with_context(|| format!("loading {}", self.model.display()))?;
         // Under adaptive, the executor holds every expert of a partly held layer (any of them
         // may become cold); it is given only the cold ones to compute.
@@ -166,7 +167,8 @@ impl ModelArgs {
         }
         if !cold.is_empty() {
             if self.expert_workers == 0 {
-                let exec = super::cold::InProcess::new(&model.file, &cold, self.worker_threads)?;
+                let threads = self.worker_threads.unwrap_or(opts_threads);
+                let exec = super::cold::InProcess::new(&model.file, &cold, threads)?;
                 model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
@@ -175,7 +177,7 @@ impl ModelArgs {
                     load_stall: std::time::Duration::from_millis(self.worker_load_stall_ms),
                     eval_floor: std::time::Duration::from_millis(self.worker_eval_timeout_ms),
                 };
-                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads, self.ubatch, spin, pins, deadlines)?;
+                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads.unwrap_or(1), self.ubatch, spin, pins, deadlines)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }
