@@ -430,12 +430,18 @@ impl ExpertWorker {
             lane.build(self.at(layer, le), rows)?;
         }
         let t1 = Instant::now();
+        self.eval_on(&mut lane, layer, le, input, pairs, &mut |p, row| output[p * n_embd..(p + 1) * n_embd].copy_from_slice(row))?;
+        Ok(EvalTimings { rows, build_s: (t1 - t0).as_secs_f64(), compute_s: t1.elapsed().as_secs_f64() })
+    }
+
+    /// Every pair of `pairs` on `lane`, row `p` handed to `put(p, row)`.
+    fn eval_on(&self, lane: &mut Lane, layer: u32, le: &LayerExperts, input: &[f32], pairs: &ExpertPairs, put: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+        let n_embd = self.n_embd;
         let mut rows_in = pairs.tokens().enumerate().flat_map(|(t, ids)| {
             let x = &input[t * n_embd..(t + 1) * n_embd];
             ids.iter().map(move |&e| (x, le.local[e as usize] as i32))
         });
-        lane.eval(self.at(layer, le), &mut rows_in, n_pairs, &mut |p, row| output[p * n_embd..(p + 1) * n_embd].copy_from_slice(row))?;
-        Ok(EvalTimings { rows, build_s: (t1 - t0).as_secs_f64(), compute_s: t1.elapsed().as_secs_f64() })
+        lane.eval(self.at(layer, le), &mut rows_in, pairs.n_pairs(), put)
     }
 
     /// Part `part` of `parts` of [`eval`](Self::eval), on a lane of one thread of its own
@@ -456,11 +462,7 @@ impl ExpertWorker {
             // One part: all the pairs on the eval's lane, whose backend has a team of its own
             // (`threads`); the caller is then not inside another team's parallel region.
             let mut lane = self.main.lock().map_err(|_| WorkerError::LanePoisoned { lane: "the eval's" })?;
-            let mut rows_in = pairs.tokens().enumerate().flat_map(|(t, ids)| {
-                let x = &input[t * n_embd..(t + 1) * n_embd];
-                ids.iter().map(move |&e| (x, le.local[e as usize] as i32))
-            });
-            return lane.eval(self.at(layer, le), &mut rows_in, pairs.n_pairs(), put);
+            return self.eval_on(&mut lane, layer, le, input, pairs, put);
         }
         let owner = split_pairs(pairs.ids(), parts);
         let n = owner.iter().filter(|&&o| o == part).count();
@@ -471,9 +473,7 @@ impl ExpertWorker {
         if slot.is_none() {
             *slot = Some(Lane::new(1)?);
         }
-        let Some(lane) = slot.as_mut() else {
-            return Ok(());
-        };
+        let Some(lane) = slot.as_mut() else { return Ok(()) };
         // (pair index, token) of this part's pairs, in pair order
         let mine: Vec<(usize, usize)> =
             pairs.tokens().enumerate().flat_map(|(t, ids)| ids.iter().map(move |_| t)).enumerate().filter(|&(p, _)| owner[p] == part).collect();

@@ -144,9 +144,7 @@ pub(crate) unsafe extern "C" fn cold_begin(dst: *mut sys::ggml_tensor, ith: i32,
         return;
     }
     let call = &*(userdata as *const ColdCall);
-    let Ok(mut st) = (*call.state).lock() else {
-        return;
-    };
+    let Ok(mut st) = (*call.state).lock() else { return };
     let d = &*dst;
     let (z, ids) = (d.src[0], d.src[1]);
     let (n_embd, n, zp) = rows::<f32>(z);
@@ -195,9 +193,7 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, n
     let ids = std::slice::from_raw_parts((*d.src[1]).data as *const i32, k * n);
     let held = (!d.src[2].is_null()).then(|| std::slice::from_raw_parts((*d.src[2]).data as *const f32, n_embd * k * n));
     let t0 = std::time::Instant::now();
-    let Ok(guard) = (*call.state).lock() else {
-        return;
-    };
+    let Ok(guard) = (*call.state).lock() else { return };
     let split = guard.split.clone();
     if let Some(job) = split {
         let local = guard.local[call.layer].clone();
@@ -206,8 +202,8 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, n
         let out = d.data as *mut f32;
         // The held slots of this thread's tokens.
         if let Some(held) = held {
-            let (t0, t1) = (n * ith / nth, n * (ith + 1) / nth);
-            for slot in t0 * k..t1 * k {
+            let (first, end) = (n * ith / nth, n * (ith + 1) / nth);
+            for slot in first * k..end * k {
                 if !is_cold(&local, ids[slot]) {
                     // SAFETY: slot < k·n, a slot of `dst` ([n_embd, k, n] F32) no other thread writes.
                     let dst_row = std::slice::from_raw_parts_mut(out.add(slot * n_embd), n_embd);
@@ -226,9 +222,7 @@ pub(crate) unsafe extern "C" fn cold_end(dst: *mut sys::ggml_tensor, ith: i32, n
             }
         });
         if result.is_err() || ith == 0 {
-            let Ok(mut st) = (*call.state).lock() else {
-                return;
-            };
+            let Ok(mut st) = (*call.state).lock() else { return };
             if let Err(e) = result {
                 if st.error.is_none() {
                     st.error = Some((call.layer, e));
@@ -317,9 +311,7 @@ pub(crate) unsafe extern "C" fn route_count(dst: *mut sys::ggml_tensor, ith: i32
     let ids = (*dst).src[0];
     let (k, n, idp) = rows::<i32>(ids);
     let ids = std::slice::from_raw_parts(idp, k * n);
-    let Ok(mut counts) = (*call.counts).lock() else {
-        return;
-    };
+    let Ok(mut counts) = (*call.counts).lock() else { return };
     if let Some(layer) = counts.get_mut(call.layer) {
         for &e in ids {
             if let Some(c) = layer.get_mut(e as usize) {

@@ -479,12 +479,8 @@ pub fn supports_matmul_weight(device: ggml::Device, buft: ggml::BufferType, ty: 
     if ne.len() != if id { 3 } else { 2 } {
         return false;
     }
-    let Ok(ctx) = ggml::Context::new_no_alloc(4, 0) else {
-        return false;
-    };
-    let Ok(buf) = buft.alloc_buffer(0) else {
-        return false;
-    };
+    let Ok(ctx) = ggml::Context::new_no_alloc(4, 0) else { return false };
+    let Ok(buf) = buft.alloc_buffer(0) else { return false };
     let g = Ctx { raw: ctx.as_ptr() };
     let w = g.new_typed(ty, ne);
     let op = if id {
