@@ -73,11 +73,8 @@ impl ColdHost {
         let cold: Vec<Vec<u32>> = (0..c.n_layer)
             .map(|l| (0..c.n_expert as u32).filter(|e| !hot.contains(l as u32, *e)).collect())
             .collect();
-        // A partly held layer's local ids are filled with cold experts the token does not
-        // use, so it needs at least k of them; and it is offloaded only from `min_batch`
-        // tokens (usize::MAX: never, only the layers computed in the graph are wanted).
-        let wanted = |l: usize| cold[l].len() == c.n_expert || (min_batch != usize::MAX && cold[l].len() >= c.n_expert_used);
-        let layers: Vec<usize> = (0..c.n_layer).filter(|&l| !cold[l].is_empty() && wanted(l)).collect();
+        let n_cold: Vec<usize> = cold.iter().map(Vec::len).collect();
+        let layers = host_copy_layers(&n_cold, c.n_expert, c.n_expert_used, min_batch);
         if layers.is_empty() {
             return Ok(None);
         }
@@ -111,6 +108,16 @@ impl ColdHost {
         tracing::info!(layers = layers.len(), min_batch, "cold experts also in pinned host memory: micro-batches of at least min_batch tokens compute them on the GPU");
         Ok(Some(ColdHost { layers: out, min_batch: min_batch.max(1), all_cold_in_graph, _masks: masks.0, _tensors: tensors }))
     }
+}
+
+/// The layers whose cold experts get a pinned host copy, from each layer's number of cold
+/// experts: those with every expert cold (computed in the graph), and, when micro-batches of
+/// `min_batch` tokens offload (`usize::MAX`: never), the partly held layers with at least `k`
+/// cold experts (a partly held layer's local ids are filled with cold experts the token does
+/// not use, so it needs k of them).
+fn host_copy_layers(n_cold: &[usize], n_expert: usize, k: usize, min_batch: usize) -> Vec<usize> {
+    let wanted = |n: usize| n > 0 && (n == n_expert || (min_batch != usize::MAX && n >= k));
+    n_cold.iter().enumerate().filter(|&(_, &n)| wanted(n)).map(|(l, _)| l).collect()
 }
 
 /// Writes [k, n] I32 into `dst`: each slot's index in a set of experts, the slots of experts
@@ -187,7 +194,15 @@ impl Builder<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::LocalIds;
+    use super::{host_copy_layers, LocalIds};
+
+    #[test]
+    fn the_host_copy_holds_partly_held_layers_only_when_they_offload() {
+        // 8 experts, k = 2; layers with 0, 8, 5 and 1 cold experts.
+        let n_cold = [0, 8, 5, 1];
+        assert_eq!(host_copy_layers(&n_cold, 8, 2, usize::MAX), vec![1], "in the graph only: the all-cold layer");
+        assert_eq!(host_copy_layers(&n_cold, 8, 2, 32), vec![1, 2], "offloading: and the partly held one with ≥ k cold");
+    }
     use crate::cold::held_slots;
 
     #[test]
