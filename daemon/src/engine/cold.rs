@@ -155,14 +155,7 @@ impl Worker {
 /// the worker is started again when a later step needs it: a failure never outlives the
 /// request it happened in.
 pub struct WorkerPool {
-    exe: PathBuf,
-    model: PathBuf,
-    threads: usize,
-    spin: Duration,
-    pins: Vec<Pin>,
-    limits: Limits,
-    identity: ModelIdentity,
-    deadlines: WorkerDeadlines,
+    launch: Launch,
     /// Bytes of one routed expert per layer (the eval deadlines scale with them).
     expert_bytes: Vec<u64>,
     /// Private (0700) directory for the sockets and placement files, removed on drop.
@@ -179,72 +172,23 @@ pub struct WorkerPool {
     pub respawns: usize,
 }
 
-impl WorkerPool {
-    /// Spawn one worker per share and connect to each (handshake checks the model).
-    /// `spin`: how long both sides of each connection spin before blocking.
-    /// `pins`: where each worker runs (empty: anywhere).
-    pub fn spawn(
-        model: &ModelFile,
-        shares: Vec<ExpertSet>,
-        threads: usize,
-        max_tokens: usize,
-        spin: Duration,
-        pins: Vec<Pin>,
-        deadlines: WorkerDeadlines,
-    ) -> Result<WorkerPool> {
-        let exe = std::env::current_exe().context("locating the dflash executable")?;
-        let identity = expert_worker::model_identity(model)?;
-        let expert_bytes = expert_worker::expert_bytes_per_layer(model)?;
-        let c = &model.config;
-        let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
-        let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::Builder::new()
-            .prefix("dflash-")
-            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .tempdir_in(&base)
-            .with_context(|| format!("creating a private socket directory in {}", base.display()))?;
-        let mut owner = vec![vec![usize::MAX; c.n_expert]; c.n_layer];
-        for (index, share) in shares.iter().enumerate() {
-            for (l, ids) in share.layers().iter().enumerate() {
-                for &e in ids {
-                    owner[l][e as usize] = index;
-                }
-            }
-        }
-        let mut pool = WorkerPool {
-            exe,
-            model: model.path.clone(),
-            threads,
-            spin,
-            pins,
-            limits,
-            identity,
-            deadlines,
-            expert_bytes,
-            dir,
-            workers: Vec::new(),
-            owner,
-            x: Vec::new(),
-            pairs: ExpertPairs::new(),
-            reported_us: 0,
-            respawns: 0,
-        };
-        for (index, experts) in shares.into_iter().enumerate() {
-            let socket = pool.dir.path().join(format!("worker-{index}.sock"));
-            let spec = pool.dir.path().join(format!("worker-{index}.json"));
-            experts.write_json(&spec)?;
-            let live = pool.start(index, &socket, &spec)?;
-            pool.workers.push(Worker { index, experts, socket, spec, live: Some(live), share: ExpertPairs::new(), rows: Vec::new(), pending: None });
-        }
-        Ok(pool)
-    }
+/// How the pool starts a worker process and connects to it (shared by the threads that
+/// connect to several workers at once).
+struct Launch {
+    exe: PathBuf,
+    model: PathBuf,
+    threads: usize,
+    spin: Duration,
+    pins: Vec<Pin>,
+    limits: Limits,
+    identity: ModelIdentity,
+    deadlines: WorkerDeadlines,
+}
 
-    /// Starts worker `index` and handshakes with it. The wait follows the work: until the
-    /// socket opens (the worker binds it before loading anything), then as long as its load
-    /// reports show progress, each time at most `load_stall`. On failure the process is
-    /// killed and the error says why (exit status, refused handshake, stalled load).
-    fn start(&self, index: usize, socket: &Path, spec: &Path) -> Result<Live> {
-        let mut child = Command::new(&self.exe)
+impl Launch {
+    /// Starts worker `index`'s process.
+    fn process(&self, index: usize, socket: &Path, spec: &Path) -> Result<Child> {
+        Command::new(&self.exe)
             .arg("--backend-ipc-mode=moe-expert")
             .arg("--model")
             .arg(&self.model)
@@ -259,7 +203,15 @@ impl WorkerPool {
             .args(self.pins.get(index).map(Pin::to_args).into_iter().flatten())
             .stdin(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting expert worker {index} ({})", self.exe.display()))?;
+            .with_context(|| format!("starting expert worker {index} ({})", self.exe.display()))
+    }
+
+    /// Starts worker `index` and handshakes with it. The wait follows the work: until the
+    /// socket opens (the worker binds it before loading anything), then as long as its load
+    /// reports show progress, each time at most `load_stall`. On failure the process is
+    /// killed and the error says why (exit status, refused handshake, stalled load).
+    fn start(&self, index: usize, socket: &Path, spec: &Path) -> Result<Live> {
+        let mut child = self.process(index, socket, spec)?;
         match self.connect(index, &mut child, socket) {
             Ok(conn) => Ok(Live { child, conn }),
             Err(e) => {
@@ -303,6 +255,105 @@ impl WorkerPool {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+}
+
+impl WorkerPool {
+    /// Spawn one worker per share and connect to each (handshake checks the model).
+    /// `spin`: how long both sides of each connection spin before blocking.
+    /// `pins`: where each worker runs (empty: anywhere).
+    pub fn spawn(
+        model: &ModelFile,
+        shares: Vec<ExpertSet>,
+        threads: usize,
+        max_tokens: usize,
+        spin: Duration,
+        pins: Vec<Pin>,
+        deadlines: WorkerDeadlines,
+    ) -> Result<WorkerPool> {
+        let exe = std::env::current_exe().context("locating the dflash executable")?;
+        let identity = expert_worker::model_identity(model)?;
+        let expert_bytes = expert_worker::expert_bytes_per_layer(model)?;
+        let c = &model.config;
+        let limits = Limits { max_tokens: max_tokens as u32, n_embd: c.n_embd as u32, max_experts_per_token: c.n_expert_used as u32 };
+        let base = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix("dflash-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .tempdir_in(&base)
+            .with_context(|| format!("creating a private socket directory in {}", base.display()))?;
+        let mut owner = vec![vec![usize::MAX; c.n_expert]; c.n_layer];
+        for (index, share) in shares.iter().enumerate() {
+            for (l, ids) in share.layers().iter().enumerate() {
+                for &e in ids {
+                    owner[l][e as usize] = index;
+                }
+            }
+        }
+        let launch = Launch { exe, model: model.path.clone(), threads, spin, pins, limits, identity, deadlines };
+        let mut pool = WorkerPool {
+            launch,
+            expert_bytes,
+            dir,
+            workers: Vec::new(),
+            owner,
+            x: Vec::new(),
+            pairs: ExpertPairs::new(),
+            reported_us: 0,
+            respawns: 0,
+        };
+        // Every process first, then the connections at once, each on a thread of its own: a
+        // worker loads its experts after the handshake, so the workers load side by side.
+        let mut launched: Vec<(usize, ExpertSet, PathBuf, PathBuf, Child)> = Vec::new();
+        let kill_all = |launched: &mut Vec<(usize, ExpertSet, PathBuf, PathBuf, Child)>| {
+            for (.., child) in launched.iter_mut() {
+                child.kill().ok();
+                child.wait().ok();
+            }
+        };
+        for (index, experts) in shares.into_iter().enumerate() {
+            let socket = pool.dir.path().join(format!("worker-{index}.sock"));
+            let spec = pool.dir.path().join(format!("worker-{index}.json"));
+            let child = experts.write_json(&spec).map_err(anyhow::Error::from).and_then(|()| pool.launch.process(index, &socket, &spec));
+            match child {
+                Ok(child) => launched.push((index, experts, socket, spec, child)),
+                Err(e) => {
+                    kill_all(&mut launched);
+                    return Err(e);
+                }
+            }
+        }
+        let launch = &pool.launch;
+        let conns: Vec<Result<WorkerConnection>> = std::thread::scope(|s| {
+            let handles: Vec<_> = launched.iter_mut().map(|(index, _, socket, _, child)| s.spawn(|| launch.connect(*index, child, socket))).collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a thread connecting to an expert worker panicked")))).collect()
+        });
+        let mut first_error = None;
+        let mut live = Vec::new();
+        for ((index, experts, socket, spec, child), conn) in launched.into_iter().zip(conns) {
+            match conn {
+                Ok(conn) => live.push(Worker { index, experts, socket, spec, live: Some(Live { child, conn }), share: ExpertPairs::new(), rows: Vec::new(), pending: None }),
+                Err(e) => {
+                    let mut child = child;
+                    child.kill().ok();
+                    child.wait().ok();
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            for w in &mut live {
+                w.kill();
+            }
+            return Err(e);
+        }
+        pool.workers = live;
+        Ok(pool)
+    }
+
+    /// Starts worker `index` again and handshakes with it ([`Launch::start`]).
+    fn start(&self, index: usize, socket: &Path, spec: &Path) -> Result<Live> {
+        self.launch.start(index, socket, spec)
+    }
 
     pub fn n_workers(&self) -> usize {
         self.workers.len()
@@ -327,7 +378,7 @@ impl WorkerPool {
             self.restart(i).map_err(|e| ColdError::WorkerStart { worker: i, source: format!("{e:#}").into() })?;
         }
         let expert_bytes = self.expert_bytes.get(layer as usize).copied().unwrap_or(0);
-        let deadline = Instant::now() + self.deadlines.eval(self.workers[i].share.n_pairs(), expert_bytes);
+        let deadline = Instant::now() + self.launch.deadlines.eval(self.workers[i].share.n_pairs(), expert_bytes);
         let w = &mut self.workers[i];
         let Some(live) = w.live.as_mut() else { return Err(ColdError::WorkerStart { worker: i, source: "not running".into() }) };
         let sent = live.conn.write_inputs(&self.x).and_then(|()| live.conn.eval_begin(layer, &w.share));
@@ -347,7 +398,7 @@ impl WorkerPool {
     /// Waits for worker `i`'s pending eval and, when `keep`, copies its output rows (one per
     /// pair of its share) into the worker's `rows`.
     fn collect(&mut self, i: usize, keep: bool) -> Result<(), ColdError> {
-        let n_embd = self.limits.n_embd as usize;
+        let n_embd = self.launch.limits.n_embd as usize;
         let w = &mut self.workers[i];
         let sent = match w.pending.take() {
             None => return Ok(()),
@@ -448,7 +499,7 @@ impl ColdExperts for WorkerPool {
         }
         // Each worker answered its share's pairs in order: pair p of the layer is the next
         // row of its owner's output.
-        let n_embd = self.limits.n_embd as usize;
+        let n_embd = self.launch.limits.n_embd as usize;
         let mut outputs: Vec<_> = self.workers.iter().map(|w| w.rows.chunks_exact(n_embd)).collect();
         let owner = &self.owner[layer];
         for (&e, row) in self.pairs.ids().iter().zip(out.chunks_exact_mut(n_embd)) {
