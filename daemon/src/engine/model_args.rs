@@ -92,7 +92,8 @@ pub struct ModelArgs {
     pub cold_offload_min: Option<usize>,
     /// With the model on a GPU: layers whose routed experts are all cold compute them in the
     /// step graph itself at every batch size, from a pinned host copy (ggml's CPU backend
-    /// with `-t` threads for batches below `--cold-offload-min`), instead of in the executor,
+    /// with `-t` threads below 32 tokens, ggml's CUDA threshold for products over host
+    /// weights; the GPU from there), instead of in the executor,
     /// which then does not load those layers' experts. On by default (`false` turns it off),
     /// except under `--experts-hot adaptive`, whose hot set moves. Measured on an H100 with
     /// every expert cold: decode 1.38× the executor's, 1.23× llama.cpp's (BENCHMARKS.md,
