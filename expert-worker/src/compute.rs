@@ -227,6 +227,23 @@ fn build_graph(le: &LayerExperts, n_embd: usize, rows: usize) -> Result<CachedGr
     Ok(CachedGraph { graph, shape, x, ids, out, _ctx: ctx })
 }
 
+/// The pairs of one eval split into parts for [`ExpertWorker::eval_part`].
+pub struct PairSplit {
+    /// Parts, at most [`MAX_PARTS`].
+    pub parts: usize,
+    /// Each pair's part ([`split_pairs`]).
+    pub owner: Vec<usize>,
+}
+
+impl PairSplit {
+    /// `ids` (the pairs' experts, in pair order) over `parts` parts (at least 1, at most
+    /// [`MAX_PARTS`]).
+    pub fn new(ids: &[u32], parts: usize) -> PairSplit {
+        let parts = parts.clamp(1, MAX_PARTS);
+        PairSplit { parts, owner: split_pairs(ids, parts) }
+    }
+}
+
 /// Splits the pairs of an eval into `parts` parts, whole experts to a part (so that each
 /// expert's rows are computed together, as in one eval of them all, and its weights are
 /// read once): experts by falling cost (an expert's weights cost about as much to read as
@@ -444,19 +461,21 @@ impl ExpertWorker {
         lane.eval(self.at(layer, le), &mut rows_in, pairs.n_pairs(), put)
     }
 
-    /// Part `part` of `parts` of [`eval`](Self::eval), on a lane of one thread of its own
-    /// (one part: on the eval's lane and its threads), so that `parts` threads (the graph's
-    /// own, in a custom op) share an eval: the pairs
-    /// whose part ([`split_pairs`] of `pairs`' ids) is `part`, each row `p` handed to
-    /// `put(p, row)`. Every pair's row is the same bits as [`eval`](Self::eval)'s: an
-    /// expert's rows are computed together in either, each output value one dot product.
-    /// Parts at or beyond [`MAX_PARTS`] get no pairs.
-    pub fn eval_part(&self, layer: u32, input: &[f32], pairs: &ExpertPairs, part: usize, parts: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
+    /// Part `part` of `split` of [`eval`](Self::eval), on a lane of one thread of its own
+    /// (one part: on the eval's lane and its threads), so that the split's threads (the
+    /// graph's own, in a custom op) share an eval: the pairs whose part is `part`, each row
+    /// `p` handed to `put(p, row)`. Every pair's row is the same bits as
+    /// [`eval`](Self::eval)'s: an expert's rows are computed together in either, each output
+    /// value one dot product. `split` is made once for all the parts ([`PairSplit::new`]).
+    pub fn eval_part(&self, layer: u32, input: &[f32], pairs: &ExpertPairs, split: &PairSplit, part: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<()> {
         let n_embd = self.n_embd;
         let le = self.check(layer, input, pairs, None)?;
-        let parts = parts.min(MAX_PARTS);
+        let parts = split.parts;
         if part >= parts {
             return Ok(());
+        }
+        if split.owner.len() != pairs.n_pairs() {
+            return Err(WorkerError::Mismatch { what: "pairs of the split (eval)", expected: pairs.n_pairs() as u64, found: split.owner.len() as u64 });
         }
         if parts == 1 {
             // One part: all the pairs on the eval's lane, whose backend has a team of its own
@@ -464,7 +483,7 @@ impl ExpertWorker {
             let mut lane = self.main.lock().map_err(|_| WorkerError::LanePoisoned { lane: "the eval's" })?;
             return self.eval_on(&mut lane, layer, le, input, pairs, put);
         }
-        let owner = split_pairs(pairs.ids(), parts);
+        let owner = &split.owner;
         let n = owner.iter().filter(|&&o| o == part).count();
         if n == 0 {
             return Ok(());

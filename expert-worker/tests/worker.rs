@@ -178,10 +178,11 @@ fn parts_on_several_threads_give_the_bits_of_one_eval() {
             w.eval(l, &b.x, &pairs, &mut whole).unwrap();
             for parts in [1, 2, 3, 7] {
                 let rows: Vec<std::sync::Mutex<Vec<Vec<f32>>>> = (0..pairs.n_pairs()).map(|_| Default::default()).collect();
+                let split = expert_worker::compute::PairSplit::new(pairs.ids(), parts);
                 std::thread::scope(|s| {
                     for part in 0..parts {
-                        let (w, b, pairs, rows) = (&w, &b, &pairs, &rows);
-                        s.spawn(move || w.eval_part(l, &b.x, pairs, part, parts, &mut |p, row| rows[p].lock().unwrap().push(row.to_vec())).unwrap());
+                        let (w, b, pairs, rows, split) = (&w, &b, &pairs, &rows, &split);
+                        s.spawn(move || w.eval_part(l, &b.x, pairs, split, part, &mut |p, row| rows[p].lock().unwrap().push(row.to_vec())).unwrap());
                     }
                 });
                 for (p, got) in rows.iter().enumerate() {
@@ -214,6 +215,14 @@ fn split_pairs_gives_each_expert_one_part_and_balances_them() {
         assert_eq!(owner[i], owner[first], "expert {e} split over parts: {owner:?}");
     }
     assert!(ids.iter().zip(&owner).all(|(&e, &p)| (e == 1) == (p == owner[0])), "expert 1 (8 rows) alone in its part: {owner:?}");
+    // a split made for other pairs is refused by eval_part, not indexed out of range
+    let mf = ModelFile::open(fixture(B)).unwrap();
+    let c = &mf.config;
+    let w = ExpertWorker::load(&mf, &ExpertSet::full(c.n_layer as u32, c.n_expert as u32), 1).unwrap();
+    let pairs = ExpertPairs::from_tokens(&[&[1, 2]]);
+    let other = expert_worker::compute::PairSplit::new(&[1, 2, 3], 2);
+    let e = w.eval_part(0, &vec![0.5; c.n_embd], &pairs, &other, 0, &mut |_, _| {}).unwrap_err();
+    assert!(matches!(e, WorkerError::Mismatch { expected: 2, found: 3, .. }), "{e}");
     // deterministic, and parts ≤ 1 means one part
     assert_eq!(split_pairs(&ids, 2), owner);
     assert!(split_pairs(&ids, 0).iter().all(|&p| p == 0));

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use expert_worker::pinning::Pin;
+use expert_worker::compute::PairSplit;
 use expert_worker::ExpertWorker;
 use experts::{ExpertPairs, ExpertSet};
 use graph::{ColdError, ColdExperts, ColdSplit};
@@ -52,11 +53,15 @@ struct InProcessJob {
     layer: u32,
     x: Vec<f32>,
     pairs: ExpertPairs,
+    /// The pairs' parts, made by the first thread to run (every thread of a call has the
+    /// same `parts`).
+    split: std::sync::OnceLock<PairSplit>,
 }
 
 impl ColdSplit for InProcessJob {
     fn run(&self, part: usize, parts: usize, put: &mut dyn FnMut(usize, &[f32])) -> Result<(), ColdError> {
-        self.worker.eval_part(self.layer, &self.x, &self.pairs, part, parts, put).map_err(|e| ColdError::Compute { source: e.into() })
+        let split = self.split.get_or_init(|| PairSplit::new(self.pairs.ids(), parts));
+        self.worker.eval_part(self.layer, &self.x, &self.pairs, split, part, put).map_err(|e| ColdError::Compute { source: e.into() })
     }
 }
 
@@ -77,7 +82,7 @@ impl ColdExperts for InProcess {
 
     fn split(&mut self) -> Option<Arc<dyn ColdSplit>> {
         let (layer, x, pairs) = self.pending.take()?;
-        Some(Arc::new(InProcessJob { worker: self.worker.clone(), layer, x, pairs }))
+        Some(Arc::new(InProcessJob { worker: self.worker.clone(), layer, x, pairs, split: std::sync::OnceLock::new() }))
     }
 }
 
