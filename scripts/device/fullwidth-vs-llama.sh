@@ -31,7 +31,8 @@
 #            half-np8 / hot-np8 = half / hot with 8 sequences decoding together (dflash tg32 x8),
 #            half-np8-stream = half-np8 with the cold experts of 8-token steps in the step graph over
 #            the pinned copy (ggml moves such products to the GPU only from 32 tokens, so below
-#            that the graph's CPU team computes them; GGML_OP_OFFLOAD_MIN_BATCH=8 streams them),
+#            that the graph's CPU team computes them; this run sets GGML_OP_OFFLOAD_MIN_BATCH=8, so
+#            they stream),
 #            adaptive = half of each layer's experts held, the hot set following the live routing
 #            (from 0..K, up to 256 MiB swapped per step; decode only, to compare with profile)
 # Each command's peak GPU memory (nvidia-smi, sampled every 100 ms) is printed after it.
@@ -39,7 +40,8 @@
 # the CUDA build, and runs llama-bench with -fa 0, the matmul attention dflash uses on a GPU by
 # default), LAYERS, REPS (default 2), DEPTH (default 4096), THREADS (default: all cores),
 # DFLASH_EXEC (dflash's cold-expert executor flags, default "--expert-workers 0 --worker-threads
-# THREADS"), DFLASH_COLD (flags of the cold placements: DFLASH_EXEC + "--cold-offload-min 64").
+# THREADS"), DFLASH_COLD (flags of the cold placements, default DFLASH_EXEC: prefill streams cold
+# experts to the GPU at dflash's automatic --cold-offload-min).
 set -euo pipefail
 bin=.device/bin
 src=.device/llama-src
@@ -52,7 +54,7 @@ THREADS=${THREADS:-$(nproc)}
 FA=${FA:-1}
 cuda_fa=$([ "$FA" = 1 ] && echo ON || echo OFF)
 DFLASH_EXEC=${DFLASH_EXEC:-"--expert-workers 0 --worker-threads $THREADS"}
-DFLASH_COLD=${DFLASH_COLD:-"$DFLASH_EXEC --cold-offload-min 64"}
+DFLASH_COLD=${DFLASH_COLD:-"$DFLASH_EXEC"}
 steps=${*:-build exact files llama dflash}
 on() { [[ " $steps " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.max,pcie.link.width.max --format=csv,noheader
@@ -225,7 +227,7 @@ if on pairs; then
     half=$((L / 2))
     for P in $PLACEMENTS; do
       echo "-- $(date +%T) $P"
-      tests="-p 512 --decode 64"
+      tests="-p 512 --decode 64" min_batch=32
       case $P in
         hot) n=0 flags="--experts-hot all" ;;
         hot-fa) n= flags="--experts-hot all --flash-attn on" ;;
@@ -236,7 +238,7 @@ if on pairs; then
         cold-graph) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph" ;;
         half-graph) n= flags="--n-cpu-moe $half $DFLASH_COLD --cold-layers-in-graph" ;;
         half-np8) n= flags="--n-cpu-moe $half $DFLASH_COLD --np 8" tests="-p 0 --decode 32" ;;
-        half-np8-stream) n= flags="--n-cpu-moe $half $DFLASH_EXEC --cold-offload-min 8 --np 8" tests="-p 0 --decode 32" ;;
+        half-np8-stream) n= flags="--n-cpu-moe $half $DFLASH_EXEC --cold-offload-min 8 --np 8" tests="-p 0 --decode 32" min_batch=8 ;;
         hot-np8) n= flags="--experts-hot all --np 8" tests="-p 0 --decode 32" ;;
         adaptive) n= flags="--experts-hot adaptive:0.5 --expert-swap-mb 256 $DFLASH_EXEC" tests="-p 0 --decode 64" ;;
         profile)
@@ -254,7 +256,7 @@ if on pairs; then
       fi
       echo "== $L layers, $P: dflash $flags"
       # shellcheck disable=SC2086
-      peak "$bin/dflash" bench tests -m $f --device CUDA0 -t "$THREADS" -r "$REPS" --timings $tests $flags
+      GGML_OP_OFFLOAD_MIN_BATCH=$min_batch peak "$bin/dflash" bench tests -m $f --device CUDA0 -t "$THREADS" -r "$REPS" --timings $tests $flags
     done
   done
 fi

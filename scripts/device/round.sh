@@ -21,6 +21,9 @@
 #            against this dflash, interleaved (gpu-experts.sh ab)
 #   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all
 #            hot; and the adaptive placement's decode
+#   prof     (only when named) where the time of a 4-layer pp512 / tg16 goes, all on the GPU and
+#            every expert cold: dflash --op-profile, and, where nsys is installed, the GPU
+#            kernel and copy sums of llama-bench and dflash bench side by side
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -69,6 +72,30 @@ if on np8; then
   mkdir -p "$out/np8"
   stamp "np8"
   OUT=$out/np8 LAYERS=4 PLACEMENTS="half-np8 half-np8-stream hot-np8 adaptive" fw pairs
+fi
+if on prof; then
+  mkdir -p "$out/prof"
+  stamp "prof"
+  f=bench-data/v4f-4l.gguf
+  lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+  .device/bin/dflash bench tests -m $f --device CUDA0 -t "$(nproc)" -r 1 -p 512 --decode 16 --experts-hot all --op-profile 40 \
+    >"$out/prof/dflash-hot-ops.txt" 2>&1
+  nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  echo "nsys: ${nsys:-none}"
+  if [ -n "$nsys" ]; then
+    # one pp512 (after one warm-up) per engine and placement; the kernel and copy sums side by side
+    prof_one() { # NAME CMD...
+      local name=$1; shift
+      timeout 120 "$nsys" profile --trace=cuda -o "/tmp/nsys-$name" --force-overwrite true "$@" >"$out/prof/$name.run.txt" 2>&1
+      for r in cuda_gpu_kern_sum cuda_gpu_mem_time_sum cuda_api_sum; do
+        timeout 60 "$nsys" stats -q --report $r --format csv "/tmp/nsys-$name.nsys-rep" 2>/dev/null | head -45 >"$out/prof/$name.$r.csv"
+      done
+    }
+    prof_one llama-hot "$lb" -m $f -lm none -ngl 99 -fa "$FA" -t "$(nproc)" -r 1 -p 512 -n 0
+    prof_one dflash-hot .device/bin/dflash bench prefill -m $f --device CUDA0 -t "$(nproc)" -r 1 -n 512 --experts-hot all
+    prof_one llama-cold "$lb" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe 4 -t "$(nproc)" -r 1 -p 512 -n 0
+    prof_one dflash-cold .device/bin/dflash bench prefill -m $f --device CUDA0 -t "$(nproc)" -r 1 -n 512 --cpu-moe --expert-workers 0
+  fi
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
