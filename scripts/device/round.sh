@@ -24,6 +24,13 @@
 #   prof     (only when named) where the time of a 4-layer pp512 / tg16 goes, all on the GPU and
 #            every expert cold: dflash --op-profile, and, where nsys is installed, the GPU
 #            kernel and copy sums of llama-bench and dflash bench side by side
+#   scale16  (only when named) real scale: the 16-layer file (58 GB) written to /dev/shm (the
+#            disk is too small beside the other files), half of every layer's experts cold in 2
+#            worker processes (no pinned copy: the file itself takes 54 GiB of the host's memory);
+#            load time and GB/s, peak RSS of every process, peak GPU memory
+#            against `dflash inspect`'s projection, tg16
+#   cpunp8   (only when named) the medium model on the host's CPU: one sequence, then 8 decoding
+#            together (the CPU target of continuous batching)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -96,6 +103,52 @@ if on prof; then
     prof_one llama-cold "$lb" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe 4 -t "$(nproc)" -r 1 -p 512 -n 0
     prof_one dflash-cold .device/bin/dflash bench prefill -m $f --device CUDA0 -t "$(nproc)" -r 1 -n 512 --cpu-moe --expert-workers 0
   fi
+fi
+if on scale16; then
+  mkdir -p "$out/scale16"
+  stamp "scale16"
+  rm -f bench-data/v4f-4l.gguf bench-data/v4f-8l.gguf
+  f=/dev/shm/v4f-16l.gguf
+  df -h /dev/shm | tail -1
+  t=$(date +%s%N)
+  .device/bin/write_synth --spec v4-flash --layers 16 --tokenizer-from .device/bin/ds4-tokenizer.gguf $f \
+    >"$out/scale16/write.txt" 2>&1
+  echo "write: $(( ($(date +%s%N) - t) / 1000000 )) ms; $(ls -l $f | awk '{print $5}') bytes"
+  .device/bin/dflash inspect $f --gpu-gib 80,141 | tail -25 >"$out/scale16/inspect.txt" 2>&1
+  # every 0.5 s: the resident set of every dflash process (the daemon and its workers)
+  ( while sleep 0.5; do ps -C dflash -o pid=,rss=,args= ; done ) >/tmp/rss.txt 2>/dev/null &
+  rss=$!
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >/tmp/gpu.txt &
+  smi=$!
+  t=$(date +%s%N)
+  RUST_LOG=info .device/bin/dflash bench tests -m $f --device CUDA0 \
+    --experts-hot uniform:128 --expert-workers 2 --worker-threads 8 --cold-offload-min 0 -t 16 -r 1 -p 0 --decode 16 --timings \
+    >"$out/scale16/bench.txt" 2>&1
+  rc=$?
+  echo "bench (load, then tg16): $(( ($(date +%s%N) - t) / 1000000 )) ms, rc $rc"
+  kill $rss $smi; wait $rss $smi 2>/dev/null
+  grep -v "^\s*$" "$out/scale16/bench.txt" | grep -iv "progress" | tail -40
+  echo "peak GPU memory $(sort -n /tmp/gpu.txt | tail -1) MiB"
+  python3 - /tmp/rss.txt <<'PY'
+import sys, collections
+peak = collections.defaultdict(int); what = {}
+for line in open(sys.argv[1]):
+    p = line.split(None, 2)
+    if len(p) >= 2 and p[1].isdigit():
+        peak[p[0]] = max(peak[p[0]], int(p[1])); what[p[0]] = (p[2] if len(p) > 2 else "")[:90]
+for pid, kib in sorted(peak.items(), key=lambda x: -x[1]):
+    print(f"peak RSS pid {pid}: {kib / 2**20:.2f} GiB  {what[pid]}")
+PY
+  rm -f $f
+fi
+if on cpunp8; then
+  mkdir -p "$out/cpunp8"
+  stamp "cpunp8"
+  m=bench-data/medium-q8_0.gguf
+  [ -f $m ] || .device/bin/write_synth --spec medium --type q8_0 --tokenizer-from .device/bin/ds4-tokenizer.gguf $m >/dev/null
+  for np in 1 8 1 8; do
+    .device/bin/dflash bench decode -m $m --device CPU -t "$(nproc)" -n 32 -r 2 --np $np 2>&1 | grep "t/s"
+  done | tee "$out/cpunp8/decode.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
