@@ -21,6 +21,9 @@
 #            against this dflash, interleaved (gpu-experts.sh ab)
 #   np8      4 layers, 8 sequences decoding together: half cold, its cold experts streamed, all
 #            hot; and the adaptive placement's decode
+#   ub       (only when named) pp2048 at micro-batches of 512 and 2048 tokens, both engines, on
+#            4 layers all on the GPU and every expert cold (how much a bigger micro-batch buys
+#            when the cold experts stream over PCIe)
 #   prof     (only when named) where the time of a 4-layer pp512 / tg16 goes, all on the GPU and
 #            every expert cold: dflash --op-profile, and, where nsys is installed, the GPU
 #            kernel and copy sums of llama-bench and dflash bench side by side
@@ -79,6 +82,21 @@ if on np8; then
   mkdir -p "$out/np8"
   stamp "np8"
   OUT=$out/np8 LAYERS=4 PLACEMENTS="half-np8 half-np8-stream hot-np8 adaptive" fw pairs
+fi
+if on ub; then
+  mkdir -p "$out/ub"
+  stamp "ub"
+  f=bench-data/v4f-4l.gguf
+  lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+  for n in 0 4; do
+    "$lb" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe $n -t "$(nproc)" -r "$REPS" -p 2048 -n 0 -b 2048 -ub 512,2048 -o md 2>&1 | grep "pp2048"
+  done | tee "$out/ub/llama.txt"
+  for u in 512 2048; do
+    for place in "--experts-hot all" "--cpu-moe --expert-workers 0"; do
+      # shellcheck disable=SC2086
+      .device/bin/dflash bench prefill -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 2048 -u $u $place 2>&1 | grep "t/s" | sed "s|\$| [$place]|"
+    done
+  done | tee "$out/ub/dflash.txt"
 fi
 if on prof; then
   mkdir -p "$out/prof"

@@ -131,7 +131,8 @@ impl ModelArgs {
             Some(n) => n,
             None if !on_gpu || adaptive => 0,
             None => {
-                let host = ColdHostBytes::of(&placement, &shape, file.config.n_expert_used as u32);
+                let in_graph = self.cold_layers_in_graph.unwrap_or(true);
+                let host = ColdHostBytes::of(&placement, &shape, file.config.n_expert_used as u32, in_graph);
                 let available = mem_available_bytes();
                 let n = auto_cold_offload_min(host, available);
                 tracing::info!(cold_offload_min = n, cold_bytes = host.cold, partial_copy_bytes = host.partial_copy, mem_available = ?available, "--cold-offload-min chosen from host memory");
@@ -215,8 +216,9 @@ impl ModelArgs {
 
 /// Host bytes of a placement's cold experts: all of them (held once, by the executor or, for
 /// layers computed in the graph, by the pinned copy), and the second, pinned copy that
-/// `--cold-offload-min` adds of the partly held layers' (those with at least k cold experts,
-/// the ones the GPU can take them from).
+/// `--cold-offload-min` adds of the layers the executor holds and the GPU can take them from:
+/// the partly held layers with at least k cold experts, and, when such layers are not
+/// computed in the graph (`in_graph` false), those whose experts are all cold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct ColdHostBytes {
     cold: u64,
@@ -224,13 +226,13 @@ struct ColdHostBytes {
 }
 
 impl ColdHostBytes {
-    fn of(placement: &ExpertPlacement, shape: &ModelShape, k: u32) -> ColdHostBytes {
+    fn of(placement: &ExpertPlacement, shape: &ModelShape, k: u32, in_graph: bool) -> ColdHostBytes {
         let cold = placement.cold();
         let mut bytes = ColdHostBytes { cold: 0, partial_copy: 0 };
         for (l, &per_expert) in shape.expert_bytes.iter().enumerate() {
             let n = cold.layer(l as u32).len() as u64;
             bytes.cold += n * per_expert;
-            if n >= u64::from(k) && n < u64::from(shape.n_expert) {
+            if n >= u64::from(k) && (n < u64::from(shape.n_expert) || !in_graph) {
                 bytes.partial_copy += n * per_expert;
             }
         }
@@ -267,7 +269,7 @@ mod tests {
     use placement::{ExpertPlacement, ModelShape};
 
     #[test]
-    fn host_bytes_count_every_cold_expert_and_copy_only_partly_held_layers() {
+    fn host_bytes_count_every_cold_expert_and_copy_only_the_executors_layers() {
         // 3 layers of 8 experts (100, 200, 300 bytes each), k = 2: layer 0 all cold, layer 1
         // with 6 cold, layer 2 with 1 cold (fewer than k: no copy).
         let shape = ModelShape { n_expert: 8, expert_bytes: vec![100, 200, 300] };
@@ -277,7 +279,9 @@ mod tests {
             _ => e < 7,
         });
         let p = ExpertPlacement::from_hot(hot);
-        assert_eq!(ColdHostBytes::of(&p, &shape, 2), ColdHostBytes { cold: 800 + 1200 + 300, partial_copy: 1200 });
+        assert_eq!(ColdHostBytes::of(&p, &shape, 2, true), ColdHostBytes { cold: 800 + 1200 + 300, partial_copy: 1200 });
+        // Layer 0 through the executor too: its experts are copied for offloading as well.
+        assert_eq!(ColdHostBytes::of(&p, &shape, 2, false), ColdHostBytes { cold: 800 + 1200 + 300, partial_copy: 800 + 1200 });
     }
 
     #[test]
