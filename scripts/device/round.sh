@@ -33,7 +33,7 @@
 #            load time and GB/s, peak RSS of every process, peak GPU memory
 #            against `dflash inspect`'s projection, tg16
 #   cpunp8   (only when named) the medium model on the host's CPU: one sequence, then 8 decoding
-#            together (the CPU target of continuous batching)
+#            together (the CPU target of continuous batching), and both op-profiled
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -167,6 +167,9 @@ if on cpunp8; then
   for np in 1 8 1 8; do
     .device/bin/dflash bench decode -m $m --device CPU -t "$(nproc)" -n 32 -r 2 --np $np 2>&1 | grep "t/s"
   done | tee "$out/cpunp8/decode.txt"
+  for np in 1 8; do
+    .device/bin/dflash bench decode -m $m --device CPU -t "$(nproc)" -n 16 -r 1 --np $np --op-profile 25 >"$out/cpunp8/ops-np$np.txt" 2>&1
+  done
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
