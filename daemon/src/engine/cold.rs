@@ -30,20 +30,66 @@ fn wire_error(worker: usize, e: ProtoError) -> ColdError {
     }
 }
 
-/// `--expert-workers 0`: the cold experts computed in this process, on the CPU, by the
-/// threads of the graph's op that waits for them ([`ColdExperts::split`]): ggml's CPU team is
-/// an OpenMP one, inside whose parallel region a compute of the executor's own would get one
-/// thread.
+/// `--expert-workers 0`: the cold experts computed in this process, on the CPU. With the
+/// model on the CPU, by the threads of the graph's op that waits for them
+/// ([`ColdExperts::split`]): ggml's CPU team is an OpenMP one, inside whose parallel region a
+/// compute of the executor's own would get one thread. With the model on another device
+/// ([`InProcess::beside`]), by a thread of the executor's own with its own team, started at
+/// `begin`, so that the cold experts are computed while the device computes the held ones
+/// (as worker processes are).
 pub struct InProcess {
     /// Holds every cold expert.
     worker: Arc<ExpertWorker>,
-    /// The layer begun, its activations and cold pairs.
+    /// The layer begun, its activations and cold pairs (the split form).
     pending: Option<(u32, Vec<f32>, ExpertPairs)>,
+    /// The executor's thread, when it computes beside the graph.
+    beside: Option<Beside>,
+}
+
+/// The thread that computes a begun layer while the graph goes on, and the layer it has.
+struct Beside {
+    /// None once dropping (which ends the thread's loop).
+    jobs: Option<std::sync::mpsc::Sender<(u32, Vec<f32>, ExpertPairs)>>,
+    rows: std::sync::mpsc::Receiver<std::result::Result<Vec<f32>, String>>,
+    begun: Option<u32>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl InProcess {
+    /// The executor of a model on the CPU (its layers split over the graph's threads).
     pub fn new(model: &ModelFile, cold: &ExpertSet, threads: usize) -> Result<InProcess> {
-        Ok(InProcess { worker: Arc::new(ExpertWorker::load(model, cold, threads)?), pending: None })
+        Ok(InProcess { worker: Arc::new(ExpertWorker::load(model, cold, threads)?), pending: None, beside: None })
+    }
+
+    /// The executor of a model on another device: each begun layer computed at once on a
+    /// thread of its own (its `threads`-thread team), collected by `end`.
+    pub fn beside(model: &ModelFile, cold: &ExpertSet, threads: usize) -> Result<InProcess> {
+        let worker = Arc::new(ExpertWorker::load(model, cold, threads)?);
+        let (jobs, todo) = std::sync::mpsc::channel::<(u32, Vec<f32>, ExpertPairs)>();
+        let (done, rows) = std::sync::mpsc::channel();
+        let w = worker.clone();
+        let thread = std::thread::Builder::new()
+            .name("cold-experts".into())
+            .spawn(move || {
+                for (layer, x, pairs) in todo {
+                    let mut out = vec![0f32; pairs.n_pairs() * w.n_embd()];
+                    let r = w.eval(layer, &x, &pairs, &mut out).map(|_| out).map_err(|e| e.to_string());
+                    if done.send(r).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting the cold-expert thread")?;
+        Ok(InProcess { worker, pending: None, beside: Some(Beside { jobs: Some(jobs), rows, begun: None, thread: Some(thread) }) })
+    }
+}
+
+impl Drop for Beside {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -67,11 +113,36 @@ impl ColdSplit for InProcessJob {
 
 impl ColdExperts for InProcess {
     fn begin(&mut self, layer: usize, _n_embd: usize, x: &[f32], pairs: &ExpertPairs) -> Result<(), ColdError> {
+        if let Some(b) = &mut self.beside {
+            if let Some(l) = b.begun {
+                return Err(ColdError::OutOfOrder { layer, begun: Some(l as usize) });
+            }
+            let sent = b.jobs.as_ref().is_some_and(|j| j.send((layer as u32, x.to_vec(), pairs.clone())).is_ok());
+            if !sent {
+                return Err(ColdError::Compute { source: "the cold-expert thread has ended".into() });
+            }
+            b.begun = Some(layer as u32);
+            return Ok(());
+        }
         self.pending = Some((layer as u32, x.to_vec(), pairs.clone()));
         Ok(())
     }
 
     fn end(&mut self, layer: usize, out: &mut [f32]) -> Result<(), ColdError> {
+        if let Some(b) = &mut self.beside {
+            let Some(l) = b.begun.take() else { return Err(ColdError::OutOfOrder { layer, begun: None }) };
+            // The thread's answer is collected even for a wrong layer, so the next begin finds it idle.
+            let rows = b.rows.recv().map_err(|_| ColdError::Compute { source: "the cold-expert thread has ended".into() })?;
+            if l as usize != layer {
+                return Err(ColdError::OutOfOrder { layer, begun: Some(l as usize) });
+            }
+            let rows = rows.map_err(|e| ColdError::Compute { source: e.into() })?;
+            if rows.len() != out.len() {
+                return Err(ColdError::Compute { source: format!("{} output values for a buffer of {}", rows.len(), out.len()).into() });
+            }
+            out.copy_from_slice(&rows);
+            return Ok(());
+        }
         let Some((l, x, pairs)) = self.pending.take() else { return Err(ColdError::OutOfOrder { layer, begun: None }) };
         if l as usize != layer {
             return Err(ColdError::OutOfOrder { layer, begun: Some(l as usize) });
@@ -81,6 +152,7 @@ impl ColdExperts for InProcess {
     }
 
     fn split(&mut self) -> Option<Arc<dyn ColdSplit>> {
+        // Beside the graph, the layer is already being computed (`pending` stays empty).
         let (layer, x, pairs) = self.pending.take()?;
         Some(Arc::new(InProcessJob { worker: self.worker.clone(), layer, x, pairs, split: std::sync::OnceLock::new() }))
     }
@@ -523,5 +595,64 @@ impl Drop for WorkerPool {
         for w in &mut self.workers {
             w.kill();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InProcess;
+    use experts::{ExpertPairs, ExpertSet};
+    use graph::{ColdError, ColdExperts};
+    use loader::ModelFile;
+    use rand::{Rng as _, SeedableRng as _};
+
+    fn fixture() -> ModelFile {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/ds4-tiny-a.mxfp4.gguf");
+        ModelFile::open(&path).expect("fixture A (scripts/setup.sh unpacks it)")
+    }
+
+    /// The executor beside the graph (its own thread, started at `begin`) answers with the
+    /// bits of the one the graph's threads share, layer after layer, and keeps its order.
+    #[test]
+    fn beside_the_graph_gives_the_split_executors_bits_and_checks_the_order() {
+        let mf = fixture();
+        let (n_layer, n_expert, n_embd) = (mf.config.n_layer, mf.config.n_expert as u32, mf.config.n_embd);
+        let cold = ExpertSet::from_fn(n_layer as u32, n_expert, |_, e| e % 2 == 1);
+        let mut split = InProcess::new(&mf, &cold, 2).unwrap();
+        let mut beside = InProcess::beside(&mf, &cold, 2).unwrap();
+        let mut rng = rand_xoshiro::SplitMix64::seed_from_u64(7);
+        for layer in 0..n_layer {
+            let n = 5;
+            let x: Vec<f32> = (0..n * n_embd).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            let mut pairs = ExpertPairs::new();
+            for t in 0..n {
+                for e in (0..n_expert).filter(|e| e % 2 == 1).skip(t).take(t % 3) {
+                    pairs.push(e);
+                }
+                pairs.end_token();
+            }
+            let rows = pairs.n_pairs() * n_embd;
+            let (mut a, mut b) = (vec![0f32; rows], vec![1f32; rows]);
+            split.begin(layer, n_embd, &x, &pairs).unwrap();
+            split.end(layer, &mut a).unwrap();
+            beside.begin(layer, n_embd, &x, &pairs).unwrap();
+            assert!(beside.split().is_none(), "beside the graph nothing is left to split");
+            beside.end(layer, &mut b).unwrap();
+            assert_eq!(a.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), b.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "layer {layer}");
+        }
+        // Out of order: an end with nothing begun, a second begin, an end of another layer;
+        // after each the executor still answers the next layer.
+        let mut pairs = ExpertPairs::new();
+        pairs.push(1);
+        pairs.end_token();
+        let x = vec![0.5f32; n_embd];
+        let mut out = vec![0f32; n_embd];
+        assert!(matches!(beside.end(0, &mut out), Err(ColdError::OutOfOrder { layer: 0, begun: None })));
+        beside.begin(0, n_embd, &x, &pairs).unwrap();
+        assert!(matches!(beside.begin(1, n_embd, &x, &pairs), Err(ColdError::OutOfOrder { layer: 1, begun: Some(0) })));
+        assert!(matches!(beside.end(1, &mut out), Err(ColdError::OutOfOrder { layer: 1, begun: Some(0) })));
+        beside.begin(1, n_embd, &x, &pairs).unwrap();
+        beside.end(1, &mut out).unwrap();
+        assert!(out.iter().any(|&v| v != 0.0));
     }
 }

@@ -170,7 +170,11 @@ impl ModelArgs {
         if !cold.is_empty() {
             if self.expert_workers == 0 {
                 let threads = self.worker_threads.unwrap_or(opts_threads);
-                let exec = super::cold::InProcess::new(&model.file, &cold, threads)?;
+                let exec = if on_gpu {
+                    super::cold::InProcess::beside(&model.file, &cold, threads)?
+                } else {
+                    super::cold::InProcess::new(&model.file, &cold, threads)?
+                };
                 model.set_cold_experts(Box::new(exec))?;
             } else {
                 let shares = split_cold(&cold, &shape, self.expert_workers)?;
