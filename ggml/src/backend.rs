@@ -251,9 +251,78 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Queue a copy of `size` host bytes at `data` into `tensor` (from byte `offset`) on this
+    /// backend's stream of work, and return at once where the backend copies asynchronously
+    /// (CUDA: from pinned host memory the copy runs beside the device's compute on other
+    /// streams); others copy before returning.
+    ///
+    /// # Safety
+    /// `tensor` is a live tensor allocated in a buffer of this backend's device, `offset +
+    /// size` is within it, and `data..data + size` stays readable and unchanged until the
+    /// copy has run (an [`Event`] recorded after it, or [`Backend::synchronize`]).
+    pub unsafe fn tensor_set_async(&self, tensor: *mut sys::ggml_tensor, data: *const u8, offset: usize, size: usize) {
+        // SAFETY: the caller's contract.
+        unsafe { sys::ggml_backend_tensor_set_async(self.raw, tensor, data.cast(), offset, size) };
+    }
+
+    /// Wait until the work queued on this backend has run.
+    pub fn synchronize(&self) {
+        // SAFETY: a live backend.
+        unsafe { sys::ggml_backend_synchronize(self.raw) };
+    }
+}
+
 impl Drop for Backend {
     fn drop(&mut self) {
         unsafe { sys::ggml_backend_free(self.raw) };
+    }
+}
+
+/// A point in a backend's stream of work (CUDA: an event), to order the work of two backends
+/// of one device (e.g. a copy on one stream before a compute on another) without making the
+/// host wait.
+pub struct Event {
+    raw: sys::ggml_backend_event_t,
+}
+
+// SAFETY: the event handle is only freed by its owner; recording and waiting are calls into
+// the device's runtime, which allows them from any thread.
+unsafe impl Send for Event {}
+unsafe impl Sync for Event {}
+
+impl Event {
+    /// None where the device has no events (the CPU: its work runs when it is queued).
+    pub fn new(device: Device) -> Option<Event> {
+        // SAFETY: a valid device; NULL when it has no events.
+        let raw = unsafe { sys::ggml_backend_event_new(device.raw) };
+        (!raw.is_null()).then_some(Event { raw })
+    }
+
+    /// Mark the point `backend`'s queued work has reached.
+    ///
+    /// # Safety
+    /// `backend` is a live backend of the event's device.
+    pub unsafe fn record(&self, backend: sys::ggml_backend_t) {
+        // SAFETY: the caller's contract.
+        unsafe { sys::ggml_backend_event_record(self.raw, backend) };
+    }
+
+    /// Make the work queued on `backend` from now on wait for the last [`Event::record`]
+    /// (the host does not wait).
+    ///
+    /// # Safety
+    /// `backend` is a live backend of the event's device.
+    pub unsafe fn wait(&self, backend: sys::ggml_backend_t) {
+        // SAFETY: the caller's contract.
+        unsafe { sys::ggml_backend_event_wait(backend, self.raw) };
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: we own the event.
+        unsafe { sys::ggml_backend_event_free(self.raw) };
     }
 }
 
@@ -302,6 +371,43 @@ impl Buffer {
 
     pub fn as_ptr(&self) -> sys::ggml_backend_buffer_t {
         self.raw
+    }
+
+    /// Place `tensor` (created in a no-alloc context) in this buffer at byte `offset`, and
+    /// let the buffer initialize it (CUDA zeroes a quantized tensor's row padding). Tensors
+    /// placed at overlapping offsets share their bytes.
+    ///
+    /// # Safety
+    /// `tensor` is a live, unallocated tensor, and `offset` plus the buffer type's
+    /// allocation size of it is within the buffer, aligned to the buffer's alignment.
+    pub unsafe fn place(&self, tensor: *mut sys::ggml_tensor, offset: usize) -> Result<(), GgmlError> {
+        // SAFETY: the caller's contract; the base of a live buffer.
+        let status = unsafe {
+            let base = sys::ggml_backend_buffer_get_base(self.raw).cast::<u8>();
+            sys::ggml_backend_tensor_alloc(self.raw, tensor, base.add(offset).cast())
+        };
+        if status != sys::ggml_status::GGML_STATUS_SUCCESS {
+            return Err(GgmlError::Alloc { buffer_type: "a placed tensor".into(), bytes: offset });
+        }
+        Ok(())
+    }
+}
+
+impl BufferType {
+    /// Bytes a buffer of this type allocates for `tensor` (its size plus any padding the
+    /// device's kernels read, e.g. CUDA's quantized row padding).
+    ///
+    /// # Safety
+    /// `tensor` is a live tensor.
+    pub unsafe fn alloc_size(&self, tensor: *const sys::ggml_tensor) -> usize {
+        // SAFETY: the caller's contract; a valid buffer type.
+        unsafe { sys::ggml_backend_buft_get_alloc_size(self.0, tensor.cast_mut()) }
+    }
+
+    /// The alignment of tensors in buffers of this type.
+    pub fn alignment(&self) -> usize {
+        // SAFETY: a valid buffer type.
+        unsafe { sys::ggml_backend_buft_get_alignment(self.0) }
     }
 }
 

@@ -199,6 +199,11 @@ pub struct Builder<'a> {
     pub cold: Option<*const Mutex<ColdState>>,
     /// Cold experts' host copy, for micro-batches that compute them in the graph.
     pub cold_host: Option<&'a ColdHost>,
+    /// All-cold layers streamed to the GPU for big micro-batches (`stream.rs`).
+    pub cold_stream: Option<&'a crate::stream::ColdStream>,
+    /// The router-id nodes of the streamed layers (node address, position among the
+    /// streamed layers): the evaluation callback stops there (`stream.rs`).
+    pub stream_nodes: Vec<(usize, usize)>,
     /// Boxed: the custom ops hold pointers to them, which must not move as the Vec grows.
     #[allow(clippy::vec_box)]
     pub cold_calls: Vec<Box<ColdCall>>,

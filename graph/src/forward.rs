@@ -106,17 +106,27 @@ impl Model {
         }
         let Some(step) = self.steps.last_mut() else { unreachable!("a step was just cached") };
         step.inputs.set(&plans);
-        match self.op_profile.as_mut() {
-            // SAFETY: the profile is boxed and owned by the model, which outlives the compute
-            // below and touches the profile only through &mut self.
-            Some(p) => unsafe { step.sched.set_eval_callback(Some(profile::eval_callback), std::ptr::from_mut::<OpProfile>(p).cast()) },
-            // SAFETY: no callback, no user data.
-            None => unsafe { step.sched.set_eval_callback(None, std::ptr::null_mut()) },
+        let stream = self.cold_stream.as_ref().filter(|_| !step.stream_nodes.is_empty());
+        let mut hooks = StepHooks {
+            // The profile is boxed and owned by the model, which outlives the compute below
+            // and touches the profile only through &mut self.
+            profile: self.op_profile.as_mut().map(|p| std::ptr::from_mut::<OpProfile>(p)),
+            stream: stream.map(|s| StreamHook { stream: s, nodes: step.stream_nodes.as_slice(), compute: self.backend.as_ptr() }),
+        };
+        if hooks.profile.is_some() || hooks.stream.is_some() {
+            // SAFETY: `hooks` outlives the compute below, after which the callback is unset.
+            unsafe { step.sched.set_eval_callback(Some(step_hooks), std::ptr::from_mut(&mut hooks).cast()) };
+        }
+        if let Some(s) = stream {
+            s.begin_step();
         }
         let t1 = Instant::now();
         // SAFETY: the step's graph is the one its scheduler allocated; its other tensors live
         // in the model's weight buffers and the sequences' state buffers, on these backends.
-        unsafe { step.sched.compute(step.graph.as_ptr())? };
+        let computed = unsafe { step.sched.compute(step.graph.as_ptr()) };
+        // SAFETY: no callback, no user data.
+        unsafe { step.sched.set_eval_callback(None, std::ptr::null_mut()) };
+        computed?;
         if let Some(cold) = &self.cold {
             let mut st = cold.lock().map_err(|_| GraphError::ColdStatePoisoned)?;
             if let Some((layer, source)) = st.error.take() {
@@ -144,4 +154,50 @@ impl Model {
         ratios.dedup();
         ratios.into_iter().map(|r| CompShape::new(r, seq.n_ctx())).collect()
     }
+}
+
+/// What the scheduler's evaluation callback serves during one step: the op profile (every
+/// node), and the streamed layers' router ids (`stream.rs`).
+struct StepHooks<'a> {
+    profile: Option<*mut OpProfile>,
+    stream: Option<StreamHook<'a>>,
+}
+
+/// The stream, the step's (router-id node, position) pairs, the model's backend.
+#[derive(Clone, Copy)]
+struct StreamHook<'a> {
+    stream: &'a crate::stream::ColdStream,
+    nodes: &'a [(usize, usize)],
+    compute: ggml::sys::ggml_backend_t,
+}
+
+impl StepHooks<'_> {
+    fn stream_pos(&self, t: *mut ggml::sys::ggml_tensor) -> Option<usize> {
+        let s = self.stream?;
+        s.nodes.iter().find(|&&(node, _)| node == t as usize).map(|&(_, pos)| pos)
+    }
+}
+
+/// The scheduler's evaluation callback over [`StepHooks`]: asks for every node when
+/// profiling, else only for the streamed layers' router ids; after such a node (the device
+/// has caught up) queues the next copy and the wait for this layer's.
+///
+/// # Safety
+/// `user_data` points at live `StepHooks` no one else touches while the graph computes.
+unsafe extern "C" fn step_hooks(t: *mut ggml::sys::ggml_tensor, ask: bool, user_data: *mut std::ffi::c_void) -> bool {
+    // SAFETY: the caller's contract.
+    let h = unsafe { &mut *user_data.cast::<StepHooks>() };
+    let pos = h.stream_pos(t);
+    if let Some(p) = h.profile {
+        // SAFETY: the profile outlives the compute (see `step`).
+        unsafe { profile::eval_callback(t, ask, p.cast()) };
+    }
+    if ask {
+        return h.profile.is_some() || pos.is_some();
+    }
+    if let (Some(pos), Some(s)) = (pos, h.stream) {
+        // SAFETY: `compute` is the model's live backend, the slots' device's.
+        unsafe { s.stream.at_router(pos, s.compute) };
+    }
+    true
 }

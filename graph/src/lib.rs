@@ -22,6 +22,7 @@ pub mod plan;
 pub mod profile;
 mod state;
 mod steps;
+mod stream;
 mod vocab;
 mod weights;
 

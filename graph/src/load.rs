@@ -11,6 +11,7 @@ use ggml::{Backend, BufferType, Context, Device};
 use loader::{Ds4Config, ExpertPart, ModelFile, ReadOptions, TensorRequest};
 
 use crate::offload::ColdHost;
+use crate::stream::ColdStream;
 use crate::model::{Model, ModelOptions, StepTimings, NEXT_SEQ_ID};
 use crate::ops::{self, Ctx, T};
 use crate::steps::StepCache;
@@ -73,6 +74,10 @@ impl Model {
                 None
             }
         };
+        let cold_stream = match &cold_host {
+            Some(h) if opts.cold_stream_min > 0 => ColdStream::new(device, buft, h, opts.cold_stream_min, opts.cold_stream_keep_free)?,
+            _ => None,
+        };
         let (tables, subsets) = subset_tables(&config, &hot, buft)?;
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
@@ -93,6 +98,7 @@ impl Model {
             timings: StepTimings::default(),
             hot,
             cold: None,
+            cold_stream,
             cold_host,
             route_counts,
             adaptive,

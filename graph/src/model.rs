@@ -52,6 +52,14 @@ pub struct ModelOptions {
     /// the step graph at every batch size, from the pinned host copy (ggml's CPU backend for
     /// batches below `cold_offload_min`), instead of through the cold executor.
     pub cold_layers_in_graph: bool,
+    /// With layers whose experts are all cold in the graph on a GPU: micro-batches of at
+    /// least this many tokens copy those layers' experts whole into two GPU slots, the next
+    /// layer's while this one computes (`stream.rs`); smaller ones are offloaded by the
+    /// scheduler (routed experts only) or computed on the CPU. 0: never.
+    pub cold_stream_min: usize,
+    /// Device memory the two slots of `cold_stream_min` must leave free (for the KV caches
+    /// and compute buffers); without it the layers are not streamed (logged).
+    pub cold_stream_keep_free: u64,
     /// The hot set follows the live routing ([`Model::replace_experts`], `adaptive.rs`):
     /// routing is counted, and partly held layers swap experts between steps. Not with a
     /// pinned host copy of the cold experts (`cold_offload_min`, `cold_layers_in_graph`).
@@ -73,6 +81,8 @@ impl Default for ModelOptions {
             csa_dense_max_view: None,
             cold_offload_min: 0,
             cold_layers_in_graph: false,
+            cold_stream_min: 0,
+            cold_stream_keep_free: 2 << 30,
             adaptive: None,
         }
     }
@@ -115,6 +125,10 @@ pub struct Model {
     pub(crate) timings: StepTimings,
     pub(crate) hot: ExpertSet,
     pub(crate) cold: Option<Box<Mutex<ColdState>>>,
+    /// All-cold layers streamed to the GPU for big micro-batches
+    /// (`ModelOptions::cold_stream_min`); declared (so dropped) before the host copy it
+    /// reads.
+    pub(crate) cold_stream: Option<crate::stream::ColdStream>,
     /// The cold experts' pinned host copy (`ModelOptions::cold_offload_min`).
     pub(crate) cold_host: Option<crate::offload::ColdHost>,
     pub(crate) route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,

@@ -151,6 +151,16 @@ impl Builder<'_> {
     pub fn routed_offloaded(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights, base: Option<T>) -> Option<T> {
         let host = self.cold_host?;
         let cold = host.layers[il].as_ref()?;
+        if let Some(s) = self.cold_stream.filter(|s| z.ne(1) as usize >= s.min_batch).and_then(|s| s.layer(il)) {
+            // Streamed whole into a GPU slot (`stream.rs`): the router's ids index it directly.
+            self.stream_nodes.push((ids.0 as usize, s.pos));
+            let routed = self.hot_experts(il, z, ids, wts, &s.weights);
+            let out = match base {
+                Some(b) => self.g.add(b, routed),
+                None => routed,
+            };
+            return Some(self.g.name(out, &format!("routed_out-{il}")));
+        }
         let in_graph_always = host.all_cold_in_graph && cold.maps.is_none();
         if (z.ne(1) as usize) < host.min_batch && !in_graph_always {
             return None;

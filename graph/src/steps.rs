@@ -42,6 +42,9 @@ pub(crate) struct Step {
     /// Splits the graph between the model's device and the CPU (custom ops) and holds its
     /// compute buffers.
     pub sched: Scheduler,
+    /// The router-id nodes of the layers this step streams (`stream.rs`): (node address,
+    /// position among the streamed layers).
+    pub stream_nodes: Vec<(usize, usize)>,
     #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
     #[allow(clippy::vec_box)]
@@ -112,6 +115,8 @@ impl Model {
             effects: Vec::new(),
             cold: self.cold.as_deref().map(|m| m as *const Mutex<ColdState>),
             cold_host: self.cold_host.as_ref(),
+            cold_stream: self.cold_stream.as_ref(),
+            stream_nodes: Vec::new(),
             cold_calls: Vec::new(),
             route_counts: self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>),
             route_calls: Vec::new(),
@@ -122,7 +127,7 @@ impl Model {
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);
-        let Builder { effects, cold_calls, route_calls, cpu_nodes, .. } = b;
+        let Builder { effects, cold_calls, route_calls, cpu_nodes, stream_nodes, .. } = b;
 
         // The effects go last: they overwrite state the step reads.
         let graph = g.new_graph(graph_size);
@@ -154,6 +159,6 @@ impl Model {
         unsafe { sched.alloc_graph(graph.as_ptr())? };
         let (nodes, compute_nodes) = graph.node_counts();
         tracing::debug!(seqs = key.seqs.len(), n = inputs.tokens.ne(0), nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
-        Ok(Step { key, graph, inputs, out, sched, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
+        Ok(Step { key, graph, inputs, out, sched, stream_nodes, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
     }
 }

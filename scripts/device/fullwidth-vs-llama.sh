@@ -143,15 +143,29 @@ if on exact; then
   python3 -c 'import numpy as np; d=np.load("tests/fixtures/ds4-tiny-a.ref.npz"); open("/tmp/a.tokens","w").write("\n".join(map(str, d["tokens"])))'
   # a run that fails is reported and left out; the benchmarks below still run
   ran=()
-  X() { local o=$1; shift; if $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u 512 "$@" --out /tmp/x-$o.npy; then ran+=("$o=/tmp/x-$o.npy"); else echo "FAILED: $o ($*)"; fi; }
+  X() { local o=$1; shift; if $bin/dflash logits -m $m --device "${DEV:-CUDA0}" --tokens /tmp/a.tokens -u "${U:-512}" "$@" --out /tmp/x-$o.npy; then ran+=("$o=/tmp/x-$o.npy"); else echo "FAILED: $o ($*)"; fi; }
   DEV=CPU X cpu
   X hot
   X exec --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph false
   X offload --experts-hot none --expert-workers 0 --cold-offload-min 1
   X offload-half --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1
   X offload-half-w2 --experts-hot uniform:8 --expert-workers 2 --cold-offload-min 16
-  X ingraph --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph
+  X ingraph --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph --cold-stream-min 0
+  # all-cold layers streamed whole into the two GPU slots (one 330-token micro-batch; and
+  # micro-batches of 64, the slots alternating across steps, beside the same split all hot)
+  X stream --experts-hot none --expert-workers 0 --cold-stream-min 1
+  X stream-ncmoe2 --n-cpu-moe 2 --expert-workers 0 --cold-stream-min 1
+  U=64 X hot-u64
+  U=64 X stream-u64 --experts-hot none --expert-workers 0 --cold-stream-min 32
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
+  # the streamed products read the all-hot placement's bytes with its kernels: the same bits
+  python3 - <<'PY' || echo "FAILED: streamed logits differ from all hot"
+import numpy as np
+for a, b in [("stream", "hot"), ("stream-ncmoe2", "hot"), ("stream-u64", "hot-u64")]:
+    x, y = np.load(f"/tmp/x-{a}.npy"), np.load(f"/tmp/x-{b}.npy")
+    print(f"{a} vs {b}: {'EXACT' if np.array_equal(x, y) else 'DIFFER, max|Δ| %.3e' % np.abs(x - y).max()}")
+    assert np.array_equal(x, y)
+PY
 fi
 
 # Routed-expert MiB of one layer: dflash inspect's bytes per expert × experts.
@@ -235,6 +249,8 @@ if on pairs; then
         cold-executor) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph false" ;;
         cold) n=$L flags="--cpu-moe $DFLASH_COLD" ;;
         half) n=$half flags="--n-cpu-moe $half $DFLASH_COLD" ;;
+        cold-nostream) n= flags="--cpu-moe $DFLASH_COLD --cold-stream-min 0" tests="-p 512 --decode 0" ;;
+        half-nostream) n= flags="--n-cpu-moe $half $DFLASH_COLD --cold-stream-min 0" tests="-p 512 --decode 0" ;;
         cold-graph) n= flags="--cpu-moe $DFLASH_COLD --cold-layers-in-graph" ;;
         half-graph) n= flags="--n-cpu-moe $half $DFLASH_COLD --cold-layers-in-graph" ;;
         half-np8) n= flags="--n-cpu-moe $half $DFLASH_COLD --np 8" tests="-p 0 --decode 32" ;;

@@ -88,11 +88,11 @@ if on ub; then
   stamp "ub"
   f=bench-data/v4f-4l.gguf
   lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
-  for n in 0 4; do
+  for n in 0 2 4; do
     "$lb" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe $n -t "$(nproc)" -r "$REPS" -p 2048 -n 0 -b 2048 -ub 512,2048 -o md 2>&1 | grep "pp2048"
   done | tee "$out/ub/llama.txt"
   for u in 512 2048; do
-    for place in "--experts-hot all" "--cpu-moe --expert-workers 0"; do
+    for place in "--experts-hot all" "--cpu-moe --expert-workers 0" "--cpu-moe --expert-workers 0 --cold-stream-min 0" "--n-cpu-moe 2 --expert-workers 0" "--n-cpu-moe 2 --expert-workers 0 --cold-stream-min 0"; do
       # shellcheck disable=SC2086
       .device/bin/dflash bench prefill -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 2048 -u $u $place 2>&1 | grep "t/s" | sed "s|\$| [$place]|"
     done

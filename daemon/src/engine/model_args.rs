@@ -100,6 +100,16 @@ pub struct ModelArgs {
     /// "Full width").
     #[arg(long = "cold-layers-in-graph", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cold_layers_in_graph: Option<bool>,
+    /// With the model on a GPU, for layers whose routed experts are all cold (computed in the
+    /// step graph): micro-batches of at least N tokens copy each such layer's experts whole
+    /// into one of two GPU slots on a stream of their own, the next layer's while this one
+    /// computes, instead of the scheduler copying the routed ones at the start of the
+    /// layer's product (the copy and the compute then take turns). Costs two layers' experts
+    /// of GPU memory, taken only when `--device-reserve-mb` stays free beside them (else
+    /// logged, and not streamed). 0: never. Default: 512 on a GPU (a micro-batch that size
+    /// routes to nearly every expert anyway), 0 under `--experts-hot adaptive`.
+    #[arg(long = "cold-stream-min", value_name = "N")]
+    pub cold_stream_min: Option<usize>,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
     /// the model's device between two steps (0: the placement stays as it started).
     #[arg(long = "expert-swap-mb", default_value_t = 16)]
@@ -118,8 +128,8 @@ impl ModelArgs {
         };
         let options = self.placement.options()?;
         let adaptive = options.policy.is_adaptive();
-        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true)) {
-            anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph does not follow: use one or the other");
+        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true) || self.cold_stream_min.is_some_and(|n| n > 0)) {
+            anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph / --cold-stream-min does not follow: use one or the other");
         }
         let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape)?)?;
         let small = placement.drop_layers_below(file.config.n_expert_used);
@@ -152,6 +162,16 @@ impl ModelArgs {
             csa_dense_max_view: self.csa_dense_max_view,
             cold_offload_min,
             cold_layers_in_graph: self.cold_layers_in_graph.unwrap_or(!adaptive),
+            cold_stream_min: match self.cold_stream_min {
+                Some(n) => n,
+                None if on_gpu && !adaptive => COLD_STREAM_MIN,
+                None => 0,
+            },
+            cold_stream_keep_free: {
+                // The scheduler's copy of a partly held layer's cold experts, when those offload.
+                let offload = if cold_offload_min > 0 { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
+                self.device_reserve_mb.saturating_mul(1 << 20).saturating_add(offload)
+            },
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
         };
@@ -243,6 +263,9 @@ impl ColdHostBytes {
         bytes
     }
 }
+
+/// `--cold-stream-min` when not given, with the model on a GPU.
+const COLD_STREAM_MIN: usize = 512;
 
 /// The batch from which ggml's CUDA backend computes a product over weights in host memory
 /// on the GPU (its `GGML_OP_OFFLOAD_MIN_BATCH` default; llama.cpp's threshold too).
