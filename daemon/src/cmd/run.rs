@@ -66,10 +66,11 @@ pub fn run(a: Args) -> Result<()> {
     if prompt.len() >= n_ctx {
         bail!("the prompt has {} tokens; the context of {n_ctx} leaves no room to generate", prompt.len());
     }
+    let prefill_chunk = model.ubatch();
     let engine = Engine::start(
         model,
         format.tokenizer.clone(),
-        EngineOptions { parallel: 1, n_ctx, queue_max: 0, expert_swap_bytes: a.model.expert_swap_bytes(), cache: Default::default(), prefill_chunk: a.model.ubatch },
+        EngineOptions { parallel: 1, n_ctx, queue_max: 0, expert_swap_bytes: a.model.expert_swap_bytes(), cache: Default::default(), prefill_chunk },
     )?;
     let params = SamplingParams {
         temperature: a.temperature,

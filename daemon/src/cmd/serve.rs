@@ -77,14 +77,19 @@ pub struct Args {
 const DEFAULT_CTX: usize = 4096;
 
 pub fn run(mut a: Args) -> Result<()> {
-    let prefill_chunk = a.prefill_chunk.unwrap_or(a.model.ubatch);
+    let prefill_chunk = match a.prefill_chunk {
+        Some(c) => c,
+        None => a.model.ubatch()?,
+    };
     if prefill_chunk == 0 || a.parallel == 0 {
         anyhow::bail!("--prefill-chunk and --parallel must be at least 1, found {prefill_chunk} and {}", a.parallel);
     }
     // a step: one chunk beside the other sequences' decode tokens
-    a.model.ubatch = prefill_chunk
-        .checked_add(a.parallel - 1)
-        .ok_or_else(|| anyhow::anyhow!("--prefill-chunk {prefill_chunk} with --parallel {} makes a step too large", a.parallel))?;
+    a.model.ubatch = Some(
+        prefill_chunk
+            .checked_add(a.parallel - 1)
+            .ok_or_else(|| anyhow::anyhow!("--prefill-chunk {prefill_chunk} with --parallel {} makes a step too large", a.parallel))?,
+    );
     let model = a.model.load()?;
     let format = ChatFormat::from_metadata(&model.file.metadata)?;
     let n_ctx = a.model.ctx_size.unwrap_or(DEFAULT_CTX.min(model.config.n_ctx_train)).max(2);

@@ -26,8 +26,12 @@ pub struct ModelArgs {
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
     /// Largest micro-batch of one graph; prefill is split into micro-batches of this size.
-    #[arg(short = 'u', long, default_value_t = graph::DEFAULT_UBATCH)]
-    pub ubatch: usize,
+    /// Default: 2048 with the model on a GPU, 512 on the CPU. On a GPU every micro-batch
+    /// copies the cold experts it computes over PCIe (3.42 GB a layer at full width), so a
+    /// bigger one pays that copy over more tokens; the prompt cache then resumes at
+    /// multiples of 2048 tokens.
+    #[arg(short = 'u', long)]
+    pub ubatch: Option<usize>,
     /// Attention through ggml's flash-attention op: `auto` uses it on the CPU (F32 keys and
     /// accumulation, exact); `on` forces it on other devices too (their kernels may round
     /// keys to F16); `off` uses matmul, softmax, matmul.
@@ -75,8 +79,10 @@ pub struct ModelArgs {
     pub worker_eval_timeout_ms: u64,
     /// Device memory (MiB) kept free for the KV caches and compute buffers when
     /// `--experts-hot budget|profile:FILE` takes its budget from a GPU's free memory.
-    #[arg(long = "device-reserve-mb", default_value_t = 2048)]
-    pub device_reserve_mb: u64,
+    /// Default: 1750 plus the compute buffer of one micro-batch at the real model's width
+    /// (about 3.25e-4·u² + 0.41·u MiB for u tokens: 2048 in all at `-u 512`, 3953 at 2048).
+    #[arg(long = "device-reserve-mb")]
+    pub device_reserve_mb: Option<u64>,
     /// With the model on a GPU and cold experts: micro-batches of at least N tokens compute
     /// the cold experts of partly held layers on the GPU, from a second copy of them in pinned
     /// host memory, copying only the experts each micro-batch routes to over PCIe (smaller
@@ -151,7 +157,7 @@ impl ModelArgs {
         };
         let mut opts = ModelOptions {
             device: Some(self.device.clone()),
-            ubatch: self.ubatch,
+            ubatch: self.ubatch()?,
             hot: Some(placement.hot().clone()),
             route_stats_out: self.route_stats_out.clone(),
             flash_attn: match self.flash_attn {
@@ -170,7 +176,7 @@ impl ModelArgs {
             cold_stream_keep_free: {
                 // The scheduler's copy of a partly held layer's cold experts, when those offload.
                 let offload = if cold_offload_min > 0 { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
-                self.device_reserve_mb.saturating_mul(1 << 20).saturating_add(offload)
+                self.device_reserve_bytes()?.saturating_add(offload)
             },
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
@@ -203,12 +209,30 @@ impl ModelArgs {
                     load_stall: std::time::Duration::from_millis(self.worker_load_stall_ms),
                     eval_floor: std::time::Duration::from_millis(self.worker_eval_timeout_ms),
                 };
-                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads.unwrap_or(1), self.ubatch, spin, pins, deadlines)?;
+                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads.unwrap_or(1), self.ubatch()?, spin, pins, deadlines)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }
         }
         Ok(model)
+    }
+
+    /// `--ubatch`, or its default for the device (see the flag).
+    pub fn ubatch(&self) -> Result<usize> {
+        if let Some(u) = self.ubatch {
+            return Ok(u);
+        }
+        let on_gpu = ggml::Device::by_name(&self.device)?.kind() != ggml::DeviceKind::Cpu;
+        Ok(if on_gpu { GPU_UBATCH } else { graph::DEFAULT_UBATCH })
+    }
+
+    /// `--device-reserve-mb` in bytes, or its default for the micro-batch (see the flag).
+    fn device_reserve_bytes(&self) -> Result<u64> {
+        let mib = match self.device_reserve_mb {
+            Some(mib) => mib,
+            None => default_reserve_mib(self.ubatch()?),
+        };
+        Ok(mib.saturating_mul(1 << 20))
     }
 
     /// `--expert-swap-mb` in bytes.
@@ -232,7 +256,7 @@ impl ModelArgs {
         // (chosen after the placement when not given, so reserved unless it is 0).
         let may_offload = self.cold_layers_in_graph != Some(false) || self.cold_offload_min != Some(0);
         let offload = if may_offload { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
-        let budget = budget_from_device(free, other, 0, 0, self.device_reserve_mb.saturating_mul(1 << 20).saturating_add(offload));
+        let budget = budget_from_device(free, other, 0, 0, self.device_reserve_bytes()?.saturating_add(offload));
         tracing::info!(device = %self.device, free, other_weights = other, budget, "hot-expert budget from the device");
         Ok(Some(budget))
     }
@@ -264,6 +288,18 @@ impl ColdHostBytes {
     }
 }
 
+/// `--ubatch` when not given, with the model on a GPU.
+const GPU_UBATCH: usize = 2048;
+
+/// `--device-reserve-mb` when not given: the KV caches and what else a step holds (1750 MiB),
+/// plus the compute buffer of a `u`-token micro-batch at the real model's width, a fit to the
+/// buffer ggml's allocator sized at 256, 512, 1024 and 2048 tokens (127, 295, 760 and 2.2 GiB;
+/// BENCHMARKS.md, "Third run").
+fn default_reserve_mib(u: usize) -> u64 {
+    let u = u as f64;
+    1750 + (3.25e-4 * u * u + 0.41 * u).ceil() as u64
+}
+
 /// `--cold-stream-min` when not given, with the model on a GPU.
 const COLD_STREAM_MIN: usize = 512;
 
@@ -291,7 +327,7 @@ fn mem_available_bytes() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{auto_cold_offload_min, mem_available_bytes, ColdHostBytes, GPU_OFFLOAD_MIN_BATCH};
+    use super::{auto_cold_offload_min, default_reserve_mib, mem_available_bytes, ColdHostBytes, GPU_OFFLOAD_MIN_BATCH};
     use experts::ExpertSet;
     use placement::{ExpertPlacement, ModelShape};
 
@@ -309,6 +345,17 @@ mod tests {
         assert_eq!(ColdHostBytes::of(&p, &shape, 2, true), ColdHostBytes { cold: 800 + 1200 + 300, partial_copy: 1200 });
         // Layer 0 through the executor too: its experts are copied for offloading as well.
         assert_eq!(ColdHostBytes::of(&p, &shape, 2, false), ColdHostBytes { cold: 800 + 1200 + 300, partial_copy: 800 + 1200 });
+    }
+
+    #[test]
+    fn the_default_reserve_grows_with_the_micro_batch_as_the_compute_buffer_does() {
+        // The buffers the fit was made from (MiB): 127 at 256 tokens, 295 at 512, 760 at 1024,
+        // 2200 at 2048; each within 10% of the fit.
+        for (u, buffer) in [(256usize, 127f64), (512, 295.0), (1024, 760.0), (2048, 2200.0)] {
+            let fit = (default_reserve_mib(u) - 1750) as f64;
+            assert!((fit - buffer).abs() <= 0.1 * buffer, "{u} tokens: fit {fit} MiB, buffer {buffer} MiB");
+        }
+        assert_eq!(default_reserve_mib(512), 2046, "the former fixed 2048 MiB at -u 512, to rounding");
     }
 
     #[test]

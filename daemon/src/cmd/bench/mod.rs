@@ -59,7 +59,7 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
         "{} | {} | threads {threads} | ubatch {} | {test}{} | {:.2} t/s (min {lo:.2}, max {hi:.2}, {} reps)",
         a.model.model.display(),
         model.backend_name(),
-        a.model.ubatch,
+        model.ubatch(),
         if a.depth > 0 { format!(" @ d{}", a.depth) } else { String::new() },
         median(rates.clone()),
         rates.len()
