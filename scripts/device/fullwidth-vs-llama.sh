@@ -152,16 +152,16 @@ if on exact; then
   X offload-half-w2 --experts-hot uniform:8 --expert-workers 2 --cold-offload-min 16
   X ingraph --experts-hot none --expert-workers 0 --cold-offload-min 0 --cold-layers-in-graph --cold-stream-min 0
   # all-cold layers streamed whole into the two GPU slots (one 330-token micro-batch; and
-  # micro-batches of 64, the slots alternating across steps, beside the same split all hot)
+  # five micro-batches of 66 (the 330 tokens), the slots alternating across steps, beside the same split all hot)
   X stream --experts-hot none --expert-workers 0 --cold-stream-min 1
   X stream-ncmoe2 --n-cpu-moe 2 --expert-workers 0 --cold-stream-min 1
-  U=64 X hot-u64
-  U=64 X stream-u64 --experts-hot none --expert-workers 0 --cold-stream-min 32
+  U=66 X hot-u66
+  U=66 X stream-u66 --experts-hot none --expert-workers 0 --cold-stream-min 32
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
   # the streamed products read the all-hot placement's bytes with its kernels: the same bits
   python3 - <<'PY' || echo "FAILED: streamed logits differ from all hot"
 import numpy as np
-for a, b in [("stream", "hot"), ("stream-ncmoe2", "hot"), ("stream-u64", "hot-u64")]:
+for a, b in [("stream", "hot"), ("stream-ncmoe2", "hot"), ("stream-u66", "hot-u66")]:
     x, y = np.load(f"/tmp/x-{a}.npy"), np.load(f"/tmp/x-{b}.npy")
     print(f"{a} vs {b}: {'EXACT' if np.array_equal(x, y) else 'DIFFER, max|Δ| %.3e' % np.abs(x - y).max()}")
     assert np.array_equal(x, y)
