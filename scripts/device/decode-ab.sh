@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU machine: single-sequence decode of two dflash binaries side by side on the 4-layer
+# full-width file (interleaved per placement, so the host's drift hits both alike), with
+# llama.cpp's tg64 beside, to tell a regression from the machine. Also runs the new binary
+# with the diagnostic switches it reads (DIAGS: environment settings such as
+# "DFLASH_DIAG_WSUM_MM=1", or `nostream` (--cold-stream-min 0), `u512` (-u 512)).
+# Here first: the staging of round.sh, plus the old binary as .device/bin/dflash-old.xz.
+#   OLD=.device/bin/dflash-old.xz bash scripts/device/decode-ab.sh
+# Environment: OLD, REPS (default 3), DIAGS (default none), PLACES (default "hot cold half
+# profile").
+set -uo pipefail
+out=${OUT:-/tmp/decode-ab}
+mkdir -p "$out"
+bin=.device/bin
+(cd $bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done; chmod +x dflash* write_synth)
+old=${OLD:-$bin/dflash-old.xz}
+old=${old%.xz}
+OUT=$out LAYERS=4 bash scripts/device/fullwidth-vs-llama.sh build files 2>&1 | tail -2
+f=bench-data/v4f-4l.gguf
+lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+reps=${REPS:-3}
+t=$(nproc)
+exec_flags="--expert-workers 0 --worker-threads $t"
+$bin/dflash bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-4.json >/dev/null 2>&1
+mib=$($bin/dflash inspect $f | python3 -c '
+import re, sys
+t = sys.stdin.read()
+print(int(int(re.search(r"bytes per expert per layer: (\d+)", t).group(1)) * int(re.search(r"moe\s+(\d+) experts", t).group(1)) * 2 / 2**20))')
+for place in ${PLACES:-hot cold half profile}; do
+  case $place in
+    hot) flags="--experts-hot all"; n=0 ;;
+    cold) flags="--cpu-moe $exec_flags"; n=4 ;;
+    half) flags="--n-cpu-moe 2 $exec_flags"; n=2 ;;
+    profile) flags="--experts-hot profile:/tmp/route-4.json --expert-budget-mb $mib $exec_flags"; n=2 ;;
+  esac
+  echo "== $place: llama.cpp -ncmoe $n"
+  "$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$t" -r "$reps" -p 0 -n 64 -o md 2>&1 | grep tg64
+  for run in old new ${DIAGS:-}; do
+    extra=
+    case $run in
+      old) b=$old env= ;;
+      new) b=$bin/dflash env= ;;
+      nostream) b=$bin/dflash env= extra="--cold-stream-min 0" ;;
+      u512) b=$bin/dflash env= extra="-u 512" ;;
+      *) b=$bin/dflash env=$run ;;
+    esac
+    [ -x "$b" ] || continue
+    # shellcheck disable=SC2086
+    echo "$run: $(env $env $b bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags $extra 2>&1 | grep 't/s' | sed 's/.*| tg64/tg64/')"
+  done
+done | tee "$out/decode.txt"
+# PROF=1: where an all-GPU pp2048 at -u 2048 spends its time (nodes timed one by one)
+if [ "${PROF:-0}" = 1 ]; then
+  $bin/dflash bench prefill -m $f --device CUDA0 -t "$t" -r 1 -n 2048 -u 2048 --experts-hot all --op-profile 30 2>&1 \
+    | grep -v "^ggml_cuda_init\|^  Device 0\|^load_backend" | tee "$out/prof-hot-pp2048.txt"
+fi
