@@ -2,13 +2,14 @@
 # GPU machine: single-sequence decode of two dflash binaries side by side on the 4-layer
 # full-width file (interleaved per placement, so the host's drift hits both alike), with
 # llama.cpp's tg64 beside, to tell a regression from the machine. Also runs the new binary
-# with the diagnostic switches it reads (DIAGS: environment settings such as
-# "DFLASH_DIAG_WSUM_MM=1", or `nostream` (--cold-stream-min 0), `u512` (-u 512)).
+# in the variants DIAGS names: `nostream` (--cold-stream-min 0), `u512` (-u 512), or an
+# environment setting (NAME=VALUE) the binary reads.
 # Here first: the staging of round.sh, plus the old binary as .device/bin/dflash-old.xz.
 #   OLD=.device/bin/dflash-old.xz bash scripts/device/decode-ab.sh
 # Environment: OLD, REPS (default 3), DIAGS (default none), PLACES (default "hot cold half
 # profile").
 set -uo pipefail
+export FA=${FA:-0} # the llama.cpp pack without flash-attention kernels (round.sh's)
 out=${OUT:-/tmp/decode-ab}
 mkdir -p "$out"
 bin=.device/bin
@@ -45,6 +46,10 @@ for place in ${PLACES:-hot cold half profile}; do
       *) b=$bin/dflash env=$run ;;
     esac
     [ -x "$b" ] || continue
+    # variants that change nothing for a placement are skipped
+    case "$run/$place" in
+      nostream/hot | nostream/profile) continue ;;
+    esac
     # shellcheck disable=SC2086
     echo "$run: $(env $env $b bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags $extra 2>&1 | grep 't/s' | sed 's/.*| tg64/tg64/')"
   done
