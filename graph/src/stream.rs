@@ -61,6 +61,12 @@ fn ffn_tensors(f: &ExpertFfn) -> Vec<T> {
     }
 }
 
+/// At the router of the streamed layer at `pos` (of `n`): the position whose copy to queue
+/// next, if any, and the slot (the event) the layer's products wait for.
+fn at_router_plan(pos: usize, n: usize) -> (Option<usize>, usize) {
+    (Some(pos + 1).filter(|&p| p < n), pos % 2)
+}
+
 /// Byte offsets of `sizes` placed one after another, each rounded up to `align`; and the end.
 fn packed_offsets(sizes: &[usize], align: usize) -> (Vec<usize>, usize) {
     let mut at = 0;
@@ -178,9 +184,12 @@ impl ColdStream {
     /// # Safety
     /// `compute` is the model's live backend, on the device of the slots.
     pub unsafe fn at_router(&self, pos: usize, compute: ggml::sys::ggml_backend_t) {
-        self.queue_copy(pos + 1);
+        let (next, wait) = at_router_plan(pos, self.order.len());
+        if let Some(next) = next {
+            self.queue_copy(next);
+        }
         // SAFETY: the caller's contract.
-        unsafe { self.copied[pos % 2].wait(compute) };
+        unsafe { self.copied[wait].wait(compute) };
     }
 }
 
@@ -194,7 +203,27 @@ impl Drop for ColdStream {
 
 #[cfg(test)]
 mod tests {
-    use super::packed_offsets;
+    use super::{at_router_plan, packed_offsets};
+
+    #[test]
+    fn a_copy_goes_to_the_slot_the_layer_before_freed_and_each_layer_waits_for_its_own() {
+        for n in 1..6 {
+            // begin_step queues position 0; then, router by router:
+            let mut queued = vec![0usize];
+            for pos in 0..n {
+                let (next, wait) = at_router_plan(pos, n);
+                assert_eq!(wait, pos % 2, "layer {pos} reads its own slot");
+                assert!(queued.contains(&pos), "layer {pos}'s copy was queued before its wait");
+                if let Some(next) = next {
+                    assert_eq!(next, pos + 1);
+                    // its slot's last reader, pos − 1, has run (the host waited at this router)
+                    assert_ne!(next % 2, pos % 2, "never the slot the current layer reads");
+                    queued.push(next);
+                }
+            }
+            assert_eq!(queued, (0..n).collect::<Vec<_>>(), "each streamed layer copied once a step");
+        }
+    }
 
     #[test]
     fn slot_tensors_are_packed_at_aligned_offsets() {
