@@ -37,6 +37,9 @@
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
+# Any part run without pairs4 before it first copies the CUDA module beside dflash (from the
+# warm machine's /tmp/llama-build or the unpacked pack) and, where it needs it, writes the
+# 4-layer file.
 # Environment: FA (default 0), REPS (default 2), PAIRS4 (default "cold hot half profile
 # cold-exec"), PAIRS8 (default "hot cold").
 set -uo pipefail
@@ -51,6 +54,14 @@ quiet() { grep -v "^  *[0-9]*%\|it/s"; }
 fw() { bash scripts/device/fullwidth-vs-llama.sh "$@" 2>&1 | quiet; }
 t0=$(date +%s)
 stamp() { echo "## $(( $(date +%s) - t0 )) s: $*"; }
+# The CUDA module beside dflash (a call's carried .device/bin replaces the last call's copy;
+# the llama.cpp build itself stays in /tmp on a warm machine, or is unpacked) and the 4-layer
+# file (which scale16 and pairs8 remove), for parts that run without pairs4 before them.
+ready4() {
+  [ -f .device/bin/libggml-cuda.so ] && [ -f bench-data/v4f-4l.gguf ] && return
+  OUT=$out LAYERS=4 fw build files | tail -3
+}
+cuda() { [ -f .device/bin/libggml-cuda.so ] || OUT=$out fw build | tail -3; }
 
 if on pairs4; then
   mkdir -p "$out/pairs4"
@@ -62,11 +73,13 @@ if on pairs4; then
 fi
 if on exact; then
   mkdir -p "$out/exact"
+  cuda
   stamp "exact"
   OUT=$out/exact fw exact
 fi
 if on bbound; then
   mkdir -p "$out/bbound"
+  cuda
   stamp "batch bound"
   OUT=$out/bbound bash scripts/device/batch-bound.sh 2>&1 | quiet
 fi
@@ -80,11 +93,13 @@ if on ab; then
 fi
 if on np8; then
   mkdir -p "$out/np8"
+  ready4
   stamp "np8"
   OUT=$out/np8 LAYERS=4 PLACEMENTS="half-np8 half-np8-stream hot-np8 adaptive" fw pairs
 fi
 if on ub; then
   mkdir -p "$out/ub"
+  ready4
   stamp "ub"
   f=bench-data/v4f-4l.gguf
   lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
@@ -100,6 +115,7 @@ if on ub; then
 fi
 if on prof; then
   mkdir -p "$out/prof"
+  ready4
   stamp "prof"
   f=bench-data/v4f-4l.gguf
   lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
@@ -124,6 +140,7 @@ if on prof; then
 fi
 if on scale16; then
   mkdir -p "$out/scale16"
+  cuda
   stamp "scale16"
   rm -f bench-data/v4f-4l.gguf bench-data/v4f-8l.gguf
   # the 58 GB file where 60 GB are free: /dev/shm (in memory), else the disk
