@@ -453,17 +453,18 @@ fn worker_cpus_need_one_list_per_worker() {
 }
 
 /// `--experts-hot adaptive` moves experts between hot and cold, which the fixed pinned host
-/// copy of `--cold-offload-min` / `--cold-layers-in-graph` cannot follow: refused by name
-/// before loading; `--adaptive-from` without an adaptive placement too.
+/// copy of `--cold-offload-min` / `--cold-layers-in-graph` / `--cold-stream-min` cannot
+/// follow: refused by name before loading; `--adaptive-from` without an adaptive placement
+/// too.
 #[test]
 fn adaptive_refuses_a_fixed_cold_copy_and_adaptive_from_needs_adaptive() {
     let toks = tokens(8);
-    for extra in [["--cold-offload-min", "4"], ["--cold-layers-in-graph", "--expert-workers=0"]] {
+    for extra in [["--cold-offload-min", "4"], ["--cold-layers-in-graph", "--expert-workers=0"], ["--cold-stream-min", "64"]] {
         let mut args = vec!["--experts-hot", "adaptive:0.5"];
         args.extend(extra);
         let o = run_logits(&toks, 8, &tmp("never-adaptive.npy"), &args);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains("--experts-hot adaptive") && err.contains("--cold-offload-min"), "{err}");
+        assert!(!o.status.success() && err.contains("--experts-hot adaptive") && err.contains(extra[0]), "{err}");
     }
     let o = run_logits(&toks, 8, &tmp("never-adaptive.npy"), &["--experts-hot", "budget", "--expert-budget-mb", "1", "--adaptive-from", "x.json"]);
     let err = String::from_utf8_lossy(&o.stderr);
