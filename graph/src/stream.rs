@@ -3,7 +3,7 @@
 //! The scheduler's offload (`offload.rs`) copies a layer's routed experts from their pinned
 //! host copy when the layer's product starts, on the stream that computes it: the copy and
 //! the compute take turns, and at full width the copy is the larger part (3.42 GB per layer
-//! at ~55 GB/s, 62 ms, against ~15 ms of a 512-token layer's compute on an H100). A
+//! at ~55 GB/s, 62 ms, against ~12 ms of a 512-token layer's compute on an H100). A
 //! micro-batch of hundreds of tokens routes to nearly every expert anyway (under uniform
 //! routing 1 − (1 − k/E)^n of them: 99.8% at 256 tokens of 256 experts, top-6). So for
 //! micro-batches of at least `ModelOptions::cold_stream_min` tokens these layers' experts
