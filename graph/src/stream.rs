@@ -86,7 +86,10 @@ impl ColdStream {
     /// of at least `min_batch` tokens. None (logged) when no layer qualifies, the device has
     /// no events, or its free memory does not hold the two slots plus `keep_free` bytes.
     pub fn new(device: Device, buft: BufferType, host: &ColdHost, min_batch: usize, keep_free: u64) -> Result<Option<ColdStream>, GraphError> {
-        let order: Vec<usize> = host.layers.iter().enumerate().filter(|(_, c)| c.as_ref().is_some_and(|c| c.maps.is_none())).map(|(l, _)| l).collect();
+        // The layers whose host copy is all of their experts, with that copy's FFN.
+        let streamed: Vec<(usize, &ExpertFfn)> =
+            host.layers.iter().enumerate().filter_map(|(l, c)| c.as_ref().filter(|c| c.maps.is_none()).map(|c| (l, &c.weights.ffn))).collect();
+        let order: Vec<usize> = streamed.iter().map(|&(l, _)| l).collect();
         if order.is_empty() || min_batch == 0 {
             return Ok(None);
         }
@@ -94,7 +97,7 @@ impl ColdStream {
             tracing::warn!(device = %device.name(), "the device has no events: all-cold layers are not streamed");
             return Ok(None);
         };
-        let sources: Vec<Vec<T>> = order.iter().map(|&l| host.layers[l].as_ref().map(|c| ffn_tensors(&c.weights.ffn)).unwrap_or_default()).collect();
+        let sources: Vec<Vec<T>> = streamed.iter().map(|&(_, f)| ffn_tensors(f)).collect();
         let n_tensors: usize = sources.iter().map(Vec::len).sum();
         let ctx = Context::new_no_alloc(n_tensors, 0)?;
         // Same type, shape and name as each host tensor.
@@ -129,14 +132,12 @@ impl ColdStream {
             s.set_weights_usage();
         }
         let mut layers: Vec<Option<StreamLayer>> = (0..host.layers.len()).map(|_| None).collect();
-        for (pos, &l) in order.iter().enumerate() {
+        for (pos, &(l, f)) in streamed.iter().enumerate() {
             let slot = &slots[pos % 2];
             for (&t, &off) in dups[pos].iter().zip(&layouts[pos].0) {
                 // SAFETY: an unallocated tensor of ctx; offsets packed within slot_bytes.
                 unsafe { slot.place(t.0, off)? };
             }
-            let Some(cold) = host.layers[l].as_ref() else { unreachable!("order lists layers with a host copy") };
-            let f = &cold.weights.ffn;
             let up_gate = match (f.up_gate, dups[pos].as_slice()) {
                 (UpGate::Separate { .. }, &[gate, up, _]) => UpGate::Separate { gate, up },
                 (UpGate::Fused(_), &[gu, _]) => UpGate::Fused(gu),

@@ -137,7 +137,9 @@ impl ModelArgs {
         if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true) || self.cold_stream_min.is_some_and(|n| n > 0)) {
             anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph / --cold-stream-min does not follow: use one or the other");
         }
-        let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape)?)?;
+        let ubatch = self.ubatch()?;
+        let reserve = self.device_reserve_bytes(ubatch);
+        let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape, reserve)?)?;
         let small = placement.drop_layers_below(file.config.n_expert_used);
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
@@ -157,7 +159,7 @@ impl ModelArgs {
         };
         let mut opts = ModelOptions {
             device: Some(self.device.clone()),
-            ubatch: self.ubatch()?,
+            ubatch,
             hot: Some(placement.hot().clone()),
             route_stats_out: self.route_stats_out.clone(),
             flash_attn: match self.flash_attn {
@@ -175,8 +177,8 @@ impl ModelArgs {
             },
             cold_stream_keep_free: {
                 // The scheduler's copy of a partly held layer's cold experts, when those offload.
-                let offload = if cold_offload_min > 0 { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
-                self.device_reserve_bytes()?.saturating_add(offload)
+                let offload = if cold_offload_min > 0 { largest_layer_experts(&shape) } else { 0 };
+                reserve.saturating_add(offload)
             },
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
@@ -209,7 +211,7 @@ impl ModelArgs {
                     load_stall: std::time::Duration::from_millis(self.worker_load_stall_ms),
                     eval_floor: std::time::Duration::from_millis(self.worker_eval_timeout_ms),
                 };
-                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads.unwrap_or(1), self.ubatch()?, spin, pins, deadlines)?;
+                let pool = super::cold::WorkerPool::spawn(&model.file, shares, self.worker_threads.unwrap_or(1), ubatch, spin, pins, deadlines)?;
                 tracing::info!(workers = pool.n_workers(), pids = ?pool.pids(), cold_experts = cold.len(), "expert workers started");
                 model.set_cold_experts(Box::new(pool))?;
             }
@@ -226,13 +228,9 @@ impl ModelArgs {
         Ok(if on_gpu { GPU_UBATCH } else { graph::DEFAULT_UBATCH })
     }
 
-    /// `--device-reserve-mb` in bytes, or its default for the micro-batch (see the flag).
-    fn device_reserve_bytes(&self) -> Result<u64> {
-        let mib = match self.device_reserve_mb {
-            Some(mib) => mib,
-            None => default_reserve_mib(self.ubatch()?),
-        };
-        Ok(mib.saturating_mul(1 << 20))
+    /// `--device-reserve-mb` in bytes, or its default for the micro-batch `ubatch` (see the flag).
+    fn device_reserve_bytes(&self, ubatch: usize) -> u64 {
+        self.device_reserve_mb.unwrap_or_else(|| default_reserve_mib(ubatch)).saturating_mul(1 << 20)
     }
 
     /// `--expert-swap-mb` in bytes.
@@ -243,7 +241,7 @@ impl ModelArgs {
     /// On a GPU: its free memory minus the weights that are not routed experts and the
     /// reserve, the budget `budget` and `profile` placements fill. None on the CPU (those
     /// policies then need `--expert-budget-mb`).
-    fn device_budget(&self, file: &loader::ModelFile, shape: &ModelShape) -> Result<Option<u64>> {
+    fn device_budget(&self, file: &loader::ModelFile, shape: &ModelShape, reserve: u64) -> Result<Option<u64>> {
         let device = ggml::Device::by_name(&self.device)?;
         if device.kind() == ggml::DeviceKind::Cpu {
             return Ok(None);
@@ -255,8 +253,8 @@ impl ModelArgs {
         // from layers computed in the graph (on by default) and with --cold-offload-min
         // (chosen after the placement when not given, so reserved unless it is 0).
         let may_offload = self.cold_layers_in_graph != Some(false) || self.cold_offload_min != Some(0);
-        let offload = if may_offload { shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert) } else { 0 };
-        let budget = budget_from_device(free, other, 0, 0, self.device_reserve_bytes()?.saturating_add(offload));
+        let offload = if may_offload { largest_layer_experts(shape) } else { 0 };
+        let budget = budget_from_device(free, other, 0, 0, reserve.saturating_add(offload));
         tracing::info!(device = %self.device, free, other_weights = other, budget, "hot-expert budget from the device");
         Ok(Some(budget))
     }
@@ -286,6 +284,11 @@ impl ColdHostBytes {
         }
         bytes
     }
+}
+
+/// Bytes of the routed experts of the largest layer (the scheduler's copy of an offloaded layer).
+fn largest_layer_experts(shape: &ModelShape) -> u64 {
+    shape.expert_bytes.iter().max().copied().unwrap_or(0) * u64::from(shape.n_expert)
 }
 
 /// `--ubatch` when not given, with the model on a GPU.
