@@ -289,10 +289,15 @@ fn gone(pid: i32) -> bool {
 }
 
 /// `dflash logits` over 64 tokens, decoding from 8, every expert cold in 2 workers; once
-/// both run and decoding is under way, `hurt` is done to one worker. Returns that worker's
-/// pid, the exit status, stderr and the logits file.
+/// both run and decoding is under way, `hurt` is done to one worker. Each eval waits 10 ms
+/// (the workers' `eval-delay-ms` test fault: the run lasts seconds, not the ~0.3 s it takes
+/// on an idle machine), so the 300 ms wait lands mid-run. Returns that worker's pid, the
+/// exit status, stderr and the logits file.
 fn hurt_a_worker_mid_run(name: &str, extra: &[&str], hurt: nix::sys::signal::Signal) -> (i32, std::process::ExitStatus, String, PathBuf) {
     let out = tmp(&format!("{name}.npy"));
+    let faults = tmp(&format!("{name}-faults"));
+    std::fs::create_dir_all(&faults).expect("dir");
+    std::fs::write(faults.join(expert_worker::faults::EVAL_DELAY_FILE), "10").expect("delay");
     let mut run = Running::spawn(
         Command::new(env!("CARGO_BIN_EXE_dflash"))
             .args(["logits", "-m"])
@@ -303,6 +308,7 @@ fn hurt_a_worker_mid_run(name: &str, extra: &[&str], hurt: nix::sys::signal::Sig
             .arg(&out)
             .args(["--decode-from", "8", "-t", "2", "-u", "32", "--experts-hot", "none", "--expert-workers", "2"])
             .args(extra)
+            .env(expert_worker::faults::TEST_FAULTS_ENV, &faults)
             .env("DFLASH_LOG", "info"),
     );
     run.wait_for("expert workers started");

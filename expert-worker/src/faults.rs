@@ -5,8 +5,9 @@
 //! creating its file; the first worker to reach the fault's point removes the file (so one
 //! worker takes it, once) and misbehaves there. `DIR/load-delay-ms`, holding a number of
 //! milliseconds, is read at start and not removed: the worker sleeps that long after loading
-//! each layer's experts (a slow load that still makes progress). Without the variable none of
-//! this runs; with it, each eval costs one `unlink` per eval fault.
+//! each layer's experts (a slow load that still makes progress); `DIR/eval-delay-ms` likewise
+//! before answering each eval (a run long enough for a test to act during it). Without the
+//! variable none of this runs; with it, each eval costs one `unlink` per eval fault.
 
 use std::io::Write as _;
 use std::os::unix::net::UnixStream;
@@ -24,6 +25,9 @@ pub const TEST_FAULTS_ENV: &str = "DFLASH_WORKER_TEST_FAULTS";
 
 /// The file in the fault directory that slows the load down (see the module docs).
 pub const LOAD_DELAY_FILE: &str = "load-delay-ms";
+
+/// The file in the fault directory that slows every eval down (see the module docs).
+pub const EVAL_DELAY_FILE: &str = "eval-delay-ms";
 
 /// A misbehaviour, named by its file in the fault directory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,6 +70,7 @@ impl Fault {
 pub struct TestFaults {
     dir: Option<PathBuf>,
     load_delay: Duration,
+    eval_delay: Duration,
 }
 
 impl TestFaults {
@@ -77,20 +82,9 @@ impl TestFaults {
     /// The faults of `DFLASH_WORKER_TEST_FAULTS` (none when unset).
     pub fn from_env() -> Result<Self> {
         let Some(dir) = std::env::var_os(TEST_FAULTS_ENV).map(PathBuf::from) else { return Ok(TestFaults::none()) };
-        let delay_file = dir.join(LOAD_DELAY_FILE);
-        let load_delay = match std::fs::read_to_string(&delay_file) {
-            Ok(text) => {
-                let ms = text.trim().parse::<u64>().map_err(|_| WorkerError::TestFaultFile {
-                    path: delay_file.clone(),
-                    reason: format!("expected a number of milliseconds, found {:?}", text.trim()),
-                })?;
-                Duration::from_millis(ms)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Duration::ZERO,
-            Err(source) => return Err(WorkerError::Io { what: "read", path: delay_file, source }),
-        };
-        tracing::warn!(dir = %dir.display(), ?load_delay, "test faults enabled ({TEST_FAULTS_ENV})");
-        Ok(TestFaults { dir: Some(dir), load_delay })
+        let (load_delay, eval_delay) = (read_delay(&dir, LOAD_DELAY_FILE)?, read_delay(&dir, EVAL_DELAY_FILE)?);
+        tracing::warn!(dir = %dir.display(), ?load_delay, ?eval_delay, "test faults enabled ({TEST_FAULTS_ENV})");
+        Ok(TestFaults { dir: Some(dir), load_delay, eval_delay })
     }
 
     pub fn is_active(&self) -> bool {
@@ -135,6 +129,7 @@ impl TestFaults {
     /// or written raw on `sock` (a second handle of the server's socket). Each ends the
     /// worker with its error.
     pub(crate) fn at_eval(&self, server: &mut WorkerServer, sock: &mut UnixStream, id: RequestId) -> Result<()> {
+        std::thread::sleep(self.eval_delay);
         if self.take(Fault::EvalError) {
             server.reply_error(id, ErrorCode::INTERNAL, "test fault eval-error")?;
             return Err(Fault::EvalError.error());
@@ -153,6 +148,22 @@ impl TestFaults {
             return Err(Fault::EvalExit.error());
         }
         Ok(())
+    }
+}
+
+/// The milliseconds in `dir/file` (zero when there is no such file).
+fn read_delay(dir: &std::path::Path, file: &str) -> Result<Duration> {
+    let path = dir.join(file);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let ms = text.trim().parse::<u64>().map_err(|_| WorkerError::TestFaultFile {
+                path: path.clone(),
+                reason: format!("expected a number of milliseconds, found {:?}", text.trim()),
+            })?;
+            Ok(Duration::from_millis(ms))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Duration::ZERO),
+        Err(source) => Err(WorkerError::Io { what: "read", path, source }),
     }
 }
 
