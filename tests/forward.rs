@@ -199,20 +199,26 @@ fn b_f32_greedy_64() {
 
 /// Each way the attention can be computed gives the reference logits: matmul + softmax
 /// (other devices' path) or flash attention, each with CSA's entries gathered per token or
-/// CSA dense over every entry, masked to the top-k. Prefill in micro-batches
-/// of 48 (the hyper-connection mix as outer products) then decode (ggml's hc_post op).
+/// CSA dense over every entry, masked to the top-k, the matmul path also in query blocks.
+/// Prefill in micro-batches of 45 (not a multiple of the window, so early query blocks read
+/// ring slots; the hyper-connection mix as outer products) then decode
+/// (ggml's hc_post op).
 #[test]
 fn every_attention_path_matches_the_reference() {
     for (name, gguf, p) in [("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 230), ("ds4-tiny-b", "ds4-tiny-b.f32.gguf", 250), ("ds4-tiny-c", "ds4-tiny-c.f32.gguf", 150)] {
         let r = reference(name);
+        // Query blocks (matmul only) of 5 (under the window of 8: early blocks read the ring)
+        // and 16; 256 (the default) leaves a micro-batch of 48 whole.
         let paths = [
-            (false, 0, "matmul, CSA gathered"),
-            (false, usize::MAX, "matmul, CSA dense"),
-            (true, 0, "flash, CSA gathered"),
-            (true, usize::MAX, "flash, CSA dense"),
+            (false, 0, 256, "matmul, CSA gathered"),
+            (false, usize::MAX, 256, "matmul, CSA dense"),
+            (false, 0, 5, "matmul in query blocks of 5, CSA gathered"),
+            (false, usize::MAX, 16, "matmul in query blocks of 16, CSA dense"),
+            (true, 0, 256, "flash, CSA gathered"),
+            (true, usize::MAX, 256, "flash, CSA dense"),
         ];
-        for (flash, dense, what) in paths {
-            let opts = ModelOptions { ubatch: 48, flash_attn: Some(flash), csa_dense_max_view: Some(dense), ..ModelOptions::default() };
+        for (flash, dense, block, what) in paths {
+            let opts = ModelOptions { ubatch: 45, flash_attn: Some(flash), csa_dense_max_view: Some(dense), attention_block: block, ..ModelOptions::default() };
             let mut m = load_with(gguf, opts);
             let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
             let logits = m.forward(&mut seq, &r.tokens[..p], Logits::All).expect("prefill");

@@ -44,14 +44,83 @@ impl Projections {
     }
 }
 
-/// Which mask a layer's keys take.
-enum Mask {
-    /// The raw window's (ratio-0 layers).
-    Raw,
-    /// Raw ++ the visible entries of this ratio (HCA layers).
-    Hca(usize),
-    /// A mask built in the layer (CSA's selection).
-    Layer(T),
+/// What a sequence's tokens attend to besides the raw keys (over all its columns).
+enum Extra {
+    /// Nothing (ratio-0 layers).
+    None,
+    /// Every entry, masked to the visible ones of this ratio (HCA; the mask is shared by
+    /// the layers of the ratio).
+    Visible { entries: T, ratio: usize },
+    /// Every entry, masked [n_view, n] to each token's selected ones (CSA, dense form).
+    Masked { entries: T, mask: T },
+    /// Each token's own selected entries [d, k, n] and their mask [k, n] (CSA, gathered).
+    Gathered { sel: T, mask: T },
+}
+
+impl Extra {
+    /// The ratio whose mask the layers share (0: the raw keys' alone); None for a layer's own.
+    fn shared_ratio(&self) -> Option<usize> {
+        match *self {
+            Extra::None => Some(0),
+            Extra::Visible { ratio, .. } => Some(ratio),
+            Extra::Masked { .. } | Extra::Gathered { .. } => None,
+        }
+    }
+}
+
+/// A mask kept for the step's layers: per sequence, compressor ratio (0: the raw keys'
+/// alone), query block, and type (F16 for flash attention).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MaskKey {
+    pub seq: usize,
+    pub ratio: usize,
+    pub block: usize,
+    pub f16: bool,
+}
+
+/// Queries [q0, q0 + n) of a sequence's micro-batch, and the raw keys [k0, k0 + nk) their
+/// window reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct QueryBlock {
+    pub q0: usize,
+    pub n: usize,
+    pub k0: usize,
+    pub nk: usize,
+}
+
+/// The blocks of at most `block` of n queries, over raw keys laid out as the window's ring
+/// (columns [0, window)) then the n new keys (columns window + j). Query i sees ring slots
+/// only while i < window (older positions leave its window) and new keys at columns
+/// (i, i + window]; so a block from q0 ≥ window reads columns [q0, q0 + n + window), an
+/// earlier one [0, q0 + n + window). One block when n ≤ block (or block is 0).
+pub(crate) fn query_blocks(n: usize, window: usize, block: usize) -> Vec<QueryBlock> {
+    let block = if block == 0 { n.max(1) } else { block };
+    (0..n)
+        .step_by(block)
+        .map(|q0| {
+            let nb = block.min(n - q0);
+            let k0 = if q0 < window { 0 } else { q0 };
+            QueryBlock { q0, n: nb, k0, nk: q0 + nb + window - k0 }
+        })
+        .collect()
+}
+
+/// Columns [q0, q0 + n) of a [rows, n_all] matrix (all of it for the only block).
+fn block_cols(g: &Ctx, t: T, b: QueryBlock, one: bool) -> T {
+    if one {
+        t
+    } else {
+        g.view_2d(t, t.ne(0), b.n as i64, 0, b.q0 as i64)
+    }
+}
+
+/// `parts` concatenated along `dim`, pairwise (each element copied log2(parts) times, not
+/// up to parts times).
+fn concat_all(g: &Ctx, mut parts: Vec<T>, dim: i32) -> T {
+    while parts.len() > 1 {
+        parts = parts.chunks(2).map(|c| if let [a, b] = c { g.concat(*a, *b, dim) } else { c[0] }).collect();
+    }
+    parts.pop().unwrap_or_else(|| unreachable!("a sequence has at least one query block"))
 }
 
 impl Builder<'_> {
@@ -151,13 +220,11 @@ impl Builder<'_> {
         self.effects.push(if n == 1 { g.set_rows(st.ring, kv, ring_keep) } else { g.cpy(g.get_rows(raw, ring_keep), ring) });
 
         let scale = 1.0 / (d as f32).sqrt();
-        let qp = g.permute(q, [0, 2, 1, 3]); // [d, n, h]
-        // Every key a token may attend to, with its mask: the raw keys, then (compressed
-        // layers) every entry, masked to the visible ones (HCA) or to the indexer's top-k
-        // (CSA, dense form); or, for CSA over many entries, each token's own gathered
-        // entries (`heads` computed directly).
+        // Every key a token may attend to besides the raw ones: (compressed layers) every
+        // entry, masked to the visible ones (HCA) or to the indexer's top-k (CSA, dense
+        // form); or, for CSA over many entries, each token's own gathered entries.
         let comp = w.compressor.as_ref().zip(p.comp).zip(st.comp.as_ref());
-        let (keys, mask): (T, Mask) = match (comp, &p.index) {
+        let extra = match (comp, &p.index) {
             (Some(((cw, rows), cs)), Some(ip)) => {
                 let ci = self.comp_inputs(cs.shape.ratio);
                 let entries = self.compress(il, "csa", rows, cw, cs, ci, rope);
@@ -168,59 +235,103 @@ impl Builder<'_> {
                 let sel_vis = g.get_rows(vis, top);
                 if ci.n_view <= self.csa_dense_max_view {
                     // −inf everywhere but at each token's selected entries.
-                    let sel_mask = g.reshape(g.set_rows(g.fill(vis, f32::NEG_INFINITY), sel_vis, top), &[ci.n_view as i64, n]);
-                    (g.concat(raw, entries, 1), Mask::Layer(g.concat(self.si().raw_mask, sel_mask, 0)))
+                    let mask = g.reshape(g.set_rows(g.fill(vis, f32::NEG_INFINITY), sel_vis, top), &[ci.n_view as i64, n]);
+                    Extra::Masked { entries, mask }
                 } else {
-                    return self.attend_selected(q, qp, raw, entries, top, sel_vis, scale, w.sinks);
+                    let k_sel = top.ne(0);
+                    let sel = g.reshape(g.get_rows(entries, g.reshape(top, &[k_sel * n])), &[d, k_sel, n]);
+                    Extra::Gathered { sel, mask: g.reshape(sel_vis, &[k_sel, n]) }
                 }
             }
             (Some(((cw, rows), cs)), None) => {
                 let ci = self.comp_inputs(cs.shape.ratio);
                 let entries = self.compress(il, "hca", rows, cw, cs, ci, rope);
-                (g.concat(raw, entries, 1), Mask::Hca(ci.ratio))
+                Extra::Visible { entries, ratio: ci.ratio }
             }
-            _ => (raw, Mask::Raw),
+            _ => Extra::None,
         };
-        let mask = self.layer_mask(mask);
-        if self.flash {
-            g.flash_attn_sinks(qp, keys, mask, scale, w.sinks) // [d, h, n]
-        } else {
-            let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, w.sinks);
-            g.permute(g.mm(g.cont(g.transpose(keys)), p), [0, 2, 1, 3])
+        let whole = QueryBlock { q0: 0, n: n as usize, k0: 0, nk: raw.ne(1) as usize };
+        if self.flash && !matches!(extra, Extra::Gathered { .. }) {
+            // One block: flash attention skips masked keys itself.
+            let (keys, mask) = self.block_keys(0, whole, true, raw, &extra);
+            let mask = match extra.shared_ratio() {
+                Some(ratio) => *self.masks.entry(MaskKey { seq: self.cur, ratio, block: 0, f16: true }).or_insert_with(|| g.to_f16(mask)),
+                None => g.to_f16(mask),
+            };
+            return g.flash_attn_sinks(g.permute(q, [0, 2, 1, 3]), keys, mask, scale, w.sinks); // [d, h, n]
+        }
+        let block = if self.flash { whole.n } else { self.attention_block };
+        let blocks = query_blocks(whole.n, window as usize, block);
+        let one = blocks.len() == 1;
+        let outs: Vec<T> = blocks.iter().enumerate().map(|(bi, &b)| self.attend_block(bi, b, one, q, raw, &extra, scale, w.sinks)).collect();
+        g.permute(concat_all(g, outs, 1), [0, 2, 1, 3]) // [d, h, n]
+    }
+
+    /// The keys of the query block `b` (the `bi`-th; `one`: the only one, all the columns)
+    /// and their mask [keys, b.n]: its raw keys, then the entries of `extra` (not Gathered).
+    /// Masks shared by layers are made once per step, sequence and block.
+    fn block_keys(&mut self, bi: usize, b: QueryBlock, one: bool, raw: T, extra: &Extra) -> (T, T) {
+        let g = self.g;
+        let raw_keys = if one { raw } else { g.view_2d(raw, raw.ne(0), b.nk as i64, 0, b.k0 as i64) };
+        let raw_mask = self.raw_block_mask(bi, b, one);
+        match *extra {
+            Extra::None => (raw_keys, raw_mask),
+            Extra::Visible { entries, ratio } => {
+                let vis = self.comp_inputs(ratio).vis_mask;
+                let key = MaskKey { seq: self.cur, ratio, block: bi, f16: false };
+                let mask = *self.masks.entry(key).or_insert_with(|| g.concat(raw_mask, block_cols(g, vis, b, one), 0));
+                (g.concat(raw_keys, entries, 1), mask)
+            }
+            Extra::Masked { entries, mask } => (g.concat(raw_keys, entries, 1), g.concat(raw_mask, block_cols(g, mask, b, one), 0)),
+            Extra::Gathered { .. } => unreachable!("gathered entries are attended in attend_gathered"),
         }
     }
 
-    /// The attention mask of a layer, F16 for flash attention; the raw and the per-ratio HCA
-    /// masks are made once per step and shared by the layers.
-    fn layer_mask(&mut self, mask: Mask) -> T {
+    /// The raw keys' mask of the query block `b`: rows [k0, k0 + nk), columns [q0, q0 + n)
+    /// of the sequence's raw mask (a contiguous copy, shared by the layers).
+    fn raw_block_mask(&mut self, bi: usize, b: QueryBlock, one: bool) -> T {
         let g = self.g;
-        let flash = self.flash;
-        let typed = |m: T| if flash { g.to_f16(m) } else { m };
         let raw_mask = self.si().raw_mask;
-        match mask {
-            Mask::Raw => *self.masks.entry((self.cur, 0)).or_insert_with(|| typed(raw_mask)),
-            Mask::Hca(ratio) => {
-                let vis = self.comp_inputs(ratio).vis_mask;
-                *self.masks.entry((self.cur, ratio)).or_insert_with(|| typed(g.concat(raw_mask, vis, 0)))
-            }
-            Mask::Layer(m) => typed(m),
+        if one {
+            return raw_mask;
         }
+        let key = MaskKey { seq: self.cur, ratio: 0, block: bi, f16: false };
+        *self.masks.entry(key).or_insert_with(|| g.cont(g.view_2d(raw_mask, b.nk as i64, b.n as i64, b.k0 as i64, b.q0 as i64)))
+    }
+
+    /// One query block's attention without flash attention: queries `q` [d, h, n] (all of
+    /// the sequence's columns), the raw keys `raw`, the other keys `extra`. Returns the
+    /// block's heads as [d, b.n, h].
+    #[allow(clippy::too_many_arguments)]
+    fn attend_block(&mut self, bi: usize, b: QueryBlock, one: bool, q: T, raw: T, extra: &Extra, scale: f32, sinks: T) -> T {
+        let g = self.g;
+        let (d, h) = (q.ne(0), q.ne(1));
+        let q = if one { q } else { g.view_3d(q, [d, h, b.n as i64], q.nb(1), q.nb(2), b.q0 * q.nb(2)) };
+        let qp = g.permute(q, [0, 2, 1, 3]); // [d, b.n, h]
+        if let Extra::Gathered { sel, mask } = *extra {
+            let raw_keys = if one { raw } else { g.view_2d(raw, d, b.nk as i64, 0, b.k0 as i64) };
+            let raw_mask = self.raw_block_mask(bi, b, one);
+            let k_sel = sel.ne(1);
+            let sel = if one { sel } else { g.view_3d(sel, [d, k_sel, b.n as i64], sel.nb(1), sel.nb(2), b.q0 * sel.nb(2)) };
+            return self.attend_gathered(q, qp, raw_keys, raw_mask, sel, block_cols(g, mask, b, one), scale, sinks);
+        }
+        let (keys, mask) = self.block_keys(bi, b, one, raw, extra);
+        let p = g.soft_max_sinks(g.mm(keys, qp), mask, scale, sinks);
+        g.mm(g.cont(g.transpose(keys)), p) // [d, b.n, h]
     }
 
     /// CSA over each token's own selected entries: scores against the raw keys and the
-    /// gathered entries, one softmax over both, and the two weighted sums → [d, h, n] (a view).
+    /// gathered entries `sel` [d, k, n], one softmax over both, and the two weighted sums
+    /// → [d, n, h].
     #[allow(clippy::too_many_arguments)]
-    fn attend_selected(&self, q: T, qp: T, raw: T, entries: T, top: T, sel_vis: T, scale: f32, sinks: T) -> T {
+    fn attend_gathered(&self, q: T, qp: T, raw: T, raw_mask: T, sel: T, sel_mask: T, scale: f32, sinks: T) -> T {
         let g = self.g;
-        let (d, n, h) = (q.ne(0), q.ne(2), q.ne(1));
-        let k_sel = top.ne(0);
-        // Each token's selected entries: [d, k, n], and their mask [k, n].
-        let sel = g.reshape(g.get_rows(entries, g.reshape(top, &[k_sel * n])), &[d, k_sel, n]);
-        let sel_mask = g.reshape(sel_vis, &[k_sel, n]);
+        let (n, h) = (q.ne(2), q.ne(1));
+        let k_sel = sel.ne(1);
         let kq_raw = g.mm(raw, qp); // [n_raw, n, h]
         let kq_sel = g.cont(g.permute(g.mm(sel, q), [0, 2, 1, 3])); // [k, n, h]
         let kq = g.concat(kq_raw, kq_sel, 0);
-        let mask = g.concat(self.si().raw_mask, sel_mask, 0);
+        let mask = g.concat(raw_mask, sel_mask, 0);
         let p = g.soft_max_sinks(kq, mask, scale, sinks);
         let n_raw = raw.ne(1);
         // Contiguous copies: GPU matmul kernels need even row strides in floats, which
@@ -231,7 +342,7 @@ impl Builder<'_> {
         let out_raw = g.mm(g.cont(g.transpose(raw)), p_raw); // [d, n, h]
         let sel_t = g.cont(g.permute(sel, [1, 0, 2, 3])); // [k, d, n]
         let out_sel = g.cont(g.permute(g.mm(sel_t, p_sel), [0, 2, 1, 3])); // [d, n, h]
-        g.permute(g.add(out_raw, out_sel), [0, 2, 1, 3])
+        g.add(out_raw, out_sel)
     }
 
     /// Inverse RoPE on the heads [d, h, n] and the grouped low-rank output projection.
@@ -330,5 +441,35 @@ impl Builder<'_> {
         let s = g.name(s, &format!("index_scores-{il}"));
         let k = (c.indexer_top_k as i64).min(ci.n_view as i64);
         g.name(g.contiguous(g.top_k(s, k)), &format!("index_top_k-{il}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_blocks;
+    use crate::plan::raw_plan;
+
+    #[test]
+    fn query_blocks_cover_every_key_a_query_sees() {
+        for (p, n, window, block) in [(0, 40, 8, 5), (0, 40, 8, 16), (3, 37, 8, 8), (100, 64, 8, 16), (5, 600, 128, 256), (300, 2048, 128, 256), (0, 7, 8, 16)] {
+            let blocks = query_blocks(n, window, block);
+            let mask = raw_plan(p, n, window).mask;
+            let nk = window + n;
+            assert_eq!(blocks.iter().map(|b| b.n).sum::<usize>(), n, "every query in one block");
+            for (bi, b) in blocks.iter().enumerate() {
+                assert_eq!(b.q0, bi * block.min(n), "blocks in order");
+                assert!(b.k0 + b.nk <= nk, "keys within the raw keys");
+                if b.q0 == 0 || b.q0 >= window {
+                    assert!(b.nk <= block + window, "a block reads at most block + window keys");
+                }
+                for i in b.q0..b.q0 + b.n {
+                    for j in 0..nk {
+                        if mask[i * nk + j] == 0.0 {
+                            assert!((b.k0..b.k0 + b.nk).contains(&j), "p {p} n {n}: query {i} sees key {j}, outside block {b:?}");
+                        }
+                    }
+                }
+            }
+        }
     }
 }

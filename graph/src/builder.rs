@@ -218,10 +218,11 @@ pub struct Builder<'a> {
     pub flash: bool,
     /// See [`crate::ModelOptions::csa_dense_max_view`].
     pub csa_dense_max_view: usize,
-    /// Attention masks shared by layers, made once per step and sequence (F16 for flash
-    /// attention): (sequence, 0) → the raw mask, (sequence, ratio) → the raw mask ++ that
-    /// ratio's visibility.
-    pub masks: HashMap<(usize, usize), T>,
+    /// See [`crate::ModelOptions::attention_block`].
+    pub attention_block: usize,
+    /// Attention masks shared by layers, made once per step (`MaskKey`): a query block's
+    /// raw mask, or the raw mask ++ a ratio's visibility.
+    pub masks: HashMap<crate::attention::MaskKey, T>,
 }
 
 impl<'a> Builder<'a> {

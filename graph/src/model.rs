@@ -43,6 +43,11 @@ pub struct ModelOptions {
     /// model dense prefill was still the faster one at 32 × k, BENCHMARKS.md), 4 × k without
     /// (matmul + softmax hold all scores of a micro-batch: [keys, n, heads]).
     pub csa_dense_max_view: Option<usize>,
+    /// Without flash attention, a sequence's queries in a micro-batch are split into blocks
+    /// of at most this many, each scored against the raw keys its window reaches (block +
+    /// window of them) instead of every raw key of the micro-batch: the scores of n tokens
+    /// take n · (block + window) instead of n · (n + window) (`attention.rs`, query blocks).
+    pub attention_block: usize,
     /// With cold experts on a GPU model: micro-batches of at least this many tokens compute
     /// the cold experts on the GPU from a second copy in pinned host memory, copying only
     /// the experts each micro-batch routes to (see `offload.rs`); smaller ones (decode) use
@@ -79,6 +84,7 @@ impl Default for ModelOptions {
             repack: true,
             flash_attn: None,
             csa_dense_max_view: None,
+            attention_block: crate::DEFAULT_ATTENTION_BLOCK,
             cold_offload_min: 0,
             cold_layers_in_graph: false,
             cold_stream_min: 0,
@@ -253,10 +259,11 @@ impl Model {
         let (flash, dense) = self.attention_paths();
         let o = &self.opts;
         let mut s = format!(
-            "device {} ({}); threads {}; flash attention {flash}; csa dense up to {dense}; repack {}; cold offload from {}; cold layers in graph {}",
+            "device {} ({}); threads {}; flash attention {flash}; csa dense up to {dense}; attention block {}; repack {}; cold offload from {}; cold layers in graph {}",
             device.name(),
             device.description(),
             o.threads,
+            if flash { 0 } else { o.attention_block },
             o.repack,
             o.cold_offload_min,
             o.cold_layers_in_graph

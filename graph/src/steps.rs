@@ -100,7 +100,10 @@ impl Model {
     /// Build and allocate the step graph of `key` for `seqs` (with these plans).
     pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan]) -> Result<Step, GraphError> {
         let c = &self.config;
-        let graph_size = 256 + c.n_layer * 512 * seqs.len();
+        // Nodes: a layer takes under 512 per sequence, plus ~16 per attention query block.
+        let n_tokens: usize = plans.iter().map(|sp| sp.tokens.len()).sum();
+        let blocks = n_tokens / self.opts.attention_block.max(1) + seqs.len();
+        let graph_size = 256 + c.n_layer * (512 * seqs.len() + 16 * blocks);
         let ctx = Context::new_no_alloc(graph_size * 2, graph_size)?;
         let g = Ctx { raw: ctx.as_ptr() };
         let inputs = Inputs::new(&g, c, plans, key.logits);
@@ -124,6 +127,7 @@ impl Model {
             on_cpu,
             flash,
             csa_dense_max_view,
+            attention_block: self.opts.attention_block,
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);
