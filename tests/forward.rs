@@ -586,3 +586,25 @@ fn op_profile_times_every_node_by_op_and_name() {
     m.set_op_profile(false);
     assert!(m.take_op_profile().is_none());
 }
+
+/// A prompt fed in many micro-batches (each of its own shape: its position's windows and
+/// entries) keeps one prefill step graph and one prefill compute buffer between them, not
+/// one per micro-batch; decode steps are kept beside it. The logits of every micro-batch,
+/// each built in the last one's compute buffers, are the reference's.
+#[test]
+fn prefill_micro_batches_share_one_compute_buffer() {
+    let r = reference("ds4-tiny-a");
+    let mut m = load_with("ds4-tiny-a.f32.gguf", ModelOptions { ubatch: 16, ..ModelOptions::default() });
+    let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
+    let first = m.forward(&mut seq, &r.tokens[..16], Logits::All).expect("first micro-batch");
+    check(&r, &first, m.n_vocab(), 0, "micro-batch 0+16");
+    let (steps, one) = m.kept_steps();
+    assert_eq!(steps, 1);
+    let rest = m.forward(&mut seq, &r.tokens[16..112], Logits::All).expect("six more micro-batches");
+    check(&r, &rest, m.n_vocab(), 16, "micro-batches 16+96");
+    let (steps, six) = m.kept_steps();
+    assert_eq!(steps, 1, "one prefill step kept after seven micro-batches");
+    assert!(six < 2 * one, "the prefill compute buffer is reused ({six} bytes kept after seven micro-batches, {one} after one)");
+    m.forward(&mut seq, &r.tokens[112..113], Logits::Last).expect("decode");
+    assert_eq!(m.kept_steps().0, 2, "a decode step is kept beside the prefill one");
+}

@@ -16,6 +16,7 @@ pub type EvalCallback = unsafe extern "C" fn(t: *mut sys::ggml_tensor, ask: bool
 pub struct Scheduler {
     raw: sys::ggml_backend_sched_t,
     names: Vec<String>,
+    graph_size: usize,
 }
 
 // SAFETY: used by one thread at a time (&mut for compute); the backends it points at outlive
@@ -46,7 +47,20 @@ impl Scheduler {
         if raw.is_null() {
             return Err(GgmlError::Sched(format!("ggml could not create a scheduler over {names:?}")));
         }
-        Ok(Scheduler { raw, names })
+        Ok(Scheduler { raw, names, graph_size })
+    }
+
+    /// The most nodes and leafs a graph may have (`new`'s `graph_size`).
+    pub fn capacity(&self) -> usize {
+        self.graph_size
+    }
+
+    /// Forget the allocated graph and the pins, keeping the compute buffers: the next
+    /// `alloc_graph` (of any graph within `capacity`) reuses them, growing them only if it
+    /// needs more.
+    pub fn reset(&mut self) {
+        // SAFETY: valid scheduler; it keeps no reference into the last graph after this.
+        unsafe { sys::ggml_backend_sched_reset(self.raw) };
     }
 
     /// Run `node` on `backend` (one of the scheduler's), whatever the scheduler would choose.

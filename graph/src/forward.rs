@@ -100,7 +100,8 @@ impl Model {
             self.timings.graphs_reused += 1;
         } else {
             let seqs: Vec<&Sequence> = parts.iter().map(|part| &*items[part.item].0).collect();
-            let s = self.build_step(&seqs, key, &plans)?;
+            let reuse = if key.is_prefill() { self.steps.take_prefill_sched() } else { None };
+            let s = self.build_step(&seqs, key, &plans, reuse)?;
             self.steps.insert(s);
             self.timings.graphs_built += 1;
         }

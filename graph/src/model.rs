@@ -292,6 +292,14 @@ impl Model {
         self.steps.last().map_or(0, |s| s.sched.n_splits())
     }
 
+    /// Step graphs kept for reuse, and the bytes of compute buffer they hold on the model's
+    /// device (the CPU's too when the model is elsewhere: custom ops and the cold experts'
+    /// products run there).
+    pub fn kept_steps(&self) -> (usize, usize) {
+        let backends: Vec<&ggml::Backend> = std::iter::once(&self.backend).chain(self.cpu.as_ref()).collect();
+        (self.steps.len(), self.steps.buffer_bytes(&backends).iter().sum())
+    }
+
     /// Timings of the last `forward` call.
     pub fn timings(&self) -> StepTimings {
         self.timings

@@ -27,6 +27,14 @@ pub(crate) struct SeqKey {
     pub comp: Vec<(usize, usize, usize)>,
 }
 
+impl StepKey {
+    /// Whether some sequence feeds more than one token: a prefill chunk, whose shape (its
+    /// position's windows and entries) seldom comes again, unlike decode's.
+    pub fn is_prefill(&self) -> bool {
+        self.seqs.iter().any(|s| s.n > 1)
+    }
+}
+
 impl SeqKey {
     pub fn new(seq: &Sequence, plan: &SeqPlan) -> SeqKey {
         SeqKey { seq: seq.id, n: plan.tokens.len(), comp: plan.comps.iter().map(|(s, cp)| (s.ratio, cp.n_windows, cp.n_view)).collect() }
@@ -83,6 +91,31 @@ impl StepCache {
         self.steps.push(step);
     }
 
+    /// Remove the kept prefill step (there is at most one) and hand back its scheduler, whose
+    /// compute buffers the next prefill step reuses: a long prompt's chunks, each of its own
+    /// shape, hold one prefill compute buffer between them, not one each (at full width and
+    /// a micro-batch of 2048, ~2.2 GB a buffer).
+    pub fn take_prefill_sched(&mut self) -> Option<Scheduler> {
+        let i = self.steps.iter().position(|s| s.key.is_prefill())?;
+        let Step { sched, .. } = self.steps.remove(i);
+        Some(sched)
+    }
+
+    /// Bytes of compute buffer the kept steps hold, per backend (in the model's order).
+    pub fn buffer_bytes(&self, backends: &[&Backend]) -> Vec<usize> {
+        let mut total = vec![0; backends.len()];
+        for s in &self.steps {
+            for (t, b) in total.iter_mut().zip(s.sched.buffer_sizes(backends)) {
+                *t += b;
+            }
+        }
+        total
+    }
+
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+
     pub fn last(&self) -> Option<&Step> {
         self.steps.last()
     }
@@ -97,8 +130,9 @@ impl StepCache {
 }
 
 impl Model {
-    /// Build and allocate the step graph of `key` for `seqs` (with these plans).
-    pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan]) -> Result<Step, GraphError> {
+    /// Build and allocate the step graph of `key` for `seqs` (with these plans), in `reuse`'s
+    /// compute buffers when given and the graph fits its capacity.
+    pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan], reuse: Option<Scheduler>) -> Result<Step, GraphError> {
         let c = &self.config;
         // Nodes: a layer takes under 512 per sequence, plus ~16 per attention query block.
         let n_tokens: usize = plans.iter().map(|sp| sp.tokens.len()).sum();
@@ -149,7 +183,14 @@ impl Model {
         // SAFETY: the model owns the backends and drops its steps first.
         // Op offloading lets the scheduler run products over host weights (the cold experts'
         // copy) on the GPU when the batch is big enough for the device to want them.
-        let mut sched = unsafe { Scheduler::new(&backends, graph.tensor_count() + 64, self.cold_host.is_some())? };
+        let capacity = graph.tensor_count() + 64;
+        let mut sched = match reuse {
+            Some(mut s) if s.capacity() >= capacity => {
+                s.reset();
+                s
+            }
+            _ => unsafe { Scheduler::new(&backends, capacity, self.cold_host.is_some())? },
+        };
         // SAFETY: the nodes belong to this graph; both backends are the scheduler's. Inputs
         // live on the model's device (set once per step, no copies per split); custom ops run
         // on the CPU.
