@@ -18,6 +18,7 @@
 #   dflash   dflash bench per file: the same three placements, and dflash's `profile:`
 #            placement at the expert memory of -ncmoe L/2 (route statistics from a pp2048 run)
 #   Tests of both: pp512; pp2048 at ubatch 2048; tg64; tg64 at depth 4096 (DEPTH=0 skips it).
+#   matrix   per file and placement, both engines at every test above, two runs each
 #   pairs    the short form, for a tight device budget: per file and per placement in the order
 #            of $PLACEMENTS (default "cold hot hot-fa half profile cold-exec"), llama-bench then `dflash bench
 #            tests` (one load) with pp512 and tg64, so a cut-short run still holds whole pairs.
@@ -231,6 +232,39 @@ PY
     echo "  expert memory of -ncmoe $((L / 2)): $budget MiB ($mib MiB per layer)"
     # shellcheck disable=SC2086
     run_placement "${few:-pp512 tg64}" --experts-hot profile:/tmp/route-$L.json --expert-budget-mb "$budget" $DFLASH_COLD
+  done
+fi
+
+# matrix: per file and placement ($MATRIX, default "hot cold half profile"), both engines at the
+# tests of the full-width issue, each side at one micro-batch of 2048 (pp512 is one micro-batch
+# either way): pp512, pp2048, tg64 (one run), then tg64 at depth $DEPTH (a second); dflash's
+# `profile:` at the expert memory of -ncmoe L/2 (dflash only). Peak GPU memory after each run.
+if on matrix; then
+  for L in $LAYERS; do
+    f=bench-data/v4f-${L}l.gguf
+    half=$((L / 2))
+    for P in ${MATRIX:-hot cold half profile}; do
+      case $P in
+        hot) n=0 flags="--experts-hot all" ;;
+        cold) n=$L flags="--cpu-moe $DFLASH_COLD" ;;
+        half) n=$half flags="--n-cpu-moe $half $DFLASH_COLD" ;;
+        profile)
+          n=
+          "$bin/dflash" bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-$L.json >/dev/null
+          budget=$(python3 -c "print(int(float('$(expert_mib_per_layer $f)') * ($L - $half)))")
+          flags="--experts-hot profile:/tmp/route-$L.json --expert-budget-mb $budget $DFLASH_COLD" ;;
+        *) echo "unknown placement $P"; exit 2 ;;
+      esac
+      echo "-- $(date +%T) $L layers, $P"
+      if [ -n "$n" ]; then
+        peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 512,2048 -n 64 -b 2048 -ub 2048 -o md
+        [ "$DEPTH" = 0 ] || peak "$LB" -m $f -lm none -ngl 99 -fa "$FA" -ncmoe "$n" -t "$THREADS" -r "$REPS" -p 0 -n 64 -d "$DEPTH" -b 2048 -ub 2048 -o md
+      fi
+      # shellcheck disable=SC2086
+      peak "$bin/dflash" bench tests -m $f --device CUDA0 -t "$THREADS" -r "$REPS" -u 2048 -p 512,2048 --decode 64 $flags
+      # shellcheck disable=SC2086
+      [ "$DEPTH" = 0 ] || peak "$bin/dflash" bench decode -m $f --device CUDA0 -t "$THREADS" -r "$REPS" -u 2048 -n 64 -d "$DEPTH" $flags
+    done
   done
 fi
 
