@@ -438,3 +438,20 @@ fn skewed_routing_drives_the_hot_set_to_the_routed_experts() {
         }
     }
 }
+
+/// A layer with cold experts hands them to the executor, then the device computes the shared
+/// expert (and the held experts) while the executor computes the cold ones: in the step
+/// graph the shared expert runs between the hand-over and the wait.
+#[test]
+fn the_shared_expert_runs_while_the_cold_experts_do() {
+    let file = loader::ModelFile::open(fixture("ds4-tiny-a.f32.gguf")).expect("fixture");
+    let (n_layer, n_expert) = (file.config.n_layer as u32, file.config.n_expert as u32);
+    let mut m = model_a(ExpertSet::from_fn(n_layer, n_expert, |_, e| e < 8), None);
+    run_seq(&mut m, &fixture_a_tokens(6), 5, |_, _| {});
+    let nodes = m.last_step_nodes();
+    let at = |name: &str| nodes.iter().position(|n| n == name).unwrap_or_else(|| panic!("no node {name} in {nodes:?}"));
+    for il in 0..n_layer {
+        let (begin, shared, end) = (at(&format!("cold_begin-{il}")), at(&format!("shared_out-{il}")), at(&format!("cold_end-{il}")));
+        assert!(begin < shared && shared < end, "layer {il}: hand-over {begin}, shared expert {shared}, wait {end}");
+    }
+}

@@ -196,6 +196,11 @@ pub struct Builder<'a> {
     pub cur: usize,
     /// Writes into per-sequence state, expanded after the outputs so they run last.
     pub effects: Vec<T>,
+    /// Nodes put into the graph in this order before the rest (the graph otherwise runs in
+    /// the order a depth-first walk from the output meets them): each cold-executor layer's
+    /// hand-over of its cold experts, then its shared expert, so the device computes the
+    /// shared expert while the executor computes the cold ones.
+    pub order: Vec<T>,
     pub cold: Option<*const Mutex<ColdState>>,
     /// Cold experts' host copy, for micro-batches that compute them in the graph.
     pub cold_host: Option<&'a ColdHost>,

@@ -292,6 +292,11 @@ impl Model {
         self.steps.last().map_or(0, |s| s.sched.n_splits())
     }
 
+    /// The names of the last step's nodes in the order they run (debugging, tests).
+    pub fn last_step_nodes(&self) -> Vec<String> {
+        self.steps.last().map(|s| s.graph.nodes().into_iter().map(|t| t.name()).collect()).unwrap_or_default()
+    }
+
     /// Step graphs kept for reuse, and the bytes of compute buffer they hold on the model's
     /// device (the CPU's too when the model is elsewhere: custom ops and the cold experts'
     /// products run there).

@@ -40,7 +40,7 @@ impl Builder<'_> {
         }
         let wts = g.name(g.scale(wts, c.expert_weights_scale), &format!("router_weights-{il}"));
 
-        // The shared expert goes first, so that it is computed while cold experts are.
+        // The shared expert: computed while cold experts are (`routed_experts` orders it).
         let shared = w.shared.map(|(gate, up, down)| {
             let h = swiglu_clamped(g, g.mm(gate, z), g.mm(up, z), c.swiglu_clamp_shexp[il]);
             g.name(g.mm(down, h), &format!("shared_out-{il}"))
@@ -80,6 +80,10 @@ impl Builder<'_> {
         // [k, n] I32: the held experts' local ids, distinct per token (cold slots filled).
         let local = self.cold_op(il, TensorType::I32, [k, n, 1], &[z, ids], crate::cold::cold_begin, false);
         let local = g.name(local, &format!("cold_begin-{il}"));
+        // The shared expert right after the hand-over, beside the held experts: the device
+        // computes both while the executor computes the cold ones.
+        self.order.push(local);
+        self.order.extend(base);
         // The held experts' outputs (the cold slots computed for held stand-ins, replaced).
         let held = w.experts.as_ref().map(|r| self.expert_slots(z, local, r));
         let mut args = vec![local, ids];

@@ -150,6 +150,7 @@ impl Model {
             inp: &inputs,
             cur: 0,
             effects: Vec::new(),
+            order: Vec::new(),
             cold: self.cold.as_deref().map(|m| m as *const Mutex<ColdState>),
             cold_host: self.cold_host.as_ref(),
             cold_stream: self.cold_stream.as_ref(),
@@ -165,10 +166,13 @@ impl Model {
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);
-        let Builder { effects, cold_calls, route_calls, cpu_nodes, stream_nodes, .. } = b;
+        let Builder { effects, order, cold_calls, route_calls, cpu_nodes, stream_nodes, .. } = b;
 
         // The effects go last: they overwrite state the step reads.
         let graph = g.new_graph(graph_size);
+        for &t in &order {
+            graph.expand(t);
+        }
         graph.expand(g.output(out));
         for &eff in &effects {
             graph.expand(eff);
