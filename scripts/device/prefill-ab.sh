@@ -4,7 +4,7 @@
 # drift hits all alike); then, where the machine allows, where the time goes.
 # Here first: the staging of round.sh, plus the old binary as .device/bin/dflash-old.xz.
 #   OLD=.device/bin/dflash-old.xz bash scripts/device/prefill-ab.sh
-# Environment: OLD, REPS (default 3), PLACES (default "hot half cold"), UB (default "2048":
+# Environment: OLD, REPS (default 3), AB (default 1; 0: only the profile), PLACES (default "hot half cold"), UB (default "2048":
 # each N runs ppN at micro-batch N on both engines), PROF (default 1: dflash's op profile of the
 # all-GPU pp2048, and, where Nsight Compute runs, the GPU kernel sums of both engines' pp2048).
 set -uo pipefail
@@ -21,7 +21,7 @@ lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
 reps=${REPS:-3}
 t=$(nproc)
 exec_flags="--expert-workers 0 --worker-threads $t"
-for ub in ${UB:-2048}; do
+[ "${AB:-1}" = 1 ] && for ub in ${UB:-2048}; do
   for place in ${PLACES:-hot half cold}; do
     case $place in
       hot) flags="--experts-hot all"; n=0 ;;
