@@ -128,6 +128,9 @@ impl Model {
         // SAFETY: no callback, no user data.
         unsafe { step.sched.set_eval_callback(None, std::ptr::null_mut()) };
         computed?;
+        if let Some(s) = stream {
+            s.end_step();
+        }
         if let Some(cold) = &self.cold {
             let mut st = cold.lock().map_err(|_| GraphError::ColdStatePoisoned)?;
             if let Some((layer, source)) = st.error.take() {

@@ -20,8 +20,17 @@
 //!   slot is free), the copy of s_{i+1} is queued, and the model's stream is made to wait
 //!   for the copy of s_i (an event) before its experts' products.
 //!
+//! - the first streamed layer's copy for the next step is queued as soon as its slot is free:
+//!   at the router of the last streamed layer when their count is even (slot 0's last
+//!   reader, s_{n−2}, has run), else when the step's compute has ended; the next streaming
+//!   step then finds it queued (or done) and only waits for it. Steps that do not stream
+//!   (decode) leave the slots alone, so it is still there whenever the next one comes. A
+//!   prompt of several micro-batches thus copies s_0 under the last layers' compute.
+//!
 //! The products read the same bytes with the same kernels as with the experts resident, so
 //! the logits are those of an all-hot placement, bit for bit.
+use std::cell::Cell;
+
 use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
 
 use crate::expert_ffn::{ExpertFfn, UpGate};
@@ -49,6 +58,8 @@ pub(crate) struct ColdStream {
     copier: Backend,
     /// Recorded after the copy into slot 0 / 1.
     copied: [Event; 2],
+    /// The first streamed layer's copy for the next streaming step is queued.
+    ahead: Cell<bool>,
     _slots: Vec<Buffer>,
     _ctx: Context,
 }
@@ -62,9 +73,17 @@ fn ffn_tensors(f: &ExpertFfn) -> Vec<T> {
 }
 
 /// At the router of the streamed layer at `pos` (of `n`): the position whose copy to queue
-/// next, if any, and the slot (the event) the layer's products wait for.
+/// next, if any (the first one again, for the next step, at the last of an even count), and
+/// the slot (the event) the layer's products wait for.
 fn at_router_plan(pos: usize, n: usize) -> (Option<usize>, usize) {
-    (Some(pos + 1).filter(|&p| p < n), pos % 2)
+    let next = if pos + 1 < n {
+        Some(pos + 1)
+    } else if n.is_multiple_of(2) {
+        Some(0)
+    } else {
+        None
+    };
+    (next, pos % 2)
 }
 
 /// Byte offsets of `sizes` placed one after another, each rounded up to `align`; and the end.
@@ -149,7 +168,7 @@ impl ColdStream {
             layers[l] = Some(StreamLayer { pos, weights: RoutedWeights { ffn, held_mask: None }, copies });
         }
         tracing::info!(layers = ?order, min_batch, slot_bytes, "all-cold layers stream their experts to the GPU for big micro-batches, two layers' worth of slots");
-        Ok(Some(ColdStream { min_batch, layers, order, copier: Backend::new(device)?, copied: [e0, e1], _slots: slots, _ctx: ctx }))
+        Ok(Some(ColdStream { min_batch, layers, order, copier: Backend::new(device)?, copied: [e0, e1], ahead: Cell::new(false), _slots: slots, _ctx: ctx }))
     }
 
     /// The streamed layer `il`, if it is one.
@@ -173,9 +192,20 @@ impl ColdStream {
         unsafe { self.copied[pos % 2].record(self.copier.as_ptr()) };
     }
 
-    /// Before a step that streams: queue the first streamed layer's copy.
+    /// Before a step that streams: queue the first streamed layer's copy, unless the last
+    /// streaming step did.
     pub fn begin_step(&self) {
-        self.queue_copy(0);
+        if !self.ahead.replace(false) {
+            self.queue_copy(0);
+        }
+    }
+
+    /// After a streaming step's compute (its slots are free): queue the first streamed
+    /// layer's copy for the next one, unless the last router did.
+    pub fn end_step(&self) {
+        if !self.ahead.replace(true) {
+            self.queue_copy(0);
+        }
     }
 
     /// The router of the streamed layer at `pos` has run and the device has caught up with
@@ -188,6 +218,9 @@ impl ColdStream {
         let (next, wait) = at_router_plan(pos, self.order.len());
         if let Some(next) = next {
             self.queue_copy(next);
+            if next == 0 {
+                self.ahead.set(true);
+            }
         }
         // SAFETY: the caller's contract.
         unsafe { self.copied[wait].wait(compute) };
@@ -208,21 +241,40 @@ mod tests {
 
     #[test]
     fn a_copy_goes_to_the_slot_the_layer_before_freed_and_each_layer_waits_for_its_own() {
-        for n in 1..6 {
-            // begin_step queues position 0; then, router by router:
-            let mut queued = vec![0usize];
-            for pos in 0..n {
-                let (next, wait) = at_router_plan(pos, n);
-                assert_eq!(wait, pos % 2, "layer {pos} reads its own slot");
-                assert!(queued.contains(&pos), "layer {pos}'s copy was queued before its wait");
-                if let Some(next) = next {
-                    assert_eq!(next, pos + 1);
-                    // its slot's last reader, pos − 1, has run (the host waited at this router)
-                    assert_ne!(next % 2, pos % 2, "never the slot the current layer reads");
-                    queued.push(next);
+        for n in 1..7 {
+            // position 0's copy for the next step is queued (by a last router or end_step)
+            let mut ahead = false;
+            for step in 0..3 {
+                let mut copies = 0;
+                // begin_step
+                if !std::mem::replace(&mut ahead, false) {
+                    copies += 1;
                 }
+                let mut queued = vec![false; n];
+                queued[0] = true;
+                for pos in 0..n {
+                    let (next, wait) = at_router_plan(pos, n);
+                    assert_eq!(wait, pos % 2, "layer {pos} reads its own slot");
+                    assert!(queued[pos], "n {n}: layer {pos}'s copy was queued before its wait");
+                    if let Some(next) = next {
+                        // that slot's last reader ran before this router (the host waited here)
+                        assert_ne!(next % 2, pos % 2, "n {n}: never the slot the current layer reads");
+                        copies += 1;
+                        if next == 0 {
+                            assert!(pos + 1 == n && n.is_multiple_of(2), "n {n}: position 0 again only at the last of an even count");
+                            ahead = true;
+                        } else {
+                            assert_eq!(next, pos + 1);
+                            queued[next] = true;
+                        }
+                    }
+                }
+                // end_step
+                if !std::mem::replace(&mut ahead, true) {
+                    copies += 1;
+                }
+                assert_eq!(copies, n + usize::from(step == 0), "n {n}, step {step}: each layer copied once a step (the first for the next)");
             }
-            assert_eq!(queued, (0..n).collect::<Vec<_>>(), "each streamed layer copied once a step");
         }
     }
 
