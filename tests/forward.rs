@@ -232,6 +232,18 @@ fn every_attention_path_matches_the_reference() {
     }
 }
 
+/// One micro-batch of 230 tokens in 46 query blocks of 5 (the graph's size grows with the
+/// blocks), CSA gathered (the most nodes a block takes): the reference's logits.
+#[test]
+fn one_micro_batch_in_many_query_blocks_matches_the_reference() {
+    let r = reference("ds4-tiny-a");
+    let opts = ModelOptions { ubatch: 256, flash_attn: Some(false), csa_dense_max_view: Some(0), attention_block: 5, ..ModelOptions::default() };
+    let mut m = load_with("ds4-tiny-a.f32.gguf", opts);
+    let mut seq = m.new_sequence(r.tokens.len()).expect("sequence");
+    let logits = m.forward(&mut seq, &r.tokens[..230], Logits::All).expect("prefill");
+    check(&r, &logits, m.n_vocab(), 0, "230 tokens in query blocks of 5");
+}
+
 #[test]
 fn a_f32_full_prefill() {
     full_prefill("ds4-tiny-a", "ds4-tiny-a.f32.gguf", 2e-6);

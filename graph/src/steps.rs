@@ -134,10 +134,10 @@ impl Model {
     /// compute buffers when given and the graph fits its capacity.
     pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan], reuse: Option<Scheduler>) -> Result<Step, GraphError> {
         let c = &self.config;
-        // Nodes: a layer takes under 512 per sequence, plus ~16 per attention query block.
+        // Nodes: a layer takes under 512 per sequence, plus under 32 per attention query block.
         let n_tokens: usize = plans.iter().map(|sp| sp.tokens.len()).sum();
         let blocks = n_tokens / self.opts.attention_block.max(1) + seqs.len();
-        let graph_size = 256 + c.n_layer * (512 * seqs.len() + 16 * blocks);
+        let graph_size = 256 + c.n_layer * (512 * seqs.len() + 32 * blocks);
         let ctx = Context::new_no_alloc(graph_size * 2, graph_size)?;
         let g = Ctx { raw: ctx.as_ptr() };
         let inputs = Inputs::new(&g, c, plans, key.logits);
