@@ -42,6 +42,10 @@ pub struct ModelArgs {
     /// with flash attention, 4 × without).
     #[arg(long = "csa-dense-max-view", value_name = "N")]
     pub csa_dense_max_view: Option<usize>,
+    /// Without flash attention, score a micro-batch's queries in blocks of at most N, each
+    /// against the raw keys its window reaches (0: the whole micro-batch as one block).
+    #[arg(long = "attention-block", value_name = "N", default_value_t = graph::DEFAULT_ATTENTION_BLOCK)]
+    pub attention_block: usize,
     /// Maximum context per sequence (default: what the command needs).
     #[arg(short = 'c', long = "ctx-size")]
     pub ctx_size: Option<usize>,
@@ -168,6 +172,7 @@ impl ModelArgs {
                 FlashAttn::Off => Some(false),
             },
             csa_dense_max_view: self.csa_dense_max_view,
+            attention_block: self.attention_block,
             cold_offload_min,
             cold_layers_in_graph: self.cold_layers_in_graph.unwrap_or(!adaptive),
             cold_stream_min: match self.cold_stream_min {
