@@ -30,14 +30,17 @@ exec_flags="--expert-workers 0 --worker-threads $t"
     esac
     echo "== $place pp$ub: llama.cpp -ncmoe $n -ub $ub"
     "$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$t" -r "$reps" -p "$ub" -n 0 -b "$ub" -ub "$ub" -o md 2>&1 | grep "pp$ub"
-    for run in old new; do
+    # old, new, and new with the whole micro-batch as one attention block (as before blocks)
+    for run in old new new-block0; do
+      extra=
       case $run in
         old) b=$old ;;
         new) b=$bin/dflash ;;
+        new-block0) b=$bin/dflash extra="--attention-block 0" ;;
       esac
       [ -x "$b" ] || continue
       # shellcheck disable=SC2086
-      echo "$run: $($b bench prefill -m $f --device CUDA0 -t "$t" -r "$reps" -n "$ub" -u "$ub" $flags --timings 2>&1 | grep -A1 't/s' | sed 's/.*| pp/pp/' | tr '\n' ' ')"
+      echo "$run: $($b bench prefill -m $f --device CUDA0 -t "$t" -r "$reps" -n "$ub" -u "$ub" $flags $extra --timings 2>&1 | grep -A1 't/s' | sed 's/.*| pp/pp/' | tr '\n' ' ')"
     done
   done
 done | tee "$out/prefill.txt"
