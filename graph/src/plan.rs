@@ -40,11 +40,9 @@ pub fn raw_plan(p: usize, n: usize, window: usize) -> RawPlan {
                 row[s as usize] = 0.0;
             }
         }
-        for j in 0..n {
-            let q = p + j;
-            if q <= t && t - q < w {
-                row[(w + j) as usize] = 0.0;
-            }
+        // The batch's keys at positions t − w < q ≤ t: columns w + j for j in (i − w, i].
+        for j in (i - w + 1).max(0)..=i {
+            row[(w + j) as usize] = 0.0;
         }
     }
     let p2 = p + n;
