@@ -2,6 +2,7 @@
 //! compressed entries (all visible ones on HCA layers, the lightning indexer's top-k on CSA
 //! layers), per-head sinks, inverse RoPE on the output and the grouped output projection.
 use crate::builder::{Builder, CompInputs};
+use crate::plan::QueryBlock;
 use crate::ops::{Ctx, RopeParams, T};
 use crate::state::{CompState, LayerState, Sequence};
 use crate::weights::{Compressor, LayerWeights};
@@ -76,33 +77,6 @@ pub struct MaskKey {
     pub ratio: usize,
     pub block: usize,
     pub f16: bool,
-}
-
-/// Queries [q0, q0 + n) of a sequence's micro-batch, and the raw keys [k0, k0 + nk) their
-/// window reaches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct QueryBlock {
-    pub q0: usize,
-    pub n: usize,
-    pub k0: usize,
-    pub nk: usize,
-}
-
-/// The blocks of at most `block` of n queries, over raw keys laid out as the window's ring
-/// (columns [0, window)) then the n new keys (columns window + j). Query i sees ring slots
-/// only while i < window (older positions leave its window) and new keys at columns
-/// (i, i + window]; so a block from q0 ≥ window reads columns [q0, q0 + n + window), an
-/// earlier one [0, q0 + n + window). One block when n ≤ block (or block is 0).
-pub(crate) fn query_blocks(n: usize, window: usize, block: usize) -> Vec<QueryBlock> {
-    let block = if block == 0 { n.max(1) } else { block };
-    (0..n)
-        .step_by(block)
-        .map(|q0| {
-            let nb = block.min(n - q0);
-            let k0 = if q0 < window { 0 } else { q0 };
-            QueryBlock { q0, n: nb, k0, nk: q0 + nb + window - k0 }
-        })
-        .collect()
 }
 
 /// Columns [q0, q0 + n) of a [rows, n_all] matrix (all of it for the only block).
@@ -250,19 +224,17 @@ impl Builder<'_> {
             }
             _ => Extra::None,
         };
-        let whole = QueryBlock { q0: 0, n: n as usize, k0: 0, nk: raw.ne(1) as usize };
+        // The query blocks of the plan (one with flash attention, which skips masked keys itself).
+        let blocks: Vec<QueryBlock> = self.si().raw_blocks.iter().map(|&(b, _)| b).collect();
+        let one = blocks.len() == 1;
         if self.flash && !matches!(extra, Extra::Gathered { .. }) {
-            // One block: flash attention skips masked keys itself.
-            let (keys, mask) = self.block_keys(0, whole, true, raw, &extra);
+            let (keys, mask) = self.block_keys(0, blocks[0], true, raw, &extra);
             let mask = match extra.shared_ratio() {
                 Some(ratio) => *self.masks.entry(MaskKey { seq: self.cur, ratio, block: 0, f16: true }).or_insert_with(|| g.to_f16(mask)),
                 None => g.to_f16(mask),
             };
             return g.flash_attn_sinks(g.permute(q, [0, 2, 1, 3]), keys, mask, scale, w.sinks); // [d, h, n]
         }
-        let block = if self.flash { whole.n } else { self.attention_block };
-        let blocks = query_blocks(whole.n, window as usize, block);
-        let one = blocks.len() == 1;
         let outs: Vec<T> = blocks.iter().enumerate().map(|(bi, &b)| self.attend_block(bi, b, one, q, raw, &extra, scale, w.sinks)).collect();
         g.permute(concat_all(g, outs, 1), [0, 2, 1, 3]) // [d, h, n]
     }
@@ -273,7 +245,7 @@ impl Builder<'_> {
     fn block_keys(&mut self, bi: usize, b: QueryBlock, one: bool, raw: T, extra: &Extra) -> (T, T) {
         let g = self.g;
         let raw_keys = if one { raw } else { g.view_2d(raw, raw.ne(0), b.nk as i64, 0, b.k0 as i64) };
-        let raw_mask = self.raw_block_mask(bi, b, one);
+        let raw_mask = self.raw_block_mask(bi, b);
         match *extra {
             Extra::None => (raw_keys, raw_mask),
             Extra::Visible { entries, ratio } => {
@@ -287,16 +259,13 @@ impl Builder<'_> {
         }
     }
 
-    /// The raw keys' mask of the query block `b`: rows [k0, k0 + nk), columns [q0, q0 + n)
-    /// of the sequence's raw mask (a contiguous copy, shared by the layers).
-    fn raw_block_mask(&mut self, bi: usize, b: QueryBlock, one: bool) -> T {
-        let g = self.g;
-        let raw_mask = self.si().raw_mask;
-        if one {
-            return raw_mask;
-        }
+    /// The raw keys' mask [nk, n] of the `bi`-th query block `b` (the plan lays the blocks'
+    /// masks out one after another), one view shared by the layers.
+    fn raw_block_mask(&mut self, bi: usize, b: QueryBlock) -> T {
+        let (g, si) = (self.g, self.si());
+        let first = si.raw_blocks[bi].1;
         let key = MaskKey { seq: self.cur, ratio: 0, block: bi, f16: false };
-        *self.masks.entry(key).or_insert_with(|| g.cont(g.view_2d(raw_mask, b.nk as i64, b.n as i64, b.k0 as i64, b.q0 as i64)))
+        *self.masks.entry(key).or_insert_with(|| g.view_matrix(si.raw_mask, b.nk as i64, b.n as i64, first))
     }
 
     /// One query block's attention without flash attention: queries `q` [d, h, n] (all of
@@ -310,7 +279,7 @@ impl Builder<'_> {
         let qp = g.permute(q, [0, 2, 1, 3]); // [d, b.n, h]
         if let Extra::Gathered { sel, mask } = *extra {
             let raw_keys = if one { raw } else { g.view_2d(raw, d, b.nk as i64, 0, b.k0 as i64) };
-            let raw_mask = self.raw_block_mask(bi, b, one);
+            let raw_mask = self.raw_block_mask(bi, b);
             let k_sel = sel.ne(1);
             let sel = if one { sel } else { g.view_3d(sel, [d, k_sel, b.n as i64], sel.nb(1), sel.nb(2), b.q0 * sel.nb(2)) };
             return self.attend_gathered(q, qp, raw_keys, raw_mask, sel, block_cols(g, mask, b, one), scale, sinks);
@@ -441,35 +410,5 @@ impl Builder<'_> {
         let s = g.name(s, &format!("index_scores-{il}"));
         let k = (c.indexer_top_k as i64).min(ci.n_view as i64);
         g.name(g.contiguous(g.top_k(s, k)), &format!("index_top_k-{il}"))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::query_blocks;
-    use crate::plan::raw_plan;
-
-    #[test]
-    fn query_blocks_cover_every_key_a_query_sees() {
-        for (p, n, window, block) in [(0, 40, 8, 5), (0, 40, 8, 16), (3, 37, 8, 8), (100, 64, 8, 16), (5, 600, 128, 256), (300, 2048, 128, 256), (0, 7, 8, 16)] {
-            let blocks = query_blocks(n, window, block);
-            let mask = raw_plan(p, n, window).mask;
-            let nk = window + n;
-            assert_eq!(blocks.iter().map(|b| b.n).sum::<usize>(), n, "every query in one block");
-            for (bi, b) in blocks.iter().enumerate() {
-                assert_eq!(b.q0, bi * block.min(n), "blocks in order");
-                assert!(b.k0 + b.nk <= nk, "keys within the raw keys");
-                if b.q0 == 0 || b.q0 >= window {
-                    assert!(b.nk <= block + window, "a block reads at most block + window keys");
-                }
-                for i in b.q0..b.q0 + b.n {
-                    for j in 0..nk {
-                        if mask[i * nk + j] == 0.0 {
-                            assert!((b.k0..b.k0 + b.nk).contains(&j), "p {p} n {n}: query {i} sees key {j}, outside block {b:?}");
-                        }
-                    }
-                }
-            }
-        }
     }
 }

@@ -10,7 +10,7 @@ use crate::cold::{ColdCall, ColdState, RouteCall};
 use crate::model::Logits;
 use crate::offload::ColdHost;
 use crate::ops::{Ctx, T};
-use crate::plan::{CompPlan, CompShape, RawPlan, RowUpdate};
+use crate::plan::{CompPlan, CompShape, QueryBlock, RawPlan, RowUpdate};
 use crate::state::Sequence;
 use crate::weights::Weights;
 
@@ -40,7 +40,10 @@ pub struct SeqInputs {
     /// The sequence's first column among the step's tokens, and its token count.
     pub first: usize,
     pub n: usize,
+    /// The query blocks' raw-key masks one after another (`plan::RawPlan`), flat.
     pub raw_mask: T,
+    /// The query blocks, each with the first element of its mask in `raw_mask`.
+    pub raw_blocks: Vec<(QueryBlock, usize)>,
     /// The ring after the batch (`RowUpdate`): [window] or, for one token, [1].
     pub ring_keep: T,
     pub comp: Vec<CompInputs>,
@@ -69,13 +72,22 @@ pub struct SeqPlan<'t> {
 }
 
 impl SeqInputs {
-    fn new(g: &Ctx, c: &Ds4Config, first: usize, n: usize, comps: &[(CompShape, CompPlan)]) -> SeqInputs {
+    fn new(g: &Ctx, c: &Ds4Config, first: usize, n: usize, blocks: &[QueryBlock], comps: &[(CompShape, CompPlan)]) -> SeqInputs {
         let n_cols = n;
         let n = n as i64;
+        let mut at = 0;
+        let raw_blocks: Vec<(QueryBlock, usize)> = blocks
+            .iter()
+            .map(|&b| {
+                at += b.nk * b.n;
+                (b, at - b.nk * b.n)
+            })
+            .collect();
         SeqInputs {
             first,
             n: n_cols,
-            raw_mask: g.input(g.new_f32(&[c.window as i64 + n, n]), "raw_mask"),
+            raw_mask: g.input(g.new_f32(&[at as i64]), "raw_mask"),
+            raw_blocks,
             ring_keep: g.input(g.new_i32(&[RowUpdate::len(n_cols, c.window)]), "ring_keep"),
             comp: comps
                 .iter()
@@ -138,7 +150,7 @@ impl Inputs {
         let seqs: Vec<SeqInputs> = plans
             .iter()
             .map(|sp| {
-                let si = SeqInputs::new(g, c, first, sp.tokens.len(), &sp.comps);
+                let si = SeqInputs::new(g, c, first, sp.tokens.len(), &sp.raw.blocks, &sp.comps);
                 first += sp.tokens.len();
                 si
             })
@@ -223,8 +235,6 @@ pub struct Builder<'a> {
     pub flash: bool,
     /// See [`crate::ModelOptions::csa_dense_max_view`].
     pub csa_dense_max_view: usize,
-    /// See [`crate::ModelOptions::attention_block`].
-    pub attention_block: usize,
     /// Attention masks shared by layers, made once per step (`MaskKey`): a query block's
     /// raw mask, or the raw mask ++ a ratio's visibility.
     pub masks: HashMap<crate::attention::MaskKey, T>,

@@ -82,13 +82,14 @@ impl Model {
 
     /// One step over these parts of the items.
     fn step(&mut self, items: &mut [(&mut Sequence, &[u32])], parts: &[Part], want: Logits) -> Result<Vec<f32>, GraphError> {
+        let block = self.query_block();
         let plans: Vec<SeqPlan> = parts
             .iter()
             .map(|part| {
                 let (seq, tokens) = &items[part.item];
                 let (p, n) = (seq.pos(), part.n);
                 let comps = self.comp_shapes(seq).into_iter().map(|s| (s, plan::comp_plan(p, n, &s))).collect();
-                SeqPlan { p, tokens: &tokens[part.start..part.start + n], raw: plan::raw_plan(p, n, self.config.window), comps }
+                SeqPlan { p, tokens: &tokens[part.start..part.start + n], raw: plan::raw_plan(p, n, self.config.window, block), comps }
             })
             .collect();
         let key = StepKey { logits: want, seqs: parts.iter().zip(&plans).map(|(part, sp)| SeqKey::new(items[part.item].0, sp)).collect() };

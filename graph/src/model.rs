@@ -242,6 +242,17 @@ impl Model {
         (flash, dense)
     }
 
+    /// The query block of the attention (0: the whole micro-batch): flash attention takes the
+    /// batch at once (its kernels skip masked keys), the matmul path in blocks
+    /// (`ModelOptions::attention_block`).
+    pub(crate) fn query_block(&self) -> usize {
+        if self.attention_paths().0 {
+            0
+        } else {
+            self.opts.attention_block
+        }
+    }
+
     /// The largest micro-batch: `forward` splits its tokens into runs of this many.
     pub fn ubatch(&self) -> usize {
         self.opts.ubatch

@@ -352,6 +352,12 @@ impl Ctx {
         // SAFETY: the range lies inside `a` (builder invariant).
         T(unsafe { sys::ggml_view_2d(self.raw, a.0, ne0, ne1, a.nb(1), off) })
     }
+    /// A contiguous [ne0, ne1] matrix of `a`'s elements from element `first` on.
+    pub fn view_matrix(&self, a: T, ne0: i64, ne1: i64, first: usize) -> T {
+        let es = a.elem_size();
+        // SAFETY: the range lies inside `a` (builder invariant).
+        T(unsafe { sys::ggml_view_2d(self.raw, a.0, ne0, ne1, ne0 as usize * es, first * es) })
+    }
     pub fn view_3d(&self, a: T, ne: [i64; 3], nb1: usize, nb2: usize, offset: usize) -> T {
         // SAFETY: the range lies inside `a` (builder invariant).
         T(unsafe { sys::ggml_view_3d(self.raw, a.0, ne[0], ne[1], ne[2], nb1, nb2, offset) })

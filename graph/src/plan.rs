@@ -17,32 +17,71 @@ pub const MASKED: f32 = f32::NEG_INFINITY;
 pub const PAD: usize = 32;
 
 pub struct RawPlan {
-    /// [window + n keys, n queries] (ggml order: key index fastest).
+    /// The query blocks of the batch (`query_blocks`; one when the attention takes the whole
+    /// batch at once).
+    pub blocks: Vec<QueryBlock>,
+    /// Per block its [nk keys, n queries] mask (ggml order: key index fastest; key k of a
+    /// block is raw column k0 + k), the blocks one after another.
     pub mask: Vec<f32>,
     /// Source row (in the raw key layout) of each ring slot after the batch.
     pub keep: Vec<i32>,
 }
 
-pub fn raw_plan(p: usize, n: usize, window: usize) -> RawPlan {
+/// Queries [q0, q0 + n) of a sequence's micro-batch, and the raw keys [k0, k0 + nk) their
+/// window reaches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueryBlock {
+    pub q0: usize,
+    pub n: usize,
+    pub k0: usize,
+    pub nk: usize,
+}
+
+/// The blocks of at most `block` of n queries, over raw keys laid out as the window's ring
+/// (columns [0, window)) then the n new keys (columns window + j). Query i sees ring slots
+/// only while i < window (older positions leave its window) and new keys at columns
+/// (i, i + window]; so a block from q0 ≥ window reads columns [q0, q0 + n + window), an
+/// earlier one [0, q0 + n + window). One block when n ≤ block (or block is 0).
+pub fn query_blocks(n: usize, window: usize, block: usize) -> Vec<QueryBlock> {
+    let block = if block == 0 { n.max(1) } else { block };
+    (0..n)
+        .step_by(block)
+        .map(|q0| {
+            let nb = block.min(n - q0);
+            let k0 = if q0 < window { 0 } else { q0 };
+            QueryBlock { q0, n: nb, k0, nk: q0 + nb + window - k0 }
+        })
+        .collect()
+}
+
+/// The raw keys' masks and ring update of a batch of n tokens from position p, its queries
+/// in blocks of at most `block` (`query_blocks`).
+pub fn raw_plan(p: usize, n: usize, window: usize, block: usize) -> RawPlan {
+    let blocks = query_blocks(n, window, block);
     let (p, n, w) = (p as i64, n as i64, window as i64);
     let slot_pos = |base_p: i64, s: i64| -> i64 {
         let base = base_p - w;
         base + (s - base).rem_euclid(w)
     };
-    let nk = w + n;
-    let mut mask = vec![MASKED; (nk * n) as usize];
-    for i in 0..n {
-        let t = p + i;
-        let row = &mut mask[(i * nk) as usize..((i + 1) * nk) as usize];
-        for s in 0..w {
-            let q = slot_pos(p, s);
-            if q >= 0 && t - q < w {
-                row[s as usize] = 0.0;
+    let mut mask = vec![MASKED; blocks.iter().map(|b| b.nk * b.n).sum()];
+    let mut at = 0;
+    for b in &blocks {
+        let (k0, nk) = (b.k0 as i64, b.nk as i64);
+        for i in b.q0 as i64..(b.q0 + b.n) as i64 {
+            let t = p + i;
+            let row = &mut mask[at..at + b.nk];
+            at += b.nk;
+            // The ring's slots (raw columns [0, w)) in the block's keys.
+            for s in k0..w.min(k0 + nk) {
+                let q = slot_pos(p, s);
+                if q >= 0 && t - q < w {
+                    row[(s - k0) as usize] = 0.0;
+                }
             }
-        }
-        // The batch's keys at positions t − w < q ≤ t: columns w + j for j in (i − w, i].
-        for j in (i - w + 1).max(0)..=i {
-            row[(w + j) as usize] = 0.0;
+            // The batch's keys at positions t − w < q ≤ t: raw columns w + j, j in (i − w, i].
+            for j in (i - w + 1).max(0)..=i {
+                row[(w + j - k0) as usize] = 0.0;
+            }
         }
     }
     let p2 = p + n;
@@ -58,7 +97,7 @@ pub fn raw_plan(p: usize, n: usize, window: usize) -> RawPlan {
             }
         })
         .collect();
-    RawPlan { mask, keep }
+    RawPlan { blocks, mask, keep }
 }
 
 /// The shape of one compressor: ratio `m`, overlapping (ratio 4) or not.
@@ -291,21 +330,50 @@ mod tests {
         let w = 8usize;
         let mut ring: Vec<Option<i64>> = vec![None; w];
         let mut p = 0usize;
-        for n in [5usize, 1, 1, 20, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1] {
-            let plan = raw_plan(p, n, w);
+        // Whole batches, and query blocks of 3 (under the window) and 5.
+        for (n, block) in [(5usize, 0), (1, 0), (1, 0), (20, 3), (3, 0), (1, 0), (1, 0), (23, 5), (1, 0), (1, 0), (1, 0), (1, 0), (9, 0), (1, 0), (2, 0), (1, 0)] {
+            let plan = raw_plan(p, n, w, block);
+            assert_eq!(plan.blocks, query_blocks(n, w, block));
             let keys: Vec<Option<i64>> = ring.iter().cloned().chain((p..p + n).map(|q| Some(q as i64))).collect();
-            for i in 0..n {
-                let t = (p + i) as i64;
-                let mut seen: Vec<i64> = (0..w + n)
-                    .filter(|&k| plan.mask[i * (w + n) + k] == 0.0)
-                    .map(|k| keys[k].expect("visible key holds a position"))
-                    .collect();
-                seen.sort();
-                let want: Vec<i64> = ((t - w as i64 + 1).max(0)..=t).collect();
-                assert_eq!(seen, want, "query {t}");
+            let mut at = 0;
+            for b in &plan.blocks {
+                for i in b.q0..b.q0 + b.n {
+                    let t = (p + i) as i64;
+                    let mut seen: Vec<i64> =
+                        (0..b.nk).filter(|&k| plan.mask[at + k] == 0.0).map(|k| keys[b.k0 + k].expect("visible key holds a position")).collect();
+                    seen.sort();
+                    let want: Vec<i64> = ((t - w as i64 + 1).max(0)..=t).collect();
+                    assert_eq!(seen, want, "query {t}, block {b:?}");
+                    at += b.nk;
+                }
             }
+            assert_eq!(at, plan.mask.len());
             update(&mut ring, &keys, n, &plan.keep, w);
             p += n;
+        }
+    }
+
+    #[test]
+    fn query_blocks_cover_every_key_a_query_sees() {
+        for (p, n, window, block) in [(0, 40, 8, 5), (0, 40, 8, 16), (3, 37, 8, 8), (100, 64, 8, 16), (5, 600, 128, 256), (300, 2048, 128, 256), (0, 7, 8, 16)] {
+            let blocks = query_blocks(n, window, block);
+            let mask = raw_plan(p, n, window, 0).mask;
+            let nk = window + n;
+            assert_eq!(blocks.iter().map(|b| b.n).sum::<usize>(), n, "every query in one block");
+            for (bi, b) in blocks.iter().enumerate() {
+                assert_eq!(b.q0, bi * block.min(n), "blocks in order");
+                assert!(b.k0 + b.nk <= nk, "keys within the raw keys");
+                if b.q0 == 0 || b.q0 >= window {
+                    assert!(b.nk <= block + window, "a block reads at most block + window keys");
+                }
+                for i in b.q0..b.q0 + b.n {
+                    for j in 0..nk {
+                        if mask[i * nk + j] == 0.0 {
+                            assert!((b.k0..b.k0 + b.nk).contains(&j), "p {p} n {n}: query {i} sees key {j}, outside block {b:?}");
+                        }
+                    }
+                }
+            }
         }
     }
 }

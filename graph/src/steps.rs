@@ -135,8 +135,7 @@ impl Model {
     pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan], reuse: Option<Scheduler>) -> Result<Step, GraphError> {
         let c = &self.config;
         // Nodes: a layer takes under 512 per sequence, plus under 32 per attention query block.
-        let n_tokens: usize = plans.iter().map(|sp| sp.tokens.len()).sum();
-        let blocks = n_tokens / self.opts.attention_block.max(1) + seqs.len();
+        let blocks: usize = plans.iter().map(|sp| sp.raw.blocks.len()).sum();
         let graph_size = 256 + c.n_layer * (512 * seqs.len() + 32 * blocks);
         let ctx = Context::new_no_alloc(graph_size * 2, graph_size)?;
         let g = Ctx { raw: ctx.as_ptr() };
@@ -162,7 +161,6 @@ impl Model {
             on_cpu,
             flash,
             csa_dense_max_view,
-            attention_block: self.opts.attention_block,
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);
