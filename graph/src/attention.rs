@@ -2,8 +2,8 @@
 //! compressed entries (all visible ones on HCA layers, the lightning indexer's top-k on CSA
 //! layers), per-head sinks, inverse RoPE on the output and the grouped output projection.
 use crate::builder::{Builder, CompInputs};
-use crate::plan::QueryBlock;
 use crate::ops::{Ctx, RopeParams, T};
+use crate::plan::QueryBlock;
 use crate::state::{CompState, LayerState, Sequence};
 use crate::weights::{Compressor, LayerWeights};
 
