@@ -9,19 +9,9 @@
 # Environment: OLD, REPS (default 3), DIAGS (default none), PLACES (default "hot cold half
 # profile").
 set -uo pipefail
-export FA=${FA:-0} # the llama.cpp pack without flash-attention kernels (round.sh's)
-out=${OUT:-/tmp/decode-ab}
-mkdir -p "$out"
-bin=.device/bin
-(cd $bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done; chmod +x dflash* write_synth)
-old=${OLD:-$bin/dflash-old.xz}
-old=${old%.xz}
-OUT=$out LAYERS=4 bash scripts/device/fullwidth-vs-llama.sh build files 2>&1 | tail -2
-f=bench-data/v4f-4l.gguf
-lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
-reps=${REPS:-3}
-t=$(nproc)
-exec_flags="--expert-workers 0 --worker-threads $t"
+AB_NAME=decode-ab
+# shellcheck source=scripts/device/ab-setup.sh
+source scripts/device/ab-setup.sh
 $bin/dflash bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-4.json >/dev/null 2>&1
 mib=$($bin/dflash inspect $f | python3 -c '
 import re, sys

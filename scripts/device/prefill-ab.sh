@@ -8,19 +8,9 @@
 # each N runs ppN at micro-batch N on both engines), PROF (default 1: dflash's op profile of the
 # all-GPU pp2048, and, where Nsight Compute runs, the GPU kernel sums of both engines' pp2048).
 set -uo pipefail
-export FA=${FA:-0} # the llama.cpp pack without flash-attention kernels (round.sh's)
-out=${OUT:-/tmp/prefill-ab}
-mkdir -p "$out"
-bin=.device/bin
-(cd $bin && for f in *.xz; do [ -f "${f%.xz}" ] || xz -d -k "$f"; done; chmod +x dflash* write_synth)
-old=${OLD:-$bin/dflash-old.xz}
-old=${old%.xz}
-OUT=$out LAYERS=4 bash scripts/device/fullwidth-vs-llama.sh build files 2>&1 | tail -2
-f=bench-data/v4f-4l.gguf
-lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
-reps=${REPS:-3}
-t=$(nproc)
-exec_flags="--expert-workers 0 --worker-threads $t"
+AB_NAME=prefill-ab
+# shellcheck source=scripts/device/ab-setup.sh
+source scripts/device/ab-setup.sh
 [ "${AB:-1}" = 1 ] && for ub in ${UB:-2048}; do
   for place in ${PLACES:-hot half cold}; do
     case $place in
