@@ -274,7 +274,7 @@ impl Model {
             device.name(),
             device.description(),
             o.threads,
-            if flash { 0 } else { o.attention_block },
+            self.query_block(),
             o.repack,
             o.cold_offload_min,
             o.cold_layers_in_graph
