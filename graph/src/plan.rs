@@ -353,6 +353,20 @@ mod tests {
         }
     }
 
+    /// A micro-batch of 2048 tokens, window 128, blocks of 256: 384 keys a query (against
+    /// 2176 in one block), and the masks 3.1 MB instead of 17.8 MB (DS4.md, BENCHMARKS.md).
+    #[test]
+    fn blocks_of_256_cut_the_keys_and_the_mask_of_2048_tokens() {
+        let blocks = query_blocks(2048, 128, 256);
+        assert_eq!(blocks.len(), 8);
+        assert!(blocks.iter().all(|b| b.nk == 384), "{blocks:?}");
+        assert_eq!(query_blocks(2048, 128, 0)[0].nk, 2176);
+        let bytes = |block| raw_plan(0, 2048, 128, block).mask.len() * 4;
+        assert_eq!(bytes(256), 3_145_728);
+        assert_eq!(bytes(0), 17_825_792);
+        assert_eq!(100 * bytes(256) / bytes(0), 17, "the blocks read 18% of the whole mask");
+    }
+
     #[test]
     fn query_blocks_cover_every_key_a_query_sees() {
         for (p, n, window, block) in [(0, 40, 8, 5), (0, 40, 8, 16), (3, 37, 8, 8), (100, 64, 8, 16), (5, 600, 128, 256), (300, 2048, 128, 256), (0, 7, 8, 16)] {
