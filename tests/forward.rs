@@ -424,15 +424,15 @@ fn tid2eid_outside_the_experts_is_rejected_at_load() {
     // token 3, slot 2
     let at = info.offset as usize + (3 * file.config.n_expert_used + 2) * 4;
     bytes[at..at + 4].copy_from_slice(&n_expert.to_le_bytes());
-    let dir = std::env::temp_dir().join(format!("dflash-tid2eid-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
+    // Removed when dropped, whether the test passes or fails.
+    let tmp = tempfile::Builder::new().prefix("dflash-tid2eid-").tempdir().expect("tmp");
+    let dir = tmp.path();
     let bad = dir.join("bad.gguf");
     std::fs::write(&bad, &bytes).expect("write");
     let mut opts = ModelOptions::default();
     opts.read.progress = false;
     let err = Model::load(&bad, opts).err().expect("must be rejected");
     let msg = err.to_string();
-    std::fs::remove_dir_all(&dir).ok();
     assert!(msg.contains("blk.1.ffn_gate_tid2eid") && msg.contains("token 3 slot 2") && msg.contains(&format!("expert {n_expert}")), "{msg}");
 }
 
@@ -443,8 +443,9 @@ fn tid2eid_outside_the_experts_is_rejected_at_load() {
 fn every_weight_type_runs_and_stays_close_to_f32() {
     use loader::synth::{SynthModel, SynthSpec};
     use ggml::TensorType;
-    let dir = std::env::temp_dir().join(format!("dflash-types-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
+    // Removed when dropped, whether the test passes or fails.
+    let tmp = tempfile::Builder::new().prefix("dflash-types-").tempdir().expect("tmp");
+    let dir = tmp.path();
     let mut spec = SynthSpec::tiny();
     // K-quants and IQ2_XXS need rows of 256: give the routed experts such rows.
     spec.n_embd = 256;
@@ -498,7 +499,6 @@ fn every_weight_type_runs_and_stays_close_to_f32() {
         assert!(r < bound, "matrices {matrix}, experts {expert}: relative L2 {r:.2e} ≥ {bound:.0e}");
         assert!(r > 0.0, "{matrix}/{expert}: identical to F32, the type was not applied");
     }
-    std::fs::remove_dir_all(&dir).ok();
 }
 
 /// The CPU_REPACK layout (interleaved Q8_0/Q4_K/MXFP4/… matrices for the CPU's GEMM
@@ -506,8 +506,9 @@ fn every_weight_type_runs_and_stays_close_to_f32() {
 #[test]
 fn repacked_matrices_give_the_plain_layout_logits() {
     use loader::synth::{SynthModel, SynthSpec};
-    let dir = std::env::temp_dir().join(format!("dflash-repack-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp");
+    // Removed when dropped, whether the test passes or fails.
+    let tmp = tempfile::Builder::new().prefix("dflash-repack-").tempdir().expect("tmp");
+    let dir = tmp.path();
     let mut spec = SynthSpec::tiny();
     spec.n_embd = 256;
     spec.n_ff_exp = 256;
@@ -528,7 +529,6 @@ fn repacked_matrices_give_the_plain_layout_logits() {
         out
     };
     let (plain, packed) = (run(false), run(true));
-    std::fs::remove_dir_all(&dir).ok();
     let max = plain.iter().map(|v| v.abs()).fold(0f32, f32::max);
     let d = plain.iter().zip(&packed).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
     let v = plain.len() / toks.len();

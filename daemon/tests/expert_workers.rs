@@ -14,12 +14,18 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
-/// `name` in a directory of its own per test (tests run in parallel and clean up).
+thread_local! {
+    /// This test's directory: libtest runs each test on a thread of its own, and the
+    /// thread's end drops it, so it is removed whether the test passed or failed.
+    static TEST_DIR: tempfile::TempDir = tempfile::Builder::new()
+        .prefix(&format!("dflash-expert-workers-{}-", std::thread::current().name().unwrap_or("main").replace("::", "-")))
+        .tempdir()
+        .expect("tmp dir");
+}
+
+/// `name` in a directory of its own per test (tests run in parallel).
 fn tmp(name: &str) -> PathBuf {
-    let test = std::thread::current().name().unwrap_or("main").replace("::", "-");
-    let dir = std::env::temp_dir().join(format!("dflash-expert-workers-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir.join(name)
+    TEST_DIR.with(|d| d.path().join(name))
 }
 
 fn read_npy(path: &Path) -> Vec<f32> {
@@ -112,7 +118,6 @@ fn placements_and_worker_counts_equal_all_hot() {
         let got = logits(&toks, 64, &format!("case-{i}.npy"), args);
         assert_same_bits(&got, &base, base.len() / 72, what);
     }
-    std::fs::remove_dir_all(tmp("x").parent().expect("dir")).ok();
 }
 
 /// A model for the bit-for-bit placement test: its file, its tokens (`n`), its shape, an
@@ -226,8 +231,13 @@ struct Running {
 }
 
 impl Running {
+    /// `cmd` in a process group of its own, which stays a group with a parent outside it
+    /// (the test): a group that the kernel counts as orphaned (the test run's own shell
+    /// gone) gets SIGHUP at the next exit of any of its members while one is stopped, and
+    /// these tests stop workers on purpose.
     fn spawn(cmd: &mut Command) -> Running {
-        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("run dflash");
+        use std::os::unix::process::CommandExt;
+        let mut child = cmd.process_group(0).stderr(Stdio::piped()).spawn().expect("run dflash");
         let pipe = child.stderr.take().expect("stderr");
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -328,7 +338,6 @@ fn a_killed_worker_is_respawned_and_the_run_completes_identically() {
     assert!(err.contains("respawning"), "the loss was not noticed: {err}");
     assert!(gone(victim));
     assert_same_bits(&read_npy(&out), &base, base.len() / 64, "after a SIGKILL");
-    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
 /// A worker stopped with SIGSTOP (alive and silent, as a hung process) misses its layer's
@@ -342,7 +351,6 @@ fn a_stopped_worker_is_killed_respawned_and_the_run_completes_identically() {
     assert!(err.contains("respawning") && err.contains("no answer from the peer"), "the hang was not noticed: {err}");
     assert!(gone(victim), "the stopped worker was not killed and reaped");
     assert_same_bits(&read_npy(&out), &base, base.len() / 64, "after a SIGSTOP");
-    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
 /// `dflash logits` over 16 tokens with every expert cold in one worker whose load is slowed
@@ -383,7 +391,6 @@ fn a_slow_load_that_progresses_is_waited_for_past_the_stall_window() {
     assert!(status.success(), "{err}");
     assert!(load >= Duration::from_millis(2500), "the load was not slowed down: {load:?}");
     assert_same_bits(&read_npy(&out), &base, base.len() / 16, "after a slow load");
-    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
 /// The worker is stopped (SIGSTOP) in the middle of its slowed-down load: its reports stop,
@@ -402,7 +409,6 @@ fn a_load_that_stops_progressing_is_killed_with_a_clear_error() {
     assert!(err.contains("expert worker 0") && err.contains("made no load progress for") && err.contains(" bytes)"), "{err}");
     assert!(gone(kids[0]), "the stalled worker was not killed and reaped");
     assert!(!out.exists());
-    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
 /// `--route-stats-out` counts every routed (token, expert) slot: on hash layers exactly the
@@ -439,7 +445,6 @@ fn route_stats_count_the_routing_and_feed_a_profile() {
     let profile = format!("profile:{}", stats.display());
     let got = logits(&toks, 30, "route-profile.npy", &["--experts-hot", &profile, "--expert-budget-mb", "1", "--expert-workers", "1"]);
     assert_same_bits(&got, &base, base.len() / n, "profile from route stats");
-    std::fs::remove_dir_all(stats.parent().expect("dir")).ok();
 }
 
 /// `--worker-cpus` needs one CPU list per worker; a wrong count is refused before any worker

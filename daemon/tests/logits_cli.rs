@@ -7,10 +7,14 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
+thread_local! {
+    /// This test's directory, removed when the test's thread ends, passed or failed.
+    static TEST_DIR: tempfile::TempDir = tempfile::Builder::new().prefix("dflash-logits-cli-").tempdir().expect("tmp dir");
+}
+
+/// `name` in this test's own directory.
 fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dflash-logits-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("tmp dir");
-    dir.join(name)
+    TEST_DIR.with(|d| d.path().join(name))
 }
 
 fn arr<T: npyz::Deserialize>(npz: &mut npyz::npz::NpzArchive<std::io::BufReader<std::fs::File>>, k: &str) -> Vec<T> {
@@ -82,7 +86,6 @@ fn logits_npy_matches_reference_through_prefill_and_decode() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("token id -5 (index 1)"), "{err}");
-    std::fs::remove_dir_all(out.parent().expect("dir")).ok();
 }
 
 /// `--batch-with K` runs K companion sequences beside this one in every step, mixing their
