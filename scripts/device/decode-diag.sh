@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# GPU machine: where single-sequence decode spends its time on the 4-layer full-width file,
+# dflash beside llama.cpp in one call, per placement (PLACES, default "hot cold half profile"):
+#   - llama.cpp's tg64 at every thread count of THREADS_SWEEP (default: all cores and half);
+#   - dflash's tg64 at the same thread counts, with --timings (host build vs compute, the
+#     graph's backend runs);
+#   - both with CUDA graphs off (GGML_CUDA_DISABLE_GRAPHS=1): whether each uses them;
+#   - both with OpenMP's threads spinning between regions (OMP_WAIT_POLICY=active);
+#   - dflash's op profile of 16 decoded tokens (nodes timed one by one: CPU vs GPU ops).
+# Here first: the staging of round.sh (.device/bin, the llama.cpp pack).
+#   OUT=/tmp/decode-diag REPS=2 bash scripts/device/decode-diag.sh
+set -uo pipefail
+AB_NAME=decode-diag
+# shellcheck source=scripts/device/ab-setup.sh
+source scripts/device/ab-setup.sh
+lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node|L3 cache"
+$bin/dflash bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-4.json >/dev/null 2>&1
+mib=$($bin/dflash inspect $f | python3 -c '
+import re, sys
+t = sys.stdin.read()
+print(int(int(re.search(r"bytes per expert per layer: (\d+)", t).group(1)) * int(re.search(r"moe\s+(\d+) experts", t).group(1)) * 2 / 2**20))')
+sweep=${THREADS_SWEEP:-"$t $((t / 2))"}
+for place in ${PLACES:-hot cold half profile}; do
+  case $place in
+    hot) flags="--experts-hot all"; n=0 ;;
+    cold) flags="--cpu-moe $exec_flags"; n=4 ;;
+    half) flags="--n-cpu-moe 2 $exec_flags"; n=2 ;;
+    profile) flags="--experts-hot profile:/tmp/route-4.json --expert-budget-mb $mib $exec_flags"; n=2 ;;
+  esac
+  echo "== $place (llama.cpp -ncmoe $n)"
+  for th in $sweep; do
+    echo "llama.cpp -t $th: $("$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$th" -r "$reps" -p 0 -n 64 -o md 2>&1 | grep tg64 | awk -F'|' '{print $(NF-1)}')"
+    # shellcheck disable=SC2086
+    echo "dflash    -t $th: $($bin/dflash bench decode -m $f --device CUDA0 -t "$th" -r "$reps" -n 64 $flags --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
+  done
+  for env in GGML_CUDA_DISABLE_GRAPHS=1 OMP_WAIT_POLICY=active; do
+    echo "llama.cpp $env: $(env $env "$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$t" -r "$reps" -p 0 -n 64 -o md 2>&1 | grep tg64 | awk -F'|' '{print $(NF-1)}')"
+    # shellcheck disable=SC2086
+    echo "dflash    $env: $(env $env $bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags 2>&1 | grep 't/s' | sed 's/.*| tg64/tg64/')"
+  done
+done 2>&1 | tee "$out/decode-diag.txt"
+# the op profile: nodes timed one by one (a sync after each), so absolute times run long
+for place in ${PROF_PLACES:-hot cold}; do
+  case $place in
+    hot) flags="--experts-hot all" ;;
+    cold) flags="--cpu-moe $exec_flags" ;;
+    profile) flags="--experts-hot profile:/tmp/route-4.json --expert-budget-mb $mib $exec_flags" ;;
+  esac
+  echo "== op profile, $place, 16 decoded tokens"
+  # shellcheck disable=SC2086
+  $bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r 1 -n 16 $flags --op-profile 30 2>&1 | grep -v "^ggml_cuda_init\|^  Device 0\|^load_backend"
+done 2>&1 | tee "$out/decode-prof.txt"
