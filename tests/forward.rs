@@ -620,3 +620,29 @@ fn prefill_micro_batches_share_one_compute_buffer() {
     m.forward(&mut seq, &r.tokens[112..113], Logits::Last).expect("decode");
     assert_eq!(m.kept_steps().0, 2, "a decode step is kept beside the prefill one");
 }
+
+/// A step's inputs are written into one buffer of the model's device: in place where its
+/// buffers are host memory (the CPU), else into a host image copied over in one piece (a
+/// GPU). The image path, forced on the CPU, gives the in-place path's bits through prefill
+/// micro-batches (windows closing inside them), decode (windows closing and not) and a step
+/// of two sequences; a second model keeps its steps' inputs apart from the first's.
+#[test]
+fn inputs_copied_from_a_host_image_give_the_in_place_bits() {
+    let r = reference("ds4-tiny-b");
+    let run = |staged: bool| {
+        let mut m = load_with("ds4-tiny-b.f32.gguf", ModelOptions { ubatch: 16, ..ModelOptions::default() });
+        m.set_input_staging(staged);
+        let (mut a, mut b) = (m.new_sequence(r.tokens.len()).expect("sequence"), m.new_sequence(r.tokens.len()).expect("sequence"));
+        let mut out = m.forward(&mut a, &r.tokens[..40], Logits::All).expect("prefill");
+        for i in 40..52 {
+            out.extend(m.forward(&mut a, &r.tokens[i..i + 1], Logits::All).expect("decode"));
+        }
+        out.extend(m.forward_batch(&mut [(&mut a, &r.tokens[52..53]), (&mut b, &r.tokens[..21])], Logits::All).expect("two sequences").concat());
+        (out, m.n_vocab())
+    };
+    let ((in_place, n_vocab), (staged, _)) = (run(false), run(true));
+    check(&r, &in_place[..52 * n_vocab], n_vocab, 0, "in place");
+    assert_eq!(in_place.len(), staged.len());
+    let differ = in_place.iter().zip(&staged).position(|(x, y)| x.to_bits() != y.to_bits());
+    assert_eq!(differ, None, "the staged inputs give other logits (first difference at element {differ:?})");
+}

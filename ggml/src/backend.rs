@@ -354,6 +354,12 @@ impl Buffer {
         unsafe { sys::ggml_backend_buffer_get_size(self.raw) }
     }
 
+    /// The buffer's base address (on its device: host memory only where `is_host`).
+    pub fn base(&self) -> *mut u8 {
+        // SAFETY: a live buffer.
+        unsafe { sys::ggml_backend_buffer_get_base(self.raw).cast() }
+    }
+
     pub fn is_host(&self) -> bool {
         unsafe { sys::ggml_backend_buffer_is_host(self.raw) }
     }

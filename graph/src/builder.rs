@@ -9,7 +9,7 @@ use loader::Ds4Config;
 use crate::cold::{ColdCall, ColdState, RouteCall};
 use crate::model::Logits;
 use crate::offload::ColdHost;
-use crate::ops::{Ctx, T};
+use crate::ops::{Ctx, InputImage, T};
 use crate::plan::{CompPlan, CompShape, QueryBlock, RawPlan, RowUpdate};
 use crate::state::Sequence;
 use crate::weights::Weights;
@@ -123,21 +123,21 @@ impl SeqInputs {
         }
     }
 
-    /// Fill the inputs for `plan` (the one the inputs were made for).
-    fn set(&self, plan: &SeqPlan) {
-        self.raw_mask.write_f32(&plan.raw.mask);
-        self.ring_keep.write_i32(&RowUpdate::of(plan.tokens.len(), &plan.raw.keep, plan.raw.keep.len()));
+    /// Fill the inputs for `plan` (the one the inputs were made for) into `img`.
+    fn set(&self, plan: &SeqPlan, img: &mut InputImage) {
+        img.f32(self.raw_mask, &plan.raw.mask);
+        img.i32(self.ring_keep, &RowUpdate::of(plan.tokens.len(), &plan.raw.keep, plan.raw.keep.len()));
         for (ci, (_, cp)) in self.comp.iter().zip(&plan.comps) {
             if let Some(w) = &ci.windows {
-                w.cur_idx.write_i32(&cp.cur_idx);
+                img.i32(w.cur_idx, &cp.cur_idx);
                 if let Some(t) = w.prev_idx {
-                    t.write_i32(&cp.prev_idx);
+                    img.i32(t, &cp.prev_idx);
                 }
-                w.entry_pos.write_i32(&cp.entry_pos);
-                w.write_idx.write_i32(&cp.write_idx);
+                img.i32(w.entry_pos, &cp.entry_pos);
+                img.i32(w.write_idx, &cp.write_idx);
             }
-            ci.keep.write_i32(&RowUpdate::of(plan.tokens.len(), &cp.keep, cp.keep.len() + 1));
-            ci.vis_mask.write_f32(&cp.vis_mask);
+            img.i32(ci.keep, &RowUpdate::of(plan.tokens.len(), &cp.keep, cp.keep.len() + 1));
+            img.f32(ci.vis_mask, &cp.vis_mask);
         }
     }
 }
@@ -179,22 +179,23 @@ impl Inputs {
         v
     }
 
-    /// Fill the inputs for `plans` (the ones the inputs were made for).
-    pub fn set(&self, plans: &[SeqPlan]) {
+    /// Fill the inputs for `plans` (the ones the inputs were made for) into `img`, the
+    /// image of the buffer that holds them.
+    pub fn set(&self, plans: &[SeqPlan], img: &mut InputImage) {
         let toks: Vec<i32> = plans.iter().flat_map(|sp| sp.tokens.iter().map(|&t| t as i32)).collect();
-        self.tokens.write_i32(&toks);
+        img.i32(self.tokens, &toks);
         let pos: Vec<i32> = plans.iter().flat_map(|sp| (sp.p..sp.p + sp.tokens.len()).map(|q| q as i32)).collect();
         let neg: Vec<i32> = pos.iter().map(|&q| -q).collect();
-        self.pos.write_i32(&pos);
-        self.neg_pos.write_i32(&neg);
+        img.i32(self.pos, &pos);
+        img.i32(self.neg_pos, &neg);
         for (k, &(_, t)) in self.ape_idx.iter().enumerate() {
-            t.write_i32(&plans.iter().flat_map(|sp| sp.comps[k].1.ape_idx.iter().copied()).collect::<Vec<_>>());
+            img.i32(t, &plans.iter().flat_map(|sp| sp.comps[k].1.ape_idx.iter().copied()).collect::<Vec<_>>());
         }
         if let Some(t) = self.last_cols {
-            t.write_i32(&self.seqs.iter().map(|si| (si.first + si.n - 1) as i32).collect::<Vec<_>>());
+            img.i32(t, &self.seqs.iter().map(|si| (si.first + si.n - 1) as i32).collect::<Vec<_>>());
         }
         for (si, sp) in self.seqs.iter().zip(plans) {
-            si.set(sp);
+            si.set(sp, img);
         }
     }
 }

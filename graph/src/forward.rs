@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use crate::builder::SeqPlan;
 use crate::model::{Logits, Model, StepTimings};
+use crate::ops::InputImage;
 use crate::plan::{self, CompShape};
 use crate::profile::{self, OpProfile};
 use crate::state::Sequence;
@@ -68,6 +69,19 @@ impl Model {
             }
             // Logits::Last reads every part's last token; only an item's final one is kept.
             let logits = self.step(items, &parts, want)?;
+            if let [part] = parts[..] {
+                // One part (decode of one sequence, a prompt's micro-batch): its rows are the
+                // step's, moved rather than copied where nothing came before them.
+                done[part.item] += part.n;
+                if want == Logits::All || done[part.item] == items[part.item].1.len() {
+                    if out[part.item].is_empty() {
+                        out[part.item] = logits;
+                    } else {
+                        out[part.item].extend_from_slice(&logits);
+                    }
+                }
+                continue;
+            }
             let mut row = 0;
             for part in &parts {
                 let rows = if want == Logits::All { part.n } else { 1 };
@@ -107,7 +121,20 @@ impl Model {
             self.timings.graphs_built += 1;
         }
         let Some(step) = self.steps.last_mut() else { unreachable!("a step was just cached") };
-        step.inputs.set(&plans);
+        let ib = &step.input_buffer;
+        if ib.buffer.is_host() && !self.input_staging.always {
+            // SAFETY: the buffer's first `len` bytes are host memory this step owns; nothing
+            // reads them until the compute below.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(ib.buffer.base(), ib.len) };
+            step.inputs.set(&plans, &mut InputImage::new(ib.buffer.base(), bytes));
+        } else {
+            let image = self.input_staging.image(ib.len)?;
+            step.inputs.set(&plans, &mut InputImage::new(ib.buffer.base(), image));
+            // SAFETY: `whole` spans the buffer's first `len` bytes. The copy is queued on the
+            // compute's own stream, ahead of the graph; the image is not written again before
+            // the step's end, which waits for the device.
+            unsafe { self.backend.tensor_set_async(ib.whole.0, image.as_ptr(), 0, ib.len) };
+        }
         let stream = self.cold_stream.as_ref().filter(|_| !step.stream_nodes.is_empty());
         let mut hooks = StepHooks {
             // The profile is boxed and owned by the model, which outlives the compute below

@@ -91,6 +91,7 @@ impl Model {
             opts,
             weights,
             steps: StepCache::default(),
+            input_staging: crate::steps::InputStaging::new(backend.device().host_buffer_type()),
             backend,
             cpu,
             buft,

@@ -122,6 +122,8 @@ pub struct Model {
     /// Step graphs, each with its scheduler (which points at the backends below: dropped
     /// first, see `Drop`).
     pub(crate) steps: StepCache,
+    /// The host image of a step's inputs, for a device with memory of its own.
+    pub(crate) input_staging: crate::steps::InputStaging,
     pub(crate) backend: Backend,
     /// The CPU backend beside a non-CPU `backend`: it runs the custom ops (the cold-expert
     /// hand-over, routing statistics); the scheduler copies their operands across.
@@ -314,6 +316,14 @@ impl Model {
     pub fn kept_steps(&self) -> (usize, usize) {
         let backends: Vec<&ggml::Backend> = std::iter::once(&self.backend).chain(self.cpu.as_ref()).collect();
         (self.steps.len(), self.steps.buffer_bytes(&backends).iter().sum())
+    }
+
+    /// Fill every step's inputs into a host image and copy it to the device in one piece
+    /// even where the device's buffers are host memory (which are otherwise written in
+    /// place): what a GPU does, for its tests on a CPU.
+    #[doc(hidden)]
+    pub fn set_input_staging(&mut self, always: bool) {
+        self.input_staging.always = always;
     }
 
     /// Timings of the last `forward` call.

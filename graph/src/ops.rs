@@ -98,6 +98,41 @@ impl T {
     }
 }
 
+/// The host image of a step's input buffer (`steps::InputBuffer`): each input's bytes at
+/// its offset in that buffer, so that one copy moves them all to the device.
+pub struct InputImage<'a> {
+    /// The buffer's base address on its device (inputs' `data` point past it).
+    base: usize,
+    bytes: &'a mut [u8],
+}
+
+impl<'a> InputImage<'a> {
+    /// The image `bytes` of a buffer whose base address is `base`.
+    pub fn new(base: *const u8, bytes: &'a mut [u8]) -> InputImage<'a> {
+        InputImage { base: base as usize, bytes }
+    }
+    pub fn i32(&mut self, t: T, v: &[i32]) {
+        // SAFETY: i32 has no padding and any alignment suits bytes.
+        let b = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) };
+        self.put(t, sys::ggml_type::GGML_TYPE_I32, b);
+    }
+    pub fn f32(&mut self, t: T, v: &[f32]) {
+        // SAFETY: as above.
+        let b = unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) };
+        self.put(t, sys::ggml_type::GGML_TYPE_F32, b);
+    }
+    /// `b` at `t`'s place in the image: `t` is one of the buffer's inputs, of type `ty`,
+    /// with room for `b` (ggml tensors are native-endian).
+    fn put(&mut self, t: T, ty: sys::ggml_type::Type, b: &[u8]) {
+        t.check_access(ty, b.len());
+        // SAFETY: a live tensor (module docs).
+        let data = unsafe { (*t.0).data } as usize;
+        let at = data.checked_sub(self.base).filter(|at| at + b.len() <= self.bytes.len());
+        let Some(at) = at else { panic!("input {:?} is not in this step's input buffer", t.name()) };
+        self.bytes[at..at + b.len()].copy_from_slice(b);
+    }
+}
+
 /// A graph over the nodes of one [`Ctx`] (it lives in, and as long as, that context).
 #[derive(Clone, Copy, Debug)]
 pub struct Graph(*mut sys::ggml_cgraph);
@@ -236,6 +271,10 @@ impl Ctx {
     }
     pub fn new_i32(&self, ne: &[i64]) -> T {
         self.new_tensor(sys::ggml_type::GGML_TYPE_I32, ne)
+    }
+    /// `n` bytes (I8): a byte view of a buffer region, for copies, never in a graph.
+    pub fn new_bytes(&self, n: i64) -> T {
+        self.new_tensor(sys::ggml_type::GGML_TYPE_I8, &[n])
     }
     fn new_tensor(&self, ty: sys::ggml_type::Type, ne: &[i64]) -> T {
         // SAFETY: 1..=4 dimensions, positive sizes (builder invariant).

@@ -2,7 +2,7 @@
 //! its scheduler and compute buffers while the shape repeats (decode), most recent last.
 use std::sync::Mutex;
 
-use ggml::{Backend, Context, Scheduler};
+use ggml::{Backend, Buffer, BufferType, Context, Scheduler};
 
 use crate::builder::{Builder, Inputs, SeqPlan};
 use crate::cold::{ColdCall, ColdState, RouteCall};
@@ -41,11 +41,93 @@ impl SeqKey {
     }
 }
 
+/// A step's inputs, one after another in one buffer of the model's device, and a byte view
+/// of them all: a step moves its inputs to the device in one copy (the scheduler would copy
+/// each input on its own, a synchronised copy apiece: a dozen or more per decoded token).
+pub(crate) struct InputBuffer {
+    pub buffer: Buffer,
+    /// I8 [len]: the buffer's first `len` bytes, every input among them.
+    pub whole: T,
+    pub len: usize,
+}
+
+impl InputBuffer {
+    /// Place `inputs` in `reuse` when it has room, else in a new buffer of `buft`; `whole` is
+    /// an unallocated I8 tensor of the step's context, made into the view of them all.
+    fn place(inputs: &[T], buft: BufferType, reuse: Option<Buffer>, g: &Ctx) -> Result<InputBuffer, GraphError> {
+        let align = buft.alignment().max(1);
+        let mut at = Vec::with_capacity(inputs.len());
+        let mut len = 0usize;
+        for t in inputs {
+            len = len.next_multiple_of(align);
+            at.push(len);
+            // SAFETY: a live tensor of the step's context.
+            len += unsafe { buft.alloc_size(t.0) };
+        }
+        let len = len.max(1);
+        let buffer = match reuse {
+            Some(b) if b.size() >= len => b,
+            _ => buft.alloc_buffer(len)?,
+        };
+        let whole = g.new_bytes(len as i64);
+        // SAFETY: unallocated tensors of the step's context at aligned offsets within the
+        // buffer (sized above from the buffer type's own allocation sizes); `whole` overlaps
+        // them on purpose.
+        unsafe {
+            for (t, &o) in inputs.iter().zip(&at) {
+                buffer.place(t.0, o)?;
+            }
+            buffer.place(whole.0, 0)?;
+        }
+        Ok(InputBuffer { buffer, whole, len })
+    }
+}
+
+/// The host image of the inputs of a step on a device whose buffers are not host memory,
+/// written there and copied over in one piece: in the device's pinned host memory where it
+/// has some (the copy then runs without a staging copy by the driver), else in plain memory.
+/// One for the model, grown to the largest step's inputs.
+pub(crate) struct InputStaging {
+    /// Stage (and copy) even where the device's buffers are host memory: that path's tests
+    /// on a CPU ([`Model::set_input_staging`]).
+    pub always: bool,
+    pinned: Option<BufferType>,
+    buffer: Option<Buffer>,
+    plain: Vec<u8>,
+}
+
+impl InputStaging {
+    pub fn new(pinned: Option<BufferType>) -> InputStaging {
+        InputStaging { always: false, pinned, buffer: None, plain: Vec::new() }
+    }
+
+    /// `len` bytes of image (what they held before is unspecified).
+    pub fn image(&mut self, len: usize) -> Result<&mut [u8], GraphError> {
+        let Some(buft) = self.pinned else {
+            if self.plain.len() < len {
+                self.plain.resize(len, 0);
+            }
+            return Ok(&mut self.plain[..len]);
+        };
+        if self.buffer.as_ref().is_none_or(|b| b.size() < len) {
+            // grown by at least half again, so that a prompt's micro-batches of growing
+            // context seldom reallocate
+            let old = self.buffer.take().map_or(0, |b| b.size());
+            self.buffer = Some(buft.alloc_buffer(len.max(old + old / 2))?);
+        }
+        let Some(b) = &self.buffer else { unreachable!("allocated above") };
+        // SAFETY: a host buffer (a pinned host buffer type's) of at least `len` bytes, owned
+        // here; the `&mut self` borrow keeps the slice exclusive.
+        Ok(unsafe { std::slice::from_raw_parts_mut(b.base(), len) })
+    }
+}
+
 /// A built step graph, allocated and ready to run.
 pub(crate) struct Step {
     pub key: StepKey,
     pub graph: Graph,
     pub inputs: Inputs,
+    pub input_buffer: InputBuffer,
     pub out: T,
     /// Splits the graph between the model's device and the CPU (custom ops) and holds its
     /// compute buffers.
@@ -95,10 +177,11 @@ impl StepCache {
     /// compute buffers the next prefill step reuses: a long prompt's chunks, each of its own
     /// shape, hold one prefill compute buffer between them, not one each (at full width and
     /// a micro-batch of 2048, ~2.2 GB a buffer).
-    pub fn take_prefill_sched(&mut self) -> Option<Scheduler> {
+    /// Its input buffer goes along, for the next prefill step's inputs where they fit.
+    pub fn take_prefill_sched(&mut self) -> Option<(Scheduler, Buffer)> {
         let i = self.steps.iter().position(|s| s.key.is_prefill())?;
-        let Step { sched, .. } = self.steps.remove(i);
-        Some(sched)
+        let Step { sched, input_buffer, .. } = self.steps.remove(i);
+        Some((sched, input_buffer.buffer))
     }
 
     /// Bytes of compute buffer the kept steps hold, per backend (in the model's order).
@@ -132,7 +215,7 @@ impl StepCache {
 impl Model {
     /// Build and allocate the step graph of `key` for `seqs` (with these plans), in `reuse`'s
     /// compute buffers when given and the graph fits its capacity.
-    pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan], reuse: Option<Scheduler>) -> Result<Step, GraphError> {
+    pub(crate) fn build_step(&self, seqs: &[&Sequence], key: StepKey, plans: &[SeqPlan], reuse: Option<(Scheduler, Buffer)>) -> Result<Step, GraphError> {
         let c = &self.config;
         // Nodes: a layer takes under 512 per sequence, plus under 32 per attention query block.
         let blocks: usize = plans.iter().map(|sp| sp.raw.blocks.len()).sum();
@@ -186,19 +269,19 @@ impl Model {
         // Op offloading lets the scheduler run products over host weights (the cold experts'
         // copy) on the GPU when the batch is big enough for the device to want them.
         let capacity = graph.tensor_count() + 64;
-        let mut sched = match reuse {
+        let (reuse_sched, reuse_inputs) = reuse.unzip();
+        let mut sched = match reuse_sched {
             Some(mut s) if s.capacity() >= capacity => {
                 s.reset();
                 s
             }
             _ => unsafe { Scheduler::new(&backends, capacity, self.cold_host.is_some())? },
         };
-        // SAFETY: the nodes belong to this graph; both backends are the scheduler's. Inputs
-        // live on the model's device (set once per step, no copies per split); custom ops run
-        // on the CPU.
-        for t in inputs.all() {
-            unsafe { sched.pin(t.0, &self.backend) };
-        }
+        // Inputs live on the model's device, in a buffer of their own (set in one copy per
+        // step, none per split).
+        let input_buffer = InputBuffer::place(&inputs.all(), self.backend.device().buffer_type(), reuse_inputs, &g)?;
+        // SAFETY: the nodes belong to this graph; both backends are the scheduler's. Custom
+        // ops run on the CPU.
         for node in &cpu_nodes {
             unsafe { sched.pin(node.0, cpu) };
         }
@@ -206,6 +289,6 @@ impl Model {
         unsafe { sched.alloc_graph(graph.as_ptr())? };
         let (nodes, compute_nodes) = graph.node_counts();
         tracing::debug!(seqs = key.seqs.len(), n = inputs.tokens.ne(0), nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
-        Ok(Step { key, graph, inputs, out, sched, stream_nodes, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
+        Ok(Step { key, graph, inputs, input_buffer, out, sched, stream_nodes, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
     }
 }
