@@ -6,6 +6,10 @@
 #     graph's backend runs);
 #   - both with CUDA graphs off (GGML_CUDA_DISABLE_GRAPHS=1): whether each uses them;
 #   - both with OpenMP's threads spinning between regions (OMP_WAIT_POLICY=active);
+#   - dflash with a decoded token's cold experts copied to the GPU over PCIe instead of
+#     computed on the CPU (--cold-offload-min 1 with GGML_OP_OFFLOAD_MIN_BATCH=1: the
+#     scheduler copies only the experts the token routes to), for the placements with cold
+#     experts: whether PCIe beats the host's memory for one token;
 #   - dflash's op profile of 16 decoded tokens (nodes timed one by one: CPU vs GPU ops).
 # Here first: the staging of round.sh (.device/bin, the llama.cpp pack).
 #   OUT=/tmp/decode-diag REPS=2 bash scripts/device/decode-diag.sh
@@ -33,6 +37,10 @@ for place in ${PLACES:-hot cold half profile}; do
     # shellcheck disable=SC2086
     echo "dflash    -t $th: $($bin/dflash bench decode -m $f --device CUDA0 -t "$th" -r "$reps" -n 64 $flags --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
   done
+  if [ "$place" != hot ]; then
+    # shellcheck disable=SC2086
+    echo "dflash    cold experts over PCIe: $(GGML_OP_OFFLOAD_MIN_BATCH=1 $bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags --cold-offload-min 1 --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
+  fi
   for env in GGML_CUDA_DISABLE_GRAPHS=1 OMP_WAIT_POLICY=active; do
     echo "llama.cpp $env: $(env $env "$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$t" -r "$reps" -p 0 -n 64 -o md 2>&1 | grep tg64 | awk -F'|' '{print $(NF-1)}')"
     # shellcheck disable=SC2086
