@@ -75,18 +75,12 @@ impl SeqInputs {
     fn new(g: &Ctx, c: &Ds4Config, first: usize, n: usize, blocks: &[QueryBlock], comps: &[(CompShape, CompPlan)]) -> SeqInputs {
         let n_cols = n;
         let n = n as i64;
-        let mut at = 0;
-        let raw_blocks: Vec<(QueryBlock, usize)> = blocks
-            .iter()
-            .map(|&b| {
-                at += b.nk * b.n;
-                (b, at - b.nk * b.n)
-            })
-            .collect();
+        let raw_blocks = crate::plan::block_mask_offsets(blocks);
+        let mask_len: usize = blocks.iter().map(QueryBlock::mask_len).sum();
         SeqInputs {
             first,
             n: n_cols,
-            raw_mask: g.input(g.new_f32(&[at as i64]), "raw_mask"),
+            raw_mask: g.input(g.new_f32(&[mask_len as i64]), "raw_mask"),
             raw_blocks,
             ring_keep: g.input(g.new_i32(&[RowUpdate::len(n_cols, c.window)]), "ring_keep"),
             comp: comps

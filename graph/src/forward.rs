@@ -206,7 +206,8 @@ struct StreamHook<'a> {
 impl StepHooks<'_> {
     fn stream_pos(&self, t: *mut ggml::sys::ggml_tensor) -> Option<usize> {
         let s = self.stream?;
-        s.nodes.iter().find(|&&(node, _)| node == t as usize).map(|&(_, pos)| pos)
+        let i = s.nodes.binary_search_by_key(&(t as usize), |&(node, _)| node).ok()?;
+        Some(s.nodes[i].1)
     }
 }
 

@@ -37,6 +37,26 @@ pub struct QueryBlock {
     pub nk: usize,
 }
 
+impl QueryBlock {
+    /// Elements of the block's mask: [nk keys, n queries].
+    pub fn mask_len(&self) -> usize {
+        self.nk * self.n
+    }
+}
+
+/// Each block with the first element of its mask in `RawPlan::mask` (the blocks' masks
+/// one after another).
+pub fn block_mask_offsets(blocks: &[QueryBlock]) -> Vec<(QueryBlock, usize)> {
+    let mut at = 0;
+    blocks
+        .iter()
+        .map(|&b| {
+            at += b.mask_len();
+            (b, at - b.mask_len())
+        })
+        .collect()
+}
+
 /// The blocks of at most `block` of n queries, over raw keys laid out as the window's ring
 /// (columns [0, window)) then the n new keys (columns window + j). Query i sees ring slots
 /// only while i < window (older positions leave its window) and new keys at columns
@@ -63,14 +83,13 @@ pub fn raw_plan(p: usize, n: usize, window: usize, block: usize) -> RawPlan {
         let base = base_p - w;
         base + (s - base).rem_euclid(w)
     };
-    let mut mask = vec![MASKED; blocks.iter().map(|b| b.nk * b.n).sum()];
-    let mut at = 0;
-    for b in &blocks {
+    let mut mask = vec![MASKED; blocks.iter().map(QueryBlock::mask_len).sum()];
+    for (b, at) in block_mask_offsets(&blocks) {
         let (k0, nk) = (b.k0 as i64, b.nk as i64);
         for i in b.q0 as i64..(b.q0 + b.n) as i64 {
+            let at = at + (i as usize - b.q0) * b.nk;
             let t = p + i;
             let row = &mut mask[at..at + b.nk];
-            at += b.nk;
             // The ring's slots (raw columns [0, w)) in the block's keys.
             for s in k0..w.min(k0 + nk) {
                 let q = slot_pos(p, s);

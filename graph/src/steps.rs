@@ -133,7 +133,7 @@ pub(crate) struct Step {
     /// compute buffers.
     pub sched: Scheduler,
     /// The router-id nodes of the layers this step streams (`stream.rs`): (node address,
-    /// position among the streamed layers).
+    /// position among the streamed layers), by address.
     pub stream_nodes: Vec<(usize, usize)>,
     #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
@@ -247,7 +247,9 @@ impl Model {
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);
-        let Builder { effects, order, cold_calls, route_calls, cpu_nodes, stream_nodes, .. } = b;
+        let Builder { effects, order, cold_calls, route_calls, cpu_nodes, mut stream_nodes, .. } = b;
+        // by address: the evaluation callback looks every node up (`forward::StepHooks`)
+        stream_nodes.sort_unstable();
 
         // The effects go last: they overwrite state the step reads.
         let graph = g.new_graph(graph_size);
