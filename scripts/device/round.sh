@@ -34,6 +34,13 @@
 #            against `dflash inspect`'s projection, tg16
 #   cpunp8   (only when named) the medium model on the host's CPU: one sequence, then 8 decoding
 #            together (the CPU target of continuous batching), and both op-profiled
+#   diag     (only when named) where single-sequence decode spends its time, beside
+#            llama.cpp (decode-diag.sh: threads, CUDA graphs, OpenMP wait policy, a token's
+#            cold experts over PCIe, --timings, op profile)
+#   matrix8  (only when named) every test of the full-width issue on the 8-layer file
+#            (fullwidth-vs-llama.sh matrix: pp512, pp2048, tg64, tg64 at depth, peak GPU
+#            memory; MATRIX8 placements, default "hot half cold profile"), the 4-layer file
+#            removed first: with the fifth run's 4-layer matrix, the per-layer slopes
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -191,6 +198,19 @@ if on cpunp8; then
   for np in 1 8; do
     .device/bin/dflash bench decode -m $m --device CPU -t "$(nproc)" -n 16 -r 1 --np $np --op-profile 25 >"$out/cpunp8/ops-np$np.txt" 2>&1
   done
+fi
+if on diag; then
+  mkdir -p "$out/diag"
+  ready4
+  stamp "diag"
+  OUT=$out/diag bash scripts/device/decode-diag.sh 2>&1 | quiet
+fi
+if on matrix8; then
+  mkdir -p "$out/matrix8"
+  cuda
+  stamp "matrix 8 layers"
+  rm -f bench-data/v4f-4l.gguf
+  OUT=$out/matrix8 LAYERS=8 DEPTH=${DEPTH:-4096} MATRIX="${MATRIX8:-hot half cold profile}" fw files matrix | tee "$out/matrix8/matrix.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
