@@ -12,27 +12,18 @@ set -uo pipefail
 AB_NAME=decode-ab
 # shellcheck source=scripts/device/ab-setup.sh
 source scripts/device/ab-setup.sh
-$bin/dflash bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-4.json >/dev/null 2>&1
-mib=$($bin/dflash inspect $f | python3 -c '
-import re, sys
-t = sys.stdin.read()
-print(int(int(re.search(r"bytes per expert per layer: (\d+)", t).group(1)) * int(re.search(r"moe\s+(\d+) experts", t).group(1)) * 2 / 2**20))')
+profile_ready
 for place in ${PLACES:-hot cold half profile}; do
-  case $place in
-    hot) flags="--experts-hot all"; n=0 ;;
-    cold) flags="--cpu-moe $exec_flags"; n=4 ;;
-    half) flags="--n-cpu-moe 2 $exec_flags"; n=2 ;;
-    profile) flags="--experts-hot profile:/tmp/route-4.json --expert-budget-mb $mib $exec_flags"; n=2 ;;
-  esac
+  placement "$place"
   echo "== $place: llama.cpp -ncmoe $n"
   "$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$t" -r "$reps" -p 0 -n 64 -o md 2>&1 | grep tg64
   for run in old new ${DIAGS:-}; do
     extra=
     case $run in
-      old) b=$old env= ;;
-      new) b=$bin/dflash env= ;;
-      nostream) b=$bin/dflash env= extra="--cold-stream-min 0" ;;
-      u512) b=$bin/dflash env= extra="-u 512" ;;
+      old) b=$old env='' ;;
+      new) b=$bin/dflash env='' ;;
+      nostream) b=$bin/dflash env='' extra="--cold-stream-min 0" ;;
+      u512) b=$bin/dflash env='' extra="-u 512" ;;
       *) b=$bin/dflash env=$run ;;
     esac
     [ -x "$b" ] || continue

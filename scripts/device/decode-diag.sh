@@ -18,19 +18,10 @@ AB_NAME=decode-diag
 # shellcheck source=scripts/device/ab-setup.sh
 source scripts/device/ab-setup.sh
 lscpu | grep -E "Model name|^CPU\(s\)|Thread\(s\) per core|Core\(s\) per socket|Socket\(s\)|NUMA node|L3 cache"
-$bin/dflash bench prefill -m $f --device CUDA0 -n 2048 -u 2048 -r 1 --route-stats-out /tmp/route-4.json >/dev/null 2>&1
-mib=$($bin/dflash inspect $f | python3 -c '
-import re, sys
-t = sys.stdin.read()
-print(int(int(re.search(r"bytes per expert per layer: (\d+)", t).group(1)) * int(re.search(r"moe\s+(\d+) experts", t).group(1)) * 2 / 2**20))')
+profile_ready
 sweep=${THREADS_SWEEP:-"$t $((t / 2))"}
 for place in ${PLACES:-hot cold half profile}; do
-  case $place in
-    hot) flags="--experts-hot all"; n=0 ;;
-    cold) flags="--cpu-moe $exec_flags"; n=4 ;;
-    half) flags="--n-cpu-moe 2 $exec_flags"; n=2 ;;
-    profile) flags="--experts-hot profile:/tmp/route-4.json --expert-budget-mb $mib $exec_flags"; n=2 ;;
-  esac
+  placement "$place"
   echo "== $place (llama.cpp -ncmoe $n)"
   for th in $sweep; do
     echo "llama.cpp -t $th: $("$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$th" -r "$reps" -p 0 -n 64 -o md 2>&1 | grep tg64 | awk -F'|' '{print $(NF-1)}')"
@@ -49,11 +40,7 @@ for place in ${PLACES:-hot cold half profile}; do
 done 2>&1 | tee "$out/decode-diag.txt"
 # the op profile: nodes timed one by one (a sync after each), so absolute times run long
 for place in ${PROF_PLACES:-hot cold}; do
-  case $place in
-    hot) flags="--experts-hot all" ;;
-    cold) flags="--cpu-moe $exec_flags" ;;
-    profile) flags="--experts-hot profile:/tmp/route-4.json --expert-budget-mb $mib $exec_flags" ;;
-  esac
+  placement "$place"
   echo "== op profile, $place, 16 decoded tokens"
   # shellcheck disable=SC2086
   $bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r 1 -n 16 $flags --op-profile 30 2>&1 | grep -v "^ggml_cuda_init\|^  Device 0\|^load_backend"

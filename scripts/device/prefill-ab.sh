@@ -13,11 +13,8 @@ AB_NAME=prefill-ab
 source scripts/device/ab-setup.sh
 [ "${AB:-1}" = 1 ] && for ub in ${UB:-2048}; do
   for place in ${PLACES:-hot half cold}; do
-    case $place in
-      hot) flags="--experts-hot all"; n=0 ;;
-      cold) flags="--cpu-moe $exec_flags"; n=4 ;;
-      half) flags="--n-cpu-moe 2 $exec_flags"; n=2 ;;
-    esac
+    [ "$place" = profile ] && [ -z "${mib:-}" ] && profile_ready
+    placement "$place"
     echo "== $place pp$ub: llama.cpp -ncmoe $n -ub $ub"
     "$lb" -m $f -lm none -ngl 99 -fa 0 -ncmoe $n -t "$t" -r "$reps" -p "$ub" -n 0 -b "$ub" -ub "$ub" -o md 2>&1 | grep "pp$ub"
     # old, new, and new with the whole micro-batch as one attention block (as before blocks)
