@@ -57,10 +57,11 @@ pub struct ModelOptions {
     /// the step graph at every batch size, from the pinned host copy (ggml's CPU backend for
     /// batches below `cold_offload_min`), instead of through the cold executor.
     pub cold_layers_in_graph: bool,
-    /// With layers whose experts are all cold in the graph on a GPU: micro-batches of at
-    /// least this many tokens copy those layers' experts whole into two GPU slots, the next
-    /// layer's while this one computes (`stream.rs`); smaller ones are offloaded by the
-    /// scheduler (routed experts only) or computed on the CPU. 0: never.
+    /// With a host copy of cold experts on a GPU (`cold_offload_min`, `cold_layers_in_graph`):
+    /// micro-batches of at least this many tokens copy each such layer's cold experts whole
+    /// into one of two GPU slots, the next layer's while this one computes (`stream.rs`);
+    /// smaller ones are offloaded by the scheduler (routed experts only) or computed on the
+    /// CPU. 0: never.
     pub cold_stream_min: usize,
     /// Device memory the two slots of `cold_stream_min` must leave free (for the KV caches
     /// and compute buffers); without it the layers are not streamed (logged).

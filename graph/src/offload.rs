@@ -151,20 +151,18 @@ impl Builder<'_> {
     pub fn routed_offloaded(&mut self, il: usize, z: T, ids: T, wts: T, w: &LayerWeights, base: Option<T>) -> Option<T> {
         let host = self.cold_host?;
         let cold = host.layers[il].as_ref()?;
-        if let Some(s) = self.cold_stream.filter(|s| z.ne(1) as usize >= s.min_batch).and_then(|s| s.layer(il)) {
-            // Streamed whole into a GPU slot (`stream.rs`): the router's ids index it directly.
-            self.stream_nodes.push((ids.0 as usize, s.pos));
-            let routed = self.hot_experts(il, z, ids, wts, &s.weights);
-            let out = match base {
-                Some(b) => self.g.add(b, routed),
-                None => routed,
-            };
-            return Some(self.g.name(out, &format!("routed_out-{il}")));
-        }
+        let n_tok = z.ne(1) as usize;
+        // Streamed into a GPU slot (`stream.rs`): the slot's copy of the cold experts, read by
+        // the same products as their host copy.
+        let streamed = self.cold_stream.filter(|s| n_tok >= s.min_batch).and_then(|s| s.layer(il));
         let in_graph_always = host.all_cold_in_graph && cold.maps.is_none();
-        if (z.ne(1) as usize) < host.min_batch && !in_graph_always {
+        if streamed.is_none() && n_tok < host.min_batch && !in_graph_always {
             return None;
         }
+        if let Some(s) = streamed {
+            self.stream_nodes.push((ids.0 as usize, s.pos));
+        }
+        let cold_weights = streamed.map_or(&cold.weights, |s| &s.weights);
         let g = self.g;
         let (k, n) = (ids.ne(0), z.ne(1));
         // The weights of the slots in a set: wts · mask[ids].
@@ -182,9 +180,9 @@ impl Builder<'_> {
                 let hot_ids = self.local_ids_op(il, ids, hot_map, "hot");
                 add(self.hot_experts(il, z, hot_ids, masked(hot_mask), held));
                 let cold_ids = self.local_ids_op(il, ids, cold_map, "cold");
-                add(self.hot_experts(il, z, cold_ids, masked(cold_mask), &cold.weights));
+                add(self.hot_experts(il, z, cold_ids, masked(cold_mask), cold_weights));
             }
-            (None, None) => add(self.hot_experts(il, z, ids, wts, &cold.weights)),
+            (None, None) => add(self.hot_experts(il, z, ids, wts, cold_weights)),
             _ => unreachable!("a layer's cold copy matches its held experts (both partial, or none held)"),
         }
         let out = sum.unwrap_or_else(|| unreachable!("at least the cold experts were added"));

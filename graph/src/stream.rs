@@ -1,4 +1,6 @@
-//! Layers whose experts are all cold, streamed whole to the GPU for big micro-batches.
+//! Cold experts streamed to the GPU for big micro-batches: every expert of a layer whose
+//! experts are all cold, and the cold ones of a partly held layer (the host copy of each,
+//! `offload.rs`; the held ones stay where they are).
 //!
 //! The scheduler's offload (`offload.rs`) copies a layer's routed experts from their pinned
 //! host copy when the layer's product starts, on the stream that computes it: the copy and
@@ -28,7 +30,9 @@
 //!   prompt of several micro-batches thus copies s_0 under the last layers' compute.
 //!
 //! The products read the same bytes with the same kernels as with the experts resident, so
-//! the logits are those of an all-hot placement, bit for bit.
+//! an all-cold layer gives the logits of an all-hot placement, bit for bit; a partly held
+//! layer those of its cold part offloaded by the scheduler (the same products over the same
+//! host copy's bytes, `offload.rs`).
 use std::cell::Cell;
 
 use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
@@ -101,19 +105,19 @@ fn packed_offsets(sizes: &[usize], align: usize) -> (Vec<usize>, usize) {
 }
 
 impl ColdStream {
-    /// Set up streaming for the layers of `host` whose experts are all cold, for micro-batches
-    /// of at least `min_batch` tokens. None (logged) when no layer qualifies, the device has
+    /// Set up streaming for the layers of `host` (their host copies), for micro-batches of at
+    /// least `min_batch` tokens. None (logged) when no layer qualifies, the device has
     /// no events, or its free memory does not hold the two slots plus `keep_free` bytes.
     pub fn new(device: Device, buft: BufferType, host: &ColdHost, min_batch: usize, keep_free: u64) -> Result<Option<ColdStream>, GraphError> {
-        // The layers whose host copy is all of their experts, with that copy's FFN.
-        let streamed: Vec<(usize, &ExpertFfn)> =
-            host.layers.iter().enumerate().filter_map(|(l, c)| c.as_ref().filter(|c| c.maps.is_none()).map(|c| (l, &c.weights.ffn))).collect();
+        // The layers with a host copy, with that copy's FFN: all of an all-cold layer's
+        // experts, a partly held layer's cold ones.
+        let streamed: Vec<(usize, &ExpertFfn)> = host.layers.iter().enumerate().filter_map(|(l, c)| c.as_ref().map(|c| (l, &c.weights.ffn))).collect();
         let order: Vec<usize> = streamed.iter().map(|&(l, _)| l).collect();
         if order.is_empty() || min_batch == 0 {
             return Ok(None);
         }
         let (Some(e0), Some(e1)) = (Event::new(device), Event::new(device)) else {
-            tracing::warn!(device = %device.name(), "the device has no events: all-cold layers are not streamed");
+            tracing::warn!(device = %device.name(), "the device has no events: cold experts are not streamed");
             return Ok(None);
         };
         let sources: Vec<Vec<T>> = streamed.iter().map(|&(_, f)| ffn_tensors(f)).collect();
@@ -143,7 +147,7 @@ impl ColdStream {
         let (free, _) = device.memory();
         let need = (slot_bytes * n_slots) as u64 + keep_free;
         if (free as u64) < need {
-            tracing::warn!(device = %device.name(), free, need, "too little device memory for the two slots of streamed experts: all-cold layers are offloaded by the scheduler");
+            tracing::warn!(device = %device.name(), free, need, "too little device memory for the two slots of streamed experts: cold experts are offloaded by the scheduler");
             return Ok(None);
         }
         let slots: Vec<Buffer> = (0..n_slots).map(|_| buft.alloc_buffer(slot_bytes)).collect::<Result<_, _>>()?;
@@ -167,7 +171,7 @@ impl ColdStream {
             let copies = dups[pos].iter().copied().zip(sources[pos].iter().copied()).collect();
             layers[l] = Some(StreamLayer { pos, weights: RoutedWeights { ffn, held_mask: None }, copies });
         }
-        tracing::info!(layers = ?order, min_batch, slot_bytes, "all-cold layers stream their experts to the GPU for big micro-batches, two layers' worth of slots");
+        tracing::info!(layers = ?order, min_batch, slot_bytes, "layers stream their cold experts to the GPU for big micro-batches, two layers' worth of slots");
         Ok(Some(ColdStream { min_batch, layers, order, copier: Backend::new(device)?, copied: [e0, e1], ahead: Cell::new(false), _slots: slots, _ctx: ctx }))
     }
 

@@ -110,13 +110,14 @@ pub struct ModelArgs {
     /// "Full width").
     #[arg(long = "cold-layers-in-graph", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub cold_layers_in_graph: Option<bool>,
-    /// With the model on a GPU, for layers whose routed experts are all cold (computed in the
-    /// step graph): micro-batches of at least N tokens copy each such layer's experts whole
-    /// into one of two GPU slots on a stream of their own, the next layer's while this one
-    /// computes, instead of the scheduler copying the routed ones at the start of the
-    /// layer's product (the copy and the compute then take turns). Costs two layers' experts
-    /// of GPU memory, taken only when `--device-reserve-mb` stays free beside them (else
-    /// logged, and not streamed). 0: never. Default: 512 on a GPU (a micro-batch that size
+    /// With the model on a GPU, for layers whose cold experts have a host copy (every layer
+    /// whose routed experts are all cold; partly held layers with `--cold-offload-min`):
+    /// micro-batches of at least N tokens copy each such layer's cold experts whole into one
+    /// of two GPU slots on a stream of their own, the next layer's while this one computes,
+    /// instead of the scheduler copying the routed ones at the start of the layer's product
+    /// (the copy and the compute then take turns). Costs two layers' cold experts of GPU
+    /// memory, taken only when `--device-reserve-mb` stays free beside them (else logged,
+    /// and not streamed). 0: never. Default: 512 on a GPU (a micro-batch that size
     /// routes to nearly every expert anyway), 0 under `--experts-hot adaptive`.
     #[arg(long = "cold-stream-min", value_name = "N")]
     pub cold_stream_min: Option<usize>,
