@@ -130,10 +130,10 @@ impl Model {
         } else {
             let image = self.input_staging.image(ib.len)?;
             step.inputs.set(&plans, &mut InputImage::new(ib.buffer.base(), image));
-            // SAFETY: `whole` spans the buffer's first `len` bytes. The copy is queued on the
-            // compute's own stream, ahead of the graph; the image is not written again before
-            // the step's end, which waits for the device.
-            unsafe { self.backend.tensor_set_async(ib.whole.0, image.as_ptr(), 0, ib.len) };
+            // One copy, done before the compute: a node the scheduler runs on the CPU fetches
+            // an input it reads on a stream of its own, unordered with the compute's.
+            // SAFETY: `whole` spans the buffer's first `len` bytes, allocated.
+            unsafe { ggml::backend::tensor_set(ib.whole.0, image, 0) };
         }
         let stream = self.cold_stream.as_ref().filter(|_| !step.stream_nodes.is_empty());
         let mut hooks = StepHooks {
