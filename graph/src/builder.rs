@@ -216,6 +216,10 @@ pub struct Builder<'a> {
     /// The router-id nodes of the streamed layers (node address, position among the
     /// streamed layers): the evaluation callback stops there (`stream.rs`).
     pub stream_nodes: Vec<(usize, usize)>,
+    /// Decode's all-cold layers split between the CPU and PCIe (`pcie.rs`).
+    pub pcie: Option<&'a crate::pcie::PcieSplit>,
+    /// Where the evaluation callback stops for the split (node address, what to do).
+    pub pcie_nodes: Vec<(usize, crate::pcie::PcieAt)>,
     /// Boxed: the custom ops hold pointers to them, which must not move as the Vec grows.
     #[allow(clippy::vec_box)]
     pub cold_calls: Vec<Box<ColdCall>>,

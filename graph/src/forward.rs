@@ -136,13 +136,15 @@ impl Model {
             unsafe { ggml::backend::tensor_set(ib.whole.0, image, 0) };
         }
         let stream = self.cold_stream.as_ref().filter(|_| !step.stream_nodes.is_empty());
+        let pcie = self.pcie.as_ref().filter(|_| !step.pcie_nodes.is_empty());
         let mut hooks = StepHooks {
             // The profile is boxed and owned by the model, which outlives the compute below
             // and touches the profile only through &mut self.
             profile: self.op_profile.as_mut().map(|p| std::ptr::from_mut::<OpProfile>(p)),
             stream: stream.map(|s| StreamHook { stream: s, nodes: step.stream_nodes.as_slice(), compute: self.backend.as_ptr() }),
+            pcie: pcie.map(|p| PcieHook { split: p, nodes: step.pcie_nodes.as_slice(), compute: self.backend.as_ptr() }),
         };
-        if hooks.profile.is_some() || hooks.stream.is_some() {
+        if hooks.profile.is_some() || hooks.stream.is_some() || hooks.pcie.is_some() {
             // SAFETY: `hooks` outlives the compute below, after which the callback is unset.
             unsafe { step.sched.set_eval_callback(Some(step_hooks), std::ptr::from_mut(&mut hooks).cast()) };
         }
@@ -189,10 +191,20 @@ impl Model {
 }
 
 /// What the scheduler's evaluation callback serves during one step: the op profile (every
-/// node), and the streamed layers' router ids (`stream.rs`).
+/// node), the streamed layers' router ids (`stream.rs`), and decode's CPU/PCIe split of
+/// all-cold layers (`pcie.rs`).
 struct StepHooks<'a> {
     profile: Option<*mut OpProfile>,
     stream: Option<StreamHook<'a>>,
+    pcie: Option<PcieHook<'a>>,
+}
+
+/// The split, the step's (node, what to do there) pairs by address, the model's backend.
+#[derive(Clone, Copy)]
+struct PcieHook<'a> {
+    split: &'a crate::pcie::PcieSplit,
+    nodes: &'a [(usize, crate::pcie::PcieAt)],
+    compute: ggml::sys::ggml_backend_t,
 }
 
 /// The stream, the step's (router-id node, position) pairs, the model's backend.
@@ -209,6 +221,12 @@ impl StepHooks<'_> {
         let i = s.nodes.binary_search_by_key(&(t as usize), |&(node, _)| node).ok()?;
         Some(s.nodes[i].1)
     }
+
+    fn pcie_at(&self, t: *mut ggml::sys::ggml_tensor) -> Option<crate::pcie::PcieAt> {
+        let p = self.pcie?;
+        let i = p.nodes.binary_search_by_key(&(t as usize), |&(node, _)| node).ok()?;
+        Some(p.nodes[i].1)
+    }
 }
 
 /// The scheduler's evaluation callback over [`StepHooks`]: asks for every node when
@@ -221,16 +239,35 @@ unsafe extern "C" fn step_hooks(t: *mut ggml::sys::ggml_tensor, ask: bool, user_
     // SAFETY: the caller's contract.
     let h = unsafe { &mut *user_data.cast::<StepHooks>() };
     let pos = h.stream_pos(t);
+    let split = h.pcie_at(t);
     if let Some(p) = h.profile {
         // SAFETY: the profile outlives the compute (see `step`).
         unsafe { profile::eval_callback(t, ask, p.cast()) };
     }
     if ask {
-        return h.profile.is_some() || pos.is_some();
+        return h.profile.is_some() || pos.is_some() || split.is_some();
     }
     if let (Some(pos), Some(s)) = (pos, h.stream) {
         // SAFETY: `compute` is the model's live backend, the slots' device's.
         unsafe { s.stream.at_router(pos, s.compute) };
+    }
+    if let (Some(at), Some(p)) = (split, h.pcie) {
+        use crate::pcie::PcieAt;
+        // SAFETY: the scheduler stops after computing `t` and has waited for the device;
+        // the split's nodes are the router's (kept as outputs) of a layer the split has,
+        // in a step of at most its tokens (`offload.rs`); `compute` is the model's live
+        // backend, the staging's device's.
+        unsafe {
+            match at {
+                PcieAt::Weights { layer, ids, wait } => {
+                    p.split.at_weights(layer, ids as *const ggml::sys::ggml_tensor, t);
+                    if wait {
+                        p.split.before_staged(p.compute);
+                    }
+                }
+                PcieAt::Staged => p.split.before_staged(p.compute),
+            }
+        }
     }
     true
 }

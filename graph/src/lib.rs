@@ -17,6 +17,7 @@ mod load;
 mod model;
 mod moe;
 mod offload;
+mod pcie;
 pub mod ops;
 pub mod plan;
 pub mod profile;

@@ -78,6 +78,14 @@ impl Model {
             Some(h) if opts.cold_stream_min > 0 => ColdStream::new(device, buft, h, opts.cold_stream_min, opts.cold_stream_keep_free)?,
             _ => None,
         };
+        let pcie = match &cold_host {
+            Some(h) if opts.cold_pcie_slots > 0 => crate::pcie::PcieSplit::new(device, buft, h, opts.cold_pcie_slots, opts.cold_pcie_max_tokens, config.n_expert_used)?,
+            None if opts.cold_pcie_slots > 0 => {
+                tracing::warn!("router slots over PCIe need layers whose experts are all cold in the graph of a GPU model; nothing is split");
+                None
+            }
+            _ => None,
+        };
         let (tables, subsets) = subset_tables(&config, &hot, buft)?;
         let weights = Weights::lookup(&config, &tensors, &subsets)?;
         validate_tid2eid(&config, &weights)?;
@@ -100,6 +108,7 @@ impl Model {
             hot,
             cold: None,
             cold_stream,
+            pcie,
             cold_host,
             route_counts,
             adaptive,

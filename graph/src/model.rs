@@ -66,6 +66,13 @@ pub struct ModelOptions {
     /// Device memory the two slots of `cold_stream_min` must leave free (for the KV caches
     /// and compute buffers); without it the layers are not streamed (logged).
     pub cold_stream_keep_free: u64,
+    /// With layers whose experts are all cold in the graph on a GPU: micro-batches of at
+    /// most `cold_pcie_max_tokens` tokens (decode) compute each token's first this many
+    /// router slots on the GPU, from copies of their experts made over PCIe while the CPU
+    /// computes the other slots (`pcie.rs`). 0: none (the CPU computes every slot).
+    pub cold_pcie_slots: usize,
+    /// See `cold_pcie_slots`.
+    pub cold_pcie_max_tokens: usize,
     /// The hot set follows the live routing ([`Model::replace_experts`], `adaptive.rs`):
     /// routing is counted, and partly held layers swap experts between steps. Not with a
     /// pinned host copy of the cold experts (`cold_offload_min`, `cold_layers_in_graph`).
@@ -90,6 +97,8 @@ impl Default for ModelOptions {
             cold_layers_in_graph: false,
             cold_stream_min: 0,
             cold_stream_keep_free: 2 << 30,
+            cold_pcie_slots: 0,
+            cold_pcie_max_tokens: 8,
             adaptive: None,
         }
     }
@@ -138,6 +147,9 @@ pub struct Model {
     /// (`ModelOptions::cold_stream_min`); declared (so dropped) before the host copy it
     /// reads.
     pub(crate) cold_stream: Option<crate::stream::ColdStream>,
+    /// Decode's all-cold layers split between the CPU and PCIe (`ModelOptions::cold_pcie_slots`);
+    /// declared (so dropped) before the host copy it reads.
+    pub(crate) pcie: Option<crate::pcie::PcieSplit>,
     /// The cold experts' pinned host copy (`ModelOptions::cold_offload_min`).
     pub(crate) cold_host: Option<crate::offload::ColdHost>,
     pub(crate) route_counts: Option<Box<Mutex<Vec<Vec<u64>>>>>,

@@ -162,6 +162,11 @@ impl Builder<'_> {
         if let Some(s) = streamed {
             self.stream_nodes.push((ids.0 as usize, s.pos));
         }
+        // Few tokens of an all-cold layer: some slots over PCIe, the rest on the CPU.
+        let split = self.pcie.filter(|p| streamed.is_none() && cold.maps.is_none() && n_tok < host.min_batch && n_tok <= p.max_tokens);
+        if let Some((p, layer)) = split.and_then(|p| p.layer(il).map(|l| (p, l))) {
+            return Some(self.routed_split(il, z, ids, wts, base, &cold.weights, p, layer));
+        }
         let cold_weights = streamed.map_or(&cold.weights, |s| &s.weights);
         let g = self.g;
         let (k, n) = (ids.ne(0), z.ne(1));
@@ -187,6 +192,45 @@ impl Builder<'_> {
         }
         let out = sum.unwrap_or_else(|| unreachable!("at least the cold experts were added"));
         Some(g.name(out, &format!("routed_out-{il}")))
+    }
+
+    /// An all-cold layer's routed experts for a micro-batch of few tokens, split between the
+    /// CPU and PCIe (`pcie.rs`): base + the CPU slots' sum (the host copy `cpu`, read by the
+    /// CPU) + the GPU slots' sum (the staged experts). The slots' ids and weights come from
+    /// the split's own tensors, which the evaluation callback fills at the router weights;
+    /// the router is put into the graph ahead of them (`order`), as nothing of the split
+    /// reads it.
+    #[allow(clippy::too_many_arguments)]
+    fn routed_split(&mut self, il: usize, z: T, ids: T, wts: T, base: Option<T>, cpu: &RoutedWeights, p: &crate::pcie::PcieSplit, layer: &crate::pcie::PcieLayer) -> T {
+        use crate::pcie::PcieAt;
+        let g = self.g;
+        let (k, n) = (ids.ne(0), z.ne(1));
+        let slots = p.slots as i64;
+        // The callback reads both at the weights: kept from reuse by later nodes.
+        g.output(ids);
+        self.order.push(g.output(wts));
+        let mut sum = base;
+        let mut add = |t: T| sum = Some(match sum {
+            Some(s) => g.add(s, t),
+            None => t,
+        });
+        let cpu_out = (slots < k).then(|| {
+            let ids_cpu = g.view_2d(p.ids_cpu, k - slots, n, 0, 0);
+            let wts_cpu = g.view_2d(p.wts_cpu, k - slots, n, 0, 0);
+            let out = self.hot_experts(il, z, ids_cpu, wts_cpu, cpu);
+            g.name(out, &format!("cold_cpu_out-{il}"))
+        });
+        self.pcie_nodes.push((wts.0 as usize, PcieAt::Weights { layer: il, ids: ids.0 as usize, wait: cpu_out.is_none() }));
+        if let Some(c) = cpu_out {
+            self.pcie_nodes.push((c.0 as usize, PcieAt::Staged));
+            add(c);
+        }
+        let remap = g.view_2d(p.remap, slots, n, 0, 0);
+        let wts_gpu = g.view_2d(p.wts_gpu, slots, n, 0, 0);
+        let staged = self.hot_experts(il, z, remap, wts_gpu, &layer.staged);
+        add(g.name(staged, &format!("cold_pcie_out-{il}")));
+        let out = sum.unwrap_or_else(|| unreachable!("the staged slots were added"));
+        g.name(out, &format!("routed_out-{il}"))
     }
 
     /// The router's ids mapped into `map`'s set (CPU op).

@@ -135,6 +135,9 @@ pub(crate) struct Step {
     /// The router-id nodes of the layers this step streams (`stream.rs`): (node address,
     /// position among the streamed layers), by address.
     pub stream_nodes: Vec<(usize, usize)>,
+    /// Where the evaluation callback stops for decode's CPU/PCIe split (`pcie.rs`), by
+    /// address.
+    pub pcie_nodes: Vec<(usize, crate::pcie::PcieAt)>,
     #[allow(clippy::vec_box)]
     _cold_calls: Vec<Box<ColdCall>>,
     #[allow(clippy::vec_box)]
@@ -236,6 +239,8 @@ impl Model {
             cold: self.cold.as_deref().map(|m| m as *const Mutex<ColdState>),
             cold_host: self.cold_host.as_ref(),
             cold_stream: self.cold_stream.as_ref(),
+            pcie: self.pcie.as_ref(),
+            pcie_nodes: Vec::new(),
             stream_nodes: Vec::new(),
             cold_calls: Vec::new(),
             route_counts: self.route_counts.as_deref().map(|m| m as *const Mutex<Vec<Vec<u64>>>),
@@ -247,9 +252,10 @@ impl Model {
             masks: Default::default(),
         };
         let out = b.model(&self.weights, seqs);
-        let Builder { effects, order, cold_calls, route_calls, cpu_nodes, mut stream_nodes, .. } = b;
+        let Builder { effects, order, cold_calls, route_calls, cpu_nodes, mut stream_nodes, mut pcie_nodes, .. } = b;
         // by address: the evaluation callback looks every node up (`forward::StepHooks`)
         stream_nodes.sort_unstable();
+        pcie_nodes.sort_unstable();
 
         // The effects go last: they overwrite state the step reads.
         let graph = g.new_graph(graph_size);
@@ -291,6 +297,6 @@ impl Model {
         unsafe { sched.alloc_graph(graph.as_ptr())? };
         let (nodes, compute_nodes) = graph.node_counts();
         tracing::debug!(seqs = key.seqs.len(), n = inputs.tokens.ne(0), nodes, compute_nodes, splits = sched.n_splits(), buffers = ?sched.buffer_sizes(&backends), "step graph allocated");
-        Ok(Step { key, graph, inputs, input_buffer, out, sched, stream_nodes, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
+        Ok(Step { key, graph, inputs, input_buffer, out, sched, stream_nodes, pcie_nodes, _cold_calls: cold_calls, _route_calls: route_calls, _ctx: ctx })
     }
 }

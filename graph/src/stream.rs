@@ -69,7 +69,7 @@ pub(crate) struct ColdStream {
 }
 
 /// The expert tensors of a layer's FFN.
-fn ffn_tensors(f: &ExpertFfn) -> Vec<T> {
+pub(crate) fn ffn_tensors(f: &ExpertFfn) -> Vec<T> {
     match f.up_gate {
         UpGate::Separate { gate, up } => vec![gate, up, f.down],
         UpGate::Fused(gu) => vec![gu, f.down],

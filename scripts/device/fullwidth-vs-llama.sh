@@ -163,7 +163,13 @@ if on exact; then
   X stream-partial --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --cold-stream-min 1
   U=66 X offload-partial-u66 --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --cold-stream-min 0
   U=66 X stream-partial-u66 --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --cold-stream-min 32
+  # decode (the last 30 tokens one at a time) of every layer cold: the CPU computing every
+  # slot, and 2 of a token's 4 slots over PCIe (not the same bits: the staged slots take the
+  # GPU's kernels, and the two parts' sums are added)
+  X dec-cpu --experts-hot none --expert-workers 0 --decode-from 300
+  X dec-pcie --experts-hot none --expert-workers 0 --decode-from 300 --cold-pcie-slots 2
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
+  python3 -c 'import numpy as np; a, b = np.load("/tmp/x-dec-cpu.npy"), np.load("/tmp/x-dec-pcie.npy"); print("dec-pcie vs dec-cpu: max|Δ| %.3e, max|logit| %.3e, top-1 agree %.1f%%" % (np.abs(a - b).max(), np.abs(a).max(), 100 * (a.argmax(-1) == b.argmax(-1)).mean()))' || echo "FAILED: dec-pcie vs dec-cpu"
   # the streamed products read the all-hot placement's bytes with its kernels (a partly held
   # layer's cold part: the offloaded one's): the same bits
   python3 - <<'PY' || echo "FAILED: streamed logits differ from all hot (or, partly held, from offloaded)"

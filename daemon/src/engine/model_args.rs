@@ -121,6 +121,16 @@ pub struct ModelArgs {
     /// routes to nearly every expert anyway), 0 under `--experts-hot adaptive`.
     #[arg(long = "cold-stream-min", value_name = "N")]
     pub cold_stream_min: Option<usize>,
+    /// With the model on a GPU, for layers whose routed experts are all cold (computed in the
+    /// step graph): micro-batches of at most `--cold-pcie-max` tokens (decode) compute each
+    /// token's first K router slots on the GPU, from copies of their experts made over PCIe
+    /// into a small staging area while the CPU computes the other slots from host memory,
+    /// so both paths' bandwidth serve one token. 0: the CPU computes every slot.
+    #[arg(long = "cold-pcie-slots", value_name = "K", default_value_t = 0)]
+    pub cold_pcie_slots: usize,
+    /// See `--cold-pcie-slots`; the staging area holds K × N experts.
+    #[arg(long = "cold-pcie-max", value_name = "N", default_value_t = 8)]
+    pub cold_pcie_max: usize,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
     /// the model's device between two steps (0: the placement stays as it started).
     #[arg(long = "expert-swap-mb", default_value_t = 16)]
@@ -139,8 +149,8 @@ impl ModelArgs {
         };
         let options = self.placement.options()?;
         let adaptive = options.policy.is_adaptive();
-        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true) || self.cold_stream_min.is_some_and(|n| n > 0)) {
-            anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph / --cold-stream-min does not follow: use one or the other");
+        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true) || self.cold_stream_min.is_some_and(|n| n > 0) || self.cold_pcie_slots > 0) {
+            anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph / --cold-stream-min / --cold-pcie-slots does not follow: use one or the other");
         }
         let ubatch = self.ubatch()?;
         let reserve = self.device_reserve_bytes(ubatch);
@@ -186,6 +196,8 @@ impl ModelArgs {
                 let offload = if cold_offload_min > 0 { largest_layer_experts(&shape) } else { 0 };
                 reserve.saturating_add(offload)
             },
+            cold_pcie_slots: self.cold_pcie_slots,
+            cold_pcie_max_tokens: self.cold_pcie_max,
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
         };

@@ -1,0 +1,294 @@
+//! Small micro-batches (decode) of layers whose experts are all cold, split between the CPU
+//! and PCIe (`ModelOptions::cold_pcie_slots`). On the CPU a decoded token's experts are read
+//! from host memory by the CPU; the GPU could read them over PCIe instead, and the two paths
+//! have their own bandwidth. So each token's first `slots` router slots are computed on the
+//! GPU from copies of their experts, made over PCIe into a small staging area of the device,
+//! while the CPU computes the other slots from the host copy (`offload.rs`) as before; the two
+//! weighted sums and the shared expert are added on the GPU.
+//!
+//! Order within a split layer (the scheduler's evaluation callback stops at two nodes):
+//! - at the layer's router weights (the device has caught up: its ids and weights are read),
+//!   the host plans the split: the CPU slots' ids and weights go into host tensors the CPU's
+//!   products read; the GPU slots' staging indices and weights, then the distinct experts
+//!   they name, are queued on a copier backend of the device (its own stream) and an event
+//!   is recorded after them;
+//! - the CPU then computes its slots while the copies run;
+//! - at the CPU slots' weighted sum the model's stream is made to wait for that event, before
+//!   the staged products.
+//!
+//! The staged products read the same bytes with the same kernels as experts resident on the
+//! GPU; the CPU's the same as the in-graph CPU path's. Only the order of the sum changes: the
+//! CPU slots' sum and the GPU slots' sum are added, where one sum takes every slot.
+use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
+
+use crate::expert_ffn::{ExpertFfn, UpGate};
+use crate::offload::ColdHost;
+use crate::ops::T;
+use crate::stream::ffn_tensors;
+use crate::weights::RoutedWeights;
+use crate::GraphError;
+
+/// Where the evaluation callback stops in a split layer (`forward::StepHooks`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum PcieAt {
+    /// The layer's router weights: plan and queue the split (`ids`: the router ids node);
+    /// `wait`: also make the model's stream wait for the copies (no CPU slots).
+    Weights { layer: usize, ids: usize, wait: bool },
+    /// The CPU slots' weighted sum: make the model's stream wait for the copies.
+    Staged,
+}
+
+/// One split layer: its host expert tensors (what is copied), and its experts over the
+/// staging tensors (what the GPU computes).
+pub(crate) struct PcieLayer {
+    host: Vec<T>,
+    pub staged: RoutedWeights,
+}
+
+/// The staging area, the split's input tensors, the copier.
+pub(crate) struct PcieSplit {
+    /// Router slots per token computed on the GPU (the first ones).
+    pub slots: usize,
+    /// Micro-batches of at most this many tokens are split.
+    pub max_tokens: usize,
+    /// The router's k.
+    k: usize,
+    layers: Vec<Option<PcieLayer>>,
+    /// Per expert tensor of an FFN: room for `slots × max_tokens` experts on the device.
+    staging: Vec<T>,
+    /// [slots, max_tokens] on the device: the GPU slots' staging indices (I32), weights (F32).
+    pub remap: T,
+    pub wts_gpu: T,
+    /// [k − slots, max_tokens] on the host: the CPU slots' expert ids (I32), weights (F32).
+    pub ids_cpu: T,
+    pub wts_cpu: T,
+    copier: Backend,
+    copied: Event,
+    _device_buf: Buffer,
+    _host_buf: Buffer,
+    _ctx: Context,
+}
+
+/// A split step's plan for `n` tokens of router ids and weights `[k, n]`: the CPU slots'
+/// ids and weights (`[k − slots, n]`), the GPU slots' staging indices and weights
+/// (`[slots, n]`), and the experts to stage, each once, in staging order.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct SplitPlan {
+    pub ids_cpu: Vec<i32>,
+    pub wts_cpu: Vec<f32>,
+    pub remap: Vec<i32>,
+    pub wts_gpu: Vec<f32>,
+    pub staged: Vec<i32>,
+}
+
+pub(crate) fn split_plan(ids: &[i32], wts: &[f32], k: usize, slots: usize) -> SplitPlan {
+    let mut p = SplitPlan::default();
+    for (tid, tw) in ids.chunks_exact(k).zip(wts.chunks_exact(k)) {
+        for (&e, &w) in tid[..slots].iter().zip(&tw[..slots]) {
+            let s = match p.staged.iter().position(|&x| x == e) {
+                Some(s) => s,
+                None => {
+                    p.staged.push(e);
+                    p.staged.len() - 1
+                }
+            };
+            p.remap.push(s as i32);
+            p.wts_gpu.push(w);
+        }
+        p.ids_cpu.extend_from_slice(&tid[slots..]);
+        p.wts_cpu.extend_from_slice(&tw[slots..]);
+    }
+    p
+}
+
+/// Host bytes of a slice, for a copy.
+fn bytes<E>(v: &[E]) -> &[u8] {
+    // SAFETY: i32 / f32 slices: no padding, any alignment suits bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+impl PcieSplit {
+    /// The split for the all-cold layers of `host` (their FFN tensors of one shape), `slots`
+    /// of the router's `k` on the GPU for micro-batches of at most `max_tokens`. None (logged)
+    /// when no layer qualifies or the device has no events.
+    pub fn new(device: Device, buft: BufferType, host: &ColdHost, slots: usize, max_tokens: usize, k: usize) -> Result<Option<PcieSplit>, GraphError> {
+        if slots == 0 || max_tokens == 0 {
+            return Ok(None);
+        }
+        if slots > k {
+            return Err(GraphError::Option(format!("{slots} router slots over PCIe is more than the {k} experts a token is routed to")));
+        }
+        let all_cold: Vec<(usize, &ExpertFfn)> = host.layers.iter().enumerate().filter_map(|(l, c)| c.as_ref().filter(|c| c.maps.is_none()).map(|c| (l, &c.weights.ffn))).collect();
+        let Some(&(_, first)) = all_cold.first() else {
+            tracing::warn!("--cold-pcie-slots: no layer has all its experts cold in the graph; nothing is split");
+            return Ok(None);
+        };
+        let Some(copied) = Event::new(device) else {
+            tracing::warn!(device = %device.name(), "the device has no events: decode's cold experts are not split over PCIe");
+            return Ok(None);
+        };
+        // A layer is split when its tensors have the first one's type and shape (the staging
+        // holds that shape).
+        let shape = |t: T| unsafe { ((*t.0).type_, (*t.0).ne[0], (*t.0).ne[1]) };
+        let first_tensors = ffn_tensors(first);
+        let n_staged = (slots * max_tokens) as i64;
+        let ctx = Context::new_no_alloc(first_tensors.len() + 4, 0)?;
+        let g = crate::ops::Ctx { raw: ctx.as_ptr() };
+        let staging: Vec<T> = first_tensors
+            .iter()
+            .map(|&t| {
+                // SAFETY: a live context with room; `t` a live tensor.
+                T(unsafe { ggml::sys::ggml_new_tensor_3d(ctx.as_ptr(), (*t.0).type_, (*t.0).ne[0], (*t.0).ne[1], n_staged) })
+            })
+            .collect();
+        let remap = g.new_i32(&[slots as i64, max_tokens as i64]);
+        let wts_gpu = g.new_f32(&[slots as i64, max_tokens as i64]);
+        let cpu_slots = (k - slots).max(1) as i64;
+        let ids_cpu = g.new_i32(&[cpu_slots, max_tokens as i64]);
+        let wts_cpu = g.new_f32(&[cpu_slots, max_tokens as i64]);
+        let device_buf = place(buft, staging.iter().copied().chain([remap, wts_gpu]))?;
+        // so that the scheduler runs the staged products where the staging is
+        device_buf.set_weights_usage();
+        let host_buf = place(Device::cpu()?.buffer_type(), [ids_cpu, wts_cpu].into_iter())?;
+        let mut layers: Vec<Option<PcieLayer>> = (0..host.layers.len()).map(|_| None).collect();
+        for &(l, f) in &all_cold {
+            let host_tensors = ffn_tensors(f);
+            if host_tensors.len() != staging.len() || host_tensors.iter().zip(&first_tensors).any(|(&a, &b)| shape(a) != shape(b)) {
+                tracing::warn!(layer = l, "--cold-pcie-slots: this layer's experts have another shape than the first split layer's; not split");
+                continue;
+            }
+            let up_gate = match (f.up_gate, staging.as_slice()) {
+                (UpGate::Separate { .. }, &[gate, up, _]) => UpGate::Separate { gate, up },
+                (UpGate::Fused(_), &[gu, _]) => UpGate::Fused(gu),
+                _ => unreachable!("ffn_tensors lists an FFN's tensors in this order, and the shapes matched"),
+            };
+            let down = *staging.last().unwrap_or_else(|| unreachable!("down is listed last"));
+            let ffn = ExpertFfn { up_gate, down, n_ff: f.n_ff, clamp: f.clamp };
+            layers[l] = Some(PcieLayer { host: host_tensors, staged: RoutedWeights { ffn, held_mask: None } });
+        }
+        tracing::info!(layers = all_cold.len(), slots, max_tokens, staging_bytes = device_buf.size(), "micro-batches of few tokens compute some router slots of all-cold layers on the GPU from copies over PCIe");
+        Ok(Some(PcieSplit {
+            slots,
+            max_tokens,
+            k,
+            layers,
+            staging,
+            remap,
+            wts_gpu,
+            ids_cpu,
+            wts_cpu,
+            copier: Backend::new(device)?,
+            copied,
+            _device_buf: device_buf,
+            _host_buf: host_buf,
+            _ctx: ctx,
+        }))
+    }
+
+    /// The split layer `il`, if it is one.
+    pub fn layer(&self, il: usize) -> Option<&PcieLayer> {
+        self.layers.get(il).and_then(Option::as_ref)
+    }
+
+    /// At layer `il`'s router weights (the device has caught up): plan the split from the
+    /// router's `ids` and `wts` [k, n], write the CPU slots' inputs, queue the GPU slots'
+    /// inputs and experts on the copier, and record the event after them.
+    ///
+    /// # Safety
+    /// `ids` and `wts` are the layer's computed router tensors (I32, F32 [k, n], contiguous,
+    /// n ≤ max_tokens), no copy of an earlier layer is still reading the staging area (the
+    /// model's stream waited for it before that layer's products, and has caught up), and
+    /// the CPU inputs are not being read.
+    pub unsafe fn at_weights(&self, il: usize, ids: *const ggml::sys::ggml_tensor, wts: *const ggml::sys::ggml_tensor) {
+        let Some(layer) = self.layer(il) else { return };
+        // SAFETY: the caller's contract.
+        let (k, n) = unsafe { ((*ids).ne[0] as usize, (*ids).ne[1] as usize) };
+        debug_assert!(k == self.k && n <= self.max_tokens);
+        let mut id = vec![0i32; k * n];
+        let mut w = vec![0f32; k * n];
+        // SAFETY: the caller's contract: allocated tensors of these sizes.
+        unsafe {
+            ggml::backend::tensor_get(ids, std::slice::from_raw_parts_mut(id.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
+            ggml::backend::tensor_get(wts, std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
+        }
+        let p = split_plan(&id, &w, k, self.slots);
+        // SAFETY: host tensors of this split with room for [k − slots, max_tokens] (the
+        // caller's contract keeps them unread now); the device ones are written on the
+        // copier's stream, small pageable copies first (they wait for the stream, idle here),
+        // then the experts from the pinned host copy, which the model keeps while it lives.
+        unsafe {
+            ggml::backend::tensor_set(self.ids_cpu.0, bytes(&p.ids_cpu), 0);
+            ggml::backend::tensor_set(self.wts_cpu.0, bytes(&p.wts_cpu), 0);
+            self.copier.tensor_set_async(self.remap.0, bytes(&p.remap).as_ptr(), 0, 4 * p.remap.len());
+            self.copier.tensor_set_async(self.wts_gpu.0, bytes(&p.wts_gpu).as_ptr(), 0, 4 * p.wts_gpu.len());
+            for (s, &e) in p.staged.iter().enumerate() {
+                for (&dst, &src) in self.staging.iter().zip(&layer.host) {
+                    let per = (*src.0).nb[2];
+                    self.copier.tensor_set_async(dst.0, (*src.0).data.cast::<u8>().add(e as usize * per), s * per, per);
+                }
+            }
+            self.copied.record(self.copier.as_ptr());
+        }
+    }
+
+    /// After the CPU slots' weighted sum: make `compute` (the model's backend) wait for the
+    /// copies before the staged products.
+    ///
+    /// # Safety
+    /// `compute` is the model's live backend, on the staging's device.
+    pub unsafe fn before_staged(&self, compute: ggml::sys::ggml_backend_t) {
+        // SAFETY: the caller's contract.
+        unsafe { self.copied.wait(compute) };
+    }
+}
+
+/// `tensors` (unallocated, of one context) one after another in a new buffer of `buft`.
+fn place(buft: BufferType, tensors: impl Iterator<Item = T>) -> Result<Buffer, GraphError> {
+    let tensors: Vec<T> = tensors.collect();
+    let align = buft.alignment().max(1);
+    let mut at = Vec::with_capacity(tensors.len());
+    let mut len = 0usize;
+    for t in &tensors {
+        len = len.next_multiple_of(align);
+        at.push(len);
+        // SAFETY: a live tensor.
+        len += unsafe { buft.alloc_size(t.0) };
+    }
+    let buf = buft.alloc_buffer(len.max(1))?;
+    for (t, &o) in tensors.iter().zip(&at) {
+        // SAFETY: unallocated tensors at aligned offsets within the buffer, sized above.
+        unsafe { buf.place(t.0, o)? };
+    }
+    Ok(buf)
+}
+
+impl Drop for PcieSplit {
+    fn drop(&mut self) {
+        // A step that failed part-way may leave copies queued from the host copy.
+        self.copier.synchronize();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_plan;
+
+    #[test]
+    fn the_plan_stages_each_expert_once_and_keeps_every_slot() {
+        // k = 3, 2 slots on the GPU; three tokens, two sharing expert 7.
+        let ids = [7, 1, 2, 3, 7, 4, 5, 6, 9];
+        let wts = [0.5, 0.3, 0.2, 0.6, 0.25, 0.15, 0.4, 0.35, 0.25];
+        let p = split_plan(&ids, &wts, 3, 2);
+        assert_eq!(p.staged, vec![7, 1, 3, 5, 6]);
+        assert_eq!(p.remap, vec![0, 1, 2, 0, 3, 4]);
+        assert_eq!(p.wts_gpu, vec![0.5, 0.3, 0.6, 0.25, 0.4, 0.35]);
+        assert_eq!(p.ids_cpu, vec![2, 4, 9]);
+        assert_eq!(p.wts_cpu, vec![0.2, 0.15, 0.25]);
+        // every slot is in one part, with its own weight
+        for t in 0..3 {
+            for j in 0..2 {
+                assert_eq!(p.staged[p.remap[t * 2 + j] as usize], ids[t * 3 + j]);
+            }
+        }
+    }
+}
