@@ -455,3 +455,62 @@ fn the_shared_expert_runs_while_the_cold_experts_do() {
         assert!(begin < shared && shared < end, "layer {il}: hand-over {begin}, shared expert {shared}, wait {end}");
     }
 }
+
+/// Decode's router slots of all-cold layers split between the CPU and staged copies of their
+/// experts (`pcie.rs`), run on a CPU (the copies go to a staging area in CPU memory; the
+/// evaluation callback plans and queues them as on a GPU): for every K of the router's k the
+/// logits are those of the same layers computed whole on the CPU (`K = 0`) and all-hot,
+/// within 1e-5 · max |logit| (only the order of the sum changes), on the F32 and MXFP4
+/// fixtures, through prefill (not split: more tokens than `cold_pcie_max_tokens`), decode and
+/// a step of two sequences (experts of two tokens staged).
+#[test]
+fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
+    let tokens = fixture_a_tokens(64);
+    for gguf in ["ds4-tiny-a.f32.gguf", "ds4-tiny-a.mxfp4.gguf"] {
+        let path = fixture(gguf);
+        let c = loader::ModelFile::open(&path).expect("fixture").config;
+        let run = |hot: Option<ExpertSet>, slots: usize| -> (Vec<f32>, Option<u64>) {
+            let mut opts = ModelOptions {
+                ubatch: 48,
+                hot,
+                cold_layers_in_graph: true,
+                cold_host_on_cpu: true,
+                cold_pcie_slots: slots,
+                cold_pcie_max_tokens: 4,
+                ..ModelOptions::default()
+            };
+            opts.read.progress = false;
+            let mut m = Model::load(&path, opts).expect("load");
+            let (mut a, mut b) = (m.new_sequence(tokens.len()).expect("sequence"), m.new_sequence(tokens.len()).expect("sequence"));
+            let mut out = m.forward(&mut a, &tokens[..40], Logits::All).expect("prefill");
+            for i in 40..60 {
+                out.extend(m.forward(&mut a, &tokens[i..i + 1], Logits::All).expect("decode"));
+            }
+            m.forward(&mut b, &tokens[..3], Logits::All).expect("second sequence");
+            out.extend(m.forward_batch(&mut [(&mut a, &tokens[60..61]), (&mut b, &tokens[3..4])], Logits::All).expect("two sequences").concat());
+            (out, m.experts_staged())
+        };
+        let none = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, _| false);
+        let (hot, staged) = run(None, 0);
+        assert_eq!(staged, None);
+        let (cpu, staged) = run(Some(none.clone()), 0);
+        assert_eq!(staged, None);
+        let close = |a: &[f32], b: &[f32], what: &str| {
+            assert_eq!(a.len(), b.len(), "{what}");
+            for (t, (x, y)) in a.chunks_exact(c.n_vocab).zip(b.chunks_exact(c.n_vocab)).enumerate() {
+                let max = y.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+                assert!(d <= 1e-5 * max, "{gguf} {what}: row {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
+            }
+        };
+        close(&cpu, &hot, "all cold in the graph against all hot");
+        for slots in 1..=c.n_expert_used {
+            let (split, staged) = run(Some(none.clone()), slots);
+            let staged = staged.expect("the split is set up");
+            // every decode step of every layer stages at least one expert
+            assert!(staged >= (21 * c.n_layer) as u64, "{gguf} K = {slots}: {staged} experts staged");
+            close(&split, &cpu, &format!("K = {slots} against the CPU's"));
+            eprintln!("{gguf}: K = {slots} of {}: {staged} experts staged, the CPU path's logits within 1e-5", c.n_expert_used);
+        }
+    }
+}

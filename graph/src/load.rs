@@ -67,6 +67,7 @@ impl Model {
         let wanted = opts.cold_offload_min > 0 || opts.cold_layers_in_graph;
         let min = if opts.cold_offload_min == 0 { usize::MAX } else { opts.cold_offload_min };
         let cold_host = match (wanted, device.kind(), device.host_buffer_type()) {
+            (true, ggml::DeviceKind::Cpu, _) if opts.cold_host_on_cpu => ColdHost::load(&file, &hot, buft, buft, min, opts.cold_layers_in_graph, &opts.read)?,
             (false, _, _) | (_, ggml::DeviceKind::Cpu, _) => None,
             (true, _, Some(host)) => ColdHost::load(&file, &hot, host, buft, min, opts.cold_layers_in_graph, &opts.read)?,
             (_, _, None) => {

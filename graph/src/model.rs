@@ -77,6 +77,12 @@ pub struct ModelOptions {
     /// routing is counted, and partly held layers swap experts between steps. Not with a
     /// pinned host copy of the cold experts (`cold_offload_min`, `cold_layers_in_graph`).
     pub adaptive: Option<crate::adaptive::SwapPolicy>,
+    /// With the model on the CPU, keep the host copy of `cold_offload_min` /
+    /// `cold_layers_in_graph` too, in a plain CPU buffer (a GPU model keeps it in pinned
+    /// memory): the in-graph paths of cold experts (and `cold_pcie_slots`, whose copies are
+    /// then plain memory copies) run on a CPU, for their tests.
+    #[doc(hidden)]
+    pub cold_host_on_cpu: bool,
 }
 
 impl Default for ModelOptions {
@@ -95,6 +101,7 @@ impl Default for ModelOptions {
             attention_block: crate::DEFAULT_ATTENTION_BLOCK,
             cold_offload_min: 0,
             cold_layers_in_graph: false,
+            cold_host_on_cpu: false,
             cold_stream_min: 0,
             cold_stream_keep_free: 2 << 30,
             cold_pcie_slots: 0,
@@ -329,6 +336,12 @@ impl Model {
     pub fn kept_steps(&self) -> (usize, usize) {
         let backends: Vec<&ggml::Backend> = std::iter::once(&self.backend).chain(self.cpu.as_ref()).collect();
         (self.steps.len(), self.steps.buffer_bytes(&backends).iter().sum())
+    }
+
+    /// Experts copied to the device for decode's router slots split over PCIe
+    /// (`ModelOptions::cold_pcie_slots`) since load; None when nothing is split.
+    pub fn experts_staged(&self) -> Option<u64> {
+        self.pcie.as_ref().map(|p| p.staged_total.get())
     }
 
     /// Fill every step's inputs into a host image and copy it to the device in one piece

@@ -63,7 +63,10 @@ pub(crate) struct PcieSplit {
     pub ids_cpu: T,
     pub wts_cpu: T,
     copier: Backend,
-    copied: Event,
+    /// Recorded after the copies (None on the CPU, whose copies are done when queued).
+    copied: Option<Event>,
+    /// Experts staged since load (each distinct expert of a split layer's step once).
+    pub staged_total: std::cell::Cell<u64>,
     _device_buf: Buffer,
     _host_buf: Buffer,
     _ctx: Context,
@@ -123,9 +126,14 @@ impl PcieSplit {
             tracing::warn!("--cold-pcie-slots: no layer has all its experts cold in the graph; nothing is split");
             return Ok(None);
         };
-        let Some(copied) = Event::new(device) else {
-            tracing::warn!(device = %device.name(), "the device has no events: decode's cold experts are not split over PCIe");
-            return Ok(None);
+        // The CPU has no events: its copies are done when queued.
+        let copied = match Event::new(device) {
+            Some(e) => Some(e),
+            None if device.kind() == ggml::DeviceKind::Cpu => None,
+            None => {
+                tracing::warn!(device = %device.name(), "the device has no events: decode's cold experts are not split over PCIe");
+                return Ok(None);
+            }
         };
         // A layer is split when its tensors have the first one's type and shape (the staging
         // holds that shape).
@@ -179,6 +187,7 @@ impl PcieSplit {
             wts_cpu,
             copier: Backend::new(device)?,
             copied,
+            staged_total: std::cell::Cell::new(0),
             _device_buf: device_buf,
             _host_buf: host_buf,
             _ctx: ctx,
@@ -212,6 +221,7 @@ impl PcieSplit {
             ggml::backend::tensor_get(wts, std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
         }
         let p = split_plan(&id, &w, k, self.slots);
+        self.staged_total.set(self.staged_total.get() + p.staged.len() as u64);
         // SAFETY: host tensors of this split with room for [k − slots, max_tokens] (the
         // caller's contract keeps them unread now); the device ones are written on the
         // copier's stream, small pageable copies first (they wait for the stream, idle here),
@@ -227,7 +237,9 @@ impl PcieSplit {
                     self.copier.tensor_set_async(dst.0, (*src.0).data.cast::<u8>().add(e as usize * per), s * per, per);
                 }
             }
-            self.copied.record(self.copier.as_ptr());
+            if let Some(e) = &self.copied {
+                e.record(self.copier.as_ptr());
+            }
         }
     }
 
@@ -238,7 +250,9 @@ impl PcieSplit {
     /// `compute` is the model's live backend, on the staging's device.
     pub unsafe fn before_staged(&self, compute: ggml::sys::ggml_backend_t) {
         // SAFETY: the caller's contract.
-        unsafe { self.copied.wait(compute) };
+        if let Some(e) = &self.copied {
+            unsafe { e.wait(compute) };
+        }
     }
 }
 

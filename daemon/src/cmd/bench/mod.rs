@@ -66,6 +66,9 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
     );
     if a.timings {
         println!("  graph build {build_s:.3} s, compute {compute_s:.3} s (all reps); last graph split into {} backend runs", model.last_step_splits());
+        if let Some(n) = model.experts_staged() {
+            println!("  experts copied over PCIe for decode's split router slots: {n} since load");
+        }
     }
 }
 
