@@ -514,3 +514,36 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
         }
     }
 }
+
+/// The cold experts' host copy computed in the step graph (`offload.rs`: layers whose experts
+/// are all cold by the router's ids, partly held layers by their held and cold local ids and
+/// masked weights), run on a CPU (`cold_host_on_cpu`), at every micro-batch size
+/// (`cold_offload_min` 1): every placement gives the all-hot logits within 1e-5 · max |logit|
+/// through prefill and decode; layers with fewer cold experts than k keep the executor.
+#[test]
+fn cold_experts_computed_in_the_graph_from_their_host_copy_give_the_all_hot_logits() {
+    let tokens = fixture_a_tokens(60);
+    let path = fixture("ds4-tiny-a.f32.gguf");
+    let c = loader::ModelFile::open(&path).expect("fixture").config;
+    let run = |hot: Option<ExpertSet>, in_graph: bool| -> Vec<f32> {
+        let mut opts = ModelOptions { ubatch: 48, hot, ..ModelOptions::default() };
+        if in_graph {
+            (opts.cold_layers_in_graph, opts.cold_offload_min, opts.cold_host_on_cpu) = (true, 1, true);
+        }
+        opts.read.progress = false;
+        let mut m = Model::load(&path, opts).expect("load");
+        if m.needs_cold_executor() {
+            m.set_cold_experts(Box::new(RustExperts::load(&path, Default::default()))).expect("cold executor");
+        }
+        run_seq(&mut m, &tokens, 40, |_, _| {})
+    };
+    let hot = run(None, false);
+    for (what, set) in placements(c.n_layer, c.n_expert) {
+        let got = run(Some(set), true);
+        for (t, (x, y)) in got.chunks_exact(c.n_vocab).zip(hot.chunks_exact(c.n_vocab)).enumerate() {
+            let max = y.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+            assert!(d <= 1e-5 * max, "{what}: row {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
+        }
+    }
+}
