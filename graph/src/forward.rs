@@ -259,8 +259,8 @@ unsafe extern "C" fn step_hooks(t: *mut ggml::sys::ggml_tensor, ask: bool, user_
         // backend, the staging's device's.
         unsafe {
             match at {
-                PcieAt::Weights { layer, ids, wait } => {
-                    p.split.at_weights(layer, ids as *const ggml::sys::ggml_tensor, t);
+                PcieAt::Plan { layer, ids, wait } => {
+                    p.split.at_plan(layer, ids as *const ggml::sys::ggml_tensor, t);
                     if wait {
                         p.split.before_staged(p.compute);
                     }

@@ -66,10 +66,11 @@ pub struct ModelOptions {
     /// Device memory the two slots of `cold_stream_min` must leave free (for the KV caches
     /// and compute buffers); without it the layers are not streamed (logged).
     pub cold_stream_keep_free: u64,
-    /// With layers whose experts are all cold in the graph on a GPU: micro-batches of at
-    /// most `cold_pcie_max_tokens` tokens (decode) compute each token's first this many
-    /// router slots on the GPU, from copies of their experts made over PCIe while the CPU
-    /// computes the other slots (`pcie.rs`). 0: none (the CPU computes every slot).
+    /// With a host copy of cold experts on a GPU (`cold_offload_min`, `cold_layers_in_graph`):
+    /// micro-batches of at most `cold_pcie_max_tokens` tokens (decode) compute cold router
+    /// slots on the GPU from copies of their experts made over PCIe (`pcie.rs`): in a layer
+    /// whose experts are all cold each token's first this many, while the CPU computes the
+    /// others; in a partly held layer every cold slot. 0: none.
     pub cold_pcie_slots: usize,
     /// See `cold_pcie_slots`.
     pub cold_pcie_max_tokens: usize,

@@ -162,10 +162,15 @@ impl Builder<'_> {
         if let Some(s) = streamed {
             self.stream_nodes.push((ids.0 as usize, s.pos));
         }
-        // Few tokens of an all-cold layer: some slots over PCIe, the rest on the CPU.
-        let split = self.pcie.filter(|p| streamed.is_none() && cold.maps.is_none() && n_tok < host.min_batch && n_tok <= p.max_tokens);
+        // Few tokens (decode): an all-cold layer's first slots over PCIe, the rest on the CPU;
+        // a partly held layer's cold slots over PCIe.
+        let split = self.pcie.filter(|p| streamed.is_none() && n_tok <= p.max_tokens);
         if let Some((p, layer)) = split.and_then(|p| p.layer(il).map(|l| (p, l))) {
-            return Some(self.routed_split(il, z, ids, wts, base, &cold.weights, p, layer));
+            return Some(match (&cold.maps, &w.experts, cold.weights.held_mask) {
+                (None, _, _) => self.routed_split(il, z, ids, wts, base, &cold.weights, p, layer),
+                (Some((_, hot_map)), Some(held), Some(cold_mask)) => self.routed_staged_cold(il, z, ids, wts, base, (hot_map, held), cold_mask, p, layer),
+                _ => unreachable!("a layer's cold copy matches its held experts (both partial, or none held)"),
+            });
         }
         let cold_weights = streamed.map_or(&cold.weights, |s| &s.weights);
         let g = self.g;
@@ -215,21 +220,47 @@ impl Builder<'_> {
             None => t,
         });
         let cpu_out = (slots < k).then(|| {
-            let ids_cpu = g.view_2d(p.ids_cpu, k - slots, n, 0, 0);
-            let wts_cpu = g.view_2d(p.wts_cpu, k - slots, n, 0, 0);
+            let (ids_cpu, wts_cpu) = p.cpu_slots(g, n);
             let out = self.hot_experts(il, z, ids_cpu, wts_cpu, cpu);
             g.name(out, &format!("cold_cpu_out-{il}"))
         });
-        self.pcie_nodes.push((wts.0 as usize, PcieAt::Weights { layer: il, ids: ids.0 as usize, wait: cpu_out.is_none() }));
+        self.pcie_nodes.push((wts.0 as usize, PcieAt::Plan { layer: il, ids: ids.0 as usize, wait: cpu_out.is_none() }));
         if let Some(c) = cpu_out {
             self.pcie_nodes.push((c.0 as usize, PcieAt::Staged));
             add(c);
         }
-        let remap = g.view_2d(p.remap, slots, n, 0, 0);
-        let wts_gpu = g.view_2d(p.wts_gpu, slots, n, 0, 0);
-        let staged = self.hot_experts(il, z, remap, wts_gpu, &layer.staged);
+        let staged = self.hot_experts(il, z, p.remap(g, slots, n), p.wts_gpu(g, n), &layer.staged);
         add(g.name(staged, &format!("cold_pcie_out-{il}")));
         let out = sum.unwrap_or_else(|| unreachable!("the staged slots were added"));
+        g.name(out, &format!("routed_out-{il}"))
+    }
+
+    /// A partly held layer's routed experts for a micro-batch of few tokens: base + the held
+    /// experts over their local ids (as `routed_offloaded` computes them) + every cold slot
+    /// from a copy of its expert staged over PCIe (`pcie.rs`; the staging indices come from
+    /// the evaluation callback at the router ids; each product's weights masked to its
+    /// slots). The held products run while the copies do: the model's stream waits for them
+    /// after the held experts' sum.
+    #[allow(clippy::too_many_arguments)]
+    fn routed_staged_cold(&mut self, il: usize, z: T, ids: T, wts: T, base: Option<T>, hot: (&LocalIds, &RoutedWeights), cold_mask: T, p: &crate::pcie::PcieSplit, layer: &crate::pcie::PcieLayer) -> T {
+        use crate::pcie::PcieAt;
+        let g = self.g;
+        let (k, n) = (ids.ne(0), z.ne(1));
+        let (hot_map, held) = hot;
+        let Some(hot_mask) = held.held_mask else { unreachable!("a partly held layer has a held mask") };
+        // The callback reads the ids: kept from reuse by later nodes.
+        g.output(ids);
+        let masked = |mask: T| g.mul(wts, g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), g.reshape(ids, &[k * n])), &[k, n]));
+        let hot_ids = self.local_ids_op(il, ids, hot_map, "hot");
+        let held_out = self.hot_experts(il, z, hot_ids, masked(hot_mask), held);
+        self.pcie_nodes.push((ids.0 as usize, PcieAt::Plan { layer: il, ids: ids.0 as usize, wait: false }));
+        self.pcie_nodes.push((held_out.0 as usize, PcieAt::Staged));
+        let staged = self.hot_experts(il, z, p.remap(g, k, n), masked(cold_mask), &layer.staged);
+        let staged = g.name(staged, &format!("cold_pcie_out-{il}"));
+        let out = match base {
+            Some(b) => g.add(g.add(b, held_out), staged),
+            None => g.add(held_out, staged),
+        };
         g.name(out, &format!("routed_out-{il}"))
     }
 

@@ -31,9 +31,11 @@ use crate::GraphError;
 /// Where the evaluation callback stops in a split layer (`forward::StepHooks`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum PcieAt {
-    /// The layer's router weights: plan and queue the split (`ids`: the router ids node);
-    /// `wait`: also make the model's stream wait for the copies (no CPU slots).
-    Weights { layer: usize, ids: usize, wait: bool },
+    /// Plan and queue the split (`ids`: the router ids node): at an all-cold layer's router
+    /// weights (the node; it reads both), at a partly held layer's router ids (the node: its
+    /// plan needs only them, and its held products then run under the copies). `wait`: also
+    /// make the model's stream wait for the copies (no CPU slots).
+    Plan { layer: usize, ids: usize, wait: bool },
     /// The CPU slots' weighted sum: make the model's stream wait for the copies.
     Staged,
 }
@@ -43,6 +45,10 @@ pub(crate) enum PcieAt {
 pub(crate) struct PcieLayer {
     host: Vec<T>,
     pub staged: RoutedWeights,
+    /// A partly held layer's map from global expert id to index in its host copy (−1: held):
+    /// all of a token's cold slots are staged. None: an all-cold layer, whose first `slots`
+    /// slots are.
+    pub cold_local: Option<Vec<i32>>,
 }
 
 /// The staging area, the split's input tensors, the copier.
@@ -54,14 +60,16 @@ pub(crate) struct PcieSplit {
     /// The router's k.
     k: usize,
     layers: Vec<Option<PcieLayer>>,
-    /// Per expert tensor of an FFN: room for `slots × max_tokens` experts on the device.
+    /// Per expert tensor of an FFN: room for `slots × max_tokens` experts on the device
+    /// (`k × max_tokens` with partly held layers).
     staging: Vec<T>,
-    /// [slots, max_tokens] on the device: the GPU slots' staging indices (I32), weights (F32).
-    pub remap: T,
-    pub wts_gpu: T,
-    /// [k − slots, max_tokens] on the host: the CPU slots' expert ids (I32), weights (F32).
-    pub ids_cpu: T,
-    pub wts_cpu: T,
+    /// Flat, on the device: the GPU slots' staging indices (I32, [slots or k, n]) and
+    /// weights (F32, [slots, n]) of a step.
+    remap: T,
+    wts_gpu: T,
+    /// Flat, on the host: the CPU slots' expert ids (I32) and weights (F32), [k − slots, n].
+    ids_cpu: T,
+    wts_cpu: T,
     copier: Backend,
     /// Recorded after the copies (None on the CPU, whose copies are done when queued).
     copied: Option<Event>,
@@ -104,6 +112,40 @@ pub(crate) fn split_plan(ids: &[i32], wts: &[f32], k: usize, slots: usize) -> Sp
     p
 }
 
+/// A partly held layer's plan for router ids `[k, n]`: every cold slot (`cold_local[e]` ≥ 0,
+/// the expert's index in the host copy) gets a staging index (each expert staged once, in
+/// staging order: `staged`); a held slot gets an index its token does not use, the lowest
+/// free one (its weight is 0: the staged product's weights are masked to the cold slots), so
+/// that each token's indices are distinct, as GPU expert kernels require. `remap` is `[k, n]`.
+pub(crate) fn partial_plan(ids: &[i32], k: usize, cold_local: &[i32]) -> (Vec<i32>, Vec<i32>) {
+    let mut staged: Vec<i32> = Vec::new();
+    let mut remap = Vec::with_capacity(ids.len());
+    for tid in ids.chunks_exact(k) {
+        let row = remap.len();
+        for &e in tid {
+            let Some(&h) = cold_local.get(e as usize).filter(|&&h| h >= 0) else {
+                remap.push(-1);
+                continue;
+            };
+            let s = staged.iter().position(|&x| x == h).unwrap_or_else(|| {
+                staged.push(h);
+                staged.len() - 1
+            });
+            remap.push(s as i32);
+        }
+        let mut free = 0;
+        for j in row..row + k {
+            if remap[j] < 0 {
+                while remap[row..row + k].contains(&free) {
+                    free += 1;
+                }
+                remap[j] = free;
+            }
+        }
+    }
+    (staged, remap)
+}
+
 /// Host bytes of a slice, for a copy.
 fn bytes<E>(v: &[E]) -> &[u8] {
     // SAFETY: i32 / f32 slices: no padding, any alignment suits bytes.
@@ -121,11 +163,18 @@ impl PcieSplit {
         if slots > k {
             return Err(GraphError::Option(format!("{slots} router slots over PCIe is more than the {k} experts a token is routed to")));
         }
-        let all_cold: Vec<(usize, &ExpertFfn)> = host.layers.iter().enumerate().filter_map(|(l, c)| c.as_ref().filter(|c| c.maps.is_none()).map(|c| (l, &c.weights.ffn))).collect();
-        let Some(&(_, first)) = all_cold.first() else {
-            tracing::warn!("--cold-pcie-slots: no layer has all its experts cold in the graph; nothing is split");
+        // Every layer with a host copy: all-cold ones, and partly held ones (their cold part).
+        let with_copy: Vec<(usize, &ExpertFfn, Option<Vec<i32>>)> = host
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, c)| c.as_ref().map(|c| (l, &c.weights.ffn, c.maps.as_ref().map(|(cold, _)| cold.local.clone()))))
+            .collect();
+        let Some(&(_, first, _)) = with_copy.first() else {
+            tracing::warn!("--cold-pcie-slots: no layer's cold experts have a host copy; nothing is split");
             return Ok(None);
         };
+        let partial = with_copy.iter().any(|(_, _, m)| m.is_some());
         // The CPU has no events: its copies are done when queued.
         let copied = match Event::new(device) {
             Some(e) => Some(e),
@@ -139,7 +188,8 @@ impl PcieSplit {
         // holds that shape).
         let shape = |t: T| unsafe { ((*t.0).type_, (*t.0).ne[0], (*t.0).ne[1]) };
         let first_tensors = ffn_tensors(first);
-        let n_staged = (slots * max_tokens) as i64;
+        let per_token = if partial { k } else { slots };
+        let n_staged = (per_token * max_tokens) as i64;
         let ctx = Context::new_no_alloc(first_tensors.len() + 4, 0)?;
         let g = crate::ops::Ctx { raw: ctx.as_ptr() };
         let staging: Vec<T> = first_tensors
@@ -149,17 +199,20 @@ impl PcieSplit {
                 T(unsafe { ggml::sys::ggml_new_tensor_3d(ctx.as_ptr(), (*t.0).type_, (*t.0).ne[0], (*t.0).ne[1], n_staged) })
             })
             .collect();
-        let remap = g.new_i32(&[slots as i64, max_tokens as i64]);
-        let wts_gpu = g.new_f32(&[slots as i64, max_tokens as i64]);
-        let cpu_slots = (k - slots).max(1) as i64;
-        let ids_cpu = g.new_i32(&[cpu_slots, max_tokens as i64]);
-        let wts_cpu = g.new_f32(&[cpu_slots, max_tokens as i64]);
+        let remap = g.new_i32(&[n_staged]);
+        let wts_gpu = g.new_f32(&[(slots * max_tokens) as i64]);
+        let cpu_slots = ((k - slots) * max_tokens).max(1) as i64;
+        let ids_cpu = g.new_i32(&[cpu_slots]);
+        let wts_cpu = g.new_f32(&[cpu_slots]);
         let device_buf = place(buft, staging.iter().copied().chain([remap, wts_gpu]))?;
         // so that the scheduler runs the staged products where the staging is
         device_buf.set_weights_usage();
+        // Padding slots (weight 0) may name staging entries no step has filled yet: zeros,
+        // not whatever bytes were there (a NaN times 0 is a NaN).
+        device_buf.clear(0);
         let host_buf = place(Device::cpu()?.buffer_type(), [ids_cpu, wts_cpu].into_iter())?;
         let mut layers: Vec<Option<PcieLayer>> = (0..host.layers.len()).map(|_| None).collect();
-        for &(l, f) in &all_cold {
+        for (l, f, cold_local) in with_copy.iter().map(|(l, f, m)| (*l, *f, m.clone())) {
             let host_tensors = ffn_tensors(f);
             if host_tensors.len() != staging.len() || host_tensors.iter().zip(&first_tensors).any(|(&a, &b)| shape(a) != shape(b)) {
                 tracing::warn!(layer = l, "--cold-pcie-slots: this layer's experts have another shape than the first split layer's; not split");
@@ -172,9 +225,9 @@ impl PcieSplit {
             };
             let down = *staging.last().unwrap_or_else(|| unreachable!("down is listed last"));
             let ffn = ExpertFfn { up_gate, down, n_ff: f.n_ff, clamp: f.clamp };
-            layers[l] = Some(PcieLayer { host: host_tensors, staged: RoutedWeights { ffn, held_mask: None } });
+            layers[l] = Some(PcieLayer { host: host_tensors, staged: RoutedWeights { ffn, held_mask: None }, cold_local });
         }
-        tracing::info!(layers = all_cold.len(), slots, max_tokens, staging_bytes = device_buf.size(), "micro-batches of few tokens compute some router slots of all-cold layers on the GPU from copies over PCIe");
+        tracing::info!(layers = with_copy.len(), slots, max_tokens, staging_bytes = device_buf.size(), "micro-batches of few tokens compute cold router slots on the GPU from copies over PCIe (all-cold layers: the first slots; partly held ones: every cold slot)");
         Ok(Some(PcieSplit {
             slots,
             max_tokens,
@@ -194,21 +247,40 @@ impl PcieSplit {
         }))
     }
 
+    /// The step's `[rows, n]` part of one of the split's flat tensors.
+    fn part(g: &crate::ops::Ctx, t: T, rows: i64, n: i64) -> T {
+        g.reshape(g.view_1d(t, rows * n, 0), &[rows, n])
+    }
+    /// The GPU slots' staging indices, `[rows, n]` (rows: `slots`, or k in a partly held layer).
+    pub fn remap(&self, g: &crate::ops::Ctx, rows: i64, n: i64) -> T {
+        PcieSplit::part(g, self.remap, rows, n)
+    }
+    /// The GPU slots' weights, `[slots, n]`.
+    pub fn wts_gpu(&self, g: &crate::ops::Ctx, n: i64) -> T {
+        PcieSplit::part(g, self.wts_gpu, self.slots as i64, n)
+    }
+    /// The CPU slots' ids and weights, `[k − slots, n]`.
+    pub fn cpu_slots(&self, g: &crate::ops::Ctx, n: i64) -> (T, T) {
+        let rows = (self.k - self.slots) as i64;
+        (PcieSplit::part(g, self.ids_cpu, rows, n), PcieSplit::part(g, self.wts_cpu, rows, n))
+    }
+
     /// The split layer `il`, if it is one.
     pub fn layer(&self, il: usize) -> Option<&PcieLayer> {
         self.layers.get(il).and_then(Option::as_ref)
     }
 
-    /// At layer `il`'s router weights (the device has caught up): plan the split from the
-    /// router's `ids` and `wts` [k, n], write the CPU slots' inputs, queue the GPU slots'
-    /// inputs and experts on the copier, and record the event after them.
+    /// At layer `il`'s hook ([`PcieAt::Plan`]; the device has caught up): plan the split
+    /// from the router's `ids` (and, in an all-cold layer, `wts`) [k, n], write the CPU
+    /// slots' inputs, queue the GPU slots' inputs and experts on the copier, and record the
+    /// event after them.
     ///
     /// # Safety
-    /// `ids` and `wts` are the layer's computed router tensors (I32, F32 [k, n], contiguous,
-    /// n ≤ max_tokens), no copy of an earlier layer is still reading the staging area (the
-    /// model's stream waited for it before that layer's products, and has caught up), and
-    /// the CPU inputs are not being read.
-    pub unsafe fn at_weights(&self, il: usize, ids: *const ggml::sys::ggml_tensor, wts: *const ggml::sys::ggml_tensor) {
+    /// `ids` (and in an all-cold layer `wts`) are the layer's computed router tensors (I32,
+    /// F32 [k, n], contiguous, n ≤ max_tokens), no copy of an earlier layer is still reading
+    /// the staging area (the model's stream waited for it before that layer's products, and
+    /// has caught up), and the CPU inputs are not being read.
+    pub unsafe fn at_plan(&self, il: usize, ids: *const ggml::sys::ggml_tensor, wts: *const ggml::sys::ggml_tensor) {
         let Some(layer) = self.layer(il) else { return };
         // SAFETY: the caller's contract.
         let (k, n) = unsafe { ((*ids).ne[0] as usize, (*ids).ne[1] as usize) };
@@ -218,9 +290,17 @@ impl PcieSplit {
         // SAFETY: the caller's contract: allocated tensors of these sizes.
         unsafe {
             ggml::backend::tensor_get(ids, std::slice::from_raw_parts_mut(id.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
-            ggml::backend::tensor_get(wts, std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
+            if layer.cold_local.is_none() {
+                ggml::backend::tensor_get(wts, std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
+            }
         }
-        let p = split_plan(&id, &w, k, self.slots);
+        let p = match &layer.cold_local {
+            None => split_plan(&id, &w, k, self.slots),
+            Some(cold_local) => {
+                let (staged, remap) = partial_plan(&id, k, cold_local);
+                SplitPlan { staged, remap, ..SplitPlan::default() }
+            }
+        };
         self.staged_total.set(self.staged_total.get() + p.staged.len() as u64);
         // SAFETY: host tensors of this split with room for [k − slots, max_tokens] (the
         // caller's contract keeps them unread now); the device ones are written on the
@@ -231,6 +311,7 @@ impl PcieSplit {
             ggml::backend::tensor_set(self.wts_cpu.0, bytes(&p.wts_cpu), 0);
             self.copier.tensor_set_async(self.remap.0, bytes(&p.remap).as_ptr(), 0, 4 * p.remap.len());
             self.copier.tensor_set_async(self.wts_gpu.0, bytes(&p.wts_gpu).as_ptr(), 0, 4 * p.wts_gpu.len());
+            // (e: the expert's index in the host copy: its id in an all-cold layer)
             for (s, &e) in p.staged.iter().enumerate() {
                 for (&dst, &src) in self.staging.iter().zip(&layer.host) {
                     let per = (*src.0).nb[2];
@@ -285,7 +366,34 @@ impl Drop for PcieSplit {
 
 #[cfg(test)]
 mod tests {
-    use super::split_plan;
+    use super::{partial_plan, split_plan};
+
+    #[test]
+    fn a_partly_held_layer_stages_every_cold_slot_once_and_pads_held_ones_distinctly() {
+        // 8 experts; held: 0, 1, 2, 3; cold 4..7 at host indices 0..3; k = 3, three tokens.
+        let cold_local = [-1, -1, -1, -1, 0, 1, 2, 3];
+        let ids = [4, 0, 6, 1, 2, 3, 6, 7, 5];
+        let (staged, remap) = partial_plan(&ids, 3, &cold_local);
+        assert_eq!(staged, vec![0, 2, 3, 1], "host indices of experts 4, 6, 7, 5, each once");
+        // token 0: 4 → 0, 6 → 1, held 0 → the lowest index the token leaves free, 2
+        assert_eq!(&remap[..3], &[0, 2, 1]);
+        // token 1: all held: 0, 1, 2
+        assert_eq!(&remap[3..6], &[0, 1, 2]);
+        // token 2: 6 → 1, 7 → 2, 5 → 3
+        assert_eq!(&remap[6..], &[1, 2, 3]);
+        for t in 0..3 {
+            let mut r = remap[t * 3..t * 3 + 3].to_vec();
+            r.sort_unstable();
+            r.dedup();
+            assert_eq!(r.len(), 3, "token {t}: distinct indices");
+            for j in 0..3 {
+                let e = ids[t * 3 + j] as usize;
+                if cold_local[e] >= 0 {
+                    assert_eq!(staged[remap[t * 3 + j] as usize], cold_local[e], "token {t} slot {j}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn the_plan_stages_each_expert_once_and_keeps_every_slot() {
@@ -298,7 +406,7 @@ mod tests {
         assert_eq!(p.wts_gpu, vec![0.5, 0.3, 0.6, 0.25, 0.4, 0.35]);
         assert_eq!(p.ids_cpu, vec![2, 4, 9]);
         assert_eq!(p.wts_cpu, vec![0.2, 0.15, 0.25]);
-        // every slot is in one part, with its own weight
+        // every slot is in one part, with its own weight (checked below)
         for t in 0..3 {
             for j in 0..2 {
                 assert_eq!(p.staged[p.remap[t * 2 + j] as usize], ids[t * 3 + j]);

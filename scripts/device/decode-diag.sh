@@ -11,7 +11,8 @@
 #     scheduler copies only the experts the token routes to), for the placements with cold
 #     experts: whether PCIe beats the host's memory for one token;
 #   - dflash with each token's first K router slots of all-cold layers over PCIe while the
-#     CPU computes the rest (--cold-pcie-slots K, K in PCIE_SLOTS, default "2 3");
+#     CPU computes the rest, and every cold slot of partly held layers (profile:) over PCIe
+#     (--cold-pcie-slots K, K in PCIE_SLOTS, default "2 3");
 #   - dflash's op profile of 16 decoded tokens (nodes timed one by one: CPU vs GPU ops).
 # Here first: the staging of round.sh (.device/bin, the llama.cpp pack).
 #   OUT=/tmp/decode-diag REPS=2 bash scripts/device/decode-diag.sh
@@ -30,7 +31,7 @@ for place in ${PLACES:-hot cold half profile}; do
     # shellcheck disable=SC2086
     echo "dflash    -t $th: $($bin/dflash bench decode -m $f --device CUDA0 -t "$th" -r "$reps" -n 64 $flags --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
   done
-  if [ "$place" = cold ] || [ "$place" = half ]; then
+  if [ "$place" != hot ]; then
     for k in ${PCIE_SLOTS:-2 3}; do
       # shellcheck disable=SC2086
       echo "dflash    $k slots over PCIe: $($bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags --cold-pcie-slots $k --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"

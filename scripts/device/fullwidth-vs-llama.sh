@@ -168,8 +168,17 @@ if on exact; then
   # GPU's kernels, and the two parts' sums are added)
   X dec-cpu --experts-hot none --expert-workers 0 --decode-from 300
   X dec-pcie --experts-hot none --expert-workers 0 --decode-from 300 --cold-pcie-slots 2
+  # partly held layers (8 of 16 held): their cold slots in the graph (on the CPU at one token)
+  # and staged over PCIe
+  X dec-partial-graph --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300
+  X dec-partial-pcie --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 2
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
-  python3 -c 'import numpy as np; a, b = np.load("/tmp/x-dec-cpu.npy"), np.load("/tmp/x-dec-pcie.npy"); print("dec-pcie vs dec-cpu: max|Δ| %.3e, max|logit| %.3e, top-1 agree %.1f%%" % (np.abs(a - b).max(), np.abs(a).max(), 100 * (a.argmax(-1) == b.argmax(-1)).mean()))' || echo "FAILED: dec-pcie vs dec-cpu"
+  python3 - <<'PY' || echo "FAILED: the PCIe splits against the CPU paths"
+import numpy as np
+for a, b in [("dec-pcie", "dec-cpu"), ("dec-partial-pcie", "dec-partial-graph")]:
+    x, y = np.load(f"/tmp/x-{a}.npy"), np.load(f"/tmp/x-{b}.npy")
+    print("%s vs %s: max|Δ| %.3e, max|logit| %.3e, top-1 agree %.1f%%" % (a, b, np.abs(x - y).max(), np.abs(y).max(), 100 * (x.argmax(-1) == y.argmax(-1)).mean()))
+PY
   # the streamed products read the all-hot placement's bytes with its kernels (a partly held
   # layer's cold part: the offloaded one's): the same bits
   python3 - <<'PY' || echo "FAILED: streamed logits differ from all hot (or, partly held, from offloaded)"

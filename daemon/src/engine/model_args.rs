@@ -121,14 +121,17 @@ pub struct ModelArgs {
     /// routes to nearly every expert anyway), 0 under `--experts-hot adaptive`.
     #[arg(long = "cold-stream-min", value_name = "N")]
     pub cold_stream_min: Option<usize>,
-    /// With the model on a GPU, for layers whose routed experts are all cold (computed in the
-    /// step graph): micro-batches of at most `--cold-pcie-max` tokens (decode) compute each
-    /// token's first K router slots on the GPU, from copies of their experts made over PCIe
-    /// into a small staging area while the CPU computes the other slots from host memory,
-    /// so both paths' bandwidth serve one token. 0: the CPU computes every slot.
+    /// With the model on a GPU, for layers whose cold experts have a host copy (every layer
+    /// whose routed experts are all cold; partly held layers with `--cold-offload-min`):
+    /// micro-batches of at most `--cold-pcie-max` tokens (decode) compute cold router slots
+    /// on the GPU, from copies of their experts made over PCIe into a small staging area.
+    /// In an all-cold layer each token's first K slots, while the CPU computes the other
+    /// slots from host memory (both paths' bandwidth serve one token); in a partly held layer
+    /// every cold slot, while the GPU computes the held ones. 0: none.
     #[arg(long = "cold-pcie-slots", value_name = "K", default_value_t = 0)]
     pub cold_pcie_slots: usize,
-    /// See `--cold-pcie-slots`; the staging area holds K × N experts.
+    /// See `--cold-pcie-slots`; the staging area holds K × N experts (k × N with partly
+    /// held layers).
     #[arg(long = "cold-pcie-max", value_name = "N", default_value_t = 8)]
     pub cold_pcie_max: usize,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
