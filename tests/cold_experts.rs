@@ -456,6 +456,26 @@ fn the_shared_expert_runs_while_the_cold_experts_do() {
     }
 }
 
+/// Fixture `path` with `opts` (and, where partly held layers ask for one, an executor that
+/// fails whenever called): sequence A prefills 40 of `tokens` and decodes 20 one by one,
+/// B prefills 3, then one step decodes a token of each. Every logits row of A (and B's last),
+/// and the experts staged over PCIe.
+fn split_run(path: &PathBuf, mut opts: ModelOptions, tokens: &[u32]) -> (Vec<f32>, Option<u64>) {
+    opts.read.progress = false;
+    let mut m = Model::load(path, opts).expect("load");
+    if m.needs_cold_executor() {
+        m.set_cold_experts(Box::new(FailingExperts)).expect("cold executor");
+    }
+    let (mut a, mut b) = (m.new_sequence(tokens.len()).expect("sequence"), m.new_sequence(tokens.len()).expect("sequence"));
+    let mut out = m.forward(&mut a, &tokens[..40], Logits::All).expect("prefill");
+    for i in 40..60 {
+        out.extend(m.forward(&mut a, &tokens[i..i + 1], Logits::All).expect("decode"));
+    }
+    m.forward(&mut b, &tokens[..3], Logits::All).expect("second sequence");
+    out.extend(m.forward_batch(&mut [(&mut a, &tokens[60..61]), (&mut b, &tokens[3..4])], Logits::All).expect("two sequences").concat());
+    (out, m.experts_staged())
+}
+
 /// Decode's router slots of all-cold layers split between the CPU and staged copies of their
 /// experts (`pcie.rs`), run on a CPU (the copies go to a staging area in CPU memory; the
 /// evaluation callback plans and queues them as on a GPU): for every K of the router's k the
@@ -469,8 +489,8 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
     for gguf in ["ds4-tiny-a.f32.gguf", "ds4-tiny-a.mxfp4.gguf"] {
         let path = fixture(gguf);
         let c = loader::ModelFile::open(&path).expect("fixture").config;
-        let run = |hot: Option<ExpertSet>, slots: usize| -> (Vec<f32>, Option<u64>) {
-            let mut opts = ModelOptions {
+        let run = |hot: Option<ExpertSet>, slots: usize| {
+            let opts = ModelOptions {
                 ubatch: 48,
                 hot,
                 cold_layers_in_graph: true,
@@ -479,16 +499,7 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
                 cold_pcie_max_tokens: 4,
                 ..ModelOptions::default()
             };
-            opts.read.progress = false;
-            let mut m = Model::load(&path, opts).expect("load");
-            let (mut a, mut b) = (m.new_sequence(tokens.len()).expect("sequence"), m.new_sequence(tokens.len()).expect("sequence"));
-            let mut out = m.forward(&mut a, &tokens[..40], Logits::All).expect("prefill");
-            for i in 40..60 {
-                out.extend(m.forward(&mut a, &tokens[i..i + 1], Logits::All).expect("decode"));
-            }
-            m.forward(&mut b, &tokens[..3], Logits::All).expect("second sequence");
-            out.extend(m.forward_batch(&mut [(&mut a, &tokens[60..61]), (&mut b, &tokens[3..4])], Logits::All).expect("two sequences").concat());
-            (out, m.experts_staged())
+            split_run(&path, opts, &tokens)
         };
         let none = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, _| false);
         let (hot, staged) = run(None, 0);
@@ -560,8 +571,8 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
         let path = fixture(gguf);
         let c = loader::ModelFile::open(&path).expect("fixture").config;
         let half = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, e| e < c.n_expert as u32 / 2);
-        let run = |slots: usize| -> (Vec<f32>, Option<u64>) {
-            let mut opts = ModelOptions {
+        let run = |slots: usize| {
+            let opts = ModelOptions {
                 ubatch: 48,
                 hot: Some(half.clone()),
                 cold_layers_in_graph: true,
@@ -571,19 +582,7 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
                 cold_pcie_max_tokens: 4,
                 ..ModelOptions::default()
             };
-            opts.read.progress = false;
-            let mut m = Model::load(&path, opts).expect("load");
-            // Asked for by partly held layers; every micro-batch here computes them in the
-            // graph, so one that fails whenever called.
-            m.set_cold_experts(Box::new(FailingExperts)).expect("cold executor");
-            let (mut a, mut b) = (m.new_sequence(tokens.len()).expect("sequence"), m.new_sequence(tokens.len()).expect("sequence"));
-            let mut out = m.forward(&mut a, &tokens[..40], Logits::All).expect("prefill");
-            for i in 40..60 {
-                out.extend(m.forward(&mut a, &tokens[i..i + 1], Logits::All).expect("decode"));
-            }
-            m.forward(&mut b, &tokens[..3], Logits::All).expect("second sequence");
-            out.extend(m.forward_batch(&mut [(&mut a, &tokens[60..61]), (&mut b, &tokens[3..4])], Logits::All).expect("two sequences").concat());
-            (out, m.experts_staged())
+            split_run(&path, opts, &tokens)
         };
         let (in_graph, _) = run(0);
         let (staged, n) = run(2);
