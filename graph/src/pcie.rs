@@ -75,6 +75,9 @@ pub(crate) struct PcieSplit {
     copied: Option<Event>,
     /// Experts staged since load (each distinct expert of a split layer's step once).
     pub staged_total: std::cell::Cell<u64>,
+    /// A plan's copies not yet waited for: every plan is followed by its wait before the
+    /// next one (checked in debug builds, where a missed wait would only show on a GPU).
+    unwaited: std::cell::Cell<bool>,
     _device_buf: Buffer,
     _host_buf: Buffer,
     _ctx: Context,
@@ -241,6 +244,7 @@ impl PcieSplit {
             copier: Backend::new(device)?,
             copied,
             staged_total: std::cell::Cell::new(0),
+            unwaited: std::cell::Cell::new(false),
             _device_buf: device_buf,
             _host_buf: host_buf,
             _ctx: ctx,
@@ -302,6 +306,8 @@ impl PcieSplit {
             }
         };
         self.staged_total.set(self.staged_total.get() + p.staged.len() as u64);
+        let missed = self.unwaited.replace(true);
+        debug_assert!(!missed, "layer {il}: the last split layer's copies were never waited for");
         // SAFETY: host tensors of this split with room for [k − slots, max_tokens] (the
         // caller's contract keeps them unread now); the device ones are written on the
         // copier's stream, small pageable copies first (they wait for the stream, idle here),
@@ -330,6 +336,7 @@ impl PcieSplit {
     /// # Safety
     /// `compute` is the model's live backend, on the staging's device.
     pub unsafe fn before_staged(&self, compute: ggml::sys::ggml_backend_t) {
+        self.unwaited.set(false);
         // SAFETY: the caller's contract.
         if let Some(e) = &self.copied {
             unsafe { e.wait(compute) };
