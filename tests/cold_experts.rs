@@ -594,3 +594,17 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
         eprintln!("{gguf}: {n} experts staged, the in-graph bits");
     }
 }
+
+/// More router slots over PCIe than a token's k, or none of its micro-batches allowed to
+/// split, are refused when the model loads, by name.
+#[test]
+fn pcie_slots_beyond_k_or_no_split_size_are_refused() {
+    let path = fixture("ds4-tiny-a.f32.gguf");
+    let k = loader::ModelFile::open(&path).expect("fixture").config.n_expert_used;
+    for (slots, max, want) in [(k + 1, 8, format!("{} router slots over PCIe is more than the {k} experts", k + 1)), (2, 0, "cold_pcie_max_tokens 0".to_string())] {
+        let mut opts = ModelOptions { cold_pcie_slots: slots, cold_pcie_max_tokens: max, ..ModelOptions::default() };
+        opts.read.progress = false;
+        let err = Model::load(&path, opts).err().expect("refused");
+        assert!(err.to_string().contains(&want), "{err}");
+    }
+}

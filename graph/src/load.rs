@@ -31,6 +31,16 @@ impl Model {
         if opts.adaptive.is_some() && (opts.cold_offload_min > 0 || opts.cold_layers_in_graph) {
             return Err(GraphError::Option("an adaptive placement moves experts between hot and cold; the pinned host copy of the cold experts (cold offload, cold layers in the graph) is fixed at load".into()));
         }
+        // A token's slots over PCIe: at most the k it is routed to, in steps of at least one token.
+        if opts.cold_pcie_slots > file.config.n_expert_used {
+            return Err(GraphError::Option(format!(
+                "{} router slots over PCIe is more than the {} experts a token is routed to",
+                opts.cold_pcie_slots, file.config.n_expert_used
+            )));
+        }
+        if opts.cold_pcie_slots > 0 && opts.cold_pcie_max_tokens == 0 {
+            return Err(GraphError::Option("router slots over PCIe need micro-batches of at least 1 token to split (cold_pcie_max_tokens 0)".into()));
+        }
         let device = match &opts.device {
             Some(name) => Device::by_name(name)?,
             None => Device::cpu()?,

@@ -160,11 +160,9 @@ impl PcieSplit {
     /// of the router's `k` on the GPU for micro-batches of at most `max_tokens`. None (logged)
     /// when no layer qualifies or the device has no events.
     pub fn new(device: Device, buft: BufferType, host: &ColdHost, slots: usize, max_tokens: usize, k: usize) -> Result<Option<PcieSplit>, GraphError> {
-        if slots == 0 || max_tokens == 0 {
+        // (both checked against the model when it loads)
+        if slots == 0 || max_tokens == 0 || slots > k {
             return Ok(None);
-        }
-        if slots > k {
-            return Err(GraphError::Option(format!("{slots} router slots over PCIe is more than the {k} experts a token is routed to")));
         }
         // Every layer with a host copy: all-cold ones, and partly held ones (their cold part).
         let with_copy: Vec<(usize, &ExpertFfn, Option<Vec<i32>>)> = host
