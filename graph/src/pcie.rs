@@ -1,7 +1,7 @@
-//! Small micro-batches (decode) of layers whose experts are all cold, split between the CPU
-//! and PCIe (`ModelOptions::cold_pcie_slots`). On the CPU a decoded token's experts are read
-//! from host memory by the CPU; the GPU could read them over PCIe instead, and the two paths
-//! have their own bandwidth. So each token's first `slots` router slots are computed on the
+//! Small micro-batches (decode) of cold experts over PCIe (`ModelOptions::cold_pcie_slots`).
+//! In a layer whose experts are all cold, a decoded token's experts are read from host memory
+//! by the CPU; the GPU could read them over PCIe instead, and the two paths have their own
+//! bandwidth. So each token's first `slots` router slots are computed on the
 //! GPU from copies of their experts, made over PCIe into a small staging area of the device,
 //! while the CPU computes the other slots from the host copy (`offload.rs`) as before; the two
 //! weighted sums and the shared expert are added on the GPU.
@@ -19,6 +19,15 @@
 //! The staged products read the same bytes with the same kernels as experts resident on the
 //! GPU; the CPU's the same as the in-graph CPU path's. Only the order of the sum changes: the
 //! CPU slots' sum and the GPU slots' sum are added, where one sum takes every slot.
+//!
+//! A partly held layer (with a host copy of its cold experts) stages every cold slot, with no
+//! CPU part: the callback plans at its router ids (each cold slot a staging index, each held
+//! slot one its token leaves free, at weight 0), the held experts are computed over their
+//! local ids while the copies run, and the model's stream waits after their sum. Its logits
+//! are those of its cold part computed in the graph from the host copy (`offload.rs`).
+//!
+//! On a CPU (`ModelOptions::cold_host_on_cpu`, for the tests) the staging area is CPU
+//! memory, the copies are done when queued and there is no event to wait for.
 use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
 
 use crate::expert_ffn::{ExpertFfn, UpGate};
