@@ -13,6 +13,7 @@
 #   - dflash with each token's first K router slots of all-cold layers over PCIe while the
 #     CPU computes the rest, and every cold slot of partly held layers (profile:) over PCIe
 #     (--cold-pcie-slots K, K in PCIE_SLOTS, default "2 3");
+#   - eight sequences decoding together with half the layers cold, with and without PCIe;
 #   - dflash's op profile of 16 decoded tokens (nodes timed one by one: CPU vs GPU ops).
 # Here first: the staging of round.sh (.device/bin, the llama.cpp pack).
 #   OUT=/tmp/decode-diag REPS=2 bash scripts/device/decode-diag.sh
@@ -47,6 +48,14 @@ for place in ${PLACES:-hot cold half profile}; do
     echo "dflash    $env: $(env $env $bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags 2>&1 | grep 't/s' | sed 's/.*| tg64/tg64/')"
   done
 done 2>&1 | tee "$out/decode-diag.txt"
+# eight sequences decoding together with half the layers cold (the continuous-batching
+# issue's GPU target: ≥ 3× one sequence's rate, the tg64 above), the CPU computing the cold
+# experts, then K of each token's slots over PCIe
+placement half
+for k in 0 ${PCIE_SLOTS:-2 3}; do
+  # shellcheck disable=SC2086
+  echo "dflash np8 half, --cold-pcie-slots $k: $($bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 32 --np 8 $flags --cold-pcie-slots $k 2>&1 | grep 't/s' | sed 's/.*| tg32/tg32/')"
+done 2>&1 | tee "$out/decode-np8.txt"
 # the op profile: nodes timed one by one (a sync after each), so absolute times run long
 for place in ${PROF_PLACES:-hot cold}; do
   placement "$place"
