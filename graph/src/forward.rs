@@ -191,8 +191,8 @@ impl Model {
 }
 
 /// What the scheduler's evaluation callback serves during one step: the op profile (every
-/// node), the streamed layers' router ids (`stream.rs`), and decode's CPU/PCIe split of
-/// all-cold layers (`pcie.rs`).
+/// node), the streamed layers' router ids (`stream.rs`), and decode's cold slots over PCIe
+/// (`pcie.rs`).
 struct StepHooks<'a> {
     profile: Option<*mut OpProfile>,
     stream: Option<StreamHook<'a>>,
