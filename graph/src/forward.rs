@@ -68,26 +68,18 @@ impl Model {
                 return Ok(out);
             }
             // Logits::Last reads every part's last token; only an item's final one is kept.
-            let logits = self.step(items, &parts, want)?;
-            if let [part] = parts[..] {
-                // One part (decode of one sequence, a prompt's micro-batch): its rows are the
-                // step's, moved rather than copied where nothing came before them.
-                done[part.item] += part.n;
-                if want == Logits::All || done[part.item] == items[part.item].1.len() {
-                    if out[part.item].is_empty() {
-                        out[part.item] = logits;
-                    } else {
-                        out[part.item].extend_from_slice(&logits);
-                    }
-                }
-                continue;
-            }
+            let mut logits = self.step(items, &parts, want)?;
             let mut row = 0;
             for part in &parts {
                 let rows = if want == Logits::All { part.n } else { 1 };
                 done[part.item] += part.n;
                 if want == Logits::All || done[part.item] == items[part.item].1.len() {
-                    out[part.item].extend_from_slice(&logits[row * n_vocab..(row + rows) * n_vocab]);
+                    if parts.len() == 1 && out[part.item].is_empty() {
+                        // the step's rows are all this part's: moved, not copied
+                        out[part.item] = std::mem::take(&mut logits);
+                    } else {
+                        out[part.item].extend_from_slice(&logits[row * n_vocab..(row + rows) * n_vocab]);
+                    }
                 }
                 row += rows;
             }

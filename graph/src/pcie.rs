@@ -33,6 +33,7 @@ use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
 use crate::expert_ffn::{ExpertFfn, UpGate};
 use crate::offload::ColdHost;
 use crate::ops::T;
+use crate::steps::place_packed;
 use crate::stream::ffn_tensors;
 use crate::weights::RoutedWeights;
 use crate::GraphError;
@@ -214,13 +215,13 @@ impl PcieSplit {
         let cpu_slots = ((k - slots) * max_tokens).max(1) as i64;
         let ids_cpu = g.new_i32(&[cpu_slots]);
         let wts_cpu = g.new_f32(&[cpu_slots]);
-        let device_buf = place(buft, staging.iter().copied().chain([remap, wts_gpu]))?;
+        let (device_buf, _) = place_packed(buft, &[staging.as_slice(), &[remap, wts_gpu]].concat(), None)?;
         // so that the scheduler runs the staged products where the staging is
         device_buf.set_weights_usage();
         // Padding slots (weight 0) may name staging entries no step has filled yet: zeros,
         // not whatever bytes were there (a NaN times 0 is a NaN).
         device_buf.clear(0);
-        let host_buf = place(Device::cpu()?.buffer_type(), [ids_cpu, wts_cpu].into_iter())?;
+        let (host_buf, _) = place_packed(Device::cpu()?.buffer_type(), &[ids_cpu, wts_cpu], None)?;
         let mut layers: Vec<Option<PcieLayer>> = (0..host.layers.len()).map(|_| None).collect();
         for (l, f, cold_local) in with_copy.iter().map(|(l, f, m)| (*l, *f, m.clone())) {
             let host_tensors = ffn_tensors(f);
@@ -349,26 +350,6 @@ impl PcieSplit {
             unsafe { e.wait(compute) };
         }
     }
-}
-
-/// `tensors` (unallocated, of one context) one after another in a new buffer of `buft`.
-fn place(buft: BufferType, tensors: impl Iterator<Item = T>) -> Result<Buffer, GraphError> {
-    let tensors: Vec<T> = tensors.collect();
-    let align = buft.alignment().max(1);
-    let mut at = Vec::with_capacity(tensors.len());
-    let mut len = 0usize;
-    for t in &tensors {
-        len = len.next_multiple_of(align);
-        at.push(len);
-        // SAFETY: a live tensor.
-        len += unsafe { buft.alloc_size(t.0) };
-    }
-    let buf = buft.alloc_buffer(len.max(1))?;
-    for (t, &o) in tensors.iter().zip(&at) {
-        // SAFETY: unallocated tensors at aligned offsets within the buffer, sized above.
-        unsafe { buf.place(t.0, o)? };
-    }
-    Ok(buf)
 }
 
 impl Drop for PcieSplit {

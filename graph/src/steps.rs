@@ -55,32 +55,32 @@ impl InputBuffer {
     /// Place `inputs` in `reuse` when it has room, else in a new buffer of `buft`; `whole` is
     /// an unallocated I8 tensor of the step's context, made into the view of them all.
     fn place(inputs: &[T], buft: BufferType, reuse: Option<Buffer>, g: &Ctx) -> Result<InputBuffer, GraphError> {
-        let align = buft.alignment().max(1);
-        let mut at = Vec::with_capacity(inputs.len());
-        let mut len = 0usize;
-        for t in inputs {
-            len = len.next_multiple_of(align);
-            at.push(len);
-            // SAFETY: a live tensor of the step's context.
-            len += unsafe { buft.alloc_size(t.0) };
-        }
-        let len = len.max(1);
-        let buffer = match reuse {
-            Some(b) if b.size() >= len => b,
-            _ => buft.alloc_buffer(len)?,
-        };
+        let (buffer, len) = place_packed(buft, inputs, reuse)?;
         let whole = g.new_bytes(len as i64);
-        // SAFETY: unallocated tensors of the step's context at aligned offsets within the
-        // buffer (sized above from the buffer type's own allocation sizes); `whole` overlaps
-        // them on purpose.
-        unsafe {
-            for (t, &o) in inputs.iter().zip(&at) {
-                buffer.place(t.0, o)?;
-            }
-            buffer.place(whole.0, 0)?;
-        }
+        // SAFETY: an unallocated tensor of the step's context over the buffer's first `len`
+        // bytes; it overlaps the inputs on purpose.
+        unsafe { buffer.place(whole.0, 0)? };
         Ok(InputBuffer { buffer, whole, len })
     }
+}
+
+/// `tensors` (unallocated) one after another in `reuse` when it has room, else in a new
+/// buffer of `buft`, each at the buffer type's alignment; and the bytes they span (at least 1).
+pub(crate) fn place_packed(buft: BufferType, tensors: &[T], reuse: Option<Buffer>) -> Result<(Buffer, usize), GraphError> {
+    // SAFETY: live tensors.
+    let sizes: Vec<usize> = tensors.iter().map(|t| unsafe { buft.alloc_size(t.0) }).collect();
+    let (at, len) = crate::stream::packed_offsets(&sizes, buft.alignment().max(1));
+    let len = len.max(1);
+    let buffer = match reuse {
+        Some(b) if b.size() >= len => b,
+        _ => buft.alloc_buffer(len)?,
+    };
+    for (t, &o) in tensors.iter().zip(&at) {
+        // SAFETY: unallocated tensors at aligned offsets within the buffer, sized above from
+        // the buffer type's own allocation sizes.
+        unsafe { buffer.place(t.0, o)? };
+    }
+    Ok((buffer, len))
 }
 
 /// The host image of the inputs of a step on a device whose buffers are not host memory,

@@ -91,7 +91,7 @@ fn at_router_plan(pos: usize, n: usize) -> (Option<usize>, usize) {
 }
 
 /// Byte offsets of `sizes` placed one after another, each rounded up to `align`; and the end.
-fn packed_offsets(sizes: &[usize], align: usize) -> (Vec<usize>, usize) {
+pub(crate) fn packed_offsets(sizes: &[usize], align: usize) -> (Vec<usize>, usize) {
     let mut at = 0;
     let offsets = sizes
         .iter()
