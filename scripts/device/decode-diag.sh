@@ -12,7 +12,8 @@
 #     experts: whether PCIe beats the host's memory for one token;
 #   - dflash with each token's first K router slots of all-cold layers over PCIe while the
 #     CPU computes the rest, and every cold slot of partly held layers (profile:) over PCIe
-#     (--cold-pcie-slots K, K in PCIE_SLOTS, default "2 3");
+#     (--cold-pcie-slots K, K in PCIE_SLOTS, default "0 2": the runs above take dflash's
+#     default, 3 of 6 on a GPU);
 #   - eight sequences decoding together with half the layers cold, with and without PCIe;
 #   - dflash's op profile of 16 decoded tokens (nodes timed one by one: CPU vs GPU ops).
 # Here first: the staging of round.sh (.device/bin, the llama.cpp pack).
@@ -33,7 +34,7 @@ for place in ${PLACES:-hot cold half profile}; do
     echo "dflash    -t $th: $($bin/dflash bench decode -m $f --device CUDA0 -t "$th" -r "$reps" -n 64 $flags --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
   done
   if [ "$place" != hot ]; then
-    for k in ${PCIE_SLOTS:-2 3}; do
+    for k in ${PCIE_SLOTS:-0 2}; do
       # shellcheck disable=SC2086
       echo "dflash    $k slots over PCIe: $($bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 64 $flags --cold-pcie-slots $k --timings 2>&1 | grep -E 't/s|graph build' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
     done
@@ -52,7 +53,7 @@ done 2>&1 | tee "$out/decode-diag.txt"
 # issue's GPU target: ≥ 3× one sequence's rate, the tg64 above), the CPU computing the cold
 # experts, then K of each token's slots over PCIe
 placement half
-for k in 0 ${PCIE_SLOTS:-2 3}; do
+for k in 0 2 3; do
   # shellcheck disable=SC2086
   echo "dflash np8 half, --cold-pcie-slots $k: $($bin/dflash bench decode -m $f --device CUDA0 -t "$t" -r "$reps" -n 32 --np 8 $flags --cold-pcie-slots $k 2>&1 | grep 't/s' | sed 's/.*| tg32/tg32/')"
 done 2>&1 | tee "$out/decode-np8.txt"

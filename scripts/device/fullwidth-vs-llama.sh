@@ -164,13 +164,13 @@ if on exact; then
   U=66 X offload-partial-u66 --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --cold-stream-min 0
   U=66 X stream-partial-u66 --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --cold-stream-min 32
   # decode (the last 30 tokens one at a time) of every layer cold: the CPU computing every
-  # slot, and 2 of a token's 4 slots over PCIe (not the same bits: the staged slots take the
+  # slot (--cold-pcie-slots 0: the default on a GPU splits), and 2 of a token's 4 slots over PCIe (not the same bits: the staged slots take the
   # GPU's kernels, and the two parts' sums are added)
-  X dec-cpu --experts-hot none --expert-workers 0 --decode-from 300
+  X dec-cpu --experts-hot none --expert-workers 0 --decode-from 300 --cold-pcie-slots 0
   X dec-pcie --experts-hot none --expert-workers 0 --decode-from 300 --cold-pcie-slots 2
   # partly held layers (8 of 16 held): their cold slots in the graph (on the CPU at one token)
   # and staged over PCIe
-  X dec-partial-graph --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300
+  X dec-partial-graph --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 0
   X dec-partial-pcie --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 2
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
   python3 - <<'PY' || echo "FAILED: the PCIe splits against the CPU paths"

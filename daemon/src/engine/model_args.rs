@@ -127,11 +127,15 @@ pub struct ModelArgs {
     /// on the GPU, from copies of their experts made over PCIe into a small staging area.
     /// In an all-cold layer each token's first K slots, while the CPU computes the other
     /// slots from host memory (both paths' bandwidth serve one token); in a partly held layer
-    /// every cold slot, while the GPU computes the held ones. 0: none.
-    #[arg(long = "cold-pcie-slots", value_name = "K", default_value_t = 0)]
-    pub cold_pcie_slots: usize,
+    /// every cold slot, while the GPU computes the held ones. 0: none. Default on a GPU with
+    /// cold experts: half a token's router slots (3 of DeepSeek V4 Flash's 6), 0 under
+    /// `--experts-hot adaptive` and on the CPU. Measured on an H100 at full width (BENCHMARKS.md,
+    /// "Sixth run"): every expert cold, 8 layers, decode 60.2 → 77.7 t/s with K = 3 (67.0 with
+    /// K = 2), 1.44× llama.cpp's.
+    #[arg(long = "cold-pcie-slots", value_name = "K")]
+    pub cold_pcie_slots: Option<usize>,
     /// See `--cold-pcie-slots`; the staging area holds K × N experts (k × N with partly
-    /// held layers).
+    /// held layers). 0 without `--cold-pcie-slots`: no split.
     #[arg(long = "cold-pcie-max", value_name = "N", default_value_t = 8)]
     pub cold_pcie_max: usize,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
@@ -152,17 +156,24 @@ impl ModelArgs {
         };
         let options = self.placement.options()?;
         let adaptive = options.policy.is_adaptive();
-        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true) || self.cold_stream_min.is_some_and(|n| n > 0) || self.cold_pcie_slots > 0) {
+        if adaptive && (self.cold_offload_min.is_some_and(|n| n > 0) || self.cold_layers_in_graph == Some(true) || self.cold_stream_min.is_some_and(|n| n > 0) || self.cold_pcie_slots.is_some_and(|k| k > 0)) {
             anyhow::bail!("--experts-hot adaptive moves experts between hot and cold, which the fixed host copy of --cold-offload-min / --cold-layers-in-graph / --cold-stream-min / --cold-pcie-slots does not follow: use one or the other");
         }
         let ubatch = self.ubatch()?;
-        let reserve = self.device_reserve_bytes(ubatch);
+        let on_gpu = ggml::Device::by_name(&self.device)?.kind() != ggml::DeviceKind::Cpu;
+        let k = file.config.n_expert_used;
+        let pcie_slots = match self.cold_pcie_slots {
+            Some(n) => n,
+            // `--cold-pcie-max 0` alone turns the default off
+            None if on_gpu && !adaptive && self.cold_pcie_max > 0 => default_pcie_slots(k),
+            None => 0,
+        };
+        let reserve = self.device_reserve_bytes(ubatch).saturating_add(pcie_staging_bytes(&shape, pcie_slots, k, self.cold_pcie_max));
         let mut placement = ExpertPlacement::resolve(&shape, &options, self.device_budget(&file, &shape, reserve)?)?;
         let small = placement.drop_layers_below(file.config.n_expert_used);
         if !small.is_empty() {
             tracing::info!(layers = ?small, min = file.config.n_expert_used, "layers holding fewer experts than a token uses are kept all cold");
         }
-        let on_gpu = ggml::Device::by_name(&self.device)?.kind() != ggml::DeviceKind::Cpu;
         let cold_offload_min = match self.cold_offload_min {
             Some(n) => n,
             None if !on_gpu || adaptive => 0,
@@ -199,7 +210,13 @@ impl ModelArgs {
                 let offload = if cold_offload_min > 0 { largest_layer_experts(&shape) } else { 0 };
                 reserve.saturating_add(offload)
             },
-            cold_pcie_slots: self.cold_pcie_slots,
+            // The default only where cold experts may have a host copy to stage from: an
+            // all-hot model, or cold experts left to the executor alone, have nothing to split.
+            cold_pcie_slots: match self.cold_pcie_slots {
+                Some(n) => n,
+                None if placement.cold().is_empty() || !(self.cold_layers_in_graph.unwrap_or(!adaptive) || cold_offload_min > 0) => 0,
+                None => pcie_slots,
+            },
             cold_pcie_max_tokens: self.cold_pcie_max,
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
@@ -324,6 +341,24 @@ fn default_reserve_mib(u: usize) -> u64 {
     1750 + (3.25e-4 * u * u + 0.41 * u).ceil() as u64
 }
 
+/// `--cold-pcie-slots` when not given, with the model on a GPU: half a token's `k` router slots
+/// (at least 1 where k is). The CPU computes the other half from host memory at about the rate
+/// PCIe stages these (BENCHMARKS.md, "Sixth run": 3 of 6 beat 2 of 6 by 16%).
+fn default_pcie_slots(k: usize) -> usize {
+    k.div_ceil(2)
+}
+
+/// GPU bytes of the staging area of `--cold-pcie-slots K` over micro-batches of `max` tokens,
+/// kept free beside the hot experts: room for k experts a token (a partly held layer stages
+/// every cold slot), each as large as the largest layer's expert. 0 when K is 0.
+fn pcie_staging_bytes(shape: &ModelShape, slots: usize, k: usize, max: usize) -> u64 {
+    if slots == 0 {
+        return 0;
+    }
+    let per_expert = shape.expert_bytes.iter().max().copied().unwrap_or(0);
+    per_expert.saturating_mul((k * max) as u64)
+}
+
 /// `--cold-stream-min` when not given, with the model on a GPU.
 const COLD_STREAM_MIN: usize = 512;
 
@@ -351,7 +386,7 @@ fn mem_available_bytes() -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{auto_cold_offload_min, default_reserve_mib, mem_available_bytes, ColdHostBytes, GPU_OFFLOAD_MIN_BATCH};
+    use super::{auto_cold_offload_min, default_pcie_slots, default_reserve_mib, mem_available_bytes, pcie_staging_bytes, ColdHostBytes, GPU_OFFLOAD_MIN_BATCH};
     use experts::ExpertSet;
     use placement::{ExpertPlacement, ModelShape};
 
@@ -390,5 +425,17 @@ mod tests {
         assert_eq!(auto_cold_offload_min(host, None), 0);
         assert_eq!(auto_cold_offload_min(ColdHostBytes { cold: 600, partial_copy: 0 }, Some(1 << 40)), 0, "nothing to copy");
         assert!(mem_available_bytes().is_some_and(|b| b > 0), "/proc/meminfo on Linux");
+    }
+
+    #[test]
+    fn half_the_router_slots_go_over_pcie_and_their_staging_is_kept_free() {
+        assert_eq!(default_pcie_slots(6), 3, "DeepSeek V4 Flash");
+        assert_eq!(default_pcie_slots(4), 2);
+        assert_eq!(default_pcie_slots(1), 1);
+        assert_eq!(default_pcie_slots(0), 0);
+        let shape = ModelShape { n_expert: 8, expert_bytes: vec![100, 300, 200] };
+        // k = 6 experts a token, 8 tokens, each the size of the largest layer's
+        assert_eq!(pcie_staging_bytes(&shape, 3, 6, 8), 6 * 8 * 300);
+        assert_eq!(pcie_staging_bytes(&shape, 0, 6, 8), 0, "nothing staged");
     }
 }
