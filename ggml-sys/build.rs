@@ -9,12 +9,70 @@
 //! Environment:
 //! - `DFLASH_GGML_SRC`: use this ggml source directory instead of the pinned package's.
 //! - `DFLASH_GGML_NATIVE` (default 1): build the CPU backend for this machine's CPU (0: a
-//!   portable x86-64 AVX2/FMA/F16C build, for binaries carried to other machines).
+//!   portable x86-64 AVX2/FMA/F16C build, for binaries carried to other machines). On x86-64
+//!   the machine's instruction sets are named one by one (`x86_features`), not taken from
+//!   `-march=native`.
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const LLAMA_SYS_PACKAGE: &str = "llama-cpp-sys-2";
+
+/// The x86-64 instruction sets of this machine that ggml's CPU backend has a CMake switch for.
+///
+/// Why not `GGML_NATIVE` (`-march=native`): on an AMD EPYC (Zen 4) host, GCC 12 with
+/// `-march=native` compiled ggml's CPU backend so that a token's logits depended on how many
+/// other tokens shared its step: every `tests/batch.rs` fixture differed, by up to 1.8e-5.
+/// The cause is the Zen tuning's `avoid_fma_chains` / `avoid_fma256_chains`, which split some
+/// multiply-add chains into a multiply and an add where the same loop's other iterations
+/// (vector body or scalar tail, by the batch's size) fuse them (`-mtune=native` alone breaks
+/// it; adding `-mtune-ctrl=^avoid_fma_chains,^avoid_fma256_chains` mends it). The same
+/// instruction sets named one by one (there AVX-512 with VBMI, VNNI and BF16), with generic
+/// tuning, give every token the same bits batched or alone, as `-march=native` did on Intel
+/// hosts, at the same speed within noise (medium model, `bench decode`, 1 and 8 sequences).
+#[cfg(target_arch = "x86_64")]
+fn x86_features() -> Vec<&'static str> {
+    use std::arch::is_x86_feature_detected as has;
+    let mut f = Vec::new();
+    for (name, on) in [
+        ("SSE42", has!("sse4.2")),
+        ("AVX", has!("avx")),
+        ("AVX2", has!("avx2")),
+        ("FMA", has!("fma")),
+        ("F16C", has!("f16c")),
+        ("BMI2", has!("bmi2")),
+        ("AVX_VNNI", has!("avxvnni")),
+        ("AVX512", has!("avx512f") && has!("avx512cd") && has!("avx512vl") && has!("avx512dq") && has!("avx512bw")),
+        ("AVX512_VBMI", has!("avx512vbmi")),
+        ("AVX512_VNNI", has!("avx512vnni")),
+        ("AVX512_BF16", has!("avx512bf16")),
+        // (AMX's detection is not stable in std: the kernel's list, which names only what
+        // it enabled)
+        ("AMX_TILE", cpuinfo_has("amx_tile")),
+        ("AMX_INT8", cpuinfo_has("amx_int8")),
+        ("AMX_BF16", cpuinfo_has("amx_bf16")),
+    ] {
+        if on {
+            f.push(name);
+        }
+    }
+    f
+}
+
+/// Whether /proc/cpuinfo's first `flags` line names `flag` (false where there is none).
+#[cfg(target_arch = "x86_64")]
+fn cpuinfo_has(flag: &str) -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("flags")).map(|l| l.split_whitespace().any(|w| w == flag)))
+        .unwrap_or(false)
+}
+
+/// (Only x86-64 hosts name their instruction sets; elsewhere native builds use `GGML_NATIVE`.)
+#[cfg(not(target_arch = "x86_64"))]
+fn x86_features() -> Vec<&'static str> {
+    Vec::new()
+}
 
 fn ggml_source_dir() -> PathBuf {
     println!("cargo:rerun-if-env-changed=DFLASH_GGML_SRC");
@@ -90,7 +148,13 @@ fn main() {
         // libggml.so finds libggml-cpu.so beside itself.
         .define("CMAKE_INSTALL_RPATH", "$ORIGIN")
         .profile("Release");
-    if native {
+    let host_x86 = env::var("CARGO_CFG_TARGET_ARCH").is_ok_and(|a| a == "x86_64") && env::var("TARGET").ok() == env::var("HOST").ok();
+    if native && host_x86 {
+        cfg.define("GGML_NATIVE", "OFF");
+        for f in x86_features() {
+            cfg.define(format!("GGML_{f}"), "ON");
+        }
+    } else if native {
         cfg.define("GGML_NATIVE", "ON");
     } else {
         cfg.define("GGML_NATIVE", "OFF")

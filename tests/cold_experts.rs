@@ -456,6 +456,22 @@ fn the_shared_expert_runs_while_the_cold_experts_do() {
     }
 }
 
+/// The options of the PCIe split's tests: placement `hot`, the host copy on the CPU (all-cold
+/// layers in the graph; partly held ones too from `cold_offload_min` tokens, 0: never), `slots`
+/// router slots staged in steps of at most 4 tokens, micro-batches of 48.
+fn split_options(hot: Option<ExpertSet>, cold_offload_min: usize, slots: usize) -> ModelOptions {
+    ModelOptions {
+        ubatch: 48,
+        hot,
+        cold_layers_in_graph: true,
+        cold_offload_min,
+        cold_host_on_cpu: true,
+        cold_pcie_slots: slots,
+        cold_pcie_max_tokens: 4,
+        ..ModelOptions::default()
+    }
+}
+
 /// Fixture `path` with `opts` (and, where partly held layers ask for one, an executor that
 /// fails whenever called): sequence A prefills 40 of `tokens` and decodes 20 one by one,
 /// B prefills 3, then one step decodes a token of each. Every logits row of A (and B's last),
@@ -489,18 +505,7 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
     for gguf in ["ds4-tiny-a.f32.gguf", "ds4-tiny-a.mxfp4.gguf"] {
         let path = fixture(gguf);
         let c = loader::ModelFile::open(&path).expect("fixture").config;
-        let run = |hot: Option<ExpertSet>, slots: usize| {
-            let opts = ModelOptions {
-                ubatch: 48,
-                hot,
-                cold_layers_in_graph: true,
-                cold_host_on_cpu: true,
-                cold_pcie_slots: slots,
-                cold_pcie_max_tokens: 4,
-                ..ModelOptions::default()
-            };
-            split_run(&path, opts, &tokens)
-        };
+        let run = |hot: Option<ExpertSet>, slots: usize| split_run(&path, split_options(hot, 0, slots), &tokens);
         let none = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, _| false);
         let (hot, staged) = run(None, 0);
         assert_eq!(staged, None);
@@ -571,19 +576,7 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
         let path = fixture(gguf);
         let c = loader::ModelFile::open(&path).expect("fixture").config;
         let half = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, e| e < c.n_expert as u32 / 2);
-        let run = |slots: usize| {
-            let opts = ModelOptions {
-                ubatch: 48,
-                hot: Some(half.clone()),
-                cold_layers_in_graph: true,
-                cold_offload_min: 1,
-                cold_host_on_cpu: true,
-                cold_pcie_slots: slots,
-                cold_pcie_max_tokens: 4,
-                ..ModelOptions::default()
-            };
-            split_run(&path, opts, &tokens)
-        };
+        let run = |slots: usize| split_run(&path, split_options(Some(half.clone()), 1, slots), &tokens);
         let (in_graph, _) = run(0);
         let (staged, n) = run(2);
         let n = n.expect("the split is set up");

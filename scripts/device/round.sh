@@ -41,6 +41,8 @@
 #            (fullwidth-vs-llama.sh matrix: pp512, pp2048, tg64, tg64 at depth, peak GPU
 #            memory; MATRIX8 placements, default "hot half cold profile"), the 4-layer file
 #            removed first: with the fifth run's 4-layer matrix, the per-layer slopes
+#   bw       (only when named) the bandwidths the roofline fractions divide by (bandwidth.sh:
+#            the host's memory read with every core, pinned host to device, device to device)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -70,6 +72,11 @@ ready4() {
 }
 cuda() { [ -f .device/bin/libggml-cuda.so ] || OUT=$out fw build | tail -3; }
 
+if on bw; then
+  mkdir -p "$out/bw"
+  stamp "bandwidths"
+  bash scripts/device/bandwidth.sh 2>&1 | tee "$out/bw/bandwidth.txt"
+fi
 if on pairs4; then
   mkdir -p "$out/pairs4"
   stamp "build + files"

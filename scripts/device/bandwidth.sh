@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# GPU machine: the bandwidths the roofline fractions of BENCHMARKS.md divide by: the host's
+# memory read with every core (tools/bandwidth/host_read.c: the CPU's pass over cold experts),
+# pinned host to device over PCIe, and the device's own memory (tools/bandwidth/h2d.cu).
+# No staging needed: bash scripts/device/bandwidth.sh
+set -euo pipefail
+d=$(mktemp -d)
+cc -O3 -march=native -fopenmp tools/bandwidth/host_read.c -o "$d/host_read"
+nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+"$nvcc" -O3 tools/bandwidth/h2d.cu -o "$d/h2d"
+nvidia-smi --query-gpu=name,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
+lscpu | grep -E "Model name|^CPU\(s\)"
+OMP_PROC_BIND=spread "$d/host_read" 8
+OMP_NUM_THREADS=8 OMP_PROC_BIND=spread "$d/host_read" 8
+"$d/h2d"
