@@ -162,10 +162,13 @@ impl ModelArgs {
         let ubatch = self.ubatch()?;
         let on_gpu = ggml::Device::by_name(&self.device)?.kind() != ggml::DeviceKind::Cpu;
         let k = file.config.n_expert_used;
+        // Cold experts get a host copy to stage from when all-cold layers are computed in the
+        // graph (the default) or partly held ones may offload (`--cold-offload-min`, chosen
+        // below when not given); `--cold-pcie-max 0` alone turns the default off.
+        let may_have_host_copy = self.cold_layers_in_graph.unwrap_or(!adaptive) || self.cold_offload_min != Some(0);
         let pcie_slots = match self.cold_pcie_slots {
             Some(n) => n,
-            // `--cold-pcie-max 0` alone turns the default off
-            None if on_gpu && !adaptive && self.cold_pcie_max > 0 => default_pcie_slots(k),
+            None if on_gpu && !adaptive && self.cold_pcie_max > 0 && may_have_host_copy => default_pcie_slots(k),
             None => 0,
         };
         let reserve = self.device_reserve_bytes(ubatch).saturating_add(pcie_staging_bytes(&shape, pcie_slots, k, self.cold_pcie_max));
