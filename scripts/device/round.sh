@@ -43,6 +43,10 @@
 #            removed first: with the fifth run's 4-layer matrix, the per-layer slopes
 #   bw       (only when named) the bandwidths the roofline fractions divide by (bandwidth.sh:
 #            the host's memory read with every core, pinned host to device, device to device)
+#   np8gap   (only when named) 4 layers, 8 sequences, half cold, no PCIe split: `bench decode`
+#            against `bench tests` (the fourth run's 414.5 t/s came from the latter, the sixth
+#            run's 250.1 from the former), the cold layers in the graph against the executor,
+#            and `--timings` of each: where the gap between those two runs lies
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -218,6 +222,21 @@ if on matrix8; then
   stamp "matrix 8 layers"
   rm -f bench-data/v4f-4l.gguf
   OUT=$out/matrix8 LAYERS=8 DEPTH=${DEPTH:-4096} MATRIX="${MATRIX8:-hot half cold profile}" fw files matrix | tee "$out/matrix8/matrix.txt"
+fi
+if on np8gap; then
+  mkdir -p "$out/np8gap"
+  ready4
+  stamp "np8gap"
+  f=bench-data/v4f-4l.gguf
+  half="--n-cpu-moe 2 --expert-workers 0 --worker-threads $(nproc) --cold-pcie-slots 0"
+  for v in "" "--cold-layers-in-graph false"; do
+    # shellcheck disable=SC2086
+    echo "bench decode np8 [$v]: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 32 --np 8 $half $v --timings 2>&1 | grep -E 't/s|graph build' | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    echo "bench tests np8 [$v]: $(.device/bin/dflash bench tests -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -p 0 --decode 32 --np 8 $half $v --timings 2>&1 | grep -E 't/s|graph build' | tr '\n' ' ')"
+    # shellcheck disable=SC2086
+    echo "bench decode np1 [$v]: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $half $v 2>&1 | grep 't/s')"
+  done | tee "$out/np8gap/np8gap.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
