@@ -153,11 +153,7 @@ fn check(name: &str, gguf: &str) {
     for (what, hot) in placements(c.n_layer, c.n_expert) {
         let (got, calls) = logits(gguf, Some(hot), tokens, 120);
         assert!(calls > 0, "{what}: the cold executor was never called");
-        for (t, (a, b)) in got.chunks_exact(v).zip(base.chunks_exact(v)).enumerate() {
-            let max = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-            let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-            assert!(d <= 1e-5 * max, "{gguf} {what}: position {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
-        }
+        assert_rows_close(&got, &base, v, &format!("{gguf} {what}"));
         eprintln!("{gguf} {what}: equal to all-hot within 1e-5 over {} positions ({calls} cold evals)", tokens.len());
     }
 }
@@ -298,6 +294,17 @@ fn model_a(hot: ExpertSet, adaptive: Option<graph::SwapPolicy>) -> Model {
     m
 }
 
+/// Every row of `n_vocab` logits of `got` within 1e-5 · max |logit| of the same row of `want`
+/// (the placements change only the order of sums), and as many rows.
+fn assert_rows_close(got: &[f32], want: &[f32], n_vocab: usize, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: logit count");
+    for (t, (a, b)) in got.chunks_exact(n_vocab).zip(want.chunks_exact(n_vocab)).enumerate() {
+        let max = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(d <= 1e-5 * max, "{what}: row {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
+    }
+}
+
 fn fixture_a_tokens(n: usize) -> Vec<u32> {
     let mut npz = npyz::npz::NpzArchive::open(fixture("ds4-tiny-a.ref.npz")).expect("reference");
     let tokens: Vec<i32> = npz.by_name("tokens").expect("npz").expect("tokens").into_vec().expect("i32");
@@ -372,11 +379,7 @@ fn a_re_placement_gives_the_logits_of_the_new_placement_bitwise() {
             swap_all(m, &SWAPS);
         }
     });
-    for (t, (a, b)) in changed.chunks_exact(v).zip(base.chunks_exact(v)).enumerate() {
-        let max = b.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(d <= 1e-5 * max, "position {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
-    }
+    assert_rows_close(&changed, &base, v, "across the swap");
 
     // Bad swaps are refused by name and change nothing.
     let mut m = model_a(p1.clone(), None);
@@ -511,14 +514,7 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
         assert_eq!(staged, None);
         let (cpu, staged) = run(Some(none.clone()), 0);
         assert_eq!(staged, None);
-        let close = |a: &[f32], b: &[f32], what: &str| {
-            assert_eq!(a.len(), b.len(), "{what}");
-            for (t, (x, y)) in a.chunks_exact(c.n_vocab).zip(b.chunks_exact(c.n_vocab)).enumerate() {
-                let max = y.iter().map(|v| v.abs()).fold(0f32, f32::max);
-                let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-                assert!(d <= 1e-5 * max, "{gguf} {what}: row {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
-            }
-        };
+        let close = |a: &[f32], b: &[f32], what: &str| assert_rows_close(a, b, c.n_vocab, &format!("{gguf} {what}"));
         close(&cpu, &hot, "all cold in the graph against all hot");
         for slots in 1..=c.n_expert_used {
             let (split, staged) = run(Some(none.clone()), slots);
@@ -556,11 +552,7 @@ fn cold_experts_computed_in_the_graph_from_their_host_copy_give_the_all_hot_logi
     let hot = run(None, false);
     for (what, set) in placements(c.n_layer, c.n_expert) {
         let got = run(Some(set), true);
-        for (t, (x, y)) in got.chunks_exact(c.n_vocab).zip(hot.chunks_exact(c.n_vocab)).enumerate() {
-            let max = y.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            let d = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
-            assert!(d <= 1e-5 * max, "{what}: row {t}: max |Δ| {d:.3e} > 1e-5 · {max:.3}");
-        }
+        assert_rows_close(&got, &hot, c.n_vocab, what);
     }
 }
 

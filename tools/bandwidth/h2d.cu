@@ -15,21 +15,24 @@ int main() {
   cudaEvent_t a, b;
   CHECK(cudaEventCreate(&a));
   CHECK(cudaEventCreate(&b));
+  // Milliseconds of one copy of `bytes` (negative on a CUDA error, printed).
+  auto time_copy = [&](void *dst, const void *src, cudaMemcpyKind kind) -> float {
+    float ms = -1;
+    if (cudaEventRecord(a) != cudaSuccess || cudaMemcpyAsync(dst, src, bytes, kind) != cudaSuccess ||
+        cudaEventRecord(b) != cudaSuccess || cudaEventSynchronize(b) != cudaSuccess ||
+        cudaEventElapsedTime(&ms, a, b) != cudaSuccess) {
+      printf("copy: %s\n", cudaGetErrorString(cudaGetLastError()));
+      return -1;
+    }
+    return ms;
+  };
   float best_h2d = 1e9, best_d2d = 1e9;
   for (int i = 0; i < 6; i++) {
-    float ms;
-    CHECK(cudaEventRecord(a));
-    CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice));
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    if (ms < best_h2d) best_h2d = ms;
-    CHECK(cudaEventRecord(a));
-    CHECK(cudaMemcpyAsync(dev2, dev, bytes, cudaMemcpyDeviceToDevice));
-    CHECK(cudaEventRecord(b));
-    CHECK(cudaEventSynchronize(b));
-    CHECK(cudaEventElapsedTime(&ms, a, b));
-    if (ms < best_d2d) best_d2d = ms;
+    float h2d = time_copy(dev, host, cudaMemcpyHostToDevice);
+    float d2d = time_copy(dev2, dev, cudaMemcpyDeviceToDevice);
+    if (h2d < 0 || d2d < 0) return 1;
+    if (h2d < best_h2d) best_h2d = h2d;
+    if (d2d < best_d2d) best_d2d = d2d;
   }
   printf("pinned host to device: %.1f GB/s (1 GiB, best of 6)\n", bytes / (best_h2d * 1e-3) / 1e9);
   printf("device to device: %.1f GB/s read + written (%.1f GB/s each way)\n", 2 * bytes / (best_d2d * 1e-3) / 1e9, bytes / (best_d2d * 1e-3) / 1e9);
