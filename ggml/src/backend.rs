@@ -279,6 +279,33 @@ impl Drop for Backend {
     }
 }
 
+/// A second backend of a device (its own stream of work) that copies host memory into the
+/// device's tensors beside the compute. Dropping it waits for the copies it queued: a step that
+/// failed part-way may leave some queued, and their host source and device destination must
+/// outlive them. Declare it before the buffers it copies into, so that it drops first.
+pub struct Copier {
+    backend: Backend,
+}
+
+impl Copier {
+    pub fn new(device: Device) -> Result<Copier, GgmlError> {
+        Ok(Copier { backend: Backend::new(device)? })
+    }
+}
+
+impl std::ops::Deref for Copier {
+    type Target = Backend;
+    fn deref(&self) -> &Backend {
+        &self.backend
+    }
+}
+
+impl Drop for Copier {
+    fn drop(&mut self) {
+        self.backend.synchronize();
+    }
+}
+
 /// A point in a backend's stream of work (CUDA: an event), to order the work of two backends
 /// of one device (e.g. a copy on one stream before a compute on another) without making the
 /// host wait.

@@ -11,7 +11,7 @@ pub mod sched;
 pub mod types;
 
 pub use alloc::GraphAllocator;
-pub use backend::{load_backend_module, Backend, Buffer, BufferType, Device, DeviceKind, Event};
+pub use backend::{load_backend_module, Backend, Buffer, BufferType, Copier, Device, DeviceKind, Event};
 pub use context::Context;
 pub use sched::Scheduler;
 pub use ggml_sys as sys;

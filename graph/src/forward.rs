@@ -135,6 +135,8 @@ impl Model {
             profile: self.op_profile.as_mut().map(|p| std::ptr::from_mut::<OpProfile>(p)),
             stream: stream.map(|s| StreamHook { stream: s, nodes: step.stream_nodes.as_slice(), compute: self.backend.as_ptr() }),
             pcie: pcie.map(|p| PcieHook { split: p, nodes: step.pcie_nodes.as_slice(), compute: self.backend.as_ptr() }),
+            split_t: crate::model::SplitTimings::default(),
+            mark: Instant::now(),
         };
         if hooks.profile.is_some() || hooks.stream.is_some() || hooks.pcie.is_some() {
             // SAFETY: `hooks` outlives the compute below, after which the callback is unset.
@@ -144,12 +146,18 @@ impl Model {
             s.begin_step();
         }
         let t1 = Instant::now();
+        hooks.mark = t1;
         // SAFETY: the step's graph is the one its scheduler allocated; its other tensors live
         // in the model's weight buffers and the sequences' state buffers, on these backends.
         let computed = unsafe { step.sched.compute(step.graph.as_ptr()) };
         // SAFETY: no callback, no user data.
         unsafe { step.sched.set_eval_callback(None, std::ptr::null_mut()) };
         computed?;
+        if hooks.split_t.layers > 0 {
+            hooks.split_t.steps = 1;
+            hooks.split_t.after_s += hooks.mark.elapsed().as_secs_f64();
+            self.timings.split += hooks.split_t;
+        }
         if let Some(s) = stream {
             s.end_step();
         }
@@ -189,6 +197,9 @@ struct StepHooks<'a> {
     profile: Option<*mut OpProfile>,
     stream: Option<StreamHook<'a>>,
     pcie: Option<PcieHook<'a>>,
+    /// The split's parts of this step, and when the last one ended.
+    split_t: crate::model::SplitTimings,
+    mark: Instant,
 }
 
 /// The split, the step's (node, what to do there) pairs by address, the model's backend.
@@ -249,15 +260,24 @@ unsafe extern "C" fn step_hooks(t: *mut ggml::sys::ggml_tensor, ask: bool, user_
         // the split's nodes are the router's (kept as outputs) of a layer the split has,
         // in a step of at most its tokens (`offload.rs`); `compute` is the model's live
         // backend, the staging's device's.
+        let start = Instant::now();
         unsafe {
             match at {
                 PcieAt::Plan { layer, ids, wait } => {
+                    h.split_t.layers += 1;
+                    h.split_t.to_router_s += (start - h.mark).as_secs_f64();
                     p.split.at_plan(layer, ids as *const ggml::sys::ggml_tensor, t);
                     if wait {
                         p.split.before_staged(p.compute);
                     }
+                    h.mark = Instant::now();
+                    h.split_t.plan_s += (h.mark - start).as_secs_f64();
                 }
-                PcieAt::Staged => p.split.before_staged(p.compute),
+                PcieAt::Staged => {
+                    h.split_t.cpu_s += (start - h.mark).as_secs_f64();
+                    p.split.before_staged(p.compute);
+                    h.mark = Instant::now();
+                }
             }
         }
     }

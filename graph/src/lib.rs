@@ -30,7 +30,7 @@ mod weights;
 pub use adaptive::{SwapPolicy, SwapReport};
 pub use cold::{BoxError, ColdError, ColdExperts, ColdSplit, ExpertLayerStats};
 pub use load::{load_weights, load_weights_reporting};
-pub use model::{Logits, Model, ModelOptions, StepTimings};
+pub use model::{Logits, Model, ModelOptions, SplitTimings, StepTimings};
 pub use profile::OpRow;
 pub use state::{Checkpoint, Entries, EntryPart, Sequence};
 pub use vocab::{check_token_ids, token_ids, TokenOutOfRange};

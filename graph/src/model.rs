@@ -128,6 +128,40 @@ pub struct StepTimings {
     pub graphs_reused: usize,
     pub build_s: f64,
     pub compute_s: f64,
+    /// Where the compute's time went in steps with decode's cold slots over PCIe.
+    pub split: SplitTimings,
+}
+
+/// The compute of steps with decode's cold slots over PCIe (`pcie.rs`), cut at the
+/// scheduler's stops in split layers (host clock). The four parts add up to those steps'
+/// compute, less reading the logits.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SplitTimings {
+    /// Steps with a split layer, and split layers planned.
+    pub steps: usize,
+    pub layers: usize,
+    /// From the step's start, or the last split layer's hand-back, to a split layer's router
+    /// having run with the host caught up: the device's work in between (the staged products,
+    /// whole layers, the next attention and router) and the host's wait for it.
+    pub to_router_s: f64,
+    /// Planning the split and queuing its copies.
+    pub plan_s: f64,
+    /// From the plan to the CPU slots' weighted sum: the CPU's products (the copies run
+    /// meanwhile), with the scheduler's copy of their input to the host.
+    pub cpu_s: f64,
+    /// From the last split layer's hand-back to the step's end.
+    pub after_s: f64,
+}
+
+impl std::ops::AddAssign for SplitTimings {
+    fn add_assign(&mut self, o: SplitTimings) {
+        self.steps += o.steps;
+        self.layers += o.layers;
+        self.to_router_s += o.to_router_s;
+        self.plan_s += o.plan_s;
+        self.cpu_s += o.cpu_s;
+        self.after_s += o.after_s;
+    }
 }
 
 pub(crate) static NEXT_SEQ_ID: AtomicU64 = AtomicU64::new(1);

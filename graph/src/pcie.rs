@@ -28,7 +28,7 @@
 //!
 //! On a CPU (`ModelOptions::cold_host_on_cpu`, for the tests) the staging area is CPU
 //! memory, the copies are done when queued and there is no event to wait for.
-use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
+use ggml::{Buffer, BufferType, Context, Copier, Device, Event};
 
 use crate::expert_ffn::{ExpertFfn, UpGate};
 use crate::offload::ColdHost;
@@ -80,7 +80,8 @@ pub(crate) struct PcieSplit {
     /// Flat, on the host: the CPU slots' expert ids (I32) and weights (F32), [k − slots, n].
     ids_cpu: T,
     wts_cpu: T,
-    copier: Backend,
+    /// Waits for its copies when dropped, before the buffers below.
+    copier: Copier,
     /// Recorded after the copies (None on the CPU, whose copies are done when queued).
     copied: Option<Event>,
     /// Experts staged since load (each distinct expert of a split layer's step once).
@@ -249,7 +250,7 @@ impl PcieSplit {
             wts_gpu,
             ids_cpu,
             wts_cpu,
-            copier: Backend::new(device)?,
+            copier: Copier::new(device)?,
             copied,
             staged_total: std::cell::Cell::new(0),
             unwaited: std::cell::Cell::new(false),
@@ -349,13 +350,6 @@ impl PcieSplit {
         if let Some(e) = &self.copied {
             unsafe { e.wait(compute) };
         }
-    }
-}
-
-impl Drop for PcieSplit {
-    fn drop(&mut self) {
-        // A step that failed part-way may leave copies queued from the host copy.
-        self.copier.synchronize();
     }
 }
 

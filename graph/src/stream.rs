@@ -35,7 +35,7 @@
 //! host copy's bytes, `offload.rs`).
 use std::cell::Cell;
 
-use ggml::{Backend, Buffer, BufferType, Context, Device, Event};
+use ggml::{Buffer, BufferType, Context, Copier, Device, Event};
 
 use crate::expert_ffn::{ExpertFfn, UpGate};
 use crate::offload::ColdHost;
@@ -59,7 +59,8 @@ pub(crate) struct ColdStream {
     /// The streamed layers in order (layer ids).
     order: Vec<usize>,
     /// A second backend of the model's device: its own stream, for the copies.
-    copier: Backend,
+    /// Waits for its copies when dropped, before the buffers below.
+    copier: Copier,
     /// Recorded after the copy into slot 0 / 1.
     copied: [Event; 2],
     /// The first streamed layer's copy for the next streaming step is queued.
@@ -172,7 +173,7 @@ impl ColdStream {
             layers[l] = Some(StreamLayer { pos, weights: RoutedWeights { ffn, held_mask: None }, copies });
         }
         tracing::info!(layers = ?order, min_batch, slot_bytes, "layers stream their cold experts to the GPU for big micro-batches, two layers' worth of slots");
-        Ok(Some(ColdStream { min_batch, layers, order, copier: Backend::new(device)?, copied: [e0, e1], ahead: Cell::new(false), _slots: slots, _ctx: ctx }))
+        Ok(Some(ColdStream { min_batch, layers, order, copier: Copier::new(device)?, copied: [e0, e1], ahead: Cell::new(false), _slots: slots, _ctx: ctx }))
     }
 
     /// The streamed layer `il`, if it is one.
@@ -228,14 +229,6 @@ impl ColdStream {
         }
         // SAFETY: the caller's contract.
         unsafe { self.copied[wait].wait(compute) };
-    }
-}
-
-impl Drop for ColdStream {
-    fn drop(&mut self) {
-        // A step that failed part-way may leave a copy queued from the host copy, which is
-        // dropped next.
-        self.copier.synchronize();
     }
 }
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU machine: the bandwidths the roofline fractions of BENCHMARKS.md divide by: the host's
 # memory read with every core (tools/bandwidth/host_read.c: the CPU's pass over cold experts),
-# pinned host to device over PCIe, and the device's own memory (tools/bandwidth/h2d.cu).
+# pinned host to device over PCIe, and the device's own memory (tools/bandwidth/h2d.cu); then
+# both host readers at once (the CPU's pass and the PCIe copies of decode's split read the
+# same memory): what each keeps beside the other.
 # No staging needed: bash scripts/device/bandwidth.sh
 set -euo pipefail
 d=$(mktemp -d)
@@ -13,3 +15,12 @@ lscpu | grep -E "Model name|^CPU\(s\)"
 OMP_PROC_BIND=spread "$d/host_read" 8
 OMP_NUM_THREADS=8 OMP_PROC_BIND=spread "$d/host_read" 8
 "$d/h2d"
+echo "-- at once: host_read (16 and 8 threads) beside 4 s of back-to-back copies"
+"$d/h2d" 4 & h=$!
+sleep 0.3
+OMP_PROC_BIND=spread "$d/host_read" 2 40
+wait $h
+"$d/h2d" 4 & h=$!
+sleep 0.3
+OMP_NUM_THREADS=8 OMP_PROC_BIND=spread "$d/host_read" 2 40
+wait $h

@@ -1,13 +1,19 @@
 // Host-to-device copy bandwidth from pinned memory (the PCIe path of cold experts): one
 // 1 GiB cudaMemcpyAsync, best of several; and the device's own read bandwidth (a
-// device-to-device copy: bytes read + written). Build: nvcc -O3 h2d.cu -o h2d
+// device-to-device copy: bytes read + written). With a number of seconds, instead: pinned
+// host-to-device copies back to back for that long and their mean rate (run beside
+// host_read, the rate each side keeps while both read host memory).
+// Usage: h2d [seconds]. Build: nvcc -O3 h2d.cu -o h2d
+#include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <cuda_runtime.h>
 
 #define CHECK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s: %s\n", #x, cudaGetErrorString(e)); return 1; } } while (0)
 
-int main() {
+int main(int argc, char **argv) {
   const size_t bytes = 1ull << 30;
+  const double seconds = argc > 1 ? atof(argv[1]) : 0;
   void *host, *dev, *dev2;
   CHECK(cudaMallocHost(&host, bytes));
   CHECK(cudaMalloc(&dev, bytes));
@@ -26,6 +32,19 @@ int main() {
     }
     return ms;
   };
+  if (seconds > 0) {
+    using clock = std::chrono::steady_clock;
+    auto t0 = clock::now();
+    double copied = 0, dt = 0;
+    while (dt < seconds) {
+      CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice));
+      CHECK(cudaDeviceSynchronize());
+      copied += bytes;
+      dt = std::chrono::duration<double>(clock::now() - t0).count();
+    }
+    printf("pinned host to device, back to back: %.1f GB/s over %.2f s\n", copied / dt / 1e9, dt);
+    return 0;
+  }
   float best_h2d = 1e9, best_d2d = 1e9;
   for (int i = 0; i < 6; i++) {
     float h2d = time_copy(dev, host, cudaMemcpyHostToDevice);

@@ -52,7 +52,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, compute_s: f64) {
+/// The graph build and compute time of the timed repetitions, and the PCIe split's parts.
+#[derive(Default)]
+struct Spent {
+    build: f64,
+    compute: f64,
+    split: graph::SplitTimings,
+}
+
+impl Spent {
+    /// Add the model's last `forward`.
+    fn add(&mut self, model: &Model) {
+        let t = model.timings();
+        self.build += t.build_s;
+        self.compute += t.compute_s;
+        self.split += t.split;
+    }
+}
+
+fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, spent: &Spent) {
     let threads = a.model.threads.map(|t| t.to_string()).unwrap_or_else(|| "all".into());
     let (lo, hi) = rates.iter().fold((f64::MAX, 0f64), |(l, h), &r| (l.min(r), h.max(r)));
     println!(
@@ -65,7 +83,20 @@ fn report(model: &Model, a: &Args, test: &str, rates: Vec<f64>, build_s: f64, co
         rates.len()
     );
     if a.timings {
-        println!("  graph build {build_s:.3} s, compute {compute_s:.3} s (all reps); last graph split into {} backend runs", model.last_step_splits());
+        println!("  graph build {:.3} s, compute {:.3} s (all reps); last graph split into {} backend runs", spent.build, spent.compute, model.last_step_splits());
+        let s = &spent.split;
+        if s.layers > 0 {
+            // per split layer, in ms: the parts of the compute the PCIe split's stops cut
+            let per = |x: f64| 1e3 * x / s.layers as f64;
+            println!(
+                "  PCIe split, per split layer ({} in all): to the router {:.3} ms, plan {:.3} ms, CPU slots {:.3} ms; after the last one {:.3} ms a step",
+                s.layers,
+                per(s.to_router_s),
+                per(s.plan_s),
+                per(s.cpu_s),
+                1e3 * s.after_s / s.steps.max(1) as f64
+            );
+        }
         if let Some(n) = model.experts_staged() {
             println!("  experts copied over PCIe for decode's split router slots: {n} since load");
         }
@@ -110,7 +141,7 @@ fn prefill_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
     let toks = tokens(n, model.config.n_tokens.min(model.n_vocab()), 1)?;
     let context = tokens(a.depth, model.config.n_tokens.min(model.n_vocab()), 3)?;
     let mut rates = Vec::new();
-    let (mut build, mut compute) = (0.0, 0.0);
+    let mut spent = Spent::default();
     for rep in 0..a.reps.max(1) + 1 {
         let mut seq = sequence_at_depth(model, a, &context, n)?;
         let t0 = Instant::now();
@@ -119,11 +150,10 @@ fn prefill_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
         if rep > 0 {
             // rep 0 warms up (first-touch of weights, allocator sizing)
             rates.push(n as f64 / dt);
-            build += model.timings().build_s;
-            compute += model.timings().compute_s;
+            spent.add(model);
         }
     }
-    report(model, a, &format!("pp{n}"), rates, build, compute);
+    report(model, a, &format!("pp{n}"), rates, &spent);
     if let Some(top) = a.op_profile {
         op_profile(model, top, |m| {
             let mut seq = sequence_at_depth(m, a, &context, n)?;
@@ -136,17 +166,16 @@ fn prefill_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
 
 /// Decode `toks[i]` into `seqs[i]`, one token per sequence and step, all sequences in each
 /// step; an adaptive placement re-places between steps under `swap_bytes`, as the server does
-/// (timed). Returns the graph build and compute seconds.
-fn decode_steps(model: &mut Model, seqs: &mut [graph::Sequence], toks: &[Vec<u32>], swap_bytes: u64) -> Result<(f64, f64)> {
-    let (mut build, mut compute) = (0.0, 0.0);
+/// (timed). Returns the time spent.
+fn decode_steps(model: &mut Model, seqs: &mut [graph::Sequence], toks: &[Vec<u32>], swap_bytes: u64) -> Result<Spent> {
+    let mut spent = Spent::default();
     for i in 0..toks.first().map_or(0, Vec::len) {
         let mut items: Vec<(&mut graph::Sequence, &[u32])> = seqs.iter_mut().zip(toks).map(|(s, t)| (s, &t[i..i + 1])).collect();
         model.forward_batch(&mut items, Logits::Last)?;
-        build += model.timings().build_s;
-        compute += model.timings().compute_s;
+        spent.add(model);
         model.replace_experts(swap_bytes)?;
     }
-    Ok((build, compute))
+    Ok(spent)
 }
 
 /// The tgN test on a loaded model: `a.np` sequences decoding together (one alone: tgN).
@@ -157,16 +186,17 @@ fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
     let toks: Vec<Vec<u32>> = (0..np).map(|i| tokens(n, n_tokens, if i == 0 { 2 } else { 100 + i as u64 })).collect::<Result<_>>()?;
     let context = tokens(a.depth, n_tokens, 3)?;
     let mut rates = Vec::new();
-    let (mut build, mut compute) = (0.0, 0.0);
+    let mut spent = Spent::default();
     for rep in 0..a.reps.max(1) + 1 {
         let mut seqs = (0..np).map(|_| sequence_at_depth(model, a, &context, n)).collect::<Result<Vec<_>>>()?;
         let t0 = Instant::now();
-        let (b, c) = decode_steps(model, &mut seqs, &toks, a.model.expert_swap_bytes())?;
+        let step_spent = decode_steps(model, &mut seqs, &toks, a.model.expert_swap_bytes())?;
         let dt = t0.elapsed().as_secs_f64();
         if rep > 0 {
             rates.push((np * n) as f64 / dt);
-            build += b;
-            compute += c;
+            spent.build += step_spent.build;
+            spent.compute += step_spent.compute;
+            spent.split += step_spent.split;
         }
         if a.timings && rep + 1 < a.reps.max(1) + 1 {
             if let Some(stats) = model.take_expert_stats() {
@@ -178,10 +208,10 @@ fn decode_test(model: &mut Model, a: &Args, n: usize) -> Result<()> {
         }
     }
     if np == 1 {
-        report(model, a, &format!("tg{n}"), rates, build, compute);
+        report(model, a, &format!("tg{n}"), rates, &spent);
     } else {
         let per_seq = median(rates.clone()) / np as f64;
-        report(model, a, &format!("tg{n} x{np} seqs, aggregate"), rates, build, compute);
+        report(model, a, &format!("tg{n} x{np} seqs, aggregate"), rates, &spent);
         println!("  per sequence: {per_seq:.2} t/s");
     }
     if let Some(top) = a.op_profile {
