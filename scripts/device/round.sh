@@ -47,6 +47,9 @@
 #            against `bench tests` (the fourth run's 414.5 t/s came from the latter, the sixth
 #            run's 250.1 from the former), the cold layers in the graph against the executor,
 #            and `--timings` of each: where the gap between those two runs lies
+#   splitt   (only when named) 4 layers, decode with --timings at K = 0, 2, 3, 4 of the cold slots
+#            over PCIe (every expert cold), half cold at K = 3, one and 8 sequences, and all on
+#            the GPU: where a split layer's time goes (to the router, plan, CPU slots)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -237,6 +240,25 @@ if on np8gap; then
     # shellcheck disable=SC2086
     echo "bench decode np1 [$v]: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $half $v 2>&1 | grep 't/s')"
   done | tee "$out/np8gap/np8gap.txt"
+fi
+if on splitt; then
+  mkdir -p "$out/splitt"
+  ready4
+  stamp "split timings"
+  f=bench-data/v4f-4l.gguf
+  ex="--expert-workers 0 --worker-threads $(nproc)"
+  dec() { # LABEL FLAGS...: one decode test's rate and its --timings lines
+    local label=$1; shift
+    # shellcheck disable=SC2068
+    echo "$label: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" $@ --timings 2>&1 | grep -E 't/s|graph build|PCIe split' | tr '\n' ' ')"
+  }
+  {
+    dec "hot tg64" -n 64 --experts-hot all
+    for k in 0 2 3 4; do dec "cold K=$k tg64" -n 64 --cpu-moe $ex --cold-pcie-slots $k; done
+    dec "half K=3 tg64" -n 64 --n-cpu-moe 2 $ex --cold-pcie-slots 3
+    dec "half K=3 np8 tg32" -n 32 --np 8 --n-cpu-moe 2 $ex --cold-pcie-slots 3
+    dec "cold K=3 np8 tg32" -n 32 --np 8 --cpu-moe $ex --cold-pcie-slots 3
+  } | tee "$out/splitt/splitt.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
