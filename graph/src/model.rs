@@ -147,7 +147,8 @@ pub struct SplitTimings {
     /// Planning the split and queuing its copies.
     pub plan_s: f64,
     /// From the plan to the CPU slots' weighted sum: the CPU's products (the copies run
-    /// meanwhile), with the scheduler's copy of their input to the host.
+    /// meanwhile), with the scheduler's copy of their input to the host. In a partly held
+    /// layer (no CPU slots): the held experts' products on the device.
     pub cpu_s: f64,
     /// From the last split layer's hand-back to the step's end.
     pub after_s: f64,

@@ -50,6 +50,11 @@
 #   splitt   (only when named) 4 layers, decode with --timings at K = 0, 2, 3, 4 of the cold slots
 #            over PCIe (every expert cold), half cold at K = 3, one and 8 sequences, and all on
 #            the GPU: where a split layer's time goes (to the router, plan, CPU slots)
+#   cpuk     (only when named) 4 layers, tg64: the CPU's kernel for cold experts. llama.cpp
+#            every expert cold with its experts in pinned host memory (its default beside a
+#            GPU), in ggml's repacked CPU layout (--no-host 1: interleaved rows, its AVX2 GEMV)
+#            and plain (--no-host 1 --repack 0); llama.cpp -ncmoe 0/2 and dflash all hot, half
+#            and every expert cold (K = 0 and 3) in the same call
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -259,6 +264,34 @@ if on splitt; then
     dec "half K=3 np8 tg32" -n 32 --np 8 --n-cpu-moe 2 $ex --cold-pcie-slots 3
     dec "cold K=3 np8 tg32" -n 32 --np 8 --cpu-moe $ex --cold-pcie-slots 3
   } | tee "$out/splitt/splitt.txt"
+fi
+if on cpuk; then
+  mkdir -p "$out/cpuk"
+  ready4
+  stamp "cpuk"
+  f=bench-data/v4f-4l.gguf
+  lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+  ex="--expert-workers 0 --worker-threads $(nproc)"
+  lbt() { # LABEL ARGS...: llama-bench tg64
+    local label=$1; shift
+    echo "llama.cpp $label: $("$lb" -m $f -lm none -ngl 99 -fa "$FA" -t "$(nproc)" -r "$REPS" -p 0 -n 64 -o md "$@" 2>&1 | grep "tg64" | tr -s ' ')"
+  }
+  dft() { # LABEL FLAGS...: dflash bench decode tg64
+    local label=$1; shift
+    # shellcheck disable=SC2068
+    echo "dflash $label: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $@ 2>&1 | grep 't/s' | sed 's/.*| tg64/tg64/')"
+  }
+  {
+    lbt "cold, pinned host (default)" -ncmoe 4
+    lbt "cold, repacked (--no-host 1)" -ncmoe 4 --no-host 1
+    lbt "cold, plain CPU buffer (--no-host 1 --repack 0)" -ncmoe 4 --no-host 1 --repack 0
+    lbt "half" -ncmoe 2
+    lbt "hot" -ncmoe 0
+    dft "cold K=0" --cpu-moe $ex --cold-pcie-slots 0
+    dft "cold K=3" --cpu-moe $ex --cold-pcie-slots 3
+    dft "half K=3" --n-cpu-moe 2 $ex --cold-pcie-slots 3
+    dft "hot" --experts-hot all
+  } | tee "$out/cpuk/cpuk.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
