@@ -279,7 +279,7 @@ if on cpuk; then
   dft() { # LABEL FLAGS...: dflash bench decode tg64
     local label=$1; shift
     # shellcheck disable=SC2068
-    echo "dflash $label: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $@ 2>&1 | grep 't/s' | sed 's/.*| tg64/tg64/')"
+    echo "dflash $label: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $@ 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
   }
   {
     lbt "cold, pinned host (default)" -ncmoe 4
@@ -291,6 +291,10 @@ if on cpuk; then
     dft "cold K=3" --cpu-moe $ex --cold-pcie-slots 3
     dft "half K=3" --n-cpu-moe 2 $ex --cold-pcie-slots 3
     dft "hot" --experts-hot all
+    # the split's fixed CPU cost per layer: the CPU team's threads kept spinning, and 8 threads
+    dft "cold K=3 --timings" --cpu-moe $ex --cold-pcie-slots 3 --timings
+    OMP_WAIT_POLICY=active dft "cold K=3 OMP_WAIT_POLICY=active" --cpu-moe $ex --cold-pcie-slots 3 --timings
+    echo "dflash cold K=3 -t 8: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t 8 -r "$REPS" -n 64 --cpu-moe $ex --cold-pcie-slots 3 --timings 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
   } | tee "$out/cpuk/cpuk.txt"
 fi
 if on pairs8; then
