@@ -487,8 +487,19 @@ fn split_run(path: &PathBuf, mut opts: ModelOptions, tokens: &[u32]) -> (Vec<f32
     }
     let (mut a, mut b) = (m.new_sequence(tokens.len()).expect("sequence"), m.new_sequence(tokens.len()).expect("sequence"));
     let mut out = m.forward(&mut a, &tokens[..40], Logits::All).expect("prefill");
+    assert_eq!(m.timings().split.layers, 0, "a prefill of more tokens than the split's is not split");
     for i in 40..60 {
         out.extend(m.forward(&mut a, &tokens[i..i + 1], Logits::All).expect("decode"));
+        // `--timings`' cut of the step at the split's stops: every all-cold layer split, the
+        // parts within the step's compute
+        let t = m.timings();
+        if m.experts_staged().is_some() {
+            assert_eq!((t.split.steps, t.split.layers), (1, m.config.n_layer), "decode step {i}: steps and split layers");
+            let parts = [t.split.to_router_s, t.split.plan_s, t.split.cpu_s, t.split.after_s];
+            assert!(parts.iter().all(|&p| p >= 0.0) && parts.iter().sum::<f64>() <= t.compute_s, "decode step {i}: parts {parts:?} within {} s", t.compute_s);
+        } else {
+            assert_eq!(t.split.layers, 0, "no split set up, none timed");
+        }
     }
     m.forward(&mut b, &tokens[..3], Logits::All).expect("second sequence");
     out.extend(m.forward_batch(&mut [(&mut a, &tokens[60..61]), (&mut b, &tokens[3..4])], Logits::All).expect("two sequences").concat());
