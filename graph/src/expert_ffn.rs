@@ -63,6 +63,32 @@ impl ExpertFfn {
         let h = swiglu_clamped(g, gate, up, self.clamp); // [ff, k, n]
         g.mm_id(self.down, h, ids) // [n_embd, k, n]
     }
+
+    /// [`forward`](Self::forward) on the CPU with each MXFP4 product through
+    /// `mxfp4_cpu::mul_mat_id` (ggml's bits, its rows asked for ahead; other types through
+    /// `mul_mat_id`). Its custom ops go into `cpu_nodes`.
+    pub(crate) fn forward_host(&self, g: &Ctx, x: T, ids: T, cpu_nodes: &mut Vec<T>) -> T {
+        let mut mm = |w: T, x: T| {
+            if crate::mxfp4_cpu::takes(w, x) {
+                let op = crate::mxfp4_cpu::mul_mat_id(g, w, x, ids);
+                cpu_nodes.push(op);
+                op
+            } else {
+                g.mm_id(w, x, ids)
+            }
+        };
+        let (k, n, ff) = (ids.ne(0), ids.ne(1), self.n_ff);
+        let (gate, up) = match self.up_gate {
+            UpGate::Separate { gate, up } => (mm(gate, x), mm(up, x)),
+            UpGate::Fused(gu) => {
+                let both = mm(gu, x); // [2ff, k, n]
+                let half = |i0: usize| g.cont(g.view_3d(both, [ff, k, n], both.nb(1), both.nb(2), i0 * ff as usize * both.elem_size()));
+                (half(0), half(1))
+            }
+        };
+        let h = swiglu_clamped(g, gate, up, self.clamp); // [ff, k, n]
+        mm(self.down, h) // [n_embd, k, n]
+    }
 }
 
 /// silu(min(gate, clamp)) · clamp(up, −clamp, clamp); no clamp when `clamp` ≤ 0.

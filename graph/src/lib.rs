@@ -17,6 +17,7 @@ mod load;
 mod model;
 mod moe;
 mod offload;
+mod mxfp4_cpu;
 mod pcie;
 pub mod ops;
 pub mod plan;

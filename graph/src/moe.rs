@@ -125,6 +125,14 @@ impl Builder<'_> {
         self.weighted_sum(il, slots, wts)
     }
 
+    /// [`hot_experts`](Self::hot_experts) over a host copy on the CPU, its MXFP4 products
+    /// through `mxfp4_cpu.rs` (ggml's bits).
+    pub(crate) fn host_experts(&mut self, il: usize, z: T, ids: T, wts: T, r: &RoutedWeights) -> T {
+        let (e, n) = (z.ne(0), z.ne(1));
+        let slots = r.ffn.forward_host(self.g, self.g.reshape(z, &[e, 1, n]), ids, &mut self.cpu_nodes);
+        self.weighted_sum(il, slots, wts)
+    }
+
     /// Each slot's expert output [n_embd, k, n] for `z` [n_embd, n] and `ids` [k, n]
     /// (indices into the held tensors of `r`).
     fn expert_slots(&self, z: T, ids: T, r: &RoutedWeights) -> T {

@@ -221,7 +221,7 @@ impl Builder<'_> {
         });
         let cpu_out = (slots < k).then(|| {
             let (ids_cpu, wts_cpu) = p.cpu_slots(g, n);
-            let out = self.hot_experts(il, z, ids_cpu, wts_cpu, cpu);
+            let out = if p.own_kernel { self.host_experts(il, z, ids_cpu, wts_cpu, cpu) } else { self.hot_experts(il, z, ids_cpu, wts_cpu, cpu) };
             g.name(out, &format!("cold_cpu_out-{il}"))
         });
         self.pcie_nodes.push((wts.0 as usize, PcieAt::Plan { layer: il, ids: ids.0 as usize, wait: cpu_out.is_none() }));

@@ -69,6 +69,8 @@ pub(crate) struct PcieSplit {
     pub max_tokens: usize,
     /// The router's k.
     k: usize,
+    /// The CPU slots' MXFP4 products through `mxfp4_cpu.rs` (else ggml's `mul_mat_id`).
+    pub own_kernel: bool,
     layers: Vec<Option<PcieLayer>>,
     /// Per expert tensor of an FFN: room for `slots × max_tokens` experts on the device
     /// (`k × max_tokens` with partly held layers).
@@ -170,7 +172,7 @@ impl PcieSplit {
     /// The split for the all-cold layers of `host` (their FFN tensors of one shape), `slots`
     /// of the router's `k` on the GPU for micro-batches of at most `max_tokens`. None (logged)
     /// when no layer qualifies or the device has no events.
-    pub fn new(device: Device, buft: BufferType, host: &ColdHost, slots: usize, max_tokens: usize, k: usize) -> Result<Option<PcieSplit>, GraphError> {
+    pub fn new(device: Device, buft: BufferType, host: &ColdHost, slots: usize, max_tokens: usize, k: usize, own_kernel: bool) -> Result<Option<PcieSplit>, GraphError> {
         // (both checked against the model when it loads)
         if slots == 0 || max_tokens == 0 || slots > k {
             return Ok(None);
@@ -244,6 +246,7 @@ impl PcieSplit {
             slots,
             max_tokens,
             k,
+            own_kernel,
             layers,
             staging,
             remap,

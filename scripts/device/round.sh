@@ -55,6 +55,10 @@
 #            GPU), in ggml's repacked CPU layout (--no-host 1: interleaved rows, its AVX2 GEMV)
 #            and plain (--no-host 1 --repack 0); llama.cpp -ncmoe 0/2 and dflash all hot, half
 #            and every expert cold (K = 0 and 3) in the same call
+#   kern     (only when named) 4 layers, every expert cold and half cold, K = 3: the split's CPU
+#            slots through dflash's MXFP4 product (the default) against ggml's
+#            (--cold-pcie-ggml-kernel), alternated, with --timings; then bandwidth.sh (with
+#            tools/bandwidth/mxfp4_dot.c, both kernels; carry .device/ggml-src/include)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -296,6 +300,22 @@ if on cpuk; then
     OMP_WAIT_POLICY=active dft "cold K=3 OMP_WAIT_POLICY=active" --cpu-moe $ex --cold-pcie-slots 3 --timings
     echo "dflash cold K=3 -t 8: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t 8 -r "$REPS" -n 64 --cpu-moe $ex --cold-pcie-slots 3 --timings 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
   } | tee "$out/cpuk/cpuk.txt"
+fi
+if on kern; then
+  mkdir -p "$out/kern"
+  ready4
+  stamp "kern"
+  f=bench-data/v4f-4l.gguf
+  ex="--expert-workers 0 --worker-threads $(nproc)"
+  for round in 1 2; do
+    for place in "--cpu-moe" "--n-cpu-moe 2"; do
+      for kern in "" "--cold-pcie-ggml-kernel"; do
+        # shellcheck disable=SC2086
+        echo "round $round [$place $kern]: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $place $ex --cold-pcie-slots 3 $kern --timings 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
+      done
+    done
+  done | tee "$out/kern/kern.txt"
+  bash scripts/device/bandwidth.sh 2>&1 | tee "$out/kern/bandwidth.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
