@@ -159,7 +159,9 @@ unsafe fn dot_vnni(n: usize, w: *const u8, col: &Column) -> f32 {
 /// The custom op: `mul_mat_id(w, x, ids)` for MXFP4 `w` [n_in, rows, n_expert] (contiguous),
 /// F32 `x` [n_in, 1 or k, n] and I32 `ids` [k, n] → F32 [rows, k, n], as ggml computes it
 /// (`x`'s column for slot j of token t is j when it has k of them, else 0). Each thread takes
-/// its share of every pair's rows.
+/// its share of every pair's rows, and quantizes every column itself (a custom op has no
+/// barrier to share them at; at decode's sizes, up to 8 tokens of the split, a few hundred KB
+/// of floats at most, against the megabytes of weights each thread reads).
 ///
 /// # Safety
 /// Called by ggml's CPU backend for a node built by [`mul_mat_id`].
