@@ -51,24 +51,14 @@ impl ExpertFfn {
     /// `x` [n_embd, 1, n] (each token's input, shared by its slots), `ids` I32 [k, n]
     /// (indices into the held experts) → each slot's expert output [n_embd, k, n].
     pub fn forward(&self, g: &Ctx, x: T, ids: T) -> T {
-        let (k, n, ff) = (ids.ne(0), ids.ne(1), self.n_ff);
-        let (gate, up) = match self.up_gate {
-            UpGate::Separate { gate, up } => (g.mm_id(gate, x, ids), g.mm_id(up, x, ids)),
-            UpGate::Fused(gu) => {
-                let both = g.mm_id(gu, x, ids); // [2ff, k, n]
-                let half = |i0: usize| g.cont(g.view_3d(both, [ff, k, n], both.nb(1), both.nb(2), i0 * ff as usize * both.elem_size()));
-                (half(0), half(1))
-            }
-        };
-        let h = swiglu_clamped(g, gate, up, self.clamp); // [ff, k, n]
-        g.mm_id(self.down, h, ids) // [n_embd, k, n]
+        self.forward_with(g, ids, x, |w, x| g.mm_id(w, x, ids))
     }
 
     /// [`forward`](Self::forward) on the CPU with each MXFP4 product through
     /// `mxfp4_cpu::mul_mat_id` (ggml's bits, its rows asked for ahead; other types through
     /// `mul_mat_id`). Its custom ops go into `cpu_nodes`.
     pub(crate) fn forward_host(&self, g: &Ctx, x: T, ids: T, cpu_nodes: &mut Vec<T>) -> T {
-        let mut mm = |w: T, x: T| {
+        self.forward_with(g, ids, x, |w, x| {
             if crate::mxfp4_cpu::takes(w, x) {
                 let op = crate::mxfp4_cpu::mul_mat_id(g, w, x, ids);
                 cpu_nodes.push(op);
@@ -76,7 +66,11 @@ impl ExpertFfn {
             } else {
                 g.mm_id(w, x, ids)
             }
-        };
+        })
+    }
+
+    /// The FFN with `mm(w, x)` as each expert product (`mul_mat_id` over `ids`).
+    fn forward_with(&self, g: &Ctx, ids: T, x: T, mut mm: impl FnMut(T, T) -> T) -> T {
         let (k, n, ff) = (ids.ne(0), ids.ne(1), self.n_ff);
         let (gate, up) = match self.up_gate {
             UpGate::Separate { gate, up } => (mm(gate, x), mm(up, x)),

@@ -87,6 +87,13 @@ ready4() {
   OUT=$out LAYERS=4 fw build files | tail -3
 }
 cuda() { [ -f .device/bin/libggml-cuda.so ] || OUT=$out fw build | tail -3; }
+# LABEL FLAGS...: one `dflash bench decode` on the 4-layer file (-t: $T, default every core),
+# its rate and any --timings lines on one line
+decode_line() {
+  local label=$1; shift
+  echo "$label: $(.device/bin/dflash bench decode -m bench-data/v4f-4l.gguf --device CUDA0 -t "${T:-$(nproc)}" -r "$REPS" "$@" 2>&1 \
+    | grep -E 't/s|graph build|PCIe split' | sed 's/.*| tg/tg/' | tr '\n' ' ')"
+}
 
 if on bw; then
   mkdir -p "$out/bw"
@@ -254,13 +261,8 @@ if on splitt; then
   mkdir -p "$out/splitt"
   ready4
   stamp "split timings"
-  f=bench-data/v4f-4l.gguf
   ex="--expert-workers 0 --worker-threads $(nproc)"
-  dec() { # LABEL FLAGS...: one decode test's rate and its --timings lines
-    local label=$1; shift
-    # shellcheck disable=SC2068
-    echo "$label: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" $@ --timings 2>&1 | grep -E 't/s|graph build|PCIe split' | tr '\n' ' ')"
-  }
+  dec() { decode_line "$@" --timings; }
   {
     dec "hot tg64" -n 64 --experts-hot all
     for k in 0 2 3 4; do dec "cold K=$k tg64" -n 64 --cpu-moe $ex --cold-pcie-slots $k; done
@@ -280,11 +282,7 @@ if on cpuk; then
     local label=$1; shift
     echo "llama.cpp $label: $("$lb" -m $f -lm none -ngl 99 -fa "$FA" -t "$(nproc)" -r "$REPS" -p 0 -n 64 -o md "$@" 2>&1 | grep "tg64" | tr -s ' ')"
   }
-  dft() { # LABEL FLAGS...: dflash bench decode tg64
-    local label=$1; shift
-    # shellcheck disable=SC2068
-    echo "dflash $label: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $@ 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
-  }
+  dft() { local label=$1; shift; decode_line "dflash $label" -n 64 "$@"; }
   {
     lbt "cold, pinned host (default)" -ncmoe 4
     lbt "cold, repacked (--no-host 1)" -ncmoe 4 --no-host 1
@@ -298,20 +296,19 @@ if on cpuk; then
     # the split's fixed CPU cost per layer: the CPU team's threads kept spinning, and 8 threads
     dft "cold K=3 --timings" --cpu-moe $ex --cold-pcie-slots 3 --timings
     OMP_WAIT_POLICY=active dft "cold K=3 OMP_WAIT_POLICY=active" --cpu-moe $ex --cold-pcie-slots 3 --timings
-    echo "dflash cold K=3 -t 8: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t 8 -r "$REPS" -n 64 --cpu-moe $ex --cold-pcie-slots 3 --timings 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
+    T=8 dft "cold K=3 -t 8" --cpu-moe $ex --cold-pcie-slots 3 --timings
   } | tee "$out/cpuk/cpuk.txt"
 fi
 if on kern; then
   mkdir -p "$out/kern"
   ready4
   stamp "kern"
-  f=bench-data/v4f-4l.gguf
   ex="--expert-workers 0 --worker-threads $(nproc)"
   for round in 1 2; do
     for place in "--cpu-moe" "--n-cpu-moe 2"; do
       for kern in "" "--cold-pcie-ggml-kernel"; do
         # shellcheck disable=SC2086
-        echo "round $round [$place $kern]: $(.device/bin/dflash bench decode -m $f --device CUDA0 -t "$(nproc)" -r "$REPS" -n 64 $place $ex --cold-pcie-slots 3 $kern --timings 2>&1 | grep -E 't/s|PCIe split' | sed 's/.*| tg64/tg64/' | tr '\n' ' ')"
+        decode_line "round $round [$place $kern]" -n 64 $place $ex --cold-pcie-slots 3 $kern --timings
       done
     done
   done | tee "$out/kern/kern.txt"
