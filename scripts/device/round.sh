@@ -55,9 +55,10 @@
 #            GPU), in ggml's repacked CPU layout (--no-host 1: interleaved rows, its AVX2 GEMV)
 #            and plain (--no-host 1 --repack 0); llama.cpp -ncmoe 0/2 and dflash all hot, half
 #            and every expert cold (K = 0 and 3) in the same call
-#   kern     (only when named) 4 layers, every expert cold and half cold, K = 3: the split's CPU
-#            slots through dflash's MXFP4 product (the default) against ggml's
-#            (--cold-pcie-ggml-kernel), alternated, with --timings; then bandwidth.sh (with
+#   kern     (only when named) 4 layers, every expert cold and half cold: llama.cpp's tg64 at
+#            -ncmoe 4 and 2, then the split's CPU slots through dflash's MXFP4 product (the
+#            default) at K = 3 and 2 against ggml's (--cold-pcie-ggml-kernel) at K = 3,
+#            alternated, with --timings; then bandwidth.sh (with
 #            tools/bandwidth/mxfp4_dot.c, both kernels; carry .device/ggml-src/include)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
@@ -304,14 +305,20 @@ if on kern; then
   ready4
   stamp "kern"
   ex="--expert-workers 0 --worker-threads $(nproc)"
-  for round in 1 2; do
-    for place in "--cpu-moe" "--n-cpu-moe 2"; do
-      for kern in "" "--cold-pcie-ggml-kernel"; do
-        # shellcheck disable=SC2086
-        decode_line "round $round [$place $kern]" -n 64 $place $ex --cold-pcie-slots 3 $kern --timings
+  lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+  {
+    for n in 4 2; do
+      echo "llama.cpp -ncmoe $n: $("$lb" -m bench-data/v4f-4l.gguf -lm none -ngl 99 -fa "$FA" -t "$(nproc)" -r "$REPS" -p 0 -n 64 -o md -ncmoe $n 2>&1 | grep "tg64" | tr -s ' ')"
+    done
+    for round in 1 2; do
+      for place in "--cpu-moe" "--n-cpu-moe 2"; do
+        for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-pcie-ggml-kernel" "--cold-pcie-slots 2"; do
+          # shellcheck disable=SC2086
+          decode_line "round $round [$place $kern]" -n 64 $place $ex $kern --timings
+        done
       done
     done
-  done | tee "$out/kern/kern.txt"
+  } | tee "$out/kern/kern.txt"
   bash scripts/device/bandwidth.sh 2>&1 | tee "$out/kern/bandwidth.txt"
 fi
 if on pairs8; then
