@@ -13,6 +13,7 @@ impl TensorType {
     pub const F16: TensorType = TensorType(sys::ggml_type::GGML_TYPE_F16);
     pub const BF16: TensorType = TensorType(sys::ggml_type::GGML_TYPE_BF16);
     pub const I32: TensorType = TensorType(sys::ggml_type::GGML_TYPE_I32);
+    pub const I8: TensorType = TensorType(sys::ggml_type::GGML_TYPE_I8);
     pub const Q8_0: TensorType = TensorType(sys::ggml_type::GGML_TYPE_Q8_0);
     pub const Q2_K: TensorType = TensorType(sys::ggml_type::GGML_TYPE_Q2_K);
     pub const Q4_K: TensorType = TensorType(sys::ggml_type::GGML_TYPE_Q4_K);

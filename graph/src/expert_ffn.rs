@@ -58,14 +58,24 @@ impl ExpertFfn {
     /// `mxfp4_cpu::mul_mat_id` (ggml's bits, its rows asked for ahead; other types through
     /// `mul_mat_id`). Its custom ops go into `cpu_nodes`.
     pub(crate) fn forward_host(&self, g: &Ctx, x: T, ids: T, cpu_nodes: &mut Vec<T>) -> T {
+        // each input quantized once (separate gate and up read the same one)
+        let mut quantized: Vec<(T, T)> = Vec::new();
         self.forward_with(g, ids, x, |w, x| {
-            if crate::mxfp4_cpu::takes(w, x) {
-                let op = crate::mxfp4_cpu::mul_mat_id(g, w, x, ids);
-                cpu_nodes.push(op);
-                op
-            } else {
-                g.mm_id(w, x, ids)
+            if !crate::mxfp4_cpu::takes(w, x) {
+                return g.mm_id(w, x, ids);
             }
+            let xq = match quantized.iter().find(|(of, _)| of.0 == x.0) {
+                Some(&(_, q)) => q,
+                None => {
+                    let q = crate::mxfp4_cpu::quantize(g, x);
+                    cpu_nodes.push(q);
+                    quantized.push((x, q));
+                    q
+                }
+            };
+            let op = crate::mxfp4_cpu::mul_mat_id(g, w, xq, ids);
+            cpu_nodes.push(op);
+            op
         })
     }
 

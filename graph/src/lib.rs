@@ -31,6 +31,7 @@ mod weights;
 pub use adaptive::{SwapPolicy, SwapReport};
 pub use cold::{BoxError, ColdError, ColdExperts, ColdSplit, ExpertLayerStats};
 pub use load::{load_weights, load_weights_reporting};
+pub use mxfp4_cpu::{time_products, ProductTimes};
 pub use model::{Logits, Model, ModelOptions, SplitTimings, StepTimings};
 pub use profile::OpRow;
 pub use state::{Checkpoint, Entries, EntryPart, Sequence};

@@ -27,6 +27,9 @@ const Q8_0_BLOCK: usize = 34;
 /// 11.7 GB/s a thread (`tools/bandwidth/mxfp4_dot.c`).
 const PREFETCH: usize = 4096;
 
+/// Columns the VNNI product takes at once (one weight row decoded for all of them).
+const COLUMNS: usize = 8;
+
 /// The E2M1 values of the 16 nibbles, doubled to integers (the block's scale is halved).
 const FP4_X2: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
 
@@ -39,36 +42,66 @@ fn e8m0_half(e: u8) -> f32 {
     }
 }
 
-/// One activation column quantized to Q8_0 by ggml, and the same bytes as the VNNI product
-/// reads them: each plus 128 (unsigned), and each block's scale as f32.
+/// One quantized activation column as the products read it, `stride(n)` bytes (a multiple
+/// of 64) from its start: the Q8_0 bytes each plus 128 (unsigned, for VPDPBUSD), `n` bytes;
+/// then the block scales as f32, a pair of blocks to 16 lanes (8 of the first, 8 of the
+/// second: the lanes of the VNNI product); then ggml's Q8_0 blocks themselves (for
+/// `vec_dot`).
+#[derive(Clone, Copy)]
 struct Column {
-    q8: Vec<u8>,
-    biased: Vec<u8>,
-    scale: Vec<f32>,
+    at: *const u8,
+    n: usize,
 }
 
 impl Column {
+    /// Bytes of the scales: 64 a pair of blocks.
+    fn scale_bytes(n: usize) -> usize {
+        (n / QK).div_ceil(2) * 64
+    }
+    fn stride(n: usize) -> usize {
+        (n + Self::scale_bytes(n) + Q8_0_BLOCK * (n / QK)).div_ceil(64) * 64
+    }
+    fn biased(self) -> *const u8 {
+        self.at
+    }
+    /// 16 f32 a pair of blocks.
+    fn scales(self) -> *const f32 {
+        // SAFETY (of the offset): within the column's `stride` bytes.
+        unsafe { self.at.add(self.n).cast() }
+    }
+    fn q8(self) -> *const u8 {
+        // SAFETY (of the offset): within the column's `stride` bytes.
+        unsafe { self.at.add(self.n + Self::scale_bytes(self.n)) }
+    }
+
+    /// Quantizes `x` (`n` f32, `n` a multiple of 32) to Q8_0 with ggml's own `from_float`
+    /// (as ggml's `mul_mat_id` quantizes its input; Q8_0 blocks are independent) and writes
+    /// the column at `dst`.
+    ///
     /// # Safety
-    /// `x` points at `n` readable f32 (`n` a multiple of 32).
-    unsafe fn quantize(x: *const f32, n: usize) -> Column {
+    /// `x` points at `n` readable f32; `dst` at `stride(n)` writable bytes.
+    unsafe fn quantize(x: *const f32, n: usize, dst: *mut u8) {
         let nb = n / QK;
-        let mut q8 = vec![0u8; nb * Q8_0_BLOCK];
-        // SAFETY: ggml's CPU type traits are static; Q8_0's `from_float` writes `nb` blocks.
+        let col = Column { at: dst, n };
+        // SAFETY: the caller's contract for both pointers; ggml's CPU type traits are static,
+        // and Q8_0's `from_float` writes `nb` blocks.
         unsafe {
+            let q8 = col.q8().cast_mut();
             let tr = sys::ggml_get_type_traits_cpu(sys::ggml_type::GGML_TYPE_Q8_0);
             let from_float = (*tr).from_float.expect("ggml's CPU backend quantizes to Q8_0");
-            from_float(x, q8.as_mut_ptr().cast(), n as i64);
-        }
-        let mut biased = vec![0u8; n];
-        let mut scale = vec![0f32; nb];
-        for (b, blk) in q8.chunks_exact(Q8_0_BLOCK).enumerate() {
-            // SAFETY: a pure conversion.
-            scale[b] = unsafe { sys::ggml_fp16_to_fp32(u16::from_le_bytes([blk[0], blk[1]])) };
-            for (j, &q) in blk[2..].iter().enumerate() {
-                biased[b * QK + j] = (q as i8 as i16 + 128) as u8;
+            from_float(x, q8.cast(), n as i64);
+            let blocks = std::slice::from_raw_parts(q8, nb * Q8_0_BLOCK);
+            let biased = std::slice::from_raw_parts_mut(dst, n);
+            let scales = std::slice::from_raw_parts_mut(col.scales().cast_mut(), Self::scale_bytes(n) / 4);
+            scales.fill(0.0);
+            for (b, blk) in blocks.chunks_exact(Q8_0_BLOCK).enumerate() {
+                let d = sys::ggml_fp16_to_fp32(u16::from_le_bytes([blk[0], blk[1]]));
+                scales[b * 8..(b + 1) * 8].fill(d);
+                for (j, &q) in blk[2..].iter().enumerate() {
+                    biased[b * QK + j] = q ^ 0x80;
+                }
             }
         }
-        Column { q8, biased, scale }
     }
 }
 
@@ -89,44 +122,61 @@ fn has_vnni() -> bool {
     false
 }
 
-/// The dot product of the MXFP4 row at `w` (`n` elements) with `col`: ggml's bits.
+/// The dot products of the MXFP4 row at `w` (`n` elements) with each of `cols`, into `out`:
+/// ggml's bits.
 ///
 /// # Safety
-/// `w` points at `n / 32` MXFP4 blocks, readable.
-unsafe fn dot(n: usize, w: *const u8, col: &Column, vnni: bool) -> f32 {
+/// `w` points at `n / 32` MXFP4 blocks, readable; each column was written by
+/// [`Column::quantize`] for `n`; `out` holds `cols.len()` writable f32.
+unsafe fn dots(n: usize, w: *const u8, cols: &[Column], out: &mut [*mut f32], vnni: bool) {
     #[cfg(target_arch = "x86_64")]
     if vnni && (n / QK).is_multiple_of(2) {
-        // SAFETY: the CPU has the features (`has_vnni`); the caller's contract for `w`.
-        return unsafe { dot_vnni(n, w, col) };
+        // SAFETY: the CPU has the features (`has_vnni`); the caller's contract.
+        unsafe {
+            match cols.len() {
+                1 => return dots_vnni::<1>(n, w, cols, out),
+                2 => return dots_vnni::<2>(n, w, cols, out),
+                3 => return dots_vnni::<3>(n, w, cols, out),
+                4 => return dots_vnni::<4>(n, w, cols, out),
+                5 => return dots_vnni::<5>(n, w, cols, out),
+                6 => return dots_vnni::<6>(n, w, cols, out),
+                7 => return dots_vnni::<7>(n, w, cols, out),
+                8 => return dots_vnni::<8>(n, w, cols, out),
+                _ => {}
+            }
+        }
     }
     let _ = vnni;
-    let mut s = 0f32;
     // SAFETY: ggml's MXFP4 `vec_dot` reads n / 32 blocks of each operand.
     unsafe {
         let tr = sys::ggml_get_type_traits_cpu(sys::ggml_type::GGML_TYPE_MXFP4);
         let vec_dot = (*tr).vec_dot.expect("ggml's CPU backend has an MXFP4 dot product");
-        vec_dot(n as i32, &mut s, 0, w.cast(), 0, col.q8.as_ptr().cast(), 0, 1);
+        for (col, o) in cols.iter().zip(out.iter()) {
+            vec_dot(n as i32, *o, 0, w.cast(), 0, col.q8().cast(), 0, 1);
+        }
     }
-    s
 }
 
-/// See the module's notes; `n / 32` even.
+/// See the module's notes; `n / 32` even. The row's nibbles are decoded once for the `C`
+/// columns, and so is the correction for the unsigned inputs (Σ q of each lane); each
+/// column then gets its own integer sums, scales and accumulator, as alone.
 ///
 /// # Safety
-/// The CPU has AVX-512 F, BW, DQ, VL and VNNI; `w` points at `n / 32` MXFP4 blocks.
+/// The CPU has AVX-512 F, BW, DQ, VL and VNNI; as [`dots`], with `C` columns.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-unsafe fn dot_vnni(n: usize, w: *const u8, col: &Column) -> f32 {
+unsafe fn dots_vnni<const C: usize>(n: usize, w: *const u8, cols: &[Column], out: &mut [*mut f32]) {
     use std::arch::x86_64::*;
-    // SAFETY: loads within the caller's `n / 32` blocks and `col`'s `n` bytes and scales; the
-    // prefetch is a hint, valid for any address.
+    // SAFETY: loads within the caller's `n / 32` blocks and each column's `n` bytes and
+    // scales; the prefetch is a hint, valid for any address.
     unsafe {
         let lut = _mm512_broadcast_i32x4(_mm_loadu_si128(FP4_X2.as_ptr().cast()));
         let low4 = _mm512_set1_epi8(0x0f);
         let ones = _mm512_set1_epi8(1);
         // the 128-bit lanes: block 0's low nibbles, its high nibbles, then block 1's
         let shift = _mm512_set_epi64(4, 4, 0, 0, 4, 4, 0, 0);
-        let mut acc = _mm512_setzero_ps();
+        let mut acc = [_mm512_setzero_ps(); C];
+        let (biased, scales): ([*const u8; C], [*const f32; C]) = (std::array::from_fn(|c| cols[c].biased()), std::array::from_fn(|c| cols[c].scales()));
         let mut b = 0;
         while b + 1 < n / QK {
             let x0 = w.add(b * MXFP4_BLOCK);
@@ -136,63 +186,97 @@ unsafe fn dot_vnni(n: usize, w: *const u8, col: &Column) -> f32 {
             v = _mm512_mask_broadcast_i32x4(v, 0xff00, _mm_loadu_si128(x1.add(1).cast()));
             let nib = _mm512_and_si512(_mm512_srlv_epi64(v, shift), low4);
             let q = _mm512_shuffle_epi8(lut, nib);
-            let u = _mm512_loadu_si512(col.biased.as_ptr().add(b * QK).cast());
-            // Σ (a + 128)·q − 128·Σ q = Σ a·q, exactly, in each 32-bit lane
-            let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, q);
-            let t = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q);
-            let s = _mm512_sub_epi32(s, _mm512_slli_epi32::<7>(t));
-            let d0 = col.scale[b] * e8m0_half(*x0);
-            let d1 = col.scale[b + 1] * e8m0_half(*x1);
-            let d = _mm512_mask_mov_ps(_mm512_set1_ps(d0), 0xff00, _mm512_set1_ps(d1));
-            acc = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc);
+            // −128·Σ q + Σ (a + 128)·q = Σ a·q, exactly, in each 32-bit lane: the first term
+            // is the second's starting value
+            let t = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(_mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, q)));
+            // each lane's weight scale; times the column's, as ggml's product of the two
+            let h = _mm512_mask_mov_ps(_mm512_set1_ps(e8m0_half(*x0)), 0xff00, _mm512_set1_ps(e8m0_half(*x1)));
+            for c in 0..C {
+                let u = _mm512_loadu_si512(biased[c].add(b * QK).cast());
+                let s = _mm512_dpbusd_epi32(t, u, q);
+                let d = _mm512_mul_ps(_mm512_loadu_ps(scales[c].add(b * 8)), h);
+                acc[c] = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(s), acc[c]);
+            }
             b += 2;
         }
-        // even blocks' accumulator + odd blocks', then 8 lanes to one in ggml's order
-        let x = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps::<1>(acc));
-        let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
-        let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-        let r = _mm_add_ss(r, _mm_movehdup_ps(r));
-        _mm_cvtss_f32(r)
+        for c in 0..C {
+            // even blocks' accumulator + odd blocks', then 8 lanes to one in ggml's order
+            let x = _mm256_add_ps(_mm512_castps512_ps256(acc[c]), _mm512_extractf32x8_ps::<1>(acc[c]));
+            let r = _mm_add_ps(_mm256_extractf128_ps::<1>(x), _mm256_castps256_ps128(x));
+            let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+            let r = _mm_add_ss(r, _mm_movehdup_ps(r));
+            *out[c] = _mm_cvtss_f32(r);
+        }
     }
 }
 
-/// The custom op: `mul_mat_id(w, x, ids)` for MXFP4 `w` [n_in, rows, n_expert] (contiguous),
-/// F32 `x` [n_in, 1 or k, n] and I32 `ids` [k, n] → F32 [rows, k, n], as ggml computes it
-/// (`x`'s column for slot j of token t is j when it has k of them, else 0). Each thread takes
-/// its share of every pair's rows, and quantizes every column itself (a custom op has no
-/// barrier to share them at; at decode's sizes, up to 8 tokens of the split, a few hundred KB
-/// of floats at most, against the megabytes of weights each thread reads).
+/// The quantizing op: F32 `x` [n_in, c, n] (rows contiguous) → I8 [stride, c, n], each
+/// column as [`Column`] lays it out. The threads take the columns in turn.
+///
+/// # Safety
+/// Called by ggml's CPU backend for a node built by [`quantize`].
+unsafe extern "C" fn quantize_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    // SAFETY: the node's source is the F32 tensor `quantize` checked, computed; `dst` has
+    // room for every column.
+    unsafe {
+        let x = (*dst).src[0];
+        let (n_in, xc, n) = ((*x).ne[0] as usize, (*x).ne[1] as usize, (*x).ne[2] as usize);
+        for c in (ith as usize..xc * n).step_by(nth as usize) {
+            let (j, t) = (c % xc, c / xc);
+            let src = (*x).data.cast::<u8>().add(j * (*x).nb[1] + t * (*x).nb[2]).cast::<f32>();
+            Column::quantize(src, n_in, (*dst).data.cast::<u8>().add(j * (*dst).nb[1] + t * (*dst).nb[2]));
+        }
+    }
+}
+
+/// The product op: `mul_mat_id(w, x, ids)` for MXFP4 `w` [n_in, rows, n_expert]
+/// (contiguous), `x` quantized by [`quantize_op`] [stride, 1 or k, n] and I32 `ids` [k, n] →
+/// F32 [rows, k, n], as ggml computes it (`x`'s column for slot j of token t is j when it has
+/// k of them, else 0). Each thread takes its share of every routed expert's rows, and runs
+/// each of those rows against every column routed to that expert, up to four at once, so an
+/// expert's rows are read from memory once whatever number of tokens it has.
 ///
 /// # Safety
 /// Called by ggml's CPU backend for a node built by [`mul_mat_id`].
 unsafe extern "C" fn mul_mat_id_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
     // SAFETY: the node's sources are the three tensors `mul_mat_id` checked, computed.
     unsafe {
-        let (w, x, ids) = ((*dst).src[0], (*dst).src[1], (*dst).src[2]);
+        let (w, xq, ids) = ((*dst).src[0], (*dst).src[1], (*dst).src[2]);
         let (n_in, rows, n_expert) = ((*w).ne[0] as usize, (*w).ne[1] as usize, (*w).ne[2]);
         let (k, n) = ((*ids).ne[0] as usize, (*ids).ne[1] as usize);
-        let x_cols = (*x).ne[1] as usize;
+        let xc = (*xq).ne[1] as usize;
         let (r0, r1) = (rows * ith as usize / nth as usize, rows * (ith as usize + 1) / nth as usize);
         if r0 == r1 {
             return;
         }
         let vnni = has_vnni();
-        let cols: Vec<Column> = (0..x_cols * n)
-            .map(|c| {
-                let (j, t) = (c % x_cols, c / x_cols);
-                Column::quantize((*x).data.cast::<u8>().add(j * (*x).nb[1] + t * (*x).nb[2]).cast(), n_in)
-            })
-            .collect();
+        // The (token, slot) pairs of each routed expert, experts in order of first use.
+        let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_expert as usize];
+        let mut order = Vec::new();
         for t in 0..n {
             for j in 0..k {
                 let e = *(*ids).data.cast::<u8>().add(j * (*ids).nb[0] + t * (*ids).nb[1]).cast::<i32>();
                 // ggml's own bound: a router id outside the tensor is a bug upstream
                 assert!(e >= 0 && i64::from(e) < n_expert, "expert id {e} outside 0..{n_expert}");
-                let col = &cols[t * x_cols + if x_cols == 1 { 0 } else { j }];
-                let base = (*w).data.cast::<u8>().add(e as usize * (*w).nb[2]);
-                let out = (*dst).data.cast::<u8>().add(j * (*dst).nb[1] + t * (*dst).nb[2]).cast::<f32>();
+                if pairs[e as usize].is_empty() {
+                    order.push(e as usize);
+                }
+                pairs[e as usize].push((t, j));
+            }
+        }
+        let column = |t: usize, j: usize| Column { at: (*xq).data.cast::<u8>().add(if xc == 1 { 0 } else { j } * (*xq).nb[1] + t * (*xq).nb[2]), n: n_in };
+        let out_row = |t: usize, j: usize| (*dst).data.cast::<u8>().add(j * (*dst).nb[1] + t * (*dst).nb[2]).cast::<f32>();
+        for e in order {
+            let base = (*w).data.cast::<u8>().add(e * (*w).nb[2]);
+            for chunk in pairs[e].chunks(COLUMNS) {
+                let cols: Vec<Column> = chunk.iter().map(|&(t, j)| column(t, j)).collect();
+                let outs: Vec<*mut f32> = chunk.iter().map(|&(t, j)| out_row(t, j)).collect();
+                let mut at = outs.clone();
                 for r in r0..r1 {
-                    *out.add(r) = dot(n_in, base.add(r * (*w).nb[1]), col, vnni);
+                    for (a, o) in at.iter_mut().zip(&outs) {
+                        *a = o.add(r);
+                    }
+                    dots(n_in, base.add(r * (*w).nb[1]), &cols, &mut at, vnni);
                 }
             }
         }
@@ -213,12 +297,99 @@ pub(crate) fn takes(w: crate::ops::T, x: crate::ops::T) -> bool {
     }
 }
 
-/// `mul_mat_id(w, x, ids)` as the custom op above ([`takes`] `w`), on every thread of the
-/// CPU backend.
-pub(crate) fn mul_mat_id(g: &crate::ops::Ctx, w: crate::ops::T, x: crate::ops::T, ids: crate::ops::T) -> crate::ops::T {
+/// `x` F32 [n_in, c, n] (rows contiguous, `n_in` a multiple of 32) quantized for
+/// [`mul_mat_id`], on every thread of the CPU backend (its own node: the graph's barrier
+/// after it lets every thread of the product read every column).
+pub(crate) fn quantize(g: &crate::ops::Ctx, x: crate::ops::T) -> crate::ops::T {
+    let ne = [Column::stride(x.ne(0) as usize) as i64, x.ne(1), x.ne(2)];
+    // SAFETY: the op reads its source only; no user data.
+    unsafe { g.custom_all_threads(ggml::TensorType::I8, ne, &[x], quantize_op, std::ptr::null_mut()) }
+}
+
+/// `mul_mat_id(w, x, ids)` as the custom op above ([`takes`] `w` and `x`, `xq` =
+/// [`quantize`]`(x)`), on every thread of the CPU backend.
+pub(crate) fn mul_mat_id(g: &crate::ops::Ctx, w: crate::ops::T, xq: crate::ops::T, ids: crate::ops::T) -> crate::ops::T {
     let ne = [w.ne(1), ids.ne(0), ids.ne(1)];
     // SAFETY: the op reads its sources only; no user data.
-    unsafe { g.custom_all_threads(ggml::TensorType::F32, ne, &[w, x, ids], mul_mat_id_op, std::ptr::null_mut()) }
+    unsafe { g.custom_all_threads(ggml::TensorType::F32, ne, &[w, xq, ids], mul_mat_id_op, std::ptr::null_mut()) }
+}
+
+/// One timing of [`time_products`]: seconds per product of dflash's op (quantizing
+/// included) and of ggml's `mul_mat_id` over the same weights and routing.
+#[derive(Clone, Copy, Debug)]
+pub struct ProductTimes {
+    pub ours_s: f64,
+    pub ggml_s: f64,
+    /// Weight bytes of the routed experts, read once per product.
+    pub weight_bytes: u64,
+    /// (token, expert) pairs of a product.
+    pub pairs: usize,
+}
+
+/// Times the expert product the CPU computes for cold experts: MXFP4 weights [n_in, rows,
+/// n_expert] (random blocks, in a plain CPU buffer), `experts` of them routed, each by
+/// `tokens` tokens (one slot a token), through dflash's op and ggml's `mul_mat_id`,
+/// alternated, `reps` times each after one warm-up on `threads` threads. Best of the reps.
+pub fn time_products(n_in: usize, rows: usize, n_expert: usize, experts: usize, tokens: usize, threads: usize, reps: usize) -> Result<ProductTimes, crate::GraphError> {
+    use crate::ops::Ctx;
+    let opt = |what: &str| crate::GraphError::Option(what.to_string());
+    if n_in == 0 || !n_in.is_multiple_of(QK) || rows == 0 || experts == 0 || experts > n_expert || tokens == 0 || threads == 0 {
+        return Err(opt("time_products: n_in a multiple of 32, rows, tokens and threads at least 1, 1 ≤ experts ≤ n_expert"));
+    }
+    // SAFETY: idempotent.
+    unsafe { sys::ggml_cpu_init() };
+    let n = experts * tokens;
+    let ctx = ggml::Context::new_no_alloc(16, 32)?;
+    let g = Ctx { raw: ctx.as_ptr() };
+    let w = g.new_typed(ggml::TensorType::MXFP4, &[n_in as i64, rows as i64, n_expert as i64]);
+    let x = g.new_typed(ggml::TensorType::F32, &[n_in as i64, 1, n as i64]);
+    let ids = g.new_typed(ggml::TensorType::I32, &[1, n as i64]);
+    let xq = quantize(&g, x);
+    let ours = mul_mat_id(&g, w, xq, ids);
+    let theirs = g.mm_id(w, x, ids);
+    let cpu = ggml::Device::cpu()?;
+    let (_buf, _) = crate::steps::place_packed(cpu.buffer_type(), &[w, x, ids, xq, ours, theirs], None)?;
+    let row_bytes = n_in / QK * MXFP4_BLOCK;
+    // SAFETY: each tensor is allocated with the sizes written here.
+    unsafe {
+        let wb = std::slice::from_raw_parts_mut((*w.0).data.cast::<u8>(), rows * n_expert * row_bytes);
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        for blk in wb.chunks_exact_mut(MXFP4_BLOCK) {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            blk[0] = 120 + (s >> 59) as u8 % 12;
+            for (i, b) in blk[1..].iter_mut().enumerate() {
+                *b = (s >> (i % 8 * 8)) as u8 ^ i as u8;
+            }
+        }
+        let xs = std::slice::from_raw_parts_mut((*x.0).data.cast::<f32>(), n_in * n);
+        for (i, v) in xs.iter_mut().enumerate() {
+            *v = ((i * 7919 % 1009) as f32 - 504.0) * 0.002;
+        }
+        // token t routes to the t mod experts-th of `experts` ids spread over the tensor
+        let is = std::slice::from_raw_parts_mut((*ids.0).data.cast::<i32>(), n);
+        for (t, v) in is.iter_mut().enumerate() {
+            *v = ((t % experts) * n_expert / experts) as i32;
+        }
+    }
+    let mut backend = ggml::Backend::cpu(threads)?;
+    let (g_ours, g_theirs) = (g.new_graph(8), g.new_graph(8));
+    g_ours.expand(ours);
+    g_theirs.expand(theirs);
+    let one = |graph: &crate::ops::Graph, backend: &mut ggml::Backend| -> Result<f64, crate::GraphError> {
+        let t0 = std::time::Instant::now();
+        // SAFETY: the graph's tensors are allocated in a CPU buffer.
+        unsafe { backend.compute(graph.as_ptr()) }?;
+        Ok(t0.elapsed().as_secs_f64())
+    };
+    let (mut ours_s, mut ggml_s) = (f64::MAX, f64::MAX);
+    for rep in 0..=reps {
+        let (a, b) = (one(&g_ours, &mut backend)?, one(&g_theirs, &mut backend)?);
+        if rep > 0 {
+            ours_s = ours_s.min(a);
+            ggml_s = ggml_s.min(b);
+        }
+    }
+    Ok(ProductTimes { ours_s, ggml_s, weight_bytes: (experts * rows * row_bytes) as u64, pairs: n })
 }
 
 #[cfg(test)]
@@ -243,19 +414,37 @@ mod tests {
     }
 
     #[test]
-    fn the_dot_product_gives_ggmls_bits() {
+    fn the_dot_products_give_ggmls_bits() {
         // SAFETY: initialises ggml's CPU tables (FP16 conversion), idempotent.
         unsafe { sys::ggml_cpu_init() };
         for n in [4096usize, 2048, 64, 96] {
             let w = rows(n, 64, n as u64);
-            let x: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
-            // SAFETY: `x` holds n floats; `w` 64 rows of n / 32 blocks.
-            let col = unsafe { Column::quantize(x.as_ptr(), n) };
+            // nine columns: the VNNI product takes one to eight at once
+            let stride = Column::stride(n);
+            let mut q = vec![0u8; 9 * stride];
+            for c in 0..9 {
+                let x: Vec<f32> = (0..n).map(|i| ((i * 37 + c * 11) % 101) as f32 * 0.013 - 0.65).collect();
+                // SAFETY: `x` holds n floats, `q` a column's stride at c · stride.
+                unsafe { Column::quantize(x.as_ptr(), n, q.as_mut_ptr().add(c * stride)) };
+            }
+            let cols: Vec<Column> = (0..9).map(|c| Column { at: q[c * stride..].as_ptr(), n }).collect();
             let row = n / QK * MXFP4_BLOCK;
             for r in 0..64 {
-                let got = unsafe { dot(n, w.as_ptr().add(r * row), &col, has_vnni()) };
-                let want = unsafe { dot(n, w.as_ptr().add(r * row), &col, false) };
-                assert_eq!(got.to_bits(), want.to_bits(), "n {n} row {r}: {got} against ggml's {want} (VNNI: {})", has_vnni());
+                let wr = w[r * row..].as_ptr();
+                let mut want = [0f32; 9];
+                let mut at: Vec<*mut f32> = want.iter_mut().map(|v| v as *mut f32).collect();
+                // SAFETY: `w` holds 64 rows of n / 32 blocks; nine columns, nine outputs.
+                unsafe { dots(n, wr, &cols, &mut at, false) };
+                for c in 1..=COLUMNS {
+                    let mut got = [0f32; COLUMNS];
+                    let mut at: Vec<*mut f32> = got.iter_mut().take(c).map(|v| v as *mut f32).collect();
+                    // SAFETY: as above, c columns and outputs.
+                    unsafe { dots(n, wr, &cols[9 - c..], &mut at, has_vnni()) };
+                    for i in 0..c {
+                        let (g, w) = (got[i], want[9 - c + i]);
+                        assert_eq!(g.to_bits(), w.to_bits(), "n {n} row {r}, {c} column(s) at once, column {}: {g} against ggml's {w} (VNNI: {})", 9 - c + i, has_vnni());
+                    }
+                }
             }
         }
         // CI's machines have VNNI: the test checks the VNNI product there, not ggml against itself
@@ -267,7 +456,8 @@ mod tests {
         use crate::ops::Ctx;
         // SAFETY: idempotent.
         unsafe { sys::ggml_cpu_init() };
-        let (n_in, n_rows, n_expert, k, n) = (2048usize, 48usize, 5usize, 3usize, 4usize);
+        // 16 tokens of 3 slots over 5 experts: about 10 columns an expert (two sets)
+        let (n_in, n_rows, n_expert, k, n) = (2048usize, 48usize, 5usize, 3usize, 16usize);
         for x_cols in [1usize, k] {
             let ctx = ggml::Context::new_no_alloc(16, 16).expect("context");
             let g = Ctx { raw: ctx.as_ptr() };
@@ -275,10 +465,11 @@ mod tests {
             let x = g.new_typed(ggml::TensorType::F32, &[n_in as i64, x_cols as i64, n as i64]);
             let ids = g.new_typed(ggml::TensorType::I32, &[k as i64, n as i64]);
             assert!(takes(w, x));
-            let ours = mul_mat_id(&g, w, x, ids);
+            let xq = quantize(&g, x);
+            let ours = mul_mat_id(&g, w, xq, ids);
             let theirs = g.mm_id(w, x, ids);
             let cpu = ggml::Device::cpu().expect("CPU device");
-            let (_buf, _) = crate::steps::place_packed(cpu.buffer_type(), &[w, x, ids, ours, theirs], None).expect("buffer");
+            let (_buf, _) = crate::steps::place_packed(cpu.buffer_type(), &[w, x, ids, xq, ours, theirs], None).expect("buffer");
             let bytes = rows(n_in, n_rows * n_expert, 7);
             // SAFETY: each tensor is allocated with the sizes written here.
             unsafe {

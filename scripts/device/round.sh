@@ -58,7 +58,8 @@
 #   kern     (only when named) 4 layers, every expert cold and half cold: llama.cpp's tg64 at
 #            -ncmoe 4 and 2, then the split's CPU slots through dflash's MXFP4 product (the
 #            default) at K = 3 and 2 against ggml's (--cold-pcie-ggml-kernel) at K = 3,
-#            alternated, with --timings; then bandwidth.sh (with
+#            alternated, with --timings; `dflash bench experts` (the CPU's product alone, at
+#            1 to 32 tokens an expert, dflash's and ggml's); then bandwidth.sh (with
 #            tools/bandwidth/mxfp4_dot.c, both kernels; carry .device/ggml-src/include)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
@@ -319,6 +320,10 @@ if on kern; then
       done
     done
   } | tee "$out/kern/kern.txt"
+  # the product alone, at full width: gate and up fused (4096 -> 4096), then down (2048 -> 4096)
+  { .device/bin/dflash bench experts --tokens 1,2,4,8,16,32
+    .device/bin/dflash bench experts --n-in 2048 --tokens 1,4,16
+    .device/bin/dflash bench experts -t 8 --tokens 1,8; } 2>&1 | tee "$out/kern/experts.txt"
   bash scripts/device/bandwidth.sh 2>&1 | tee "$out/kern/bandwidth.txt"
 fi
 if on pairs8; then

@@ -278,8 +278,63 @@ pub enum BenchCmd {
     /// Prefill tests (`-p 512,2048`) then decode tests (`--decode 64`, else `-n`) on one
     /// loaded model, the way llama-bench runs `-p … -n …`.
     Tests(TestsArgs),
+    /// The CPU's MXFP4 expert product for cold experts, at full width by default: dflash's
+    /// op against ggml's `mul_mat_id`, over experts routed by 1, 2, 4 … tokens each.
+    Experts(ExpertsArgs),
     #[command(flatten)]
     Other(load::Bench),
+}
+
+#[derive(clap::Args)]
+pub struct ExpertsArgs {
+    /// Input width of the product (the model's hidden size for gate and up).
+    #[arg(long, default_value_t = 4096)]
+    n_in: usize,
+    /// Output rows of each expert (gate and up fused: twice the expert FFN width).
+    #[arg(long, default_value_t = 4096)]
+    rows: usize,
+    /// Experts in the weight tensor.
+    #[arg(long, default_value_t = 256)]
+    n_expert: usize,
+    /// Experts routed in each product (their weights are read once a product).
+    #[arg(long, default_value_t = 64)]
+    experts: usize,
+    /// Tokens routed to each expert, comma-separated: one product per value.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    tokens: Vec<usize>,
+    /// CPU threads (default: every core).
+    #[arg(short = 't', long)]
+    threads: Option<usize>,
+    /// Timed repetitions of each product (the best is reported).
+    #[arg(short = 'r', long, default_value_t = 3)]
+    reps: usize,
+}
+
+/// `dflash bench experts`: per value of `--tokens` the time of each product, the rate its
+/// routed experts' weights are read at, and its (token, expert) pairs a millisecond.
+fn experts(a: ExpertsArgs) -> Result<()> {
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!("| tokens/expert | experts | pairs | dflash ms | ggml ms | dflash GB/s | ggml GB/s | dflash pairs/ms | ggml pairs/ms | ratio |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for &m in &a.tokens {
+        let t = graph::time_products(a.n_in, a.rows, a.n_expert, a.experts, m, threads, a.reps)?;
+        let gbs = |s: f64| t.weight_bytes as f64 / s / 1e9;
+        let pms = |s: f64| t.pairs as f64 / (s * 1e3);
+        println!(
+            "| {m} | {} | {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} |",
+            a.experts,
+            t.pairs,
+            t.ours_s * 1e3,
+            t.ggml_s * 1e3,
+            gbs(t.ours_s),
+            gbs(t.ggml_s),
+            pms(t.ours_s),
+            pms(t.ggml_s),
+            t.ggml_s / t.ours_s
+        );
+    }
+    println!("(n_in {}, rows {}, {} threads, best of {})", a.n_in, a.rows, threads, a.reps);
+    Ok(())
 }
 
 pub fn run(b: BenchCmd) -> Result<()> {
@@ -287,6 +342,7 @@ pub fn run(b: BenchCmd) -> Result<()> {
         BenchCmd::Prefill(a) => prefill(a),
         BenchCmd::Decode(a) => decode(a),
         BenchCmd::Tests(t) => tests_cmd(t),
+        BenchCmd::Experts(a) => experts(a),
         BenchCmd::Other(b) => load::run(b),
     }
 }
