@@ -535,7 +535,7 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
             close(&split, &cpu, &format!("K = {slots} against the CPU's"));
             // the CPU slots' MXFP4 products through dflash's kernel (the default) give ggml's bits
             let mut opts = split_options(Some(none.clone()), 0, slots);
-            opts.cold_pcie_ggml_kernel = true;
+            opts.cold_cpu_ggml_kernel = true;
             let (ggml_kernel, _) = split_run(&path, opts, &tokens);
             assert!(split.iter().zip(&ggml_kernel).all(|(a, b)| a.to_bits() == b.to_bits()), "{gguf} K = {slots}: the CPU slots' kernel changed the bits");
             eprintln!("{gguf}: K = {slots} of {}: {staged} experts staged, the CPU path's logits within 1e-5", c.n_expert_used);

@@ -76,7 +76,7 @@ impl Model {
         let tensors = load_weights(&file, requests, device, opts.repack, &opts.read)?;
         let wanted = opts.cold_offload_min > 0 || opts.cold_layers_in_graph;
         let min = if opts.cold_offload_min == 0 { usize::MAX } else { opts.cold_offload_min };
-        let cold_host = match (wanted, device.kind(), device.host_buffer_type()) {
+        let mut cold_host = match (wanted, device.kind(), device.host_buffer_type()) {
             (true, ggml::DeviceKind::Cpu, _) if opts.cold_host_on_cpu => ColdHost::load(&file, &hot, buft, buft, min, opts.cold_layers_in_graph, &opts.read)?,
             (false, _, _) | (_, ggml::DeviceKind::Cpu, _) => None,
             (true, _, Some(host)) => ColdHost::load(&file, &hot, host, buft, min, opts.cold_layers_in_graph, &opts.read)?,
@@ -85,12 +85,15 @@ impl Model {
                 None
             }
         };
+        if let Some(h) = cold_host.as_mut().filter(|_| !opts.cold_cpu_ggml_kernel) {
+            h.own_kernel_below = crate::offload::op_offload_min_batch();
+        }
         let cold_stream = match &cold_host {
             Some(h) if opts.cold_stream_min > 0 => ColdStream::new(device, buft, h, opts.cold_stream_min, opts.cold_stream_keep_free)?,
             _ => None,
         };
         let pcie = match &cold_host {
-            Some(h) if opts.cold_pcie_slots > 0 => crate::pcie::PcieSplit::new(device, buft, h, opts.cold_pcie_slots, opts.cold_pcie_max_tokens, config.n_expert_used, !opts.cold_pcie_ggml_kernel)?,
+            Some(h) if opts.cold_pcie_slots > 0 => crate::pcie::PcieSplit::new(device, buft, h, opts.cold_pcie_slots, opts.cold_pcie_max_tokens, config.n_expert_used, !opts.cold_cpu_ggml_kernel)?,
             None if opts.cold_pcie_slots > 0 => {
                 tracing::warn!("router slots over PCIe need layers whose experts are all cold in the graph of a GPU model; nothing is split");
                 None

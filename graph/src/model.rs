@@ -74,9 +74,11 @@ pub struct ModelOptions {
     pub cold_pcie_slots: usize,
     /// See `cold_pcie_slots`.
     pub cold_pcie_max_tokens: usize,
-    /// The split's CPU slots through ggml's own `mul_mat_id` rather than `mxfp4_cpu.rs`'s
-    /// product of MXFP4 experts (the same bits, `mxfp4_cpu.rs`; for comparing their speed).
-    pub cold_pcie_ggml_kernel: bool,
+    /// The host copy's expert products that run on the CPU (the split's CPU slots, and the
+    /// in-graph cold experts of micro-batches below ggml's offload size) through ggml's own
+    /// `mul_mat_id` rather than `mxfp4_cpu.rs`'s product of MXFP4 experts (the same bits;
+    /// for comparing their speed).
+    pub cold_cpu_ggml_kernel: bool,
     /// The hot set follows the live routing ([`Model::replace_experts`], `adaptive.rs`):
     /// routing is counted, and partly held layers swap experts between steps. Not with a
     /// pinned host copy of the cold experts (`cold_offload_min`, `cold_layers_in_graph`).
@@ -110,7 +112,7 @@ impl Default for ModelOptions {
             cold_stream_keep_free: 2 << 30,
             cold_pcie_slots: 0,
             cold_pcie_max_tokens: 8,
-            cold_pcie_ggml_kernel: false,
+            cold_cpu_ggml_kernel: false,
             adaptive: None,
         }
     }

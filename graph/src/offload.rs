@@ -60,6 +60,10 @@ pub(crate) struct ColdHost {
     /// Layers whose experts are all cold compute them in the graph at every batch size (the
     /// CPU backend below `min_batch`, as llama.cpp does with experts kept on the CPU).
     pub all_cold_in_graph: bool,
+    /// Micro-batches of fewer tokens compute the host copy's MXFP4 products in the graph
+    /// through `mxfp4_cpu.rs` (ggml's bits): those ggml's scheduler keeps on the CPU
+    /// ([`op_offload_min_batch`]). 0: ggml's `mul_mat_id` at every size.
+    pub own_kernel_below: usize,
     _masks: Option<(Context, ggml::Buffer)>,
     _tensors: TensorSet,
 }
@@ -106,7 +110,7 @@ impl ColdHost {
             out[l] = Some(ColdLayer { weights: RoutedWeights { ffn, held_mask }, maps });
         }
         tracing::info!(layers = layers.len(), min_batch, "cold experts also in pinned host memory: micro-batches of at least min_batch tokens compute them on the GPU");
-        Ok(Some(ColdHost { layers: out, min_batch: min_batch.max(1), all_cold_in_graph, _masks: masks.0, _tensors: tensors }))
+        Ok(Some(ColdHost { layers: out, min_batch: min_batch.max(1), all_cold_in_graph, own_kernel_below: 0, _masks: masks.0, _tensors: tensors }))
     }
 }
 
@@ -118,6 +122,26 @@ impl ColdHost {
 fn host_copy_layers(n_cold: &[usize], n_expert: usize, k: usize, min_batch: usize) -> Vec<usize> {
     let wanted = |n: usize| n > 0 && (n == n_expert || (min_batch != usize::MAX && n >= k));
     n_cold.iter().enumerate().filter(|&(_, &n)| wanted(n)).map(|(l, _)| l).collect()
+}
+
+/// The smallest batch ggml's GPU backends compute a product over weights in host memory for
+/// (its scheduler's op offload): `GGML_OP_OFFLOAD_MIN_BATCH` read as ggml reads it (C's
+/// `atoi`: leading blanks, a sign, digits; anything else 0), else ggml's default of 32.
+/// Smaller batches run such products on the CPU.
+pub(crate) fn op_offload_min_batch() -> usize {
+    std::env::var("GGML_OP_OFFLOAD_MIN_BATCH").map_or(32, |v| c_atoi(&v).max(0) as usize)
+}
+
+/// C's `atoi`, without its overflow (clamped instead).
+fn c_atoi(s: &str) -> i64 {
+    let s = s.trim_start_matches([' ', '\t', '\n', '\r', '\x0b', '\x0c']);
+    let (neg, digits) = match s.as_bytes().first() {
+        Some(b'-') => (true, &s[1..]),
+        Some(b'+') => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let v = digits.bytes().take_while(u8::is_ascii_digit).fold(0i64, |v, d| v.saturating_mul(10).saturating_add(i64::from(d - b'0')));
+    if neg { -v } else { v }
 }
 
 /// Writes [k, n] I32 into `dst`: each slot's index in a set of experts, the slots of experts
@@ -173,6 +197,9 @@ impl Builder<'_> {
             });
         }
         let cold_weights = streamed.map_or(&cold.weights, |s| &s.weights);
+        // Below ggml's offload size the scheduler runs the host copy's products on the CPU:
+        // there through dflash's product (ggml's bits).
+        let own_kernel = streamed.is_none() && n_tok < host.own_kernel_below;
         let g = self.g;
         let (k, n) = (ids.ne(0), z.ne(1));
         // The weights of the slots in a set: wts · mask[ids].
@@ -190,9 +217,9 @@ impl Builder<'_> {
                 let hot_ids = self.local_ids_op(il, ids, hot_map, "hot");
                 add(self.hot_experts(il, z, hot_ids, masked(hot_mask), held));
                 let cold_ids = self.local_ids_op(il, ids, cold_map, "cold");
-                add(self.hot_experts(il, z, cold_ids, masked(cold_mask), cold_weights));
+                add(if own_kernel { self.host_experts(il, z, cold_ids, masked(cold_mask), cold_weights) } else { self.hot_experts(il, z, cold_ids, masked(cold_mask), cold_weights) });
             }
-            (None, None) => add(self.hot_experts(il, z, ids, wts, cold_weights)),
+            (None, None) => add(if own_kernel { self.host_experts(il, z, ids, wts, cold_weights) } else { self.hot_experts(il, z, ids, wts, cold_weights) }),
             _ => unreachable!("a layer's cold copy matches its held experts (both partial, or none held)"),
         }
         let out = sum.unwrap_or_else(|| unreachable!("at least the cold experts were added"));
@@ -277,7 +304,14 @@ impl Builder<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{host_copy_layers, LocalIds};
+    use super::{c_atoi, host_copy_layers, LocalIds};
+
+    #[test]
+    fn the_offload_size_is_read_as_ggml_reads_it() {
+        for (s, v) in [("32", 32), ("  7", 7), ("+12x", 12), ("-3", -3), ("", 0), ("x1", 0), ("99999999999999999999999", i64::MAX)] {
+            assert_eq!(c_atoi(s), v, "{s:?}");
+        }
+    }
 
     #[test]
     fn the_host_copy_holds_partly_held_layers_only_when_they_offload() {

@@ -57,8 +57,9 @@
 #            and every expert cold (K = 0 and 3) in the same call
 #   kern     (only when named) 4 layers, every expert cold and half cold: llama.cpp's tg64 at
 #            -ncmoe 4 and 2, then the split's CPU slots through dflash's MXFP4 product (the
-#            default) at K = 3 and 2 against ggml's (--cold-pcie-ggml-kernel) at K = 3,
-#            alternated, with --timings; `dflash bench experts` (the CPU's product alone, at
+#            default) at K = 3 and 2 against ggml's (--cold-cpu-ggml-kernel) at K = 3,
+#            alternated, with --timings, and 16 sequences every expert cold (in the graph, past
+#            the split's 8 tokens) through each kernel; `dflash bench experts` (the CPU's product alone, at
 #            1 to 32 tokens an expert, dflash's and ggml's); then bandwidth.sh (with
 #            tools/bandwidth/mxfp4_dot.c, both kernels; carry .device/ggml-src/include)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
@@ -313,10 +314,16 @@ if on kern; then
     done
     for round in 1 2; do
       for place in "--cpu-moe" "--n-cpu-moe 2"; do
-        for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-pcie-ggml-kernel" "--cold-pcie-slots 2"; do
+        for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-cpu-ggml-kernel" "--cold-pcie-slots 2"; do
           # shellcheck disable=SC2086
           decode_line "round $round [$place $kern]" -n 64 $place $ex $kern --timings
         done
+      done
+      # 16 sequences: more tokens than the split takes (8), so the cold layers' products
+      # run in the graph on the CPU, through either kernel
+      for kern in "" "--cold-cpu-ggml-kernel"; do
+        # shellcheck disable=SC2086
+        decode_line "round $round [np16 --cpu-moe $kern]" -n 16 --np 16 --cpu-moe $ex $kern
       done
     done
   } | tee "$out/kern/kern.txt"

@@ -138,11 +138,13 @@ pub struct ModelArgs {
     /// held layers). 0 without `--cold-pcie-slots`: no split.
     #[arg(long = "cold-pcie-max", value_name = "N", default_value_t = 8)]
     pub cold_pcie_max: usize,
-    /// The split's CPU slots through ggml's own expert product instead of dflash's MXFP4
-    /// product (which gives ggml's bits and asks for its rows ahead; `graph/src/mxfp4_cpu.rs`):
+    /// The cold experts' products on the CPU beside a GPU (the split's CPU slots, and layers
+    /// of cold experts in micro-batches under ggml's offload size) through ggml's own expert
+    /// product instead of dflash's MXFP4 product (which gives ggml's bits, reads each routed
+    /// expert's rows once for all its tokens and asks for them ahead; `graph/src/mxfp4_cpu.rs`):
     /// for comparing the two.
-    #[arg(long = "cold-pcie-ggml-kernel")]
-    pub cold_pcie_ggml_kernel: bool,
+    #[arg(long = "cold-cpu-ggml-kernel", alias = "cold-pcie-ggml-kernel")]
+    pub cold_cpu_ggml_kernel: bool,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
     /// the model's device between two steps (0: the placement stays as it started).
     #[arg(long = "expert-swap-mb", default_value_t = 16)]
@@ -226,7 +228,7 @@ impl ModelArgs {
                 None => pcie_slots,
             },
             cold_pcie_max_tokens: self.cold_pcie_max,
-            cold_pcie_ggml_kernel: self.cold_pcie_ggml_kernel,
+            cold_cpu_ggml_kernel: self.cold_cpu_ggml_kernel,
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
         };
