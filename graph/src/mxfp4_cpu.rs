@@ -233,8 +233,8 @@ unsafe extern "C" fn quantize_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32,
 /// (contiguous), `x` quantized by [`quantize_op`] [stride, 1 or k, n] and I32 `ids` [k, n] →
 /// F32 [rows, k, n], as ggml computes it (`x`'s column for slot j of token t is j when it has
 /// k of them, else 0). Each thread takes its share of every routed expert's rows, and runs
-/// each of those rows against every column routed to that expert, up to four at once, so an
-/// expert's rows are read from memory once whatever number of tokens it has.
+/// each of those rows against every column routed to that expert, up to [`COLUMNS`] at once,
+/// so an expert's rows are read from memory once whatever number of tokens it has.
 ///
 /// # Safety
 /// Called by ggml's CPU backend for a node built by [`mul_mat_id`].
@@ -250,33 +250,33 @@ unsafe extern "C" fn mul_mat_id_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i3
             return;
         }
         let vnni = has_vnni();
-        // The (token, slot) pairs of each routed expert, experts in order of first use.
-        let mut pairs: Vec<Vec<(usize, usize)>> = vec![Vec::new(); n_expert as usize];
-        let mut order = Vec::new();
+        // The (expert, token, slot) of every pair, grouped by expert (ascending), in pair
+        // order within an expert.
+        let mut pairs: Vec<(usize, usize, usize)> = Vec::with_capacity(k * n);
         for t in 0..n {
             for j in 0..k {
                 let e = *(*ids).data.cast::<u8>().add(j * (*ids).nb[0] + t * (*ids).nb[1]).cast::<i32>();
                 // ggml's own bound: a router id outside the tensor is a bug upstream
                 assert!(e >= 0 && i64::from(e) < n_expert, "expert id {e} outside 0..{n_expert}");
-                if pairs[e as usize].is_empty() {
-                    order.push(e as usize);
-                }
-                pairs[e as usize].push((t, j));
+                pairs.push((e as usize, t, j));
             }
         }
-        let column = |t: usize, j: usize| Column { at: (*xq).data.cast::<u8>().add(if xc == 1 { 0 } else { j } * (*xq).nb[1] + t * (*xq).nb[2]), n: n_in };
-        let out_row = |t: usize, j: usize| (*dst).data.cast::<u8>().add(j * (*dst).nb[1] + t * (*dst).nb[2]).cast::<f32>();
-        for e in order {
-            let base = (*w).data.cast::<u8>().add(e * (*w).nb[2]);
-            for chunk in pairs[e].chunks(COLUMNS) {
-                let cols: Vec<Column> = chunk.iter().map(|&(t, j)| column(t, j)).collect();
-                let outs: Vec<*mut f32> = chunk.iter().map(|&(t, j)| out_row(t, j)).collect();
-                let mut at = outs.clone();
+        pairs.sort_by_key(|&(e, _, _)| e);
+        let mut cols = [Column { at: std::ptr::null(), n: n_in }; COLUMNS];
+        let (mut outs, mut at) = ([std::ptr::null_mut::<f32>(); COLUMNS], [std::ptr::null_mut::<f32>(); COLUMNS]);
+        for group in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let base = (*w).data.cast::<u8>().add(group[0].0 * (*w).nb[2]);
+            for chunk in group.chunks(COLUMNS) {
+                let c = chunk.len();
+                for (i, &(_, t, j)) in chunk.iter().enumerate() {
+                    cols[i].at = (*xq).data.cast::<u8>().add(if xc == 1 { 0 } else { j } * (*xq).nb[1] + t * (*xq).nb[2]);
+                    outs[i] = (*dst).data.cast::<u8>().add(j * (*dst).nb[1] + t * (*dst).nb[2]).cast::<f32>();
+                }
                 for r in r0..r1 {
-                    for (a, o) in at.iter_mut().zip(&outs) {
-                        *a = o.add(r);
+                    for i in 0..c {
+                        at[i] = outs[i].add(r);
                     }
-                    dots(n_in, base.add(r * (*w).nb[1]), &cols, &mut at, vnni);
+                    dots(n_in, base.add(r * (*w).nb[1]), &cols[..c], &mut at[..c], vnni);
                 }
             }
         }
