@@ -60,8 +60,9 @@
 #            default) at K = 3 and 2 against ggml's (--cold-cpu-ggml-kernel) at K = 3,
 #            alternated, with --timings, and 16 sequences every expert cold (in the graph, past
 #            the split's 8 tokens) through each kernel; `dflash bench experts` (the CPU's product alone, at
-#            1 to 32 tokens an expert, dflash's and ggml's); then bandwidth.sh (with
-#            tools/bandwidth/mxfp4_dot.c, both kernels; carry .device/ggml-src/include)
+#            1 to 32 tokens an expert, dflash's and ggml's); KERN_ROUNDS rounds (default 1);
+#            with KERN_BW=1 then bandwidth.sh (with tools/bandwidth/mxfp4_dot.c, both kernels;
+#            carry .device/ggml-src/include)
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -312,7 +313,7 @@ if on kern; then
     for n in 4 2; do
       echo "llama.cpp -ncmoe $n: $("$lb" -m bench-data/v4f-4l.gguf -lm none -ngl 99 -fa "$FA" -t "$(nproc)" -r "$REPS" -p 0 -n 64 -o md -ncmoe $n 2>&1 | grep "tg64" | tr -s ' ')"
     done
-    for round in 1 2; do
+    for round in $(seq "${KERN_ROUNDS:-1}"); do
       for place in "--cpu-moe" "--n-cpu-moe 2"; do
         for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-cpu-ggml-kernel" "--cold-pcie-slots 2"; do
           # shellcheck disable=SC2086
@@ -331,7 +332,7 @@ if on kern; then
   { .device/bin/dflash bench experts --tokens 1,2,4,8,16,32
     .device/bin/dflash bench experts --n-in 2048 --tokens 1,4,16
     .device/bin/dflash bench experts -t 8 --tokens 1,8; } 2>&1 | tee "$out/kern/experts.txt"
-  bash scripts/device/bandwidth.sh 2>&1 | tee "$out/kern/bandwidth.txt"
+  [ "${KERN_BW:-0}" = 1 ] && bash scripts/device/bandwidth.sh 2>&1 | tee "$out/kern/bandwidth.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
