@@ -478,8 +478,8 @@ fn split_options(hot: Option<ExpertSet>, cold_offload_min: usize, slots: usize) 
 /// Fixture `path` with `opts` (and, where partly held layers ask for one, an executor that
 /// fails whenever called): sequence A prefills 40 of `tokens` and decodes 20 one by one,
 /// B prefills 3, then one step decodes a token of each. Every logits row of A (and B's last),
-/// and the experts staged over PCIe.
-fn split_run(path: &PathBuf, mut opts: ModelOptions, tokens: &[u32]) -> (Vec<f32>, Option<u64>) {
+/// the experts staged over PCIe, and the partly held layers' cold slots computed on the CPU.
+fn split_run(path: &PathBuf, mut opts: ModelOptions, tokens: &[u32]) -> (Vec<f32>, Option<u64>, Option<u64>) {
     opts.read.progress = false;
     let mut m = Model::load(path, opts).expect("load");
     if m.needs_cold_executor() {
@@ -503,7 +503,7 @@ fn split_run(path: &PathBuf, mut opts: ModelOptions, tokens: &[u32]) -> (Vec<f32
     }
     m.forward(&mut b, &tokens[..3], Logits::All).expect("second sequence");
     out.extend(m.forward_batch(&mut [(&mut a, &tokens[60..61]), (&mut b, &tokens[3..4])], Logits::All).expect("two sequences").concat());
-    (out, m.experts_staged())
+    (out, m.experts_staged(), m.partial_slots_on_cpu())
 }
 
 /// Decode's router slots of all-cold layers split between the CPU and staged copies of their
@@ -521,14 +521,14 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
         let c = loader::ModelFile::open(&path).expect("fixture").config;
         let run = |hot: Option<ExpertSet>, slots: usize| split_run(&path, split_options(hot, 0, slots), &tokens);
         let none = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, _| false);
-        let (hot, staged) = run(None, 0);
+        let (hot, staged, _) = run(None, 0);
         assert_eq!(staged, None);
-        let (cpu, staged) = run(Some(none.clone()), 0);
+        let (cpu, staged, _) = run(Some(none.clone()), 0);
         assert_eq!(staged, None);
         let close = |a: &[f32], b: &[f32], what: &str| assert_rows_close(a, b, c.n_vocab, &format!("{gguf} {what}"));
         close(&cpu, &hot, "all cold in the graph against all hot");
         for slots in 1..=c.n_expert_used {
-            let (split, staged) = run(Some(none.clone()), slots);
+            let (split, staged, _) = run(Some(none.clone()), slots);
             let staged = staged.expect("the split is set up");
             // every decode step of every layer stages at least one expert
             assert!(staged >= (21 * c.n_layer) as u64, "{gguf} K = {slots}: {staged} experts staged");
@@ -536,7 +536,7 @@ fn decode_slots_split_between_the_cpu_and_staged_copies_keep_the_logits() {
             // the CPU slots' MXFP4 products through dflash's kernel (the default) give ggml's bits
             let mut opts = split_options(Some(none.clone()), 0, slots);
             opts.cold_cpu_ggml_kernel = true;
-            let (ggml_kernel, _) = split_run(&path, opts, &tokens);
+            let (ggml_kernel, _, _) = split_run(&path, opts, &tokens);
             assert!(split.iter().zip(&ggml_kernel).all(|(a, b)| a.to_bits() == b.to_bits()), "{gguf} K = {slots}: the CPU slots' kernel changed the bits");
             eprintln!("{gguf}: K = {slots} of {}: {staged} experts staged, the CPU path's logits within 1e-5", c.n_expert_used);
         }
@@ -574,9 +574,13 @@ fn cold_experts_computed_in_the_graph_from_their_host_copy_give_the_all_hot_logi
 
 /// Decode of partly held layers with their cold slots staged (`pcie.rs`: every cold slot's
 /// expert copied into the staging area, the held ones computed over their local ids), run on
-/// a CPU: the logits of the same layers computed in the graph from the host copy
-/// (`cold_offload_min` 1, the same products over the same bytes), bit for bit, on the F32
-/// and MXFP4 fixtures, with experts staged at every decode step.
+/// a CPU: with K = k (every cold slot staged) the logits of the same layers computed in the
+/// graph from the host copy (`cold_offload_min` 1, the same products over the same bytes),
+/// bit for bit, on the F32 and MXFP4 fixtures, with experts staged at every decode step.
+/// With K < k on the MXFP4 fixture the CPU computes the last cold slots of each token from
+/// the host copy (dflash's kernel, whose empty slots pad the CPU's ids): the same logits
+/// within 1e-5 · max |logit| (the CPU's share is summed apart), and the CPU's share taken.
+/// The F32 fixture, which dflash's kernel does not compute, keeps staging every cold slot.
 #[test]
 fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
     let tokens = fixture_a_tokens(64);
@@ -585,14 +589,25 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
         let c = loader::ModelFile::open(&path).expect("fixture").config;
         let half = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, e| e < c.n_expert as u32 / 2);
         let run = |slots: usize| split_run(&path, split_options(Some(half.clone()), 1, slots), &tokens);
-        let (in_graph, _) = run(0);
-        let (staged, n) = run(2);
+        let (in_graph, _, _) = run(0);
+        let (staged, n, on_cpu) = run(c.n_expert_used);
         let n = n.expect("the split is set up");
+        assert_eq!(on_cpu, Some(0), "{gguf}: K = k stages every cold slot");
         assert!(n >= (21 * c.n_layer) as u64, "{gguf}: {n} experts staged");
         assert_eq!(in_graph.len(), staged.len());
         let differ = in_graph.iter().zip(&staged).position(|(x, y)| x.to_bits() != y.to_bits());
         assert_eq!(differ, None, "{gguf}: staged cold slots give other logits (first difference at element {differ:?})");
-        eprintln!("{gguf}: {n} experts staged, the in-graph bits");
+        eprintln!("{gguf}: K = k: {n} experts staged, the in-graph bits");
+        let (shared, n, on_cpu) = run(c.n_expert_used / 2);
+        let on_cpu = on_cpu.expect("the split is set up");
+        if gguf.contains("mxfp4") {
+            assert!(on_cpu >= c.n_layer as u64, "{gguf}: K = k / 2: {on_cpu} cold slots on the CPU");
+            assert_rows_close(&shared, &in_graph, c.n_vocab, &format!("{gguf}: K = k / 2 against the in-graph path"));
+        } else {
+            assert_eq!(on_cpu, 0, "{gguf}: dflash's kernel computes MXFP4 experts only");
+            assert!(shared.iter().zip(&in_graph).all(|(x, y)| x.to_bits() == y.to_bits()), "{gguf}: K = k / 2 without a CPU share keeps the bits");
+        }
+        eprintln!("{gguf}: K = k / 2: {n:?} experts staged, {on_cpu} cold slots on the CPU, the in-graph logits within 1e-5");
     }
 }
 

@@ -386,6 +386,12 @@ impl Model {
         self.pcie.as_ref().map(|p| p.staged_total.get())
     }
 
+    /// Cold slots of partly held layers computed on the CPU beside the PCIe split since load
+    /// (the CPU's share: `pcie.rs`, `partial_plan`); None without the split.
+    pub fn partial_slots_on_cpu(&self) -> Option<u64> {
+        self.pcie.as_ref().map(|p| p.partial_cpu_total.get())
+    }
+
     /// Fill every step's inputs into a host image and copy it to the device in one piece
     /// even where the device's buffers are host memory (which are otherwise written in
     /// place): what a GPU does, for its tests on a CPU.

@@ -229,10 +229,13 @@ unsafe extern "C" fn quantize_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i32,
     }
 }
 
+/// An id of [`mul_mat_id`]'s `ids` that names no expert: the slot's output is zeros.
+pub(crate) const EMPTY_SLOT: i32 = -1;
+
 /// The product op: `mul_mat_id(w, x, ids)` for MXFP4 `w` [n_in, rows, n_expert]
 /// (contiguous), `x` quantized by [`quantize_op`] [stride, 1 or k, n] and I32 `ids` [k, n] →
 /// F32 [rows, k, n], as ggml computes it (`x`'s column for slot j of token t is j when it has
-/// k of them, else 0). Each thread takes its share of every routed expert's rows, and runs
+/// k of them, else 0); a slot whose id is [`EMPTY_SLOT`] gets zeros. Each thread takes its share of every routed expert's rows, and runs
 /// each of those rows against every column routed to that expert, up to [`COLUMNS`] at once,
 /// so an expert's rows are read from memory once whatever number of tokens it has.
 ///
@@ -256,6 +259,11 @@ unsafe extern "C" fn mul_mat_id_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i3
         for t in 0..n {
             for j in 0..k {
                 let e = *(*ids).data.cast::<u8>().add(j * (*ids).nb[0] + t * (*ids).nb[1]).cast::<i32>();
+                if e == EMPTY_SLOT {
+                    let out = (*dst).data.cast::<u8>().add(j * (*dst).nb[1] + t * (*dst).nb[2]).cast::<f32>();
+                    std::slice::from_raw_parts_mut(out.add(r0), r1 - r0).fill(0.0);
+                    continue;
+                }
                 // ggml's own bound: a router id outside the tensor is a bug upstream
                 assert!(e >= 0 && i64::from(e) < n_expert, "expert id {e} outside 0..{n_expert}");
                 pairs.push((e as usize, t, j));
@@ -281,6 +289,13 @@ unsafe extern "C" fn mul_mat_id_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i3
             }
         }
     }
+}
+
+/// Whether [`mul_mat_id`] computes products of weight `w` (MXFP4, rows a multiple of 32
+/// wide, contiguous) with F32 inputs of its width.
+pub(crate) fn takes_weight(w: crate::ops::T) -> bool {
+    // SAFETY: a live tensor.
+    unsafe { (*w.0).type_ == sys::ggml_type::GGML_TYPE_MXFP4 && ((*w.0).ne[0] as usize).is_multiple_of(QK) && sys::ggml_is_contiguous(w.0) }
 }
 
 /// Whether [`mul_mat_id`] computes a product of weight `w` with input `x`: MXFP4 `w`,
@@ -452,14 +467,14 @@ mod tests {
     }
 
     #[test]
-    fn the_expert_product_gives_ggmls_mul_mat_id_bits() {
+    fn the_expert_product_gives_ggmls_mul_mat_id_bits_and_zeros_for_empty_slots() {
         use crate::ops::Ctx;
         // SAFETY: idempotent.
         unsafe { sys::ggml_cpu_init() };
         // 16 tokens of 3 slots over 5 experts: about 10 columns an expert (two sets)
         let (n_in, n_rows, n_expert, k, n) = (2048usize, 48usize, 5usize, 3usize, 16usize);
         for x_cols in [1usize, k] {
-            let ctx = ggml::Context::new_no_alloc(16, 16).expect("context");
+            let ctx = ggml::Context::new_no_alloc(16, 64).expect("context");
             let g = Ctx { raw: ctx.as_ptr() };
             let w = g.new_typed(ggml::TensorType::MXFP4, &[n_in as i64, n_rows as i64, n_expert as i64]);
             let x = g.new_typed(ggml::TensorType::F32, &[n_in as i64, x_cols as i64, n as i64]);
@@ -499,6 +514,33 @@ mod tests {
                 };
                 assert_eq!(a, b, "x with {x_cols} column(s) a token, {threads} thread(s)");
                 assert!(a.iter().any(|&v| v != 0), "the products are not all zero");
+            }
+            // every fourth slot empty: zeros there, the same products elsewhere
+            let row = n_rows;
+            // SAFETY: F32 [n_rows, k, n] and I32 [k, n], allocated and computed.
+            let want: Vec<u32> = unsafe { std::slice::from_raw_parts((*theirs.0).data.cast::<u32>(), n_rows * k * n).to_vec() };
+            // SAFETY: as above; `ours` is overwritten with a pattern no product gives.
+            unsafe {
+                let is = std::slice::from_raw_parts_mut((*ids.0).data.cast::<i32>(), k * n);
+                for v in is.iter_mut().skip(1).step_by(4) {
+                    *v = EMPTY_SLOT;
+                }
+                std::slice::from_raw_parts_mut((*ours.0).data.cast::<u32>(), n_rows * k * n).fill(u32::MAX);
+            }
+            let only_ours = g.new_graph(16);
+            only_ours.expand(ours);
+            let mut backend = ggml::Backend::cpu(3).expect("CPU backend");
+            // SAFETY: as above.
+            unsafe { backend.compute(only_ours.as_ptr()) }.expect("compute");
+            // SAFETY: F32 [n_rows, k, n], computed.
+            let got = unsafe { std::slice::from_raw_parts((*ours.0).data.cast::<u32>(), n_rows * k * n) };
+            for slot in 0..k * n {
+                let (g, w) = (&got[slot * row..(slot + 1) * row], &want[slot * row..(slot + 1) * row]);
+                if slot % 4 == 1 {
+                    assert!(g.iter().all(|&v| v == 0), "slot {slot}: an empty slot gives zeros");
+                } else {
+                    assert_eq!(g, w, "slot {slot}: the other slots keep their products");
+                }
             }
         }
     }

@@ -192,7 +192,7 @@ impl Builder<'_> {
         if let Some((p, layer)) = split.and_then(|p| p.layer(il).map(|l| (p, l))) {
             return Some(match (&cold.maps, &w.experts, cold.weights.held_mask) {
                 (None, _, _) => self.routed_split(il, z, ids, wts, base, &cold.weights, p, layer),
-                (Some((_, hot_map)), Some(held), Some(cold_mask)) => self.routed_staged_cold(il, z, ids, wts, base, (hot_map, held), cold_mask, p, layer),
+                (Some((_, hot_map)), Some(held), Some(cold_mask)) => self.routed_staged_cold(il, z, ids, wts, base, (hot_map, held), (&cold.weights, cold_mask), p, layer),
                 _ => unreachable!("a layer's cold copy matches its held experts (both partial, or none held)"),
             });
         }
@@ -256,38 +256,57 @@ impl Builder<'_> {
             self.pcie_nodes.push((c.0 as usize, PcieAt::Staged));
             add(c);
         }
-        let staged = self.hot_experts(il, z, p.remap(g, slots, n), p.wts_gpu(g, n), &layer.staged);
+        let staged = self.hot_experts(il, z, p.remap(g, slots, n), p.wts_gpu(g, slots, n), &layer.staged);
         add(g.name(staged, &format!("cold_pcie_out-{il}")));
         let out = sum.unwrap_or_else(|| unreachable!("the staged slots were added"));
         g.name(out, &format!("routed_out-{il}"))
     }
 
     /// A partly held layer's routed experts for a micro-batch of few tokens: base + the held
-    /// experts over their local ids (as `routed_offloaded` computes them) + every cold slot
-    /// from a copy of its expert staged over PCIe (`pcie.rs`; the staging indices come from
-    /// the evaluation callback at the router ids; each product's weights masked to its
-    /// slots). The held products run while the copies do: the model's stream waits for them
-    /// after the held experts' sum.
+    /// experts over their local ids (as `routed_offloaded` computes them) + the cold slots
+    /// from copies of their experts staged over PCIe (`pcie.rs`; the staging indices come
+    /// from the evaluation callback at the router; each product's weights masked to its
+    /// slots) + with `partial_cpu` the CPU's share of the cold slots, computed from the host
+    /// copy `cold` while the copies run. The held products run while the copies do: the
+    /// model's stream waits for them after the held experts' sum (with a CPU share, after
+    /// the CPU's).
     #[allow(clippy::too_many_arguments)]
-    fn routed_staged_cold(&mut self, il: usize, z: T, ids: T, wts: T, base: Option<T>, hot: (&LocalIds, &RoutedWeights), cold_mask: T, p: &crate::pcie::PcieSplit, layer: &crate::pcie::PcieLayer) -> T {
+    fn routed_staged_cold(&mut self, il: usize, z: T, ids: T, wts: T, base: Option<T>, hot: (&LocalIds, &RoutedWeights), cold: (&RoutedWeights, T), p: &crate::pcie::PcieSplit, layer: &crate::pcie::PcieLayer) -> T {
         use crate::pcie::PcieAt;
         let g = self.g;
         let (k, n) = (ids.ne(0), z.ne(1));
         let (hot_map, held) = hot;
+        let (cold_host, cold_mask) = cold;
         let Some(hot_mask) = held.held_mask else { unreachable!("a partly held layer has a held mask") };
-        // The callback reads the ids: kept from reuse by later nodes.
+        // The callback reads the ids (and with a CPU share the weights): kept from reuse by
+        // later nodes.
         g.output(ids);
         let masked = |mask: T| g.mul(wts, g.reshape(g.get_rows(g.reshape(mask, &[1, mask.ne(0)]), g.reshape(ids, &[k * n])), &[k, n]));
+        let plan_at = if p.partial_cpu {
+            self.order.push(g.output(wts));
+            wts
+        } else {
+            ids
+        };
         let hot_ids = self.local_ids_op(il, ids, hot_map, "hot");
         let held_out = self.hot_experts(il, z, hot_ids, masked(hot_mask), held);
-        self.pcie_nodes.push((ids.0 as usize, PcieAt::Plan { layer: il, ids: ids.0 as usize, wait: false }));
-        self.pcie_nodes.push((held_out.0 as usize, PcieAt::Staged));
-        let staged = self.hot_experts(il, z, p.remap(g, k, n), masked(cold_mask), &layer.staged);
+        self.pcie_nodes.push((plan_at.0 as usize, PcieAt::Plan { layer: il, ids: ids.0 as usize, wait: false }));
+        let cpu_out = p.partial_cpu.then(|| {
+            let (ids_cpu, wts_cpu) = p.cpu_slots(g, n);
+            g.name(self.host_experts(il, z, ids_cpu, wts_cpu, cold_host), &format!("cold_cpu_out-{il}"))
+        });
+        self.pcie_nodes.push((cpu_out.unwrap_or(held_out).0 as usize, PcieAt::Staged));
+        let staged_wts = if p.partial_cpu { p.wts_gpu(g, k, n) } else { masked(cold_mask) };
+        let staged = self.hot_experts(il, z, p.remap(g, k, n), staged_wts, &layer.staged);
         let staged = g.name(staged, &format!("cold_pcie_out-{il}"));
-        let out = match base {
+        // (base + held) + staged, the in-graph path's order; then the CPU's share
+        let mut out = match base {
             Some(b) => g.add(g.add(b, held_out), staged),
             None => g.add(held_out, staged),
         };
+        if let Some(c) = cpu_out {
+            out = g.add(out, c);
+        }
         g.name(out, &format!("routed_out-{il}"))
     }
 

@@ -20,11 +20,16 @@
 //! GPU; the CPU's the same as the in-graph CPU path's. Only the order of the sum changes: the
 //! CPU slots' sum and the GPU slots' sum are added, where one sum takes every slot.
 //!
-//! A partly held layer (with a host copy of its cold experts) stages every cold slot, with no
-//! CPU part: the callback plans at its router ids (each cold slot a staging index, each held
-//! slot one its token leaves free, at weight 0), the held experts are computed over their
-//! local ids while the copies run, and the model's stream waits after their sum. Its logits
-//! are those of its cold part computed in the graph from the host copy (`offload.rs`).
+//! A partly held layer (with a host copy of its cold experts) stages a token's cold slots: all
+//! of them when `slots` is k (or dflash's kernel is off, or the experts are not MXFP4), else
+//! the first ⌈c · slots / k⌉ of its c, the CPU computing the others from the host copy while
+//! the copies run (`partial_plan`). The callback plans at its router ids, or with a CPU share
+//! at its router weights (each staged slot a staging index, every other slot one its token
+//! leaves free, at weight 0), the held experts are computed over their local ids while the
+//! copies run, and the model's stream waits after their sum (with a CPU share, after the
+//! CPU's). With every cold slot staged its logits are those of its cold part computed in the
+//! graph from the host copy (`offload.rs`), bit for bit; with a CPU share the two parts' sums
+//! are added, as in an all-cold layer.
 //!
 //! On a CPU (`ModelOptions::cold_host_on_cpu`, for the tests) the staging area is CPU
 //! memory, the copies are done when queued and there is no event to wait for.
@@ -71,6 +76,10 @@ pub(crate) struct PcieSplit {
     k: usize,
     /// The CPU slots' MXFP4 products through `mxfp4_cpu.rs` (else ggml's `mul_mat_id`).
     pub own_kernel: bool,
+    /// Partly held layers give the CPU a share of their cold slots (`partial_plan`): with
+    /// dflash's kernel (whose empty slots pad the CPU's ids), over MXFP4 experts, and
+    /// `slots` < k.
+    pub partial_cpu: bool,
     layers: Vec<Option<PcieLayer>>,
     /// Per expert tensor of an FFN: room for `slots × max_tokens` experts on the device
     /// (`k × max_tokens` with partly held layers).
@@ -88,6 +97,8 @@ pub(crate) struct PcieSplit {
     copied: Option<Event>,
     /// Experts staged since load (each distinct expert of a split layer's step once).
     pub staged_total: std::cell::Cell<u64>,
+    /// Cold slots of partly held layers the CPU computed since load ([`partial_plan`]).
+    pub partial_cpu_total: std::cell::Cell<u64>,
     /// A plan's copies not yet waited for: every plan is followed by its wait before the
     /// next one (checked in debug builds, where a missed wait would only show on a GPU).
     unwaited: std::cell::Cell<bool>,
@@ -128,26 +139,49 @@ pub(crate) fn split_plan(ids: &[i32], wts: &[f32], k: usize, slots: usize) -> Sp
     p
 }
 
-/// A partly held layer's plan for router ids `[k, n]`: every cold slot (`cold_local[e]` ≥ 0,
-/// the expert's index in the host copy) gets a staging index (each expert staged once, in
-/// staging order: `staged`); a held slot gets an index its token does not use, the lowest
-/// free one (its weight is 0: the staged product's weights are masked to the cold slots), so
-/// that each token's indices are distinct, as GPU expert kernels require. `remap` is `[k, n]`.
-pub(crate) fn partial_plan(ids: &[i32], k: usize, cold_local: &[i32]) -> (Vec<i32>, Vec<i32>) {
-    let mut staged: Vec<i32> = Vec::new();
-    let mut remap = Vec::with_capacity(ids.len());
-    for tid in ids.chunks_exact(k) {
+/// A partly held layer's plan for router ids `[k, n]`: a token's cold slots (`cold_local[e]`
+/// ≥ 0, the expert's index in the host copy), in router order, get staging indices (each
+/// expert staged once, in staging order: `staged`): all of them, or, with the router weights
+/// `wts` (the CPU computes a share), the first ⌈c · slots / k⌉ of its c, the others going to
+/// the CPU (`ids_cpu`, `wts_cpu`: `[k − slots, n]`, padded with empty slots at weight 0). A
+/// slot not staged gets an index its token does not use, the lowest free one (its weight is
+/// 0: `wts_gpu`, `[k, n]`, or without `wts` the staged product's weights masked to the cold
+/// slots), so that each token's indices are distinct, as GPU expert kernels require. `remap`
+/// is `[k, n]`.
+pub(crate) fn partial_plan(ids: &[i32], wts: Option<&[f32]>, k: usize, slots: usize, cold_local: &[i32]) -> SplitPlan {
+    let mut p = SplitPlan::default();
+    let (mut staged, mut remap) = (Vec::new(), Vec::with_capacity(ids.len()));
+    for (t, tid) in ids.chunks_exact(k).enumerate() {
         let row = remap.len();
-        for &e in tid {
+        let cold = tid.iter().filter(|&&e| cold_local.get(e as usize).is_some_and(|&h| h >= 0)).count();
+        let to_stage = if wts.is_some() { (cold * slots).div_ceil(k) } else { cold };
+        let mut seen = 0;
+        for (j, &e) in tid.iter().enumerate() {
+            let w = wts.map_or(0.0, |w| w[t * k + j]);
             let Some(&h) = cold_local.get(e as usize).filter(|&&h| h >= 0) else {
                 remap.push(-1);
+                p.wts_gpu.push(0.0);
                 continue;
             };
+            seen += 1;
+            if seen > to_stage {
+                remap.push(-1);
+                p.wts_gpu.push(0.0);
+                p.ids_cpu.push(h);
+                p.wts_cpu.push(w);
+                continue;
+            }
             let s = staged.iter().position(|&x| x == h).unwrap_or_else(|| {
                 staged.push(h);
                 staged.len() - 1
             });
             remap.push(s as i32);
+            p.wts_gpu.push(w);
+        }
+        if wts.is_some() {
+            let cpu = (t + 1) * (k - slots);
+            p.wts_cpu.resize(cpu, 0.0);
+            p.ids_cpu.resize(cpu, crate::mxfp4_cpu::EMPTY_SLOT);
         }
         let mut free = 0;
         for j in row..row + k {
@@ -159,7 +193,12 @@ pub(crate) fn partial_plan(ids: &[i32], k: usize, cold_local: &[i32]) -> (Vec<i3
             }
         }
     }
-    (staged, remap)
+    if wts.is_none() {
+        p.wts_gpu.clear();
+    }
+    p.staged = staged;
+    p.remap = remap;
+    p
 }
 
 /// Host bytes of a slice, for a copy.
@@ -189,6 +228,7 @@ impl PcieSplit {
             return Ok(None);
         };
         let partial = with_copy.iter().any(|(_, _, m)| m.is_some());
+        let partial_cpu = own_kernel && partial && slots < k && with_copy.iter().filter(|(_, _, m)| m.is_some()).all(|(_, f, _)| ffn_tensors(f).into_iter().all(crate::mxfp4_cpu::takes_weight));
         // The CPU has no events: its copies are done when queued.
         let copied = match Event::new(device) {
             Some(e) => Some(e),
@@ -214,7 +254,7 @@ impl PcieSplit {
             })
             .collect();
         let remap = g.new_i32(&[n_staged]);
-        let wts_gpu = g.new_f32(&[(slots * max_tokens) as i64]);
+        let wts_gpu = g.new_f32(&[n_staged]);
         let cpu_slots = ((k - slots) * max_tokens).max(1) as i64;
         let ids_cpu = g.new_i32(&[cpu_slots]);
         let wts_cpu = g.new_f32(&[cpu_slots]);
@@ -247,6 +287,7 @@ impl PcieSplit {
             max_tokens,
             k,
             own_kernel,
+            partial_cpu,
             layers,
             staging,
             remap,
@@ -256,6 +297,7 @@ impl PcieSplit {
             copier: Copier::new(device)?,
             copied,
             staged_total: std::cell::Cell::new(0),
+            partial_cpu_total: std::cell::Cell::new(0),
             unwaited: std::cell::Cell::new(false),
             _device_buf: device_buf,
             _host_buf: host_buf,
@@ -271,9 +313,10 @@ impl PcieSplit {
     pub fn remap(&self, g: &crate::ops::Ctx, rows: i64, n: i64) -> T {
         PcieSplit::part(g, self.remap, rows, n)
     }
-    /// The GPU slots' weights, `[slots, n]`.
-    pub fn wts_gpu(&self, g: &crate::ops::Ctx, n: i64) -> T {
-        PcieSplit::part(g, self.wts_gpu, self.slots as i64, n)
+    /// The GPU slots' weights, `[slots, n]` (`[k, n]` in a partly held layer whose plan
+    /// gives the CPU a share: [`partial_plan`]).
+    pub fn wts_gpu(&self, g: &crate::ops::Ctx, rows: i64, n: i64) -> T {
+        PcieSplit::part(g, self.wts_gpu, rows, n)
     }
     /// The CPU slots' ids and weights, `[k − slots, n]`.
     pub fn cpu_slots(&self, g: &crate::ops::Ctx, n: i64) -> (T, T) {
@@ -306,18 +349,19 @@ impl PcieSplit {
         // SAFETY: the caller's contract: allocated tensors of these sizes.
         unsafe {
             ggml::backend::tensor_get(ids, std::slice::from_raw_parts_mut(id.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
-            if layer.cold_local.is_none() {
+            if layer.cold_local.is_none() || self.partial_cpu {
                 ggml::backend::tensor_get(wts, std::slice::from_raw_parts_mut(w.as_mut_ptr().cast::<u8>(), 4 * k * n), 0);
             }
         }
         let p = match &layer.cold_local {
             None => split_plan(&id, &w, k, self.slots),
-            Some(cold_local) => {
-                let (staged, remap) = partial_plan(&id, k, cold_local);
-                SplitPlan { staged, remap, ..SplitPlan::default() }
-            }
+            Some(cold_local) => partial_plan(&id, self.partial_cpu.then_some(w.as_slice()), k, self.slots, cold_local),
         };
         self.staged_total.set(self.staged_total.get() + p.staged.len() as u64);
+        if layer.cold_local.is_some() {
+            let cpu = p.ids_cpu.iter().filter(|&&e| e != crate::mxfp4_cpu::EMPTY_SLOT).count();
+            self.partial_cpu_total.set(self.partial_cpu_total.get() + cpu as u64);
+        }
         let missed = self.unwaited.replace(true);
         debug_assert!(!missed, "layer {il}: the last split layer's copies were never waited for");
         // SAFETY: host tensors of this split with room for [k − slots, max_tokens] (the
@@ -358,14 +402,51 @@ impl PcieSplit {
 
 #[cfg(test)]
 mod tests {
-    use super::{partial_plan, split_plan};
+    use super::{partial_plan, split_plan, SplitPlan};
+    use crate::mxfp4_cpu::EMPTY_SLOT;
+
+    #[test]
+    fn a_partly_held_layer_gives_the_cpu_its_tokens_last_cold_slots() {
+        // 8 experts; held: 0, 1, 2, 3; cold 4..7 at host indices 0..3; k = 4, 2 slots staged
+        // of 4: a token with c cold slots stages ⌈c / 2⌉, the CPU takes the rest.
+        let cold_local = [-1, -1, -1, -1, 0, 1, 2, 3];
+        let ids = [4, 0, 6, 7, 1, 5, 2, 3, 4, 5, 6, 7];
+        let wts: Vec<f32> = (0..12).map(|i| 0.1 * (i + 1) as f32).collect();
+        let p = partial_plan(&ids, Some(&wts), 4, 2, &cold_local);
+        // token 0: cold 4, 6, 7 → stage 4, 6; CPU 7. token 1: cold 5 → staged. token 2: all
+        // cold → stage 4, 5; CPU 6, 7.
+        assert_eq!(p.staged, vec![0, 2, 1], "host indices of experts 4, 6, 5");
+        assert_eq!(p.ids_cpu, vec![3, EMPTY_SLOT, EMPTY_SLOT, EMPTY_SLOT, 2, 3]);
+        let (a, b) = (wts[3], wts[10]);
+        assert_eq!(p.wts_cpu, vec![a, 0.0, 0.0, 0.0, b, wts[11]]);
+        // the GPU's weights: the staged slots' own, 0 elsewhere
+        let want_gpu: Vec<f32> = (0..12).map(|i| if [0, 2, 5, 8, 9].contains(&i) { wts[i] } else { 0.0 }).collect();
+        assert_eq!(p.wts_gpu, want_gpu);
+        for t in 0..3 {
+            let mut r = p.remap[t * 4..t * 4 + 4].to_vec();
+            r.sort_unstable();
+            r.dedup();
+            assert_eq!(r.len(), 4, "token {t}: distinct indices");
+            for j in 0..4 {
+                if p.wts_gpu[t * 4 + j] != 0.0 {
+                    assert_eq!(p.staged[p.remap[t * 4 + j] as usize], cold_local[ids[t * 4 + j] as usize], "token {t} slot {j}");
+                }
+            }
+        }
+        // every cold slot once: staged (weight on the GPU) or on the CPU
+        let cold_slots = ids.iter().filter(|&&e| e >= 4).count();
+        let on_gpu = p.wts_gpu.iter().filter(|&&w| w != 0.0).count();
+        let on_cpu = p.ids_cpu.iter().filter(|&&e| e != EMPTY_SLOT).count();
+        assert_eq!(on_gpu + on_cpu, cold_slots);
+    }
 
     #[test]
     fn a_partly_held_layer_stages_every_cold_slot_once_and_pads_held_ones_distinctly() {
         // 8 experts; held: 0, 1, 2, 3; cold 4..7 at host indices 0..3; k = 3, three tokens.
         let cold_local = [-1, -1, -1, -1, 0, 1, 2, 3];
         let ids = [4, 0, 6, 1, 2, 3, 6, 7, 5];
-        let (staged, remap) = partial_plan(&ids, 3, &cold_local);
+        let SplitPlan { staged, remap, ids_cpu, wts_gpu, .. } = partial_plan(&ids, None, 3, 2, &cold_local);
+        assert!(ids_cpu.is_empty() && wts_gpu.is_empty(), "no CPU share without the weights");
         assert_eq!(staged, vec![0, 2, 3, 1], "host indices of experts 4, 6, 7, 5, each once");
         // token 0: 4 → 0, 6 → 1, held 0 → the lowest index the token leaves free, 2
         assert_eq!(&remap[..3], &[0, 2, 1]);

@@ -58,7 +58,8 @@
 #   kern     (only when named) 4 layers, every expert cold and half cold: llama.cpp's tg64 at
 #            -ncmoe 4 and 2, then the split's CPU slots through dflash's MXFP4 product (the
 #            default) at K = 3 and 2 against ggml's (--cold-cpu-ggml-kernel) at K = 3,
-#            alternated, with --timings, and 16 sequences every expert cold (in the graph, past
+#            alternated, with --timings; half of every layer's experts held (uniform:128), all
+#            cold slots staged (K = 6) against the CPU's share (K = 3); 16 sequences every expert cold (in the graph, past
 #            the split's 8 tokens) through each kernel; `dflash bench experts` (the CPU's product alone, at
 #            1 to 32 tokens an expert, dflash's and ggml's); KERN_ROUNDS rounds (default 1);
 #            with KERN_BW=1 then bandwidth.sh (with tools/bandwidth/mxfp4_dot.c, both kernels;
@@ -319,6 +320,12 @@ if on kern; then
           # shellcheck disable=SC2086
           decode_line "round $round [$place $kern]" -n 64 $place $ex $kern --timings
         done
+      done
+      # partly held layers (half of each layer's experts held): every cold slot staged over
+      # PCIe (K = 6), against the CPU computing half of each token's cold slots (K = 3)
+      for kern in "--cold-pcie-slots 6" "--cold-pcie-slots 3"; do
+        # shellcheck disable=SC2086
+        decode_line "round $round [uniform:128 $kern]" -n 64 --experts-hot uniform:128 $ex $kern --timings
       done
       # 16 sequences: more tokens than the split takes (8), so the cold layers' products
       # run in the graph on the CPU, through either kernel
