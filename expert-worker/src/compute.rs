@@ -220,7 +220,9 @@ fn build_graph(le: &LayerExperts, n_embd: usize, rows: usize) -> Result<CachedGr
     let (e, r) = (n_embd as i64, rows as i64);
     let x = g.input(g.new_f32(&[e, 1, r]), "x");
     let ids = g.input(g.new_i32(&[1, r]), "ids");
-    let out = g.output(ffn.forward(&g, x, ids)); // [n_embd, 1, r]
+    // MXFP4 experts in the plain layout through dflash's product (ggml's bits), as the model's
+    // own on a CPU (`graph::expert_ffn`)
+    let out = g.output(ffn.forward_host(&g, x, ids, &mut Vec::new())); // [n_embd, 1, r]
     let graph = g.new_graph(32);
     graph.expand(out);
     let shape = (ffn.n_ff, matches!(ffn.up_gate, UpGate::Fused(_)), rows);

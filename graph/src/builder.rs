@@ -230,6 +230,9 @@ pub struct Builder<'a> {
     pub cpu_nodes: Vec<T>,
     /// The graph runs on the CPU backend (some ops have a faster formulation there).
     pub on_cpu: bool,
+    /// On the CPU, the held experts' MXFP4 products through `mxfp4_cpu.rs` (ggml's bits;
+    /// else ggml's `mul_mat_id`): `!ModelOptions::cold_cpu_ggml_kernel`.
+    pub own_kernel: bool,
     /// Attention through the flash-attention op (else matmul, softmax, matmul).
     pub flash: bool,
     /// See [`crate::ModelOptions::csa_dense_max_view`].

@@ -54,10 +54,11 @@ impl ExpertFfn {
         self.forward_with(g, ids, x, |w, x| g.mm_id(w, x, ids))
     }
 
-    /// [`forward`](Self::forward) on the CPU with each MXFP4 product through
-    /// `mxfp4_cpu::mul_mat_id` (ggml's bits, its rows asked for ahead; other types through
-    /// `mul_mat_id`). Its custom ops go into `cpu_nodes`.
-    pub(crate) fn forward_host(&self, g: &Ctx, x: T, ids: T, cpu_nodes: &mut Vec<T>) -> T {
+    /// [`forward`](Self::forward) on the CPU with each MXFP4 product of a weight in the plain
+    /// layout through `mxfp4_cpu::mul_mat_id` (ggml's bits, each routed expert's rows read
+    /// once; other types and repacked weights through `mul_mat_id`). Its custom ops go into
+    /// `cpu_nodes`.
+    pub fn forward_host(&self, g: &Ctx, x: T, ids: T, cpu_nodes: &mut Vec<T>) -> T {
         // each input quantized once (separate gate and up read the same one)
         let mut quantized: Vec<(T, T)> = Vec::new();
         self.forward_with(g, ids, x, |w, x| {

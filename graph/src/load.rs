@@ -251,6 +251,11 @@ fn repackable(file: &ModelFile, name: &str, device: Device, rb: BufferType) -> b
         return false;
     }
     let Some(info) = file.tensors.get(name) else { return false };
+    // MXFP4 routed experts stay plain where dflash's own product computes them
+    // (`mxfp4_cpu.rs`: ggml's bits, faster than the repacked kernel)
+    if id && info.ty == ggml::TensorType::MXFP4 && crate::mxfp4_cpu::keeps_experts_plain() {
+        return false;
+    }
     let ne: Vec<i64> = info.shape().iter().map(|&d| d as i64).collect();
     ops::supports_matmul_weight(device, rb, info.ty, &ne, id)
 }

@@ -134,10 +134,16 @@ impl Builder<'_> {
     }
 
     /// Each slot's expert output [n_embd, k, n] for `z` [n_embd, n] and `ids` [k, n]
-    /// (indices into the held tensors of `r`).
-    fn expert_slots(&self, z: T, ids: T, r: &RoutedWeights) -> T {
+    /// (indices into the held tensors of `r`). On the CPU its MXFP4 products in the plain
+    /// layout go through `mxfp4_cpu.rs`, as the cold executor's do (ggml's bits).
+    fn expert_slots(&mut self, z: T, ids: T, r: &RoutedWeights) -> T {
         let (e, n) = (z.ne(0), z.ne(1));
-        r.ffn.forward(self.g, self.g.reshape(z, &[e, 1, n]), ids)
+        let x = self.g.reshape(z, &[e, 1, n]);
+        if self.on_cpu && self.own_kernel {
+            r.ffn.forward_host(self.g, x, ids, &mut self.cpu_nodes)
+        } else {
+            r.ffn.forward(self.g, x, ids)
+        }
     }
 
     /// Per token the weighted sum of its k slots' outputs `slots` [n_embd, k, n] with `wts`

@@ -292,21 +292,26 @@ unsafe extern "C" fn mul_mat_id_op(dst: *mut sys::ggml_tensor, ith: i32, nth: i3
 }
 
 /// Whether [`mul_mat_id`] computes products of weight `w` (MXFP4, rows a multiple of 32
-/// wide, contiguous) with F32 inputs of its width.
+/// wide, contiguous, in the plain layout: not in ggml's repacked CPU buffer, whose tensors
+/// carry its layout in `extra`) with F32 inputs of its width.
 pub(crate) fn takes_weight(w: crate::ops::T) -> bool {
     // SAFETY: a live tensor.
-    unsafe { (*w.0).type_ == sys::ggml_type::GGML_TYPE_MXFP4 && ((*w.0).ne[0] as usize).is_multiple_of(QK) && sys::ggml_is_contiguous(w.0) }
+    unsafe { (*w.0).type_ == sys::ggml_type::GGML_TYPE_MXFP4 && ((*w.0).ne[0] as usize).is_multiple_of(QK) && sys::ggml_is_contiguous(w.0) && (*w.0).extra.is_null() }
+}
+
+/// Whether a CPU's MXFP4 routed experts stay in the plain layout (not repacked): where this
+/// CPU runs [`mul_mat_id`]'s VNNI product, which reads them faster than ggml's repacked one.
+pub(crate) fn keeps_experts_plain() -> bool {
+    has_vnni()
 }
 
 /// Whether [`mul_mat_id`] computes a product of weight `w` with input `x`: MXFP4 `w`,
 /// contiguous, and F32 `x` whose rows are contiguous.
 pub(crate) fn takes(w: crate::ops::T, x: crate::ops::T) -> bool {
     // SAFETY: live tensors of the step's context.
-    unsafe {
-        (*w.0).type_ == sys::ggml_type::GGML_TYPE_MXFP4
-            && ((*w.0).ne[0] as usize).is_multiple_of(QK)
-            && sys::ggml_is_contiguous(w.0)
-            && (*x.0).type_ == sys::ggml_type::GGML_TYPE_F32
+    takes_weight(w)
+        && unsafe {
+            (*x.0).type_ == sys::ggml_type::GGML_TYPE_F32
             && (*x.0).nb[0] == std::mem::size_of::<f32>()
             && (*x.0).ne[0] == (*w.0).ne[0]
     }

@@ -247,6 +247,7 @@ impl Model {
             route_calls: Vec::new(),
             cpu_nodes: Vec::new(),
             on_cpu,
+            own_kernel: !self.opts.cold_cpu_ggml_kernel,
             flash,
             csa_dense_max_view,
             masks: Default::default(),
