@@ -32,7 +32,8 @@ pub struct ModelOptions {
     /// `profile:FILE` placement input) when the model is dropped.
     pub route_stats_out: Option<std::path::PathBuf>,
     /// On the CPU, keep matrices in ggml's repacked (interleaved) layout where the CPU
-    /// backend has one for their type and shape (llama.cpp's default as well).
+    /// backend has one for their type and shape (llama.cpp's default as well), but for MXFP4
+    /// routed experts on a CPU with AVX-512 VNNI, which dflash's own product reads plain.
     pub repack: bool,
     /// Attention through ggml's flash-attention op (F32 keys, F32 accumulation); None: on
     /// the CPU only (other backends' kernels round keys to F16).
