@@ -75,10 +75,11 @@ pub struct ModelOptions {
     pub cold_pcie_slots: usize,
     /// See `cold_pcie_slots`.
     pub cold_pcie_max_tokens: usize,
-    /// The host copy's expert products that run on the CPU (the split's CPU slots, and the
-    /// in-graph cold experts of micro-batches below ggml's offload size) through ggml's own
-    /// `mul_mat_id` rather than `mxfp4_cpu.rs`'s product of MXFP4 experts (the same bits;
-    /// for comparing their speed).
+    /// The expert products that run on the CPU (the host copy's: the split's CPU slots, and
+    /// the in-graph cold experts of micro-batches below ggml's offload size; a model on the
+    /// CPU: its held experts) through ggml's own `mul_mat_id` rather than `mxfp4_cpu.rs`'s
+    /// product of MXFP4 experts (the same bits; for comparing their speed). The cold
+    /// executor's workers use `mxfp4_cpu.rs` either way.
     pub cold_cpu_ggml_kernel: bool,
     /// The hot set follows the live routing ([`Model::replace_experts`], `adaptive.rs`):
     /// routing is counted, and partly held layers swap experts between steps. Not with a

@@ -138,9 +138,9 @@ pub struct ModelArgs {
     /// held layers). 0 without `--cold-pcie-slots`: no split.
     #[arg(long = "cold-pcie-max", value_name = "N", default_value_t = 8)]
     pub cold_pcie_max: usize,
-    /// The cold experts' products on the CPU beside a GPU (the split's CPU slots, and layers
-    /// of cold experts in micro-batches under ggml's offload size) through ggml's own expert
-    /// product instead of dflash's MXFP4 product (which gives ggml's bits, reads each routed
+    /// The model's MXFP4 expert products on the CPU (beside a GPU the split's CPU slots and
+    /// layers of cold experts in micro-batches under ggml's offload size; a model on the CPU
+    /// its held experts) through ggml's own expert product instead of dflash's MXFP4 product (which gives ggml's bits, reads each routed
     /// expert's rows once for all its tokens and asks for them ahead; `graph/src/mxfp4_cpu.rs`):
     /// for comparing the two.
     #[arg(long = "cold-cpu-ggml-kernel", alias = "cold-pcie-ggml-kernel")]
