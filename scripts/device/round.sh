@@ -59,7 +59,8 @@
 #            -ncmoe 4 and 2, then the split's CPU slots through dflash's MXFP4 product (the
 #            default) at K = 3 and 2 against ggml's (--cold-cpu-ggml-kernel) at K = 3,
 #            alternated, with --timings; half of every layer's experts held (uniform:128), all
-#            cold slots staged (K = 6) against the CPU's share (K = 3); 16 sequences every expert cold (in the graph, past
+#            cold slots staged (K = 6) against the CPU's share (K = 3); 8 sequences half cold
+#            through each kernel; 16 sequences every expert cold (in the graph, past
 #            the split's 8 tokens) through each kernel; `dflash bench experts` (the CPU's product alone, at
 #            1 to 32 tokens an expert, dflash's and ggml's); KERN_ROUNDS rounds (default 1);
 #            with KERN_BW=1 then bandwidth.sh (with tools/bandwidth/mxfp4_dot.c, both kernels;
@@ -326,6 +327,11 @@ if on kern; then
       for kern in "--cold-pcie-slots 6" "--cold-pcie-slots 3"; do
         # shellcheck disable=SC2086
         decode_line "round $round [uniform:128 $kern]" -n 64 --experts-hot uniform:128 $ex $kern --timings
+      done
+      # 8 sequences, half of the layers cold (the continuous-batching target), each kernel
+      for kern in "" "--cold-cpu-ggml-kernel"; do
+        # shellcheck disable=SC2086
+        decode_line "round $round [np8 --n-cpu-moe 2 $kern]" -n 32 --np 8 --n-cpu-moe 2 $ex --cold-pcie-slots 3 $kern --timings
       done
       # 16 sequences: more tokens than the split takes (8), so the cold layers' products
       # run in the graph on the CPU, through either kernel
