@@ -65,6 +65,9 @@
 #            1 to 32 tokens an expert, dflash's and ggml's); KERN_ROUNDS rounds (default 1);
 #            with KERN_BW=1 then bandwidth.sh (with tools/bandwidth/mxfp4_dot.c, both kernels;
 #            carry .device/ggml-src/include)
+#   kmin     (only when named) kern's shortest form: `dflash bench experts` (1, 4, 16 tokens),
+#            then on 4 layers llama.cpp -ncmoe 4 and every expert cold at K = 3 through each
+#            kernel and K = 2, and uniform:128 at K = 6 and 3
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -346,6 +349,26 @@ if on kern; then
     .device/bin/dflash bench experts --n-in 2048 --tokens 1,4,16
     .device/bin/dflash bench experts -t 8 --tokens 1,8; } 2>&1 | tee "$out/kern/experts.txt"
   [ "${KERN_BW:-0}" = 1 ] && bash scripts/device/bandwidth.sh 2>&1 | tee "$out/kern/bandwidth.txt"
+fi
+if on kmin; then
+  # the shortest A/B of dflash's MXFP4 product: alone (no file needed), then in decode
+  mkdir -p "$out/kmin"
+  stamp "kmin"
+  .device/bin/dflash bench experts --tokens 1,4,16 2>&1 | tee "$out/kmin/experts.txt"
+  ready4
+  ex="--expert-workers 0 --worker-threads $(nproc)"
+  lb=$(find /tmp/llama-build -name llama-bench -type f -perm -u+x | head -1)
+  {
+    echo "llama.cpp -ncmoe 4: $("$lb" -m bench-data/v4f-4l.gguf -lm none -ngl 99 -fa "$FA" -t "$(nproc)" -r "$REPS" -p 0 -n 64 -o md -ncmoe 4 2>&1 | grep "tg64" | tr -s ' ')"
+    for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-cpu-ggml-kernel" "--cold-pcie-slots 2"; do
+      # shellcheck disable=SC2086
+      decode_line "[--cpu-moe $kern]" -n 64 --cpu-moe $ex $kern --timings
+    done
+    for kern in "--cold-pcie-slots 6" "--cold-pcie-slots 3"; do
+      # shellcheck disable=SC2086
+      decode_line "[uniform:128 $kern]" -n 64 --experts-hot uniform:128 $ex $kern --timings
+    done
+  } | tee "$out/kmin/kmin.txt"
 fi
 if on pairs8; then
   mkdir -p "$out/pairs8"
