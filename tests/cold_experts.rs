@@ -577,10 +577,11 @@ fn cold_experts_computed_in_the_graph_from_their_host_copy_give_the_all_hot_logi
 /// a CPU: with K = k (every cold slot staged) the logits of the same layers computed in the
 /// graph from the host copy (`cold_offload_min` 1, the same products over the same bytes),
 /// bit for bit, on the F32 and MXFP4 fixtures, with experts staged at every decode step.
-/// With K < k on the MXFP4 fixture the CPU computes the last cold slots of each token from
-/// the host copy (dflash's kernel, whose empty slots pad the CPU's ids): the same logits
-/// within 1e-5 · max |logit| (the CPU's share is summed apart), and the CPU's share taken.
-/// The F32 fixture, which dflash's kernel does not compute, keeps staging every cold slot.
+/// So does K < k without `cold_pcie_partial_cpu`. With it, on the MXFP4 fixture the CPU
+/// computes the last cold slots of each token from the host copy (dflash's kernel, whose
+/// empty slots pad the CPU's ids): the same logits within 1e-5 · max |logit| (the CPU's share
+/// is summed apart), and the CPU's share taken. The F32 fixture, which dflash's kernel does
+/// not compute, keeps staging every cold slot.
 #[test]
 fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
     let tokens = fixture_a_tokens(64);
@@ -588,9 +589,9 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
         let path = fixture(gguf);
         let c = loader::ModelFile::open(&path).expect("fixture").config;
         let half = ExpertSet::from_fn(c.n_layer as u32, c.n_expert as u32, |_, e| e < c.n_expert as u32 / 2);
-        let run = |slots: usize| split_run(&path, split_options(Some(half.clone()), 1, slots), &tokens);
-        let (in_graph, _, _) = run(0);
-        let (staged, n, on_cpu) = run(c.n_expert_used);
+        let run = |slots: usize, partial_cpu: bool| split_run(&path, ModelOptions { cold_pcie_partial_cpu: partial_cpu, ..split_options(Some(half.clone()), 1, slots) }, &tokens);
+        let (in_graph, _, _) = run(0, false);
+        let (staged, n, on_cpu) = run(c.n_expert_used, true);
         let n = n.expect("the split is set up");
         assert_eq!(on_cpu, Some(0), "{gguf}: K = k stages every cold slot");
         assert!(n >= (21 * c.n_layer) as u64, "{gguf}: {n} experts staged");
@@ -598,7 +599,11 @@ fn partly_held_layers_with_staged_cold_slots_give_the_in_graph_bits() {
         let differ = in_graph.iter().zip(&staged).position(|(x, y)| x.to_bits() != y.to_bits());
         assert_eq!(differ, None, "{gguf}: staged cold slots give other logits (first difference at element {differ:?})");
         eprintln!("{gguf}: K = k: {n} experts staged, the in-graph bits");
-        let (shared, n, on_cpu) = run(c.n_expert_used / 2);
+        // without the CPU's share (the default) every cold slot is staged whatever K is
+        let (all, _, on_cpu) = run(c.n_expert_used / 2, false);
+        assert_eq!(on_cpu, Some(0), "{gguf}: no CPU share unless asked");
+        assert!(all.iter().zip(&in_graph).all(|(x, y)| x.to_bits() == y.to_bits()), "{gguf}: K = k / 2 staging every cold slot keeps the bits");
+        let (shared, n, on_cpu) = run(c.n_expert_used / 2, true);
         let on_cpu = on_cpu.expect("the split is set up");
         if gguf.contains("mxfp4") {
             assert!(on_cpu >= c.n_layer as u64, "{gguf}: K = k / 2: {on_cpu} cold slots on the CPU");

@@ -93,7 +93,7 @@ impl Model {
             _ => None,
         };
         let pcie = match &cold_host {
-            Some(h) if opts.cold_pcie_slots > 0 => crate::pcie::PcieSplit::new(device, buft, h, opts.cold_pcie_slots, opts.cold_pcie_max_tokens, config.n_expert_used, !opts.cold_cpu_ggml_kernel)?,
+            Some(h) if opts.cold_pcie_slots > 0 => crate::pcie::PcieSplit::new(device, buft, h, opts.cold_pcie_slots, opts.cold_pcie_max_tokens, config.n_expert_used, !opts.cold_cpu_ggml_kernel, opts.cold_pcie_partial_cpu)?,
             None if opts.cold_pcie_slots > 0 => {
                 tracing::warn!("router slots over PCIe need layers whose experts are all cold in the graph of a GPU model; nothing is split");
                 None

@@ -75,6 +75,10 @@ pub struct ModelOptions {
     pub cold_pcie_slots: usize,
     /// See `cold_pcie_slots`.
     pub cold_pcie_max_tokens: usize,
+    /// In a partly held layer the split stages the first ⌈c · K / k⌉ of a token's c cold
+    /// slots and the CPU computes the others (`pcie.rs`, `partial_plan`; MXFP4 experts
+    /// through `mxfp4_cpu.rs`), where without it every cold slot is staged.
+    pub cold_pcie_partial_cpu: bool,
     /// The expert products that run on the CPU (the host copy's: the split's CPU slots, and
     /// the in-graph cold experts of micro-batches below ggml's offload size; a model on the
     /// CPU: its held experts) through ggml's own `mul_mat_id` rather than `mxfp4_cpu.rs`'s
@@ -114,6 +118,7 @@ impl Default for ModelOptions {
             cold_stream_keep_free: 2 << 30,
             cold_pcie_slots: 0,
             cold_pcie_max_tokens: 8,
+            cold_pcie_partial_cpu: false,
             cold_cpu_ggml_kernel: false,
             adaptive: None,
         }

@@ -21,9 +21,9 @@
 //! CPU slots' sum and the GPU slots' sum are added, where one sum takes every slot.
 //!
 //! A partly held layer (with a host copy of its cold experts) stages a token's cold slots: all
-//! of them when `slots` is k (or dflash's kernel is off, or the experts are not MXFP4), else
-//! the first ⌈c · slots / k⌉ of its c, the CPU computing the others from the host copy while
-//! the copies run (`partial_plan`). The callback plans at its router ids, or with a CPU share
+//! of them, or with `ModelOptions::cold_pcie_partial_cpu` (unless `slots` is k, dflash's
+//! kernel is off or the experts are not MXFP4) the first ⌈c · slots / k⌉ of its c, the CPU
+//! computing the others from the host copy while the copies run (`partial_plan`). The callback plans at its router ids, or with a CPU share
 //! at its router weights (each staged slot a staging index, every other slot one its token
 //! leaves free, at weight 0), the held experts are computed over their local ids while the
 //! copies run, and the model's stream waits after their sum (with a CPU share, after the
@@ -76,9 +76,9 @@ pub(crate) struct PcieSplit {
     k: usize,
     /// The CPU slots' MXFP4 products through `mxfp4_cpu.rs` (else ggml's `mul_mat_id`).
     pub own_kernel: bool,
-    /// Partly held layers give the CPU a share of their cold slots (`partial_plan`): with
-    /// dflash's kernel (whose empty slots pad the CPU's ids), over MXFP4 experts, and
-    /// `slots` < k.
+    /// Partly held layers give the CPU a share of their cold slots (`partial_plan`): when
+    /// asked (`ModelOptions::cold_pcie_partial_cpu`), with dflash's kernel (whose empty slots
+    /// pad the CPU's ids), over MXFP4 experts, and `slots` < k.
     pub partial_cpu: bool,
     layers: Vec<Option<PcieLayer>>,
     /// Per expert tensor of an FFN: room for `slots × max_tokens` experts on the device
@@ -211,7 +211,8 @@ impl PcieSplit {
     /// The split for the all-cold layers of `host` (their FFN tensors of one shape), `slots`
     /// of the router's `k` on the GPU for micro-batches of at most `max_tokens`. None (logged)
     /// when no layer qualifies or the device has no events.
-    pub fn new(device: Device, buft: BufferType, host: &ColdHost, slots: usize, max_tokens: usize, k: usize, own_kernel: bool) -> Result<Option<PcieSplit>, GraphError> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(device: Device, buft: BufferType, host: &ColdHost, slots: usize, max_tokens: usize, k: usize, own_kernel: bool, partial_cpu: bool) -> Result<Option<PcieSplit>, GraphError> {
         // (both checked against the model when it loads)
         if slots == 0 || max_tokens == 0 || slots > k {
             return Ok(None);
@@ -228,7 +229,7 @@ impl PcieSplit {
             return Ok(None);
         };
         let partial = with_copy.iter().any(|(_, _, m)| m.is_some());
-        let partial_cpu = own_kernel && partial && slots < k && with_copy.iter().filter(|(_, _, m)| m.is_some()).all(|(_, f, _)| ffn_tensors(f).into_iter().all(crate::mxfp4_cpu::takes_weight));
+        let partial_cpu = partial_cpu && own_kernel && partial && slots < k && with_copy.iter().filter(|(_, _, m)| m.is_some()).all(|(_, f, _)| ffn_tensors(f).into_iter().all(crate::mxfp4_cpu::takes_weight));
         // The CPU has no events: its copies are done when queued.
         let copied = match Event::new(device) {
             Some(e) => Some(e),

@@ -169,15 +169,16 @@ if on exact; then
   X dec-cpu --experts-hot none --expert-workers 0 --decode-from 300 --cold-pcie-slots 0
   X dec-pcie --experts-hot none --expert-workers 0 --decode-from 300 --cold-pcie-slots 2
   # partly held layers (8 of 16 held): their cold slots in the graph (on the CPU at one token)
-  # and staged over PCIe: every cold slot (K = k = 4: the in-graph bits), and with K = 2 half
-  # of a token's cold slots, the CPU computing the others (their sum added apart)
+  # and staged over PCIe: every cold slot (the in-graph bits), and with
+  # --cold-pcie-partial-cpu half of a token's cold slots, the CPU computing the others (their
+  # sum added apart)
   X dec-partial-graph --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 0
-  X dec-partial-pcie-all --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 4
   X dec-partial-pcie --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 2
+  X dec-partial-pcie-cpu --experts-hot uniform:8 --expert-workers 0 --cold-offload-min 1 --decode-from 300 --cold-pcie-slots 2 --cold-pcie-partial-cpu
   python3 tools/compare_logits.py tests/fixtures/ds4-tiny-a.ref.npz "${ran[@]}" || echo "FAILED: compare_logits"
   python3 - <<'PY' || echo "FAILED: the PCIe splits against the CPU paths"
 import numpy as np
-for a, b in [("dec-pcie", "dec-cpu"), ("dec-partial-pcie", "dec-partial-graph"), ("dec-partial-pcie-all", "dec-partial-graph")]:
+for a, b in [("dec-pcie", "dec-cpu"), ("dec-partial-pcie", "dec-partial-graph"), ("dec-partial-pcie-cpu", "dec-partial-graph")]:
     x, y = np.load(f"/tmp/x-{a}.npy"), np.load(f"/tmp/x-{b}.npy")
     print("%s vs %s: max|Δ| %.3e, max|logit| %.3e, top-1 agree %.1f%%" % (a, b, np.abs(x - y).max(), np.abs(y).max(), 100 * (x.argmax(-1) == y.argmax(-1)).mean()))
 PY

@@ -59,7 +59,7 @@
 #            -ncmoe 4 and 2, then the split's CPU slots through dflash's MXFP4 product (the
 #            default) at K = 3 and 2 against ggml's (--cold-cpu-ggml-kernel) at K = 3,
 #            alternated, with --timings; half of every layer's experts held (uniform:128), all
-#            cold slots staged (K = 6) against the CPU's share (K = 3); 8 sequences half cold
+#            cold slots staged against the CPU's share (--cold-pcie-partial-cpu); 8 sequences half cold
 #            through each kernel; 16 sequences every expert cold (in the graph, past
 #            the split's 8 tokens) through each kernel; `dflash bench experts` (the CPU's product alone, at
 #            1 to 32 tokens an expert, dflash's and ggml's); KERN_ROUNDS rounds (default 1);
@@ -67,7 +67,7 @@
 #            carry .device/ggml-src/include)
 #   kmin     (only when named) kern's shortest form: `dflash bench experts` (1, 4, 16 tokens),
 #            then on 4 layers llama.cpp -ncmoe 4 and every expert cold at K = 3 through each
-#            kernel and K = 2, and uniform:128 at K = 6 and 3
+#            kernel and K = 2, and uniform:128 with and without --cold-pcie-partial-cpu
 #   pairs8   (only when named) the 8-layer file, written after the 4-layer one is removed (the
 #            two, 42 GB, nearly fill the host's 64 GB disk), then fullwidth-vs-llama.sh pairs on
 #            it ($PAIRS8), for the per-layer slopes
@@ -326,8 +326,8 @@ if on kern; then
         done
       done
       # partly held layers (half of each layer's experts held): every cold slot staged over
-      # PCIe (K = 6), against the CPU computing half of each token's cold slots (K = 3)
-      for kern in "--cold-pcie-slots 6" "--cold-pcie-slots 3"; do
+      # PCIe, against the CPU computing half of each token's cold slots
+      for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-pcie-partial-cpu"; do
         # shellcheck disable=SC2086
         decode_line "round $round [uniform:128 $kern]" -n 64 --experts-hot uniform:128 $ex $kern --timings
       done
@@ -364,7 +364,7 @@ if on kmin; then
       # shellcheck disable=SC2086
       decode_line "[--cpu-moe $kern]" -n 64 --cpu-moe $ex $kern --timings
     done
-    for kern in "--cold-pcie-slots 6" "--cold-pcie-slots 3"; do
+    for kern in "--cold-pcie-slots 3" "--cold-pcie-slots 3 --cold-pcie-partial-cpu"; do
       # shellcheck disable=SC2086
       decode_line "[uniform:128 $kern]" -n 64 --experts-hot uniform:128 $ex $kern --timings
     done

@@ -134,6 +134,11 @@ pub struct ModelArgs {
     /// K = 2), 1.44× llama.cpp's.
     #[arg(long = "cold-pcie-slots", value_name = "K")]
     pub cold_pcie_slots: Option<usize>,
+    /// With `--cold-pcie-slots K` < 6: a partly held layer stages the first ⌈c · K / 6⌉ of a
+    /// decoded token's c cold slots over PCIe and the CPU computes the others (MXFP4 experts,
+    /// dflash's product), where without it every cold slot is staged.
+    #[arg(long = "cold-pcie-partial-cpu")]
+    pub cold_pcie_partial_cpu: bool,
     /// See `--cold-pcie-slots`; the staging area holds K × N experts (k × N with partly
     /// held layers). 0 without `--cold-pcie-slots`: no split.
     #[arg(long = "cold-pcie-max", value_name = "N", default_value_t = 8)]
@@ -228,6 +233,7 @@ impl ModelArgs {
                 None => pcie_slots,
             },
             cold_pcie_max_tokens: self.cold_pcie_max,
+            cold_pcie_partial_cpu: self.cold_pcie_partial_cpu,
             cold_cpu_ggml_kernel: self.cold_cpu_ggml_kernel,
             adaptive: adaptive.then(graph::SwapPolicy::default),
             ..ModelOptions::default()
