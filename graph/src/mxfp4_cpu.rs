@@ -235,9 +235,10 @@ pub(crate) const EMPTY_SLOT: i32 = -1;
 /// The product op: `mul_mat_id(w, x, ids)` for MXFP4 `w` [n_in, rows, n_expert]
 /// (contiguous), `x` quantized by [`quantize_op`] [stride, 1 or k, n] and I32 `ids` [k, n] →
 /// F32 [rows, k, n], as ggml computes it (`x`'s column for slot j of token t is j when it has
-/// k of them, else 0); a slot whose id is [`EMPTY_SLOT`] gets zeros. Each thread takes its share of every routed expert's rows, and runs
-/// each of those rows against every column routed to that expert, up to [`COLUMNS`] at once,
-/// so an expert's rows are read from memory once whatever number of tokens it has.
+/// k of them, else 0); a slot whose id is [`EMPTY_SLOT`] gets zeros. Each thread takes its
+/// share of every routed expert's rows, and runs each of those rows against every column
+/// routed to that expert, up to [`COLUMNS`] at once, so an expert's rows are read from memory
+/// once whatever number of tokens it has.
 ///
 /// # Safety
 /// Called by ggml's CPU backend for a node built by [`mul_mat_id`].
@@ -305,8 +306,8 @@ pub(crate) fn keeps_experts_plain() -> bool {
     has_vnni()
 }
 
-/// Whether [`mul_mat_id`] computes a product of weight `w` with input `x`: MXFP4 `w`,
-/// contiguous, and F32 `x` whose rows are contiguous.
+/// Whether [`mul_mat_id`] computes a product of weight `w` with input `x`: `w` as
+/// [`takes_weight`] asks, and F32 `x` of its width whose rows are contiguous.
 pub(crate) fn takes(w: crate::ops::T, x: crate::ops::T) -> bool {
     // SAFETY: live tensors of the step's context.
     takes_weight(w)
@@ -353,8 +354,8 @@ pub struct ProductTimes {
 pub fn time_products(n_in: usize, rows: usize, n_expert: usize, experts: usize, tokens: usize, threads: usize, reps: usize) -> Result<ProductTimes, crate::GraphError> {
     use crate::ops::Ctx;
     let opt = |what: &str| crate::GraphError::Option(what.to_string());
-    if n_in == 0 || !n_in.is_multiple_of(QK) || rows == 0 || experts == 0 || experts > n_expert || tokens == 0 || threads == 0 {
-        return Err(opt("time_products: n_in a multiple of 32, rows, tokens and threads at least 1, 1 ≤ experts ≤ n_expert"));
+    if n_in == 0 || !n_in.is_multiple_of(QK) || rows == 0 || experts == 0 || experts > n_expert || tokens == 0 || threads == 0 || reps == 0 {
+        return Err(opt("time_products: n_in a multiple of 32; rows, tokens, threads and repetitions at least 1; 1 ≤ experts ≤ n_expert"));
     }
     // SAFETY: idempotent.
     unsafe { sys::ggml_cpu_init() };
