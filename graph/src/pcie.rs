@@ -23,11 +23,11 @@
 //! A partly held layer (with a host copy of its cold experts) stages a token's cold slots: all
 //! of them, or with `ModelOptions::cold_pcie_partial_cpu` (unless `slots` is k, dflash's
 //! kernel is off or the experts are not MXFP4) the first ⌈c · slots / k⌉ of its c, the CPU
-//! computing the others from the host copy while the copies run (`partial_plan`). The callback plans at its router ids, or with a CPU share
-//! at its router weights (each staged slot a staging index, every other slot one its token
-//! leaves free, at weight 0), the held experts are computed over their local ids while the
-//! copies run, and the model's stream waits after their sum (with a CPU share, after the
-//! CPU's). With every cold slot staged its logits are those of its cold part computed in the
+//! computing the others from the host copy while the copies run (`partial_plan`). The
+//! callback plans at its router ids, or with a CPU share at its router weights (each staged
+//! slot a staging index, every other slot one its token leaves free, at weight 0), the held
+//! experts are computed over their local ids while the copies run, and the model's stream
+//! waits after their sum (with a CPU share, after the CPU's). With every cold slot staged its logits are those of its cold part computed in the
 //! graph from the host copy (`offload.rs`), bit for bit; with a CPU share the two parts' sums
 //! are added, as in an all-cold layer.
 //!
@@ -150,7 +150,7 @@ pub(crate) fn split_plan(ids: &[i32], wts: &[f32], k: usize, slots: usize) -> Sp
 /// is `[k, n]`.
 pub(crate) fn partial_plan(ids: &[i32], wts: Option<&[f32]>, k: usize, slots: usize, cold_local: &[i32]) -> SplitPlan {
     let mut p = SplitPlan::default();
-    let (mut staged, mut remap) = (Vec::new(), Vec::with_capacity(ids.len()));
+    let (staged, remap) = (&mut p.staged, &mut p.remap);
     for (t, tid) in ids.chunks_exact(k).enumerate() {
         let row = remap.len();
         let cold = tid.iter().filter(|&&e| cold_local.get(e as usize).is_some_and(|&h| h >= 0)).count();
@@ -196,8 +196,6 @@ pub(crate) fn partial_plan(ids: &[i32], wts: Option<&[f32]>, k: usize, slots: us
     if wts.is_none() {
         p.wts_gpu.clear();
     }
-    p.staged = staged;
-    p.remap = remap;
     p
 }
 

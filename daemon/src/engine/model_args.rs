@@ -145,9 +145,9 @@ pub struct ModelArgs {
     pub cold_pcie_max: usize,
     /// The model's MXFP4 expert products on the CPU (beside a GPU the split's CPU slots and
     /// layers of cold experts in micro-batches under ggml's offload size; a model on the CPU
-    /// its held experts) through ggml's own expert product instead of dflash's MXFP4 product (which gives ggml's bits, reads each routed
-    /// expert's rows once for all its tokens and asks for them ahead; `graph/src/mxfp4_cpu.rs`):
-    /// for comparing the two.
+    /// its held experts) through ggml's own expert product instead of dflash's MXFP4 product
+    /// (which gives ggml's bits, reads each routed expert's rows once for all its tokens and
+    /// asks for them ahead; `graph/src/mxfp4_cpu.rs`): for comparing the two.
     #[arg(long = "cold-cpu-ggml-kernel", alias = "cold-pcie-ggml-kernel")]
     pub cold_cpu_ggml_kernel: bool,
     /// With `--experts-hot adaptive`: at most this many MiB of expert weights are copied onto
